@@ -1,0 +1,41 @@
+# Two commands set everything up on a fresh Debian 12 machine with Python 3.11:
+#   make demo   - venv, install, run `ec2-agent simulate` on the embedded emulated cloud
+#   make test   - venv, install, lint, run the suite inside a network namespace with only loopback
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PYTEST_ARGS ?=
+# Network isolation: as root a plain new net namespace, otherwise a user namespace too.
+NETNS := $(shell [ "$$(id -u)" = 0 ] && echo "unshare -n" || echo "unshare -rn")
+
+.PHONY: demo test lint unit bench install venv clean dist
+
+$(BIN)/.installed: setup.cfg pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $@
+
+venv: $(BIN)/.installed
+
+demo: venv
+	$(BIN)/ec2-agent simulate
+
+lint: venv
+	$(BIN)/ruff check agent tests bench
+	$(BIN)/vermin --target=3.10- --violations --no-tips -q agent/
+
+test: venv lint
+	$(NETNS) sh -c 'ip link set lo up && exec $(BIN)/python -m pytest -n 2 $(PYTEST_ARGS)'
+
+unit: venv
+	$(BIN)/python -m pytest tests/unit -q
+
+bench: venv
+	$(BIN)/python -m bench
+
+dist: venv
+	$(BIN)/python -m build --outdir dist .
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache

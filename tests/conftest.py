@@ -1,0 +1,73 @@
+"""Fixtures shared by every test.
+
+Safety first: before any test runs, the environment points every AWS client at
+loopback with fake credentials, and IMDS at a closed loopback port, so no test
+can reach AWS or 169.254.169.254 even by mistake. `make test` additionally runs
+the suite in a network namespace with only `lo` up.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from agent.sim.moto import FAKE_CREDENTIALS, MotoServer
+
+# A closed loopback port: anything that forgets to configure an endpoint fails fast, locally.
+CLOSED = "http://127.0.0.1:9"
+
+SAFE_ENV = {
+    **FAKE_CREDENTIALS,
+    "AWS_EC2_METADATA_DISABLED": "true",
+    "AWS_ENDPOINT_URL": CLOSED,
+    "EC2_AGENT_IMDS_ENDPOINT": CLOSED,
+    "AWS_CONFIG_FILE": "/dev/null",
+    "AWS_SHARED_CREDENTIALS_FILE": "/dev/null",
+    "AWS_RETRY_MODE": "standard",
+    "AWS_MAX_ATTEMPTS": "2",
+    "NO_PROXY": "*",
+}
+for _k in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "HTTP_PROXY", "HTTPS_PROXY", "http_proxy",
+           "https_proxy", "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "AWS_WEB_IDENTITY_TOKEN_FILE"):
+    os.environ.pop(_k, None)
+os.environ.update(SAFE_ENV)
+
+
+@pytest.fixture(autouse=True)
+def safe_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """Every test: fake credentials, loopback endpoints, and its own EC2_AGENT_ROOT."""
+    for k, v in SAFE_ENV.items():
+        monkeypatch.setenv(k, v)
+    root = tmp_path / "root"
+    root.mkdir()
+    monkeypatch.setenv("EC2_AGENT_ROOT", str(root))
+    return root
+
+
+@pytest.fixture(scope="session")
+def moto_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoServer]:
+    """One moto_server per test session (per xdist worker), stopped by its PID."""
+    log = tmp_path_factory.mktemp("moto") / "moto.log"
+    server = MotoServer(log_path=str(log))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def moto(moto_session: MotoServer, monkeypatch: pytest.MonkeyPatch) -> MotoServer:
+    """The session's moto server, reset to empty, with AWS_ENDPOINT_URL pointing at it."""
+    moto_session.reset()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_session.url)
+    return moto_session
+
+
+@pytest.fixture
+def root(safe_env: Path) -> Path:
+    """This test's EC2_AGENT_ROOT."""
+    return safe_env
