@@ -1,0 +1,265 @@
+"""``ec2-agent boot``: ordered phases, each timed and recorded, under one deadline.
+
+identity -> userdata -> config -> pull -> restore -> render -> register
+
+Each phase is a function of a shared ``BootContext``. A phase that raises an
+``AgentError`` marks itself ``error``, the boot ``error``, and every later phase
+``skipped``: nothing after a failure pretends to have run. A phase may instead
+call ``ctx.degrade(reason)`` (for example: S3 unreachable, last-known-good used)
+and the boot goes on, ending ``degraded``. State is written at every transition
+so ``status`` can show a boot in progress, and a crashed boot is visible.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agent import state as statefile
+from agent.clock import SYSTEM_CLOCK, Clock, Deadline
+from agent.errors import AgentError, StateError
+from agent.paths import Paths
+
+DEFAULT_DEADLINE_S = 120.0
+CARRIED = ("first_boot_done", "first_boot_at", "boot_count", "membership", "heartbeat", "peers",
+           "heal", "health", "group")
+
+# name -> "module:function"; each takes the BootContext and returns a detail string or None.
+PHASES: list[tuple[str, str]] = [
+    ("identity", "agent.boot:phase_identity"),
+    ("userdata", "agent.boot:phase_userdata"),
+    ("config", "agent.boot:phase_config"),
+]
+
+
+@dataclass
+class BootContext:
+    paths: Paths
+    clock: Clock
+    deadline: Deadline
+    started_wall: float
+    previous: dict[str, Any]
+    boot_id: str
+    imds: Any = None
+    identity: Any = None
+    raw_user_data: bytes | None = None
+    user_config: dict[str, Any] | None = None
+    baked_config: dict[str, Any] | None = None
+    config: Any = None
+    boot_kind: str = "first"
+    bundle_dir: Path | None = None
+    bundle_config: dict[str, Any] | None = None
+    store: Any = None
+    degraded: list[str] = field(default_factory=list)
+    extras: dict[str, Any] = field(default_factory=dict)
+    phase_degraded: list[str] = field(default_factory=list)
+    _progress: Callable[[dict[str, Any]], None] | None = None
+
+    def degrade(self, reason: str) -> None:
+        self.degraded.append(reason)
+        self.phase_degraded.append(reason)
+
+    def progress(self, info: dict[str, Any]) -> None:
+        """Bytes and rate of the running phase, for ``status``."""
+        if self._progress:
+            self._progress(info)
+
+    def get_store(self) -> Any:
+        if self.store is None:
+            from agent.store import Store
+
+            cfg = self.config
+            region = cfg.store.region or (self.identity.region if self.identity else None)
+            self.store = Store(cfg.store.bucket, cfg.store.prefix, region=region)
+        return self.store
+
+
+def kernel_boot_id() -> str:
+    """This kernel boot's id; ``EC2_AGENT_BOOT_ID`` overrides it for simulated instances."""
+    override = os.environ.get("EC2_AGENT_BOOT_ID")
+    if override:
+        return override
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return socket.gethostname()
+
+
+# -- phases ---------------------------------------------------------------------------------
+
+def phase_identity(ctx: BootContext) -> str:
+    from agent.imds import ImdsClient
+
+    ctx.imds = ImdsClient(deadline=ctx.deadline, clock=ctx.clock)
+    ident = ctx.imds.identity()
+    ctx.identity = ident
+    prev = ctx.previous
+    same_instance = prev.get("instance_id") == ident.instance_id
+    if same_instance and prev.get("first_boot_done"):
+        if prev.get("boot_id") == ctx.boot_id and prev.get("boot_kind"):
+            ctx.boot_kind = prev["boot_kind"]  # the same boot, run again: idempotent
+        else:
+            ctx.boot_kind = "reboot"
+    else:
+        ctx.boot_kind = "first"
+    return f"{ident.instance_id} {ident.instance_type} {ident.availability_zone} ({ctx.boot_kind})"
+
+
+def phase_userdata(ctx: BootContext) -> str:
+    from agent.userdata import parse_user_data
+
+    ctx.raw_user_data = ctx.imds.user_data()
+    ctx.user_config = parse_user_data(ctx.raw_user_data)
+    size = len(ctx.raw_user_data or b"")
+    if ctx.user_config is None:
+        return f"{size} bytes, no ec2_agent config"
+    return f"{size} bytes, ec2_agent config with {len(ctx.user_config)} keys"
+
+
+def phase_config(ctx: BootContext) -> str:
+    from agent.config import load_layers
+
+    ctx.config = load_layers(ctx.baked_config, ctx.user_config, ctx.bundle_config)
+    _retarget_deadline(ctx)
+    return f"group {ctx.config.group}, store s3://{ctx.config.store.bucket}/{ctx.config.store.prefix}"
+
+
+def _retarget_deadline(ctx: BootContext) -> None:
+    deadline_s = getattr(getattr(ctx.config, "boot", None), "deadline_s", None)
+    if deadline_s:
+        ctx.deadline.at = ctx.deadline.at - _deadline_s(ctx.baked_config) + float(deadline_s)
+
+
+def _deadline_s(baked: dict[str, Any] | None) -> float:
+    try:
+        return float((baked or {}).get("boot", {}).get("deadline_s", DEFAULT_DEADLINE_S))
+    except (TypeError, ValueError, AttributeError):
+        return DEFAULT_DEADLINE_S
+
+
+# -- driver -----------------------------------------------------------------------------------
+
+def _resolve(ref: str) -> Callable[[BootContext], str | None]:
+    mod, fn = ref.split(":")
+    return getattr(importlib.import_module(mod), fn)
+
+
+def _load_baked(paths: Paths) -> dict[str, Any] | None:
+    if not paths.config_file.exists():
+        return None
+    from agent.config import load_yaml_file
+
+    return load_yaml_file(paths.config_file)
+
+
+def run_boot(paths: Paths | None = None, *, clock: Clock = SYSTEM_CLOCK,
+             phases: list[tuple[str, str]] | None = None) -> dict[str, Any]:
+    """Run every phase; returns the final state. Never raises for a phase failure."""
+    paths = paths or Paths.from_env()
+    phases = PHASES if phases is None else phases
+    try:
+        previous = statefile.read(paths.state_file) or {}
+    except StateError:
+        previous = {}  # unreadable old state is replaced; the boot itself must not die of it
+    started = clock.time()
+    st: dict[str, Any] = {
+        "status": "running",
+        "pid": os.getpid(),
+        "boot_id": kernel_boot_id(),
+        "started": started,
+        "updated": started,
+        "phases": [{"name": n, "status": "pending"} for n, _ in phases],
+        "errors": [],
+        "degraded": [],
+    }
+
+    def save() -> None:
+        st["updated"] = clock.time()
+        statefile.update(paths.state_file, lambda d: (d.clear(), d.update(st)))
+
+    baked: dict[str, Any] | None = None
+    baked_error: AgentError | None = None
+    try:
+        baked = _load_baked(paths)
+    except AgentError as exc:
+        baked_error = exc
+    ctx = BootContext(paths=paths, clock=clock,
+                      deadline=Deadline.after(_deadline_s(baked), "boot", clock),
+                      started_wall=started, previous=previous, boot_id=st["boot_id"],
+                      baked_config=baked)
+    save()
+    failed = False
+    for i, (name, ref) in enumerate(phases):
+        rec = st["phases"][i]
+        if failed:
+            rec["status"] = "skipped"
+            continue
+        t0 = clock.monotonic()
+        rec.update(status="running", started=clock.time())
+
+        def on_progress(info: dict[str, Any], rec: dict[str, Any] = rec) -> None:
+            rec["progress"] = info
+            save()
+
+        ctx._progress = on_progress
+        ctx.phase_degraded = []
+        save()
+        try:
+            if name == "config" and baked_error is not None:
+                raise baked_error
+            ctx.deadline.check(f"starting phase {name}")
+            detail = _resolve(ref)(ctx)
+            ctx.deadline.check(f"phase {name}")
+            rec["status"] = "degraded" if ctx.phase_degraded else "ok"
+            rec["detail"] = "; ".join(filter(None, [detail, *ctx.phase_degraded]))
+        except AgentError as exc:
+            failed = True
+            rec["status"] = "error"
+            rec["detail"] = str(exc)
+            st["errors"].append(f"{name}: {exc}")
+        except Exception as exc:  # a bug must still leave an honest state behind
+            failed = True
+            rec["status"] = "error"
+            rec["detail"] = f"internal error: {type(exc).__name__}: {exc}"
+            st["errors"].append(f"{name}: internal error: {type(exc).__name__}: {exc}")
+        rec["duration_s"] = round(clock.monotonic() - t0, 6)
+        if (ctx.identity is not None and "instance_id" not in st
+                and previous.get("instance_id") == ctx.identity.instance_id):
+            # Same instance: what the daemon recorded stays; a new instance-id starts clean
+            # (an image baked from a used instance must not inherit its membership).
+            for keep in CARRIED:
+                if keep in previous:
+                    st[keep] = previous[keep]
+        if ctx.identity is not None:
+            st["instance_id"] = ctx.identity.instance_id
+            st["identity"] = ctx.identity.as_context()
+            st["boot_kind"] = ctx.boot_kind
+        if ctx.config is not None:
+            st["group"] = ctx.config.group
+        st["degraded"] = list(ctx.degraded)
+        save()
+    if failed:
+        st["status"] = "error"
+    else:
+        st["status"] = "degraded" if ctx.degraded else "done"
+        st.setdefault("first_boot_at", started)
+        st["first_boot_done"] = True
+    same_boot = (previous.get("boot_id") == st["boot_id"]
+                 and previous.get("instance_id") == st.get("instance_id"))
+    if same_boot:
+        st["boot_count"] = int(previous.get("boot_count", 1))
+    elif ctx.boot_kind == "reboot":
+        st["boot_count"] = int(previous.get("boot_count", 0)) + 1
+    else:
+        st["boot_count"] = 1
+    st["finished"] = clock.time()
+    st["duration_s"] = round(st["finished"] - started, 6)
+    st.pop("pid", None)
+    save()
+    ctx.extras["state"] = st
+    return st

@@ -1,0 +1,177 @@
+"""The command line: thin, it calls the library and maps its errors to exit codes.
+
+argparse, not click, and every subcommand imports what it needs inside its
+handler: ``ec2-agent status`` must start in milliseconds and never load boto3.
+``AgentError`` -> message on stderr and its ``exit_code`` (1); usage errors -> 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from agent import __version__
+from agent.errors import AgentError
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _paths() -> Any:
+    from agent.paths import Paths
+
+    return Paths.from_env()
+
+
+# -- status -------------------------------------------------------------------------------------
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from agent import state as statefile
+    from agent import status
+
+    paths = _paths()
+    if args.wait:
+        st = statefile.wait_final(paths.state_file, args.timeout)
+        if not st or st.get("status") not in statefile.FINAL:
+            report = status.translate(st)
+            _print_status(report, args.json)
+            print(f"ec2-agent: status --wait timed out after {args.timeout}s "
+                  f"(status {report.status})", file=sys.stderr)
+            return 1
+    else:
+        st = statefile.read(paths.state_file)
+    report = status.translate(st)
+    _print_status(report, args.json)
+    return report.exit_code
+
+
+def _print_status(report: Any, as_json: bool) -> None:
+    from agent import status
+
+    if as_json:
+        print(json.dumps(report.to_json(), indent=1, sort_keys=True, default=str))
+    else:
+        print(status.format_text(report))
+
+
+# -- boot ---------------------------------------------------------------------------------------
+
+def cmd_boot(args: argparse.Namespace) -> int:
+    from agent import status
+    from agent.boot import run_boot
+
+    st = run_boot(_paths())
+    report = status.translate(st)
+    if not args.quiet:
+        print(status.format_text(report))
+    return report.exit_code
+
+
+# -- config -------------------------------------------------------------------------------------
+
+def cmd_config_validate(args: argparse.Namespace) -> int:
+    from agent.config import validate_file
+
+    errors = validate_file(args.file)
+    if errors:
+        for e in errors:
+            print(f"{args.file}: {e}", file=sys.stderr)
+        return 1
+    print(f"{args.file}: valid")
+    return 0
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    import yaml
+
+    from agent.config import load_layers, load_yaml_file, redact
+    from agent.userdata import parse_user_data
+
+    paths = _paths()
+    baked = load_yaml_file(paths.config_file) if paths.config_file.exists() else None
+    user = None
+    if args.user_data:
+        with open(args.user_data, "rb") as f:
+            user = parse_user_data(f.read())
+    else:
+        from agent.imds import ImdsClient
+
+        user = parse_user_data(ImdsClient().user_data())
+    bundle = None
+    cur = paths.bundles_dir / "current" / "agent.yaml"
+    if cur.exists():
+        bundle = load_yaml_file(cur)
+    cfg = load_layers(baked, user, bundle)
+    print(yaml.safe_dump(redact(cfg.raw), sort_keys=False, default_flow_style=False), end="")
+    return 0
+
+
+# -- simulate -----------------------------------------------------------------------------------
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from agent.sim.cloud import simulate
+
+    return simulate(instances=args.instances, scenario=args.scenario, keep=args.keep,
+                    as_json=args.json)
+
+
+# -- parser -------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="ec2-agent",
+        description="Makes an EC2 instance ready to be replaced: configure from IMDS, user-data "
+                    "and S3; heartbeat; replace dead peers safely.",
+    )
+    p.add_argument("--version", action="version", version=f"ec2-agent {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    s = sub.add_parser("boot", help="run the boot phases once (from cloud-init or systemd)")
+    s.add_argument("-q", "--quiet", action="store_true", help="print nothing; exit code only")
+    s.set_defaults(func=cmd_boot)
+
+    s = sub.add_parser("status", help="this instance's boot and membership state (local only)")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.add_argument("--wait", action="store_true", help="wait until the boot is done or failed")
+    s.add_argument("--timeout", type=float, default=None, metavar="S",
+                   help="with --wait: give up after S seconds (exit 1)")
+    s.set_defaults(func=cmd_status)
+
+    c = sub.add_parser("config", help="validate or show configuration")
+    csub = c.add_subparsers(dest="config_command", metavar="ACTION")
+    csub.required = True
+    s = csub.add_parser("validate", help="validate a config layer file (agent.yaml or user-data)")
+    s.add_argument("file")
+    s.set_defaults(func=cmd_config_validate)
+    s = csub.add_parser("show", help="the merged config, secrets redacted")
+    s.add_argument("--user-data", metavar="FILE",
+                   help="read user-data from FILE instead of IMDS")
+    s.set_defaults(func=cmd_config_show)
+
+    s = sub.add_parser("simulate", help="run a fleet on the embedded emulated cloud")
+    s.add_argument("-n", "--instances", type=int, default=3)
+    s.add_argument("--scenario", default=None,
+                   help="kill-one | kill-half | api-outage | leave (rehearsals)")
+    s.add_argument("--keep", action="store_true", help="keep the temp dir for inspection")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_simulate)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except AgentError as exc:
+        print(f"ec2-agent: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
