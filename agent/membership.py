@@ -1,0 +1,441 @@
+"""Member records, liveness observations and verdicts, and who watches whom. Pure.
+
+Nothing here reads a clock, a file or the network: the adapters pass in what they
+saw (records, ETags, the store's ``LastModified`` and ``Date``, the observer's own
+monotonic time) and get values back.
+
+Liveness never compares two hosts' clocks (DESIGN.md, invariants 2, 3, 7, 8). A
+member is ``dead`` only when two independent sources agree:
+
+* the store's clock: ``store_now - last_modified`` of the same LIST/GET response is
+  at least ``dead_after`` (both numbers come from the store; no host clock involved);
+* the observer's own monotonic clock: the observer itself has watched the record's
+  ETag stay unchanged for at least ``dead_after`` (the DynamoDB lock client rule),
+  which forces an observer that has just (re)started to watch a full window first.
+
+Every other situation is something weaker than dead: ``suspect`` (stale, not enough
+evidence), ``unknown`` (the observer has not watched a full window yet), ``grace``
+(not judged before first appearance + ``grace_s``), ``leaving`` (the record was
+deleted or says leaving: leaving is not dying). ``LivenessState`` is deliberately
+in-memory only: a restarted observer starts from nothing and must re-observe.
+
+Watch sets (issue #4): with rendezvous hashing each member is watched by ``k`` peers,
+so requests per instance-hour stay flat as the group grows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, fields, replace
+from types import MappingProxyType
+from typing import Any, Literal
+
+from agent.errors import ConfigError, IntegrityError
+
+MemberState = Literal["booting", "ready", "degraded", "leaving", "superseded"]
+MEMBER_STATES: tuple[str, ...] = ("booting", "ready", "degraded", "leaving", "superseded")
+HEALTH_STATUSES: tuple[str, ...] = ("passing", "warning", "critical")
+# Record states that mean "do not replace me": planned exit or already replaced.
+DEPARTING_STATES = frozenset({"leaving", "superseded"})
+
+Liveness = Literal["alive", "suspect", "dead", "grace", "leaving", "unknown"]
+LIVENESS: tuple[str, ...] = ("alive", "suspect", "dead", "grace", "leaving", "unknown")
+
+RECORD_SCHEMA = 1
+
+
+class MalformedRecord(IntegrityError, ValueError):
+    """A member record (or counter) in the store is not what the agent writes.
+
+    Both an ``AgentError`` (callers catch one tree) and a ``ValueError`` (it is bad
+    input). A malformed record is never evidence of death: callers treat the member
+    as ``unknown``.
+    """
+
+
+class TimingError(ConfigError, ValueError):
+    """Heartbeat timing that would make liveness judgements unsound."""
+
+
+# --------------------------------------------------------------------------- records
+
+
+def _default_health() -> dict[str, Any]:
+    return {"status": "passing", "checks": {}}
+
+
+@dataclass(frozen=True)
+class MemberRecord:
+    """One member's heartbeat record, ``groups/<group>/members/<id>.json``.
+
+    ``seq`` goes up by one every heartbeat, so every write has new content and a new
+    ETag: an unchanged ETag really means "no heartbeat". ``launch_time``, ``first_seen``
+    and ``started`` are the member's own claims from its own clock: informational
+    only, never used to judge liveness. ``health`` is the instance's own health only
+    (invariant 10); it is reported, never a reason to replace. ``health`` is a plain
+    dict for JSON's sake: treat it as read-only.
+    """
+
+    instance_id: str
+    group: str
+    seq: int
+    state: str = "booting"
+    image_id: str = ""
+    az: str = ""
+    private_ip: str = ""
+    launch_time: str = ""
+    boot_id: str = ""
+    health: Mapping[str, Any] = field(default_factory=_default_health, hash=False)
+    agent_version: str = ""
+    endpoint: str = ""
+    first_seen: float | None = None
+    started: float | None = None
+    observer_sick: bool = False
+
+    def __post_init__(self) -> None:
+        _validate_record(self)
+
+    def heartbeat(self, **changes: Any) -> MemberRecord:
+        """The next record this member writes: ``seq + 1`` plus any changes."""
+        return replace(self, seq=self.seq + 1, **changes)
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict (fresh copy; mutating it does not touch the record)."""
+        out: dict[str, Any] = {"schema": RECORD_SCHEMA}
+        for f in fields(self):
+            out[f.name] = getattr(self, f.name)
+        out["health"] = json.loads(json.dumps(dict(self.health)))
+        return out
+
+    def dumps(self) -> bytes:
+        """Canonical bytes for the store (sorted keys, compact)."""
+        return json.dumps(self.to_json(), sort_keys=True, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_json(cls, obj: object) -> MemberRecord:
+        """Parse a record dict; unknown keys are ignored (newer agents may add some).
+
+        Raises ``MalformedRecord`` naming the offending key.
+        """
+        if not isinstance(obj, Mapping):
+            raise MalformedRecord(f"member record must be a JSON object, got {type(obj).__name__}")
+        missing = [k for k in ("instance_id", "group", "seq", "state") if k not in obj]
+        if missing:
+            raise MalformedRecord(f"member record missing {', '.join(missing)}")
+        kwargs: dict[str, Any] = {}
+        for f in fields(cls):
+            if f.name in obj:
+                kwargs[f.name] = obj[f.name]
+        if "health" in kwargs and isinstance(kwargs["health"], Mapping):
+            try:
+                kwargs["health"] = json.loads(json.dumps(dict(kwargs["health"])))
+            except (TypeError, ValueError) as exc:
+                raise MalformedRecord(f"member record health is not JSON: {exc}") from exc
+        return cls(**kwargs)
+
+    @classmethod
+    def loads(cls, raw: bytes | str) -> MemberRecord:
+        """Parse the bytes of a record object from the store."""
+        try:
+            obj = json.loads(raw)
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise MalformedRecord(f"member record is not valid JSON: {exc}") from exc
+        return cls.from_json(obj)
+
+
+def _validate_record(r: MemberRecord) -> None:
+    def bad(key: str, why: str) -> MalformedRecord:
+        return MalformedRecord(f"member record {key}: {why}")
+
+    for key in ("instance_id", "group"):
+        v = getattr(r, key)
+        if not isinstance(v, str) or not v:
+            raise bad(key, f"must be a non-empty string, got {v!r}")
+    for key in ("image_id", "az", "private_ip", "launch_time", "boot_id", "agent_version",
+                "endpoint"):
+        v = getattr(r, key)
+        if not isinstance(v, str):
+            raise bad(key, f"must be a string, got {type(v).__name__}")
+    if isinstance(r.seq, bool) or not isinstance(r.seq, int) or r.seq < 0:
+        raise bad("seq", f"must be a non-negative integer, got {r.seq!r}")
+    if r.state not in MEMBER_STATES:
+        raise bad("state", f"must be one of {', '.join(MEMBER_STATES)}, got {r.state!r}")
+    if not isinstance(r.health, Mapping):
+        raise bad("health", f"must be an object, got {type(r.health).__name__}")
+    status = r.health.get("status")
+    if status not in HEALTH_STATUSES:
+        raise bad("health.status", f"must be one of {', '.join(HEALTH_STATUSES)}, got {status!r}")
+    if not isinstance(r.health.get("checks", {}), Mapping):
+        raise bad("health.checks", "must be an object")
+    if r.endpoint and not r.endpoint.startswith(("http://", "https://")):
+        raise bad("endpoint", f"must be an http(s) URL, got {r.endpoint!r}")
+    for key in ("first_seen", "started"):
+        v = getattr(r, key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))
+                              or not math.isfinite(v)):
+            raise bad(key, f"must be a number or null, got {v!r}")
+    if not isinstance(r.observer_sick, bool):
+        raise bad("observer_sick", f"must be true or false, got {r.observer_sick!r}")
+
+
+def check_heartbeat_timing(interval_s: float, dead_after_s: float) -> None:
+    """Refuse ``interval_s > dead_after_s / 2``, as the DynamoDB lock client does.
+
+    With a slower heartbeat one delayed write is enough to look dead; two missed
+    beats must fit in ``dead_after``.
+    """
+    if not (interval_s > 0 and dead_after_s > 0):
+        raise TimingError(
+            f"interval_s={interval_s} and dead_after_s={dead_after_s} must both be > 0",
+            path="heartbeat",
+        )
+    if interval_s > dead_after_s / 2:
+        raise TimingError(
+            f"interval_s={interval_s} must be <= dead_after_s/2 = {dead_after_s / 2:g} "
+            f"(dead_after_s={dead_after_s})",
+            path="heartbeat.interval_s",
+        )
+
+
+# --------------------------------------------------------------------------- liveness
+
+
+def _finite(name: str, v: float) -> None:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise ValueError(f"{name} must be a finite number, got {v!r}")
+
+
+@dataclass(frozen=True)
+class Observation:
+    """What one successful LIST/GET said about one member's record.
+
+    ``last_modified`` and ``store_now`` are both the store's clock (the object's
+    ``LastModified`` and the same response's ``Date`` header), so their difference
+    is an age no host clock touched. ``observed_mono`` is the observer's own
+    monotonic clock when the response arrived. ``state`` is the record's ``state``
+    field when the observer read the body (``None`` after a LIST/HEAD only).
+    """
+
+    instance_id: str
+    etag: str
+    last_modified: float
+    store_now: float
+    observed_mono: float
+    state: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.instance_id, str) or not self.instance_id:
+            raise ValueError(f"instance_id must be a non-empty string, got {self.instance_id!r}")
+        if not isinstance(self.etag, str) or not self.etag:
+            raise ValueError(f"etag must be a non-empty string, got {self.etag!r}")
+        _finite("last_modified", self.last_modified)
+        _finite("store_now", self.store_now)
+        _finite("observed_mono", self.observed_mono)
+
+
+@dataclass(frozen=True)
+class MemberTrack:
+    """What one observer remembers about one member between observations.
+
+    ``etag_since_mono``: the observer's monotonic time when it first saw the
+    current ETag. ``first_appearance``: store-clock ``LastModified`` of the first
+    version this observer saw in the member's current life (grace starts there).
+    ``gone_mono``: set when the record was seen absent (left, not dead).
+    """
+
+    etag: str
+    etag_since_mono: float
+    first_appearance: float
+    last_modified: float
+    store_now: float
+    observed_mono: float
+    state: str | None = None
+    gone_mono: float | None = None
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """One member's liveness as this observer judges it, with the numbers why."""
+
+    member_id: str
+    status: Liveness
+    reason: str
+    store_age_s: float | None = None
+    unchanged_s: float | None = None
+
+
+@dataclass(frozen=True)
+class LivenessState:
+    """An observer's memory of its peers' records: an immutable value.
+
+    ``update`` returns a new state; nothing is persisted, on purpose: a restarted
+    observer starts empty and must watch a full ``dead_after`` before it can call
+    anyone dead (invariant 3). ``started_mono``/``last_mono`` bound the span this
+    observer has actually watched.
+    """
+
+    members: Mapping[str, MemberTrack] = field(default_factory=lambda: MappingProxyType({}))
+    started_mono: float | None = None
+    last_mono: float | None = None
+
+    def update(
+        self,
+        observations: Iterable[Observation],
+        mono_now: float,
+        *,
+        listing: bool = False,
+        gone: Iterable[str] = (),
+    ) -> LivenessState:
+        """Fold one round of successful reads into a new state.
+
+        ``listing=True``: the observations are a complete LIST of the members prefix,
+        so tracked members missing from it are gone. ``gone``: ids whose GET/HEAD
+        said 404. A member both observed and gone counts as gone (the conservative
+        reading: gone members are never replaced). Responses older than what is
+        already known (by ``observed_mono``) are ignored. Call only with reads that
+        succeeded: a failed LIST is not an empty group.
+        """
+        _finite("mono_now", mono_now)
+        tracks = dict(self.members)
+        seen: set[str] = set()
+        for ob in observations:
+            seen.add(ob.instance_id)
+            prev = tracks.get(ob.instance_id)
+            if prev is not None and prev.gone_mono is None:
+                if ob.observed_mono < prev.observed_mono:
+                    continue  # an older response overtaken by a newer one
+                changed = ob.etag != prev.etag
+                tracks[ob.instance_id] = MemberTrack(
+                    etag=ob.etag,
+                    etag_since_mono=ob.observed_mono if changed else prev.etag_since_mono,
+                    first_appearance=min(prev.first_appearance, ob.last_modified),
+                    last_modified=ob.last_modified,
+                    store_now=ob.store_now,
+                    observed_mono=ob.observed_mono,
+                    state=ob.state if ob.state is not None else prev.state,
+                )
+            else:
+                # New, or back after leaving: a new life, a new grace period.
+                tracks[ob.instance_id] = MemberTrack(
+                    etag=ob.etag,
+                    etag_since_mono=ob.observed_mono,
+                    first_appearance=ob.last_modified,
+                    last_modified=ob.last_modified,
+                    store_now=ob.store_now,
+                    observed_mono=ob.observed_mono,
+                    state=ob.state,
+                )
+        departed = set(gone)
+        if listing:
+            departed |= {mid for mid in tracks if mid not in seen}
+        for mid in departed:
+            prev = tracks.get(mid)
+            if prev is not None and prev.gone_mono is None:
+                tracks[mid] = replace(prev, gone_mono=mono_now)
+        started = mono_now if self.started_mono is None else min(self.started_mono, mono_now)
+        last = mono_now if self.last_mono is None else max(self.last_mono, mono_now)
+        return LivenessState(MappingProxyType(tracks), started, last)
+
+    def prune_gone(self, before_mono: float) -> LivenessState:
+        """Forget members seen gone before ``before_mono`` (bounded memory)."""
+        keep = {
+            mid: t for mid, t in self.members.items()
+            if t.gone_mono is None or t.gone_mono >= before_mono
+        }
+        return replace(self, members=MappingProxyType(keep))
+
+    def watched_for(self) -> float:
+        """How long (own monotonic clock) this observer has been watching."""
+        if self.started_mono is None or self.last_mono is None:
+            return 0.0
+        return self.last_mono - self.started_mono
+
+    def observer_fresh(self, dead_after_s: float) -> bool:
+        """True until this observer has watched for a full ``dead_after`` (invariant 3)."""
+        return self.watched_for() < dead_after_s
+
+    def verdicts(self, *, dead_after_s: float, grace_s: float) -> dict[str, Verdict]:
+        """A verdict for every member this observer tracks, by id."""
+        return {
+            mid: liveness(self, mid, dead_after_s=dead_after_s, grace_s=grace_s)
+            for mid in sorted(self.members)
+        }
+
+
+Tracker = LivenessState
+
+
+def liveness(
+    state: LivenessState, member_id: str, *, dead_after_s: float, grace_s: float
+) -> Verdict:
+    """Judge one member from what this observer has itself seen.
+
+    Order: never seen → ``unknown``; record gone or state leaving/superseded →
+    ``leaving``; before first appearance + ``grace_s`` (store clock) → ``grace``;
+    fresh by both clocks → ``alive``; stale by both → ``dead``; otherwise
+    ``unknown`` while the observer has not watched a full window, else ``suspect``.
+    """
+    if dead_after_s <= 0 or grace_s < 0:
+        raise ValueError(f"dead_after_s={dead_after_s} must be > 0, grace_s={grace_s} >= 0")
+    t = state.members.get(member_id)
+    if t is None:
+        return Verdict(member_id, "unknown", "never observed")
+    if t.gone_mono is not None:
+        return Verdict(member_id, "leaving", "record deleted: leaving is not dying")
+    if t.state in DEPARTING_STATES:
+        return Verdict(member_id, "leaving", f"record says {t.state}")
+    age = t.store_now - t.last_modified
+    unchanged = t.observed_mono - t.etag_since_mono
+    if t.store_now < t.first_appearance + grace_s:
+        left = t.first_appearance + grace_s - t.store_now
+        return Verdict(member_id, "grace", f"in grace for another {left:.0f}s (store clock)",
+                       age, unchanged)
+    stale_store = age >= dead_after_s
+    stale_mono = unchanged >= dead_after_s
+    nums = f"store age {age:.0f}s, etag unchanged {unchanged:.0f}s, dead_after {dead_after_s:g}s"
+    if stale_store and stale_mono:
+        return Verdict(member_id, "dead", f"stale on both clocks: {nums}", age, unchanged)
+    if not stale_store and not stale_mono:
+        return Verdict(member_id, "alive", nums, age, unchanged)
+    if state.observer_fresh(dead_after_s):
+        return Verdict(member_id, "unknown",
+                       f"observer has watched {state.watched_for():.0f}s < dead_after: {nums}",
+                       age, unchanged)
+    return Verdict(member_id, "suspect", f"clocks disagree or window incomplete: {nums}",
+                   age, unchanged)
+
+
+# --------------------------------------------------------------------------- watch sets
+
+
+def _score(observer_id: str, member_id: str) -> int:
+    """Rendezvous weight: stable across processes and Python versions (not ``hash()``)."""
+    digest = hashlib.blake2b(
+        f"{observer_id}\x00{member_id}".encode(), digest_size=8, person=b"ec2a-hrw"
+    ).digest()
+    return int.from_bytes(digest, "big")
+
+
+def watchers(member_id: str, member_ids: Iterable[str], k: int) -> list[str]:
+    """The ``k`` peers that watch ``member_id`` (highest rendezvous weight first).
+
+    Never the member itself; all the others when there are fewer than ``k + 1``.
+    Adding or removing one member changes each member's watchers by at most one.
+    """
+    if k < 0:
+        raise ValueError(f"k must be >= 0, got {k}")
+    others = {m for m in member_ids if m != member_id}
+    ranked = sorted(others, key=lambda o: (_score(o, member_id), o), reverse=True)
+    return ranked[:k]
+
+
+def watch_set(observer_id: str, member_ids: Iterable[str], k: int) -> set[str]:
+    """The members ``observer_id`` watches: those that have it among their watchers.
+
+    O(N²) hashes; about a second for N = 1,000 — compute once per membership change.
+    """
+    ids = set(member_ids) | {observer_id}
+    return {m for m in ids if m != observer_id and observer_id in watchers(m, ids, k)}
