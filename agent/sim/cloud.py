@@ -1,0 +1,307 @@
+"""The embedded emulated cloud: a moto server, an IMDSv2 emulator, and instances to boot.
+
+``EmbeddedCloud`` is what ``ec2-agent simulate`` runs on and what the fleet
+tests use: it creates a bucket, a launch template whose user-data carries the
+agent's config, and an Auto Scaling group (or standalone instances); for every
+instance it serves an IMDS identity that matches moto's, and it boots an agent
+process per instance, each in its own ``EC2_AGENT_ROOT``. Everything listens on
+127.0.0.1 and everything it starts it stops, by PID.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from agent.sim.imds import ImdsEmulator, meta_for_instance
+from agent.sim.moto import FAKE_CREDENTIALS, MotoServer
+
+REGION = "us-east-1"
+
+
+def cloud_config(agent_config: dict[str, Any]) -> bytes:
+    """User-data as operators write it: a #cloud-config with the agent's mapping."""
+    return b"#cloud-config\n" + yaml.safe_dump({"ec2_agent": agent_config}).encode()
+
+
+@dataclass
+class SimInstance:
+    instance_id: str
+    root: Path
+    imds_url: str
+    boot_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    procs: list[subprocess.Popen] = field(default_factory=list)
+
+    def env(self, cloud: EmbeddedCloud) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(FAKE_CREDENTIALS)
+        env.update({
+            "AWS_ENDPOINT_URL": cloud.moto.url,
+            "AWS_EC2_METADATA_DISABLED": "true",
+            "EC2_AGENT_ROOT": str(self.root),
+            "EC2_AGENT_IMDS_ENDPOINT": self.imds_url,
+            "EC2_AGENT_BOOT_ID": self.boot_id,
+            "AWS_CONFIG_FILE": "/dev/null",
+            "AWS_SHARED_CREDENTIALS_FILE": "/dev/null",
+            "NO_PROXY": "*",
+        })
+        env.pop("AWS_PROFILE", None)
+        return env
+
+    def state(self) -> dict[str, Any] | None:
+        p = self.root / "var/lib/ec2-agent/state.json"
+        try:
+            return json.loads(p.read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+
+
+class EmbeddedCloud:
+    """Moto + IMDS emulator + per-instance roots under one temp dir."""
+
+    def __init__(self, workdir: Path | None = None, *, moto: MotoServer | None = None,
+                 bucket: str = "ec2-agent-sim", prefix: str = "sim") -> None:
+        self._own_dir = workdir is None
+        self.workdir = Path(workdir or tempfile.mkdtemp(prefix="ec2-agent-sim-"))
+        self._own_moto = moto is None
+        self.moto = moto or MotoServer(log_path=str(self.workdir / "moto.log"))
+        self.imds = ImdsEmulator()
+        self.bucket = bucket
+        self.prefix = prefix
+        self.instances: dict[str, SimInstance] = {}
+        self._clients: dict[str, Any] = {}
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def start(self) -> EmbeddedCloud:
+        if self._own_moto:
+            self.moto.start()
+        self.imds.start()
+        return self
+
+    def stop(self, keep_dir: bool = False) -> None:
+        for inst in self.instances.values():
+            for p in inst.procs:
+                _stop_proc(p)
+            inst.procs.clear()
+        self.imds.stop()
+        if self._own_moto:
+            self.moto.stop()
+        if self._own_dir and not keep_dir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def __enter__(self) -> EmbeddedCloud:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- AWS ----------------------------------------------------------------------------------
+    def client(self, service: str) -> Any:
+        c = self._clients.get(service)
+        if c is None:
+            import boto3
+
+            c = boto3.client(service, region_name=REGION, endpoint_url=self.moto.url,
+                             aws_access_key_id="testing", aws_secret_access_key="testing")
+            self._clients[service] = c
+        return c
+
+    def ensure_bucket(self) -> None:
+        s3 = self.client("s3")
+        try:
+            s3.head_bucket(Bucket=self.bucket)
+        except Exception:
+            s3.create_bucket(Bucket=self.bucket)
+
+    def image_id(self) -> str:
+        images = self.client("ec2").describe_images(Owners=["amazon"])["Images"]
+        return sorted(i["ImageId"] for i in images)[0]
+
+    def subnets(self) -> list[str]:
+        subs = self.client("ec2").describe_subnets()["Subnets"]
+        return [s["SubnetId"] for s in sorted(subs, key=lambda s: s["AvailabilityZone"])]
+
+    def agent_config(self, group: str, **extra: Any) -> dict[str, Any]:
+        cfg: dict[str, Any] = {"group": group, "store": {"bucket": self.bucket,
+                                                         "prefix": self.prefix}}
+        cfg.update(extra)
+        return cfg
+
+    def create_asg(self, group: str, n: int, agent_config: dict[str, Any] | None = None,
+                   instance_type: str = "t3.micro") -> list[str]:
+        """A launch template carrying the agent's user-data and an ASG of ``n`` instances."""
+        self.ensure_bucket()
+        ud = cloud_config(agent_config or self.agent_config(group))
+        ec2 = self.client("ec2")
+        lt_name = f"ec2-agent-{group}"
+        ec2.create_launch_template(
+            LaunchTemplateName=lt_name,
+            LaunchTemplateData={
+                "ImageId": self.image_id(), "InstanceType": instance_type,
+                "UserData": base64.b64encode(ud).decode(),
+                "MetadataOptions": {"HttpTokens": "required", "InstanceMetadataTags": "enabled"},
+                "TagSpecifications": [{"ResourceType": "instance", "Tags": [
+                    {"Key": "ec2-agent:group", "Value": group}]}],
+            },
+        )
+        asg = self.client("autoscaling")
+        asg.create_auto_scaling_group(
+            AutoScalingGroupName=group, MinSize=n, MaxSize=n * 2, DesiredCapacity=n,
+            LaunchTemplate={"LaunchTemplateName": lt_name, "Version": "$Latest"},
+            VPCZoneIdentifier=",".join(self.subnets()[:3]),
+            HealthCheckGracePeriod=0,
+            Tags=[{"Key": "ec2-agent:group", "Value": group, "PropagateAtLaunch": True,
+                   "ResourceId": group, "ResourceType": "auto-scaling-group"}],
+        )
+        ids = self.asg_instance_ids(group)
+        for iid in ids:
+            self.add_instance(iid, ud)
+        return ids
+
+    def asg_instance_ids(self, group: str) -> list[str]:
+        groups = self.client("autoscaling").describe_auto_scaling_groups(
+            AutoScalingGroupNames=[group])["AutoScalingGroups"]
+        return sorted(i["InstanceId"] for g in groups for i in g["Instances"])
+
+    def run_standalone(self, group: str, n: int, agent_config: dict[str, Any] | None = None,
+                       instance_type: str = "t3.micro") -> list[str]:
+        """``n`` plain instances (no ASG), tagged with the group."""
+        self.ensure_bucket()
+        ud = cloud_config(agent_config or self.agent_config(group))
+        subnets = self.subnets()
+        ids: list[str] = []
+        for i in range(n):
+            resp = self.client("ec2").run_instances(
+                ImageId=self.image_id(), InstanceType=instance_type, MinCount=1, MaxCount=1,
+                SubnetId=subnets[i % len(subnets)], UserData=ud.decode(),
+                TagSpecifications=[{"ResourceType": "instance", "Tags": [
+                    {"Key": "ec2-agent:group", "Value": group}]}],
+            )
+            iid = resp["Instances"][0]["InstanceId"]
+            self.add_instance(iid, ud)
+            ids.append(iid)
+        return ids
+
+    def add_instance(self, instance_id: str, user_data: bytes | None = None) -> SimInstance:
+        """Serve an IMDS identity matching moto's instance, and give it a root dir."""
+        meta = meta_for_instance(self.client("ec2"), instance_id, user_data)
+        url = self.imds.add(meta)
+        inst = SimInstance(instance_id, self.workdir / instance_id, url)
+        inst.root.mkdir(parents=True, exist_ok=True)
+        self.instances[instance_id] = inst
+        return inst
+
+    # -- agents ---------------------------------------------------------------------------------
+    def spawn(self, instance_id: str, *args: str, log: str | None = None) -> subprocess.Popen:
+        inst = self.instances[instance_id]
+        logf = open(inst.root / (log or f"{args[0]}.log"), "ab")  # noqa: SIM115
+        try:
+            p = subprocess.Popen([sys.executable, "-m", "agent.cli", *args],
+                                 env=inst.env(self), stdout=logf, stderr=subprocess.STDOUT,
+                                 stdin=subprocess.DEVNULL)
+        finally:
+            logf.close()
+        inst.procs.append(p)
+        return p
+
+    def boot_all(self, ids: list[str] | None = None, timeout: float = 120.0) -> dict[str, int]:
+        """Boot every (given) instance in parallel; returns exit codes."""
+        ids = list(self.instances) if ids is None else ids
+        procs = {iid: self.spawn(iid, "boot", "-q") for iid in ids}
+        codes: dict[str, int] = {}
+        end = time.monotonic() + timeout
+        for iid, p in procs.items():
+            try:
+                codes[iid] = p.wait(timeout=max(0.1, end - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                _stop_proc(p)
+                codes[iid] = -1
+            self.instances[iid].procs.remove(p)
+        return codes
+
+
+def _stop_proc(p: subprocess.Popen, timeout: float = 10.0) -> None:
+    if p.poll() is not None:
+        return
+    try:
+        os.kill(p.pid, signal.SIGCONT)
+        os.kill(p.pid, signal.SIGTERM)
+        p.wait(timeout=timeout)
+    except ProcessLookupError:
+        return
+    except subprocess.TimeoutExpired:
+        os.kill(p.pid, signal.SIGKILL)
+        p.wait(timeout=timeout)
+
+
+# -- the `simulate` command -----------------------------------------------------------------------
+
+def _table(rows: list[dict[str, Any]]) -> str:
+    cols = ["instance", "az", "ip", "status", "boot", "phases", "seconds"]
+    widths = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in cols}
+    out = ["  ".join(c.ljust(widths[c]) for c in cols)]
+    for r in rows:
+        out.append("  ".join(str(r.get(c, "")).ljust(widths[c]) for c in cols))
+    return "\n".join(out)
+
+
+def status_rows(cloud: EmbeddedCloud) -> list[dict[str, Any]]:
+    rows = []
+    for iid, inst in sorted(cloud.instances.items()):
+        st = inst.state() or {}
+        ident = st.get("identity", {})
+        phases = st.get("phases", [])
+        ok = sum(1 for p in phases if p.get("status") in ("ok", "degraded"))
+        rows.append({
+            "instance": iid, "az": ident.get("az", "-"), "ip": ident.get("ip", "-"),
+            "status": st.get("status", "not-started"), "boot": st.get("boot_kind", "-"),
+            "phases": f"{ok}/{len(phases)}", "seconds": f"{st.get('duration_s', 0):.2f}",
+            "errors": st.get("errors", []),
+        })
+    return rows
+
+
+def simulate(instances: int = 3, scenario: str | None = None, keep: bool = False,
+             as_json: bool = False, group: str = "web") -> int:
+    if scenario:
+        from agent.sim.scenarios import run_scenario
+
+        return run_scenario(scenario, instances=instances, keep=keep, as_json=as_json)
+    t0 = time.monotonic()
+    cloud = EmbeddedCloud()
+    try:
+        cloud.start()
+        print(f"emulated cloud: moto {cloud.moto.url}, IMDS {cloud.imds.base_url}, "
+              f"dir {cloud.workdir}", file=sys.stderr)
+        ids = cloud.create_asg(group, instances)
+        print(f"auto scaling group {group!r}: {len(ids)} instances; booting an agent on each",
+              file=sys.stderr)
+        codes = cloud.boot_all(ids)
+        rows = status_rows(cloud)
+        if as_json:
+            print(json.dumps(rows, indent=1))
+        else:
+            print(_table(rows))
+            for r in rows:
+                for e in r["errors"]:
+                    print(f"{r['instance']}: error: {e}")
+            print(f"{sum(1 for c in codes.values() if c == 0)}/{len(codes)} booted in "
+                  f"{time.monotonic() - t0:.1f}s")
+        return 0 if all(c == 0 for c in codes.values()) else 1
+    finally:
+        cloud.stop(keep_dir=keep)
+        if keep:
+            print(f"kept {cloud.workdir}", file=sys.stderr)
