@@ -1,0 +1,432 @@
+"""User-data decoding: every accepted form, every refusal, and the gzip bomb."""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import time
+import tracemalloc
+import zlib
+from email.mime.multipart import MIMEMultipart
+from email.mime.text import MIMEText
+from pathlib import Path
+
+import pytest
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from agent.errors import UserDataError
+from agent.userdata import (
+    MAX_DECOMPRESSED_BYTES,
+    MAX_GZIP_DEPTH,
+    MAX_RAW_BYTES,
+    deep_merge,
+    looks_like_user_data,
+    parse_user_data,
+)
+
+DATA = Path(__file__).parent.parent / "data" / "userdata"
+AGENT = {"group": "web", "store": {"bucket": "my-fleet", "prefix": "prod"}}
+CLOUD_CONFIG = b"#cloud-config\npackages: [nginx]\nec2_agent:\n  group: web\n" + (
+    b"  store: {bucket: my-fleet, prefix: prod}\n"
+)
+
+
+def mime(*parts: tuple[str, bytes | str], encoding: str = "base64") -> bytes:
+    """A multipart like cloud-init's make-mime: text/<subtype> parts, base64 by default."""
+    outer = MIMEMultipart()
+    for subtype, body in parts:
+        text = body.decode() if isinstance(body, bytes) else body
+        part = MIMEText(text, subtype, "utf-8")
+        if encoding != "base64":
+            del part["Content-Transfer-Encoding"]
+            part.set_payload(text)
+            part["Content-Transfer-Encoding"] = encoding
+        outer.attach(part)
+    return outer.as_bytes()
+
+
+def raw_part_mime(ctype: str, payload: bytes) -> bytes:
+    """A multipart with one part whose (binary) payload is base64-encoded as is."""
+    b64 = base64.encodebytes(payload).decode()
+    return (
+        'Content-Type: multipart/mixed; boundary="XX"\nMIME-Version: 1.0\n\n'
+        f"--XX\nContent-Type: {ctype}\nContent-Transfer-Encoding: base64\n\n{b64}\n--XX--\n"
+    ).encode()
+
+
+# --- accepted forms ----------------------------------------------------------
+
+ACCEPTED = [
+    ("cloud-config", CLOUD_CONFIG, AGENT),
+    ("cloud-config with BOM", b"\xef\xbb\xbf" + CLOUD_CONFIG, AGENT),
+    ("cloud-config CRLF", CLOUD_CONFIG.replace(b"\n", b"\r\n"), AGENT),
+    ("plain yaml", b"ec2_agent:\n  group: web\n  store: {bucket: my-fleet, prefix: prod}\n", AGENT),
+    ("json is yaml", b'{"ec2_agent": {"group": "web"}}', {"group": "web"}),
+    ("empty ec2_agent", b"#cloud-config\nec2_agent:\n", {}),
+    ("gzip cloud-config", gzip.compress(CLOUD_CONFIG), AGENT),
+    ("gzip twice", gzip.compress(gzip.compress(CLOUD_CONFIG)), AGENT),
+    ("mime cloud-config", mime(("cloud-config", CLOUD_CONFIG)), AGENT),
+    ("mime x-ec2-agent bare", mime(("x-ec2-agent", yaml.safe_dump(AGENT))), AGENT),
+    (
+        "mime x-ec2-agent wrapped",
+        mime(("x-ec2-agent", yaml.safe_dump({"ec2_agent": AGENT}))),
+        AGENT,
+    ),
+    (
+        "mime with shellscript",
+        mime(("x-shellscript", "#!/bin/sh\necho ec2_agent\n"), ("cloud-config", CLOUD_CONFIG)),
+        AGENT,
+    ),
+    ("mime 7bit", mime(("cloud-config", CLOUD_CONFIG), encoding="7bit"), AGENT),
+    (
+        "mime quoted-printable",
+        mime(("cloud-config", CLOUD_CONFIG), encoding="quoted-printable"),
+        AGENT,
+    ),
+    ("mime text/plain sniffed", mime(("plain", CLOUD_CONFIG)), AGENT),
+    ("gzip mime", gzip.compress(mime(("cloud-config", CLOUD_CONFIG))), AGENT),
+    (
+        "mime gzipped part",
+        raw_part_mime("text/x-ec2-agent", gzip.compress(yaml.safe_dump(AGENT).encode())),
+        AGENT,
+    ),
+    (
+        "mime gzipped cloud-config part",
+        raw_part_mime("text/cloud-config", gzip.compress(CLOUD_CONFIG)),
+        AGENT,
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"), [(r, e) for _, r, e in ACCEPTED], ids=[n for n, _, _ in ACCEPTED]
+)
+def test_accepted_forms(raw: bytes, expected: dict) -> None:
+    assert parse_user_data(raw) == expected
+
+
+NOT_OURS = [
+    ("none", None),
+    ("empty", b""),
+    ("whitespace", b"  \n\t\n"),
+    ("shell script", b"#!/bin/bash\necho ec2_agent: group=web\n"),
+    ("cloud-config without key", b"#cloud-config\npackages: [nginx]\n"),
+    ("cloud-config empty", b"#cloud-config\n"),
+    ("plain text", b"hello world: this is not for us\n"),
+    ("text garbage", b"}{][::!!@@ not yaml at all"),
+    ("include url", b"#include\nhttps://example.invalid/ud\n"),
+    ("boothook", b"#cloud-boothook\n#!/bin/sh\necho hi\n"),
+    ("powershell", b"<powershell>\nWrite-Host hi\n</powershell>\n"),
+    ("gzip shell script", gzip.compress(b"#!/bin/sh\necho hi\n")),
+    ("mime only shellscript", mime(("x-shellscript", "#!/bin/sh\necho hi\n"))),
+    ("mime include-url", mime(("x-include-url", "https://example.invalid/x\n"))),
+    ("yaml list", b"- ec2_agent\n- b\n"),
+]
+
+
+@pytest.mark.parametrize("raw", [r for _, r in NOT_OURS], ids=[n for n, _ in NOT_OURS])
+def test_no_agent_part(raw: bytes | None) -> None:
+    assert parse_user_data(raw) is None
+
+
+# --- merging parts ------------------------------------------------------------
+
+
+def test_x_ec2_agent_merges_over_cloud_config_regardless_of_order() -> None:
+    cc = "#cloud-config\nec2_agent:\n  group: web\n  heal: {mode: armed, grace_s: 60}\n"
+    agent = "heal: {mode: dry-run}\nhealth: [{type: process, name: nginx}]\n"
+    expected = {
+        "group": "web",
+        "heal": {"mode": "dry-run", "grace_s": 60},
+        "health": [{"type": "process", "name": "nginx"}],
+    }
+    assert parse_user_data(mime(("cloud-config", cc), ("x-ec2-agent", agent))) == expected
+    assert parse_user_data(mime(("x-ec2-agent", agent), ("cloud-config", cc))) == expected
+
+
+def test_several_parts_of_one_kind_merge_in_order() -> None:
+    a = "group: web\nvars: {a: 1, b: 1}\n"
+    b = "vars: {b: 2}\n"
+    assert parse_user_data(mime(("x-ec2-agent", a), ("x-ec2-agent", b))) == {
+        "group": "web",
+        "vars": {"a": 1, "b": 2},
+    }
+
+
+def test_nested_multipart() -> None:
+    inner = MIMEMultipart()
+    inner.attach(MIMEText(yaml.safe_dump(AGENT), "x-ec2-agent", "utf-8"))
+    outer = MIMEMultipart()
+    outer.attach(MIMEText("#!/bin/sh\n", "x-shellscript", "utf-8"))
+    outer.attach(inner)
+    assert parse_user_data(outer.as_bytes()) == AGENT
+
+
+def test_deep_merge_lists_replace_and_inputs_untouched() -> None:
+    base = {"a": {"b": 1, "c": [1, 2]}, "d": 1}
+    top = {"a": {"c": [3]}, "e": {"f": 1}}
+    assert deep_merge(base, top) == {"a": {"b": 1, "c": [3]}, "d": 1, "e": {"f": 1}}
+    assert base == {"a": {"b": 1, "c": [1, 2]}, "d": 1}
+    merged = deep_merge(base, top)
+    merged["e"]["f"] = 2
+    assert top["e"]["f"] == 1
+
+
+# --- refusals -----------------------------------------------------------------
+
+
+def test_oversize_raw() -> None:
+    raw = b"#cloud-config\n#" + b"x" * (MAX_RAW_BYTES + 1 - 16) + b"\n"
+    assert len(raw) == MAX_RAW_BYTES + 1
+    with pytest.raises(UserDataError, match=r"16385 bytes.*16384"):
+        parse_user_data(raw)
+
+
+def test_exactly_the_limit_is_fine() -> None:
+    pad = b"#" + b"x" * (MAX_RAW_BYTES - len(CLOUD_CONFIG) - 2) + b"\n"
+    raw = CLOUD_CONFIG + pad
+    assert len(raw) == MAX_RAW_BYTES
+    assert parse_user_data(raw) == AGENT
+
+
+def _bomb() -> bytes:
+    """15 MiB of zeros gzipped at level 9: ~15 KB, just under EC2's 16 KiB."""
+    return gzip.compress(b"\0" * (15 << 20), 9)
+
+
+def test_gzip_bomb_fails_fast_and_small() -> None:
+    bomb = _bomb()
+    assert len(bomb) <= MAX_RAW_BYTES
+    assert len(zlib.decompress(bomb, 31)) > 10 * MAX_DECOMPRESSED_BYTES
+    tracemalloc.start()
+    started = time.monotonic()
+    try:
+        with pytest.raises(UserDataError, match=rf"more than {MAX_DECOMPRESSED_BYTES} bytes"):
+            parse_user_data(bomb)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert time.monotonic() - started < 2.0
+    assert peak < 4 * MAX_DECOMPRESSED_BYTES
+
+
+def test_bomb_inside_mime_part() -> None:
+    gz = gzip.compress(b"\0" * (4 * MAX_DECOMPRESSED_BYTES), 9)
+    assert len(gz) < MAX_RAW_BYTES
+    with pytest.raises(UserDataError, match=r"MIME part 1 .*decompressed size cap"):
+        parse_user_data(raw_part_mime("text/x-ec2-agent", gz))
+
+
+def test_budget_is_shared_between_parts() -> None:
+    # Each part alone fits under the cap; together they do not.
+    body = b"#" + b"a" * (MAX_DECOMPRESSED_BYTES // 2 + 10) + b"\nec2_agent: {}\n"
+    gz = base64.encodebytes(gzip.compress(body, 9)).decode()
+    part = f"--XX\nContent-Type: text/x-ec2-agent\nContent-Transfer-Encoding: base64\n\n{gz}\n"
+    raw = (
+        'Content-Type: multipart/mixed; boundary="XX"\nMIME-Version: 1.0\n\n'
+        + part * 3
+        + "--XX--\n"
+    ).encode()
+    assert len(raw) < MAX_RAW_BYTES
+    with pytest.raises(UserDataError, match="decompressed size cap"):
+        parse_user_data(raw)
+
+
+def test_gzip_depth_limited() -> None:
+    raw = CLOUD_CONFIG
+    for _ in range(MAX_GZIP_DEPTH + 1):
+        raw = gzip.compress(raw)
+    with pytest.raises(UserDataError, match=rf"more than {MAX_GZIP_DEPTH} nested gzip"):
+        parse_user_data(raw)
+
+
+@pytest.mark.parametrize(
+    ("raw", "pattern"),
+    [
+        (gzip.compress(CLOUD_CONFIG)[:-12], "truncated gzip"),
+        (b"\x1f\x8b" + b"\x00" * 30, "corrupt gzip"),
+        (gzip.compress(CLOUD_CONFIG) + b"trailing junk", "after the gzip stream"),
+    ],
+    ids=["truncated", "corrupt", "trailing"],
+)
+def test_bad_gzip(raw: bytes, pattern: str) -> None:
+    with pytest.raises(UserDataError, match=pattern):
+        parse_user_data(raw)
+
+
+@pytest.mark.parametrize(
+    ("raw", "pattern"),
+    [
+        (bytes(range(256)) * 4, "binary data .*NUL byte at offset 0"),
+        (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", "binary data"),
+        (
+            b"#cloud-config\nec2_agent:\n  group: caf\xe9\n",
+            r"not valid UTF-8 \(byte 0xe9 at offset",
+        ),
+        (b"\xff\xfe#\x00c\x00", "binary data"),
+        (b"\xc3\x28garbage", "not valid UTF-8"),
+    ],
+    ids=["all-bytes", "png", "latin1", "utf16", "bad-utf8"],
+)
+def test_binary_and_non_utf8(raw: bytes, pattern: str) -> None:
+    with pytest.raises(UserDataError, match=pattern):
+        parse_user_data(raw)
+
+
+@pytest.mark.parametrize(
+    ("raw", "line", "column", "where"),
+    [
+        (b"#cloud-config\nec2_agent:\n  group: web\n   store: x\n", 4, 9, "user-data"),
+        (b"#cloud-config\nec2_agent: {group: web\n", 3, 1, "user-data"),
+        (b"ec2_agent:\n\tgroup: web\n", 2, 1, "user-data"),
+        (b"#cloud-config\nec2_agent:\n  group: a\n  group: b\n", 4, 3, "user-data"),
+    ],
+    ids=["bad-indent", "unclosed-flow", "tab", "duplicate-key"],
+)
+def test_yaml_error_names_line_and_column(raw: bytes, line: int, column: int, where: str) -> None:
+    with pytest.raises(UserDataError) as info:
+        parse_user_data(raw)
+    assert f"line {line}, column {column}" in str(info.value)
+    assert str(info.value).startswith(where)
+    assert isinstance(info.value.__cause__, yaml.YAMLError)
+
+
+def test_yaml_error_in_mime_part_names_the_part() -> None:
+    raw = mime(("x-shellscript", "#!/bin/sh\n"), ("x-ec2-agent", "group: [web\n"))
+    with pytest.raises(UserDataError) as info:
+        parse_user_data(raw)
+    msg = str(info.value)
+    assert "MIME part 2 (text/x-ec2-agent" in msg
+    assert "line 2, column 1" in msg
+
+
+def test_merge_keys_are_not_duplicates() -> None:
+    raw = (
+        b"#cloud-config\nbase: &b {grace_s: 1, mode: off}\n"
+        b"ec2_agent:\n  heal:\n    <<: *b\n    grace_s: 5\n"
+    )
+    assert parse_user_data(raw) == {"heal": {"grace_s": 5, "mode": False}}
+
+
+def test_alias_bomb_refused() -> None:
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    for i in range(1, 8):
+        refs = ", ".join([f"*a{i - 1}"] * 10)
+        lines.append(f"a{i}: &a{i} [{refs}]")
+    lines.append("ec2_agent: {vars: {boom: *a7}}")
+    raw = ("#cloud-config\n" + "\n".join(lines) + "\n").encode()
+    assert len(raw) < MAX_RAW_BYTES
+    with pytest.raises(UserDataError, match="aliases"):
+        parse_user_data(raw)
+
+
+@pytest.mark.parametrize(
+    ("raw", "pattern"),
+    [
+        (b"#cloud-config\nec2_agent: web\n", "ec2_agent must be a mapping.*got str"),
+        (b"#cloud-config\nec2_agent: [a, b]\n", "ec2_agent must be a mapping.*got list"),
+        (b"ec2_agent: 3\n", "ec2_agent must be a mapping.*got int"),
+        (b"#cloud-config\n- a\n- b\n", "#cloud-config must be a YAML mapping"),
+        (mime(("x-ec2-agent", "- a\n")), "x-ec2-agent part must be a YAML mapping"),
+        (mime(("x-ec2-agent", "ec2_agent: {}\ngroup: x\n")), "next to other keys \\(group\\)"),
+        (mime(("cloud-config", "#cloud-config\nec2_agent: 5\n")), "MIME part 1.*ec2_agent must"),
+        (b"## template: jinja\n#cloud-config\nec2_agent: {group: '{{ v1.region }}'}\n", "jinja"),
+        (b"text garbage that says ec2_agent: : : [", "YAML error at line 1"),
+    ],
+    ids=["str", "list", "int", "cc-list", "part-list", "part-mixed", "part-cc", "jinja", "garbage"],
+)
+def test_agent_value_shape_errors(raw: bytes, pattern: str) -> None:
+    with pytest.raises(UserDataError, match=pattern):
+        parse_user_data(raw)
+
+
+def test_not_bytes_refused() -> None:
+    with pytest.raises(UserDataError, match="must be bytes"):
+        parse_user_data("#cloud-config\n")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        (b"#cloud-config\n", True),
+        (b"Content-Type: multipart/mixed\n", True),
+        (b"MIME-Version: 1.0\n", True),
+        (gzip.compress(b"x"), True),
+        (b"group: web\n", False),
+        (b"#!/bin/sh\n", False),
+    ],
+)
+def test_looks_like_user_data(raw: bytes, expected: bool) -> None:
+    assert looks_like_user_data(raw) is expected
+
+
+def test_example_files() -> None:
+    """The examples under tests/data/userdata parse to what their .expected.yaml says."""
+    cases = sorted(DATA.glob("*.userdata"))
+    assert cases, DATA
+    for case in cases:
+        expected = yaml.safe_load(case.with_suffix(".expected.yaml").read_text())
+        assert parse_user_data(case.read_bytes()) == expected, case.name
+
+
+# --- properties -------------------------------------------------------------
+
+_keys = st.text(
+    st.characters(categories=["Ll", "Nd"], max_codepoint=127) | st.just("_"), min_size=1, max_size=8
+)
+# PyYAML itself does not round-trip control characters like U+0085 (NEL): leave them out.
+_text = st.text(st.characters(exclude_categories=("Cc", "Cs", "Zl", "Zp")), max_size=20)
+_scalars = st.none() | st.booleans() | st.integers(-(10**6), 10**6) | _text
+_values = st.recursive(
+    _scalars,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_keys, inner, max_size=3),
+    max_leaves=12,
+)
+_agent = st.dictionaries(_keys, _values, max_size=5)
+
+
+@settings(max_examples=150, deadline=None)
+@given(_agent, st.sampled_from(["cc", "plain", "mime-cc", "mime-agent"]), st.integers(0, 2))
+def test_roundtrip_any_mapping_any_envelope(agent: dict, form: str, gz: int) -> None:
+    """parse(gzip^n(envelope(x))) == x for any mapping x and every envelope."""
+    body = yaml.safe_dump({"ec2_agent": agent}, allow_unicode=True)
+    if form == "cc":
+        raw = ("#cloud-config\n" + body).encode()
+    elif form == "plain":
+        raw = body.encode()
+    elif form == "mime-cc":
+        raw = mime(("cloud-config", "#cloud-config\n" + body))
+    else:
+        raw = mime(("x-ec2-agent", yaml.safe_dump(agent, allow_unicode=True)))
+    for _ in range(gz):
+        raw = gzip.compress(raw)
+    if len(raw) > MAX_RAW_BYTES:
+        return
+    result = parse_user_data(raw)
+    assert result == agent
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=2048))
+def test_arbitrary_bytes_never_crash(raw: bytes) -> None:
+    """Any bytes: a mapping, None, or UserDataError, never another exception."""
+    try:
+        result = parse_user_data(raw)
+    except UserDataError:
+        return
+    assert result is None or isinstance(result, dict)
+
+
+@settings(max_examples=100, deadline=None)
+@given(_agent, _agent)
+def test_deep_merge_top_wins(base: dict, top: dict) -> None:
+    merged = deep_merge(base, top)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            assert set(value) <= set(merged[key])
+        else:
+            assert merged[key] == value
+    for key in set(base) - set(top):
+        assert merged[key] == base[key]
