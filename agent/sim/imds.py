@@ -27,6 +27,7 @@ import json
 import secrets
 import socket
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Union
@@ -321,6 +322,7 @@ def _listing(node: Tree) -> str:
 
 class _Handler(BaseHTTPRequestHandler):
     server: _HttpServer
+    _record: Callable[[int | None], None] | None = None
     timeout = 10  # a silent client never pins a handler thread for long
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
@@ -346,21 +348,22 @@ class _Handler(BaseHTTPRequestHandler):
         rel = "/".join(rest)
         faults = host.faults
         token = self.headers.get(TOKEN_HEADER)
-        status: int | None = None
-        try:
-            if faults.delay_s > 0 and owner._stopping.wait(faults.delay_s):
-                return  # server stopping: give up without answering
-            if faults.take_drop():
-                self.close_connection = True
-                return
-            if faults.take_failure():
-                status = faults.error_status
-                extra = {"Retry-After": faults.retry_after} if faults.retry_after else {}
-                self._send(status, b"Service Unavailable", extra)
-                return
-            status = self._answer(host, method, rel, rest, token)
-        finally:
-            faults.record(RequestRecord(method, rel, status, bool(token)))
+        # Logged before the answer is written, so a client that has its answer can
+        # already see its request in the log.
+        self._record = lambda status: faults.record(
+            RequestRecord(method, rel, status, bool(token)))
+        if faults.delay_s > 0 and owner._stopping.wait(faults.delay_s):
+            self._record(None)  # server stopping: give up without answering
+            return
+        if faults.take_drop():
+            self._record(None)
+            self.close_connection = True
+            return
+        if faults.take_failure():
+            extra = {"Retry-After": faults.retry_after} if faults.retry_after else {}
+            self._send(faults.error_status, b"Service Unavailable", extra)
+            return
+        self._answer(host, method, rel, rest, token)
 
     def _answer(self, host: InstanceHost, method: str, rel: str, rest: list[str],
                 token: str | None) -> int:
@@ -391,6 +394,9 @@ class _Handler(BaseHTTPRequestHandler):
         return self._send(200, body, {"Content-Type": ctype})
 
     def _send(self, status: int, body: bytes, headers: dict[str, str] | None = None) -> int:
+        record = self._record
+        if record is not None:
+            record(status)
         self.send_response(status)
         merged = {"Content-Type": "text/plain", "Server": "EC2ws"}
         merged.update(headers or {})
@@ -457,7 +463,7 @@ class _Base:
         self._httpd = _HttpServer((LOOPBACK, self.port), self)
         self.port = self._httpd.server_address[1]
         self._thread = threading.Thread(
-            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.1},
+            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
             name=f"imds-emulator-{self.port}", daemon=True)
         self._thread.start()
         return self
