@@ -122,7 +122,7 @@ build {
   sources = ["source.amazon-ebs.ec2-agent"]
 
   provisioner "shell" {
-    inline = ["mkdir -p /tmp/ec2-agent"]
+    inline = ["mkdir -p /tmp/ec2-agent/packaging"]
   }
 
   # The wheel, and packaging/ itself: install.sh and the systemd units.
@@ -131,8 +131,9 @@ build {
     destination = "/tmp/ec2-agent/"
   }
 
+  # Trailing slash: upload the directory's contents, not a directory named "..".
   provisioner "file" {
-    source      = "${path.root}/.."
+    source      = "${path.root}/../"
     destination = "/tmp/ec2-agent/packaging"
   }
 
