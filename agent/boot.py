@@ -12,6 +12,7 @@ so ``status`` can show a boot in progress, and a crashed boot is visible.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import socket
@@ -26,8 +27,17 @@ from agent.errors import AgentError, StateError
 from agent.paths import Paths
 
 DEFAULT_DEADLINE_S = 120.0
-CARRIED = ("first_boot_done", "first_boot_at", "boot_count", "membership", "heartbeat", "peers",
-           "heal", "health", "group")
+CARRIED = (
+    "first_boot_done",
+    "first_boot_at",
+    "boot_count",
+    "membership",
+    "heartbeat",
+    "peers",
+    "heal",
+    "health",
+    "group",
+)
 
 # name -> "module:function"; each takes the BootContext and returns a detail string or None.
 PHASES: list[tuple[str, str]] = [
@@ -92,6 +102,7 @@ def kernel_boot_id() -> str:
 
 # -- phases ---------------------------------------------------------------------------------
 
+
 def phase_identity(ctx: BootContext) -> str:
     from agent.imds import ImdsClient
 
@@ -126,7 +137,9 @@ def phase_config(ctx: BootContext) -> str:
 
     ctx.config = load_layers(ctx.baked_config, ctx.user_config, ctx.bundle_config)
     _retarget_deadline(ctx)
-    return f"group {ctx.config.group}, store s3://{ctx.config.store.bucket}/{ctx.config.store.prefix}"
+    return (
+        f"group {ctx.config.group}, store s3://{ctx.config.store.bucket}/{ctx.config.store.prefix}"
+    )
 
 
 def _retarget_deadline(ctx: BootContext) -> None:
@@ -144,6 +157,7 @@ def _deadline_s(baked: dict[str, Any] | None) -> float:
 
 # -- driver -----------------------------------------------------------------------------------
 
+
 def _resolve(ref: str) -> Callable[[BootContext], str | None]:
     mod, fn = ref.split(":")
     return getattr(importlib.import_module(mod), fn)
@@ -157,15 +171,22 @@ def _load_baked(paths: Paths) -> dict[str, Any] | None:
     return load_yaml_file(paths.config_file)
 
 
-def run_boot(paths: Paths | None = None, *, clock: Clock = SYSTEM_CLOCK,
-             phases: list[tuple[str, str]] | None = None) -> dict[str, Any]:
+def run_boot(
+    paths: Paths | None = None,
+    *,
+    clock: Clock = SYSTEM_CLOCK,
+    phases: list[tuple[str, str]] | None = None,
+) -> dict[str, Any]:
     """Run every phase; returns the final state. Never raises for a phase failure."""
     paths = paths or Paths.from_env()
     phases = PHASES if phases is None else phases
     try:
         previous = statefile.read(paths.state_file) or {}
     except StateError:
-        previous = {}  # unreadable old state is replaced; the boot itself must not die of it
+        # Unreadable old state must not stop a boot; keep it aside for a human, start clean.
+        previous = {}
+        with contextlib.suppress(OSError):
+            os.replace(paths.state_file, paths.state_file.with_suffix(".json.corrupt"))
     started = clock.time()
     st: dict[str, Any] = {
         "status": "running",
@@ -180,7 +201,7 @@ def run_boot(paths: Paths | None = None, *, clock: Clock = SYSTEM_CLOCK,
 
     def save() -> None:
         st["updated"] = clock.time()
-        statefile.update(paths.state_file, lambda d: (d.clear(), d.update(st)))
+        statefile.replace(paths.state_file, st)
 
     baked: dict[str, Any] | None = None
     baked_error: AgentError | None = None
@@ -188,10 +209,15 @@ def run_boot(paths: Paths | None = None, *, clock: Clock = SYSTEM_CLOCK,
         baked = _load_baked(paths)
     except AgentError as exc:
         baked_error = exc
-    ctx = BootContext(paths=paths, clock=clock,
-                      deadline=Deadline.after(_deadline_s(baked), "boot", clock),
-                      started_wall=started, previous=previous, boot_id=st["boot_id"],
-                      baked_config=baked)
+    ctx = BootContext(
+        paths=paths,
+        clock=clock,
+        deadline=Deadline.after(_deadline_s(baked), "boot", clock),
+        started_wall=started,
+        previous=previous,
+        boot_id=st["boot_id"],
+        baked_config=baked,
+    )
     save()
     failed = False
     for i, (name, ref) in enumerate(phases):
@@ -228,8 +254,11 @@ def run_boot(paths: Paths | None = None, *, clock: Clock = SYSTEM_CLOCK,
             rec["detail"] = f"internal error: {type(exc).__name__}: {exc}"
             st["errors"].append(f"{name}: internal error: {type(exc).__name__}: {exc}")
         rec["duration_s"] = round(clock.monotonic() - t0, 6)
-        if (ctx.identity is not None and "instance_id" not in st
-                and previous.get("instance_id") == ctx.identity.instance_id):
+        if (
+            ctx.identity is not None
+            and "instance_id" not in st
+            and previous.get("instance_id") == ctx.identity.instance_id
+        ):
             # Same instance: what the daemon recorded stays; a new instance-id starts clean
             # (an image baked from a used instance must not inherit its membership).
             for keep in CARRIED:
@@ -249,8 +278,9 @@ def run_boot(paths: Paths | None = None, *, clock: Clock = SYSTEM_CLOCK,
         st["status"] = "degraded" if ctx.degraded else "done"
         st.setdefault("first_boot_at", started)
         st["first_boot_done"] = True
-    same_boot = (previous.get("boot_id") == st["boot_id"]
-                 and previous.get("instance_id") == st.get("instance_id"))
+    same_boot = previous.get("boot_id") == st["boot_id"] and previous.get("instance_id") == st.get(
+        "instance_id"
+    )
     if same_boot:
         st["boot_count"] = int(previous.get("boot_count", 1))
     elif ctx.boot_kind == "reboot":

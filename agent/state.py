@@ -44,8 +44,9 @@ def write(path: Path, data: dict[str, Any]) -> None:
     data = dict(data)
     data["schema"] = SCHEMA_VERSION
     try:
-        atomic_write(path, json.dumps(data, indent=1, sort_keys=True, default=str) + "\n",
-                     mode=0o644)
+        atomic_write(
+            path, json.dumps(data, indent=1, sort_keys=True, default=str) + "\n", mode=0o644
+        )
     except OSError as exc:
         raise StateError(f"cannot write {path}: {exc}") from exc
 
@@ -63,6 +64,12 @@ def locked(path: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+
+
+def replace(path: Path, data: dict[str, Any]) -> None:
+    """Write the whole state under the lock, without reading what was there."""
+    with locked(path):
+        write(path, data)
 
 
 def update(path: Path, change: Callable[[dict[str, Any]], None]) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from agent.sim.cloud import EmbeddedCloud, SimInstance
 from agent.sim.moto import FAKE_CREDENTIALS, MotoServer
 
 # A closed loopback port: anything that forgets to configure an endpoint fails fast, locally.
@@ -71,3 +72,29 @@ def moto(moto_session: MotoServer, monkeypatch: pytest.MonkeyPatch) -> MotoServe
 def root(safe_env: Path) -> Path:
     """This test's EC2_AGENT_ROOT."""
     return safe_env
+
+
+@pytest.fixture
+def cloud(moto, tmp_path: Path) -> Iterator[EmbeddedCloud]:
+    """The embedded cloud on the session's (reset) moto server, with its own IMDS emulator."""
+    c = EmbeddedCloud(tmp_path / "cloud", moto=moto)
+    c.start()
+    try:
+        yield c
+    finally:
+        c.stop()
+
+
+@pytest.fixture
+def instance(cloud: EmbeddedCloud, monkeypatch: pytest.MonkeyPatch) -> SimInstance:
+    """One instance of group 'web' in moto, served by the IMDS emulator, as *this* process.
+
+    EC2_AGENT_ROOT and EC2_AGENT_IMDS_ENDPOINT point at it, so in-process calls
+    (run_boot, cli.main) act as that instance.
+    """
+    iid = cloud.run_standalone("web", 1)[0]
+    inst = cloud.instances[iid]
+    for k, v in inst.env(cloud).items():
+        if k.startswith(("AWS_", "EC2_AGENT_")):
+            monkeypatch.setenv(k, v)
+    return inst

@@ -30,6 +30,7 @@ from agent.sim.imds import ImdsEmulator, meta_for_instance
 from agent.sim.moto import FAKE_CREDENTIALS, MotoServer
 
 REGION = "us-east-1"
+_IMAGE_CACHE: dict[str, str] = {}
 
 
 def cloud_config(agent_config: dict[str, Any]) -> bytes:
@@ -48,16 +49,18 @@ class SimInstance:
     def env(self, cloud: EmbeddedCloud) -> dict[str, str]:
         env = dict(os.environ)
         env.update(FAKE_CREDENTIALS)
-        env.update({
-            "AWS_ENDPOINT_URL": cloud.moto.url,
-            "AWS_EC2_METADATA_DISABLED": "true",
-            "EC2_AGENT_ROOT": str(self.root),
-            "EC2_AGENT_IMDS_ENDPOINT": self.imds_url,
-            "EC2_AGENT_BOOT_ID": self.boot_id,
-            "AWS_CONFIG_FILE": "/dev/null",
-            "AWS_SHARED_CREDENTIALS_FILE": "/dev/null",
-            "NO_PROXY": "*",
-        })
+        env.update(
+            {
+                "AWS_ENDPOINT_URL": cloud.moto.url,
+                "AWS_EC2_METADATA_DISABLED": "true",
+                "EC2_AGENT_ROOT": str(self.root),
+                "EC2_AGENT_IMDS_ENDPOINT": self.imds_url,
+                "EC2_AGENT_BOOT_ID": self.boot_id,
+                "AWS_CONFIG_FILE": "/dev/null",
+                "AWS_SHARED_CREDENTIALS_FILE": "/dev/null",
+                "NO_PROXY": "*",
+            }
+        )
         env.pop("AWS_PROFILE", None)
         return env
 
@@ -72,8 +75,14 @@ class SimInstance:
 class EmbeddedCloud:
     """Moto + IMDS emulator + per-instance roots under one temp dir."""
 
-    def __init__(self, workdir: Path | None = None, *, moto: MotoServer | None = None,
-                 bucket: str = "ec2-agent-sim", prefix: str = "sim") -> None:
+    def __init__(
+        self,
+        workdir: Path | None = None,
+        *,
+        moto: MotoServer | None = None,
+        bucket: str = "ec2-agent-sim",
+        prefix: str = "sim",
+    ) -> None:
         self._own_dir = workdir is None
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="ec2-agent-sim-"))
         self._own_moto = moto is None
@@ -114,8 +123,13 @@ class EmbeddedCloud:
         if c is None:
             import boto3
 
-            c = boto3.client(service, region_name=REGION, endpoint_url=self.moto.url,
-                             aws_access_key_id="testing", aws_secret_access_key="testing")
+            c = boto3.client(
+                service,
+                region_name=REGION,
+                endpoint_url=self.moto.url,
+                aws_access_key_id="testing",
+                aws_secret_access_key="testing",
+            )
             self._clients[service] = c
         return c
 
@@ -127,21 +141,38 @@ class EmbeddedCloud:
             s3.create_bucket(Bucket=self.bucket)
 
     def image_id(self) -> str:
-        images = self.client("ec2").describe_images(Owners=["amazon"])["Images"]
-        return sorted(i["ImageId"] for i in images)[0]
+        """An AMI from moto's built-in catalogue (listing it is slow: cached, then checked)."""
+        ec2 = self.client("ec2")
+        cached = _IMAGE_CACHE.get("ami")
+        if cached:
+            try:
+                if ec2.describe_images(ImageIds=[cached])["Images"]:
+                    return cached
+            except Exception:
+                pass
+        images = ec2.describe_images(Owners=["amazon"])["Images"]
+        _IMAGE_CACHE["ami"] = sorted(i["ImageId"] for i in images)[0]
+        return _IMAGE_CACHE["ami"]
 
     def subnets(self) -> list[str]:
         subs = self.client("ec2").describe_subnets()["Subnets"]
         return [s["SubnetId"] for s in sorted(subs, key=lambda s: s["AvailabilityZone"])]
 
     def agent_config(self, group: str, **extra: Any) -> dict[str, Any]:
-        cfg: dict[str, Any] = {"group": group, "store": {"bucket": self.bucket,
-                                                         "prefix": self.prefix}}
+        cfg: dict[str, Any] = {
+            "group": group,
+            "store": {"bucket": self.bucket, "prefix": self.prefix},
+        }
         cfg.update(extra)
         return cfg
 
-    def create_asg(self, group: str, n: int, agent_config: dict[str, Any] | None = None,
-                   instance_type: str = "t3.micro") -> list[str]:
+    def create_asg(
+        self,
+        group: str,
+        n: int,
+        agent_config: dict[str, Any] | None = None,
+        instance_type: str = "t3.micro",
+    ) -> list[str]:
         """A launch template carrying the agent's user-data and an ASG of ``n`` instances."""
         self.ensure_bucket()
         ud = cloud_config(agent_config or self.agent_config(group))
@@ -150,21 +181,36 @@ class EmbeddedCloud:
         ec2.create_launch_template(
             LaunchTemplateName=lt_name,
             LaunchTemplateData={
-                "ImageId": self.image_id(), "InstanceType": instance_type,
+                "ImageId": self.image_id(),
+                "InstanceType": instance_type,
                 "UserData": base64.b64encode(ud).decode(),
                 "MetadataOptions": {"HttpTokens": "required", "InstanceMetadataTags": "enabled"},
-                "TagSpecifications": [{"ResourceType": "instance", "Tags": [
-                    {"Key": "ec2-agent:group", "Value": group}]}],
+                "TagSpecifications": [
+                    {
+                        "ResourceType": "instance",
+                        "Tags": [{"Key": "ec2-agent:group", "Value": group}],
+                    }
+                ],
             },
         )
         asg = self.client("autoscaling")
         asg.create_auto_scaling_group(
-            AutoScalingGroupName=group, MinSize=n, MaxSize=n * 2, DesiredCapacity=n,
+            AutoScalingGroupName=group,
+            MinSize=n,
+            MaxSize=n * 2,
+            DesiredCapacity=n,
             LaunchTemplate={"LaunchTemplateName": lt_name, "Version": "$Latest"},
             VPCZoneIdentifier=",".join(self.subnets()[:3]),
             HealthCheckGracePeriod=0,
-            Tags=[{"Key": "ec2-agent:group", "Value": group, "PropagateAtLaunch": True,
-                   "ResourceId": group, "ResourceType": "auto-scaling-group"}],
+            Tags=[
+                {
+                    "Key": "ec2-agent:group",
+                    "Value": group,
+                    "PropagateAtLaunch": True,
+                    "ResourceId": group,
+                    "ResourceType": "auto-scaling-group",
+                }
+            ],
         )
         ids = self.asg_instance_ids(group)
         for iid in ids:
@@ -173,22 +219,37 @@ class EmbeddedCloud:
 
     def asg_instance_ids(self, group: str) -> list[str]:
         groups = self.client("autoscaling").describe_auto_scaling_groups(
-            AutoScalingGroupNames=[group])["AutoScalingGroups"]
+            AutoScalingGroupNames=[group]
+        )["AutoScalingGroups"]
         return sorted(i["InstanceId"] for g in groups for i in g["Instances"])
 
-    def run_standalone(self, group: str, n: int, agent_config: dict[str, Any] | None = None,
-                       instance_type: str = "t3.micro") -> list[str]:
+    def run_standalone(
+        self,
+        group: str,
+        n: int,
+        agent_config: dict[str, Any] | None = None,
+        instance_type: str = "t3.micro",
+    ) -> list[str]:
         """``n`` plain instances (no ASG), tagged with the group."""
         self.ensure_bucket()
         ud = cloud_config(agent_config or self.agent_config(group))
         subnets = self.subnets()
+        image = self.image_id()
         ids: list[str] = []
         for i in range(n):
             resp = self.client("ec2").run_instances(
-                ImageId=self.image_id(), InstanceType=instance_type, MinCount=1, MaxCount=1,
-                SubnetId=subnets[i % len(subnets)], UserData=ud.decode(),
-                TagSpecifications=[{"ResourceType": "instance", "Tags": [
-                    {"Key": "ec2-agent:group", "Value": group}]}],
+                ImageId=image,
+                InstanceType=instance_type,
+                MinCount=1,
+                MaxCount=1,
+                SubnetId=subnets[i % len(subnets)],
+                UserData=ud.decode(),
+                TagSpecifications=[
+                    {
+                        "ResourceType": "instance",
+                        "Tags": [{"Key": "ec2-agent:group", "Value": group}],
+                    }
+                ],
             )
             iid = resp["Instances"][0]["InstanceId"]
             self.add_instance(iid, ud)
@@ -209,9 +270,13 @@ class EmbeddedCloud:
         inst = self.instances[instance_id]
         logf = open(inst.root / (log or f"{args[0]}.log"), "ab")  # noqa: SIM115
         try:
-            p = subprocess.Popen([sys.executable, "-m", "agent.cli", *args],
-                                 env=inst.env(self), stdout=logf, stderr=subprocess.STDOUT,
-                                 stdin=subprocess.DEVNULL)
+            p = subprocess.Popen(
+                [sys.executable, "-m", "agent.cli", *args],
+                env=inst.env(self),
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
         finally:
             logf.close()
         inst.procs.append(p)
@@ -249,6 +314,7 @@ def _stop_proc(p: subprocess.Popen, timeout: float = 10.0) -> None:
 
 # -- the `simulate` command -----------------------------------------------------------------------
 
+
 def _table(rows: list[dict[str, Any]]) -> str:
     cols = ["instance", "az", "ip", "status", "boot", "phases", "seconds"]
     widths = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in cols}
@@ -265,17 +331,28 @@ def status_rows(cloud: EmbeddedCloud) -> list[dict[str, Any]]:
         ident = st.get("identity", {})
         phases = st.get("phases", [])
         ok = sum(1 for p in phases if p.get("status") in ("ok", "degraded"))
-        rows.append({
-            "instance": iid, "az": ident.get("az", "-"), "ip": ident.get("ip", "-"),
-            "status": st.get("status", "not-started"), "boot": st.get("boot_kind", "-"),
-            "phases": f"{ok}/{len(phases)}", "seconds": f"{st.get('duration_s', 0):.2f}",
-            "errors": st.get("errors", []),
-        })
+        rows.append(
+            {
+                "instance": iid,
+                "az": ident.get("az", "-"),
+                "ip": ident.get("ip", "-"),
+                "status": st.get("status", "not-started"),
+                "boot": st.get("boot_kind", "-"),
+                "phases": f"{ok}/{len(phases)}",
+                "seconds": f"{st.get('duration_s', 0):.2f}",
+                "errors": st.get("errors", []),
+            }
+        )
     return rows
 
 
-def simulate(instances: int = 3, scenario: str | None = None, keep: bool = False,
-             as_json: bool = False, group: str = "web") -> int:
+def simulate(
+    instances: int = 3,
+    scenario: str | None = None,
+    keep: bool = False,
+    as_json: bool = False,
+    group: str = "web",
+) -> int:
     if scenario:
         from agent.sim.scenarios import run_scenario
 
@@ -284,11 +361,16 @@ def simulate(instances: int = 3, scenario: str | None = None, keep: bool = False
     cloud = EmbeddedCloud()
     try:
         cloud.start()
-        print(f"emulated cloud: moto {cloud.moto.url}, IMDS {cloud.imds.base_url}, "
-              f"dir {cloud.workdir}", file=sys.stderr)
+        print(
+            f"emulated cloud: moto {cloud.moto.url}, IMDS {cloud.imds.base_url}, "
+            f"dir {cloud.workdir}",
+            file=sys.stderr,
+        )
         ids = cloud.create_asg(group, instances)
-        print(f"auto scaling group {group!r}: {len(ids)} instances; booting an agent on each",
-              file=sys.stderr)
+        print(
+            f"auto scaling group {group!r}: {len(ids)} instances; booting an agent on each",
+            file=sys.stderr,
+        )
         codes = cloud.boot_all(ids)
         rows = status_rows(cloud)
         if as_json:
@@ -298,8 +380,10 @@ def simulate(instances: int = 3, scenario: str | None = None, keep: bool = False
             for r in rows:
                 for e in r["errors"]:
                     print(f"{r['instance']}: error: {e}")
-            print(f"{sum(1 for c in codes.values() if c == 0)}/{len(codes)} booted in "
-                  f"{time.monotonic() - t0:.1f}s")
+            print(
+                f"{sum(1 for c in codes.values() if c == 0)}/{len(codes)} booted in "
+                f"{time.monotonic() - t0:.1f}s"
+            )
         return 0 if all(c == 0 for c in codes.values()) else 1
     finally:
         cloud.stop(keep_dir=keep)
