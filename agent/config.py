@@ -600,7 +600,7 @@ def _yaml_mapping(raw: bytes, layer: str) -> dict[str, Any]:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise ConfigError(f"not valid UTF-8 (at byte offset {exc.start})", layer=layer) from exc
-    doc = load_yaml(text, layer, error=ConfigError)
+    doc = load_yaml(text, "", error=lambda msg: ConfigError(msg, layer=layer))
     if doc is None:
         return {}
     if not isinstance(doc, dict):

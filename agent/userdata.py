@@ -40,7 +40,7 @@ from __future__ import annotations
 import copy
 import email
 import zlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import yaml
@@ -173,12 +173,14 @@ def _construct_strict_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -
 _StrictSafeLoader.add_constructor("tag:yaml.org,2002:map", _construct_strict_mapping)
 
 
-def load_yaml(text: str, where: str, error: type[Exception] = UserDataError) -> Any:
+def load_yaml(text: str, where: str, error: Callable[[str], Exception] = UserDataError) -> Any:
     """Load one YAML document safely; errors name ``where``, line and column (1-based).
 
-    ``error`` is the exception class to raise, so config files get ConfigError and
-    user-data parts get UserDataError from the same loader.
+    ``error`` builds the exception from a message, so config files get ConfigError
+    (with their layer) and user-data parts get UserDataError from the same loader.
+    An empty ``where`` leaves the location out of the message.
     """
+    at = f"{where}: " if where else ""
     try:
         doc = yaml.load(text, Loader=_StrictSafeLoader)  # noqa: S506 - SafeLoader subclass
     except yaml.MarkedYAMLError as exc:
@@ -186,18 +188,18 @@ def load_yaml(text: str, where: str, error: type[Exception] = UserDataError) -> 
         problem = exc.problem or exc.context or "invalid YAML"
         if mark is not None:
             raise error(
-                f"{where}: YAML error at line {mark.line + 1}, column {mark.column + 1}: {problem}"
+                f"{at}YAML error at line {mark.line + 1}, column {mark.column + 1}: {problem}"
             ) from exc
-        raise error(f"{where}: YAML error: {problem}") from exc
+        raise error(f"{at}YAML error: {problem}") from exc
     except yaml.YAMLError as exc:
-        raise error(f"{where}: YAML error: {exc}") from exc
+        raise error(f"{at}YAML error: {exc}") from exc
     except RecursionError as exc:
-        raise error(f"{where}: YAML nested too deeply") from exc
-    _check_node_count(doc, where, error)
+        raise error(f"{at}YAML nested too deeply") from exc
+    _check_node_count(doc, at, error)
     return doc
 
 
-def _check_node_count(doc: Any, where: str, error: type[Exception]) -> None:
+def _check_node_count(doc: Any, at: str, error: Callable[[str], Exception]) -> None:
     """Refuse documents whose aliases expand to more than MAX_YAML_NODES values."""
     count = 0
     stack = [doc]
@@ -206,7 +208,7 @@ def _check_node_count(doc: Any, where: str, error: type[Exception]) -> None:
         count += 1
         if count > MAX_YAML_NODES:
             raise error(
-                f"{where}: YAML document expands to more than {MAX_YAML_NODES} values "
+                f"{at}YAML document expands to more than {MAX_YAML_NODES} values "
                 "(too many aliases?)"
             )
         if isinstance(item, dict):
