@@ -1,0 +1,402 @@
+"""This member's own record: registration (boot phase), heartbeats (daemon), leaving.
+
+``groups/<group>/members/<id>.json`` holds one ``agent.membership.MemberRecord``.
+Every beat writes it with ``seq + 1`` (so its ETag always changes), the member's
+state, its health summary and its endpoint. A failed write is retried with
+backoff *within* the interval (never past it: a beat that lands after the next
+one is due is worthless). After ``sick_after`` failed beats in a row the agent is
+observer-sick: it says so in ``state.json`` (``heartbeat.observer_sick``) and in
+``self.observer_sick``; the heal controller must not judge anyone while that is
+true (DESIGN.md invariant 3).
+
+Joins, state changes and leaves also bump the group's change marker
+(``agent.peers.bump_marker``) so peers learn of them within one interval without
+listing the group.
+
+Leaving is not dying (invariant 8): ``leave()`` writes the record once more with
+state ``leaving`` (so a peer that reads it in between does not count it dead),
+deletes it, bumps the marker and appends an event. The daemon calls it on SIGTERM,
+``ec2-agent leave`` calls it, and ``check_departure`` says when IMDS announces a
+spot interruption or an Auto Scaling termination.
+
+``member.json`` (in the state dir) keeps the member's coordinates (group, store,
+instance id, last seq) so ``ec2-agent leave``/``peers``/``events`` work without
+re-reading user-data, and so ``seq`` survives restarts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from agent import __version__
+from agent import state as statefile
+from agent.clock import SYSTEM_CLOCK, Clock
+from agent.errors import AgentError, NotFound, StateError, StoreError
+from agent.membership import MemberRecord
+from agent.peers import bump_marker, member_change, member_key
+
+log = logging.getLogger(__name__)
+
+MEMBER_FILE = "member.json"
+JITTER = 0.1
+
+
+# -- pure --------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Backoff:
+    """Retry delays for one beat, as a value: 0.2 s, 0.4 s, 0.8 s... capped, jittered down."""
+
+    base_s: float = 0.2
+    factor: float = 2.0
+    cap_s: float = 2.0
+
+    def delay(self, attempt: int, u: float = 0.0) -> float:
+        """Delay before retry number ``attempt`` (1-based); ``u`` in [0, 1) is the jitter draw."""
+        d = min(self.cap_s, self.base_s * self.factor ** (attempt - 1))
+        return d * (1.0 - 0.5 * u)
+
+
+def next_interval(interval_s: float, u: float) -> float:
+    """Seconds to the next beat: ``interval_s`` minus up to 10 % jitter.
+
+    Jitter spreads a fleet that booted together across the interval; it only ever
+    shortens the wait, so two beats still fit in ``dead_after_s`` (>= 2 intervals).
+    """
+    return interval_s * (1.0 - JITTER * u)
+
+
+def departure_reason(spot_action: Mapping[str, Any] | None,
+                     lifecycle_state: str | None) -> str | None:
+    """Whether IMDS says this instance is going away, and why. Pure."""
+    if spot_action:
+        action = spot_action.get("action", "?")
+        when = spot_action.get("time", "?")
+        return f"spot interruption notice: {action} at {when}"
+    if lifecycle_state and lifecycle_state.strip() == "Terminated":
+        return "auto scaling target lifecycle state: Terminated"
+    return None
+
+
+def check_departure(imds: Any) -> str | None:
+    """Ask IMDS (spot notice, ASG lifecycle); an IMDS failure is not a departure."""
+    try:
+        spot = imds.spot_action()
+    except AgentError as exc:
+        log.debug("spot/instance-action unreadable: %s", exc)
+        spot = None
+    try:
+        target = imds.target_lifecycle_state()
+    except AgentError as exc:
+        log.debug("autoscaling/target-lifecycle-state unreadable: %s", exc)
+        target = None
+    return departure_reason(spot, target)
+
+
+# -- local member file -------------------------------------------------------------------------
+
+def member_file(paths: Any) -> Path:
+    return Path(paths.state_dir) / MEMBER_FILE
+
+
+def read_member_file(paths: Any) -> dict[str, Any] | None:
+    try:
+        return json.loads(member_file(paths).read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise StateError(f"cannot read {member_file(paths)}: {exc}") from exc
+
+
+def write_member_file(paths: Any, doc: Mapping[str, Any]) -> None:
+    from agent.files import atomic_write
+
+    try:
+        atomic_write(member_file(paths), json.dumps(dict(doc), indent=1, sort_keys=True) + "\n",
+                     mode=0o644)
+    except OSError as exc:
+        raise StateError(f"cannot write {member_file(paths)}: {exc}") from exc
+
+
+# -- the writer --------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class BeatResult:
+    ok: bool
+    seq: int
+    attempts: int
+    etag: str = ""
+    error: str = ""
+
+
+class Heartbeater:
+    """Writes this member's record. ``beat()`` once per interval; ``leave()`` once, at the end.
+
+    ``state_path``: state.json to mirror ``heartbeat``/``membership``/``health`` into
+    (None: don't). ``member_path``: member.json, for seq across restarts.
+    """
+
+    def __init__(self, store: Any, record: MemberRecord, *, clock: Clock = SYSTEM_CLOCK,
+                 interval_s: float = 10.0, sick_after: int = 3,
+                 state_path: Path | None = None, member_path: Path | None = None,
+                 backoff: Backoff = Backoff(), rng: random.Random | None = None,
+                 health_fn: Callable[[], Mapping[str, Any]] | None = None) -> None:
+        self.store = store
+        self.record = record
+        self.clock = clock
+        self.interval_s = interval_s
+        self.sick_after = sick_after
+        self.state_path = state_path
+        self.member_path = member_path
+        self.backoff = backoff
+        self.rng = rng or random.Random()
+        self.health_fn = health_fn
+        self.failures = 0
+        self.observer_sick = False
+        self.last_ok: float | None = None  # local wall clock: for humans only
+        self.last_ok_mono: float | None = None
+        self.last_error = ""
+        self.etag = ""
+        self.left = False
+        self.announced_state: str | None = None  # last state peers were told via the marker
+
+    @property
+    def key(self) -> str:
+        return member_key(self.record.group, self.record.instance_id)
+
+    def beat(self, *, state: str | None = None, health: Mapping[str, Any] | None = None,
+             endpoint: str | None = None, budget_s: float | None = None) -> BeatResult:
+        """Write the next record, retrying within ``budget_s`` (default 80 % of the interval)."""
+        if self.left:
+            return BeatResult(False, self.record.seq, 0, error="left the group")
+        if health is None and self.health_fn is not None:
+            health = self.health_fn()
+        changes: dict[str, Any] = {"observer_sick": self.observer_sick}
+        if state is not None:
+            changes["state"] = state
+        if health is not None:
+            changes["health"] = dict(health)
+        if endpoint is not None:
+            changes["endpoint"] = endpoint
+        rec = self.record.heartbeat(**changes)
+        budget = self.interval_s * 0.8 if budget_s is None else budget_s
+        start = self.clock.monotonic()
+        attempt = 0
+        err = ""
+        while True:
+            attempt += 1
+            try:
+                self.etag = self.store.put(self.key, rec.dumps(), content_type="application/json")
+                break
+            except StoreError as exc:
+                err = str(exc)
+                delay = self.backoff.delay(attempt, self.rng.random())
+                if self.clock.monotonic() - start + delay > budget:
+                    return self._failed(rec, attempt, err)
+                self.clock.sleep(delay)
+        self.record = rec
+        self.failures = 0
+        self.observer_sick = False
+        self.last_ok = self.clock.time()
+        self.last_ok_mono = self.clock.monotonic()
+        self.last_error = ""
+        if rec.state != self.announced_state:
+            self._announce(rec)
+        self._save()
+        return BeatResult(True, rec.seq, attempt, self.etag)
+
+    def _failed(self, rec: MemberRecord, attempts: int, err: str) -> BeatResult:
+        # The seq is consumed even on failure: a later success must never reuse a body
+        # (and an ETag) that might have landed after all.
+        self.record = replace(self.record, seq=rec.seq)
+        self.failures += 1
+        self.last_error = err
+        if self.failures >= self.sick_after and not self.observer_sick:
+            log.warning("heartbeat failed %d times in a row: observer-sick (%s)",
+                        self.failures, err)
+            self.observer_sick = True
+        self._save()
+        return BeatResult(False, rec.seq, attempts, error=err)
+
+    def _announce(self, rec: MemberRecord, state: str | None = None) -> None:
+        try:
+            bump_marker(self.store, rec.group, member_change(rec, state))
+            self.announced_state = state or rec.state
+        except StoreError as exc:  # peers still find out at their next LIST
+            log.warning("could not bump the membership marker: %s", exc)
+
+    def leave(self, reason: str = "leave", *, actor: str | None = None) -> bool:
+        """Leave the group: record ``leaving``, delete it, bump the marker, append an event.
+
+        Idempotent; returns whether the record is gone. A failing store is retried
+        once per step; what could not be done is logged and left to the LIST-based
+        cleanup of peers (a record that says ``leaving`` is never replaced).
+        """
+        from agent.events import append_event
+
+        if self.left:
+            return True
+        rec = self.record.heartbeat(state="leaving")
+        self.record = rec
+        deleted = False
+        for _ in range(2):
+            try:
+                self.store.put(self.key, rec.dumps(), content_type="application/json")
+                break
+            except StoreError as exc:
+                self.last_error = str(exc)
+        for _ in range(2):
+            try:
+                self.store.delete(self.key)
+                deleted = True
+                break
+            except NotFound:
+                deleted = True
+                break
+            except StoreError as exc:
+                self.last_error = str(exc)
+        self.left = True
+        self._announce(rec, "gone" if deleted else "leaving")
+        try:
+            append_event(self.store, rec.group, actor=actor or rec.instance_id, kind="leave",
+                         member=rec.instance_id, reasons=[reason],
+                         details={"record_deleted": deleted, "seq": rec.seq},
+                         now=self.clock.time)
+        except StoreError as exc:
+            log.warning("could not record the leave event: %s", exc)
+        self._save()
+        return deleted
+
+    def status_doc(self) -> dict[str, Any]:
+        return {
+            "heartbeat": {"seq": self.record.seq, "last_ok": self.last_ok,
+                          "interval_s": self.interval_s, "failures": self.failures,
+                          "observer_sick": self.observer_sick, "last_error": self.last_error,
+                          "etag": self.etag, "key": self.key},
+            "membership": {"state": self.record.state, "left": self.left,
+                           "endpoint": self.record.endpoint},
+            "health": dict(self.record.health),
+        }
+
+    def _save(self) -> None:
+        doc = self.status_doc()
+        if self.state_path is not None:
+            try:
+                statefile.update(self.state_path, lambda d: d.update(doc))
+            except StateError as exc:
+                log.warning("cannot update state: %s", exc)
+        if self.member_path is not None:
+            try:
+                cur = json.loads(self.member_path.read_text()) if self.member_path.exists() else {}
+                cur.update({"seq": self.record.seq, "state": self.record.state,
+                            "left": self.left})
+                from agent.files import atomic_write
+
+                atomic_write(self.member_path, json.dumps(cur, indent=1, sort_keys=True) + "\n",
+                             mode=0o644)
+            except (OSError, ValueError) as exc:
+                log.warning("cannot update %s: %s", self.member_path, exc)
+
+
+# -- the boot phase ----------------------------------------------------------------------------
+
+def _cfg(obj: Any, *names: str, default: Any = None) -> Any:
+    """Read a nested config value from the frozen config (attributes) or its raw dict."""
+    cur = obj
+    for n in names:
+        if cur is None:
+            return default
+        cur = cur.get(n) if isinstance(cur, Mapping) else getattr(cur, n, None)
+    return default if cur is None else cur
+
+
+def record_for(ctx: Any, seq: int, state: str, health: Mapping[str, Any] | None = None,
+               endpoint: str = "") -> MemberRecord:
+    ident = ctx.identity
+    return MemberRecord(
+        instance_id=ident.instance_id, group=ctx.config.group, seq=seq, state=state,
+        image_id=getattr(ident, "ami_id", "") or "", az=ident.availability_zone or "",
+        private_ip=ident.local_ipv4 or "", launch_time=getattr(ident, "pending_time", "") or "",
+        boot_id=ctx.boot_id, health=dict(health or {"status": "passing", "checks": {}}),
+        agent_version=__version__, endpoint=endpoint, started=ctx.started_wall,
+    )
+
+
+def _known_seq(ctx: Any, store: Any, key: str) -> int:
+    """The highest seq this instance ever wrote, so a reboot never rewrites an old body."""
+    seqs = [int((ctx.previous.get("heartbeat") or {}).get("seq", 0) or 0)]
+    try:
+        doc = read_member_file(ctx.paths) or {}
+        if doc.get("instance_id") == ctx.identity.instance_id:
+            seqs.append(int(doc.get("seq", 0) or 0))
+    except (StateError, ValueError, TypeError):
+        pass
+    try:
+        obj = store.get_or_none(key)
+        if obj is not None:
+            seqs.append(MemberRecord.loads(obj.body).seq)
+    except (StoreError, ValueError):
+        pass
+    return max(seqs)
+
+
+def phase_register(ctx: Any) -> str:
+    """Boot phase ``register``: write the record ``booting``, then ``ready`` (or ``degraded``).
+
+    Register is the last phase, so "the boot is done" is now: ready unless an earlier
+    phase degraded. A store that refuses the write degrades the boot (the services
+    run; peers will see us at the daemon's first beat) rather than failing it.
+    """
+    from agent.endpoint import advertised_url
+    from agent.health import HealthChecker
+
+    store = ctx.get_store()
+    group = ctx.config.group
+    ident = ctx.identity
+    key = member_key(group, ident.instance_id)
+    seq = _known_seq(ctx, store, key)
+    http_port = int(_cfg(ctx.config, "http", "port", default=0) or 0)
+    endpoint = ""
+    if http_port and _cfg(ctx.config, "http", "enabled", default=True):
+        endpoint = advertised_url(str(_cfg(ctx.config, "http", "bind", default="0.0.0.0")),
+                                  http_port, ident.local_ipv4 or "")
+    try:
+        checker = HealthChecker.from_config(_cfg(ctx.config, "health", default=()))
+        health = checker.run() if ctx.deadline.remaining() > 10 else None
+    except AgentError as exc:
+        ctx.degrade(f"health checks: {exc}")
+        health = None
+    interval = float(_cfg(ctx.config, "heartbeat", "interval_s", default=10.0))
+    record = record_for(ctx, seq, "booting", health, endpoint)
+    write_member_file(ctx.paths, {
+        "instance_id": ident.instance_id, "group": group, "seq": seq,
+        "bucket": ctx.config.store.bucket, "prefix": ctx.config.store.prefix,
+        "region": _cfg(ctx.config, "store", "region") or getattr(ident, "region", None),
+        "state": "booting", "left": False,
+    })
+    hb = Heartbeater(store, record, clock=ctx.clock, interval_s=interval,
+                     state_path=ctx.paths.state_file, member_path=member_file(ctx.paths))
+    budget = min(interval, max(0.5, ctx.deadline.remaining() / 3))
+    first = hb.beat(state="booting", budget_s=budget)
+    if not first.ok:
+        ctx.degrade(f"register: cannot write {key}: {first.error}")
+        return f"not registered (seq {first.seq})"
+    final = "degraded" if ctx.degraded else "ready"
+    done = hb.beat(state=final, budget_s=budget)
+    if not done.ok:
+        ctx.degrade(f"register: wrote booting but not {final}: {done.error}")
+    ctx.extras["heartbeater"] = hb
+    ctx.extras.setdefault("state_updates", {}).update(hb.status_doc())
+    try:
+        from agent import systemd
+
+        systemd.ready(f"registered in {group} as {hb.record.state}")
+    except Exception as exc:  # sd_notify is best effort by definition
+        log.debug("sd_notify: %s", exc)
+    return f"{hb.record.state} in {group} as {ident.instance_id} (seq {hb.record.seq})"

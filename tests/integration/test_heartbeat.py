@@ -1,0 +1,198 @@
+"""Heartbeat writer and the register phase against a real moto S3."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent import state as statefile
+from agent.clock import Clock, Deadline, FakeClock
+from agent.errors import StoreError
+from agent.heartbeat import Backoff, Heartbeater, departure_reason, next_interval, phase_register
+from agent.membership import MemberRecord
+from agent.peers import marker_key, member_key
+from agent.store import Store
+
+BUCKET = "fleet-test"
+
+
+@pytest.fixture
+def store(moto: Any) -> Store:
+    s = Store(BUCKET, "prod", region="us-east-1")
+    s.ensure_bucket()
+    return s
+
+
+def rec(iid: str = "i-0001", **kw: Any) -> MemberRecord:
+    return MemberRecord(instance_id=iid, group="web", seq=0, az="eu-west-1a",
+                        private_ip="10.0.0.1", **kw)
+
+
+class FlakyStore:
+    """A real Store whose next ``fail`` PUTs raise, as a sick network would."""
+
+    def __init__(self, inner: Store, fail: int) -> None:
+        self.inner, self.fail = inner, fail
+
+    def put(self, *a: Any, **kw: Any) -> str:
+        if self.fail > 0:
+            self.fail -= 1
+            raise StoreError("injected: connection reset")
+        return self.inner.put(*a, **kw)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+def test_beat_writes_seq_plus_one_and_state(store: Store, tmp_path: Path) -> None:
+    sp = tmp_path / "state.json"
+    hb = Heartbeater(store, rec(), clock=FakeClock(), state_path=sp)
+    r1 = hb.beat(state="ready", health={"status": "warning", "checks": {}},
+                 endpoint="http://10.0.0.1:8700")
+    r2 = hb.beat()
+    assert (r1.ok, r1.seq, r2.seq) == (True, 1, 2)
+    assert r1.etag != r2.etag
+    got = MemberRecord.loads(store.get(member_key("web", "i-0001")).body)
+    assert (got.seq, got.state, got.health["status"], got.endpoint) == (
+        2, "ready", "warning", "http://10.0.0.1:8700")
+    st = statefile.read(sp)
+    assert st["heartbeat"]["seq"] == 2 and st["heartbeat"]["observer_sick"] is False
+    assert st["membership"]["state"] == "ready"
+    # the join and the state change were announced on the marker
+    marker = json.loads(store.get(marker_key("web")).body)
+    assert [c["state"] for c in marker["changes"]] == ["ready"]
+
+
+def test_retries_within_interval_then_succeeds(store: Store) -> None:
+    clock = FakeClock()
+    hb = Heartbeater(FlakyStore(store, 2), rec(), clock=clock, interval_s=10)
+    r = hb.beat(state="ready")
+    assert r.ok and r.attempts == 3
+    assert clock.slept == [0.2, 0.4] or all(s <= 0.4 for s in clock.slept)
+    assert not hb.observer_sick
+
+
+def test_repeated_failure_marks_observer_sick_then_recovers(store: Store, tmp_path: Path) -> None:
+    clock = FakeClock()
+    sp = tmp_path / "state.json"
+    flaky = FlakyStore(store, 10_000)
+    hb = Heartbeater(flaky, rec(), clock=clock, interval_s=2, sick_after=3, state_path=sp)
+    results = [hb.beat(state="ready") for _ in range(3)]
+    assert [r.ok for r in results] == [False, False, False]
+    assert all(sum(clock.slept) <= 2 * 0.8 * 3 + 1e-9 for _ in [0])  # never past the interval
+    assert hb.observer_sick
+    st = statefile.read(sp)
+    assert st["heartbeat"]["observer_sick"] is True and "connection reset" in st["heartbeat"][
+        "last_error"]
+    flaky.fail = 0
+    r = hb.beat()
+    assert r.ok and r.seq == 4  # failed seqs are consumed, never reused
+    got = MemberRecord.loads(store.get(member_key("web", "i-0001")).body)
+    assert got.observer_sick is True  # the first record after recovery says it was sick
+    assert not hb.observer_sick
+    assert statefile.read(sp)["heartbeat"]["observer_sick"] is False
+
+
+def test_backoff_and_jitter_are_values() -> None:
+    b = Backoff(base_s=0.2, factor=2, cap_s=1.0)
+    assert [b.delay(i) for i in (1, 2, 3, 4)] == [0.2, 0.4, 0.8, 1.0]
+    assert b.delay(1, 0.999) >= 0.1
+    assert next_interval(10, 0) == 10 and 9 <= next_interval(10, 0.999) <= 10
+
+
+@pytest.mark.parametrize("spot,target,expect", [
+    (None, None, None),
+    (None, "InService", None),
+    (None, "Terminated", "Terminated"),
+    ({"action": "terminate", "time": "2030-01-01T00:00:00Z"}, "InService", "spot"),
+    ({}, None, None),
+])
+def test_departure_reason(spot: Any, target: Any, expect: str | None) -> None:
+    got = departure_reason(spot, target)
+    assert (got is None) if expect is None else (expect in got)
+
+
+# -- the register phase ---------------------------------------------------------------------
+
+@dataclass
+class Ident:
+    instance_id: str = "i-0reg"
+    ami_id: str = "ami-1"
+    availability_zone: str = "eu-west-1b"
+    local_ipv4: str = "10.1.2.3"
+    region: str = "us-east-1"
+    pending_time: str = "2030-01-01T00:00:00Z"
+
+
+@dataclass
+class _Store:
+    bucket: str = BUCKET
+    prefix: str = "prod"
+    region: str | None = "us-east-1"
+
+
+@dataclass
+class Cfg:
+    group: str = "web"
+    store: _Store = field(default_factory=_Store)
+    raw: dict = field(default_factory=dict)
+    health: tuple = ()
+
+
+@dataclass
+class Ctx:
+    paths: Any
+    store: Store
+    clock: Clock = field(default_factory=Clock)
+    identity: Ident = field(default_factory=Ident)
+    config: Cfg = field(default_factory=Cfg)
+    boot_id: str = "boot-1"
+    started_wall: float = 1.0
+    previous: dict = field(default_factory=dict)
+    degraded: list = field(default_factory=list)
+    extras: dict = field(default_factory=dict)
+    deadline: Deadline = field(default_factory=lambda: Deadline.after(60))
+
+    def get_store(self) -> Store:
+        return self.store
+
+    def degrade(self, reason: str) -> None:
+        self.degraded.append(reason)
+
+
+def test_register_writes_ready(store: Store, root: Path) -> None:
+    from agent.paths import Paths
+
+    ctx = Ctx(paths=Paths.from_env(), store=store)
+    detail = phase_register(ctx)
+    assert "ready" in detail
+    got = MemberRecord.loads(store.get(member_key("web", "i-0reg")).body)
+    assert (got.state, got.seq, got.az, got.private_ip, got.image_id, got.boot_id) == (
+        "ready", 2, "eu-west-1b", "10.1.2.3", "ami-1", "boot-1")
+    assert got.launch_time == "2030-01-01T00:00:00Z" and got.agent_version
+    assert ctx.extras["state_updates"]["membership"]["state"] == "ready"
+    # a reboot continues the sequence: never rewrites an old body
+    ctx2 = Ctx(paths=Paths.from_env(), store=store, boot_id="boot-2")
+    phase_register(ctx2)
+    assert MemberRecord.loads(store.get(member_key("web", "i-0reg")).body).seq == 4
+
+
+def test_register_after_degraded_phase_says_degraded(store: Store, root: Path) -> None:
+    from agent.paths import Paths
+
+    ctx = Ctx(paths=Paths.from_env(), store=store, degraded=["pull: used last-known-good"])
+    phase_register(ctx)
+    assert MemberRecord.loads(store.get(member_key("web", "i-0reg")).body).state == "degraded"
+
+
+def test_register_with_store_down_degrades(moto: Any, root: Path) -> None:
+    from agent.paths import Paths
+
+    s = Store("bucket-that-does-not-exist", "prod", region="us-east-1")
+    ctx = Ctx(paths=Paths.from_env(), store=s, deadline=Deadline.after(3))
+    detail = phase_register(ctx)
+    assert "not registered" in detail and ctx.degraded
