@@ -1,0 +1,681 @@
+"""Bundle download: verified, assembled apart, switched atomically; last-known-good kept.
+
+Local layout under ``Paths.bundles_dir``::
+
+    objects/<sha256>          verified content cache (unchanged files are never re-downloaded)
+    versions/<v>-<mhash>/     one assembled version; ``.bundle/manifest.json`` and
+                              ``.bundle/etag`` record what it is
+    current -> versions/...   the version in use (a symlink, swapped with rename)
+    lkg -> versions/...       the previous good version
+    .staging-*, objects/.dl-* work in progress (removed by the next pull)
+
+Order of trust: the manifest is fetched and fully checked (paths, sizes,
+hashes) before anything is written; every object is hashed before it enters the
+cache and again while it is copied into the staging dir; only a complete,
+fsynced version dir is renamed into ``versions/`` and only then does ``current``
+move. A kill -9 at any moment leaves ``current`` pointing at a complete version.
+
+Also here: the boot phase ``pull`` (S3 down or slow -> last-known-good and
+``degraded``, within the boot deadline) and ``refresh`` for the daemon's change
+watch (conditional GET; a 304 costs one request and no body).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import os
+import shutil
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agent import bundle
+from agent.bundle import Manifest
+from agent.errors import (
+    AgentError,
+    ConfigError,
+    DeadlineExceeded,
+    IntegrityError,
+    NotFound,
+    StoreError,
+)
+from agent.files import fsync_dir
+from agent.store import NOT_MODIFIED, Obj
+
+META = bundle.RESERVED  # ".bundle"
+_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class Remote:
+    """A manifest as fetched: parsed, its exact bytes, and its ETag (for conditional GETs)."""
+
+    manifest: Manifest
+    body: bytes
+    etag: str
+
+    @property
+    def dirname(self) -> str:
+        return version_dirname(self.manifest, self.body)
+
+
+@dataclass(frozen=True)
+class LocalVersion:
+    path: Path  # the resolved version dir
+    manifest: Manifest
+    etag: str
+
+
+@dataclass(frozen=True)
+class PullResult:
+    version: int
+    path: Path  # resolved version dir (stable even if ``current`` moves later)
+    switched: bool  # False: this version was already current
+    downloaded: int  # objects fetched from the store
+    cached: int  # distinct objects already in the local cache
+    bytes: int  # bytes downloaded
+    previous: LocalVersion | None
+
+
+def version_dirname(manifest: Manifest, body: bytes) -> str:
+    """Zero-padded version (sorts by age) plus a hash of the exact manifest bytes."""
+    return f"{manifest.version:010d}-{hashlib.sha256(body).hexdigest()[:12]}"
+
+
+# -- the store side ------------------------------------------------------------------------------
+
+def fetch_manifest(store: Any, group: str, *, if_none_match: str | None = None) -> Any:
+    """The group's manifest as a checked ``Remote``, or NOT_MODIFIED; NotFound if none."""
+    obj = store.get(bundle.manifest_rel(group), if_none_match=if_none_match)
+    if obj is NOT_MODIFIED:
+        return NOT_MODIFIED
+    assert isinstance(obj, Obj)
+    return Remote(bundle.parse_manifest(obj.body), obj.body, obj.etag)
+
+
+def poll(store: Any, group: str, etag: str | None) -> Any:
+    """The change watch's probe: a conditional GET; NOT_MODIFIED (a 304) or a new ``Remote``."""
+    return fetch_manifest(store, group, if_none_match=etag)
+
+
+# -- local versions ----------------------------------------------------------------------------
+
+def _read_local(vdir: Path) -> LocalVersion | None:
+    try:
+        body = (vdir / META / "manifest.json").read_bytes()
+        etag = (vdir / META / "etag").read_text().strip()
+        return LocalVersion(vdir, bundle.parse_manifest(body), etag)
+    except (OSError, IntegrityError):
+        return None
+
+
+def local_version(bundles_dir: Path, which: str = "current") -> LocalVersion | None:
+    """What ``current`` (or ``lkg``) points at, if it is a complete version dir."""
+    link = bundles_dir / which
+    try:
+        target = os.readlink(link)
+    except OSError:
+        return None
+    return _read_local((bundles_dir / target).resolve())
+
+
+def last_known_good(bundles_dir: Path) -> LocalVersion | None:
+    """The version to fall back on when the store cannot be reached: current, else lkg."""
+    for which in ("current", "lkg"):
+        lv = local_version(bundles_dir, which)
+        if lv is not None and _verify_dir(lv.path, lv.manifest, raise_=False):
+            return lv
+    return None
+
+
+def _sha_file(path: Path) -> tuple[str, int]:
+    h = hashlib.sha256()
+    n = 0
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(_CHUNK)
+            if not b:
+                break
+            h.update(b)
+            n += len(b)
+    return h.hexdigest(), n
+
+
+def _verify_dir(vdir: Path, manifest: Manifest, *, raise_: bool = True) -> bool:
+    try:
+        for f in manifest.files:
+            p = vdir / f.path
+            if p.is_symlink() or not p.is_file():
+                raise IntegrityError(f"{vdir.name}/{f.path}: missing or not a regular file")
+            sha, size = _sha_file(p)
+            if (sha, size) != (f.sha256, f.size):
+                raise IntegrityError(f"{vdir.name}/{f.path}: content does not match manifest")
+    except (OSError, IntegrityError) as exc:
+        if raise_:
+            if isinstance(exc, IntegrityError):
+                raise
+            raise IntegrityError(f"{vdir.name}: {exc}") from exc
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def _locked(bundles_dir: Path) -> Iterator[None]:
+    """One pull at a time (boot and the daemon may both try)."""
+    bundles_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(bundles_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _swap_link(bundles_dir: Path, name: str, target: str) -> None:
+    tmp = bundles_dir / f".{name}.tmp-{uuid.uuid4().hex[:8]}"
+    os.symlink(target, tmp)
+    os.replace(tmp, bundles_dir / name)
+    fsync_dir(bundles_dir)
+
+
+def _rmtree(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+# -- download -----------------------------------------------------------------------------------
+
+class _Progress:
+    """Aggregates s3transfer progress callbacks; reports at most twice a second."""
+
+    def __init__(self, total: int, report: Callable[[dict[str, Any]], None] | None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.total = total
+        self.done = 0
+        self.report = report
+        self.clock = clock
+        self.t0 = clock()
+        self.last = 0.0
+        self.lock = threading.Lock()
+
+    def add(self, n: int, force: bool = False) -> None:
+        with self.lock:
+            self.done += n
+            now = self.clock()
+            if self.report is None or (not force and now - self.last < 0.5):
+                return
+            self.last = now
+            elapsed = max(now - self.t0, 1e-6)
+            info = {"bytes": self.done, "total": self.total, "rate": round(self.done / elapsed)}
+        self.report(info)
+
+
+def _map_error(exc: BaseException, what: str) -> AgentError:
+    if isinstance(exc, AgentError):
+        return exc
+    resp = getattr(exc, "response", None) or {}
+    code = str(resp.get("Error", {}).get("Code", ""))
+    status = int(resp.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+    if code in ("NoSuchKey", "404", "NotFound") or status == 404:
+        return NotFound(f"{what}: missing from the store")
+    return StoreError(f"{what}: {code or type(exc).__name__}: {exc}")
+
+
+def _download(store: Any, group: str, entries: tuple[bundle.FileEntry, ...], objects: Path, *,
+              concurrency: int, deadline: Any, progress: _Progress) -> None:
+    """Fetch objects in parallel with s3transfer into the cache, verifying each one."""
+    if not entries:
+        return
+    from s3transfer.manager import TransferConfig, TransferManager
+    from s3transfer.subscribers import BaseSubscriber
+
+    class Sub(BaseSubscriber):
+        def __init__(self, size: int) -> None:
+            self.size = size
+
+        def on_queued(self, future: Any, **kw: Any) -> None:
+            future.meta.provide_transfer_size(self.size)  # no HeadObject per file
+
+        def on_progress(self, future: Any, bytes_transferred: int, **kw: Any) -> None:
+            progress.add(bytes_transferred)
+
+    cfg = TransferConfig(max_request_concurrency=concurrency, num_download_attempts=2,
+                         multipart_threshold=64 * 1024 * 1024,
+                         multipart_chunksize=16 * 1024 * 1024)
+    jobs: list[tuple[bundle.FileEntry, Path, Any]] = []
+    tm = TransferManager(store.client, cfg)
+    cancel = True
+    try:
+        for e in entries:
+            tmp = objects / f".dl-{e.sha256}-{uuid.uuid4().hex[:8]}"
+            fut = tm.download(store.bucket, store.key(bundle.object_rel(group, e.sha256)),
+                              str(tmp), subscribers=[Sub(e.size)])
+            jobs.append((e, tmp, fut))
+        pending = list(jobs)
+        while pending:
+            if deadline is not None and deadline.expired():
+                raise DeadlineExceeded(f"{deadline.what} deadline exceeded while downloading "
+                                       f"the bundle ({len(pending)} objects left)")
+            still = []
+            for e, tmp, fut in pending:
+                if not fut.done():
+                    still.append((e, tmp, fut))
+                    continue
+                try:
+                    fut.result()
+                except BaseException as exc:
+                    raise _map_error(exc, f"bundle object {e.path} ({e.sha256[:12]})") from exc
+                _admit(tmp, e, objects)
+            pending = still
+            if pending:
+                time.sleep(0.005)
+        cancel = False
+    finally:
+        tm.shutdown(cancel=cancel)
+        for _, tmp, _ in jobs:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+
+
+def _admit(tmp: Path, e: bundle.FileEntry, objects: Path) -> None:
+    """Verify a downloaded object and move it into the cache under its sha256."""
+    sha, size = _sha_file(tmp)
+    if size != e.size:
+        raise IntegrityError(f"bundle object {e.path}: {size} bytes, manifest says {e.size} "
+                             f"(truncated or replaced object {e.sha256[:12]})")
+    if sha != e.sha256:
+        raise IntegrityError(f"bundle object {e.path}: sha256 {sha[:12]}..., manifest says "
+                             f"{e.sha256[:12]}... (checksum mismatch)")
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, objects / e.sha256)
+
+
+def _cached(objects: Path, manifest: Manifest) -> set[str]:
+    """The manifest's sha256s present and intact in the cache (corrupt entries are dropped)."""
+    good: set[str] = set()
+    sizes = {f.sha256: f.size for f in manifest.files}
+    for sha, size in sizes.items():
+        p = objects / sha
+        try:
+            if p.stat().st_size == size and _sha_file(p)[0] == sha:
+                good.add(sha)
+            else:
+                p.unlink()
+        except FileNotFoundError:
+            pass
+    return good
+
+
+# -- assembly -----------------------------------------------------------------------------------
+
+def _safe_parent(staging: Path, rel: str) -> Path:
+    """Create the parent dirs of ``rel`` inside ``staging``, refusing any symlink on the way."""
+    d = staging
+    for part in rel.split("/")[:-1]:
+        d = d / part
+        try:
+            os.mkdir(d, 0o755)
+        except FileExistsError:
+            if d.is_symlink() or not d.is_dir():
+                raise IntegrityError(f"bundle path {rel!r}: {part!r} would escape via a symlink "
+                                     f"or is not a directory") from None
+    real = os.path.realpath(d)
+    if os.path.commonpath([real, os.path.realpath(staging)]) != os.path.realpath(staging):
+        raise IntegrityError(f"bundle path {rel!r}: escapes the bundle directory")
+    return d
+
+
+def _assemble(staging: Path, remote: Remote, objects: Path) -> None:
+    for f in remote.manifest.files:
+        parent = _safe_parent(staging, f.path)
+        dest = parent / f.path.rsplit("/", 1)[-1]
+        h = hashlib.sha256()
+        n = 0
+        fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "wb") as out, open(objects / f.sha256, "rb") as src:
+            while True:
+                b = src.read(_CHUNK)
+                if not b:
+                    break
+                h.update(b)
+                n += len(b)
+                out.write(b)
+            out.flush()
+            os.fchmod(out.fileno(), f.mode)
+            os.fsync(out.fileno())
+        if (h.hexdigest(), n) != (f.sha256, f.size):
+            with contextlib.suppress(FileNotFoundError):
+                (objects / f.sha256).unlink()
+            raise IntegrityError(f"bundle object {f.path}: local cache entry changed while "
+                                 f"assembling; dropped, pull again")
+    meta = staging / META
+    meta.mkdir()
+    for name, data in (("manifest.json", remote.body), ("etag", remote.etag.encode())):
+        fd = os.open(meta / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+    for d in sorted({p for p in staging.rglob("*") if p.is_dir() and not p.is_symlink()},
+                    key=lambda p: len(p.parts), reverse=True):
+        fsync_dir(d)
+    fsync_dir(staging)
+
+
+def _prune(bundles_dir: Path, keep: int) -> list[str]:
+    versions = bundles_dir / "versions"
+    protect = []
+    for which in ("current", "lkg"):
+        with contextlib.suppress(OSError):
+            protect.append(Path(os.readlink(bundles_dir / which)).name)
+    names = [p.name for p in versions.iterdir() if p.is_dir()] if versions.exists() else []
+    doomed = bundle.plan_prune(names, keep, protect)
+    for name in doomed:
+        # Rename first so a half-deleted version is never mistaken for a complete one.
+        trash = bundles_dir / f".trash-{name}-{uuid.uuid4().hex[:6]}"
+        with contextlib.suppress(OSError):
+            os.rename(versions / name, trash)
+            _rmtree(trash)
+    # The cache keeps what the remaining versions reference.
+    referenced: set[str] = set()
+    for name in set(names) - set(doomed):
+        lv = _read_local(versions / name)
+        if lv is not None:
+            referenced |= {f.sha256 for f in lv.manifest.files}
+    objects = bundles_dir / "objects"
+    if objects.exists():
+        for p in objects.iterdir():
+            if p.name not in referenced and not p.name.startswith(".dl-"):
+                with contextlib.suppress(OSError):
+                    p.unlink()
+    return list(doomed)
+
+
+def _clean_leftovers(bundles_dir: Path) -> None:
+    """Remove what a killed pull left behind (we hold the lock: nobody else is working)."""
+    for p in bundles_dir.glob(".staging-*"):
+        _rmtree(p)
+    for p in bundles_dir.glob(".trash-*"):
+        _rmtree(p)
+    for p in bundles_dir.glob(".*.tmp-*"):
+        with contextlib.suppress(OSError):
+            p.unlink()
+    objects = bundles_dir / "objects"
+    if objects.exists():
+        for p in objects.glob(".dl-*"):
+            with contextlib.suppress(OSError):
+                p.unlink()
+
+
+def pull(store: Any, group: str, bundles_dir: Path, *, keep: int = 3, remote: Remote | None = None,
+         accept: Callable[[Path, Remote], None] | None = None, deadline: Any = None,
+         progress: Callable[[dict[str, Any]], None] | None = None,
+         concurrency: int = 8) -> PullResult:
+    """Make the group's bundle version (``remote``, else fetched now) ``current``.
+
+    ``accept(staging_dir, remote)`` may refuse the assembled version by raising
+    (``phase_pull`` validates the bundle's ``agent.yaml`` there) before ``current``
+    moves. Raises IntegrityError / StoreError / NotFound / DeadlineExceeded with
+    ``current`` untouched; a refused manifest writes nothing at all.
+    """
+    if remote is None:
+        remote = fetch_manifest(store, group)
+        assert isinstance(remote, Remote)
+    manifest = remote.manifest
+    name = remote.dirname
+    with _locked(bundles_dir):
+        previous = local_version(bundles_dir, "current")
+        _clean_leftovers(bundles_dir)
+        versions = bundles_dir / "versions"
+        objects = bundles_dir / "objects"
+        versions.mkdir(exist_ok=True)
+        objects.mkdir(exist_ok=True)
+        vdir = versions / name
+        if (previous is not None and previous.path.name == name
+                and _verify_dir(vdir, manifest, raise_=False)):
+            return PullResult(manifest.version, vdir, False, 0, len(bundle.missing(manifest, ())),
+                              0, previous)
+        have = _cached(objects, manifest)
+        need = bundle.missing(manifest, have)
+        prog = _Progress(sum(e.size for e in need), progress)
+        _download(store, group, need, objects, concurrency=concurrency, deadline=deadline,
+                  progress=prog)
+        if need:
+            prog.add(0, force=True)
+        if vdir.exists() and not _verify_dir(vdir, manifest, raise_=False):
+            trash = bundles_dir / f".trash-{name}-{uuid.uuid4().hex[:6]}"
+            os.rename(vdir, trash)
+            _rmtree(trash)
+        if not vdir.exists():
+            staging = bundles_dir / f".staging-{uuid.uuid4().hex[:10]}"
+            staging.mkdir()
+            try:
+                _assemble(staging, remote, objects)
+                if accept is not None:
+                    accept(staging, remote)
+                os.rename(staging, vdir)
+            except BaseException:
+                _rmtree(staging)
+                raise
+            fsync_dir(versions)
+        elif accept is not None:
+            accept(vdir, remote)
+        if previous is not None and previous.path.name != name:
+            _swap_link(bundles_dir, "lkg", f"versions/{previous.path.name}")
+        _swap_link(bundles_dir, "current", f"versions/{name}")
+        _prune(bundles_dir, keep)
+        return PullResult(manifest.version, vdir, True, len(need), len(have), prog.done, previous)
+
+
+# -- boot phase ---------------------------------------------------------------------------------
+
+def read_bundle_config(vdir: Path, version: int | None = None) -> dict[str, Any] | None:
+    """The bundle's ``agent.yaml`` as a mapping (None if absent); ConfigError names the layer."""
+    import yaml
+
+    from agent.config import LAYER_BUNDLE
+
+    layer = LAYER_BUNDLE if version is None else f"{LAYER_BUNDLE} (version {version})"
+    p = vdir / "agent.yaml"
+    if not p.exists():
+        return None
+    try:
+        doc = yaml.safe_load(p.read_bytes().decode("utf-8-sig"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"not valid YAML: {exc}", layer=layer) from exc
+    if doc is None:
+        return {}
+    if not isinstance(doc, dict):
+        raise ConfigError(f"expected a mapping of settings, got {type(doc).__name__}",
+                          layer=layer)
+    return doc
+
+
+def _merge(ctx: Any, bundle_config: dict[str, Any] | None) -> Any:
+    from agent.config import load_layers
+
+    return load_layers(ctx.baked_config, ctx.user_config, bundle_config)
+
+
+def _boot_store(ctx: Any, budget: float) -> Any:
+    """A store whose S3 client cannot outlive ``budget`` seconds (timeouts and attempts)."""
+    if ctx.store is not None:
+        return ctx.store
+    from agent import aws
+    from agent.store import Store
+
+    cfg = ctx.config
+    region = cfg.store.region or (ctx.identity.region if ctx.identity else None)
+    connect = max(0.2, min(2.0, budget / 4))
+    read = max(0.5, min(10.0, budget / 2))
+    attempts = max(1, min(3, int(budget // (connect + read))))
+    client = aws.client("s3", region, connect_timeout=connect, read_timeout=read,
+                        max_attempts=attempts, max_pool_connections=16)
+    return Store(cfg.store.bucket, cfg.store.prefix, client=client)
+
+
+def _budget_deadline(ctx: Any, fraction: float) -> Any:
+    from agent.clock import Deadline
+
+    left = ctx.deadline.remaining()
+    return Deadline(ctx.deadline.clock.monotonic() + left * fraction, "boot (bundle pull share)",
+                    ctx.deadline.clock)
+
+
+def phase_pull(ctx: Any) -> str:
+    """Boot phase ``pull``: the group's bundle becomes ``current``; lkg if the store is sick."""
+    cfg = ctx.config
+    bundles_dir = ctx.paths.bundles_dir
+    lkg = last_known_good(bundles_dir)
+    # With a fallback, spend at most half of what is left on S3; without one, nearly all.
+    share = 0.5 if lkg is not None else 0.9
+    sub = _budget_deadline(ctx, share)
+    try:
+        store = _boot_store(ctx, sub.remaining())
+        etag = lkg.etag if lkg is not None and lkg.path.name == _current_name(bundles_dir) else None
+        remote = fetch_manifest(store, cfg.group, if_none_match=etag)
+    except NotFound as exc:
+        if lkg is not None:
+            return _fallback(ctx, lkg, exc)
+        ctx.bundle_dir = None
+        ctx.bundle_config = None
+        return f"no bundle published for group {cfg.group}"
+    except (StoreError, DeadlineExceeded, IntegrityError, OSError) as exc:
+        return _fallback(ctx, lkg, exc)
+    if remote is NOT_MODIFIED:
+        assert lkg is not None
+        chosen, version = lkg.path, lkg.manifest.version
+        detail = f"version {version} (unchanged)"
+    else:
+        def accept(staged: Path, r: Remote) -> None:
+            _merge(ctx, read_bundle_config(staged, r.manifest.version))
+
+        try:
+            res = pull(store, cfg.group, bundles_dir, keep=cfg.bundle.keep, remote=remote,
+                       accept=accept, deadline=sub, progress=ctx.progress)
+        except ConfigError:
+            raise  # a bad bundle agent.yaml: an error naming the layer; current untouched
+        except (StoreError, DeadlineExceeded, IntegrityError, OSError) as exc:
+            return _fallback(ctx, lkg, exc)
+        chosen, version = res.path, res.version
+        detail = (f"version {version}: {res.downloaded} objects downloaded "
+                  f"({res.bytes} bytes), {res.cached} cached")
+    bundle_config = read_bundle_config(chosen, version)
+    ctx.bundle_dir = chosen
+    ctx.bundle_config = bundle_config
+    ctx.config = _merge(ctx, bundle_config)
+    return detail
+
+
+def _current_name(bundles_dir: Path) -> str | None:
+    try:
+        return Path(os.readlink(bundles_dir / "current")).name
+    except OSError:
+        return None
+
+
+def _fallback(ctx: Any, lkg: LocalVersion | None, exc: BaseException) -> str:
+    reason = f"{type(exc).__name__}: {exc}"
+    if lkg is None:
+        raise StoreError(f"bundle: cannot get version from the store and no last-known-good "
+                         f"version: {reason}") from exc
+    bundle_config = read_bundle_config(lkg.path, lkg.manifest.version)
+    ctx.config = _merge(ctx, bundle_config)
+    ctx.bundle_dir = lkg.path
+    ctx.bundle_config = bundle_config
+    ctx.degrade(f"bundle: using last-known-good version {lkg.manifest.version}: {reason}")
+    return f"version {lkg.manifest.version} (last-known-good)"
+
+
+# -- change watch (daemon) ----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RefreshResult:
+    status: str  # not-modified | updated | error | no-bundle
+    version: int | None = None
+    previous_version: int | None = None
+    changed_paths: tuple[str, ...] = ()  # bundle files added, removed or changed
+    apply: Any = None  # agent.apply.ApplyResult when rendered
+    config: Any = None  # the re-merged Config when the bundle changed
+    error: str | None = None
+    etag: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def reloaded(self) -> tuple[str, ...]:
+        return tuple(r.command for r in self.apply.reloads) if self.apply is not None else ()
+
+
+def refresh(ctx: Any, *, store: Any = None, dry_run: bool = False) -> RefreshResult:
+    """One tick of the change watch: conditional GET; on a new version pull, render, reload.
+
+    ``ctx`` needs ``paths``, ``config``, ``identity``, ``baked_config`` and
+    ``user_config`` (a BootContext will do); ``store`` defaults to
+    ``ctx.get_store()``. Only services whose rendered files changed are
+    reloaded (``agent.apply`` skips unchanged files). Never raises an
+    ``AgentError``: failures come back as ``status="error"`` for the daemon to record;
+    ``current`` and the rendered files stay as they were.
+    """
+    cfg = ctx.config
+    bundles_dir = ctx.paths.bundles_dir
+    cur = local_version(bundles_dir, "current")
+    try:
+        if store is None:
+            store = ctx.get_store()
+        remote = poll(store, cfg.group, cur.etag if cur else None)
+    except NotFound:
+        if cur is None:
+            return RefreshResult("no-bundle")
+        return RefreshResult("error", version=cur.manifest.version,
+                             error=f"bundle manifest for group {cfg.group} vanished from the "
+                                   f"store; keeping version {cur.manifest.version}")
+    except AgentError as exc:
+        return RefreshResult("error", version=cur.manifest.version if cur else None,
+                             error=f"{type(exc).__name__}: {exc}")
+    try:
+        if remote is NOT_MODIFIED:
+            return RefreshResult("not-modified", version=cur.manifest.version if cur else None,
+                                 etag=cur.etag if cur else None)
+        assert isinstance(remote, Remote)
+        changed = bundle.diff(cur.manifest if cur else None, remote.manifest).paths
+
+        def accept(staged: Path, r: Remote) -> None:
+            _merge(ctx, read_bundle_config(staged, r.manifest.version))
+
+        res = pull(store, cfg.group, bundles_dir, keep=cfg.bundle.keep, remote=remote,
+                   accept=accept)
+        bundle_config = read_bundle_config(res.path, res.version)
+        new_cfg = _merge(ctx, bundle_config)
+        from agent.apply import render_all
+
+        applied = render_all(new_cfg, res.path, paths=ctx.paths, identity=ctx.identity,
+                             peers=_peers(ctx), dry_run=dry_run)
+    except AgentError as exc:
+        return RefreshResult("error", version=cur.manifest.version if cur else None,
+                             error=f"{type(exc).__name__}: {exc}")
+    ctx.config = new_cfg
+    if hasattr(ctx, "bundle_dir"):
+        ctx.bundle_dir = res.path
+        ctx.bundle_config = bundle_config
+    return RefreshResult("updated" if applied.ok else "error", version=res.version,
+                         previous_version=cur.manifest.version if cur else None,
+                         changed_paths=changed, apply=applied, config=new_cfg,
+                         error=None if applied.ok else "; ".join(applied.errors),
+                         etag=remote.etag)
+
+
+def _peers(ctx: Any) -> list[dict[str, Any]]:
+    from agent import state as statefile
+    from agent.render import peers_from_state
+
+    try:
+        st = statefile.read(ctx.paths.state_file) or {}
+    except AgentError:
+        return []
+    return peers_from_state(st.get("peers"))
