@@ -469,6 +469,9 @@ class PeerWatcher:
                 self.need_list = True  # first sight, or fell behind the log
             else:
                 self.view = apply_changes(self.view, deltas)
+                gone = [str(c.get("id")) for c in deltas if c.get("state") in ("gone", "leaving")]
+                if gone:
+                    self.liveness = self.liveness.update([], self.clock.monotonic(), gone=gone)
             self.marker, self.marker_etag = marker, r.etag
             self.marker_version = int(marker.get("version", 0))
 

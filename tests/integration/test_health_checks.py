@@ -1,0 +1,108 @@
+"""Health probes against real local processes and servers on 127.0.0.1, started and stopped here."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from agent.health import CheckSpec, HealthChecker, probe
+
+
+class _H(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:  # noqa: N802
+        code = {"/ok": 200, "/busy": 429, "/slow": 200}.get(self.path, 500)
+        if self.path == "/slow":
+            time.sleep(2)
+        self.send_response(code)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"hi")
+
+    def log_message(self, *a: object) -> None:
+        pass
+
+
+@pytest.fixture
+def http_server() -> Iterator[str]:
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), _H)
+    srv.daemon_threads = True
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    try:
+        yield f"http://127.0.0.1:{srv.server_address[1]}"
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        t.join(5)
+
+
+def test_http(http_server: str) -> None:
+    assert probe(CheckSpec("http", url=f"{http_server}/ok")).outcome == "ok"
+    assert probe(CheckSpec("http", url=f"{http_server}/busy")).outcome == "warn"
+    assert probe(CheckSpec("http", url=f"{http_server}/nope")).outcome == "fail"
+    p = probe(CheckSpec("http", url=f"{http_server}/slow", timeout_s=0.3))
+    assert p.outcome == "fail" and p.duration_s < 1.9
+
+
+def test_tcp_open_and_closed() -> None:
+    lsn = socket.socket()
+    lsn.bind(("127.0.0.1", 0))
+    lsn.listen()
+    port = lsn.getsockname()[1]
+    try:
+        assert probe(CheckSpec("tcp", port=port, timeout_s=1)).outcome == "ok"
+    finally:
+        lsn.close()
+    assert probe(CheckSpec("tcp", port=port, timeout_s=1)).outcome == "fail"
+
+
+def test_process_by_cmdline_word() -> None:
+    marker = f"ec2agent-health-marker-{time.monotonic_ns()}"
+    spec = CheckSpec("process", name=marker)
+    assert probe(spec).outcome == "fail"
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", marker])
+    try:
+        assert probe(spec).outcome == "ok"
+    finally:
+        proc.kill()
+        proc.wait(10)
+    assert probe(spec).outcome == "fail"
+
+
+def test_command_exit_codes_and_timeout() -> None:
+    assert probe(CheckSpec("command", command="true")).outcome == "ok"
+    w = probe(CheckSpec("command", command="echo degraded; exit 1"))
+    assert (w.outcome, w.output) == ("warn", "exit 1: degraded")
+    assert probe(CheckSpec("command", command="exit 2")).outcome == "fail"
+    t0 = time.monotonic()
+    p = probe(CheckSpec("command", command="sleep 30 & sleep 30; wait", timeout_s=0.5))
+    assert p.outcome == "fail" and "timed out" in p.output
+    assert time.monotonic() - t0 < 10  # the whole group was killed, not only the shell
+
+
+def test_checker_goes_critical_after_n_failures_then_recovers() -> None:
+    lsn = socket.socket()
+    lsn.bind(("127.0.0.1", 0))
+    port = lsn.getsockname()[1]
+    lsn.close()  # nothing listens yet
+    hc = HealthChecker.from_config([{"type": "tcp", "port": port, "timeout_s": 0.5,
+                                     "failures_before_critical": 2}])
+    assert hc.run()["status"] == "warning"
+    assert hc.run()["status"] == "critical"
+    lsn = socket.socket()
+    lsn.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    lsn.bind(("127.0.0.1", port))
+    lsn.listen()
+    try:
+        s = hc.run()
+        assert s["status"] == "passing"
+        assert s["checks"][f"tcp:127.0.0.1:{port}"]["failures"] == 0
+    finally:
+        lsn.close()
