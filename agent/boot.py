@@ -44,6 +44,7 @@ PHASES: list[tuple[str, str]] = [
     ("identity", "agent.boot:phase_identity"),
     ("userdata", "agent.boot:phase_userdata"),
     ("config", "agent.boot:phase_config"),
+    ("register", "agent.heartbeat:phase_register"),
 ]
 
 
