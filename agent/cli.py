@@ -108,6 +108,43 @@ def cmd_config_show(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- membership ---------------------------------------------------------------------------------
+
+def cmd_peers(args: argparse.Namespace) -> int:
+    from agent.heartbeat import member_store
+    from agent.peers import format_peers, read_group
+
+    store, doc = member_store(_paths())
+    peers, _ = read_group(store, doc["group"])
+    if args.json:
+        print(json.dumps([p.to_json() for p in peers], indent=1, sort_keys=True))
+    else:
+        print(format_peers(peers))
+    return 0
+
+
+def cmd_leave(args: argparse.Namespace) -> int:
+    from agent.heartbeat import leave_group
+
+    deleted = leave_group(_paths(), args.reason)
+    print("left the group" if deleted else
+          "marked leaving; the record could not be deleted (peers will not replace it)")
+    return 0 if deleted else 1
+
+
+def cmd_events(args: argparse.Namespace) -> int:
+    from agent.events import format_events, list_events
+    from agent.heartbeat import member_store
+
+    store, doc = member_store(_paths())
+    events = list_events(store, doc["group"], args.limit)
+    if args.json:
+        print(json.dumps([e.to_json() for e in events], indent=1, sort_keys=True))
+    else:
+        print(format_events(events))
+    return 0
+
+
 # -- simulate -----------------------------------------------------------------------------------
 
 def cmd_simulate(args: argparse.Namespace) -> int:
@@ -150,6 +187,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--user-data", metavar="FILE",
                    help="read user-data from FILE instead of IMDS")
     s.set_defaults(func=cmd_config_show)
+
+    s = sub.add_parser("peers", help="the group's members: id, zone, ip, state, age, health")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.set_defaults(func=cmd_peers)
+
+    s = sub.add_parser("leave", help="leave the group on purpose (nobody replaces this instance)")
+    s.add_argument("--reason", default="ec2-agent leave", help="recorded in the event")
+    s.set_defaults(func=cmd_leave)
+
+    s = sub.add_parser("events", help="the group's audit log of decisions, newest last")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.add_argument("-n", "--limit", type=int, default=50, help="how many (default 50)")
+    s.set_defaults(func=cmd_events)
 
     s = sub.add_parser("simulate", help="run a fleet on the embedded emulated cloud")
     s.add_argument("-n", "--instances", type=int, default=3)
