@@ -173,7 +173,8 @@ class Heartbeater:
     def beat(self, *, state: str | None = None, health: Mapping[str, Any] | None = None,
              endpoint: str | None = None, budget_s: float | None = None) -> BeatResult:
         """Write the next record, retrying within ``budget_s`` (default 80 % of the interval)."""
-        if self.left:
+        if self.left or self._left_elsewhere():
+            self.left = True
             return BeatResult(False, self.record.seq, 0, error="left the group")
         if health is None and self.health_fn is not None:
             health = self.health_fn()
@@ -210,6 +211,16 @@ class Heartbeater:
             self._announce(rec)
         self._save()
         return BeatResult(True, rec.seq, attempt, self.etag)
+
+    def _left_elsewhere(self) -> bool:
+        """``ec2-agent leave`` ran in another process: never write the record again."""
+        if self.member_path is None:
+            return False
+        try:
+            doc = json.loads(self.member_path.read_text())
+        except (OSError, ValueError):
+            return False
+        return bool(doc.get("left")) and doc.get("instance_id") == self.record.instance_id
 
     def _failed(self, rec: MemberRecord, attempts: int, err: str) -> BeatResult:
         # The seq is consumed even on failure: a later success must never reuse a body
@@ -400,3 +411,39 @@ def phase_register(ctx: Any) -> str:
     except Exception as exc:  # sd_notify is best effort by definition
         log.debug("sd_notify: %s", exc)
     return f"{hb.record.state} in {group} as {ident.instance_id} (seq {hb.record.seq})"
+
+
+# -- for the command line ---------------------------------------------------------------------
+
+def member_store(paths: Any) -> tuple[Any, dict[str, Any]]:
+    """The store and member doc that ``register`` recorded; for ``leave``/``peers``/``events``."""
+    from agent.store import Store
+
+    doc = read_member_file(paths)
+    if not doc or not doc.get("bucket") or not doc.get("group"):
+        raise StateError(f"{member_file(paths)} is missing: this instance has not registered "
+                         f"(run 'ec2-agent boot' first)")
+    return Store(doc["bucket"], doc.get("prefix") or "", region=doc.get("region")), doc
+
+
+def leave_group(paths: Any, reason: str = "ec2-agent leave", *,
+                clock: Clock = SYSTEM_CLOCK) -> bool:
+    """``ec2-agent leave``: the same as the daemon's SIGTERM path, from another process."""
+    store, doc = member_store(paths)
+    if doc.get("left"):
+        return True
+    key = member_key(doc["group"], doc["instance_id"])
+    rec: MemberRecord | None = None
+    try:
+        obj = store.get_or_none(key)
+        if obj is not None:
+            rec = MemberRecord.loads(obj.body)
+    except (StoreError, ValueError):
+        rec = None
+    if rec is None:
+        rec = MemberRecord(instance_id=doc["instance_id"], group=doc["group"],
+                           seq=int(doc.get("seq", 0) or 0))
+    rec = replace(rec, seq=max(rec.seq, int(doc.get("seq", 0) or 0)))
+    hb = Heartbeater(store, rec, clock=clock, state_path=paths.state_file,
+                     member_path=member_file(paths))
+    return hb.leave(reason)
