@@ -100,3 +100,41 @@ def test_check_departure_imds_down_is_not_departure() -> None:
 
     # conftest points IMDS at a closed loopback port
     assert check_departure(ImdsClient(retries=0, timeout=0.5)) is None
+
+
+def test_cli_peers_leave_events(store: Store, root: Any, capsys: Any) -> None:
+    from agent.cli import main
+    from agent.heartbeat import member_file, write_member_file
+    from agent.paths import Paths
+
+    paths = Paths.from_env()
+    write_member_file(paths, {"instance_id": "i-cli", "group": "web", "bucket": "fleet-leave",
+                              "prefix": "prod", "region": "us-east-1", "seq": 0})
+    hb = Heartbeater(store, MemberRecord(instance_id="i-cli", group="web", seq=0, az="az-b",
+                                         private_ip="10.9.9.9"), clock=FakeClock(),
+                     member_path=member_file(paths))
+    assert hb.beat(state="ready").ok
+    member(store, "i-other")
+    assert main(["peers", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["id"], r["state"], r["health"]) for r in rows] == [
+        ("i-cli", "ready", "passing"), ("i-other", "ready", "passing")]
+    assert main(["peers"]) == 0
+    table = capsys.readouterr().out
+    assert "i-cli" in table and "10.9.9.9" in table and "age" in table.splitlines()[0]
+    assert main(["leave", "--reason", "scale-in"]) == 0
+    assert store.get_or_none(member_key("web", "i-cli")) is None
+    assert not hb.beat().ok  # the daemon's writer sees the leave and stays out
+    assert store.get_or_none(member_key("web", "i-cli")) is None
+    capsys.readouterr()
+    assert main(["events", "--json"]) == 0
+    evs = json.loads(capsys.readouterr().out)
+    assert [(e["kind"], e["member"], e["reasons"]) for e in evs] == [
+        ("leave", "i-cli", ["scale-in"])]
+
+
+def test_cli_without_registration_is_an_error(root: Any, capsys: Any) -> None:
+    from agent.cli import main
+
+    assert main(["peers"]) == 1
+    assert "not registered" in capsys.readouterr().err
