@@ -145,7 +145,9 @@ class Backup:
         if not self.root.is_dir() or self.root.is_symlink():
             raise AgentError(f"data {self.name}: {self.root} is not a directory; not backing up")
         locks = self.store.list(f"{self.prefix}/locks/")
-        self.snapshot_id = D.new_snapshot_id(locks.store_now, self.instance_id)
+        self.snapshot_id = D.new_snapshot_id(
+            locks.store_now, self.instance_id,
+            after=latest_snapshot(self.store, self.group, self.name))
         self._lock_key = f"{self.prefix}/locks/backup-{self.snapshot_id}"
         self._refresh_lock()
         # Written our marker; now look for a collector. If one is live, wait it out.

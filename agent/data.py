@@ -7,7 +7,7 @@ Layout under ``<prefix>/data/<group>/<name>/``::
     locks/backup-<snapshot-id>      "a backup is in flight" (removed at its end)
     locks/gc-<token>                "chunks are being collected" (removed at its end)
 
-There is no ``latest`` pointer: snapshot ids sort by time (``20261127T001500Z-<instance>-<rand>``,
+There is no ``latest`` pointer: ids sort by time (``20261127T001500Z-000-<instance>-<rand>``,
 the timestamp taken from the *store's* clock, so ids written by different instances order on
 one clock), and the latest snapshot is the greatest id in a listing of ``snapshots/``. A
 pointer would be a second object that can disagree with the manifests; a listing cannot.
@@ -74,11 +74,23 @@ def snapshot_ids(rel_keys: Iterable[str], group: str, name: str) -> list[str]:
     return sorted(i for i in ids if i and "/" not in i)
 
 
-def new_snapshot_id(store_now: float, instance_id: str, rand: str | None = None) -> str:
-    """Sortable by time on the store's clock; instance and randomness make it unique."""
+def new_snapshot_id(store_now: float, instance_id: str, rand: str | None = None,
+                    after: str | None = None) -> str:
+    """``<UTC stamp on the store's clock>-<seq>-<instance>-<rand>``: sortable by time.
+
+    The store's Date has one-second resolution, so ``seq`` orders snapshots taken within
+    one second: given the latest existing id (``after``), the new id always sorts after it
+    (a store clock that stepped back cannot reorder snapshots either)."""
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(store_now))
+    seq = 0
+    if after and after[:16] >= stamp:
+        stamp = after[:16]
+        try:
+            seq = int(after[17:20]) + 1
+        except ValueError:
+            seq = 999
     inst = "".join(c if c.isalnum() or c in "-_." else "_" for c in instance_id) or "unknown"
-    return f"{stamp}-{inst}-{rand or secrets.token_hex(4)}"
+    return f"{stamp}-{min(seq, 999):03d}-{inst}-{rand or secrets.token_hex(4)}"
 
 
 # -- chunking -------------------------------------------------------------------------------------

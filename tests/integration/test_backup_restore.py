@@ -1,0 +1,424 @@
+"""Backup and restore of data dirs against a real moto_server."""
+
+from __future__ import annotations
+
+import os
+import random
+import stat
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import boto3
+import pytest
+from botocore.config import Config
+
+from agent import backup as B
+from agent import data as D
+from agent.clock import Deadline, FakeClock
+from agent.errors import AgentError, IntegrityError, StoreError
+from agent.paths import Paths
+from agent.store import Store
+
+CHUNK = 64 * 1024
+G, N = "web", "app"
+
+
+@pytest.fixture
+def store(moto: Any) -> Store:
+    s = Store("fleet-bucket", "prod")
+    s.ensure_bucket()
+    return s
+
+
+def make_tree(root: Path, seed: int = 1) -> None:
+    rnd = random.Random(seed)
+    (root / "sub" / "deep").mkdir(parents=True)
+    (root / "empty-dir").mkdir()
+    (root / "empty.txt").write_bytes(b"")
+    (root / "small.txt").write_bytes(b"hello\n")
+    (root / "sub" / "big.bin").write_bytes(rnd.randbytes(3 * CHUNK + 123))
+    (root / "sub" / "deep" / "exact.bin").write_bytes(rnd.randbytes(2 * CHUNK))
+    (root / "sub" / "zeros.bin").write_bytes(bytes(4 * CHUNK))  # repeated identical chunks
+    os.chmod(root / "small.txt", 0o600)
+    os.chmod(root / "sub" / "deep", 0o750)
+    os.symlink("/etc/passwd", root / "abs-link")
+    os.symlink("sub/big.bin", root / "rel-link")
+    os.symlink("does-not-exist", root / "dangling")
+    os.utime(root / "small.txt", (1_600_000_000, 1_600_000_000))
+
+
+def describe(root: Path) -> dict[str, tuple]:
+    out: dict[str, tuple] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for n in dirnames + filenames:
+            p = Path(dirpath) / n
+            rel = str(p.relative_to(root))
+            st = p.lstat()
+            if stat.S_ISLNK(st.st_mode):
+                out[rel] = ("link", os.readlink(p))
+            elif stat.S_ISDIR(st.st_mode):
+                out[rel] = ("dir", st.st_mode & 0o7777)
+            else:
+                out[rel] = ("file", st.st_mode & 0o7777, p.read_bytes(), int(st.st_mtime))
+    return out
+
+
+def do_backup(store: Store, root: Path, **kw: Any) -> B.BackupResult:
+    kw.setdefault("chunk_size", CHUNK)
+    kw.setdefault("instance_id", "i-1")
+    return B.Backup(store, G, N, root, **kw).run()
+
+
+def test_roundtrip_is_exact(store: Store, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    os.chmod(src, 0o710)
+    make_tree(src)
+    res = do_backup(store, src)
+    assert res.files == 5 and res.total_bytes == 6 + 9 * CHUNK + 123
+    # zeros.bin's 4 identical chunks are stored once
+    assert res.uploaded_chunks == len({c for f in B.load_manifest(
+        store, G, N, res.snapshot_id).files for c in f.chunks})
+    seen: list[dict] = []
+    dst = tmp_path / "restore" / "app"
+    out = B.restore(store, G, N, dst, progress=seen.append, concurrency=3)
+    assert out.snapshot_id == res.snapshot_id and out.moved_aside is None
+    assert describe(dst) == describe(src)
+    assert dst.stat().st_mode & 0o7777 == 0o710
+    assert seen and seen[-1]["bytes"] == seen[-1]["total"] == res.total_bytes
+    assert sorted(p.name for p in dst.parent.iterdir()) == [".app.restore.lock", "app"]
+
+
+def test_unchanged_data_uploads_no_chunks_and_small_change_one(store: Store,
+                                                               tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    make_tree(src)
+    first = do_backup(store, src)
+    again = do_backup(store, src)
+    assert again.uploaded_chunks == 0
+    assert again.uploaded_bytes < 4096  # the manifest only
+    with open(src / "sub" / "big.bin", "r+b") as f:
+        f.seek(CHUNK + 10)
+        f.write(b"changed")
+    third = do_backup(store, src)
+    assert third.uploaded_chunks == 1
+    assert third.snapshot_id > again.snapshot_id > first.snapshot_id
+    assert B.latest_snapshot(store, G, N) == third.snapshot_id
+
+
+def test_retention_and_collection(store: Store, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    policy = D.GcPolicy(min_chunk_age_s=0, lock_ttl_s=3600)
+    ids = []
+    for i in range(4):
+        (src / "f.bin").write_bytes(random.Random(i).randbytes(2 * CHUNK))
+        ids.append(do_backup(store, src, keep=2, policy=policy).snapshot_id)
+    assert B.list_snapshots(store, G, N) == ids[-2:]
+    chunks = {e.key.rsplit("/", 1)[-1] for e in store.list(f"data/{G}/{N}/chunks/").entries}
+    wanted = set()
+    for sid in ids[-2:]:
+        wanted |= B.load_manifest(store, G, N, sid).chunk_set()
+    assert chunks == wanted
+    B.restore(store, G, N, tmp_path / "r1", snapshot_id=ids[-2])
+    assert (tmp_path / "r1" / "f.bin").read_bytes() == random.Random(2).randbytes(2 * CHUNK)
+    assert store.list(f"data/{G}/{N}/locks/").entries == ()
+
+
+def test_young_unreferenced_chunks_survive_collection(store: Store, tmp_path: Path) -> None:
+    """A concurrent backup's uploaded-but-uncommitted chunks are young: not collected."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    (a / "x").write_bytes(b"a" * 1000)
+    (b / "y").write_bytes(b"b" * 3 * CHUNK)
+    other = B.Backup(store, G, N, b, chunk_size=CHUNK, instance_id="i-b")
+    other.begin()
+    other.upload()
+    other.end()  # even with its lock gone (say it stalled past the TTL), age protects it
+    do_backup(store, a, keep=1, policy=D.GcPolicy(min_chunk_age_s=3600, lock_ttl_s=3600))
+    for sha in other.manifest.chunk_set():
+        assert store.head(D.chunk_key(G, N, sha)) is not None
+    # with no age protection and no lock, they are garbage: collected
+    do_backup(store, a, keep=1, policy=D.GcPolicy(min_chunk_age_s=0, lock_ttl_s=3600))
+    for sha in other.manifest.chunk_set():
+        assert store.head(D.chunk_key(G, N, sha)) is None
+
+
+def test_reused_old_chunk_is_not_collected_under_a_live_backup(store: Store,
+                                                              tmp_path: Path) -> None:
+    """The race age cannot cover: backup B reuses an *old* chunk that only a snapshot being
+    retired references. B's lock makes the collector defer chunk deletion."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    shared = random.Random(7).randbytes(CHUNK)
+    (a / "x").write_bytes(shared)
+    old = do_backup(store, a)
+    (b / "x").write_bytes(shared)
+    live = B.Backup(store, G, N, b, chunk_size=CHUNK, instance_id="i-b")
+    live.begin()
+    live.upload()
+    assert live.reused_chunks == 1 and live.uploaded_chunks == 0
+    (a / "x").write_bytes(b"new content")
+    res = do_backup(store, a, keep=1, policy=D.GcPolicy(min_chunk_age_s=0, lock_ttl_s=3600))
+    assert old.snapshot_id in res.retired
+    assert "deferred" in res.gc_note and res.collected == 0
+    live.commit()
+    live.end()
+    out = B.restore(store, G, N, tmp_path / "r", snapshot_id=live.snapshot_id)
+    assert (out.target / "x").read_bytes() == shared
+
+
+def test_backup_waits_for_a_live_collector(store: Store, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(b"1")
+    store.put(f"data/{G}/{N}/locks/gc-other", b"gc")
+    clock = FakeClock()
+    bk = B.Backup(store, G, N, src, chunk_size=CHUNK, clock=clock, gc_wait_s=2)
+    with pytest.raises(StoreError, match="chunk collection"):
+        bk.begin()
+    assert clock.slept and sum(clock.slept) > 2
+    assert [e.key for e in store.list(f"data/{G}/{N}/locks/").entries] == [
+        f"prod/data/{G}/{N}/locks/gc-other".split("/", 1)[1]]
+    # a crashed collector's lock is stale after the TTL: ignored
+    bk = B.Backup(store, G, N, src, chunk_size=CHUNK, clock=clock,
+                  policy=D.GcPolicy(lock_ttl_s=0))
+    assert bk.run().files == 1
+
+
+def test_stale_backup_lock_does_not_block_collection(store: Store, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(b"1" * 100)
+    do_backup(store, src)
+    store.put(f"data/{G}/{N}/chunks/{'0' * 64}", b"orphan")
+    store.put(f"data/{G}/{N}/locks/backup-crashed", b"x")
+    res = do_backup(store, src, policy=D.GcPolicy(min_chunk_age_s=0, lock_ttl_s=0))
+    assert res.collected == 1 and not res.gc_note
+
+
+def test_empty_dir_never_replaces_a_real_snapshot(store: Store, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(b"data")
+    do_backup(store, src)
+    (src / "f").unlink()
+    with pytest.raises(AgentError, match="empty"):
+        do_backup(store, src)
+    assert len(B.list_snapshots(store, G, N)) == 1
+    assert do_backup(store, src, allow_empty=True).files == 0
+    with pytest.raises(AgentError, match="not a directory"):
+        do_backup(store, tmp_path / "missing")
+
+
+def test_no_snapshot(store: Store, tmp_path: Path) -> None:
+    res = B.restore(store, G, N, tmp_path / "t")
+    assert res.snapshot_id is None and not (tmp_path / "t").exists()
+    assert res.summary() == "app: no snapshot"
+
+
+def test_existing_empty_dir_is_replaced_and_nonempty_refused(store: Store,
+                                                            tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    make_tree(src)
+    do_backup(store, src)
+    dst = tmp_path / "d" / "app"
+    dst.mkdir(parents=True)
+    res = B.restore(store, G, N, dst)
+    assert res.moved_aside is None and describe(dst) == describe(src)
+    assert sorted(p.name for p in dst.parent.iterdir()) == [".app.restore.lock", "app"]
+    with pytest.raises(AgentError, match="not empty"):
+        B.restore(store, G, N, dst)
+    (dst / "local-only").write_text("mine")
+    res = B.restore(store, G, N, dst, force=True)
+    assert res.moved_aside is not None
+    assert (res.moved_aside / "local-only").read_text() == "mine"
+    assert describe(dst) == describe(src)
+
+
+def _corrupt(store: Store, how: str) -> tuple[str, str]:
+    sid = B.latest_snapshot(store, G, N)
+    m = B.load_manifest(store, G, N, sid)
+    f = next(f for f in m.files if f.path == "sub/big.bin")
+    sha = f.chunks[2]
+    key = D.chunk_key(G, N, sha)
+    body = store.get(key).body
+    if how == "missing":
+        store.delete(key)
+    elif how == "truncated":
+        store.put(key, body[:-1])
+    else:
+        store.put(key, bytes([body[0] ^ 1]) + body[1:])
+    return f.path, sha
+
+
+@pytest.mark.parametrize(("how", "message"), [
+    ("missing", "missing from the store"), ("truncated", "truncated"),
+    ("flipped", "failed its checksum"),
+])
+@pytest.mark.parametrize("existing", ["missing", "empty"])
+def test_corruption_is_refused_and_target_untouched(store: Store, tmp_path: Path, how: str,
+                                                    message: str, existing: str) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    make_tree(src)
+    do_backup(store, src)
+    path, sha = _corrupt(store, how)
+    dst = tmp_path / "d" / "app"
+    dst.parent.mkdir()
+    if existing == "empty":
+        dst.mkdir()
+    with pytest.raises(IntegrityError, match=message) as err:
+        B.restore(store, G, N, dst)
+    assert path in str(err.value) and sha in str(err.value)
+    assert dst.exists() is (existing == "empty")
+    if existing == "empty":
+        assert list(dst.iterdir()) == []
+    assert sorted(p.name for p in dst.parent.iterdir() if p.name != ".app.restore.lock") == (
+        ["app"] if existing == "empty" else [])
+
+
+def test_unsafe_manifest_writes_nothing(store: Store, tmp_path: Path) -> None:
+    bad = {"format": 1, "chunk_size": CHUNK, "files": [
+        {"path": "../escape", "mode": 420, "size": 0, "mtime": 0, "sha256": "0" * 64,
+         "chunks": []}]}
+    import json
+
+    store.put(D.snapshot_key(G, N, "20990101T000000Z-i-x-0000"), json.dumps(bad).encode())
+    with pytest.raises(IntegrityError, match="unsafe path"):
+        B.restore(store, G, N, tmp_path / "d" / "app")
+    assert not (tmp_path / "d").exists()
+    assert not (tmp_path / "escape").exists()
+
+
+def test_leftovers_of_a_killed_restore(tmp_path: Path) -> None:
+    tmp_path = tmp_path / "p"
+    tmp_path.mkdir()
+    partial = tmp_path / ".app.restore-1-1"
+    partial.mkdir()
+    (partial / "half").write_text("x")
+    (tmp_path / ".app.restore-1-1.building").touch()
+    swapped_old = tmp_path / ".app.restore-2-2"  # old content after an interrupted exchange
+    swapped_old.mkdir()
+    (swapped_old / "precious").write_text("keep me")
+    B._clean_stale(tmp_path, "app")
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == [".app.replaced-2-2"]
+    assert (tmp_path / ".app.replaced-2-2" / "precious").read_text() == "keep me"
+
+
+def test_deadline_leaves_target_untouched(store: Store, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    make_tree(src)
+    do_backup(store, src)
+    clock = FakeClock()
+    deadline = Deadline.after(0, "boot", clock)
+    from agent.errors import DeadlineExceeded
+
+    with pytest.raises(DeadlineExceeded):
+        B.restore(store, G, N, tmp_path / "d" / "app", deadline=deadline, clock=clock)
+    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == [".app.restore.lock"]
+
+
+# -- boot phase --------------------------------------------------------------------------------
+
+class Ctx:
+    def __init__(self, store: Any, boot_kind: str, data: list[Any]) -> None:
+        self.paths = Paths.from_env()
+        self.clock = FakeClock()
+        self.deadline = Deadline.after(60, "boot", self.clock)
+        self.boot_kind = boot_kind
+        self.identity = SimpleNamespace(instance_id="i-new")
+        self.config = SimpleNamespace(group=G, data=data)
+        self.store = store
+        self.degraded: list[str] = []
+        self.progressed: list[dict] = []
+
+    def get_store(self) -> Any:
+        return self.store
+
+    def degrade(self, reason: str) -> None:
+        self.degraded.append(reason)
+
+    def progress(self, info: dict) -> None:
+        self.progressed.append(info)
+
+
+def spec(**kw: Any) -> Any:
+    return SimpleNamespace(**{"name": N, "path": "/var/lib/app", "keep": 10,
+                              "chunk_size": CHUNK, "backup_interval_s": 300, **kw})
+
+
+def test_phase_restore_first_boot_then_reboot_keeps(store: Store, tmp_path: Path,
+                                                    root: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    make_tree(src)
+    do_backup(store, src)
+    ctx = Ctx(store, "first", [spec()])
+    detail = B.phase_restore(ctx)
+    target = root / "var" / "lib" / "app"
+    assert "restored" in detail and describe(target) == describe(src)
+    assert ctx.progressed and not ctx.degraded
+    (target / "new-local").write_text("written by the service")
+    # the same first boot, run again (a crash before it finished): local data kept
+    assert B.phase_restore(Ctx(store, "first", [spec()])) == "app: kept local data"
+    assert B.phase_restore(Ctx(store, "reboot", [spec()])) == "app: kept local data"
+    assert (target / "new-local").exists()
+
+
+def test_phase_restore_seed_content_moved_aside(store: Store, tmp_path: Path,
+                                                root: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    make_tree(src)
+    do_backup(store, src)
+    target = root / "var" / "lib" / "app"
+    target.mkdir(parents=True)
+    (target / "seed").write_text("from the image")
+    detail = B.phase_restore(Ctx(store, "first", [spec()]))
+    assert "moved to" in detail and describe(target) == describe(src)
+    aside = next(target.parent.glob(".app.replaced-*"))
+    assert (aside / "seed").read_text() == "from the image"
+
+
+def test_phase_restore_no_snapshot_and_no_entries(store: Store) -> None:
+    assert B.phase_restore(Ctx(store, "first", [spec()])) == "app: no snapshot"
+    assert B.phase_restore(Ctx(store, "first", [])) == "no data entries"
+
+
+def test_phase_restore_store_down(root: Path) -> None:
+    down = Store("fleet-bucket", "prod", client=boto3.client(
+        "s3", endpoint_url="http://127.0.0.1:9", config=Config(
+            retries={"max_attempts": 1}, connect_timeout=0.5, read_timeout=0.5)))
+    with pytest.raises(StoreError, match="required"):
+        B.phase_restore(Ctx(down, "first", [spec()]))
+    ctx = Ctx(down, "first", [spec(required=False)])
+    B.phase_restore(ctx)
+    assert ctx.degraded and "starting with missing dir" in ctx.degraded[0]
+    target = root / "var" / "lib" / "app"
+    target.mkdir(parents=True)
+    (target / "f").write_text("local")
+    ctx = Ctx(down, "first", [spec()])
+    B.phase_restore(ctx)
+    assert ctx.degraded and "kept local data" in ctx.degraded[0]
+    assert (target / "f").read_text() == "local"
+
+
+def test_run_backups_and_due(store: Store, root: Path) -> None:
+    target = root / "var" / "lib" / "app"
+    target.mkdir(parents=True)
+    (target / "f").write_text("x")
+    cfg = SimpleNamespace(group=G, data=[spec(), spec(name="gone", path="/nope")])
+    out = B.run_backups(store, cfg, Paths.from_env(), instance_id="i-1", final=True)
+    assert out[0].result is not None and out[0].result.files == 1
+    assert out[1].result is None and "not a directory" in out[1].error
+    m = B.load_manifest(store, G, N, out[0].result.snapshot_id)
+    assert m.final and m.instance_id == "i-1"
+    assert [s.name for s in B.backup_due(cfg, {"app": 100.0}, 200.0)] == ["gone"]
