@@ -39,3 +39,4 @@ dist: venv
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache
+include packaging/install.mk

@@ -44,6 +44,8 @@ PHASES: list[tuple[str, str]] = [
     ("identity", "agent.boot:phase_identity"),
     ("userdata", "agent.boot:phase_userdata"),
     ("config", "agent.boot:phase_config"),
+    ("pull", "agent.pull:phase_pull"),
+    ("render", "agent.apply:phase_render"),
     ("register", "agent.heartbeat:phase_register"),
 ]
 
@@ -272,6 +274,7 @@ def run_boot(
         if ctx.config is not None:
             st["group"] = ctx.config.group
         st["degraded"] = list(ctx.degraded)
+        st.update(ctx.extras.get("state_updates", {}))
         save()
     if failed:
         st["status"] = "error"
@@ -288,6 +291,14 @@ def run_boot(
         st["boot_count"] = int(previous.get("boot_count", 0)) + 1
     else:
         st["boot_count"] = 1
+    if ctx.identity is not None and ctx.config is not None and not failed:
+        from agent.daemon import save_instance
+
+        try:
+            save_instance(paths, ctx)
+        except OSError as exc:
+            st["status"] = "error"
+            st["errors"].append(f"cannot save instance record for `run`: {exc}")
     st["finished"] = clock.time()
     st["duration_s"] = round(st["finished"] - started, 6)
     st.pop("pid", None)

@@ -69,6 +69,14 @@ def cmd_boot(args: argparse.Namespace) -> int:
     return report.exit_code
 
 
+# -- run ----------------------------------------------------------------------------------------
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from agent.daemon import main as daemon_main
+
+    return daemon_main(_paths())
+
+
 # -- config -------------------------------------------------------------------------------------
 
 def cmd_config_validate(args: argparse.Namespace) -> int:
@@ -77,7 +85,7 @@ def cmd_config_validate(args: argparse.Namespace) -> int:
     errors = validate_file(args.file)
     if errors:
         for e in errors:
-            print(f"{args.file}: {e}", file=sys.stderr)
+            print(e, file=sys.stderr)
         return 1
     print(f"{args.file}: valid")
     return 0
@@ -145,6 +153,35 @@ def cmd_events(args: argparse.Namespace) -> int:
     return 0
 
 
+def _operator(doc: dict[str, Any]) -> str:
+    import getpass
+
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "unknown"
+    return f"{user}@{doc.get('instance_id', '?')}"
+
+
+def cmd_pause(args: argparse.Namespace) -> int:
+    from agent.heartbeat import member_store
+    from agent.replace import pause
+
+    store, doc = member_store(_paths())
+    pause(store, doc["group"], _operator(doc), args.reason)
+    print(f"paused: no peer in {doc['group']} replaces anything until `ec2-agent resume`")
+    return 0
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    from agent.heartbeat import member_store
+    from agent.replace import resume
+
+    store, doc = member_store(_paths())
+    resume(store, doc["group"], _operator(doc), args.reason)
+    print(f"resumed: {doc['group']} heals again; earlier failed replacements no longer count")
+    return 0
+
 # -- simulate -----------------------------------------------------------------------------------
 
 def cmd_simulate(args: argparse.Namespace) -> int:
@@ -177,6 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --wait: give up after S seconds (exit 1)")
     s.set_defaults(func=cmd_status)
 
+    s = sub.add_parser("run", help="the daemon: heartbeat, watch peers, heal, refresh, backup")
+    s.set_defaults(func=cmd_run)
+
     c = sub.add_parser("config", help="validate or show configuration")
     csub = c.add_subparsers(dest="config_command", metavar="ACTION")
     csub.required = True
@@ -200,6 +240,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.add_argument("-n", "--limit", type=int, default=50, help="how many (default 50)")
     s.set_defaults(func=cmd_events)
+
+    s = sub.add_parser("pause", help="kill switch: no peer in the group replaces anything")
+    s.add_argument("--reason", default="", help="recorded in the event log")
+    s.set_defaults(func=cmd_pause)
+
+    s = sub.add_parser("resume", help="lift the kill switch (and reset failure streaks)")
+    s.add_argument("--reason", default="", help="recorded in the event log")
+    s.set_defaults(func=cmd_resume)
 
     s = sub.add_parser("simulate", help="run a fleet on the embedded emulated cloud")
     s.add_argument("-n", "--instances", type=int, default=3)

@@ -1,0 +1,370 @@
+"""``ec2-agent run``: the daemon. A thin loop over tasks that each run on their own period.
+
+    heartbeat   every heartbeat.interval_s (jittered): health checks, own record
+    watch       every interval: the group's records (agent.peers), peers into state
+    rerender    membership changed and quiet for a while: re-render, reload what changed
+    heal        every interval: the replacement controller (agent.replace), if enabled
+    depart      every few seconds: spot notice / ASG Terminating -> leave
+    refresh     every bundle.refresh_s: conditional GET of the manifest (agent.pull.refresh)
+    backup      each data entry on its own backup_interval_s
+    watchdog    sd_notify WATCHDOG=1 at half the systemd watchdog interval
+
+All decisions live in pure modules; this loop only schedules and records. A task
+that fails is recorded in state and retried at its next period: the daemon never
+dies of a sick dependency (a dead daemon would stop heartbeating and look like a
+dead instance). SIGTERM (a systemd stop) leaves the group, then takes the final
+backup, inside TimeoutStopSec.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import random
+import signal
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from agent import state as statefile
+from agent.boot import BootContext
+from agent.clock import SYSTEM_CLOCK, Clock, Deadline
+from agent.errors import AgentError, StateError
+from agent.paths import Paths
+
+log = logging.getLogger("ec2-agent.daemon")
+
+INSTANCE_FILE = "instance.json"
+
+
+def save_instance(paths: Paths, ctx: BootContext) -> None:
+    """What ``run`` needs from the boot: identity, the user-data layer, the boot id."""
+    from agent.files import atomic_write
+
+    doc = {
+        "identity": dataclasses.asdict(ctx.identity) if ctx.identity is not None else None,
+        "user_config": ctx.user_config,
+        "boot_id": ctx.boot_id,
+        "started": ctx.started_wall,
+    }
+    atomic_write(paths.state_dir / INSTANCE_FILE,
+                 json.dumps(doc, indent=1, sort_keys=True, default=str) + "\n", mode=0o600)
+
+
+def load_context(paths: Paths, clock: Clock = SYSTEM_CLOCK) -> BootContext:
+    """Rebuild the boot's context from local files: no IMDS call needed to restart."""
+    from agent.config import load_layers, load_yaml_file
+    from agent.imds import Identity
+    from agent.pull import local_version, read_bundle_config
+
+    st = statefile.read(paths.state_file) or {}
+    if st.get("status") not in ("done", "degraded"):
+        raise StateError(f"boot has not completed (status {st.get('status', 'not-started')!r}); "
+                         "run `ec2-agent boot` first")
+    try:
+        inst = json.loads((paths.state_dir / INSTANCE_FILE).read_text())
+    except (OSError, ValueError) as exc:
+        raise StateError(f"cannot read {paths.state_dir / INSTANCE_FILE}: {exc}") from exc
+    baked = load_yaml_file(paths.config_file) if paths.config_file.exists() else None
+    cur = local_version(paths.bundles_dir, "current")
+    bundle_dir = paths.bundles_dir / "current" if cur else None
+    bundle_cfg = read_bundle_config(bundle_dir, cur.manifest.version) if bundle_dir else None
+    ctx = BootContext(paths=paths, clock=clock, deadline=Deadline.after(1e9, "run", clock),
+                      started_wall=float(inst.get("started") or clock.time()), previous=st,
+                      boot_id=str(inst.get("boot_id") or st.get("boot_id") or ""),
+                      baked_config=baked, boot_kind=st.get("boot_kind", "reboot"))
+    ctx.identity = Identity(**inst["identity"])
+    ctx.user_config = inst.get("user_config")
+    ctx.bundle_dir = bundle_dir
+    ctx.bundle_config = bundle_cfg
+    ctx.config = load_layers(baked, ctx.user_config, bundle_cfg)
+    return ctx
+
+
+@dataclass
+class Task:
+    name: str
+    period: Callable[[], float]
+    fn: Callable[[], None]
+    next_at: float = 0.0
+    runs: int = 0
+    failures: int = 0
+    last_error: str = ""
+
+
+@dataclass
+class Daemon:
+    paths: Paths
+    clock: Clock = SYSTEM_CLOCK
+    stop_event: threading.Event = field(default_factory=threading.Event)
+    rng: random.Random = field(default_factory=random.Random)
+
+    def __post_init__(self) -> None:
+        self.ctx: BootContext | None = None
+        self.tasks: list[Task] = []
+        self.stop_reason = ""
+        self.departing: str | None = None
+        self.last_backup: dict[str, float] = {}
+        self.membership_changes: list[tuple[float, str]] = []
+        self.rendered_peers_hash: str | None = None
+        self.superseded = False
+        self.endpoint: Any = None
+        self.heal: Any = None
+
+    # -- set-up ----------------------------------------------------------------------------------
+    def setup(self) -> None:
+        from agent.endpoint import Endpoint
+        from agent.health import HealthChecker
+        from agent.heartbeat import Heartbeater, _known_seq, member_file, record_for
+        from agent.peers import PeerWatcher, member_key
+
+        ctx = self.ctx = load_context(self.paths, self.clock)
+        cfg = ctx.config
+        store = ctx.get_store()
+        self.checker = HealthChecker.from_config(cfg.health)
+        http = cfg.http
+        endpoint_url = ""
+        if getattr(http, "enabled", True):
+            self.endpoint = Endpoint(http.bind, http.port, health_fn=self._health_doc,
+                                     private_ip=ctx.identity.local_ipv4 or "").start()
+            endpoint_url = self.endpoint.url
+        seq = _known_seq(ctx, store, member_key(cfg.group, ctx.identity.instance_id))
+        record = record_for(ctx, seq, "ready", None, endpoint_url)
+        self.hb = Heartbeater(store, record, clock=self.clock,
+                              interval_s=cfg.heartbeat.interval_s,
+                              state_path=self.paths.state_file,
+                              member_path=member_file(self.paths))
+        self.watcher = PeerWatcher(store, cfg.group, ctx.identity.instance_id, clock=self.clock)
+        self.heal = self._make_heal(ctx)
+        interval = cfg.heartbeat.interval_s
+        self.tasks = [
+            Task("heartbeat", lambda: self._jitter(self.ctx.config.heartbeat.interval_s),
+                 self.beat),
+            Task("watch", lambda: self.ctx.config.heartbeat.interval_s, self.watch),
+            Task("depart", lambda: min(5.0, interval), self.check_departure),
+            Task("refresh", lambda: float(self.ctx.config.bundle.refresh_s), self.refresh),
+            Task("backup", lambda: 1.0, self.backups),
+            Task("rerender", lambda: 1.0, self.maybe_rerender),
+        ]
+        if self.heal is not None:
+            self.tasks.append(Task("heal", lambda: self.ctx.config.heartbeat.interval_s,
+                                   self.heal_step))
+        from agent import systemd
+
+        wd = systemd.watchdog_interval()
+        if wd:
+            self.tasks.append(Task("watchdog", lambda: wd / 2, systemd.watchdog))
+        now = self.clock.monotonic()
+        for t in self.tasks:
+            t.next_at = now
+        # Peer watching starts after our own first heartbeat so we are never seen absent.
+        for t in self.tasks:
+            if t.name in ("watch", "heal"):
+                t.next_at = now + 0.2
+
+    def _make_heal(self, ctx: BootContext) -> Any:
+        if ctx.config.heal.mode == "off":
+            return None
+        from agent.replace import HealController
+
+        return HealController.for_daemon(ctx, self.watcher, clock=self.clock)
+
+    def _jitter(self, interval: float) -> float:
+        from agent.heartbeat import next_interval
+
+        return next_interval(interval, self.rng.random())
+
+    def _health_doc(self) -> dict[str, Any]:
+        return self.checker.summary()
+
+    # -- tasks -----------------------------------------------------------------------------------
+    def beat(self) -> None:
+        if self.superseded or self.departing:
+            return
+        health = self.checker.run()
+        state = "degraded" if health.get("status") == "critical" else "ready"
+        res = self.hb.beat(state=state, health=health)
+        if not res.ok:
+            raise AgentError(f"heartbeat failed after {res.attempts} attempts: {res.error}")
+
+    def watch(self) -> None:
+        from agent.peers import peers_hash
+
+        rep = self.watcher.tick()
+        self.watcher.write_state(self.paths.state_file)
+        h = peers_hash(self.watcher.template_peers())
+        if self.rendered_peers_hash is None:
+            self.rendered_peers_hash = h
+        if h != self.rendered_peers_hash and (
+                not self.membership_changes or self.membership_changes[-1][1] != h):
+            self.membership_changes.append((self.clock.monotonic(), h))
+        if rep.errors:
+            raise AgentError("; ".join(rep.errors))
+
+    def maybe_rerender(self) -> None:
+        from agent.peers import should_rerender
+
+        if not self.membership_changes:
+            return
+        m = self.ctx.config.membership
+        if not should_rerender(self.membership_changes, self.clock.monotonic(),
+                               m.quiescence_min_s, m.quiescence_max_s):
+            return
+        from agent.apply import render_all
+        from agent.render import peers_from_state
+
+        st = statefile.read(self.paths.state_file) or {}
+        result = render_all(self.ctx.config, self.ctx.bundle_dir, paths=self.paths,
+                            identity=self.ctx.identity, peers=peers_from_state(st.get("peers")))
+        self.rendered_peers_hash = self.membership_changes[-1][1]
+        self.membership_changes.clear()
+        self._record("render", {"reason": "membership changed", "ok": result.ok,
+                                "errors": list(result.errors)})
+        if not result.ok:
+            raise AgentError("re-render after a membership change: " + "; ".join(result.errors))
+
+    def heal_step(self) -> None:
+        if self.superseded or self.departing:
+            return
+        decision = self.heal.step(observer_sick=self.hb.observer_sick)
+        if getattr(self.heal, "superseded", False):
+            self.become_superseded()
+        return decision
+
+    def become_superseded(self) -> None:
+        """A peer replaced us: stop claiming membership, say so, keep services untouched."""
+        if self.superseded:
+            return
+        self.superseded = True
+        self.hb.leave("superseded: a replacement lease exists against this instance")
+        statefile.update(self.paths.state_file,
+                         lambda d: d.setdefault("membership", {}).update(state="superseded"))
+
+    def check_departure(self) -> None:
+        from agent.heartbeat import check_departure
+        from agent.imds import ImdsClient
+
+        with ImdsClient(deadline=Deadline.after(4.0, "departure check", self.clock)) as imds:
+            reason = check_departure(imds)
+        if reason and not self.departing:
+            self.depart(reason)
+
+    def depart(self, reason: str) -> None:
+        """Leaving is not dying: delete our record first so nobody replaces us."""
+        self.departing = reason
+        self.hb.leave(reason)
+        statefile.update(self.paths.state_file,
+                         lambda d: d.setdefault("membership", {}).update(state="leaving",
+                                                                          reason=reason))
+
+    def refresh(self) -> None:
+        from agent.pull import refresh
+
+        res = refresh(self.ctx)
+        if res.status == "updated":
+            self._record("refresh", {"version": res.version, "changed": list(res.changed_paths),
+                                     "reloaded": list(res.reloaded)})
+        elif res.status == "error":
+            raise AgentError(res.error or "refresh failed")
+
+    def backups(self) -> None:
+        from agent.backup import backup, backup_due
+
+        now = self.clock.time()
+        for spec in backup_due(self.ctx.config, self.last_backup, now):
+            self.last_backup[spec.name] = now  # a failure waits a full interval, not 1 s
+            backup(self.ctx.get_store(), self.ctx.config.group, spec, self.paths,
+                   instance_id=self.ctx.identity.instance_id, clock=self.clock)
+
+    # -- loop ------------------------------------------------------------------------------------
+    def _record(self, what: str, doc: dict[str, Any]) -> None:
+        try:
+            statefile.update(self.paths.state_file,
+                             lambda d: d.setdefault("daemon", {}).update({what: doc}))
+        except StateError as exc:
+            log.warning("cannot record %s: %s", what, exc)
+
+    def _run_task(self, t: Task) -> None:
+        try:
+            t.fn()
+            t.runs += 1
+            if t.failures:
+                t.failures = 0
+                t.last_error = ""
+        except Exception as exc:  # one sick task must not stop the others
+            t.failures += 1
+            t.last_error = f"{type(exc).__name__}: {exc}"
+            log.warning("task %s failed (%d in a row): %s", t.name, t.failures, t.last_error)
+        t.next_at = self.clock.monotonic() + max(0.05, t.period())
+
+    def run_once(self) -> float:
+        """Run every due task; returns seconds until the next one is due."""
+        now = self.clock.monotonic()
+        for t in sorted(self.tasks, key=lambda t: t.next_at):
+            if self.stop_event.is_set():
+                break
+            if t.next_at <= now:
+                self._run_task(t)
+        self._record("tasks", {t.name: {"runs": t.runs, "failures": t.failures,
+                                        "last_error": t.last_error} for t in self.tasks})
+        nxt = min((t.next_at for t in self.tasks), default=now + 1.0)
+        return max(0.0, nxt - self.clock.monotonic())
+
+    def run(self) -> int:
+        from agent import systemd
+
+        self.setup()
+        statefile.update(self.paths.state_file,
+                         lambda d: d.setdefault("daemon", {}).update(
+                             pid=_pid(), started=self.clock.time()))
+        systemd.ready("running")
+        while not self.stop_event.is_set():
+            wait = self.run_once()
+            self.stop_event.wait(min(wait, 1.0))
+        return self.shutdown()
+
+    def shutdown(self) -> int:
+        """Leave the group, then take the final backup. Services are left running."""
+        from agent import systemd
+
+        systemd.stopping()
+        if not self.superseded and not self.departing:
+            self.depart(self.stop_reason or "stop")
+        code = 0
+        if self.ctx is not None and self.ctx.config.data:
+            from agent.backup import run_backups
+
+            outcomes = run_backups(self.ctx.get_store(), self.ctx.config, self.paths,
+                                   instance_id=self.ctx.identity.instance_id, final=True,
+                                   clock=self.clock)
+            failed = [o for o in outcomes if o.error]
+            self._record("final_backup", {"ok": not failed,
+                                          "errors": [f"{o.name}: {o.error}" for o in failed]})
+            code = 1 if failed else 0
+        if self.endpoint is not None:
+            self.endpoint.stop()
+        return code
+
+    def request_stop(self, reason: str) -> None:
+        self.stop_reason = reason
+        self.stop_event.set()
+
+
+def _pid() -> int:
+    import os
+
+    return os.getpid()
+
+
+def main(paths: Paths | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    d = Daemon(paths or Paths.from_env())
+
+    def on_term(signum: int, _frame: Any) -> None:
+        d.request_stop(f"signal {signal.Signals(signum).name}")
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)
+    return d.run()

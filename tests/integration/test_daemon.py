@@ -1,0 +1,136 @@
+"""`ec2-agent run` as a real process on the emulated cloud: heartbeats, peers, leave on SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+from agent.sim.cloud import EmbeddedCloud
+from agent.store import Store
+
+
+def _wait(pred, timeout: float = 30.0, step: float = 0.1):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        v = pred()
+        if v:
+            return v
+        time.sleep(step)
+    raise AssertionError(f"condition not met in {timeout}s")
+
+
+def _fast_config(cloud: EmbeddedCloud, group: str = "web", **extra) -> dict:
+    cfg = cloud.agent_config(group, heartbeat={"interval_s": 0.5, "dead_after_s": 3},
+                             heal={"mode": "off", "silent_after_s": 6},
+                             http={"port": 0, "bind": "127.0.0.1"}, bundle={"refresh_s": 1})
+    cfg.update(extra)
+    return cfg
+
+
+def _members(cloud: EmbeddedCloud, group: str) -> set[str]:
+    store = Store(cloud.bucket, cloud.prefix)
+    return {e.key.rsplit("/", 1)[-1].removesuffix(".json")
+            for e in store.list(f"groups/{group}/members/").entries}
+
+
+def test_run_heartbeats_sees_peers_and_leaves_on_sigterm(cloud: EmbeddedCloud,
+                                                        tmp_path: Path) -> None:
+    ids = cloud.run_standalone("web", 3, _fast_config(cloud))
+    assert set(cloud.boot_all(ids).values()) == {0}
+    assert _members(cloud, "web") == set(ids)
+    procs = {iid: cloud.spawn(iid, "run") for iid in ids}
+    try:
+        def seq(iid: str) -> int:
+            st = cloud.instances[iid].state() or {}
+            return int(st.get("heartbeat", {}).get("seq", 0))
+
+        start = {iid: seq(iid) for iid in ids}
+        _wait(lambda: all(seq(i) >= start[i] + 3 for i in ids))
+        # every agent sees the other two as ready peers
+        _wait(lambda: all(
+            {p["id"] for p in (cloud.instances[i].state() or {}).get("peers", [])} >= set(ids)
+            - {i} for i in ids))
+        victim = ids[0]
+        os.kill(procs[victim].pid, signal.SIGTERM)
+        assert procs[victim].wait(timeout=30) == 0
+        assert victim not in _members(cloud, "web")
+        st = cloud.instances[victim].state()
+        assert st["membership"]["state"] == "leaving"
+        assert all(procs[i].poll() is None for i in ids[1:])
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                os.kill(p.pid, signal.SIGTERM)
+                p.wait(timeout=30)
+
+
+def test_run_refuses_before_boot(cloud: EmbeddedCloud) -> None:
+    iid = cloud.run_standalone("web", 1, _fast_config(cloud))[0]
+    p = cloud.spawn(iid, "run")
+    assert p.wait(timeout=60) == 1
+    log = (cloud.instances[iid].root / "run.log").read_text()
+    assert "boot has not completed" in log
+
+
+def test_run_serves_health_endpoint_and_notifies_systemd(cloud: EmbeddedCloud,
+                                                          tmp_path: Path) -> None:
+    iid = cloud.run_standalone("web", 1, _fast_config(cloud))[0]
+    assert cloud.boot_all([iid]) == {iid: 0}
+    sock_path = str(tmp_path / "notify.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(sock_path)
+    sock.settimeout(30)
+    inst = cloud.instances[iid]
+    env = inst.env(cloud)
+    env.update(NOTIFY_SOCKET=sock_path, WATCHDOG_USEC="1000000", WATCHDOG_PID="")
+    import subprocess
+    import sys
+
+    p = subprocess.Popen([sys.executable, "-m", "agent.cli", "run"], env=env,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        got: list[str] = []
+        end = time.monotonic() + 30
+        while time.monotonic() < end and not ({"READY=1", "WATCHDOG=1"} <= set(got)):
+            got.extend(sock.recv(4096).decode().splitlines())
+        assert "READY=1" in got and "WATCHDOG=1" in got
+        store = Store(cloud.bucket, cloud.prefix)
+        rec = json.loads(store.get(f"groups/web/members/{iid}.json").body)
+        assert rec["endpoint"].startswith("http://127.0.0.1:")
+        import urllib.request
+
+        with urllib.request.urlopen(rec["endpoint"] + "/health", timeout=5) as r:
+            assert r.status == 200
+            assert json.loads(r.read())["status"] == "passing"
+    finally:
+        os.kill(p.pid, signal.SIGTERM)
+        p.wait(timeout=30)
+        sock.close()
+
+
+@pytest.mark.parametrize("notice", ["spot", "asg"])
+def test_departure_notice_leaves_the_group(cloud: EmbeddedCloud, notice: str) -> None:
+    iid = cloud.run_standalone("web", 1, _fast_config(cloud))[0]
+    assert cloud.boot_all([iid]) == {iid: 0}
+    p = cloud.spawn(iid, "run")
+    try:
+        _wait(lambda: int((cloud.instances[iid].state() or {}).get("heartbeat", {})
+                          .get("seq", 0)) >= 3)
+        meta = cloud.imds.host(iid).meta
+        if notice == "spot":
+            meta.spot_action = {"action": "terminate", "time": "2026-11-27T00:00:00Z"}
+        else:
+            meta.target_lifecycle_state = "Terminated"
+        _wait(lambda: iid not in _members(cloud, "web"), timeout=30)
+        _wait(lambda: (cloud.instances[iid].state() or {}).get("membership", {})
+              .get("state") == "leaving")
+        assert p.poll() is None  # leaving the group is not stopping the services
+    finally:
+        os.kill(p.pid, signal.SIGTERM)
+        p.wait(timeout=30)
