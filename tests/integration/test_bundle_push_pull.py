@@ -273,3 +273,163 @@ def test_accept_can_refuse_before_switch(store: Store, src: Path, root: Path) ->
         pull.pull(store, GROUP, bd, accept=refuse)
     assert pull.local_version(bd, "current").manifest.version == 1
     assert len(list((bd / "versions").iterdir())) == 1
+
+
+# -- boot phases and the change watch, end to end ----------------------------------------------
+
+
+
+def _phases_to_render() -> list[tuple[str, str]]:
+    from agent.boot import PHASES
+
+    names = [n for n, _ in PHASES]
+    return PHASES[: names.index("render") + 1]
+
+
+def _bundle_with_reloads(d: Path, log: Path, nginx: str = "listen {{ vars.port }};\n") -> Path:
+    return write_tree(d, {
+        "nginx.conf.j2": nginx,
+        "app.env.j2": "GROUP={{ group }}\nID={{ instance.id }}\n",
+        "agent.yaml": (
+            "vars: {port: 8080}\n"
+            "templates:\n"
+            f"  - {{src: nginx.conf.j2, dest: /etc/nginx/nginx.conf, "
+            f"reload: 'echo nginx >> {log}'}}\n"
+            f"  - {{src: app.env.j2, dest: /etc/app/app.env, reload: 'echo app >> {log}'}}\n"
+        ),
+    })
+
+
+def _phase(st: dict, name: str) -> dict:
+    return next(p for p in st["phases"] if p["name"] == name)
+
+
+def test_boot_pull_render_then_refresh_reloads_only_what_changed(cloud, instance,
+                                                                  tmp_path: Path) -> None:
+    from agent.boot import run_boot
+    from agent.daemon import load_context
+    from agent.paths import Paths
+
+    log = tmp_path / "reloads.log"
+    src = _bundle_with_reloads(tmp_path / "b", log)
+    s = Store(cloud.bucket, cloud.prefix)
+    push(s, "web", src)
+    paths = Paths(instance.root)
+    st = run_boot(paths)
+    assert st["status"] == "done", st["errors"]
+    assert _phase(st, "pull")["status"] == "ok" and "version 1" in _phase(st, "pull")["detail"]
+    assert paths.rooted("/etc/nginx/nginx.conf").read_text() == "listen 8080;\n"
+    assert paths.rooted("/etc/app/app.env").read_text() == (
+        f"GROUP=web\nID={instance.instance_id}\n")
+    assert log.read_text().split() == ["nginx", "app"]
+
+    ctx = load_context(paths)
+    assert pull.refresh(ctx, store=s).status == "not-modified"
+    (src / "nginx.conf.j2").write_text("listen {{ vars.port }} reuseport;\n")
+    push(s, "web", src)
+    res = pull.refresh(ctx, store=s)
+    assert res.status == "updated", res.error
+    assert (res.version, res.previous_version, res.changed_paths) == (2, 1, ("nginx.conf.j2",))
+    assert res.reloaded == (f"echo nginx >> {log}",)
+    assert log.read_text().split() == ["nginx", "app", "nginx"]  # app not reloaded
+    assert paths.rooted("/etc/nginx/nginx.conf").read_text() == "listen 8080 reuseport;\n"
+    assert pull.refresh(ctx, store=s).status == "not-modified"
+    # A vars change in the bundle's agent.yaml re-renders through the new config.
+    (src / "agent.yaml").write_text((src / "agent.yaml").read_text().replace("8080", "9090"))
+    push(s, "web", src)
+    res = pull.refresh(ctx, store=s)
+    assert res.status == "updated" and res.config.vars["port"] == 9090
+    assert log.read_text().split() == ["nginx", "app", "nginx", "nginx"]
+    # Reboot: the manifest is unchanged, nothing is downloaded, nothing reloaded.
+    import os as _os
+
+    _os.environ["EC2_AGENT_BOOT_ID"] = "second-kernel-boot"
+    try:
+        st2 = run_boot(paths)
+    finally:
+        del _os.environ["EC2_AGENT_BOOT_ID"]
+    assert st2["status"] == "done", st2["errors"]
+    assert "unchanged" in _phase(st2, "pull")["detail"]
+    assert log.read_text().split() == ["nginx", "app", "nginx", "nginx"]
+
+
+def _bake(paths, cfg: dict) -> None:
+    import yaml
+
+    paths.config_file.parent.mkdir(parents=True, exist_ok=True)
+    paths.config_file.write_text(yaml.safe_dump(cfg))
+
+
+def test_store_down_at_boot_uses_lkg_within_deadline(cloud, instance, tmp_path: Path) -> None:
+    import time as _time
+
+    from agent.boot import run_boot
+    from agent.paths import Paths
+
+    log = tmp_path / "reloads.log"
+    push(Store(cloud.bucket, cloud.prefix), "web", _bundle_with_reloads(tmp_path / "b", log))
+    paths = Paths(instance.root)
+    phases = _phases_to_render()
+    assert run_boot(paths, phases=phases)["status"] == "done"
+    _bake(paths, {"boot": {"deadline_s": 8}})
+    cloud.moto.pause()  # S3 hangs: connections accepted, never answered
+    try:
+        t0 = _time.monotonic()
+        st = run_boot(paths, phases=phases)
+        took = _time.monotonic() - t0
+    finally:
+        cloud.moto.resume()
+    assert st["status"] == "degraded", st
+    p = _phase(st, "pull")
+    assert p["status"] == "degraded"
+    assert "bundle: using last-known-good version 1" in p["detail"]
+    assert any("last-known-good" in d for d in st["degraded"])
+    assert _phase(st, "render")["status"] == "ok"
+    assert took < 8 + 2  # the boot deadline held (generous slack for a loaded CI box)
+    assert paths.rooted("/etc/nginx/nginx.conf").read_text() == "listen 8080;\n"
+
+
+def test_store_down_without_lkg_is_an_error(cloud, instance, tmp_path: Path) -> None:
+    from agent.boot import run_boot
+    from agent.paths import Paths
+
+    paths = Paths(instance.root)
+    _bake(paths, {"boot": {"deadline_s": 6}})
+    cloud.moto.pause()
+    try:
+        st = run_boot(paths, phases=_phases_to_render())
+    finally:
+        cloud.moto.resume()
+    assert st["status"] == "error"
+    p = _phase(st, "pull")
+    assert p["status"] == "error" and "no last-known-good" in p["detail"]
+    assert _phase(st, "render")["status"] == "skipped"
+
+
+def test_bad_bundle_agent_yaml_is_an_error_naming_the_layer(cloud, instance,
+                                                            tmp_path: Path) -> None:
+    from agent.boot import run_boot
+    from agent.paths import Paths
+
+    s = Store(cloud.bucket, cloud.prefix)
+    log = tmp_path / "reloads.log"
+    src = _bundle_with_reloads(tmp_path / "b", log)
+    push(s, "web", src)
+    paths = Paths(instance.root)
+    assert run_boot(paths, phases=_phases_to_render())["status"] == "done"
+    # Published behind push's back (push validates agent.yaml itself).
+    (src / "agent.yaml").write_text("heartbeat: {interval_s: -1}\n")
+    from agent.publish import collect
+
+    files = collect(src)
+    for e, data in files:
+        s.put(bundle.object_rel("web", e.sha256), data)
+    prev = pull.fetch_manifest(s, "web")
+    m = bundle.build_manifest([e for e, _ in files], prev.manifest, 0.0)
+    s.put(bundle.manifest_rel("web"), m.to_bytes(), if_match=prev.etag)
+    st = run_boot(paths, phases=_phases_to_render())
+    assert st["status"] == "error"
+    p = _phase(st, "pull")
+    assert p["status"] == "error" and "bundle agent.yaml" in p["detail"]
+    assert "heartbeat.interval_s" in p["detail"]
+    assert pull.local_version(paths.bundles_dir, "current").manifest.version == 1
