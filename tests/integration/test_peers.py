@@ -191,3 +191,22 @@ def test_marker_log() -> None:
 ])
 def test_should_rerender(changes: list, now: float, expect: bool) -> None:
     assert should_rerender(changes, now, 5, 30) is expect
+
+
+def test_example_upstream_template_over_peers(store: Store) -> None:
+    from pathlib import Path
+
+    from jinja2 import StrictUndefined
+    from jinja2.sandbox import SandboxedEnvironment
+
+    join(store, "i-me", "10.0.0.1")
+    join(store, "i-b", "10.0.0.2")
+    join(store, "i-c", "10.0.0.3", state="booting")
+    w = PeerWatcher(store, "web", "i-me", clock=FakeClock())
+    w.tick()
+    src = Path(__file__).resolve().parents[2] / "templates/example-bundle/upstream.conf.j2"
+    env = SandboxedEnvironment(undefined=StrictUndefined, keep_trailing_newline=True)
+    out = env.from_string(src.read_text()).render(
+        group="web", instance={"id": "i-me", "az": "az-a"}, vars={}, peers=w.template_peers())
+    assert "server 10.0.0.1:8080" in out and "server 10.0.0.2:8080" in out
+    assert "10.0.0.3" not in out and "backup" not in out
