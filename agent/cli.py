@@ -182,6 +182,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
     print(f"resumed: {doc['group']} heals again; earlier failed replacements no longer count")
     return 0
 
+
 # -- simulate -----------------------------------------------------------------------------------
 
 def cmd_simulate(args: argparse.Namespace) -> int:

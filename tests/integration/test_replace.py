@@ -1,0 +1,381 @@
+"""The heal controller against a real moto server (S3 for leases/budget/events, EC2, ASG).
+
+The peers' picture (who is dead) is given as a ``PeersView`` so each test controls
+exactly what every observer believes; everything else (suspicions, leases, budget,
+pause, EC2's view, events) goes through the real store and cloud.
+
+Known moto gaps met here, said plainly:
+* ``set_instance_health(Unhealthy)`` is recorded but moto never replaces the
+  instance: the ``asg-mark`` test plays the ASG with a small test-side reconciler
+  (sees Unhealthy, terminates it in the group, which launches a replacement).
+* moto's terminate goes straight to ``terminated`` (no ``shutting-down``), so the
+  "already being replaced" path is covered by the pure tests (tests/unit/test_heal.py).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from types import SimpleNamespace
+from typing import Any
+
+import boto3
+import pytest
+
+from agent import state as statefile
+from agent.cloud import REPLACES_TAG, Cloud
+from agent.config import BootConfig, HealConfig, HeartbeatConfig
+from agent.endpoint import Endpoint
+from agent.events import list_events
+from agent.replace import (
+    HealController,
+    Lease,
+    ObserverHealth,
+    PeersView,
+    lease_key,
+    pause,
+    read_lease,
+    resume,
+    superseded,
+)
+from agent.sim.cloud import EmbeddedCloud
+from agent.store import Store
+from tests.conftest import CLOSED
+
+GROUP = "web"
+
+
+def config(**heal: Any) -> SimpleNamespace:
+    base = {"mode": "armed", "action": "launch", "grace_s": 0, "max_per_window": 1,
+            "window_s": 300, "freeze_fraction": 0.34, "confirm_observers": 2,
+            "silent_after_s": 60, "replace_silent": True}
+    base.update(heal)
+    return SimpleNamespace(group=GROUP, heal=HealConfig(**base),
+                           heartbeat=HeartbeatConfig(interval_s=5, dead_after_s=15),
+                           boot=BootConfig(deadline_s=60), store=SimpleNamespace(region=None))
+
+
+def view(ids: list[str], dead: str, *, silent: float = 1000.0,
+         endpoints: dict[str, str] | None = None) -> PeersView:
+    verdicts = {m: ("dead" if m == dead else "alive") for m in ids}
+    return PeersView(verdicts=verdicts, group_size=len(ids),
+                     silent_for={dead: silent}, endpoints=endpoints or {},
+                     members=frozenset(ids) - {dead})
+
+
+def store_for(cloud: EmbeddedCloud) -> Store:
+    cloud.ensure_bucket()
+    return Store(cloud.bucket, cloud.prefix)
+
+
+def ctl(cloud: EmbeddedCloud, me: str, cfg: SimpleNamespace, tmp_path: Any = None,
+        adapter: Cloud | None = None, **kw: Any) -> HealController:
+    state = tmp_path / f"{me}.state.json" if tmp_path is not None else None
+    return HealController(store_for(cloud), adapter or Cloud("us-east-1"), cfg, me,
+                          state_path=state, **kw)
+
+
+def instance(cloud: EmbeddedCloud, iid: str) -> dict[str, Any]:
+    return cloud.client("ec2").describe_instances(
+        InstanceIds=[iid])["Reservations"][0]["Instances"][0]
+
+
+def all_instances(cloud: EmbeddedCloud) -> list[dict[str, Any]]:
+    res = cloud.client("ec2").describe_instances()["Reservations"]
+    return [i for r in res for i in r["Instances"]]
+
+
+def kinds(cloud: EmbeddedCloud) -> list[str]:
+    return [e.kind for e in list_events(store_for(cloud), GROUP, 500)]
+
+
+def confirm_then_act(cloud: EmbeddedCloud, ids: list[str], dead: str, cfg: SimpleNamespace,
+                     tmp_path: Any, **kw: Any) -> tuple[HealController, Any]:
+    """Observer B suspects first (1/2 observers: refused), then A confirms and acts."""
+    others = [i for i in ids if i != dead]
+    a, b = ctl(cloud, others[0], cfg, tmp_path, **kw), ctl(cloud, others[1], cfg, tmp_path, **kw)
+    first = b.step(view(ids, dead), ObserverHealth())
+    assert not first.executable()
+    assert any("unconfirmed" in r for x in first.refusals for r in x.reasons)
+    return a, a.step(view(ids, dead), ObserverHealth())
+
+
+def test_launch_clones_a_dead_standalone_instance(cloud: EmbeddedCloud, tmp_path: Any) -> None:
+    ids = cloud.run_standalone(GROUP, 4)
+    dead = ids[2]
+    ec2 = cloud.client("ec2")
+    sg = ec2.create_security_group(GroupName="web-sg", Description="web",
+                                   VpcId=instance(cloud, dead)["VpcId"])["GroupId"]
+    ec2.modify_instance_attribute(InstanceId=dead, Groups=[sg])
+    ec2.create_tags(Resources=[dead], Tags=[{"Key": "Name", "Value": "web-3"},
+                                            {"Key": "team", "Value": "blue"}])
+    before = instance(cloud, dead)
+    ud_before = ec2.describe_instance_attribute(InstanceId=dead, Attribute="userData")
+    ec2.terminate_instances(InstanceIds=[dead])
+    n_before = len(all_instances(cloud))
+
+    a, decision = confirm_then_act(cloud, ids, dead, config(action="launch"), tmp_path)
+
+    assert [x.member_id for x in decision.executable()] == [dead]
+    assert [(o.member, o.result) for o in a.outcomes] == [(dead, "acted")]
+    new_id = a.outcomes[0].replacement
+    assert len(all_instances(cloud)) == n_before + 1
+    new = instance(cloud, new_id)
+    assert new["ImageId"] == before["ImageId"]
+    assert new["InstanceType"] == before["InstanceType"]
+    assert new["SubnetId"] == before["SubnetId"]
+    assert {g["GroupId"] for g in new["SecurityGroups"]} == {sg}
+    tags = {t["Key"]: t["Value"] for t in new["Tags"]}
+    assert {t["Key"]: t["Value"] for t in before["Tags"]}.items() <= tags.items()
+    assert tags[REPLACES_TAG] == dead
+    ud_new = ec2.describe_instance_attribute(InstanceId=new_id, Attribute="userData")
+    assert ud_new["UserData"]["Value"] == ud_before["UserData"]["Value"]
+    lease = read_lease(store_for(cloud), GROUP, dead)
+    assert lease is not None and lease.state == "acted" and lease.replacement == new_id
+    assert lease.token.startswith("ec2a-") and len(lease.token) <= 64
+    assert "heal-action" in kinds(cloud)
+    # The dead member's record is removed by the actor; its lease supersedes it.
+    assert superseded(store_for(cloud), GROUP, dead)
+    st = statefile.read(tmp_path / f"{a.me}.state.json")
+    assert st is not None and st["heal"]["frozen"] is False and st["heal"]["budget_left"] == 0
+
+
+def test_asg_terminate_on_a_hung_instance(cloud: EmbeddedCloud, tmp_path: Any) -> None:
+    ids = cloud.create_asg(GROUP, 4)
+    hung = ids[0]  # EC2 says running; the agent is silent and its endpoint does not answer
+    cfg = config(action="asg-terminate", replace_silent=True, silent_after_s=60)
+    eps = {hung: CLOSED}
+    others = [i for i in ids if i != hung]
+    a, b = ctl(cloud, others[0], cfg, tmp_path), ctl(cloud, others[1], cfg, tmp_path)
+    b.step(view(ids, hung, endpoints=eps), ObserverHealth())
+    # Not silent long enough yet: refused, with the reason.
+    early = a.step(view(ids, hung, silent=30, endpoints=eps), ObserverHealth())
+    assert not early.executable()
+    assert any(r.startswith("silent 30s") for x in early.refusals for r in x.reasons)
+    decision = a.step(view(ids, hung, silent=61, endpoints=eps), ObserverHealth())
+    assert [x.kind for x in decision.executable()] == ["asg-terminate"]
+    assert instance(cloud, hung)["State"]["Name"] == "terminated"
+    now = cloud.asg_instance_ids(GROUP)
+    assert hung not in now and len(now) == 4  # the ASG launched a replacement
+    assert read_lease(store_for(cloud), GROUP, hung).state == "acted"
+
+
+def test_probe_that_answers_blocks_replacing_a_silent_running_member(
+        cloud: EmbeddedCloud, tmp_path: Any) -> None:
+    """Cut off from S3 but alive: its health endpoint answers, so nobody replaces it."""
+    ids = cloud.create_asg(GROUP, 4)
+    cut_off = ids[1]
+    cfg = config(action="asg-terminate")
+    with Endpoint("127.0.0.1", 0, metrics_fn=None) as ep:
+        eps = {cut_off: ep.url}
+        others = [i for i in ids if i != cut_off]
+        a, b = ctl(cloud, others[0], cfg, tmp_path), ctl(cloud, others[1], cfg, tmp_path)
+        b.step(view(ids, cut_off, endpoints=eps), ObserverHealth())
+        d = a.step(view(ids, cut_off, endpoints=eps), ObserverHealth())
+    assert not d.actions
+    assert any(r.startswith("probe-ok") for x in d.refusals for r in x.reasons)
+    assert instance(cloud, cut_off)["State"]["Name"] == "running"
+    assert read_lease(store_for(cloud), GROUP, cut_off) is None
+
+
+def reconcile_asg(cloud: EmbeddedCloud, group: str) -> list[str]:
+    """Plays the ASG's health replacement, which moto does not do: Unhealthy -> replaced."""
+    asg = cloud.client("autoscaling")
+    ids = cloud.asg_instance_ids(group)
+    out = asg.describe_auto_scaling_instances(InstanceIds=ids)["AutoScalingInstances"]
+    replaced = []
+    for i in out:
+        if i["HealthStatus"] == "Unhealthy":
+            asg.terminate_instance_in_auto_scaling_group(
+                InstanceId=i["InstanceId"], ShouldDecrementDesiredCapacity=False)
+            replaced.append(i["InstanceId"])
+    return replaced
+
+
+def test_asg_mark_with_a_test_side_reconciler(cloud: EmbeddedCloud, tmp_path: Any) -> None:
+    """moto records set_instance_health but never replaces: ``reconcile_asg`` plays the ASG."""
+    ids = cloud.create_asg(GROUP, 4)
+    dead = ids[3]
+    cloud.client("ec2").stop_instances(InstanceIds=[dead])
+    cfg = config(action="asg-mark")
+    a, d = confirm_then_act(cloud, ids, dead, cfg, tmp_path, replace_deadline_s=3600)
+    assert [x.kind for x in d.executable()] == ["asg-mark"]
+    health = cloud.client("autoscaling").describe_auto_scaling_instances(
+        InstanceIds=[dead])["AutoScalingInstances"][0]["HealthStatus"]
+    assert health == "Unhealthy"
+    assert reconcile_asg(cloud, GROUP) == [dead]
+    new = sorted(set(cloud.asg_instance_ids(GROUP)) - set(ids))
+    assert len(new) == 1
+    # The holder adopts the ASG's replacement; once it heartbeats the lease is done.
+    a.step(view(ids, dead), ObserverHealth())
+    lease = read_lease(store_for(cloud), GROUP, dead)
+    assert lease.replacement == new[0] and lease.state == "acted"
+    store_for(cloud).put(f"groups/{GROUP}/members/{new[0]}.json", b"{}")
+    a.step(view(ids, dead), ObserverHealth())
+    assert read_lease(store_for(cloud), GROUP, dead).state == "done"
+    assert "heal-replaced" in kinds(cloud)
+
+
+def test_pause_means_zero_actions_and_resume_lets_it_act(
+        cloud: EmbeddedCloud, tmp_path: Any) -> None:
+    ids = cloud.run_standalone(GROUP, 4)
+    dead = ids[0]
+    cloud.client("ec2").terminate_instances(InstanceIds=[dead])
+    n = len(all_instances(cloud))
+    store = store_for(cloud)
+    pause(store, GROUP, "ops@test", "maintenance")
+    cfg = config(action="launch")
+    others = [i for i in ids if i != dead]
+    a, b = ctl(cloud, others[0], cfg, tmp_path), ctl(cloud, others[1], cfg, tmp_path)
+    for _ in range(2):
+        for c in (b, a):
+            d = c.step(view(ids, dead), ObserverHealth())
+            assert d.frozen and d.freeze.reason.startswith("paused")
+            assert not d.actions
+    assert len(all_instances(cloud)) == n
+    assert read_lease(store, GROUP, dead) is None
+    st = statefile.read(tmp_path / f"{a.me}.state.json")
+    assert st["heal"]["frozen"] and st["heal"]["paused"]
+    resume(store, GROUP, "ops@test", "done")
+    d = a.step(view(ids, dead), ObserverHealth())
+    assert [x.member_id for x in d.executable()] == [dead]
+    assert len(all_instances(cloud)) == n + 1
+    ks = kinds(cloud)
+    assert ks.index("pause") < ks.index("heal-freeze") < ks.index("resume")
+    assert "heal-unfreeze" in ks and "heal-action" in ks
+
+
+def test_pause_flipped_between_decision_and_action_refuses_and_keeps_the_lease(
+        cloud: EmbeddedCloud, tmp_path: Any) -> None:
+    ids = cloud.run_standalone(GROUP, 4)
+    dead = ids[0]
+    cloud.client("ec2").terminate_instances(InstanceIds=[dead])
+    n = len(all_instances(cloud))
+    cfg = config(action="launch")
+    others = [i for i in ids if i != dead]
+    a, b = ctl(cloud, others[0], cfg, tmp_path), ctl(cloud, others[1], cfg, tmp_path)
+    b.step(view(ids, dead), ObserverHealth())
+    real_head = a.store.head
+    flipped: list[bool] = []
+
+    def head(rel: str) -> Any:  # an operator pauses between the decision and the action
+        if rel.endswith("control/pause") and not flipped:
+            flipped.append(True)
+            pause(store_for(cloud), GROUP, "ops@test", "now")
+        return real_head(rel)
+
+    a.store.head = head  # type: ignore[method-assign]
+    d = a.step(view(ids, dead), ObserverHealth())
+    assert [x.member_id for x in d.executable()] == [dead]  # decided...
+    assert a.outcomes[-1].result == "refused" and "paused" in a.outcomes[-1].detail  # ...not done
+    assert len(all_instances(cloud)) == n
+    assert read_lease(store_for(cloud), GROUP, dead).state == "refused"
+    assert not superseded(store_for(cloud), GROUP, dead)
+
+
+def test_dry_run_decides_and_records_but_touches_nothing(
+        cloud: EmbeddedCloud, tmp_path: Any) -> None:
+    ids = cloud.run_standalone(GROUP, 4)
+    dead = ids[1]
+    cloud.client("ec2").terminate_instances(InstanceIds=[dead])
+    n = len(all_instances(cloud))
+    cfg = config(mode="dry-run", action="launch")
+    a, d = confirm_then_act(cloud, ids, dead, cfg, tmp_path)
+    assert [x.member_id for x in d.actions] == [dead] and d.actions[0].dry_run
+    assert not d.executable()
+    a.step(view(ids, dead), ObserverHealth())  # a second step does not record it again
+    assert len(all_instances(cloud)) == n
+    assert read_lease(store_for(cloud), GROUP, dead) is None
+    events = [e for e in list_events(store_for(cloud), GROUP, 100) if e.kind == "heal-dry-run"]
+    assert len(events) == 1 and events[0].member == dead
+    assert any("confirmed by 2" in r for r in events[0].reasons)
+
+
+def test_api_failure_freezes_with_api_failing_and_acts_on_nothing(
+        cloud: EmbeddedCloud, tmp_path: Any) -> None:
+    ids = cloud.run_standalone(GROUP, 4)
+    dead = ids[0]
+    cloud.client("ec2").terminate_instances(InstanceIds=[dead])
+    n = len(all_instances(cloud))
+    broken = Cloud(ec2=boto3.client("ec2", region_name="us-east-1", endpoint_url=CLOSED),
+                   autoscaling=boto3.client("autoscaling", region_name="us-east-1",
+                                            endpoint_url=CLOSED))
+    cfg = config(action="launch")
+    others = [i for i in ids if i != dead]
+    a = ctl(cloud, others[0], cfg, tmp_path, adapter=broken)
+    b = ctl(cloud, others[1], cfg, tmp_path, adapter=broken)
+    b.step(view(ids, dead), ObserverHealth())
+    d = a.step(view(ids, dead), ObserverHealth())
+    assert d.frozen and d.freeze.reason == "api-failing"
+    assert not d.actions and len(all_instances(cloud)) == n
+    assert read_lease(store_for(cloud), GROUP, dead) is None
+    st = statefile.read(tmp_path / f"{a.me}.state.json")
+    assert st["heal"]["reason"] == "api-failing" and st["heal"]["api_error"]
+    ev = [e for e in list_events(store_for(cloud), GROUP, 50) if e.kind == "heal-freeze"]
+    assert ev and ev[-1].reasons[0] == "api-failing"
+
+
+def test_sick_observer_abstains_and_writes_no_suspicion(
+        cloud: EmbeddedCloud, tmp_path: Any) -> None:
+    ids = cloud.run_standalone(GROUP, 4)
+    dead = ids[0]
+    a = ctl(cloud, ids[1], config(), tmp_path)
+    d = a.step(view(ids, dead), ObserverHealth(sick=True, reason="PUT failing"))
+    assert d.frozen and d.freeze.scope == "observer"
+    assert store_for(cloud).list(f"groups/{GROUP}/suspicions/").entries == ()
+
+
+def test_three_failed_replacements_freeze_until_resume(
+        cloud: EmbeddedCloud, tmp_path: Any) -> None:
+    ids = cloud.run_standalone(GROUP, 5)
+    store = store_for(cloud)
+    # Three earlier replacements that never heartbeated (deadline 0 s: already failed).
+    for i, m in enumerate(["i-gone1", "i-gone2", "i-gone3"]):
+        lease = Lease(m, "i-other", "launch", "acted", token=f"t{i}",
+                      replacement=f"i-never{i}", acted_at=1000.0 + i)
+        store.create(lease_key(GROUP, m), lease.body())
+    dead = ids[0]
+    cloud.client("ec2").terminate_instances(InstanceIds=[dead])
+    cfg = config(action="launch")
+    a = ctl(cloud, ids[1], cfg, tmp_path, replace_deadline_s=0)
+    b = ctl(cloud, ids[2], cfg, tmp_path, replace_deadline_s=0)
+    b.step(view(ids, dead), ObserverHealth())
+    d = a.step(view(ids, dead), ObserverHealth())
+    assert d.frozen and d.freeze.reason == "failed-replacements: 3"
+    assert read_lease(store, GROUP, "i-gone1").state == "failed"
+    assert "heal-replacement-failed" in kinds(cloud)
+    resume(store, GROUP, "ops@test", "fixed the image")
+    d = a.step(view(ids, dead), ObserverHealth())
+    assert not d.frozen and [x.member_id for x in d.executable()] == [dead]
+
+
+def test_superseded_reads_the_lease_against_me(cloud: EmbeddedCloud) -> None:
+    store = store_for(cloud)
+    assert not superseded(store, GROUP, "i-me")
+    lease = Lease("i-me", "i-peer", "launch", "refused")
+    store.create(lease_key(GROUP, "i-me"), lease.body())
+    assert not superseded(store, GROUP, "i-me")  # refused: nothing was done to me
+    store.put(lease_key(GROUP, "i-me"), replace(lease, state="acted").body())
+    assert superseded(store, GROUP, "i-me")
+    store.put(lease_key(GROUP, "i-me"), b"not json")
+    assert not superseded(store, GROUP, "i-me")
+
+
+def test_events_carry_reasons_for_refusals_once(cloud: EmbeddedCloud, tmp_path: Any) -> None:
+    ids = cloud.run_standalone(GROUP, 4)
+    dead = ids[0]  # EC2 says running and the policy does not replace silent members
+    a = ctl(cloud, ids[1], config(replace_silent=False), tmp_path)
+    for silent in (100, 101, 102):
+        a.step(view(ids, dead, silent=silent), ObserverHealth())
+    refusals = [e for e in list_events(store_for(cloud), GROUP, 100) if e.kind == "heal-refuse"]
+    assert len(refusals) == 1
+    assert any(r.startswith("silent-but-running") for r in refusals[0].reasons)
+    assert json.loads(json.dumps(refusals[0].to_json()))["member"] == dead
+
+
+@pytest.mark.parametrize("health", [None, SimpleNamespace(observer_sick=False)])
+def test_step_accepts_a_heartbeater_like_health(cloud: EmbeddedCloud, health: Any) -> None:
+    ids = cloud.run_standalone(GROUP, 3)
+    a = ctl(cloud, ids[0], config())
+    d = a.step(PeersView(verdicts={i: "alive" for i in ids}, group_size=3), health)
+    assert not d.frozen and not d.actions and not d.refusals
