@@ -183,6 +183,27 @@ def cmd_resume(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- bundle -------------------------------------------------------------------------------------
+
+def cmd_bundle_push(args: argparse.Namespace) -> int:
+    from agent.config import load_yaml_file
+    from agent.errors import ConfigError
+    from agent.publish import push
+    from agent.store import Store
+
+    paths = _paths()
+    local = load_yaml_file(paths.config_file) if paths.config_file.exists() else {}
+    store_cfg = local.get("store") or {}
+    group = args.group or local.get("group")
+    bucket = args.bucket or store_cfg.get("bucket")
+    prefix = store_cfg.get("prefix", "") if args.prefix is None else args.prefix
+    if not group or not bucket:
+        raise ConfigError("bundle push needs --group and --bucket (no local config sets them)")
+    store = Store(bucket, prefix, region=args.region or store_cfg.get("region"))
+    print(push(store, group, args.dir).summary())
+    return 0
+
+
 # -- simulate -----------------------------------------------------------------------------------
 
 def cmd_simulate(args: argparse.Namespace) -> int:
@@ -249,6 +270,17 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("resume", help="lift the kill switch (and reset failure streaks)")
     s.add_argument("--reason", default="", help="recorded in the event log")
     s.set_defaults(func=cmd_resume)
+
+    b = sub.add_parser("bundle", help="publish config bundles")
+    bsub = b.add_subparsers(dest="bundle_command", metavar="ACTION")
+    bsub.required = True
+    s = bsub.add_parser("push", help="publish DIR as the group's next bundle version")
+    s.add_argument("dir", metavar="DIR")
+    s.add_argument("--group", help="default: the local config's group")
+    s.add_argument("--bucket", help="default: the local config's store.bucket")
+    s.add_argument("--prefix", default=None, help="default: the local config's store.prefix")
+    s.add_argument("--region", default=None, help="the bucket's region (default: from AWS config)")
+    s.set_defaults(func=cmd_bundle_push)
 
     s = sub.add_parser("simulate", help="run a fleet on the embedded emulated cloud")
     s.add_argument("-n", "--instances", type=int, default=3)

@@ -433,3 +433,20 @@ def test_bad_bundle_agent_yaml_is_an_error_naming_the_layer(cloud, instance,
     assert p["status"] == "error" and "bundle agent.yaml" in p["detail"]
     assert "heartbeat.interval_s" in p["detail"]
     assert pull.local_version(paths.bundles_dir, "current").manifest.version == 1
+
+
+def test_cli_bundle_push(store: Store, src: Path, root: Path,
+                         capsys: pytest.CaptureFixture[str]) -> None:
+    from agent.cli import main
+
+    assert main(["bundle", "push", str(src), "--group", GROUP, "--bucket", "fleet-bucket",
+                 "--prefix", "prod"]) == 0
+    assert "published version 1" in capsys.readouterr().out
+    cfg = root / "etc/ec2-agent/agent.yaml"
+    cfg.parent.mkdir(parents=True)
+    cfg.write_text("group: web\nstore: {bucket: fleet-bucket, prefix: prod}\n")
+    assert main(["bundle", "push", str(src)]) == 0  # defaults from the local config
+    assert "unchanged, still version 1" in capsys.readouterr().out
+    cfg.unlink()
+    assert main(["bundle", "push", str(src)]) == 1
+    assert "--group" in capsys.readouterr().err
