@@ -191,3 +191,24 @@ def test_stale_staged_files_are_cleaned(env: dict) -> None:
     stale.write_text("half")
     assert run(env, config([{"src": "nginx.conf.j2", "dest": "/etc/c.conf"}])).ok
     assert not stale.exists()
+
+
+def test_example_bundle_renders(env: dict) -> None:
+    """templates/example-bundle: valid bundle layer, every template renders (no nginx needed)."""
+    from agent.pull import read_bundle_config
+
+    example = Path(__file__).resolve().parents[2] / "templates" / "example-bundle"
+    layer = read_bundle_config(example)
+    for t in layer["templates"]:
+        t.pop("check", None)
+        t["reload"] = reload_cmd(env, t["reload"].split()[-1])
+    cfg = load_layers(None, {"group": "web", "store": {"bucket": "fleet-bucket"}}, layer)
+    peers = [{"id": "i-2", "ip": "10.0.0.6", "az": "us-east-1a", "state": "ready"}]
+    r = render_all(cfg, example, paths=env["paths"], identity=IDENT, peers=peers,
+                   secret=lambda ref: "pw")
+    assert r.ok, r.errors
+    assert [f.action for f in r.files] == ["wrote", "wrote", "wrote"]
+    assert reloads(env) == ["nginx", "app"]  # two files share the nginx reload: run once
+    assert "server 10.0.0.6:8080" in dest(env, "/etc/nginx/conf.d/upstream.conf").read_text()
+    assert "proxy_pass http://web_app;" in dest(env, "/etc/nginx/nginx.conf").read_text()
+    assert dest(env, "/etc/app/app.env").stat().st_mode & 0o777 == 0o600
