@@ -26,6 +26,12 @@ from agent.userdata import (
     parse_user_data,
 )
 
+
+def _gz(data: bytes, level: int = 9) -> bytes:
+    """gzip with a fixed mtime: parametrized ids must be the same in every xdist worker."""
+    return gzip.compress(data, level, mtime=0)
+
+
 DATA = Path(__file__).parent.parent / "data" / "userdata"
 AGENT = {"group": "web", "store": {"bucket": "my-fleet", "prefix": "prod"}}
 CLOUD_CONFIG = b"#cloud-config\npackages: [nginx]\nec2_agent:\n  group: web\n" + (
@@ -65,8 +71,8 @@ ACCEPTED = [
     ("plain yaml", b"ec2_agent:\n  group: web\n  store: {bucket: my-fleet, prefix: prod}\n", AGENT),
     ("json is yaml", b'{"ec2_agent": {"group": "web"}}', {"group": "web"}),
     ("empty ec2_agent", b"#cloud-config\nec2_agent:\n", {}),
-    ("gzip cloud-config", gzip.compress(CLOUD_CONFIG), AGENT),
-    ("gzip twice", gzip.compress(gzip.compress(CLOUD_CONFIG)), AGENT),
+    ("gzip cloud-config", _gz(CLOUD_CONFIG), AGENT),
+    ("gzip twice", _gz(_gz(CLOUD_CONFIG)), AGENT),
     ("mime cloud-config", mime(("cloud-config", CLOUD_CONFIG)), AGENT),
     ("mime x-ec2-agent bare", mime(("x-ec2-agent", yaml.safe_dump(AGENT))), AGENT),
     (
@@ -86,15 +92,15 @@ ACCEPTED = [
         AGENT,
     ),
     ("mime text/plain sniffed", mime(("plain", CLOUD_CONFIG)), AGENT),
-    ("gzip mime", gzip.compress(mime(("cloud-config", CLOUD_CONFIG))), AGENT),
+    ("gzip mime", _gz(mime(("cloud-config", CLOUD_CONFIG))), AGENT),
     (
         "mime gzipped part",
-        raw_part_mime("text/x-ec2-agent", gzip.compress(yaml.safe_dump(AGENT).encode())),
+        raw_part_mime("text/x-ec2-agent", _gz(yaml.safe_dump(AGENT).encode())),
         AGENT,
     ),
     (
         "mime gzipped cloud-config part",
-        raw_part_mime("text/cloud-config", gzip.compress(CLOUD_CONFIG)),
+        raw_part_mime("text/cloud-config", _gz(CLOUD_CONFIG)),
         AGENT,
     ),
 ]
@@ -119,7 +125,7 @@ NOT_OURS = [
     ("include url", b"#include\nhttps://example.invalid/ud\n"),
     ("boothook", b"#cloud-boothook\n#!/bin/sh\necho hi\n"),
     ("powershell", b"<powershell>\nWrite-Host hi\n</powershell>\n"),
-    ("gzip shell script", gzip.compress(b"#!/bin/sh\necho hi\n")),
+    ("gzip shell script", _gz(b"#!/bin/sh\necho hi\n")),
     ("mime only shellscript", mime(("x-shellscript", "#!/bin/sh\necho hi\n"))),
     ("mime include-url", mime(("x-include-url", "https://example.invalid/x\n"))),
     ("yaml list", b"- ec2_agent\n- b\n"),
@@ -193,7 +199,7 @@ def test_exactly_the_limit_is_fine() -> None:
 
 def _bomb() -> bytes:
     """15 MiB of zeros gzipped at level 9: ~15 KB, just under EC2's 16 KiB."""
-    return gzip.compress(b"\0" * (15 << 20), 9)
+    return _gz(b"\0" * (15 << 20), 9)
 
 
 def test_gzip_bomb_fails_fast_and_small() -> None:
@@ -213,7 +219,7 @@ def test_gzip_bomb_fails_fast_and_small() -> None:
 
 
 def test_bomb_inside_mime_part() -> None:
-    gz = gzip.compress(b"\0" * (4 * MAX_DECOMPRESSED_BYTES), 9)
+    gz = _gz(b"\0" * (4 * MAX_DECOMPRESSED_BYTES), 9)
     assert len(gz) < MAX_RAW_BYTES
     with pytest.raises(UserDataError, match=r"MIME part 1 .*decompressed size cap"):
         parse_user_data(raw_part_mime("text/x-ec2-agent", gz))
@@ -222,7 +228,7 @@ def test_bomb_inside_mime_part() -> None:
 def test_budget_is_shared_between_parts() -> None:
     # Each part alone fits under the cap; together they do not.
     body = b"#" + b"a" * (MAX_DECOMPRESSED_BYTES // 2 + 10) + b"\nec2_agent: {}\n"
-    gz = base64.encodebytes(gzip.compress(body, 9)).decode()
+    gz = base64.encodebytes(_gz(body, 9)).decode()
     part = f"--XX\nContent-Type: text/x-ec2-agent\nContent-Transfer-Encoding: base64\n\n{gz}\n"
     raw = (
         'Content-Type: multipart/mixed; boundary="XX"\nMIME-Version: 1.0\n\n'
@@ -237,7 +243,7 @@ def test_budget_is_shared_between_parts() -> None:
 def test_gzip_depth_limited() -> None:
     raw = CLOUD_CONFIG
     for _ in range(MAX_GZIP_DEPTH + 1):
-        raw = gzip.compress(raw)
+        raw = _gz(raw)
     with pytest.raises(UserDataError, match=rf"more than {MAX_GZIP_DEPTH} nested gzip"):
         parse_user_data(raw)
 
@@ -245,9 +251,9 @@ def test_gzip_depth_limited() -> None:
 @pytest.mark.parametrize(
     ("raw", "pattern"),
     [
-        (gzip.compress(CLOUD_CONFIG)[:-12], "truncated gzip"),
+        (_gz(CLOUD_CONFIG)[:-12], "truncated gzip"),
         (b"\x1f\x8b" + b"\x00" * 30, "corrupt gzip"),
-        (gzip.compress(CLOUD_CONFIG) + b"trailing junk", "after the gzip stream"),
+        (_gz(CLOUD_CONFIG) + b"trailing junk", "after the gzip stream"),
     ],
     ids=["truncated", "corrupt", "trailing"],
 )
@@ -353,7 +359,7 @@ def test_not_bytes_refused() -> None:
         (b"#cloud-config\n", True),
         (b"Content-Type: multipart/mixed\n", True),
         (b"MIME-Version: 1.0\n", True),
-        (gzip.compress(b"x"), True),
+        (_gz(b"x"), True),
         (b"group: web\n", False),
         (b"#!/bin/sh\n", False),
     ],
@@ -401,7 +407,7 @@ def test_roundtrip_any_mapping_any_envelope(agent: dict, form: str, gz: int) -> 
     else:
         raw = mime(("x-ec2-agent", yaml.safe_dump(agent, allow_unicode=True)))
     for _ in range(gz):
-        raw = gzip.compress(raw)
+        raw = _gz(raw)
     if len(raw) > MAX_RAW_BYTES:
         return
     result = parse_user_data(raw)
