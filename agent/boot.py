@@ -45,6 +45,7 @@ PHASES: list[tuple[str, str]] = [
     ("userdata", "agent.boot:phase_userdata"),
     ("config", "agent.boot:phase_config"),
     ("pull", "agent.pull:phase_pull"),
+    ("restore", "agent.backup:phase_restore"),
     ("render", "agent.apply:phase_render"),
     ("register", "agent.heartbeat:phase_register"),
 ]
