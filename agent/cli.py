@@ -204,6 +204,48 @@ def cmd_bundle_push(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- data ---------------------------------------------------------------------------------------
+
+def cmd_backup(args: argparse.Namespace) -> int:
+    from agent.backup import TtyProgress, load_runtime, run_backups, store_for
+
+    paths = _paths()
+    cfg, instance_id = load_runtime(paths)
+    bar = TtyProgress("backup")
+    outcomes = run_backups(store_for(cfg), cfg, paths, instance_id=instance_id,
+                           final=args.final, only=args.name, progress=bar)
+    bar.done()
+    failed = 0
+    for o in outcomes:
+        if o.result is not None:
+            print(o.result.summary())
+        else:
+            failed += 1
+            print(f"ec2-agent: backup {o.name}: {o.error}", file=sys.stderr)
+    if not outcomes:
+        print("no data entries to back up")
+    return 1 if failed else 0
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    from agent.backup import TtyProgress, load_runtime, restore, store_for
+
+    paths = _paths()
+    cfg, _ = load_runtime(paths)
+    store = store_for(cfg)
+    entries = [s for s in cfg.data if not args.name or s.name == args.name]
+    if args.name and not entries:
+        print(f"ec2-agent: no data entry named {args.name!r}", file=sys.stderr)
+        return 1
+    for spec in entries:
+        bar = TtyProgress(f"restore {spec.name}")
+        res = restore(store, cfg.group, spec.name, paths.rooted(spec.path),
+                      snapshot_id=args.snapshot, force=args.force, progress=bar)
+        bar.done()
+        print(res.summary())
+    return 0
+
+
 # -- simulate -----------------------------------------------------------------------------------
 
 def cmd_simulate(args: argparse.Namespace) -> int:
@@ -281,6 +323,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prefix", default=None, help="default: the local config's store.prefix")
     s.add_argument("--region", default=None, help="the bucket's region (default: from AWS config)")
     s.set_defaults(func=cmd_bundle_push)
+
+    s = sub.add_parser("backup", help="snapshot every data entry to S3 now")
+    s.add_argument("--final", action="store_true",
+                   help="the shutdown backup: same, under a deadline, marked final")
+    s.add_argument("--name", help="only the data entry NAME")
+    s.set_defaults(func=cmd_backup)
+
+    s = sub.add_parser("restore", help="restore data entries from their latest snapshot")
+    s.add_argument("--name", help="only the data entry NAME")
+    s.add_argument("--snapshot", metavar="ID", help="this snapshot instead of the latest")
+    s.add_argument("--force", action="store_true",
+                   help="replace a non-empty data dir (it is moved aside, never deleted)")
+    s.set_defaults(func=cmd_restore)
 
     s = sub.add_parser("simulate", help="run a fleet on the embedded emulated cloud")
     s.add_argument("-n", "--instances", type=int, default=3)
