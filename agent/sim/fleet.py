@@ -169,14 +169,21 @@ class Fleet:
             return "\n".join(m.line() for m in sorted(self.timeline, key=lambda m: m.t))
 
     # -- start / stop ---------------------------------------------------------------------------
-    def start(self, n: int, *, wait: bool = True, timeout: float = 90.0) -> list[str]:
-        """Create the group, boot and run an agent on each of ``n`` instances."""
+    def start(self, n: int, *, wait: bool = True, timeout: float = 120.0,
+              own_proxy: int = 0) -> list[str]:
+        """Create the group, boot and run an agent on each of ``n`` instances.
+
+        ``own_proxy``: the first that many instances reach AWS through a proxy of their
+        own (passing for now), so a test can cut one off alone (``isolate``).
+        """
         self.user_data = cloud_config(self.config)
         if self.asg:
             ids = self.cloud.create_asg(self.group, n, self.config)
         else:
             ids = self.cloud.run_standalone(self.group, n, self.config)
         self.known.update(ids)
+        for iid in ids[:own_proxy]:
+            self.isolate(iid, "pass")
         self.mark("group", "", f"{'asg' if self.asg else 'standalone'} of {n}")
         codes = self.cloud.boot_all(ids)
         for iid in ids:
@@ -484,6 +491,19 @@ class Fleet:
 
     def hold(self, seconds: float) -> None:
         time.sleep(seconds)
+
+    def running(self) -> list[str]:
+        return sorted(i for i, a in self.agents.items()
+                      if a.proc is not None and a.proc.poll() is None)
+
+    def calm(self, timeout: float = 60.0) -> None:
+        """Every running agent has stepped its heal controller and is neither fresh nor frozen."""
+        def ok() -> bool:
+            hs = [self.heal_state(i) for i in self.running()]
+            return bool(hs) and all(h.get("last_step") and not h.get("frozen") for h in hs)
+
+        self.wait(ok, timeout, "every observer watching, nothing frozen")
+        self.mark("calm", "", f"{len(self.running())} observers watching")
 
     def log_tail(self, iid: str, name: str = "run.log", n: int = 30) -> str:
         p = Path(self.cloud.instances[iid].root) / name
