@@ -1,0 +1,58 @@
+"""``python -m bench [NAME ...]``: run every ``bench_*.py`` (or the named ones), update docs."""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+import re
+import sys
+import time
+from pathlib import Path
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
+HEADER = """# Benchmarks
+
+Each section is written by `python -m bench NAME` (module `bench/bench_NAME.py`). Numbers are
+ratios against a baseline measured in the same run on the same machine, so they compare
+designs, not hardware. Re-run a bench to refresh its section; other sections are left as is.
+"""
+
+
+def available() -> list[str]:
+    pkg = Path(__file__).resolve().parent
+    return sorted(m.name[len("bench_"):] for m in pkgutil.iter_modules([str(pkg)])
+                  if m.name.startswith("bench_"))
+
+
+def update_section(text: str, name: str, body: str) -> str:
+    """Replace (or append) the ``name`` section; everything else is kept byte for byte."""
+    start, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
+    block = f"{start}\n{body.strip()}\n{end}"
+    pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.S)
+    if pattern.search(text):
+        return pattern.sub(lambda _: block, text, count=1)
+    return text.rstrip("\n") + "\n\n" + block + "\n"
+
+
+def main(argv: list[str]) -> int:
+    names = [a.removeprefix("bench_") for a in argv] or available()
+    unknown = sorted(set(names) - set(available()))
+    if unknown:
+        print(f"unknown bench: {', '.join(unknown)} (have: {', '.join(available())})",
+              file=sys.stderr)
+        return 2
+    for name in names:
+        mod = importlib.import_module(f"bench.bench_{name}")
+        t0 = time.monotonic()
+        result = mod.run()
+        took = time.monotonic() - t0
+        print(result.get("summary") or result["markdown"])
+        print(f"[bench {name}: {took:.0f}s]")
+        text = DOC.read_text() if DOC.exists() else HEADER
+        DOC.parent.mkdir(parents=True, exist_ok=True)
+        DOC.write_text(update_section(text, name, result["markdown"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
