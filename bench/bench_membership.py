@@ -170,6 +170,8 @@ def run(sizes: tuple[int, ...] = SIZES) -> dict[str, Any]:
               and top["aggregate_puts_per_s"] <= S3_WRITES_PER_PREFIX)
     met = ratio <= GOAL_RATIO and within
     lines = [
+        "## Membership: store requests per instance-hour (issue #4)",
+        "",
         f"One real observer (heartbeat + watch loop), {ITERATIONS} iterations of the "
         f"{INTERVAL_S:g} s interval on an injected clock, against moto_server holding N records; "
         "requests counted by `Store.usage`. k = 3 watched peers keep heartbeating; one member "
@@ -196,7 +198,11 @@ def run(sizes: tuple[int, ...] = SIZES) -> dict[str, Any]:
         "Prices: S3 Standard list prices as of writing (PUT/LIST $0.005, GET $0.0004 per "
         "1,000). The join cost is paid once per instance lifetime (LIST + one GET per record).",
     ]
-    return {"rows": rows, "ratio": ratio, "met": met, "markdown": "\n".join(lines)}
+    summary = (f"membership: {base['requests_per_hour']:,} -> {top['requests_per_hour']:,} "
+               f"requests/instance-hour from N={base['n']:,} to N={top['n']:,} "
+               f"({ratio:.3f}x, goal <= {GOAL_RATIO}x): {'met' if met else 'NOT met'}")
+    return {"rows": rows, "ratio": ratio, "met": met, "summary": summary,
+            "markdown": "\n".join(lines)}
 
 
 if __name__ == "__main__":
