@@ -65,12 +65,13 @@ def test_new_instance_id_is_a_first_boot_and_inherits_nothing(instance: SimInsta
     paths = Paths(instance.root)
     statefile.write(paths.state_file, {
         "instance_id": "i-0ld", "status": "done", "first_boot_done": True, "boot_count": 7,
-        "boot_id": "x", "membership": {"state": "ready"}, "peers": [{"id": "i-peer"}],
+        "boot_id": "x", "membership": {"state": "superseded"}, "peers": [{"id": "i-peer"}],
     })
     st = run_boot(paths)
     assert st["status"] == "done"
     assert st["boot_kind"] == "first" and st["boot_count"] == 1
-    assert "membership" not in st and "peers" not in st
+    assert st.get("membership", {}).get("state") != "superseded"
+    assert "peers" not in st
 
 
 def test_no_agent_config_is_an_error_and_later_phases_are_skipped(
