@@ -95,6 +95,7 @@ class DataSpec:
     backup_interval_s: float = 300
     keep: int = 10
     chunk_size: int | None = None
+    required: bool = True
 
 
 @dataclass(frozen=True)

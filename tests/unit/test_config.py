@@ -736,3 +736,13 @@ def test_property_redact_keeps_shape_and_is_idempotent(doc: dict) -> None:
     out = redact(doc)
     assert set(out) == set(doc)
     assert redact(out) == out
+
+
+def test_data_required_flag_defaults_true_and_can_be_turned_off() -> None:
+    from agent.config import load_layers
+
+    base = {"group": "web", "store": {"bucket": "fleet-bucket"}}
+    cfg = load_layers(base, {"data": [{"name": "app", "path": "/var/lib/app"}]})
+    assert cfg.data[0].required is True
+    cfg = load_layers(base, {"data": [{"name": "app", "path": "/var/lib/app", "required": False}]})
+    assert cfg.data[0].required is False
