@@ -121,6 +121,8 @@ class Daemon:
         from agent.peers import PeerWatcher, member_key
 
         ctx = self.ctx = load_context(self.paths, self.clock)
+        self.last_backup = {k: float(v) for k, v in
+                            (ctx.previous.get("daemon", {}).get("last_backup") or {}).items()}
         cfg = ctx.config
         store = ctx.get_store()
         self.checker = HealthChecker.from_config(cfg.health)
@@ -275,6 +277,8 @@ class Daemon:
         now = self.clock.time()
         for spec in backup_due(self.ctx.config, self.last_backup, now):
             self.last_backup[spec.name] = now  # a failure waits a full interval, not 1 s
+            # Kept in state so a restarted daemon does not back everything up again at once.
+            self._record("last_backup", dict(self.last_backup))
             backup(self.ctx.get_store(), self.ctx.config.group, spec, self.paths,
                    instance_id=self.ctx.identity.instance_id, clock=self.clock)
 
