@@ -374,8 +374,8 @@ def liveness(
     """Judge one member from what this observer has itself seen.
 
     Order: never seen → ``unknown``; record gone or state leaving/superseded →
-    ``leaving``; before first appearance + ``grace_s`` (store clock) → ``grace``;
-    fresh by both clocks → ``alive``; stale by both → ``dead``; otherwise
+    ``leaving``; fresh by both clocks → ``alive``; before first appearance +
+    ``grace_s`` (store clock) → ``grace`` (not judged); stale by both → ``dead``; otherwise
     ``unknown`` while the observer has not watched a full window, else ``suspect``.
     """
     if dead_after_s <= 0 or grace_s < 0:
@@ -389,17 +389,17 @@ def liveness(
         return Verdict(member_id, "leaving", f"record says {t.state}")
     age = t.store_now - t.last_modified
     unchanged = t.observed_mono - t.etag_since_mono
+    stale_store = age >= dead_after_s
+    stale_mono = unchanged >= dead_after_s
+    nums = f"store age {age:.0f}s, etag unchanged {unchanged:.0f}s, dead_after {dead_after_s:g}s"
+    if not stale_store and not stale_mono:
+        return Verdict(member_id, "alive", nums, age, unchanged)
     if t.store_now < t.first_appearance + grace_s:
         left = t.first_appearance + grace_s - t.store_now
         return Verdict(member_id, "grace", f"in grace for another {left:.0f}s (store clock)",
                        age, unchanged)
-    stale_store = age >= dead_after_s
-    stale_mono = unchanged >= dead_after_s
-    nums = f"store age {age:.0f}s, etag unchanged {unchanged:.0f}s, dead_after {dead_after_s:g}s"
     if stale_store and stale_mono:
         return Verdict(member_id, "dead", f"stale on both clocks: {nums}", age, unchanged)
-    if not stale_store and not stale_mono:
-        return Verdict(member_id, "alive", nums, age, unchanged)
     if state.observer_fresh(dead_after_s):
         return Verdict(member_id, "unknown",
                        f"observer has watched {state.watched_for():.0f}s < dead_after: {nums}",

@@ -224,8 +224,15 @@ def test_record_state_leaving_or_superseded(state: str) -> None:
 
 def test_rejoin_after_leaving_starts_a_new_life_with_grace() -> None:
     s = silent_member(10).update([], 100, listing=True)
-    s = s.update([ob("i-1", "n1", 1000, 1001, 110)], 110)
+    for i in range(5):  # back at store time 1000, then silent again for 40 s
+        s = s.update([ob("i-1", "n1", 1000, 1000 + 10 * i, 110 + 10 * i)], 110 + 10 * i)
+    assert verdict(s, grace=0) == "dead"
     assert verdict(s) == "grace"
+
+
+def test_fresh_member_in_grace_reads_alive() -> None:
+    s = LivenessState().update([ob("i-1", "e0", 1000, 1001, 0)], 0)
+    assert verdict(s) == "alive"
 
 
 def test_out_of_order_response_ignored() -> None:
