@@ -46,6 +46,7 @@ def run(repeat: int = 9) -> dict:
     m_ours, m_floor = statistics.median(ours), statistics.median(floor)
     ratio = m_ours / m_floor
     md = (
+        "## `ec2-agent boot` vs the boto3 floor (`bench/bench_boot.py`)\n\n"
         f"Median of {repeat} runs each, alternating, fresh processes; boot phases: {phases}; "
         f"boot exit codes seen: {sorted(codes)}.\n\n"
         "| command | median | min | max |\n|---|---|---|---|\n"

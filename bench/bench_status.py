@@ -56,6 +56,7 @@ def run(repeat: int = 21) -> dict:
     m_ours, m_theirs = statistics.median(ours), statistics.median(theirs)
     ratio = m_ours / m_theirs
     md = (
+        "## `ec2-agent status` vs `cloud-init status` (`bench/bench_status.py`)\n\n"
         f"Median of {repeat} runs each, alternating, fresh processes.\n\n"
         "| command | median | min | max |\n|---|---|---|---|\n"
         f"| `ec2-agent status` | {m_ours * 1000:.1f} ms | {min(ours) * 1000:.1f} ms | "

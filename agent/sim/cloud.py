@@ -265,6 +265,18 @@ class EmbeddedCloud:
         self.instances[instance_id] = inst
         return inst
 
+    def push_bundle(self, group: str, files: dict[str, str]) -> int:
+        """Publish a config bundle (path -> text) as ``ec2-agent bundle push`` would."""
+        from agent.publish import push
+        from agent.store import Store
+
+        src = Path(tempfile.mkdtemp(prefix="bundle-", dir=self.workdir))
+        for rel, text in files.items():
+            (src / rel).parent.mkdir(parents=True, exist_ok=True)
+            (src / rel).write_text(text)
+        store = Store(self.bucket, self.prefix, client=self.client("s3"))
+        return push(store, group, src).version
+
     # -- agents ---------------------------------------------------------------------------------
     def spawn(self, instance_id: str, *args: str, log: str | None = None) -> subprocess.Popen:
         inst = self.instances[instance_id]
@@ -346,6 +358,27 @@ def status_rows(cloud: EmbeddedCloud) -> list[dict[str, Any]]:
     return rows
 
 
+# What `simulate` publishes: templates over the instance, the group and its peers. Rendered
+# files land under each instance's EC2_AGENT_ROOT; no check or reload commands run.
+SIM_BUNDLE = {
+    "agent.yaml": (
+        "vars: {service: demo, port: 8080}\n"
+        "templates:\n"
+        "  - {src: service.conf.j2, dest: /etc/demo/service.conf, mode: '0644'}\n"
+        "  - {src: upstream.conf.j2, dest: /etc/demo/upstream.conf, mode: '0644'}\n"
+    ),
+    "service.conf.j2": (
+        "# rendered by ec2-agent for {{ instance.id }} ({{ instance.az }}, {{ instance.ip }})\n"
+        "service {{ vars.service }} listen {{ instance.ip }}:{{ vars.port }} group {{ group }}\n"
+    ),
+    "upstream.conf.j2": (
+        "upstream {{ group }} {\n"
+        "{% for p in peers %}  server {{ p.ip }}:{{ vars.port }};  # {{ p.id }} {{ p.az }}\n"
+        "{% endfor %}}\n"
+    ),
+}
+
+
 def simulate(
     instances: int = 3,
     scenario: str | None = None,
@@ -367,10 +400,9 @@ def simulate(
             file=sys.stderr,
         )
         ids = cloud.create_asg(group, instances)
-        print(
-            f"auto scaling group {group!r}: {len(ids)} instances; booting an agent on each",
-            file=sys.stderr,
-        )
+        version = cloud.push_bundle(group, SIM_BUNDLE)
+        print(f"auto scaling group {group!r}: {len(ids)} instances; bundle v{version} "
+              f"published; booting an agent on each", file=sys.stderr)
         codes = cloud.boot_all(ids)
         rows = status_rows(cloud)
         if as_json:
