@@ -1,0 +1,116 @@
+"""The pure bits of agent/replace.py: lease records, outcomes, streaks, suspicions, dedupe."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from agent.membership import MalformedRecord
+from agent.replace import (
+    Lease,
+    count_suspicions,
+    dedupe_key,
+    ec2_still_agrees,
+    lease_outcome,
+    parse_suspicion,
+    streak,
+    suspicion_key,
+)
+
+
+@dataclass(frozen=True)
+class E:
+    key: str
+    last_modified: float
+
+
+def test_lease_round_trip_and_malformed() -> None:
+    lease = Lease("i-1", "i-2", "launch", "acted", token="ec2a-x", replacement="i-3",
+                  acted_at=12.5, asg="web", asg_before=("i-1", "i-4"), reasons=("dead",))
+    back = Lease.parse(lease.body(), etag='"e"', last_modified=13.0)
+    assert back == lease and back.etag == '"e"' and back.last_modified == 13.0
+    for raw in (b"nope", b"[]", b'{"member": "i-1"}', b'{"member":"a","holder":"b",'
+                b'"action":"launch","state":"sleeping"}'):
+        with pytest.raises(MalformedRecord):
+            Lease.parse(raw)
+
+
+@pytest.mark.parametrize("state,acted_at,lm,now,hb,expected", [
+    ("refused", None, 0, 999, False, "refused"),
+    ("done", 0, 0, 999, False, "done"),
+    ("failed", 0, 0, 1, True, "failed"),
+    ("acted", 100, 100, 150, True, "done"),
+    ("acted", 100, 100, 150, False, "in-flight"),
+    ("acted", 100, 100, 160, False, "failed"),     # deadline 60 s reached
+    ("held", None, 100, 159, False, "in-flight"),  # holder crashed? judged by LastModified
+    ("held", None, 100, 160, False, "failed"),
+    ("held", None, 100, 120, True, "in-flight"),   # nothing launched yet: not done
+])
+def test_lease_outcome(state: str, acted_at: float | None, lm: float, now: float, hb: bool,
+                       expected: str) -> None:
+    lease = Lease("i-1", "i-2", "launch", state, acted_at=acted_at, last_modified=lm)
+    assert lease_outcome(lease, now, 60, hb) == expected
+
+
+def test_streak_orders_by_act_time_and_respects_resume() -> None:
+    leases = [Lease(f"i-{n}", "o", "launch", "acted", acted_at=t)
+              for n, t in ((1, 10.0), (2, 20.0), (3, 30.0), (4, 40.0))]
+    outcomes = {"i-1": "failed", "i-2": "done", "i-3": "failed", "i-4": "failed"}
+    assert streak(leases, outcomes, None) == 2
+    assert streak(leases, {**outcomes, "i-2": "failed"}, None) == 4
+    assert streak(leases, {**outcomes, "i-2": "failed"}, 25.0) == 2
+    assert streak(leases, {**outcomes, "i-4": "in-flight"}, None) == 1
+
+
+def test_suspicions_count_distinct_fresh_observers() -> None:
+    g = "web"
+    entries = [E(suspicion_key(g, "i-1", "a"), 100), E(suspicion_key(g, "i-1", "b"), 95),
+               E(suspicion_key(g, "i-1", "c"), 50),  # expired
+               E(suspicion_key(g, "i-2", "a"), 99), E(f"groups/{g}/suspicions/junk", 100)]
+    assert count_suspicions(entries, g, 100, 30) == {"i-1": frozenset({"a", "b"}),
+                                                      "i-2": frozenset({"a"})}
+    assert parse_suspicion(suspicion_key(g, "i-1", "a"), g) == ("i-1", "a")
+    assert parse_suspicion(f"groups/{g}/suspicions/i-1/", g) is None
+
+
+@given(st.lists(st.tuples(st.sampled_from(["i-1", "i-2", "i-3"]),
+                          st.sampled_from(["a", "b", "c", "d"]),
+                          st.floats(min_value=0, max_value=200)), max_size=30),
+       st.floats(min_value=1, max_value=100))
+def test_suspicion_count_never_exceeds_distinct_observers(rows: list, ttl: float) -> None:
+    entries = [E(suspicion_key("g", m, o), t) for m, o, t in rows]
+    counted = count_suspicions(entries, "g", 200.0, ttl)
+    for m, obs in counted.items():
+        assert obs <= {o for mm, o, t in rows if mm == m and 200.0 - t <= ttl}
+
+
+def test_dedupe_key_ignores_numbers() -> None:
+    a = dedupe_key("heal-refuse", ["silent 31s < silent_after_s 120s", "unconfirmed: 1/2"])
+    b = dedupe_key("heal-refuse", ["unconfirmed: 1/2", "silent 44s < silent_after_s 120s"])
+    assert a == b
+    assert a != dedupe_key("heal-refuse", ["unconfirmed: 1/2"])
+
+
+@pytest.mark.parametrize("decided,fresh,asg,ok", [
+    ("terminated", "terminated", None, True),
+    ("stopped", "terminated", None, True),
+    ("terminated", None, None, False),          # API error at the second look
+    ("stopped", "running", None, False),        # someone started it again
+    ("stopped", "stopping", None, False),
+    ("running", "running", "Healthy", True),
+    ("running", "running", "Unhealthy", False),
+    ("running", "shutting-down", None, False),
+    ("running", "stopped", None, False),
+    (None, "terminated", None, False),
+])
+def test_second_look_at_ec2(decided: str | None, fresh: str | None, asg: str | None,
+                            ok: bool) -> None:
+    assert (ec2_still_agrees(decided, fresh, asg) is None) is ok
+
+
+def test_lease_equality_ignores_store_metadata() -> None:
+    lease = Lease("i-1", "i-2", "launch")
+    assert replace(lease, etag='"x"', last_modified=5.0) == lease
