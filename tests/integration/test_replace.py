@@ -379,3 +379,31 @@ def test_step_accepts_a_heartbeater_like_health(cloud: EmbeddedCloud, health: An
     a = ctl(cloud, ids[0], config())
     d = a.step(PeersView(verdicts={i: "alive" for i in ids}, group_size=3), health)
     assert not d.frozen and not d.actions and not d.refusals
+
+
+def test_step_takes_the_real_peer_watcher(cloud: EmbeddedCloud, tmp_path: Any) -> None:
+    """The daemon passes its ``PeerWatcher``: a fresh observer abstains (invariant 3)."""
+    from agent.clock import FakeClock
+    from agent.membership import MemberRecord
+    from agent.peers import PeerWatcher, member_key
+
+    ids = cloud.run_standalone(GROUP, 3)
+    store = store_for(cloud)
+    for i in ids:
+        store.put(member_key(GROUP, i), MemberRecord(i, GROUP, 1, "ready").dumps())
+    clock = FakeClock()
+    watcher = PeerWatcher(store, GROUP, ids[0], clock=clock)
+    watcher.tick()
+    a = HealController(store, Cloud("us-east-1"), config(), ids[0], clock,
+                       state_path=tmp_path / "s.json", watcher=watcher)
+    d = a.step(observer_sick=False)
+    assert d.frozen and d.freeze.reason.startswith("observer-fresh")
+    pv = PeersView.from_watcher(watcher, dead_after_s=15, grace_s=0)
+    assert pv.group_size == 3 and set(pv.verdicts) == set(ids[1:])
+    clock.advance(20)  # a full window later, and everyone has heartbeated since
+    for i in ids:
+        store.put(member_key(GROUP, i), MemberRecord(i, GROUP, 2, "ready").dumps())
+    watcher.tick()
+    d = a.step(watcher, SimpleNamespace(observer_sick=False))
+    assert not d.frozen and not d.actions
+    assert not a.superseded
