@@ -91,7 +91,7 @@ class HealPolicy:
     confirm_observers: int = 2
     dead_after_s: float = 30.0
     silent_after_s: float = 120.0
-    replace_silent: bool = False
+    replace_silent: bool = True  # same default as the config schema
     failed_before_freeze: int = 3
     max_in_flight_fraction: float = 0.10
 
