@@ -175,6 +175,36 @@ def _load_baked(paths: Paths) -> dict[str, Any] | None:
     return load_yaml_file(paths.config_file)
 
 
+METRICS_TEXTFILE = "metrics.prom"
+
+
+def _write_boot_metrics(paths: Paths, st: dict[str, Any]) -> None:
+    """Phase durations for node_exporter's textfile collector (``<state_dir>/metrics.prom``).
+
+    A file, not only the daemon's ``/metrics``, because the boot that most needs
+    looking at is the one that failed, after which no daemon runs. Only the boot
+    histogram goes in: the daemon's gauges would read 0 here, which is a lie.
+    A metrics failure is recorded, never a boot failure.
+    """
+    path = paths.state_dir / METRICS_TEXTFILE
+    try:
+        from prometheus_client import CollectorRegistry, generate_latest
+
+        from agent.files import atomic_write
+        from agent.metrics import Metrics
+
+        m = Metrics()  # this boot's observations only, even when run twice in one process
+        for p in st["phases"]:
+            if isinstance(p.get("duration_s"), (int, float)):
+                m.observe_phase(p["name"], p["duration_s"])
+        reg = CollectorRegistry(auto_describe=True)
+        reg.register(m.boot_phase_duration)
+        atomic_write(path, generate_latest(reg), mode=0o644)
+        st["metrics_textfile"] = str(path)
+    except Exception as exc:  # metrics are never a reason for a boot to fail
+        st["metrics_textfile_error"] = f"{path}: {type(exc).__name__}: {exc}"
+
+
 def run_boot(
     paths: Paths | None = None,
     *,
@@ -300,6 +330,10 @@ def run_boot(
         except OSError as exc:
             st["status"] = "error"
             st["errors"].append(f"cannot save instance record for `run`: {exc}")
+    from agent.lifecycle import complete_lifecycle
+
+    complete_lifecycle(ctx, st)  # the ASG launch hook: CONTINUE / ABANDON; never raises
+    _write_boot_metrics(paths, st)
     st["finished"] = clock.time()
     st["duration_s"] = round(st["finished"] - started, 6)
     st.pop("pid", None)

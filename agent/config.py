@@ -64,6 +64,7 @@ class StoreConfig:
 @dataclass(frozen=True)
 class BootConfig:
     deadline_s: float = 120
+    lifecycle_hook: str | None = None  # ASG launch hook completed at the end (agent.lifecycle)
 
 
 @dataclass(frozen=True)
