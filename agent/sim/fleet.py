@@ -206,12 +206,17 @@ class Fleet:
         self._stop.set()
         for t in self._threads:
             t.join(timeout=15)
-        for a in list(self.agents.values()):
-            if a.proc is not None:
-                _stop_proc(a.proc)
-        for inst in self.cloud.instances.values():
-            for p in list(inst.procs):
-                _stop_proc(p)
+        procs = [p for inst in self.cloud.instances.values() for p in inst.procs]
+        procs += [a.proc for a in self.agents.values() if a.proc is not None]
+        live = {p.pid: p for p in procs if p.poll() is None}
+        for pid in live:  # all at once: each leaves and takes its final backup in parallel
+            for sig in (signal.SIGCONT, signal.SIGTERM):
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+        for p in live.values():
+            _stop_proc(p)  # waits; SIGKILL after its timeout
         self.proxy.stop()
         for p in self.own_proxies.values():
             p.stop()

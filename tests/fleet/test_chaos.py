@@ -232,7 +232,7 @@ def test_store_and_api_outage_changes_nothing_and_everyone_recovers(
     r = no_actions(f)
     assert all(during[i] - seqs[i] <= 2 for i in ids), (seqs, during)  # nothing got through
     report(outage_s=outage, recover_s=round(t_recovered - t_back, 2),
-           rendered_files_unchanged=len(after), reloads=sum(v[2] for v in after.values()),
+           rendered_files_unchanged=len(after), reload_log_bytes=sum(v[2] for v in after.values()),
            proxy=vars(f.proxy.counters), replacements=r,
            freezes=f.event_kinds().get("heal-freeze", 0))
 
