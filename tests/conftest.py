@@ -2,7 +2,7 @@
 
 Safety first: before any test runs, the environment points every AWS client at
 loopback with fake credentials, and IMDS at a closed loopback port, so no test
-can reach AWS or 169.254.169.254 even by mistake. `make test` additionally runs
+can reach AWS or the real metadata address even by mistake. `make test` additionally runs
 the suite in a network namespace with only `lo` up.
 """
 
