@@ -314,71 +314,8 @@ class Daemon:
         self._record("tasks", {t.name: {"runs": t.runs, "failures": t.failures,
                                         "last_error": t.last_error} for t in self.tasks})
         self._update_metrics()
-        self._update_metrics()
         nxt = min((t.next_at for t in self.tasks), default=now + 1.0)
         return max(0.0, nxt - self.clock.monotonic())
-
-    def _update_metrics(self) -> None:
-        """Refresh the Prometheus series (``agent.metrics``, served on ``/metrics``).
-
-        Only from what the loop already holds (heartbeater, peer watcher, heal
-        controller, state.json): no store or cloud call of its own, so metrics cost
-        nothing on a sick control plane. Counters count what happened since this
-        daemon started. Never fails the loop. See docs/metrics.md.
-        """
-        try:
-            from collections import Counter
-
-            from agent import metrics
-            from agent.membership import LIVENESS
-
-            m = metrics.get()
-            now = self.clock.monotonic()
-            seen = self.__dict__.setdefault("_metrics_seen", {"start": now, "boot": False,
-                                                              "outcome": None, "freeze": ""})
-            if not seen["boot"] and self.ctx is not None:
-                seen["boot"] = True  # the boot that preceded this daemon, once
-                for p in self.ctx.previous.get("phases", []):
-                    if isinstance(p.get("duration_s"), (int, float)):
-                        m.observe_phase(str(p.get("name")), float(p["duration_s"]))
-            hb = getattr(self, "hb", None)
-            if hb is not None:
-                last = hb.last_ok_mono if hb.last_ok_mono is not None else seen["start"]
-                m.set_heartbeat_age(now - last)
-            watcher = getattr(self, "watcher", None)
-            if watcher is not None and self.ctx is not None:
-                cfg = self.ctx.config
-                verdicts = watcher.verdicts(dead_after_s=float(cfg.heartbeat.dead_after_s),
-                                            grace_s=float(cfg.heal.grace_s))
-                counts = Counter(str(getattr(v, "status", v)) for v in verdicts.values())
-                m.set_peers({s: counts.get(s, 0) for s in LIVENESS} | dict(counts))
-            if self.heal is None:
-                m.set_frozen(False)
-                return
-            action = str(self.heal.policy.action)
-            if not seen.get("labels"):  # series exist at 0 from the start, for rate()/alerts
-                seen["labels"] = True
-                for r in ("acted", "failed", "refused", "lost", "dry-run"):
-                    m.replacements.labels(action=action, result=r)
-                for r in ("observer-sick", "observer-fresh", "paused", "api-failing",
-                          "failed-replacements", "mass-death"):
-                    m.freezes.labels(reason=r)
-            heal = (statefile.read(self.paths.state_file) or {}).get("heal") or {}
-            frozen = bool(heal.get("frozen"))
-            m.set_frozen(frozen)
-            reason = str(heal.get("reason") or "").split(":", 1)[0] if frozen else ""
-            if reason and reason != seen["freeze"]:
-                m.freeze(reason)  # entering a freeze, or its first reason changed
-            seen["freeze"] = reason
-            outcomes = list(self.heal.outcomes)
-            last = seen["outcome"]
-            at = next((i for i in range(len(outcomes) - 1, -1, -1) if outcomes[i] is last), -1)
-            for o in outcomes[at + 1:]:
-                m.replacement(action, str(o.result))
-            if outcomes:
-                seen["outcome"] = outcomes[-1]
-        except Exception as exc:  # metrics are never a reason for the loop to stop
-            log.warning("cannot update metrics: %s: %s", type(exc).__name__, exc)
 
     def _update_metrics(self) -> None:
         """Refresh the Prometheus series (``agent.metrics``, served on ``/metrics``).
