@@ -140,6 +140,13 @@ class Daemon:
                               member_path=member_file(self.paths))
         self.watcher = PeerWatcher(store, cfg.group, ctx.identity.instance_id, clock=self.clock)
         self.heal = self._make_heal(ctx)
+        # What the last render saw (boot renders from state.json's peers): the baseline that a
+        # membership change is measured against.
+        from agent.peers import peers_hash
+        from agent.render import peers_from_state
+
+        rendered = sorted(peers_from_state(ctx.previous.get("peers")), key=lambda p: p["id"])
+        self.rendered_peers_hash = peers_hash(rendered)
         interval = cfg.heartbeat.interval_s
         self.tasks = [
             Task("heartbeat", lambda: self._jitter(self.ctx.config.heartbeat.interval_s),
@@ -197,8 +204,6 @@ class Daemon:
         rep = self.watcher.tick()
         self.watcher.write_state(self.paths.state_file)
         h = peers_hash(self.watcher.template_peers())
-        if self.rendered_peers_hash is None:
-            self.rendered_peers_hash = h
         if h != self.rendered_peers_hash and (
                 not self.membership_changes or self.membership_changes[-1][1] != h):
             self.membership_changes.append((self.clock.monotonic(), h))

@@ -270,6 +270,7 @@ class EmbeddedCloud:
         from agent.publish import push
         from agent.store import Store
 
+        self.workdir.mkdir(parents=True, exist_ok=True)
         src = Path(tempfile.mkdtemp(prefix="bundle-", dir=self.workdir))
         for rel, text in files.items():
             (src / rel).parent.mkdir(parents=True, exist_ok=True)

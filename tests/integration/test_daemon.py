@@ -134,3 +134,42 @@ def test_departure_notice_leaves_the_group(cloud: EmbeddedCloud, notice: str) ->
     finally:
         os.kill(p.pid, signal.SIGTERM)
         p.wait(timeout=30)
+
+
+def test_membership_change_rerenders_peers_after_quiescence(cloud: EmbeddedCloud,
+                                                             tmp_path: Path) -> None:
+    cfg = _fast_config(cloud, membership={"quiescence_min_s": 1, "quiescence_max_s": 4})
+    cloud.ensure_bucket()
+    cloud.push_bundle("web", {
+        "agent.yaml": (
+            "templates:\n"
+            "  - src: upstream.conf.j2\n"
+            "    dest: /etc/demo/upstream.conf\n"
+            "    reload: echo upstream >> \"$EC2_AGENT_ROOT/reloads.log\"\n"
+            "  - src: static.conf.j2\n"
+            "    dest: /etc/demo/static.conf\n"
+            "    reload: echo static >> \"$EC2_AGENT_ROOT/reloads.log\"\n"
+        ),
+        "upstream.conf.j2": "{% for p in peers %}server {{ p.ip }}; # {{ p.id }}\n{% endfor %}",
+        "static.conf.j2": "group {{ group }}\n",
+    })
+    ids = cloud.run_standalone("web", 2, cfg)
+    assert set(cloud.boot_all(ids).values()) == {0}
+    procs = [cloud.spawn(i, "run") for i in ids]
+    try:
+        upstream = cloud.instances[ids[0]].root / "etc/demo/upstream.conf"
+        reload_log = cloud.instances[ids[0]].root / "reloads.log"  # the first agent's reloads
+        _wait(lambda: ids[1] in upstream.read_text(), timeout=40)
+        reloads_before = reload_log.read_text().split()
+        newcomer = cloud.run_standalone("web", 1, cfg)[0]
+        assert cloud.boot_all([newcomer]) == {newcomer: 0}
+        procs.append(cloud.spawn(newcomer, "run"))
+        _wait(lambda: newcomer in upstream.read_text(), timeout=40)
+        after = reload_log.read_text().split()[len(reloads_before):]
+        # the peers template changed and was reloaded; the static one was not touched
+        assert "upstream" in after and "static" not in after
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.kill(p.pid, signal.SIGTERM)
+                p.wait(timeout=30)
