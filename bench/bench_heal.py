@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import statistics
+import sys
 import time
 from typing import Any
 
@@ -66,10 +67,16 @@ def run(runs: int = 20, n: int = N) -> dict[str, Any]:
         fleet.start(n)
         for i in range(runs):
             fleet.calm(120)
-            ready = fleet.ready()
-            victim = sorted(m for m in ready if m not in killed)[i % max(1, len(ready))]
+            # a member that heartbeats *and* whose daemon runs (a replacement's record
+            # appears at the end of its boot, a moment before its daemon starts)
+            fleet.wait(lambda: set(fleet.ready()) & set(fleet.running()) - killed, 60,
+                       "a running member")
+            alive = sorted(set(fleet.ready()) & set(fleet.running()) - killed)
+            victim = alive[i % len(alive)]
             killed.add(victim)
             rows.append({"run": i + 1, "victim": victim, **_one(fleet, victim, n)})
+            print(f"run {i + 1}/{runs}: detection-to-action "
+                  f"{rows[-1]['detect_to_action']:.2f} intervals", file=sys.stderr, flush=True)
         actions = fleet.actions()
     finally:
         if fleet is not None:

@@ -218,7 +218,10 @@ def test_store_and_api_outage_changes_nothing_and_everyone_recovers(
     seqs = {i: int(f.state(i)["heartbeat"]["seq"]) for i in ids}
     outage = 10 * DEAD
     f.outage("blackhole")
-    f.hold(outage)
+    f.hold(outage / 2)
+    mid = {i: (f.heal_state(i).get("frozen"), f.heal_state(i).get("reason", ""),
+               f.state(i).get("heartbeat", {}).get("failures", 0)) for i in ids}
+    f.hold(outage / 2)
     during = {i: int(f.state(i)["heartbeat"]["seq"]) for i in ids}
     f.outage("pass")
     t_back = f.now()
@@ -234,7 +237,8 @@ def test_store_and_api_outage_changes_nothing_and_everyone_recovers(
     report(outage_s=outage, recover_s=round(t_recovered - t_back, 2),
            rendered_files_unchanged=len(after), reload_log_bytes=sum(v[2] for v in after.values()),
            proxy=vars(f.proxy.counters), replacements=r,
-           freezes=f.event_kinds().get("heal-freeze", 0))
+           freezes=f.event_kinds().get("heal-freeze", 0),
+           mid_outage_frozen_reason_hb_failures=sorted(mid.values()))
 
 
 # -- 6 --------------------------------------------------------------------------------------------
