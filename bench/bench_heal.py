@@ -88,6 +88,7 @@ def run(runs: int = 20, n: int = N) -> dict[str, Any]:
     p50, p99 = statistics.median(d), _pct(d, 0.99)
     met = p50 <= GOAL_P50 and p99 <= GOAL_P99 and not false and len(actions) == runs
     md = (
+        "## Safe replacement: detection-to-action (`bench/bench_heal.py`)\n\n"
         f"{runs} kill-one runs on one fleet of {n} agent processes (embedded cloud: moto + "
         f"IMDS emulator), heartbeat interval {INTERVAL:g} s, dead_after "
         f"{DEAD_AFTER / INTERVAL:g} intervals, heal action `launch`, "
