@@ -14,18 +14,43 @@ import threading
 from typing import Any
 
 _lock = threading.Lock()
-_sessions: dict[str | None, Any] = {}
+_session_obj: Any = None
 
 
-def _session(region: str | None) -> Any:
+def _session() -> Any:
+    """One boto3 session per process: its loader caches service models across clients."""
+    global _session_obj
     import boto3
 
     with _lock:
-        s = _sessions.get(region)
-        if s is None:
-            s = boto3.session.Session(region_name=region)
-            _sessions[region] = s
-        return s
+        if _session_obj is None:
+            _session_obj = boto3.session.Session()
+        return _session_obj
+
+
+def prewarm(services: tuple[str, ...] = ("s3",),
+            modules: tuple[str, ...] = ()) -> threading.Thread:
+    """Import boto3 and load service models in the background, while boot waits on IMDS.
+
+    Building a client makes no network call; it parses the service model and endpoint
+    rules, which the session's loader then keeps. The throwaway client uses a fixed
+    region only to be constructible. Failures are ignored: the real call will report.
+    """
+    def work() -> None:
+        import importlib
+
+        try:
+            for m in modules:
+                importlib.import_module(m)
+            sess = _session()
+            for svc in services:
+                sess.client(svc, region_name="us-east-1")
+        except Exception:  # noqa: BLE001 - best effort; the real client creation reports
+            pass
+
+    t = threading.Thread(target=work, name="ec2-agent-prewarm", daemon=True)
+    t.start()
+    return t
 
 
 def client(service: str, region: str | None = None, *, connect_timeout: float = 2.0,
@@ -47,4 +72,4 @@ def client(service: str, region: str | None = None, *, connect_timeout: float = 
         read_timeout=read_timeout,
         max_pool_connections=max_pool_connections,
     )
-    return _session(region).client(service, config=cfg)
+    return _session().client(service, region_name=region, config=cfg)

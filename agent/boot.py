@@ -253,6 +253,11 @@ def run_boot(
         baked_config=baked,
     )
     save()
+    if any(ref.startswith(("agent.pull:", "agent.heartbeat:")) for _, ref in phases):
+        from agent import aws
+
+        # CPU work (imports, S3 model loading) overlaps the identity phase's IMDS round trips.
+        aws.prewarm(modules=("agent.config", "agent.apply", "agent.backup"))
     failed = False
     for i, (name, ref) in enumerate(phases):
         rec = st["phases"][i]

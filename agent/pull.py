@@ -517,7 +517,10 @@ def _boot_store(ctx: Any, budget: float) -> Any:
     attempts = max(1, min(3, int(budget // (connect + read))))
     client = aws.client("s3", region, connect_timeout=connect, read_timeout=read,
                         max_attempts=attempts, max_pool_connections=16)
-    return Store(cfg.store.bucket, cfg.store.prefix, client=client)
+    # The later boot phases (restore, register) reuse it: one S3 client per boot, and its
+    # timeouts are bounded by the boot's own budget anyway.
+    ctx.store = Store(cfg.store.bucket, cfg.store.prefix, client=client)
+    return ctx.store
 
 
 def _budget_deadline(ctx: Any, fraction: float) -> Any:
