@@ -367,13 +367,16 @@ class Daemon:
                 for r in ("observer-sick", "observer-fresh", "paused", "api-failing",
                           "failed-replacements", "mass-death"):
                     m.freezes.labels(reason=r)
-            heal = (statefile.read(self.paths.state_file) or {}).get("heal") or {}
-            frozen = bool(heal.get("frozen"))
-            m.set_frozen(frozen)
-            reason = str(heal.get("reason") or "").split(":", 1)[0] if frozen else ""
-            if reason and reason != seen["freeze"]:
-                m.freeze(reason)  # entering a freeze, or its first reason changed
-            seen["freeze"] = reason
+            step = next((t.next_at for t in self.tasks if t.name == "heal"), None)
+            if step != seen.get("heal_step"):  # read state.json only after a heal step
+                seen["heal_step"] = step
+                heal = (statefile.read(self.paths.state_file) or {}).get("heal") or {}
+                frozen = bool(heal.get("frozen"))
+                m.set_frozen(frozen)
+                reason = str(heal.get("reason") or "").split(":", 1)[0] if frozen else ""
+                if reason and reason != seen["freeze"]:
+                    m.freeze(reason)  # entering a freeze, or its first reason changed
+                seen["freeze"] = reason
             outcomes = list(self.heal.outcomes)
             last = seen["outcome"]
             at = next((i for i in range(len(outcomes) - 1, -1, -1) if outcomes[i] is last), -1)
