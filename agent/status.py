@@ -31,6 +31,7 @@ class Report:
     heal: dict[str, Any] = field(default_factory=dict)
     membership: dict[str, Any] = field(default_factory=dict)
     health: dict[str, Any] = field(default_factory=dict)
+    lifecycle: dict[str, Any] = field(default_factory=dict)
     last_update: float | None = None
 
     @property
@@ -72,6 +73,7 @@ def translate(state: dict[str, Any] | None) -> Report:
         heal=dict(state.get("heal", {})),
         membership=membership,
         health=dict(state.get("health", {})),
+        lifecycle=dict(state.get("lifecycle", {})),
         last_update=state.get("updated"),
     )
 
