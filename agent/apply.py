@@ -20,14 +20,13 @@ The result says did-write / would-write per file (consul-template's
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import grp
 import os
 import pwd
 import shlex
 import subprocess
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -266,16 +265,9 @@ def _restore(path: Path, had_old: bool) -> str:
     return "restored" if had_old else "removed"
 
 
-@contextlib.contextmanager
-def render_lock(state_dir: Path) -> Iterator[None]:
+def render_lock(state_dir: Path) -> contextlib.AbstractContextManager[None]:
     """Boot and the daemon never write the same files at once."""
-    state_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(state_dir / "render.lock", os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
+    return files.flocked(state_dir / "render.lock")
 
 
 def apply_planned(items: Sequence[Planned], *, dry_run: bool = False,

@@ -9,8 +9,10 @@ Returns whether anything changed so callers can skip reloads and support dry-run
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,3 +102,20 @@ def atomic_write(path: str | os.PathLike[str], data: bytes | str, *, mode: int |
             os.unlink(tmp)
         raise
     return WriteResult(path, changed=True, written=True)
+
+
+@contextlib.contextmanager
+def flocked(lock_path: Path, mode: int = 0o600) -> Iterator[None]:
+    """An exclusive ``flock`` on ``lock_path`` (created if needed) for the ``with`` block.
+
+    Between processes of this instance: boot and the daemon share state, bundles and
+    rendered files. The kernel drops the lock if the holder dies, so a kill -9 never
+    leaves it stuck.
+    """
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, mode)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)

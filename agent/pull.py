@@ -23,14 +23,13 @@ watch (conditional GET; a 304 costs one request and no body).
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import os
 import shutil
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,7 +44,7 @@ from agent.errors import (
     NotFound,
     StoreError,
 )
-from agent.files import fsync_dir
+from agent.files import flocked, fsync_dir
 from agent.store import NOT_MODIFIED, Obj
 
 META = bundle.RESERVED  # ".bundle"
@@ -165,16 +164,9 @@ def _verify_dir(vdir: Path, manifest: Manifest, *, raise_: bool = True) -> bool:
     return True
 
 
-@contextlib.contextmanager
-def _locked(bundles_dir: Path) -> Iterator[None]:
+def _locked(bundles_dir: Path) -> contextlib.AbstractContextManager[None]:
     """One pull at a time (boot and the daemon may both try)."""
-    bundles_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(bundles_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
+    return flocked(bundles_dir / ".lock")
 
 
 def _swap_link(bundles_dir: Path, name: str, target: str) -> None:

@@ -9,16 +9,14 @@ heal. Kept free of heavy imports: ``status`` loads this module.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
-import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from agent.errors import StateError
-from agent.files import atomic_write
+from agent.files import atomic_write, flocked
 
 SCHEMA_VERSION = 1
 
@@ -54,16 +52,13 @@ def write(path: Path, data: dict[str, Any]) -> None:
 @contextlib.contextmanager
 def locked(path: Path) -> Iterator[None]:
     lock = path.with_name(path.name + ".lock")
+    stack = contextlib.ExitStack()
     try:
-        lock.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        stack.enter_context(flocked(lock, 0o644))
     except OSError as exc:
-        raise StateError(f"cannot open {lock}: {exc}") from exc
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        raise StateError(f"cannot lock {lock}: {exc}") from exc
+    with stack:
         yield
-    finally:
-        os.close(fd)
 
 
 def replace(path: Path, data: dict[str, Any]) -> None:
