@@ -201,6 +201,16 @@ class Heartbeater:
                 if self.clock.monotonic() - start + delay > budget:
                     return self._failed(rec, attempt, err)
                 self.clock.sleep(delay)
+        if self._left_elsewhere():
+            # `ec2-agent leave` ran while this PUT was in flight and may have deleted the
+            # record before it landed: take ours back (only if it is still ours), so a member
+            # that left never comes back to life and later looks dead.
+            self.left = True
+            try:
+                self.store.delete(self.key, if_match=self.etag)
+            except StoreError as exc:  # NotFound / PreconditionFailed: already gone or theirs
+                log.info("left elsewhere; our late record: %s", exc)
+            return BeatResult(False, rec.seq, attempt, error="left the group")
         self.record = rec
         self.failures = 0
         self.observer_sick = False
@@ -255,6 +265,10 @@ class Heartbeater:
             return True
         rec = self.record.heartbeat(state="leaving")
         self.record = rec
+        # Say "left" locally before touching the store: a daemon beat racing this leave
+        # checks it after its own PUT and withdraws that record (see beat()).
+        self.left = True
+        self._save()
         deleted = False
         for _ in range(2):
             try:

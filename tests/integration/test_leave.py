@@ -138,3 +138,37 @@ def test_cli_without_registration_is_an_error(root: Any, capsys: Any) -> None:
 
     assert main(["peers"]) == 1
     assert "not registered" in capsys.readouterr().err
+
+
+class _LeaveDuringPut(Store):
+    """A real Store whose next PUT lands only after another process's whole leave.
+
+    Plays the race between the daemon's heartbeat and `ec2-agent leave`: the
+    daemon checked "not left", then its PUT is slow; meanwhile the leaver marks
+    member.json, writes "leaving" and deletes the record.
+    """
+
+    def __init__(self, inner: Store, leaver: Heartbeater) -> None:
+        super().__init__(inner.bucket, inner.prefix, client=inner.client)
+        self.leaver: Heartbeater | None = leaver
+
+    def put(self, rel: str, body: bytes, **kw: Any) -> str:
+        if self.leaver is not None and rel.endswith("/i-racer.json"):
+            leaver, self.leaver = self.leaver, None
+            assert leaver.leave("ec2-agent leave") is True
+        return super().put(rel, body, **kw)
+
+
+def test_heartbeat_racing_a_leave_never_resurrects_the_record(store: Store,
+                                                              tmp_path: Any) -> None:
+    member_path = tmp_path / "member.json"
+    member_path.write_text(json.dumps({"instance_id": "i-racer", "left": False}))
+    rec = MemberRecord(instance_id="i-racer", group="web", seq=0, private_ip="10.0.0.9")
+    leaver = Heartbeater(store, rec, clock=FakeClock(), member_path=member_path)
+    daemon = Heartbeater(_LeaveDuringPut(store, leaver), rec, clock=FakeClock(),
+                         member_path=member_path)
+    res = daemon.beat(state="ready")
+    assert not res.ok and res.error == "left the group"
+    assert store.get_or_none(member_key("web", "i-racer")) is None
+    assert not daemon.beat().ok  # and it stays gone
+    assert store.get_or_none(member_key("web", "i-racer")) is None
