@@ -67,7 +67,8 @@ def client(service: str, region: str | None = None, *, connect_timeout: float = 
     region = region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
     attempts = max_attempts or int(os.environ.get("AWS_MAX_ATTEMPTS", "3"))
     cfg = Config(
-        retries={"mode": "standard", "max_attempts": attempts},
+        # total_max_attempts counts the first try; botocore's max_attempts would not.
+        retries={"mode": "standard", "total_max_attempts": attempts},
         connect_timeout=connect_timeout,
         read_timeout=read_timeout,
         max_pool_connections=max_pool_connections,

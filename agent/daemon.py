@@ -24,6 +24,7 @@ import logging
 import random
 import signal
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -112,6 +113,10 @@ class Daemon:
         self.superseded = False
         self.endpoint: Any = None
         self.heal: Any = None
+        self.bulk_store: Any = None
+        self.progress_mono = 0.0
+        self.watchdog_s: float | None = None
+        self.heartbeat_thread: threading.Thread | None = None
 
     # -- set-up ----------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -121,6 +126,7 @@ class Daemon:
         from agent.peers import PeerWatcher, member_key
 
         ctx = self.ctx = load_context(self.paths, self.clock)
+        ctx.store = self._make_store(ctx)
         self.last_backup = {k: float(v) for k, v in
                             (ctx.previous.get("daemon", {}).get("last_backup") or {}).items()}
         cfg = ctx.config
@@ -148,9 +154,11 @@ class Daemon:
         rendered = sorted(peers_from_state(ctx.previous.get("peers")), key=lambda p: p["id"])
         self.rendered_peers_hash = peers_hash(rendered)
         interval = cfg.heartbeat.interval_s
+        # The heartbeat has a thread of its own: watching, healing or a slow refresh must
+        # never delay it (a late heartbeat is what makes a healthy member look dead).
+        self.heartbeat_task = Task(
+            "heartbeat", lambda: self._jitter(self.ctx.config.heartbeat.interval_s), self.beat)
         self.tasks = [
-            Task("heartbeat", lambda: self._jitter(self.ctx.config.heartbeat.interval_s),
-                 self.beat),
             Task("watch", lambda: self.ctx.config.heartbeat.interval_s, self.watch),
             Task("depart", lambda: min(5.0, interval), self.check_departure),
             Task("refresh", lambda: float(self.ctx.config.bundle.refresh_s), self.refresh),
@@ -162,9 +170,7 @@ class Daemon:
                                    self.heal_step))
         from agent import systemd
 
-        wd = systemd.watchdog_interval()
-        if wd:
-            self.tasks.append(Task("watchdog", lambda: wd / 2, systemd.watchdog))
+        self.watchdog_s = systemd.watchdog_interval()
         now = self.clock.monotonic()
         for t in self.tasks:
             t.next_at = now
@@ -173,12 +179,40 @@ class Daemon:
             if t.name in ("watch", "heal"):
                 t.next_at = now + 0.2
 
+    @staticmethod
+    def _make_store(ctx: BootContext, *, bulk: bool = False) -> Any:
+        """Heartbeats and watches need answers within an interval, not botocore's defaults.
+
+        A sick store must turn into recorded failures (observer-sick, api-failing)
+        within about one interval, never into a loop blocked for minutes. Backups
+        (``bulk``) move megabytes and get ordinary timeouts and more connections.
+        """
+        from agent import aws
+        from agent.store import Store
+
+        cfg = ctx.config
+        region = cfg.store.region or ctx.identity.region
+        if bulk:
+            client = aws.client("s3", region, max_pool_connections=16)
+        else:
+            interval = float(cfg.heartbeat.interval_s)
+            # One attempt per call: every task already retries on its own period (the
+            # heartbeat within its interval), and botocore's retries would only stack delays.
+            client = aws.client("s3", region, connect_timeout=max(0.5, min(2.0, interval / 2)),
+                                read_timeout=max(1.0, min(5.0, interval)), max_attempts=1)
+        return Store(cfg.store.bucket, cfg.store.prefix, client=client)
+
     def _make_heal(self, ctx: BootContext) -> Any:
         if ctx.config.heal.mode == "off":
             return None
         from agent.replace import HealController
 
         return HealController.for_daemon(ctx, self.watcher, clock=self.clock)
+
+    def _bulk_store(self) -> Any:
+        if self.bulk_store is None:
+            self.bulk_store = self._make_store(self.ctx, bulk=True)
+        return self.bulk_store
 
     def _jitter(self, interval: float) -> float:
         from agent.heartbeat import next_interval
@@ -284,7 +318,7 @@ class Daemon:
             self.last_backup[spec.name] = now  # a failure waits a full interval, not 1 s
             # Kept in state so a restarted daemon does not back everything up again at once.
             self._record("last_backup", dict(self.last_backup))
-            backup(self.ctx.get_store(), self.ctx.config.group, spec, self.paths,
+            backup(self._bulk_store(), self.ctx.config.group, spec, self.paths,
                    instance_id=self.ctx.identity.instance_id, clock=self.clock)
 
     # -- loop ------------------------------------------------------------------------------------
@@ -295,7 +329,29 @@ class Daemon:
         except StateError as exc:
             log.warning("cannot record %s: %s", what, exc)
 
+    def _watchdog_loop(self, period: float) -> None:
+        """Ping systemd's watchdog while the loop makes progress.
+
+        Progress is a task starting or a store request finishing (ok or failed). Every
+        store call is bounded by its timeouts, so during an outage the loop still
+        progresses and the agent is not restarted for it; a loop that is truly stuck
+        stops the pings and systemd restarts it.
+        """
+        from agent import systemd
+
+        while not self.stop_event.wait(period / 2):
+            last = max(self.progress_mono, self.ctx.store.usage.last_mono if self.ctx else 0.0)
+            if time.monotonic() - last < period:
+                systemd.watchdog()
+
+    def _heartbeat_loop(self) -> None:
+        t = self.heartbeat_task
+        while not self.stop_event.is_set():
+            self._run_task(t)
+            self.stop_event.wait(max(0.0, t.next_at - self.clock.monotonic()))
+
     def _run_task(self, t: Task) -> None:
+        self.progress_mono = time.monotonic()
         try:
             t.fn()
             t.runs += 1
@@ -317,7 +373,8 @@ class Daemon:
             if t.next_at <= now:
                 self._run_task(t)
         self._record("tasks", {t.name: {"runs": t.runs, "failures": t.failures,
-                                        "last_error": t.last_error} for t in self.tasks})
+                                        "last_error": t.last_error}
+                               for t in (self.heartbeat_task, *self.tasks)})
         self._update_metrics()
         nxt = min((t.next_at for t in self.tasks), default=now + 1.0)
         return max(0.0, nxt - self.clock.monotonic())
@@ -395,6 +452,12 @@ class Daemon:
                          lambda d: d.setdefault("daemon", {}).update(
                              pid=_pid(), started=self.clock.time()))
         systemd.ready("running")
+        if self.watchdog_s:
+            threading.Thread(target=self._watchdog_loop, args=(self.watchdog_s,),
+                             name="ec2-agent-watchdog", daemon=True).start()
+        self.heartbeat_thread = threading.Thread(target=self._heartbeat_loop,
+                                                 name="ec2-agent-heartbeat", daemon=True)
+        self.heartbeat_thread.start()
         loops = 0
         while not self.stop_event.is_set():
             wait = self.run_once()
@@ -409,13 +472,16 @@ class Daemon:
         from agent import systemd
 
         systemd.stopping()
+        if self.heartbeat_thread is not None:
+            # An in-flight beat finishes (bounded by its timeouts) before we leave.
+            self.heartbeat_thread.join(timeout=30)
         if not self.superseded and not self.departing:
             self.depart(self.stop_reason or "stop")
         code = 0
         if self.ctx is not None and self.ctx.config.data:
             from agent.backup import run_backups
 
-            outcomes = run_backups(self.ctx.get_store(), self.ctx.config, self.paths,
+            outcomes = run_backups(self._bulk_store(), self.ctx.config, self.paths,
                                    instance_id=self.ctx.identity.instance_id, final=True,
                                    clock=self.clock)
             failed = [o for o in outcomes if o.error]

@@ -14,6 +14,7 @@ tell "someone else won" from "the store is sick".
 from __future__ import annotations
 
 import threading
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
@@ -61,10 +62,12 @@ class Usage:
     requests: Counter = field(default_factory=Counter)
     bytes_in: int = 0
     bytes_out: int = 0
+    last_mono: float = 0.0  # when the last request finished, ok or not: progress, for watchdogs
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def add(self, op: str, bytes_in: int = 0, bytes_out: int = 0) -> None:
         with self._lock:
+            self.last_mono = time.monotonic()
             self.requests[op] += 1
             self.bytes_in += bytes_in
             self.bytes_out += bytes_out

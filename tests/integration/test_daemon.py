@@ -173,3 +173,58 @@ def test_membership_change_rerenders_peers_after_quiescence(cloud: EmbeddedCloud
             if p.poll() is None:
                 os.kill(p.pid, signal.SIGTERM)
                 p.wait(timeout=30)
+
+
+def test_outage_keeps_watchdog_alive_and_is_recorded(cloud: EmbeddedCloud,
+                                                     tmp_path: Path) -> None:
+    """A black-holed store: bounded calls fail, state says so, and systemd keeps its pings.
+
+    The store is reached through a loopback TCP proxy the test controls. During the
+    outage the loop must keep progressing (every call has timeouts), so WATCHDOG=1
+    keeps coming and the agent is not restarted for the store's sickness; its own
+    heartbeat failures are recorded as observer-sick.
+    """
+    import subprocess
+    import sys
+
+    from agent.sim.proxy import TcpProxy
+
+    iid = cloud.run_standalone("web", 1, _fast_config(cloud))[0]
+    assert cloud.boot_all([iid]) == {iid: 0}
+    sock_path = str(tmp_path / "notify.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(sock_path)
+    sock.settimeout(1.0)
+    proxy = TcpProxy.to_url(cloud.moto.url).start()
+    env = cloud.instances[iid].env(cloud)
+    env.update(NOTIFY_SOCKET=sock_path, WATCHDOG_USEC="3000000", AWS_ENDPOINT_URL=proxy.url)
+    p = subprocess.Popen([sys.executable, "-m", "agent.cli", "run"], env=env,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def pings(seconds: float) -> int:
+        n = 0
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            try:
+                n += sock.recv(4096).decode().splitlines().count("WATCHDOG=1")
+            except TimeoutError:
+                pass
+        return n
+
+    try:
+        assert pings(4) >= 1
+        proxy.set_mode("blackhole")
+        during = pings(12)
+        st = cloud.instances[iid].state() or {}
+        assert during >= 3, f"watchdog starved during the outage ({during} pings in 12 s)"
+        assert st["heartbeat"]["observer_sick"] is True, (st["heartbeat"], st.get("daemon"))
+        assert st["heartbeat"]["failures"] >= 3
+        proxy.set_mode("pass")
+        _wait(lambda: not (cloud.instances[iid].state() or {})["heartbeat"]["observer_sick"],
+              timeout=30)
+        assert p.poll() is None
+    finally:
+        os.kill(p.pid, signal.SIGTERM)
+        p.wait(timeout=60)
+        proxy.stop()
+        sock.close()
