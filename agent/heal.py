@@ -280,7 +280,8 @@ def _judge(m: str, view: HealView, policy: HealPolicy) -> tuple[list[str], list[
     if probe is True:
         no.append("probe-ok: its health endpoint answers")
     if ec2 is None:
-        no.append("ec2-state-unknown: an API error or insufficient data never counts as dead")
+        if not leased:  # a leased member is not asked about (its lease is the reason)
+            no.append("ec2-state-unknown: an API error or insufficient data never counts as dead")
     elif ec2 == "pending":
         no.append("ec2-pending: the instance is booting")
     elif ec2 in GOING_AWAY:
