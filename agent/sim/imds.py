@@ -324,6 +324,8 @@ class _Handler(BaseHTTPRequestHandler):
     server: _HttpServer
     _record: Callable[[int | None], None] | None = None
     timeout = 10  # a silent client never pins a handler thread for long
+    # Keep-alive, as the real IMDS does: a client's pooled connection is reused.
+    protocol_version = "HTTP/1.1"
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
         pass
