@@ -114,6 +114,7 @@ class Daemon:
         self.endpoint: Any = None
         self.heal: Any = None
         self.bulk_store: Any = None
+        self.imds: Any = None
         self.progress_mono = 0.0
         self.watchdog_s: float | None = None
         self.heartbeat_thread: threading.Thread | None = None
@@ -287,8 +288,10 @@ class Daemon:
         from agent.heartbeat import check_departure
         from agent.imds import ImdsClient
 
-        with ImdsClient(deadline=Deadline.after(4.0, "departure check", self.clock)) as imds:
-            reason = check_departure(imds)
+        if self.imds is None:  # one client: its pool and token are reused every check
+            self.imds = ImdsClient(clock=self.clock)
+        reason = check_departure(
+            self.imds.with_deadline(Deadline.after(4.0, "departure check", self.clock)))
         if reason and not self.departing:
             self.depart(reason)
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from bisect import bisect_right
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from types import MappingProxyType
@@ -411,31 +412,31 @@ def liveness(
 # --------------------------------------------------------------------------- watch sets
 
 
-def _score(observer_id: str, member_id: str) -> int:
-    """Rendezvous weight: stable across processes and Python versions (not ``hash()``)."""
-    digest = hashlib.blake2b(
-        f"{observer_id}\x00{member_id}".encode(), digest_size=8, person=b"ec2a-hrw"
-    ).digest()
-    return int.from_bytes(digest, "big")
+def ring_position(instance_id: str) -> int:
+    """Place on the hash ring: stable across processes and Python versions (not ``hash()``)."""
+    d = hashlib.blake2b(instance_id.encode(), digest_size=8, person=b"ec2a-ring").digest()
+    return int.from_bytes(d, "big")
 
 
-def watchers(member_id: str, member_ids: Iterable[str], k: int) -> list[str]:
-    """The ``k`` peers that watch ``member_id`` (highest rendezvous weight first).
+def watch_set(observer_id: str, member_ids: Iterable[str], k: int) -> list[str]:
+    """The ``k`` members after ``observer_id`` on the hash ring (all others if fewer).
 
-    Never the member itself; all the others when there are fewer than ``k + 1``.
-    Adding or removing one member changes each member's watchers by at most one.
+    Every member is watched by exactly ``min(k, N-1)`` others; one join or leave
+    changes at most ``k`` observers' sets. O(N log N): cheap at N = 10,000, where a
+    rendezvous (HRW) form costs O(N²) hashes per recomputation.
     """
     if k < 0:
         raise ValueError(f"k must be >= 0, got {k}")
-    others = {m for m in member_ids if m != member_id}
-    ranked = sorted(others, key=lambda o: (_score(o, member_id), o), reverse=True)
-    return ranked[:k]
+    ids = sorted({m for m in member_ids if m != observer_id}, key=lambda m: (ring_position(m), m))
+    if k == 0 or not ids:
+        return []
+    if len(ids) <= k:
+        return ids
+    start = bisect_right([ring_position(m) for m in ids], ring_position(observer_id))
+    return [ids[(start + i) % len(ids)] for i in range(k)]
 
 
-def watch_set(observer_id: str, member_ids: Iterable[str], k: int) -> set[str]:
-    """The members ``observer_id`` watches: those that have it among their watchers.
-
-    O(N²) hashes; about a second for N = 1,000 — compute once per membership change.
-    """
-    ids = set(member_ids) | {observer_id}
-    return {m for m in ids if m != observer_id and observer_id in watchers(m, ids, k)}
+def watchers(member_id: str, member_ids: Iterable[str], k: int) -> list[str]:
+    """Who watches ``member_id``: the ``k`` members before it on the ring, never itself."""
+    ids = set(member_ids) | {member_id}
+    return sorted(o for o in ids if o != member_id and member_id in watch_set(o, ids, k))

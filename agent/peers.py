@@ -14,9 +14,7 @@ O(N²) in aggregate. Per interval a member makes a constant number of requests:
 * ``k`` (default 3) conditional GETs of the members it watches. Watch sets come
   from a hash ring: each member watches the ``k`` members after it on the ring of
   ``blake2b(id)``, so every member has exactly ``k`` watchers and a join or leave
-  moves ``O(k)`` assignments. (``agent.membership.watch_set``'s rendezvous form is
-  O(N²) hashes per recomputation — about 100 s of CPU at N = 10,000 — so this
-  module computes the ring form in O(N log N).)
+  moves ``O(k)`` assignments (``agent.membership.watch_set``, O(N log N)).
 
 A full LIST of ``members/`` happens rarely: every ``list_s`` (300 s) as a safety
 net, sooner when the marker log overflowed, and never more often than the page
@@ -35,7 +33,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from bisect import bisect_right
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -44,7 +41,14 @@ from typing import Any
 
 from agent.clock import SYSTEM_CLOCK, Clock
 from agent.errors import NotFound, PreconditionFailed, StoreError
-from agent.membership import LivenessState, MalformedRecord, MemberRecord, Observation, Verdict
+from agent.membership import (
+    LivenessState,
+    MalformedRecord,
+    MemberRecord,
+    Observation,
+    Verdict,
+    watch_set,
+)
 
 log = logging.getLogger(__name__)
 
@@ -160,32 +164,6 @@ def should_rerender(
         return False
     first, last = changes[0][0], changes[-1][0]
     return now - last >= min_s or now - first >= max_s
-
-
-def ring_position(instance_id: str) -> int:
-    d = hashlib.blake2b(instance_id.encode(), digest_size=8, person=b"ec2a-ring").digest()
-    return int.from_bytes(d, "big")
-
-
-def ring_watch_set(observer_id: str, member_ids: Iterable[str], k: int = DEFAULT_K) -> list[str]:
-    """The ``k`` members after ``observer_id`` on the hash ring (all others if fewer).
-
-    Every member is watched by exactly ``min(k, N-1)`` others; one join or leave
-    changes at most ``k`` observers' sets. O(N log N).
-    """
-    ids = sorted({m for m in member_ids if m != observer_id}, key=lambda m: (ring_position(m), m))
-    if k <= 0 or not ids:
-        return []
-    if len(ids) <= k:
-        return ids
-    start = bisect_right([ring_position(m) for m in ids], ring_position(observer_id))
-    return [ids[(start + i) % len(ids)] for i in range(k)]
-
-
-def ring_watchers(member_id: str, member_ids: Iterable[str], k: int = DEFAULT_K) -> list[str]:
-    """Who watches ``member_id``: the ``k`` members before it on the ring."""
-    ids = set(member_ids) | {member_id}
-    return [o for o in ids if o != member_id and member_id in ring_watch_set(o, ids, k)]
 
 
 def list_period_s(pages: int, list_s: float = 300.0, pages_per_hour: float = 60.0) -> float:
@@ -586,7 +564,7 @@ class PeerWatcher:
         ids = frozenset(self.view)
         if ids != self._ids_for_ring:
             self._ids_for_ring = ids
-            self._ring = ring_watch_set(self.self_id, ids, self.k)
+            self._ring = watch_set(self.self_id, ids, self.k)
         return list(self._ring) if ids else []
 
     def peers(self) -> list[PeerInfo]:

@@ -11,7 +11,7 @@ import pytest
 from agent import state as statefile
 from agent.clock import Clock, FakeClock
 from agent.heartbeat import Heartbeater
-from agent.membership import MemberRecord
+from agent.membership import MemberRecord, watch_set, watchers
 from agent.peers import (
     PeerWatcher,
     bump_marker,
@@ -21,8 +21,6 @@ from agent.peers import (
     member_key,
     read_group,
     read_if_changed,
-    ring_watch_set,
-    ring_watchers,
     should_rerender,
 )
 from agent.store import Store
@@ -162,12 +160,12 @@ def test_write_state(store: Store, tmp_path: Any) -> None:
 def test_ring_watch_sets_cover_everyone_k_times() -> None:
     ids = [f"i-{i:04d}" for i in range(50)]
     for m in ids:
-        assert len(ring_watchers(m, ids, 3)) == 3
-    assert all(len(ring_watch_set(o, ids, 3)) == 3 for o in ids)
-    assert sorted(ring_watch_set("i-0000", ids[:3], 3)) == ["i-0001", "i-0002"]
+        assert len(watchers(m, ids, 3)) == 3
+    assert all(len(watch_set(o, ids, 3)) == 3 for o in ids)
+    assert sorted(watch_set("i-0000", ids[:3], 3)) == ["i-0001", "i-0002"]
     # one join moves at most k assignments
-    before = {o: set(ring_watch_set(o, ids, 3)) for o in ids}
-    after = {o: set(ring_watch_set(o, [*ids, "i-new"], 3)) for o in ids}
+    before = {o: set(watch_set(o, ids, 3)) for o in ids}
+    after = {o: set(watch_set(o, [*ids, "i-new"], 3)) for o in ids}
     assert sum(before[o] != after[o] for o in ids) <= 3
 
 
