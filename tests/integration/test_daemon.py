@@ -228,3 +228,31 @@ def test_outage_keeps_watchdog_alive_and_is_recorded(cloud: EmbeddedCloud,
         p.wait(timeout=60)
         proxy.stop()
         sock.close()
+
+
+def test_sigterm_takes_the_final_backup_after_leaving(cloud: EmbeddedCloud) -> None:
+    from agent.backup import latest_snapshot, load_manifest
+
+    cfg = _fast_config(cloud, data=[{"name": "app", "path": "/var/lib/app", "required": False,
+                                     "backup_interval_s": 3600}])
+    iid = cloud.run_standalone("web", 1, cfg)[0]
+    data = cloud.instances[iid].root / "var/lib/app"
+    data.mkdir(parents=True)
+    (data / "before.txt").write_text("written before boot\n")
+    assert cloud.boot_all([iid]) == {iid: 0}
+    p = cloud.spawn(iid, "run")
+    try:
+        _wait(lambda: int((cloud.instances[iid].state() or {}).get("heartbeat", {})
+                          .get("seq", 0)) >= 3)
+        (data / "last-words.txt").write_text("written just before the stop\n")
+    finally:
+        os.kill(p.pid, signal.SIGTERM)
+        code = p.wait(timeout=120)
+    assert code == 0
+    store = Store(cloud.bucket, cloud.prefix)
+    assert iid not in _members(cloud, "web")
+    snap = latest_snapshot(store, "web", "app")
+    assert snap is not None
+    files = {f.path for f in load_manifest(store, "web", "app", snap).files}
+    assert {"before.txt", "last-words.txt"} <= files
+    assert cloud.instances[iid].state()["daemon"]["final_backup"]["ok"] is True

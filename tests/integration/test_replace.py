@@ -407,3 +407,19 @@ def test_step_takes_the_real_peer_watcher(cloud: EmbeddedCloud, tmp_path: Any) -
     d = a.step(watcher, SimpleNamespace(observer_sick=False))
     assert not d.frozen and not d.actions
     assert not a.superseded
+
+
+def test_hook_action_runs_the_command_once_for_the_dead_member(cloud: EmbeddedCloud,
+                                                                tmp_path: Any) -> None:
+    ids = cloud.run_standalone(GROUP, 4)
+    dead = ids[0]
+    out = tmp_path / "hook.log"
+    cfg = config(action="hook", hook=f'echo "$EC2_AGENT_DEAD_ID $EC2_AGENT_GROUP" >> {out}')
+    cloud.client("ec2").terminate_instances(InstanceIds=[dead])
+    _, decision = confirm_then_act(cloud, ids, dead, cfg, tmp_path)
+    assert [x.kind for x in decision.executable()] == ["hook"]
+    assert out.read_text().split() == [dead, GROUP]
+    # Another observer that also sees it dead finds the lease: the hook never runs twice.
+    ctl(cloud, ids[3], cfg, tmp_path).step(view(ids, dead), ObserverHealth())
+    assert out.read_text().split() == [dead, GROUP]
+    assert "heal-action" in kinds(cloud)
