@@ -45,7 +45,7 @@ PHASES: list[tuple[str, str]] = [
     ("userdata", "agent.boot:phase_userdata"),
     ("config", "agent.boot:phase_config"),
     ("pull", "agent.pull:phase_pull"),
-    ("restore", "agent.backup:phase_restore"),
+    ("restore", "agent.restore:phase_restore"),
     ("render", "agent.apply:phase_render"),
     ("register", "agent.heartbeat:phase_register"),
 ]
@@ -257,7 +257,7 @@ def run_boot(
         from agent import aws
 
         # CPU work (imports, S3 model loading) overlaps the identity phase's IMDS round trips.
-        aws.prewarm(modules=("agent.config", "agent.apply", "agent.backup"))
+        aws.prewarm(modules=("agent.config", "agent.apply", "agent.restore"))
     failed = False
     for i, (name, ref) in enumerate(phases):
         rec = st["phases"][i]

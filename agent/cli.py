@@ -229,7 +229,8 @@ def cmd_backup(args: argparse.Namespace) -> int:
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
-    from agent.backup import TtyProgress, load_runtime, restore, store_for
+    from agent.backup import TtyProgress, load_runtime, store_for
+    from agent.restore import restore
 
     paths = _paths()
     cfg, _ = load_runtime(paths)

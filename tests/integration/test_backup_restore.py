@@ -15,6 +15,7 @@ from botocore.config import Config
 
 from agent import backup as B
 from agent import data as D
+from agent import restore as R
 from agent.clock import Deadline, FakeClock
 from agent.errors import AgentError, IntegrityError, StoreError
 from agent.paths import Paths
@@ -82,7 +83,7 @@ def test_roundtrip_is_exact(store: Store, tmp_path: Path) -> None:
         store, G, N, res.snapshot_id).files for c in f.chunks})
     seen: list[dict] = []
     dst = tmp_path / "restore" / "app"
-    out = B.restore(store, G, N, dst, progress=seen.append, concurrency=3)
+    out = R.restore(store, G, N, dst, progress=seen.append, concurrency=3)
     assert out.snapshot_id == res.snapshot_id and out.moved_aside is None
     assert describe(dst) == describe(src)
     assert dst.stat().st_mode & 0o7777 == 0o710
@@ -122,7 +123,7 @@ def test_retention_and_collection(store: Store, tmp_path: Path) -> None:
     for sid in ids[-2:]:
         wanted |= B.load_manifest(store, G, N, sid).chunk_set()
     assert chunks == wanted
-    B.restore(store, G, N, tmp_path / "r1", snapshot_id=ids[-2])
+    R.restore(store, G, N, tmp_path / "r1", snapshot_id=ids[-2])
     assert (tmp_path / "r1" / "f.bin").read_bytes() == random.Random(2).randbytes(2 * CHUNK)
     assert store.list(f"data/{G}/{N}/locks/").entries == ()
 
@@ -168,7 +169,7 @@ def test_reused_old_chunk_is_not_collected_under_a_live_backup(store: Store,
     assert "deferred" in res.gc_note and res.collected == 0
     live.commit()
     live.end()
-    out = B.restore(store, G, N, tmp_path / "r", snapshot_id=live.snapshot_id)
+    out = R.restore(store, G, N, tmp_path / "r", snapshot_id=live.snapshot_id)
     assert (out.target / "x").read_bytes() == shared
 
 
@@ -216,7 +217,7 @@ def test_empty_dir_never_replaces_a_real_snapshot(store: Store, tmp_path: Path) 
 
 
 def test_no_snapshot(store: Store, tmp_path: Path) -> None:
-    res = B.restore(store, G, N, tmp_path / "t")
+    res = R.restore(store, G, N, tmp_path / "t")
     assert res.snapshot_id is None and not (tmp_path / "t").exists()
     assert res.summary() == "app: no snapshot"
 
@@ -229,13 +230,13 @@ def test_existing_empty_dir_is_replaced_and_nonempty_refused(store: Store,
     do_backup(store, src)
     dst = tmp_path / "d" / "app"
     dst.mkdir(parents=True)
-    res = B.restore(store, G, N, dst)
+    res = R.restore(store, G, N, dst)
     assert res.moved_aside is None and describe(dst) == describe(src)
     assert sorted(p.name for p in dst.parent.iterdir()) == [".app.restore.lock", "app"]
     with pytest.raises(AgentError, match="not empty"):
-        B.restore(store, G, N, dst)
+        R.restore(store, G, N, dst)
     (dst / "local-only").write_text("mine")
-    res = B.restore(store, G, N, dst, force=True)
+    res = R.restore(store, G, N, dst, force=True)
     assert res.moved_aside is not None
     assert (res.moved_aside / "local-only").read_text() == "mine"
     assert describe(dst) == describe(src)
@@ -274,7 +275,7 @@ def test_corruption_is_refused_and_target_untouched(store: Store, tmp_path: Path
     if existing == "empty":
         dst.mkdir()
     with pytest.raises(IntegrityError, match=message) as err:
-        B.restore(store, G, N, dst)
+        R.restore(store, G, N, dst)
     assert path in str(err.value) and sha in str(err.value)
     assert dst.exists() is (existing == "empty")
     if existing == "empty":
@@ -291,7 +292,7 @@ def test_unsafe_manifest_writes_nothing(store: Store, tmp_path: Path) -> None:
 
     store.put(D.snapshot_key(G, N, "20990101T000000Z-i-x-0000"), json.dumps(bad).encode())
     with pytest.raises(IntegrityError, match="unsafe path"):
-        B.restore(store, G, N, tmp_path / "d" / "app")
+        R.restore(store, G, N, tmp_path / "d" / "app")
     assert not (tmp_path / "d").exists()
     assert not (tmp_path / "escape").exists()
 
@@ -306,7 +307,7 @@ def test_leftovers_of_a_killed_restore(tmp_path: Path) -> None:
     swapped_old = tmp_path / ".app.restore-2-2"  # old content after an interrupted exchange
     swapped_old.mkdir()
     (swapped_old / "precious").write_text("keep me")
-    B._clean_stale(tmp_path, "app")
+    R._clean_stale(tmp_path, "app")
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == [".app.replaced-2-2"]
     assert (tmp_path / ".app.replaced-2-2" / "precious").read_text() == "keep me"
@@ -322,7 +323,7 @@ def test_deadline_leaves_target_untouched(store: Store, tmp_path: Path) -> None:
     from agent.errors import DeadlineExceeded
 
     with pytest.raises(DeadlineExceeded):
-        B.restore(store, G, N, tmp_path / "d" / "app", deadline=deadline, clock=clock)
+        R.restore(store, G, N, tmp_path / "d" / "app", deadline=deadline, clock=clock)
     assert sorted(p.name for p in (tmp_path / "d").iterdir()) == [".app.restore.lock"]
 
 
@@ -362,14 +363,14 @@ def test_phase_restore_first_boot_then_reboot_keeps(store: Store, tmp_path: Path
     make_tree(src)
     do_backup(store, src)
     ctx = Ctx(store, "first", [spec()])
-    detail = B.phase_restore(ctx)
+    detail = R.phase_restore(ctx)
     target = root / "var" / "lib" / "app"
     assert "restored" in detail and describe(target) == describe(src)
     assert ctx.progressed and not ctx.degraded
     (target / "new-local").write_text("written by the service")
     # the same first boot, run again (a crash before it finished): local data kept
-    assert B.phase_restore(Ctx(store, "first", [spec()])) == "app: kept local data"
-    assert B.phase_restore(Ctx(store, "reboot", [spec()])) == "app: kept local data"
+    assert R.phase_restore(Ctx(store, "first", [spec()])) == "app: kept local data"
+    assert R.phase_restore(Ctx(store, "reboot", [spec()])) == "app: kept local data"
     assert (target / "new-local").exists()
 
 
@@ -382,15 +383,15 @@ def test_phase_restore_seed_content_moved_aside(store: Store, tmp_path: Path,
     target = root / "var" / "lib" / "app"
     target.mkdir(parents=True)
     (target / "seed").write_text("from the image")
-    detail = B.phase_restore(Ctx(store, "first", [spec()]))
+    detail = R.phase_restore(Ctx(store, "first", [spec()]))
     assert "moved to" in detail and describe(target) == describe(src)
     aside = next(target.parent.glob(".app.replaced-*"))
     assert (aside / "seed").read_text() == "from the image"
 
 
 def test_phase_restore_no_snapshot_and_no_entries(store: Store) -> None:
-    assert B.phase_restore(Ctx(store, "first", [spec()])) == "app: no snapshot"
-    assert B.phase_restore(Ctx(store, "first", [])) == "no data entries"
+    assert R.phase_restore(Ctx(store, "first", [spec()])) == "app: no snapshot"
+    assert R.phase_restore(Ctx(store, "first", [])) == "no data entries"
 
 
 def test_phase_restore_store_down(root: Path) -> None:
@@ -398,15 +399,15 @@ def test_phase_restore_store_down(root: Path) -> None:
         "s3", endpoint_url="http://127.0.0.1:9", config=Config(
             retries={"max_attempts": 1}, connect_timeout=0.5, read_timeout=0.5)))
     with pytest.raises(StoreError, match="required"):
-        B.phase_restore(Ctx(down, "first", [spec()]))
+        R.phase_restore(Ctx(down, "first", [spec()]))
     ctx = Ctx(down, "first", [spec(required=False)])
-    B.phase_restore(ctx)
+    R.phase_restore(ctx)
     assert ctx.degraded and "starting with missing dir" in ctx.degraded[0]
     target = root / "var" / "lib" / "app"
     target.mkdir(parents=True)
     (target / "f").write_text("local")
     ctx = Ctx(down, "first", [spec()])
-    B.phase_restore(ctx)
+    R.phase_restore(ctx)
     assert ctx.degraded and "kept local data" in ctx.degraded[0]
     assert (target / "f").read_text() == "local"
 

@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 
 from agent import backup as B
+from agent import restore as R
 from agent.store import Store
 from tests.integration.test_backup_restore import describe as _describe
 
@@ -33,7 +34,7 @@ ROUNDS = 20
 SCRIPT = r"""
 import os, random, sys, traceback
 from pathlib import Path
-from agent import aws, backup as B, data as D
+from agent import aws, backup as B, data as D, restore as R
 from agent.store import Store
 mode, path = sys.argv[1], Path(sys.argv[2])
 aws.client("s3")   # load botocore's models once; children only build a client
@@ -48,7 +49,7 @@ def work(seed):
         B.Backup(store, "web", "app", path, chunk_size=4096, keep=3, instance_id=f"i-{seed}",
                  concurrency=4, policy=D.GcPolicy(min_chunk_age_s=0, lock_ttl_s=1)).run()
     else:
-        B.restore(store, "web", "app", path, force=True, concurrency=4)
+        R.restore(store, "web", "app", path, force=True, concurrency=4)
 
 for line in sys.stdin:
     pid = os.fork()
@@ -148,12 +149,12 @@ def test_killed_backups_never_break_a_committed_snapshot(store: Store, tmp_path:
             killed += workers.run(i, rnd.uniform(0, span * 1.2)) == "killed"
             latest = B.latest_snapshot(store, G, N)
             assert latest is not None  # the first, uninterrupted backup at least
-            B.restore(store, G, N, tmp_path / f"check-{i}", snapshot_id=latest)
+            R.restore(store, G, N, tmp_path / f"check-{i}", snapshot_id=latest)
     finally:
         workers.close()
     assert killed >= ROUNDS // 2
     for sid in B.list_snapshots(store, G, N):  # every committed snapshot is whole
-        B.restore(store, G, N, tmp_path / f"final-{sid}", snapshot_id=sid)
+        R.restore(store, G, N, tmp_path / f"final-{sid}", snapshot_id=sid)
 
 
 def _old_tree(target: Path) -> None:
@@ -202,7 +203,7 @@ def _rounds(workers: Workers, span: float, parent: Path, target: Path, old: dict
         if now == new:
             # the old content was moved aside (or sits under an interrupted swap's name,
             # which the next restore moves aside): never lost
-            B._clean_stale(parent, "app")
+            R._clean_stale(parent, "app")
             asides = list(parent.glob(".app.replaced-*"))
             assert any(describe(a) == old for a in asides), f"round {i}: old content lost"
     assert killed >= ROUNDS // 2
