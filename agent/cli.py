@@ -166,7 +166,7 @@ def _operator(doc: dict[str, Any]) -> str:
 
 def cmd_pause(args: argparse.Namespace) -> int:
     from agent.heartbeat import member_store
-    from agent.replace import pause
+    from agent.leases import pause
 
     store, doc = member_store(_paths())
     pause(store, doc["group"], _operator(doc), args.reason)
@@ -176,7 +176,7 @@ def cmd_pause(args: argparse.Namespace) -> int:
 
 def cmd_resume(args: argparse.Namespace) -> int:
     from agent.heartbeat import member_store
-    from agent.replace import resume
+    from agent.leases import resume
 
     store, doc = member_store(_paths())
     resume(store, doc["group"], _operator(doc), args.reason)

@@ -374,7 +374,7 @@ class Fleet:
 
     def leases(self) -> dict[str, dict[str, Any]]:
         """Lease bodies by member (GET only the ones whose ETag changed)."""
-        from agent.replace import leases_prefix
+        from agent.leases import leases_prefix
 
         out = {}
         for e in self.store.list(leases_prefix(self.group)).entries:
@@ -457,7 +457,7 @@ class Fleet:
                                               f"by {ev.get('actor', '')}: {why}"[:160]))
 
     def _poller(self) -> None:
-        from agent.replace import suspicions_prefix
+        from agent.leases import suspicions_prefix
 
         dead_after = self.dead_after()
         for mid, age in self.members().items():

@@ -15,7 +15,8 @@ from typing import Any
 
 from agent.cloud import Cloud
 from agent.events import list_events
-from agent.replace import HealController, ObserverHealth, PeersView, read_lease, take_budget
+from agent.leases import read_lease, take_budget
+from agent.replace import HealController, ObserverHealth, PeersView
 from agent.sim.cloud import EmbeddedCloud
 from agent.store import Store
 from tests.integration.test_replace import GROUP, all_instances, config, view

@@ -27,17 +27,8 @@ from agent.cloud import REPLACES_TAG, Cloud
 from agent.config import BootConfig, HealConfig, HeartbeatConfig
 from agent.endpoint import Endpoint
 from agent.events import list_events
-from agent.replace import (
-    HealController,
-    Lease,
-    ObserverHealth,
-    PeersView,
-    lease_key,
-    pause,
-    read_lease,
-    resume,
-    superseded,
-)
+from agent.leases import Lease, lease_key, pause, read_lease, resume, superseded
+from agent.replace import HealController, ObserverHealth, PeersView
 from agent.sim.cloud import EmbeddedCloud
 from agent.store import Store
 from tests.conftest import CLOSED

@@ -8,17 +8,16 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.membership import MalformedRecord
-from agent.replace import (
+from agent.leases import (
     Lease,
     count_suspicions,
-    dedupe_key,
-    ec2_still_agrees,
     lease_outcome,
     parse_suspicion,
     streak,
     suspicion_key,
 )
+from agent.membership import MalformedRecord
+from agent.replace import dedupe_key, ec2_still_agrees
 
 
 @dataclass(frozen=True)
