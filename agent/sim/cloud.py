@@ -14,7 +14,6 @@ import base64
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -28,6 +27,7 @@ import yaml
 
 from agent.sim.imds import ImdsEmulator, meta_for_instance
 from agent.sim.moto import FAKE_CREDENTIALS, MotoServer
+from agent.sim.netutil import stop_process
 
 REGION = "us-east-1"
 _IMAGE_CACHE: dict[str, str] = {}
@@ -103,7 +103,7 @@ class EmbeddedCloud:
     def stop(self, keep_dir: bool = False) -> None:
         for inst in self.instances.values():
             for p in inst.procs:
-                _stop_proc(p)
+                stop_process(p)
             inst.procs.clear()
         self.imds.stop()
         if self._own_moto:
@@ -305,24 +305,10 @@ class EmbeddedCloud:
             try:
                 codes[iid] = p.wait(timeout=max(0.1, end - time.monotonic()))
             except subprocess.TimeoutExpired:
-                _stop_proc(p)
+                stop_process(p)
                 codes[iid] = -1
             self.instances[iid].procs.remove(p)
         return codes
-
-
-def _stop_proc(p: subprocess.Popen, timeout: float = 10.0) -> None:
-    if p.poll() is not None:
-        return
-    try:
-        os.kill(p.pid, signal.SIGCONT)
-        os.kill(p.pid, signal.SIGTERM)
-        p.wait(timeout=timeout)
-    except ProcessLookupError:
-        return
-    except subprocess.TimeoutExpired:
-        os.kill(p.pid, signal.SIGKILL)
-        p.wait(timeout=timeout)
 
 
 # -- the `simulate` command -----------------------------------------------------------------------

@@ -40,7 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent.sim.cloud import EmbeddedCloud, _stop_proc, cloud_config
+from agent.sim.cloud import EmbeddedCloud, cloud_config
+from agent.sim.netutil import stop_process
 from agent.sim.proxy import TcpProxy
 
 GROUP_TAG = "ec2-agent:group"
@@ -216,7 +217,7 @@ class Fleet:
                 except ProcessLookupError:
                     pass
         for p in live.values():
-            _stop_proc(p)  # waits; SIGKILL after its timeout
+            stop_process(p)  # waits; SIGKILL after its timeout
         self.proxy.stop()
         for p in self.own_proxies.values():
             p.stop()

@@ -16,7 +16,7 @@ import sys
 import urllib.request
 from dataclasses import dataclass, field
 
-from agent.sim.netutil import LOOPBACK, free_port, wait_listening
+from agent.sim.netutil import LOOPBACK, free_port, stop_process, wait_listening
 
 FAKE_CREDENTIALS = {
     "AWS_ACCESS_KEY_ID": "testing",
@@ -87,16 +87,7 @@ class MotoServer:
     def stop(self) -> None:
         if self.proc is None:
             return
-        pid = self.proc.pid
-        try:
-            os.kill(pid, signal.SIGCONT)
-            os.kill(pid, signal.SIGTERM)
-            self.proc.wait(timeout=10)
-        except ProcessLookupError:
-            pass
-        except subprocess.TimeoutExpired:
-            os.kill(pid, signal.SIGKILL)
-            self.proc.wait(timeout=10)
+        stop_process(self.proc)
         self.proc = None
 
     def __enter__(self) -> MotoServer:

@@ -1,8 +1,11 @@
-"""Loopback helpers shared by the emulators and the tests."""
+"""Loopback and process helpers shared by the emulators, the fleet and the tests."""
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
+import subprocess
 import time
 
 LOOPBACK = "127.0.0.1"
@@ -24,3 +27,18 @@ def wait_listening(port: int, timeout: float = 30.0, host: str = LOOPBACK) -> No
             if time.monotonic() > end:
                 raise TimeoutError(f"nothing listening on {host}:{port} after {timeout}s") from None
             time.sleep(0.05)
+
+
+def stop_process(p: subprocess.Popen, timeout: float = 10.0) -> None:
+    """Stop a child by its PID: SIGCONT (it may be SIGSTOPped), SIGTERM, then SIGKILL."""
+    if p.poll() is not None:
+        return
+    try:
+        os.kill(p.pid, signal.SIGCONT)
+        os.kill(p.pid, signal.SIGTERM)
+        p.wait(timeout=timeout)
+    except ProcessLookupError:
+        return
+    except subprocess.TimeoutExpired:
+        os.kill(p.pid, signal.SIGKILL)
+        p.wait(timeout=timeout)
