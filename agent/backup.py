@@ -449,10 +449,15 @@ def load_runtime(paths: Any) -> tuple[Any, str]:
     return cfg, str(instance_id)
 
 
-def store_for(cfg: Any, concurrency: int = DEFAULT_CONCURRENCY) -> Any:
+def store_for(cfg: Any, concurrency: int = DEFAULT_CONCURRENCY,
+              region: str | None = None) -> Any:
+    """A store for moving data: ordinary timeouts, a connection per upload thread.
+
+    ``region`` is the fallback (the instance's) when the config does not pin one.
+    """
     from agent import aws
     from agent.store import Store
 
-    region = getattr(cfg.store, "region", None)
+    region = getattr(cfg.store, "region", None) or region
     client = aws.client("s3", region, max_pool_connections=max(10, concurrency + 2))
     return Store(cfg.store.bucket, cfg.store.prefix, client=client)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import random
 import signal
 import threading
@@ -181,26 +182,23 @@ class Daemon:
                 t.next_at = now + 0.2
 
     @staticmethod
-    def _make_store(ctx: BootContext, *, bulk: bool = False) -> Any:
+    def _make_store(ctx: BootContext) -> Any:
         """Heartbeats and watches need answers within an interval, not botocore's defaults.
 
         A sick store must turn into recorded failures (observer-sick, api-failing)
-        within about one interval, never into a loop blocked for minutes. Backups
-        (``bulk``) move megabytes and get ordinary timeouts and more connections.
+        within about one interval, never into a loop blocked for minutes. Backups use
+        ``backup.store_for`` (ordinary timeouts, more connections).
         """
         from agent import aws
         from agent.store import Store
 
         cfg = ctx.config
         region = cfg.store.region or ctx.identity.region
-        if bulk:
-            client = aws.client("s3", region, max_pool_connections=16)
-        else:
-            interval = float(cfg.heartbeat.interval_s)
-            # One attempt per call: every task already retries on its own period (the
-            # heartbeat within its interval), and botocore's retries would only stack delays.
-            client = aws.client("s3", region, connect_timeout=max(0.5, min(2.0, interval / 2)),
-                                read_timeout=max(1.0, min(5.0, interval)), max_attempts=1)
+        interval = float(cfg.heartbeat.interval_s)
+        # One attempt per call: every task already retries on its own period (the
+        # heartbeat within its interval), and botocore's retries would only stack delays.
+        client = aws.client("s3", region, connect_timeout=max(0.5, min(2.0, interval / 2)),
+                            read_timeout=max(1.0, min(5.0, interval)), max_attempts=1)
         return Store(cfg.store.bucket, cfg.store.prefix, client=client)
 
     def _make_heal(self, ctx: BootContext) -> Any:
@@ -212,7 +210,9 @@ class Daemon:
 
     def _bulk_store(self) -> Any:
         if self.bulk_store is None:
-            self.bulk_store = self._make_store(self.ctx, bulk=True)
+            from agent.backup import store_for
+
+            self.bulk_store = store_for(self.ctx.config, region=self.ctx.identity.region)
         return self.bulk_store
 
     def _jitter(self, interval: float) -> float:
@@ -270,10 +270,9 @@ class Daemon:
     def heal_step(self) -> None:
         if self.superseded or self.departing:
             return
-        decision = self.heal.step(observer_sick=self.hb.observer_sick)
-        if getattr(self.heal, "superseded", False):
+        self.heal.step(observer_sick=self.hb.observer_sick)
+        if self.heal.superseded:
             self.become_superseded()
-        return decision
 
     def become_superseded(self) -> None:
         """A peer replaced us: stop claiming membership, say so, keep services untouched."""
@@ -453,7 +452,7 @@ class Daemon:
         self.setup()
         statefile.update(self.paths.state_file,
                          lambda d: d.setdefault("daemon", {}).update(
-                             pid=_pid(), started=self.clock.time()))
+                             pid=os.getpid(), started=self.clock.time()))
         systemd.ready("running")
         if self.watchdog_s:
             threading.Thread(target=self._watchdog_loop, args=(self.watchdog_s,),
@@ -498,12 +497,6 @@ class Daemon:
     def request_stop(self, reason: str) -> None:
         self.stop_reason = reason
         self.stop_event.set()
-
-
-def _pid() -> int:
-    import os
-
-    return os.getpid()
 
 
 def _libc() -> Any:
