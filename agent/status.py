@@ -14,7 +14,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 EXIT = {"done": 0, "running": 0, "not-started": 0, "error": 1, "degraded": 2}
-FINAL = ("done", "error", "degraded")
 
 
 @dataclass(frozen=True)
