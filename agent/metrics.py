@@ -16,6 +16,7 @@ collector never reads a half-written file).
 from __future__ import annotations
 
 import os
+import threading
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -132,14 +133,21 @@ def _label_values(metric: Any) -> list[tuple[str, ...]]:
 
 
 _default: Metrics | None = None
+_default_lock = threading.Lock()
 
 
 def get() -> Metrics:
-    """The process-wide Metrics, created on first use (so importing this module is free)."""
+    """The process-wide Metrics, created on first use (so importing this module is free).
+
+    Under a lock: the daemon's loop and the endpoint's first scrape may both get here
+    first, and two registries would split the series between them (seen: a scrape
+    served a registry without the boot phases the loop had recorded in the other).
+    """
     global _default
-    if _default is None:
-        _default = Metrics()
-    return _default
+    with _default_lock:
+        if _default is None:
+            _default = Metrics()
+        return _default
 
 
 def render() -> bytes:

@@ -91,3 +91,25 @@ def test_importing_metrics_does_not_import_prometheus_client() -> None:
     code = "import sys, agent.metrics; print('prometheus_client' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_first_use_from_two_threads_makes_one_registry(monkeypatch) -> None:
+    """The daemon's loop and the endpoint's first scrape race to create it (seen once)."""
+    import threading
+    import time
+
+    monkeypatch.setattr(metrics, "_default", None)
+    real_init = Metrics.__init__
+
+    def slow_init(self: Metrics) -> None:
+        time.sleep(0.2)  # as the first import of prometheus_client is
+        real_init(self)
+
+    monkeypatch.setattr(Metrics, "__init__", slow_init)
+    got: list[Metrics] = []
+    threads = [threading.Thread(target=lambda: got.append(metrics.get())) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(got) == 2 and got[0] is got[1]
