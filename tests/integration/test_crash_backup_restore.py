@@ -108,10 +108,14 @@ class Workers:
         t0 = time.monotonic()
         status = self._line(60 if kill_after is None else kill_after)
         if status is None:
-            os.kill(pid, signal.SIGKILL)
-            status = self._line(30)
-            assert status is not None
-            return "killed"
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:  # it finished (and was reaped) just before the kill
+                status = self._line(30)
+            else:
+                status = self._line(30)
+                assert status is not None
+                return "killed"
         self.last = time.monotonic() - t0
         assert status == "exit 0", f"worker failed: {status}"
         return "done"
