@@ -15,16 +15,38 @@ from typing import Any
 
 _lock = threading.Lock()
 _session_obj: Any = None
+_data_path: str | None = None
+
+
+def use_data(path: os.PathLike[str] | str | None) -> bool:
+    """Search ``path`` (``agent.awsdata``'s lean copies) before botocore's own data.
+
+    Only the first session reads it (a loader reads its search path once), so this
+    belongs before the first client; later calls change nothing and return False.
+    A directory the operator set in ``AWS_DATA_PATH`` still comes first.
+    """
+    global _data_path
+    with _lock:
+        if _session_obj is not None:
+            return False
+        _data_path = str(path) if path else None
+        return True
 
 
 def _session() -> Any:
     """One boto3 session per process: its loader caches service models across clients."""
     global _session_obj
     import boto3
+    import botocore.session
 
     with _lock:
         if _session_obj is None:
-            _session_obj = boto3.session.Session()
+            core = botocore.session.get_session()
+            if _data_path:
+                from agent.awsdata import attach
+
+                attach(core, _data_path)
+            _session_obj = boto3.session.Session(botocore_session=core)
         return _session_obj
 
 

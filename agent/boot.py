@@ -72,6 +72,8 @@ class BootContext:
     degraded: list[str] = field(default_factory=list)
     extras: dict[str, Any] = field(default_factory=dict)
     phase_degraded: list[str] = field(default_factory=list)
+    # The daemon validates new config in a child process (``agent.configcache``).
+    isolate_validation: bool = False
     _progress: Callable[[dict[str, Any]], None] | None = None
 
     def degrade(self, reason: str) -> None:
@@ -137,9 +139,10 @@ def phase_userdata(ctx: BootContext) -> str:
 
 
 def phase_config(ctx: BootContext) -> str:
-    from agent.config import load_layers
+    from agent.configcache import validated_config
 
-    ctx.config = load_layers(ctx.baked_config, ctx.user_config, ctx.bundle_config)
+    ctx.config = validated_config(ctx.paths.state_dir, ctx.baked_config, ctx.user_config,
+                                  ctx.bundle_config, isolate=ctx.isolate_validation)
     _retarget_deadline(ctx)
     return (
         f"group {ctx.config.group}, store s3://{ctx.config.store.bucket}/{ctx.config.store.prefix}"
@@ -254,8 +257,10 @@ def run_boot(
     )
     save()
     if any(ref.startswith(("agent.pull:", "agent.heartbeat:")) for _, ref in phases):
-        from agent import aws
+        from agent import aws, awsdata
 
+        # Lean model copies when a daemon has built them (a reboot): less to parse.
+        aws.use_data(awsdata.find(paths.aws_data_dir))
         # CPU work (imports, S3 model loading) overlaps the identity phase's IMDS round trips.
         aws.prewarm(modules=("agent.config", "agent.apply", "agent.restore"))
     failed = False

@@ -23,16 +23,14 @@ Nothing here touches the network or the clock; ``load_yaml_file`` and
 from __future__ import annotations
 
 import copy
-import difflib
+import hashlib
 import json
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
-
-import jsonschema
+from typing import TYPE_CHECKING, Any
 
 from agent.errors import ConfigError, UserDataError
 from agent.userdata import deep_merge, load_yaml, looks_like_user_data, parse_user_data
@@ -49,6 +47,9 @@ MAX_CONFIG_FILE_BYTES = 1024 * 1024
 REDACTED = "***REDACTED***"
 
 _SCHEMA_PATH = Path(__file__).with_name("schema") / "config.schema.json"
+
+if TYPE_CHECKING:  # jsonschema is imported only to validate (~3.6 MiB resident)
+    import jsonschema
 
 
 # --- records ----------------------------------------------------------------
@@ -232,6 +233,8 @@ def _without_required(node: dict[str, Any]) -> dict[str, Any]:
 
 @lru_cache(maxsize=2)
 def _validator(partial: bool) -> jsonschema.protocols.Validator:
+    import jsonschema
+
     full = schema()
     sch = _without_required(full) if partial else full
     cls = jsonschema.validators.validator_for(full)
@@ -286,6 +289,8 @@ def _type_name(value: Any) -> str:
 
 def _issues_from(err: jsonschema.ValidationError, layer: str) -> list[ConfigIssue]:
     """Translate one jsonschema error into issues that say path, expectation, layer."""
+    import difflib  # only on errors
+
     parts = list(err.absolute_path)
     path = _fmt_path(parts)
     kw = err.validator
@@ -566,6 +571,32 @@ def _build(raw: dict[str, Any]) -> Config:
         log=LogConfig(**raw["log"]),
         raw=raw,
     )
+
+
+def from_validated(raw: dict[str, Any]) -> Config:
+    """The ``Config`` of a ``Config.raw`` that ``load_layers`` produced before.
+
+    For a memo of an earlier validation (see ``layers_digest``); a mapping that did
+    not come from ``load_layers`` may raise KeyError or TypeError.
+    """
+    return _build(raw)
+
+
+@lru_cache(maxsize=1)
+def _schema_digest() -> str:
+    return hashlib.sha256(_SCHEMA_PATH.read_bytes()).hexdigest()
+
+
+def layers_digest(baked: Any, user_data: Any, bundle: Any) -> str:
+    """What ``load_layers`` result depends on: the three layers, the schema, the agent.
+
+    Equal digests mean validating again would give the same ``Config`` (the
+    validation is a pure function of exactly these), so a memo keyed by it is sound.
+    """
+    from agent import __version__
+
+    doc = [__version__, _schema_digest(), baked, user_data, bundle]
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=repr).encode()).hexdigest()
 
 
 def parse_mode(mode: str) -> int:

@@ -57,7 +57,8 @@ def save_instance(paths: Paths, ctx: BootContext) -> None:
 
 def load_context(paths: Paths, clock: Clock = SYSTEM_CLOCK) -> BootContext:
     """Rebuild the boot's context from local files: no IMDS call needed to restart."""
-    from agent.config import load_layers, load_yaml_file
+    from agent.config import load_yaml_file
+    from agent.configcache import validated_config
     from agent.imds import Identity
     from agent.pull import local_version, read_bundle_config
 
@@ -81,7 +82,9 @@ def load_context(paths: Paths, clock: Clock = SYSTEM_CLOCK) -> BootContext:
     ctx.user_config = inst.get("user_config")
     ctx.bundle_dir = bundle_dir
     ctx.bundle_config = bundle_cfg
-    ctx.config = load_layers(baked, ctx.user_config, bundle_cfg)
+    ctx.isolate_validation = True
+    ctx.config = validated_config(paths.state_dir, baked, ctx.user_config, bundle_cfg,
+                                  isolate=True)
     return ctx
 
 
@@ -128,6 +131,7 @@ class Daemon:
         from agent.peers import PeerWatcher, member_key
 
         ctx = self.ctx = load_context(self.paths, self.clock)
+        self._use_lean_aws_data()
         ctx.store = self._make_store(ctx)
         self.last_backup = {k: float(v) for k, v in
                             (ctx.previous.get("daemon", {}).get("last_backup") or {}).items()}
@@ -180,6 +184,18 @@ class Daemon:
         for t in self.tasks:
             if t.name in ("watch", "heal"):
                 t.next_at = now + 0.2
+
+    def _use_lean_aws_data(self) -> None:
+        """Point this process's boto3 session at lean model copies (~10 MiB less RSS).
+
+        Built by a child process on the first start with this botocore version; if
+        that fails the daemon runs on botocore's full data, only larger.
+        """
+        from agent import aws, awsdata
+
+        path = awsdata.ensure(self.paths.aws_data_dir)
+        aws.use_data(path)
+        self._record("aws_data", {"path": str(path) if path else None})
 
     @staticmethod
     def _make_store(ctx: BootContext) -> Any:
@@ -313,6 +329,8 @@ class Daemon:
             raise AgentError(res.error or "refresh failed")
 
     def backups(self) -> None:
+        if not self.ctx.config.data:
+            return  # nothing to back up: agent.backup is never loaded (idle RSS)
         from agent.backup import backup, backup_due
 
         now = self.clock.time()
@@ -509,11 +527,13 @@ def _libc() -> Any:
         return None
 
 
-def limit_malloc_arenas(arenas: int = 2) -> None:
-    """Fewer glibc malloc arenas: a long-lived daemon with a few threads keeps less RSS.
+def limit_malloc_arenas(arenas: int = 1) -> None:
+    """One glibc malloc arena: a long-lived daemon with a few threads keeps less RSS.
 
-    Same effect as ``MALLOC_ARENA_MAX=2``; must run before threads start. Not glibc:
-    nothing to do.
+    Same effect as ``MALLOC_ARENA_MAX=1``; must run before threads start. The GIL
+    already serialises nearly all allocation, so per-thread arenas buy no speed here,
+    only memory (measured: 0.5 MiB less idle RSS than two arenas). Not glibc: nothing
+    to do.
     """
     libc = _libc()
     if libc is not None and hasattr(libc, "mallopt"):

@@ -51,6 +51,11 @@ class Paths:
         return self.state_dir / "bundles"
 
     @property
+    def aws_data_dir(self) -> Path:
+        """Lean copies of botocore's data (``agent.awsdata``), per botocore version."""
+        return self.state_dir / "aws-data"
+
+    @property
     def lock_file(self) -> Path:
         return self.state_dir / "agent.lock"
 

@@ -490,9 +490,10 @@ def read_bundle_config(vdir: Path, version: int | None = None) -> dict[str, Any]
 
 
 def _merge(ctx: Any, bundle_config: dict[str, Any] | None) -> Any:
-    from agent.config import load_layers
+    from agent.configcache import validated_config
 
-    return load_layers(ctx.baked_config, ctx.user_config, bundle_config)
+    return validated_config(ctx.paths.state_dir, ctx.baked_config, ctx.user_config,
+                            bundle_config, isolate=ctx.isolate_validation)
 
 
 def _boot_store(ctx: Any, budget: float) -> Any:

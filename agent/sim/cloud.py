@@ -25,12 +25,43 @@ from typing import Any
 
 import yaml
 
+from agent.sim.https import HttpsFront
 from agent.sim.imds import ImdsEmulator, meta_for_instance
 from agent.sim.moto import FAKE_CREDENTIALS, MotoServer
 from agent.sim.netutil import stop_process
 
 REGION = "us-east-1"
 _IMAGE_CACHE: dict[str, str] = {}
+_AWS_DATA: list[Path] = []
+
+
+def _bake_aws_data(root: Path) -> None:
+    """Give an instance root the lean botocore data a real one has after its first start.
+
+    A real daemon builds it once (``agent.awsdata.ensure``, a child process); here it
+    is built once per process and hard-linked into each root, so a simulated fleet
+    does not pay a build per daemon. ``lean_aws_data=False`` leaves roots without it
+    (the daemon then builds its own, as on a fresh image).
+    """
+    import atexit
+
+    from agent import awsdata
+    from agent.paths import Paths
+
+    if not _AWS_DATA:
+        tmp = Path(tempfile.mkdtemp(prefix="ec2-agent-aws-data-"))
+        atexit.register(shutil.rmtree, tmp, ignore_errors=True)
+        _AWS_DATA.append(awsdata.build(tmp))
+    src = _AWS_DATA[0]
+
+    def link(a: str, b: str) -> None:
+        try:
+            os.link(a, b)
+        except OSError:
+            shutil.copy2(a, b)
+
+    shutil.copytree(src, Paths(root).aws_data_dir / src.name, copy_function=link,
+                    dirs_exist_ok=True)
 
 
 def cloud_config(agent_config: dict[str, Any]) -> bytes:
@@ -51,7 +82,7 @@ class SimInstance:
         env.update(FAKE_CREDENTIALS)
         env.update(
             {
-                "AWS_ENDPOINT_URL": cloud.moto.url,
+                "AWS_ENDPOINT_URL": cloud.endpoint_url,
                 "AWS_EC2_METADATA_DISABLED": "true",
                 "EC2_AGENT_ROOT": str(self.root),
                 "EC2_AGENT_IMDS_ENDPOINT": self.imds_url,
@@ -62,6 +93,8 @@ class SimInstance:
             }
         )
         env.pop("AWS_PROFILE", None)
+        if cloud.front is not None:  # over TLS: trust the front's certificate (and certifi's)
+            env["AWS_CA_BUNDLE"] = cloud.front.ca_bundle
         return env
 
     def state(self) -> dict[str, Any] | None:
@@ -82,23 +115,35 @@ class EmbeddedCloud:
         moto: MotoServer | None = None,
         bucket: str = "ec2-agent-sim",
         prefix: str = "sim",
+        lean_aws_data: bool = True,
+        tls: bool = False,
     ) -> None:
         self._own_dir = workdir is None
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="ec2-agent-sim-"))
         self._own_moto = moto is None
         self.moto = moto or MotoServer(log_path=str(self.workdir / "moto.log"))
+        # tls: agents reach moto through an HTTPS front (agent/sim/https.py), as AWS.
+        self.front: HttpsFront | None = HttpsFront(self.moto.url) if tls else None
         self.imds = ImdsEmulator()
         self.bucket = bucket
         self.prefix = prefix
         self.instances: dict[str, SimInstance] = {}
         self._clients: dict[str, Any] = {}
+        self.lean_aws_data = lean_aws_data
 
     # -- lifecycle ------------------------------------------------------------------------
     def start(self) -> EmbeddedCloud:
         if self._own_moto:
             self.moto.start()
+        if self.front is not None:
+            self.front = HttpsFront(self.moto.url).start()  # moto's port is known now
         self.imds.start()
         return self
+
+    @property
+    def endpoint_url(self) -> str:
+        """Where agents send AWS calls: moto, or its HTTPS front."""
+        return self.front.url if self.front is not None else self.moto.url
 
     def stop(self, keep_dir: bool = False) -> None:
         for inst in self.instances.values():
@@ -106,6 +151,8 @@ class EmbeddedCloud:
                 stop_process(p)
             inst.procs.clear()
         self.imds.stop()
+        if self.front is not None:
+            self.front.stop()
         if self._own_moto:
             self.moto.stop()
         if self._own_dir and not keep_dir:
@@ -126,9 +173,10 @@ class EmbeddedCloud:
             c = boto3.client(
                 service,
                 region_name=REGION,
-                endpoint_url=self.moto.url,
+                endpoint_url=self.endpoint_url,
                 aws_access_key_id="testing",
                 aws_secret_access_key="testing",
+                verify=self.front.ca_bundle if self.front is not None else None,
             )
             self._clients[service] = c
         return c
@@ -262,6 +310,8 @@ class EmbeddedCloud:
         url = self.imds.add(meta)
         inst = SimInstance(instance_id, self.workdir / instance_id, url)
         inst.root.mkdir(parents=True, exist_ok=True)
+        if self.lean_aws_data:
+            _bake_aws_data(inst.root)
         self.instances[instance_id] = inst
         return inst
 

@@ -1,0 +1,141 @@
+"""The pure halves of agent.awsdata: what the lean copies keep and drop."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from agent import awsdata
+
+KEYS = st.sampled_from(["documentation", "documentationUrl", "shape", "members", "type",
+                        "name", "errors", "Documentation", "doc"])
+TREES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=5),
+    lambda kids: st.lists(kids, max_size=4) | st.dictionaries(KEYS, kids, max_size=5),
+    max_leaves=30,
+)
+
+
+def _same_shape(a: Any, b: Any) -> bool:
+    """Equal except that documentation strings in ``a`` may be empty in ``b``."""
+    if isinstance(a, dict):
+        return (isinstance(b, dict) and a.keys() == b.keys()
+                and all((b[k] == "" if k in awsdata.DOC_KEYS and isinstance(a[k], str)
+                         else _same_shape(a[k], b[k])) for k in a))
+    if isinstance(a, list):
+        return isinstance(b, list) and len(a) == len(b) and all(map(_same_shape, a, b))
+    return a == b
+
+
+@given(TREES)
+def test_strip_docs_empties_doc_strings_and_keeps_everything_else(tree: Any) -> None:
+    before = copy.deepcopy(tree)
+    out = awsdata.strip_docs(tree)
+    assert tree == before  # input untouched
+    assert _same_shape(tree, out)
+    assert awsdata.strip_docs(out) == out  # idempotent
+
+
+def test_strip_docs_keeps_a_member_named_documentation() -> None:
+    model = {"documentation": "About the service.",
+             "shapes": {"Api": {"type": "structure", "documentation": "An API.",
+                                "members": {"documentation": {"shape": "DocList"}}}},
+             "clientContextParams": {"Accelerate": {"documentation": "x", "type": "boolean"}}}
+    out = awsdata.strip_docs(model)
+    assert out["documentation"] == ""
+    assert out["shapes"]["Api"]["documentation"] == ""
+    assert out["shapes"]["Api"]["members"] == {"documentation": {"shape": "DocList"}}
+    # botocore indexes this key unconditionally: it must still be there.
+    assert out["clientContextParams"]["Accelerate"] == {"documentation": "", "type": "boolean"}
+
+
+ENDPOINTS = {
+    "version": 3,
+    "partitions": [
+        {"partition": "aws", "dnsSuffix": "amazonaws.com", "defaults": {"hostname": "h"},
+         "regions": {"us-east-1": {}},
+         "services": {"s3": {"endpoints": {"us-east-1": {}}}, "ec2": {"endpoints": {}},
+                      "lambda": {"endpoints": {}}, "sts": {"endpoints": {}}}},
+        {"partition": "aws-cn", "dnsSuffix": "amazonaws.com.cn", "regions": {},
+         "services": {"s3": {"endpoints": {"cn-north-1": {}}}, "iot": {}}},
+        {"partition": "aws-empty", "regions": {}},
+    ],
+}
+
+
+def test_trim_endpoints_keeps_partitions_and_the_named_services_only() -> None:
+    before = copy.deepcopy(ENDPOINTS)
+    out = awsdata.trim_endpoints(ENDPOINTS, ["s3", "sts"])
+    assert before == ENDPOINTS
+    assert out["version"] == 3
+    assert [p["partition"] for p in out["partitions"]] == ["aws", "aws-cn", "aws-empty"]
+    aws, cn, empty = out["partitions"]
+    assert aws["services"] == {"s3": {"endpoints": {"us-east-1": {}}}, "sts": {"endpoints": {}}}
+    assert cn["services"] == {"s3": {"endpoints": {"cn-north-1": {}}}}
+    assert empty["services"] == {}
+    for p_in, p_out in zip(ENDPOINTS["partitions"], out["partitions"], strict=True):
+        assert {k: v for k, v in p_in.items() if k != "services"} == \
+               {k: v for k, v in p_out.items() if k != "services"}
+
+
+def test_marker_ok() -> None:
+    good = {"format": awsdata.FORMAT, "botocore": "1.2.3", "services": list(awsdata.SERVICES)}
+    assert awsdata.marker_ok(good, "1.2.3", awsdata.SERVICES)
+    assert not awsdata.marker_ok(good, "1.2.4", awsdata.SERVICES)  # botocore upgraded
+    assert not awsdata.marker_ok({**good, "format": awsdata.FORMAT - 1}, "1.2.3",
+                                 awsdata.SERVICES)  # an older agent's copies
+    assert not awsdata.marker_ok({**good, "services": ["s3"]}, "1.2.3", awsdata.SERVICES)
+    assert not awsdata.marker_ok(None, "1.2.3", awsdata.SERVICES)
+    assert not awsdata.marker_ok([], "1.2.3", awsdata.SERVICES)
+
+
+def test_called_names_finds_calls_and_quoted_names() -> None:
+    src = ('resp = self.client.get_object(Bucket=b)\n'
+           'p = client.get_paginator("list_objects_v2")\n'
+           "x = c.put_object (Key=k)  # PutObject\n"
+           "ClassName() ; 'CamelCase'\n")
+    names = awsdata.called_names([src])
+    assert {"get_object", "get_paginator", "list_objects_v2", "put_object"} <= names
+    assert "ClassName" not in names and "CamelCase" not in names
+
+
+MODEL = {
+    "metadata": {"protocol": "rest-xml"},
+    "operations": {
+        "GetThing": {"input": {"shape": "GetIn"}, "output": {"shape": "GetOut"},
+                     "errors": [{"shape": "NoSuchThing"}]},
+        "PutThing": {"input": {"shape": "PutIn"}},
+        "Ping": {},
+    },
+    "shapes": {
+        "GetIn": {"type": "structure", "members": {"Name": {"shape": "Str"}}},
+        "GetOut": {"type": "structure", "members": {"Tags": {"shape": "TagMap"},
+                                                    "Parts": {"shape": "PartList"}}},
+        "TagMap": {"type": "map", "key": {"shape": "Str"}, "value": {"shape": "TagValue"}},
+        "TagValue": {"type": "string"},
+        "PartList": {"type": "list", "member": {"shape": "Part"}},
+        "Part": {"type": "structure", "members": {"Next": {"shape": "Part"}}},  # recursive
+        "NoSuchThing": {"type": "structure", "members": {}, "exception": True},
+        "PutIn": {"type": "structure", "members": {"Body": {"shape": "Blob"}}},
+        "Blob": {"type": "blob"},
+        "Str": {"type": "string"},
+        "Orphan": {"type": "string"},
+    },
+}
+
+
+def test_keep_operations_keeps_what_the_kept_operations_reach() -> None:
+    before = copy.deepcopy(MODEL)
+    out = awsdata.keep_operations(MODEL, ["GetThing", "Ping", "NotAnOperation"])
+    assert before == MODEL
+    assert set(out["operations"]) == {"GetThing", "Ping"}
+    assert out["operations"]["GetThing"] == MODEL["operations"]["GetThing"]
+    assert set(out["shapes"]) == {"GetIn", "GetOut", "TagMap", "TagValue", "PartList", "Part",
+                                  "NoSuchThing", "Str"}
+    assert all(out["shapes"][k] == MODEL["shapes"][k] for k in out["shapes"])
+    assert out["metadata"] == MODEL["metadata"]
+    everything = awsdata.keep_operations(MODEL, MODEL["operations"])
+    assert set(everything["shapes"]) == set(MODEL["shapes"]) - {"Orphan"}
