@@ -74,6 +74,7 @@ class BootContext:
     phase_degraded: list[str] = field(default_factory=list)
     # The daemon validates new config in a child process (``agent.configcache``).
     isolate_validation: bool = False
+    baked_sha256: str | None = None  # of the bytes baked_config was parsed from
     _progress: Callable[[dict[str, Any]], None] | None = None
 
     def degrade(self, reason: str) -> None:
@@ -170,12 +171,22 @@ def _resolve(ref: str) -> Callable[[BootContext], str | None]:
     return getattr(importlib.import_module(mod), fn)
 
 
-def _load_baked(paths: Paths) -> dict[str, Any] | None:
-    if not paths.config_file.exists():
-        return None
-    from agent.config import load_yaml_file
+def _load_baked(paths: Paths) -> tuple[dict[str, Any] | None, str | None]:
+    """The baked config and the sha256 of the bytes it was parsed from (for ``run``)."""
+    import hashlib
 
-    return load_yaml_file(paths.config_file)
+    try:
+        raw = paths.config_file.read_bytes()
+    except FileNotFoundError:
+        return None, None
+    except OSError as exc:
+        from agent.errors import ConfigError
+
+        raise ConfigError(f"cannot read: {exc.strerror or exc}",
+                          layer=str(paths.config_file)) from exc
+    from agent.config import load_yaml_bytes
+
+    return load_yaml_bytes(raw, paths.config_file), hashlib.sha256(raw).hexdigest()
 
 
 METRICS_TEXTFILE = "metrics.prom"
@@ -241,9 +252,10 @@ def run_boot(
         statefile.replace(paths.state_file, st)
 
     baked: dict[str, Any] | None = None
+    baked_sha: str | None = None
     baked_error: AgentError | None = None
     try:
-        baked = _load_baked(paths)
+        baked, baked_sha = _load_baked(paths)
     except AgentError as exc:
         baked_error = exc
     ctx = BootContext(
@@ -254,6 +266,7 @@ def run_boot(
         previous=previous,
         boot_id=st["boot_id"],
         baked_config=baked,
+        baked_sha256=baked_sha,
     )
     save()
     if any(ref.startswith(("agent.pull:", "agent.heartbeat:")) for _, ref in phases):

@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agent.errors import ConfigError, UserDataError
-from agent.userdata import deep_merge, load_yaml, looks_like_user_data, parse_user_data
 
 LAYER_BAKED = "baked /etc/ec2-agent/agent.yaml"
 LAYER_USER_DATA = "user-data"
@@ -540,6 +539,8 @@ def load_layers(
         layer_issues = _layer_issues(doc, name)
         issues.extend(layer_issues)
         if not layer_issues:
+            from agent.userdata import deep_merge  # (imports PyYAML: not at module level)
+
             merged = deep_merge(merged, doc)
     if issues:
         raise ConfigInvalid(issues)
@@ -624,6 +625,11 @@ def load_yaml_file(path: str | Path) -> dict[str, Any]:
     return _yaml_mapping(raw, layer)
 
 
+def load_yaml_bytes(raw: bytes, path: str | Path) -> dict[str, Any]:
+    """``load_yaml_file`` for bytes already read from ``path`` (hashed, say)."""
+    return _yaml_mapping(raw, str(path))
+
+
 def _yaml_mapping(raw: bytes, layer: str) -> dict[str, Any]:
     if len(raw) > MAX_CONFIG_FILE_BYTES:
         raise ConfigError(
@@ -633,6 +639,8 @@ def _yaml_mapping(raw: bytes, layer: str) -> dict[str, Any]:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise ConfigError(f"not valid UTF-8 (at byte offset {exc.start})", layer=layer) from exc
+    from agent.userdata import load_yaml
+
     doc = load_yaml(text, "", error=lambda msg: ConfigError(msg, layer=layer))
     if doc is None:
         return {}
@@ -650,6 +658,8 @@ def validate_file(path: str | Path, *, layer: str | None = None) -> list[str]:
     to the values it sets itself. ``layer=LAYER_BUNDLE`` also refuses
     ``group``/``store``; by default the layer is named after the file.
     """
+    from agent.userdata import looks_like_user_data, parse_user_data
+
     path = Path(path)
     name = layer or str(path)
     try:

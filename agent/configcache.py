@@ -10,11 +10,12 @@ checkers) in a daemon meant to stay under 50 MB. Two things keep it out:
   edited baked file, new user-data or a new bundle changes the key; a memo that
   does not parse or build is ignored, never trusted;
 * when the daemon must validate something new (a bundle update, an edited baked
-  file), a child process does it (``python -m agent.configcache``, layers as
-  JSON on stdin) and the daemon builds the ``Config`` from the child's answer.
-  Errors come back as the same ``ConfigIssue`` list. Layers that do not survive
-  JSON, or a child that fails to answer, are validated in-process instead:
-  correctness first, memory second.
+  file), a child process does it (``python -m agent.configcache``, layers or the
+  files holding them as JSON on stdin): it parses the YAML too, so the daemon
+  imports neither jsonschema nor PyYAML, and builds the ``Config`` from the
+  child's answer. Errors come back as the same ``ConfigIssue`` list or
+  ``ConfigError`` text. Layers that do not survive JSON, or a child that fails
+  to answer, are handled in-process instead: correctness first, memory second.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import json
 import logging
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +43,15 @@ def _json_exact(doc: Any) -> str | None:
     return text if json.loads(text) == doc else None
 
 
+@dataclass(frozen=True)
+class Validated:
+    """A validated ``Config`` and the parsed layers it came from (for later merges)."""
+
+    config: Any
+    baked: dict[str, Any] | None
+    bundle: dict[str, Any] | None
+
+
 def validated_config(state_dir: Path, baked: dict[str, Any] | None,
                      user: dict[str, Any] | None, bundle: dict[str, Any] | None,
                      *, isolate: bool = False) -> Any:
@@ -50,33 +61,63 @@ def validated_config(state_dir: Path, baked: dict[str, Any] | None,
     imported here. Raises ``ConfigInvalid`` exactly as ``load_layers`` would.
     """
     from agent import config
-    from agent.files import atomic_write
 
     key = config.layers_digest(baked, user, bundle)
-    memo = state_dir / MEMO
     try:
-        doc = json.loads(memo.read_text())
+        doc = json.loads((state_dir / MEMO).read_text())
         if isinstance(doc, dict) and doc.get("key") == key:
             return config.from_validated(doc["config"])
     except (OSError, ValueError, KeyError, TypeError):
         pass
-    cfg = _validate_in_child(baked, user, bundle) if isolate else None
-    if cfg is None:
-        cfg = config.load_layers(baked, user, bundle)
+    return validated_files(state_dir, user, baked=baked, bundle=bundle, isolate=isolate).config
+
+
+def validated_files(state_dir: Path, user: dict[str, Any] | None, *,
+                    baked: dict[str, Any] | None = None, baked_path: Path | None = None,
+                    bundle: dict[str, Any] | None = None, bundle_dir: Path | None = None,
+                    bundle_version: int | None = None, isolate: bool = False) -> Validated:
+    """Validate layers of which some are still files: the baked config at ``baked_path``,
+    the bundle's ``agent.yaml`` in ``bundle_dir``. With ``isolate`` the child parses
+    them too, so the caller imports neither PyYAML nor jsonschema. Remembers the result.
+    """
+    from agent import config
+
+    got = _in_child(user, baked, baked_path, bundle, bundle_dir, bundle_version) \
+        if isolate else None
+    if got is None:
+        if baked_path is not None:
+            baked = config.load_yaml_file(baked_path)
+        if bundle_dir is not None:
+            from agent.pull import read_bundle_config
+
+            bundle = read_bundle_config(bundle_dir, bundle_version)
+        got = Validated(config.load_layers(baked, user, bundle), baked, bundle)
+    _remember(state_dir, config.layers_digest(got.baked, user, got.bundle), got.config)
+    return got
+
+
+def _remember(state_dir: Path, key: str, cfg: Any) -> None:
+    from agent.files import atomic_write
+
+    memo = state_dir / MEMO
     text = _json_exact({"key": key, "config": cfg.raw})
     if text is not None:  # only what survives JSON is remembered
         try:
             atomic_write(memo, text + "\n", mode=0o600)
         except OSError as exc:
             log.warning("cannot remember the validated config in %s: %s", memo, exc)
-    return cfg
 
 
-def _validate_in_child(baked: Any, user: Any, bundle: Any) -> Any:
-    """The ``Config`` from a child's validation; None when the child cannot answer."""
+def _in_child(user: Any, baked: Any, baked_path: Path | None, bundle: Any,
+              bundle_dir: Path | None, bundle_version: int | None) -> Validated | None:
+    """The child's validation; None when it cannot answer (the caller then validates)."""
     from agent import config
+    from agent.errors import ConfigError
 
-    payload = _json_exact({"baked": baked, "user": user, "bundle": bundle})
+    payload = _json_exact({
+        "user": user, "baked": baked, "bundle": bundle, "bundle_version": bundle_version,
+        "baked_path": str(baked_path) if baked_path is not None else None,
+        "bundle_dir": str(bundle_dir) if bundle_dir is not None else None})
     if payload is None:
         return None
     try:
@@ -88,27 +129,50 @@ def _validate_in_child(baked: Any, user: Any, bundle: Any) -> Any:
         log.warning("config validation child failed (%s); validating in-process", exc)
         return None
     if proc.returncode == 0 and isinstance(answer.get("config"), dict):
-        return config.from_validated(answer["config"])
+        layers = answer.get("layers") or {}
+        return Validated(config.from_validated(answer["config"]), layers.get("baked"),
+                         layers.get("bundle"))
     if proc.returncode == 1 and answer.get("issues"):
         raise config.ConfigInvalid(config.ConfigIssue(**i) for i in answer["issues"])
+    if proc.returncode == 1 and isinstance(answer.get("error"), dict):
+        err = answer["error"]
+        exc = ConfigError(str(err.get("text")))  # the text already names layer and path
+        exc.layer, exc.path = str(err.get("layer") or ""), str(err.get("path") or "")
+        raise exc
     log.warning("config validation child exited %d: %s; validating in-process",
                 proc.returncode, (proc.stderr.strip().splitlines() or [""])[-1])
     return None
 
 
 def main() -> int:
-    """Child side: layers as JSON on stdin -> ``{"config": raw}`` or ``{"issues": [...]}``."""
+    """Child side: layers (docs or files) as JSON on stdin -> layers + config, or errors."""
     from dataclasses import asdict
 
     from agent import config
+    from agent.errors import ConfigError
 
-    layers = json.load(sys.stdin)
+    req = json.load(sys.stdin)
     try:
-        cfg = config.load_layers(layers["baked"], layers["user"], layers["bundle"])
+        baked, bundle = req.get("baked"), req.get("bundle")
+        if req.get("baked_path"):
+            baked = config.load_yaml_file(req["baked_path"])
+        if req.get("bundle_dir"):
+            from agent.pull import read_bundle_config
+
+            bundle = read_bundle_config(Path(req["bundle_dir"]), req.get("bundle_version"))
+        cfg = config.load_layers(baked, req.get("user"), bundle)
     except config.ConfigInvalid as exc:
         json.dump({"issues": [asdict(i) for i in exc.errors]}, sys.stdout)
         return 1
-    json.dump({"config": cfg.raw}, sys.stdout)
+    except ConfigError as exc:
+        json.dump({"error": {"text": str(exc), "layer": exc.layer, "path": exc.path}},
+                  sys.stdout)
+        return 1
+    out = _json_exact({"layers": {"baked": baked, "bundle": bundle}, "config": cfg.raw})
+    if out is None:
+        print("layers do not survive JSON", file=sys.stderr)
+        return 2
+    sys.stdout.write(out)
     return 0
 
 

@@ -28,6 +28,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from agent import state as statefile
@@ -42,7 +43,7 @@ INSTANCE_FILE = "instance.json"
 
 
 def save_instance(paths: Paths, ctx: BootContext) -> None:
-    """What ``run`` needs from the boot: identity, the user-data layer, the boot id."""
+    """What ``run`` needs from the boot: identity, the layers, the boot id."""
     from agent.files import atomic_write
 
     doc = {
@@ -50,17 +51,67 @@ def save_instance(paths: Paths, ctx: BootContext) -> None:
         "user_config": ctx.user_config,
         "boot_id": ctx.boot_id,
         "started": ctx.started_wall,
+        "layers": _layers_record(ctx),
     }
     atomic_write(paths.state_dir / INSTANCE_FILE,
                  json.dumps(doc, indent=1, sort_keys=True, default=str) + "\n", mode=0o600)
 
 
+def _layers_record(ctx: BootContext) -> dict[str, Any] | None:
+    """The parsed baked and bundle layers, with what identifies their sources.
+
+    So ``run`` starts without parsing YAML (or importing PyYAML): it only checks that
+    the baked file still hashes the same and the bundle is still the same version.
+    None when the layers do not survive JSON (``run`` then parses them, in a child).
+    """
+    cur_version = None
+    if ctx.bundle_dir is not None:
+        from agent.pull import local_version
+
+        cur = local_version(ctx.paths.bundles_dir, "current")
+        cur_version = cur.manifest.version if cur else None
+    rec = {"baked": ctx.baked_config, "baked_sha256": ctx.baked_sha256,
+           "bundle": ctx.bundle_config, "bundle_version": cur_version}
+    try:
+        return rec if json.loads(json.dumps(rec)) == rec else None
+    except (TypeError, ValueError):
+        return None
+
+
+def remember_layers(paths: Paths, ctx: BootContext) -> None:
+    """Update ``instance.json``'s layers (after a refresh, or a start that parsed them)."""
+    from agent.files import atomic_write
+
+    p = paths.state_dir / INSTANCE_FILE
+    try:
+        doc = json.loads(p.read_text())
+        doc["layers"] = _layers_record(ctx)
+        atomic_write(p, json.dumps(doc, indent=1, sort_keys=True, default=str) + "\n",
+                     mode=0o600)
+    except (OSError, ValueError) as exc:
+        log.warning("cannot update %s: %s", p, exc)
+
+
+def _file_sha256(path: Path) -> str | None:
+    import hashlib
+
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except FileNotFoundError:
+        return None
+
+
 def load_context(paths: Paths, clock: Clock = SYSTEM_CLOCK) -> BootContext:
-    """Rebuild the boot's context from local files: no IMDS call needed to restart."""
-    from agent.config import load_yaml_file
-    from agent.configcache import validated_config
+    """Rebuild the boot's context from local files: no IMDS call needed to restart.
+
+    The layers come from ``instance.json`` when their sources are unchanged (the
+    baked file's hash, the bundle's version); otherwise a child process parses and
+    validates them (``agent.configcache``). Either way the daemon imports neither
+    PyYAML nor jsonschema.
+    """
+    from agent.configcache import validated_config, validated_files
     from agent.imds import Identity
-    from agent.pull import local_version, read_bundle_config
+    from agent.pull import local_version
 
     st = statefile.read(paths.state_file) or {}
     if st.get("status") not in ("done", "degraded"):
@@ -70,21 +121,35 @@ def load_context(paths: Paths, clock: Clock = SYSTEM_CLOCK) -> BootContext:
         inst = json.loads((paths.state_dir / INSTANCE_FILE).read_text())
     except (OSError, ValueError) as exc:
         raise StateError(f"cannot read {paths.state_dir / INSTANCE_FILE}: {exc}") from exc
-    baked = load_yaml_file(paths.config_file) if paths.config_file.exists() else None
     cur = local_version(paths.bundles_dir, "current")
     bundle_dir = paths.bundles_dir / "current" if cur else None
-    bundle_cfg = read_bundle_config(bundle_dir, cur.manifest.version) if bundle_dir else None
+    version = cur.manifest.version if cur else None
+    user = inst.get("user_config")
+    baked_sha = _file_sha256(paths.config_file)
+    layers = inst.get("layers") if isinstance(inst.get("layers"), dict) else {}
+    if (layers.get("baked_sha256") == baked_sha and layers.get("bundle_version") == version
+            and (baked_sha is None or isinstance(layers.get("baked"), dict))):
+        baked, bundle = layers.get("baked"), layers.get("bundle")
+        config = validated_config(paths.state_dir, baked, user, bundle, isolate=True)
+    else:
+        v = validated_files(paths.state_dir, user,
+                            baked_path=paths.config_file if baked_sha else None,
+                            bundle_dir=bundle_dir, bundle_version=version, isolate=True)
+        config, baked, bundle = v.config, v.baked, v.bundle
+        layers = {}  # remembered below, for the next start
     ctx = BootContext(paths=paths, clock=clock, deadline=Deadline.after(1e9, "run", clock),
                       started_wall=float(inst.get("started") or clock.time()), previous=st,
                       boot_id=str(inst.get("boot_id") or st.get("boot_id") or ""),
-                      baked_config=baked, boot_kind=st.get("boot_kind", "reboot"))
+                      baked_config=baked, boot_kind=st.get("boot_kind", "reboot"),
+                      baked_sha256=baked_sha)
     ctx.identity = Identity(**inst["identity"])
-    ctx.user_config = inst.get("user_config")
+    ctx.user_config = user
     ctx.bundle_dir = bundle_dir
-    ctx.bundle_config = bundle_cfg
+    ctx.bundle_config = bundle
     ctx.isolate_validation = True
-    ctx.config = validated_config(paths.state_dir, baked, ctx.user_config, bundle_cfg,
-                                  isolate=True)
+    ctx.config = config
+    if not layers:
+        remember_layers(paths, ctx)
     return ctx
 
 
@@ -322,6 +387,8 @@ class Daemon:
         from agent.pull import refresh
 
         res = refresh(self.ctx)
+        if res.status not in ("not-modified", "no-bundle"):
+            remember_layers(self.paths, self.ctx)
         if res.status == "updated":
             self._record("refresh", {"version": res.version, "changed": list(res.changed_paths),
                                      "reloaded": list(res.reloaded)})

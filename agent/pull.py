@@ -496,6 +496,16 @@ def _merge(ctx: Any, bundle_config: dict[str, Any] | None) -> Any:
                             bundle_config, isolate=ctx.isolate_validation)
 
 
+def _merge_dir(ctx: Any, vdir: Path, version: int | None) -> Any:
+    """``_merge`` for a bundle still on disk: in the daemon its agent.yaml is parsed and
+    the layers validated by a child process (``agent.configcache``)."""
+    from agent.configcache import validated_files
+
+    return validated_files(ctx.paths.state_dir, ctx.user_config, baked=ctx.baked_config,
+                           bundle_dir=vdir, bundle_version=version,
+                           isolate=getattr(ctx, "isolate_validation", False))
+
+
 def _boot_store(ctx: Any, budget: float) -> Any:
     """A store whose S3 client cannot outlive ``budget`` seconds (timeouts and attempts)."""
     if ctx.store is not None:
@@ -641,13 +651,15 @@ def refresh(ctx: Any, *, store: Any = None, dry_run: bool = False) -> RefreshRes
         assert isinstance(remote, Remote)
         changed = bundle.diff(cur.manifest if cur else None, remote.manifest).paths
 
+        checked: dict[int, Any] = {}
+
         def accept(staged: Path, r: Remote) -> None:
-            _merge(ctx, read_bundle_config(staged, r.manifest.version))
+            checked[r.manifest.version] = _merge_dir(ctx, staged, r.manifest.version)
 
         res = pull(store, cfg.group, bundles_dir, keep=cfg.bundle.keep, remote=remote,
                    accept=accept)
-        bundle_config = read_bundle_config(res.path, res.version)
-        new_cfg = _merge(ctx, bundle_config)
+        got = checked.get(res.version) or _merge_dir(ctx, res.path, res.version)
+        new_cfg, bundle_config = got.config, got.bundle
         from agent.apply import render_all
 
         applied = render_all(new_cfg, res.path, paths=ctx.paths, identity=ctx.identity,

@@ -192,3 +192,62 @@ def test_daemon_validates_bundle_updates_apart_and_keeps_the_old_config_on_error
         assert memo["config"]["vars"]["port"] == 9090
     finally:
         stop_process(p)
+
+
+def _load_context_in_child(cloud, inst) -> dict:
+    """``daemon.load_context`` in a fresh interpreter, as ``ec2-agent run`` starts."""
+    prog = textwrap.dedent("""
+        import json, sys
+        from agent.daemon import load_context
+        from agent.paths import Paths
+        out = {}
+        try:
+            ctx = load_context(Paths.from_env())
+            out["vars"] = ctx.config.vars
+            out["bundle"] = ctx.bundle_config
+        except Exception as exc:
+            out["error"] = f"{type(exc).__name__}: {exc}"
+        out["modules"] = sorted(m for m in ("yaml", "jsonschema") if m in sys.modules)
+        print(json.dumps(out))
+    """)
+    proc = subprocess.run([sys.executable, "-c", prog], capture_output=True, text=True,
+                          timeout=120, env=inst.env(cloud))
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def test_daemon_start_parses_no_yaml_and_sees_an_edited_baked_file(cloud) -> None:
+    cloud.ensure_bucket()
+    cloud.push_bundle("cc", {"agent.yaml": "vars: {port: 8080}\n"})
+    iid = cloud.run_standalone("cc", 1, cloud.agent_config("cc", heal={"mode": "off"}))[0]
+    inst = cloud.instances[iid]
+    baked = inst.root / "etc/ec2-agent/agent.yaml"
+    baked.parent.mkdir(parents=True)
+    baked.write_text("vars: {tier: web}\n")
+    assert cloud.boot_all([iid]) == {iid: 0}
+    layers = json.loads((inst.root / "var/lib/ec2-agent/instance.json").read_text())["layers"]
+    assert layers["baked"] == {"vars": {"tier": "web"}} and layers["bundle_version"] == 1
+
+    # Unchanged sources: from instance.json and the memo.
+    out = _load_context_in_child(cloud, inst)
+    assert out == {"vars": {"tier": "web", "port": 8080}, "bundle": {"vars": {"port": 8080}},
+                   "modules": []}
+
+    # The operator edits the baked file and restarts the daemon: a child parses it.
+    baked.write_text("vars: {tier: api}\n")
+    out = _load_context_in_child(cloud, inst)
+    assert out["vars"] == {"tier": "api", "port": 8080} and out["modules"] == []
+    layers = json.loads((inst.root / "var/lib/ec2-agent/instance.json").read_text())["layers"]
+    assert layers["baked"] == {"vars": {"tier": "api"}}  # remembered for the next start
+
+    # ... and breaks it: the error names the file and the line, as in-process.
+    baked.write_text("vars: {tier: api\n")
+    out = _load_context_in_child(cloud, inst)
+    with pytest.raises(Exception) as in_process:
+        config.load_yaml_file(baked)
+    assert out["error"] == f"ConfigError: {in_process.value}" and "line" in out["error"]
+    assert out["modules"] == []
+    baked.write_text("heartbeat: {interval_s: -5}\n")
+    out = _load_context_in_child(cloud, inst)
+    assert out["error"].startswith("ConfigInvalid") and "interval_s" in out["error"]
+    assert "baked /etc/ec2-agent/agent.yaml: heartbeat.interval_s" in out["error"]
