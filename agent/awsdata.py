@@ -22,8 +22,9 @@ the models' SDK extras) still come from botocore itself.
 
 The copies are built by a child process (``python -m agent.awsdata DIR``): a
 daemon that parsed the full files itself, even briefly, would keep their freed
-memory as heap fragmentation. They are keyed by botocore's version, so an
-upgraded botocore gets fresh copies, never stale ones.
+memory as heap fragmentation. They are keyed by botocore's version and a digest
+of the agent's code, so an upgraded botocore, or agent, gets fresh copies, never
+stale ones.
 """
 
 from __future__ import annotations
@@ -137,10 +138,11 @@ def trim_endpoints(doc: Mapping[str, Any], services: Iterable[str]) -> dict[str,
     return out
 
 
-def marker_ok(marker: Any, version: str, services: Iterable[str]) -> bool:
-    """A finished build, in this format, for this botocore version, covering ``services``."""
+def marker_ok(marker: Any, version: str, agent: str, services: Iterable[str]) -> bool:
+    """A finished build, in this format, for this botocore and this agent code, covering
+    ``services`` (the agent's code says which operations are kept)."""
     return (isinstance(marker, dict) and marker.get("format") == FORMAT
-            and marker.get("botocore") == version
+            and marker.get("botocore") == version and marker.get("agent") == agent
             and set(services) <= set(marker.get("services") or ()))
 
 
@@ -151,18 +153,32 @@ def _botocore_version() -> str:
     return str(botocore.__version__)
 
 
+def _agent_digest() -> str:
+    """Of the agent's own sources (what the operation scan reads of it): an upgraded
+    agent that calls a new operation gets copies that have it. ~50 small files."""
+    import hashlib
+
+    h = hashlib.sha256()
+    base = Path(__file__).resolve().parent
+    for path in sorted(base.rglob("*.py")):
+        rel = path.relative_to(base.parent).as_posix()
+        if not rel.startswith(SKIP_CALLERS):
+            h.update(rel.encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
 def version_dir(root: Path) -> Path:
-    return root / f"botocore-{_botocore_version()}"
+    return root / f"botocore-{_botocore_version()}-agent-{_agent_digest()}"
 
 
 def find(root: Path) -> Path | None:
-    """The finished copies for the running botocore, or None (then botocore's own data)."""
+    """The finished copies for this botocore and agent, or None (then botocore's own data)."""
     d = version_dir(root)
     try:
         marker = json.loads((d / MARKER).read_text())
     except (OSError, ValueError):
         return None
-    return d if marker_ok(marker, _botocore_version(), SERVICES) else None
+    return d if marker_ok(marker, _botocore_version(), _agent_digest(), SERVICES) else None
 
 
 def _dump(path: Path, doc: Any) -> None:
@@ -190,8 +206,8 @@ def build(root: Path) -> Path:
 
     Everything goes to a temporary directory first, the marker last, then one
     rename publishes it: a crash leaves either no copies or complete ones. A racing
-    builder that renamed first wins; ours is dropped. Copies for other botocore
-    versions are removed afterwards.
+    builder that renamed first wins; ours is dropped. Copies for other botocore or
+    agent versions are removed afterwards.
     """
     from botocore.loaders import Loader
 
@@ -218,7 +234,7 @@ def build(root: Path) -> Path:
             ops = [op for op in model["operations"] if xform_name(op) in called]
             _dump(tmp / f"{name}.json", strip_docs(keep_operations(model, ops)))
         _dump(tmp / MARKER, {"format": FORMAT, "botocore": _botocore_version(),
-                             "services": list(SERVICES)})
+                             "agent": _agent_digest(), "services": list(SERVICES)})
         if target.exists():  # an older format or an unfinished copy: replace it
             shutil.rmtree(target)
         try:

@@ -128,6 +128,8 @@ def _in_child(user: Any, baked: Any, baked_path: Path | None, bundle: Any,
     except (OSError, subprocess.TimeoutExpired, ValueError) as exc:
         log.warning("config validation child failed (%s); validating in-process", exc)
         return None
+    if not isinstance(answer, dict):
+        answer = {}
     if proc.returncode == 0 and isinstance(answer.get("config"), dict):
         layers = answer.get("layers") or {}
         return Validated(config.from_validated(answer["config"]), layers.get("baked"),

@@ -127,8 +127,10 @@ def load_context(paths: Paths, clock: Clock = SYSTEM_CLOCK) -> BootContext:
     user = inst.get("user_config")
     baked_sha = _file_sha256(paths.config_file)
     layers = inst.get("layers") if isinstance(inst.get("layers"), dict) else {}
-    if (layers.get("baked_sha256") == baked_sha and layers.get("bundle_version") == version
-            and (baked_sha is None or isinstance(layers.get("baked"), dict))):
+    unchanged = (layers.get("baked_sha256") == baked_sha
+                 and layers.get("bundle_version") == version
+                 and (baked_sha is None or isinstance(layers.get("baked"), dict)))
+    if unchanged:
         baked, bundle = layers.get("baked"), layers.get("bundle")
         config = validated_config(paths.state_dir, baked, user, bundle, isolate=True)
     else:
@@ -136,7 +138,6 @@ def load_context(paths: Paths, clock: Clock = SYSTEM_CLOCK) -> BootContext:
                             baked_path=paths.config_file if baked_sha else None,
                             bundle_dir=bundle_dir, bundle_version=version, isolate=True)
         config, baked, bundle = v.config, v.baked, v.bundle
-        layers = {}  # remembered below, for the next start
     ctx = BootContext(paths=paths, clock=clock, deadline=Deadline.after(1e9, "run", clock),
                       started_wall=float(inst.get("started") or clock.time()), previous=st,
                       boot_id=str(inst.get("boot_id") or st.get("boot_id") or ""),
@@ -148,8 +149,8 @@ def load_context(paths: Paths, clock: Clock = SYSTEM_CLOCK) -> BootContext:
     ctx.bundle_config = bundle
     ctx.isolate_validation = True
     ctx.config = config
-    if not layers:
-        remember_layers(paths, ctx)
+    if not unchanged:
+        remember_layers(paths, ctx)  # so the next start need not parse them
     return ctx
 
 
@@ -251,7 +252,7 @@ class Daemon:
                 t.next_at = now + 0.2
 
     def _use_lean_aws_data(self) -> None:
-        """Point this process's boto3 session at lean model copies (~10 MiB less RSS).
+        """Point this process's boto3 session at lean model copies (~12 MiB less RSS).
 
         Built by a child process on the first start with this botocore version; if
         that fails the daemon runs on botocore's full data, only larger.

@@ -493,7 +493,7 @@ def _merge(ctx: Any, bundle_config: dict[str, Any] | None) -> Any:
     from agent.configcache import validated_config
 
     return validated_config(ctx.paths.state_dir, ctx.baked_config, ctx.user_config,
-                            bundle_config, isolate=ctx.isolate_validation)
+                            bundle_config, isolate=getattr(ctx, "isolate_validation", False))
 
 
 def _merge_dir(ctx: Any, vdir: Path, version: int | None) -> Any:

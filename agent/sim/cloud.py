@@ -123,7 +123,8 @@ class EmbeddedCloud:
         self._own_moto = moto is None
         self.moto = moto or MotoServer(log_path=str(self.workdir / "moto.log"))
         # tls: agents reach moto through an HTTPS front (agent/sim/https.py), as AWS.
-        self.front: HttpsFront | None = HttpsFront(self.moto.url) if tls else None
+        self.tls = tls
+        self.front: HttpsFront | None = None
         self.imds = ImdsEmulator()
         self.bucket = bucket
         self.prefix = prefix
@@ -135,8 +136,8 @@ class EmbeddedCloud:
     def start(self) -> EmbeddedCloud:
         if self._own_moto:
             self.moto.start()
-        if self.front is not None:
-            self.front = HttpsFront(self.moto.url).start()  # moto's port is known now
+        if self.tls:
+            self.front = HttpsFront(self.moto.url).start()
         self.imds.start()
         return self
 
@@ -153,6 +154,7 @@ class EmbeddedCloud:
         self.imds.stop()
         if self.front is not None:
             self.front.stop()
+            self.front = None
         if self._own_moto:
             self.moto.stop()
         if self._own_dir and not keep_dir:

@@ -126,17 +126,19 @@ def test_build_is_all_or_nothing_and_keyed_by_botocore_version(tmp_path: Path) -
     # Left-overs of a crashed build, an older botocore's copies, and an unfinished one:
     (root / ".build-crashed").mkdir(parents=True)
     (root / ".build-crashed" / "endpoints.json").write_text("{")
-    (root / "botocore-0.0.1").mkdir()
-    target = root / f"botocore-{botocore.__version__}"
+    (root / "botocore-0.0.1-agent-0").mkdir()
+    target = awsdata.version_dir(root)
+    assert target.name.startswith(f"botocore-{botocore.__version__}-agent-")
     target.mkdir()
     (target / "endpoints.json").write_text("{")  # no marker: never trusted
     assert awsdata.find(root) is None
 
     built = awsdata.build(root)
     assert built == target and awsdata.find(root) == target
-    assert not (root / "botocore-0.0.1").exists()
+    assert not (root / "botocore-0.0.1-agent-0").exists()
     marker = json.loads((target / awsdata.MARKER).read_text())
     assert marker == {"format": awsdata.FORMAT, "botocore": botocore.__version__,
+                      "agent": target.name.rsplit("-", 1)[1],
                       "services": list(awsdata.SERVICES)}
     for svc in awsdata.SERVICES:
         (model,) = target.glob(f"{svc}/*/service-2.json")
@@ -154,7 +156,7 @@ def test_build_is_all_or_nothing_and_keyed_by_botocore_version(tmp_path: Path) -
 
 def test_ensure_builds_in_a_child_and_failure_is_not_fatal(tmp_path: Path) -> None:
     root = tmp_path / "aws-data"
-    assert awsdata.ensure(root) == root / f"botocore-{botocore.__version__}"
+    assert awsdata.ensure(root) == awsdata.version_dir(root)
     blocked = tmp_path / "file"
     blocked.write_text("not a directory")
     assert awsdata.ensure(blocked / "aws-data") is None  # logged; full data is used
@@ -215,7 +217,7 @@ def test_daemon_builds_the_lean_data_on_first_start(cloud: EmbeddedCloud) -> Non
             if rec and seq < 2:
                 rec = None  # wait until it has heartbeated on it too
             time.sleep(0.2)
-        assert rec and rec["path"] == str(data_dir / f"botocore-{botocore.__version__}")
+        assert rec and rec["path"] == str(awsdata.version_dir(data_dir))
         assert awsdata.find(data_dir) is not None
         assert p.poll() is None
     finally:

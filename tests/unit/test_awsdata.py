@@ -82,14 +82,16 @@ def test_trim_endpoints_keeps_partitions_and_the_named_services_only() -> None:
 
 
 def test_marker_ok() -> None:
-    good = {"format": awsdata.FORMAT, "botocore": "1.2.3", "services": list(awsdata.SERVICES)}
-    assert awsdata.marker_ok(good, "1.2.3", awsdata.SERVICES)
-    assert not awsdata.marker_ok(good, "1.2.4", awsdata.SERVICES)  # botocore upgraded
-    assert not awsdata.marker_ok({**good, "format": awsdata.FORMAT - 1}, "1.2.3",
-                                 awsdata.SERVICES)  # an older agent's copies
-    assert not awsdata.marker_ok({**good, "services": ["s3"]}, "1.2.3", awsdata.SERVICES)
-    assert not awsdata.marker_ok(None, "1.2.3", awsdata.SERVICES)
-    assert not awsdata.marker_ok([], "1.2.3", awsdata.SERVICES)
+    good = {"format": awsdata.FORMAT, "botocore": "1.2.3", "agent": "abc",
+            "services": list(awsdata.SERVICES)}
+    svcs = awsdata.SERVICES
+    assert awsdata.marker_ok(good, "1.2.3", "abc", svcs)
+    assert not awsdata.marker_ok(good, "1.2.4", "abc", svcs)  # botocore upgraded
+    assert not awsdata.marker_ok(good, "1.2.3", "abd", svcs)  # agent upgraded: new calls?
+    assert not awsdata.marker_ok({**good, "format": awsdata.FORMAT - 1}, "1.2.3", "abc", svcs)
+    assert not awsdata.marker_ok({**good, "services": ["s3"]}, "1.2.3", "abc", svcs)
+    assert not awsdata.marker_ok(None, "1.2.3", "abc", svcs)
+    assert not awsdata.marker_ok([], "1.2.3", "abc", svcs)
 
 
 def test_called_names_finds_calls_and_quoted_names() -> None:
