@@ -78,6 +78,8 @@ def run(peers: int = 10, warmup_s: float = 25.0, window_s: float = 60.0,
                 time.sleep(1.0)
             rss2_mb, cpu2 = _measure(procs[measured].pid, update_window_s)
             alive = sum(1 for p in procs.values() if p.poll() is None)
+            if floor.poll() is not None:
+                raise RuntimeError(f"the baseline process exited ({floor.returncode})")
             floor_rss = psutil.Process(floor.pid).memory_info().rss / 2**20
     finally:
         if floor is not None:
