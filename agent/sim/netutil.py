@@ -7,6 +7,8 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Callable
+from typing import Any
 
 LOOPBACK = "127.0.0.1"
 
@@ -15,6 +17,22 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((LOOPBACK, 0))
         return s.getsockname()[1]
+
+
+def wait_for(pred: Callable[[], Any], timeout: float = 30.0, step: float = 0.1,
+             what: str | Callable[[], str] = "condition") -> Any:
+    """Poll ``pred`` until it returns something truthy, and return that.
+
+    AssertionError after ``timeout`` s, naming ``what`` (a callable is asked only
+    then, for the state worth showing).
+    """
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        v = pred()
+        if v:
+            return v
+        time.sleep(step)
+    raise AssertionError(f"{what() if callable(what) else what} not met in {timeout}s")
 
 
 def wait_listening(port: int, timeout: float = 30.0, host: str = LOOPBACK) -> None:

@@ -22,6 +22,7 @@ import pytest
 
 from agent import awsdata
 from agent.sim.cloud import EmbeddedCloud
+from agent.sim.netutil import stop_process, wait_for
 
 CALLS = {
     "s3": ("GetObject", {"Bucket": "my-bucket", "Key": "k/1"}),
@@ -206,21 +207,15 @@ def test_daemon_builds_the_lean_data_on_first_start(cloud: EmbeddedCloud) -> Non
     assert not data_dir.exists()  # boot only uses copies, never builds them
     p = cloud.spawn(iid, "run")
     try:
-        import time
-
-        end = time.monotonic() + 60
-        rec = None
-        while time.monotonic() < end and not rec:
+        def recorded() -> dict | None:
             st = inst.state() or {}
             rec = (st.get("daemon") or {}).get("aws_data")
-            seq = int((st.get("heartbeat") or {}).get("seq", 0))
-            if rec and seq < 2:
-                rec = None  # wait until it has heartbeated on it too
-            time.sleep(0.2)
-        assert rec and rec["path"] == str(awsdata.version_dir(data_dir))
+            # ... once it has heartbeated on it too
+            return rec if rec and int((st.get("heartbeat") or {}).get("seq", 0)) >= 2 else None
+
+        rec = wait_for(recorded, 60, 0.2, what="aws_data recorded and two heartbeats")
+        assert rec["path"] == str(awsdata.version_dir(data_dir))
         assert awsdata.find(data_dir) is not None
         assert p.poll() is None
     finally:
-        from agent.sim.netutil import stop_process
-
         stop_process(p)

@@ -144,9 +144,7 @@ def test_daemon_validates_bundle_updates_apart_and_keeps_the_old_config_on_error
         cloud) -> None:
     """A running daemon: a bad bundle is refused with the child's error, a good one lands
     (through the child, re-rendered), and the memo then holds the new layers."""
-    import time
-
-    from agent.sim.netutil import stop_process
+    from agent.sim.netutil import stop_process, wait_for
 
     cfg = cloud.agent_config("cc", heartbeat={"interval_s": 0.5, "dead_after_s": 3},
                              heal={"mode": "off", "silent_after_s": 6},
@@ -167,13 +165,7 @@ def test_daemon_validates_bundle_updates_apart_and_keeps_the_old_config_on_error
         return (inst.state() or {}).get("daemon") or {}
 
     def wait(pred, timeout: float = 40.0) -> Any:
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            v = pred()
-            if v:
-                return v
-            time.sleep(0.2)
-        raise AssertionError(f"not met in {timeout}s: {daemon()}")
+        return wait_for(pred, timeout, 0.2, what=lambda: f"daemon state {daemon()}")
 
     try:
         wait(lambda: daemon().get("tasks", {}).get("refresh", {}).get("runs", 0) >= 1)

@@ -12,17 +12,8 @@ from pathlib import Path
 import pytest
 
 from agent.sim.cloud import EmbeddedCloud
+from agent.sim.netutil import wait_for
 from agent.store import Store
-
-
-def _wait(pred, timeout: float = 30.0, step: float = 0.1):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        v = pred()
-        if v:
-            return v
-        time.sleep(step)
-    raise AssertionError(f"condition not met in {timeout}s")
 
 
 def _fast_config(cloud: EmbeddedCloud, group: str = "web", **extra) -> dict:
@@ -51,9 +42,9 @@ def test_run_heartbeats_sees_peers_and_leaves_on_sigterm(cloud: EmbeddedCloud,
             return int(st.get("heartbeat", {}).get("seq", 0))
 
         start = {iid: seq(iid) for iid in ids}
-        _wait(lambda: all(seq(i) >= start[i] + 3 for i in ids))
+        wait_for(lambda: all(seq(i) >= start[i] + 3 for i in ids))
         # every agent sees the other two as ready peers
-        _wait(lambda: all(
+        wait_for(lambda: all(
             {p["id"] for p in (cloud.instances[i].state() or {}).get("peers", [])} >= set(ids)
             - {i} for i in ids))
         victim = ids[0]
@@ -120,15 +111,15 @@ def test_departure_notice_leaves_the_group(cloud: EmbeddedCloud, notice: str) ->
     assert cloud.boot_all([iid]) == {iid: 0}
     p = cloud.spawn(iid, "run")
     try:
-        _wait(lambda: int((cloud.instances[iid].state() or {}).get("heartbeat", {})
+        wait_for(lambda: int((cloud.instances[iid].state() or {}).get("heartbeat", {})
                           .get("seq", 0)) >= 3)
         meta = cloud.imds.host(iid).meta
         if notice == "spot":
             meta.spot_action = {"action": "terminate", "time": "2026-11-27T00:00:00Z"}
         else:
             meta.target_lifecycle_state = "Terminated"
-        _wait(lambda: iid not in _members(cloud, "web"), timeout=30)
-        _wait(lambda: (cloud.instances[iid].state() or {}).get("membership", {})
+        wait_for(lambda: iid not in _members(cloud, "web"), timeout=30)
+        wait_for(lambda: (cloud.instances[iid].state() or {}).get("membership", {})
               .get("state") == "leaving")
         assert p.poll() is None  # leaving the group is not stopping the services
     finally:
@@ -159,12 +150,12 @@ def test_membership_change_rerenders_peers_after_quiescence(cloud: EmbeddedCloud
     try:
         upstream = cloud.instances[ids[0]].root / "etc/demo/upstream.conf"
         reload_log = cloud.instances[ids[0]].root / "reloads.log"  # the first agent's reloads
-        _wait(lambda: ids[1] in upstream.read_text(), timeout=40)
+        wait_for(lambda: ids[1] in upstream.read_text(), timeout=40)
         reloads_before = reload_log.read_text().split()
         newcomer = cloud.run_standalone("web", 1, cfg)[0]
         assert cloud.boot_all([newcomer]) == {newcomer: 0}
         procs.append(cloud.spawn(newcomer, "run"))
-        _wait(lambda: newcomer in upstream.read_text(), timeout=40)
+        wait_for(lambda: newcomer in upstream.read_text(), timeout=40)
         after = reload_log.read_text().split()[len(reloads_before):]
         # the peers template changed and was reloaded; the static one was not touched
         assert "upstream" in after and "static" not in after
@@ -220,7 +211,7 @@ def test_outage_keeps_watchdog_alive_and_is_recorded(cloud: EmbeddedCloud,
         assert st["heartbeat"]["observer_sick"] is True, (st["heartbeat"], st.get("daemon"))
         assert st["heartbeat"]["failures"] >= 3
         proxy.set_mode("pass")
-        _wait(lambda: not (cloud.instances[iid].state() or {})["heartbeat"]["observer_sick"],
+        wait_for(lambda: not (cloud.instances[iid].state() or {})["heartbeat"]["observer_sick"],
               timeout=30)
         assert p.poll() is None
     finally:
@@ -242,7 +233,7 @@ def test_sigterm_takes_the_final_backup_after_leaving(cloud: EmbeddedCloud) -> N
     assert cloud.boot_all([iid]) == {iid: 0}
     p = cloud.spawn(iid, "run")
     try:
-        _wait(lambda: int((cloud.instances[iid].state() or {}).get("heartbeat", {})
+        wait_for(lambda: int((cloud.instances[iid].state() or {}).get("heartbeat", {})
                           .get("seq", 0)) >= 3)
         (data / "last-words.txt").write_text("written just before the stop\n")
     finally:

@@ -15,14 +15,13 @@ import os
 import signal
 import time
 import urllib.request
-from collections.abc import Callable
-from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
 from agent.membership import LIVENESS
 from agent.sim.cloud import EmbeddedCloud
 from agent.sim.fleet import fast_config
+from agent.sim.netutil import wait_for
 from agent.store import Store
 
 PHASES = ("identity", "userdata", "config", "pull", "restore", "render", "register")
@@ -49,16 +48,6 @@ def _scrape(url: str) -> tuple[Samples, dict[str, str]]:
 
 def _get(s: Samples, name: str, **labels: str) -> float | None:
     return s.get((name, tuple(sorted(labels.items()))))
-
-
-def _wait(pred: Callable[[], Any], timeout: float = 60.0, step: float = 0.2) -> Any:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        v = pred()
-        if v:
-            return v
-        time.sleep(step)
-    raise AssertionError(f"condition not met in {timeout}s")
 
 
 def _endpoint(cloud: EmbeddedCloud, iid: str) -> str | None:
@@ -91,7 +80,7 @@ def test_daemon_serves_metrics_and_counts_a_replacement(cloud: EmbeddedCloud) ->
     assert set(cloud.boot_all(ids).values()) == {0}
     procs = {iid: cloud.spawn(iid, "run") for iid in ids}
     try:
-        urls = {iid: _wait(lambda i=iid: _endpoint(cloud, i)) for iid in ids}
+        urls = {iid: wait_for(lambda i=iid: _endpoint(cloud, i), 60.0, 0.2) for iid in ids}
         assert all(u.startswith("http://127.0.0.1:") for u in urls.values())
         survivors, victim = ids[:2], ids[2]
 
@@ -101,7 +90,7 @@ def test_daemon_serves_metrics_and_counts_a_replacement(cloud: EmbeddedCloud) ->
             alive = _get(s, "ec2_agent_peers", state="alive") or 0
             return s if alive >= 1 and _get(s, "ec2_agent_heal_frozen") == 0 else None
 
-        s = _wait(lambda: settled(survivors[0]))
+        s = wait_for(lambda: settled(survivors[0]), 60.0, 0.2)
         _, types = _scrape(urls[survivors[0]])
         assert types["ec2_agent_boot_phase_duration_seconds"] == "histogram"
         assert types["ec2_agent_heartbeat_age_seconds"] == "gauge"
@@ -131,10 +120,11 @@ def test_daemon_serves_metrics_and_counts_a_replacement(cloud: EmbeddedCloud) ->
                              result="acted") or 0 for x in got)
             return got if acted >= 1 else None
 
-        dead_seen = _wait(lambda: any((_get(_scrape(urls[i])[0], "ec2_agent_peers",
-                                            state="dead") or 0) >= 1 for i in survivors))
+        dead_seen = wait_for(lambda: any((_get(_scrape(urls[i])[0], "ec2_agent_peers",
+                                            state="dead") or 0) >= 1 for i in survivors),
+                             60.0, 0.2)
         assert dead_seen
-        got = _wait(replaced, timeout=90)
+        got = wait_for(replaced, 90, 0.2)
         acted = [_get(x, "ec2_agent_replacements_total", action="launch", result="acted")
                  for x in got]
         assert sorted(acted) == [0, 1]  # one lease, one actor
