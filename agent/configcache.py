@@ -34,7 +34,7 @@ MEMO = "config.json"
 CHILD_TIMEOUT_S = 60.0
 
 
-def _json_exact(doc: Any) -> str | None:
+def json_exact(doc: Any) -> str | None:
     """``doc`` as JSON if it round-trips unchanged (YAML may give dates, say), else None."""
     try:
         text = json.dumps(doc, sort_keys=True)
@@ -100,7 +100,7 @@ def _remember(state_dir: Path, key: str, cfg: Any) -> None:
     from agent.files import atomic_write
 
     memo = state_dir / MEMO
-    text = _json_exact({"key": key, "config": cfg.raw})
+    text = json_exact({"key": key, "config": cfg.raw})
     if text is not None:  # only what survives JSON is remembered
         try:
             atomic_write(memo, text + "\n", mode=0o600)
@@ -114,7 +114,7 @@ def _in_child(user: Any, baked: Any, baked_path: Path | None, bundle: Any,
     from agent import config
     from agent.errors import ConfigError
 
-    payload = _json_exact({
+    payload = json_exact({
         "user": user, "baked": baked, "bundle": bundle, "bundle_version": bundle_version,
         "baked_path": str(baked_path) if baked_path is not None else None,
         "bundle_dir": str(bundle_dir) if bundle_dir is not None else None})
@@ -170,7 +170,7 @@ def main() -> int:
         json.dump({"error": {"text": str(exc), "layer": exc.layer, "path": exc.path}},
                   sys.stdout)
         return 1
-    out = _json_exact({"layers": {"baked": baked, "bundle": bundle}, "config": cfg.raw})
+    out = json_exact({"layers": {"baked": baked, "bundle": bundle}, "config": cfg.raw})
     if out is None:
         print("layers do not survive JSON", file=sys.stderr)
         return 2

@@ -19,6 +19,7 @@ backup, inside TimeoutStopSec.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -70,12 +71,11 @@ def _layers_record(ctx: BootContext) -> dict[str, Any] | None:
 
         cur = local_version(ctx.paths.bundles_dir, "current")
         cur_version = cur.manifest.version if cur else None
+    from agent.configcache import json_exact
+
     rec = {"baked": ctx.baked_config, "baked_sha256": ctx.baked_sha256,
            "bundle": ctx.bundle_config, "bundle_version": cur_version}
-    try:
-        return rec if json.loads(json.dumps(rec)) == rec else None
-    except (TypeError, ValueError):
-        return None
+    return rec if json_exact(rec) is not None else None
 
 
 def remember_layers(paths: Paths, ctx: BootContext) -> None:
@@ -388,7 +388,7 @@ class Daemon:
         from agent.pull import refresh
 
         res = refresh(self.ctx)
-        if res.status not in ("not-modified", "no-bundle"):
+        if res.config is not None:  # a new bundle was taken (rendered or not)
             remember_layers(self.paths, self.ctx)
         if res.status == "updated":
             self._record("refresh", {"version": res.version, "changed": list(res.changed_paths),
@@ -585,7 +585,9 @@ class Daemon:
         self.stop_event.set()
 
 
+@functools.lru_cache(maxsize=1)
 def _libc() -> Any:
+    """libc, looked up once: ``find_library`` runs ``ldconfig -p`` in a subprocess."""
     import ctypes
     import ctypes.util
 
