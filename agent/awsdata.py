@@ -167,18 +167,19 @@ def _agent_digest() -> str:
     return h.hexdigest()[:16]
 
 
-def version_dir(root: Path) -> Path:
-    return root / f"botocore-{_botocore_version()}-agent-{_agent_digest()}"
+def version_dir(root: Path, agent: str | None = None) -> Path:
+    return root / f"botocore-{_botocore_version()}-agent-{agent or _agent_digest()}"
 
 
 def find(root: Path) -> Path | None:
     """The finished copies for this botocore and agent, or None (then botocore's own data)."""
-    d = version_dir(root)
+    agent = _agent_digest()
+    d = version_dir(root, agent)
     try:
         marker = json.loads((d / MARKER).read_text())
     except (OSError, ValueError):
         return None
-    return d if marker_ok(marker, _botocore_version(), _agent_digest(), SERVICES) else None
+    return d if marker_ok(marker, _botocore_version(), agent, SERVICES) else None
 
 
 def _dump(path: Path, doc: Any) -> None:
@@ -214,7 +215,8 @@ def build(root: Path) -> Path:
     found = find(root)
     if found is not None:
         return found
-    target = version_dir(root)
+    agent = _agent_digest()
+    target = version_dir(root, agent)
     root.mkdir(parents=True, exist_ok=True)
     # Built-in data only: the copies must mirror botocore's files, not a customer's
     # ~/.aws/models (those are still searched first by the session, as ever).
@@ -234,7 +236,7 @@ def build(root: Path) -> Path:
             ops = [op for op in model["operations"] if xform_name(op) in called]
             _dump(tmp / f"{name}.json", strip_docs(keep_operations(model, ops)))
         _dump(tmp / MARKER, {"format": FORMAT, "botocore": _botocore_version(),
-                             "agent": _agent_digest(), "services": list(SERVICES)})
+                             "agent": agent, "services": list(SERVICES)})
         if target.exists():  # an older format or an unfinished copy: replace it
             shutil.rmtree(target)
         try:
