@@ -489,21 +489,29 @@ def read_bundle_config(vdir: Path, version: int | None = None) -> dict[str, Any]
     return doc
 
 
-def _merge(ctx: Any, bundle_config: dict[str, Any] | None) -> Any:
-    from agent.configcache import validated_config
-
-    return validated_config(ctx.paths.state_dir, ctx.baked_config, ctx.user_config,
-                            bundle_config, isolate=getattr(ctx, "isolate_validation", False))
-
-
 def _merge_dir(ctx: Any, vdir: Path, version: int | None) -> Any:
-    """``_merge`` for a bundle still on disk: in the daemon its agent.yaml is parsed and
-    the layers validated by a child process (``agent.configcache``)."""
+    """The bundle's agent.yaml in ``vdir`` merged with the other layers and validated
+    (``configcache.Validated``); in the daemon a child process parses and validates."""
     from agent.configcache import validated_files
 
     return validated_files(ctx.paths.state_dir, ctx.user_config, baked=ctx.baked_config,
                            bundle_dir=vdir, bundle_version=version,
                            isolate=getattr(ctx, "isolate_validation", False))
+
+
+def _validating(ctx: Any) -> tuple[Callable[[Path, Remote], None], Callable[[Path, int], Any]]:
+    """``pull``'s ``accept`` (a staged bundle whose config does not validate is refused,
+    ``current`` untouched) and the lookup of the version then taken, which reuses that
+    validation instead of doing it again."""
+    checked: dict[int, Any] = {}
+
+    def accept(staged: Path, r: Remote) -> None:
+        checked[r.manifest.version] = _merge_dir(ctx, staged, r.manifest.version)
+
+    def merged(vdir: Path, version: int) -> Any:
+        return checked.get(version) or _merge_dir(ctx, vdir, version)
+
+    return accept, merged
 
 
 def _boot_store(ctx: Any, budget: float) -> Any:
@@ -554,14 +562,12 @@ def phase_pull(ctx: Any) -> str:
         return f"no bundle published for group {cfg.group}"
     except (StoreError, DeadlineExceeded, IntegrityError, OSError) as exc:
         return _fallback(ctx, lkg, exc)
+    accept, merged = _validating(ctx)
     if remote is NOT_MODIFIED:
         assert lkg is not None
         chosen, version = lkg.path, lkg.manifest.version
         detail = f"version {version} (unchanged)"
     else:
-        def accept(staged: Path, r: Remote) -> None:
-            _merge(ctx, read_bundle_config(staged, r.manifest.version))
-
         try:
             res = pull(store, cfg.group, bundles_dir, keep=cfg.bundle.keep, remote=remote,
                        accept=accept, deadline=sub, progress=ctx.progress)
@@ -572,10 +578,10 @@ def phase_pull(ctx: Any) -> str:
         chosen, version = res.path, res.version
         detail = (f"version {version}: {res.downloaded} objects downloaded "
                   f"({res.bytes} bytes), {res.cached} cached")
-    bundle_config = read_bundle_config(chosen, version)
+    got = merged(chosen, version)
     ctx.bundle_dir = chosen
-    ctx.bundle_config = bundle_config
-    ctx.config = _merge(ctx, bundle_config)
+    ctx.bundle_config = got.bundle
+    ctx.config = got.config
     return detail
 
 
@@ -591,10 +597,10 @@ def _fallback(ctx: Any, lkg: LocalVersion | None, exc: BaseException) -> str:
     if lkg is None:
         raise StoreError(f"bundle: cannot get version from the store and no last-known-good "
                          f"version: {reason}") from exc
-    bundle_config = read_bundle_config(lkg.path, lkg.manifest.version)
-    ctx.config = _merge(ctx, bundle_config)
+    got = _merge_dir(ctx, lkg.path, lkg.manifest.version)
+    ctx.config = got.config
     ctx.bundle_dir = lkg.path
-    ctx.bundle_config = bundle_config
+    ctx.bundle_config = got.bundle
     ctx.degrade(f"bundle: using last-known-good version {lkg.manifest.version}: {reason}")
     return f"version {lkg.manifest.version} (last-known-good)"
 
@@ -651,14 +657,10 @@ def refresh(ctx: Any, *, store: Any = None, dry_run: bool = False) -> RefreshRes
         assert isinstance(remote, Remote)
         changed = bundle.diff(cur.manifest if cur else None, remote.manifest).paths
 
-        checked: dict[int, Any] = {}
-
-        def accept(staged: Path, r: Remote) -> None:
-            checked[r.manifest.version] = _merge_dir(ctx, staged, r.manifest.version)
-
+        accept, merged = _validating(ctx)
         res = pull(store, cfg.group, bundles_dir, keep=cfg.bundle.keep, remote=remote,
                    accept=accept)
-        got = checked.get(res.version) or _merge_dir(ctx, res.path, res.version)
+        got = merged(res.path, res.version)
         new_cfg, bundle_config = got.config, got.bundle
         from agent.apply import render_all
 
