@@ -22,6 +22,7 @@ import pytest
 
 from agent import awsdata
 from agent.sim.cloud import EmbeddedCloud
+from agent.sim.fleet import fast_config
 from agent.sim.netutil import stop_process, wait_for
 
 CALLS = {
@@ -196,9 +197,7 @@ def test_agent_session_round_trips_s3_through_moto_on_lean_data(moto, lean: Path
 
 def test_daemon_builds_the_lean_data_on_first_start(cloud: EmbeddedCloud) -> None:
     cloud.lean_aws_data = False  # an image baked without it
-    cfg = cloud.agent_config("lean", heartbeat={"interval_s": 0.5, "dead_after_s": 3},
-                             heal={"mode": "off", "silent_after_s": 6},
-                             http={"port": 0, "bind": "127.0.0.1"})
+    cfg = fast_config(cloud, "lean", interval_s=0.5, heal={"mode": "off"})
     iid = cloud.run_standalone("lean", 1, cfg)[0]
     inst = cloud.instances[iid]
     data_dir = inst.root / "var/lib/ec2-agent/aws-data"

@@ -144,11 +144,11 @@ def test_daemon_validates_bundle_updates_apart_and_keeps_the_old_config_on_error
         cloud) -> None:
     """A running daemon: a bad bundle is refused with the child's error, a good one lands
     (through the child, re-rendered), and the memo then holds the new layers."""
+    from agent.sim.fleet import fast_config
     from agent.sim.netutil import stop_process, wait_for
 
-    cfg = cloud.agent_config("cc", heartbeat={"interval_s": 0.5, "dead_after_s": 3},
-                             heal={"mode": "off", "silent_after_s": 6},
-                             http={"port": 0, "bind": "127.0.0.1"}, bundle={"refresh_s": 1})
+    cfg = fast_config(cloud, "cc", interval_s=0.5, heal={"mode": "off"},
+                      bundle={"refresh_s": 1})
     cloud.ensure_bucket()
     files = {"agent.yaml": "vars: {port: 8080}\ntemplates:\n"
                            "  - {src: s.conf.j2, dest: /etc/demo/s.conf}\n",

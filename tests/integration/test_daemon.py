@@ -12,16 +12,14 @@ from pathlib import Path
 import pytest
 
 from agent.sim.cloud import EmbeddedCloud
+from agent.sim.fleet import fast_config
 from agent.sim.netutil import wait_for
 from agent.store import Store
 
 
 def _fast_config(cloud: EmbeddedCloud, group: str = "web", **extra) -> dict:
-    cfg = cloud.agent_config(group, heartbeat={"interval_s": 0.5, "dead_after_s": 3},
-                             heal={"mode": "off", "silent_after_s": 6},
-                             http={"port": 0, "bind": "127.0.0.1"}, bundle={"refresh_s": 1})
-    cfg.update(extra)
-    return cfg
+    return fast_config(cloud, group, interval_s=0.5, heal={"mode": "off"},
+                       bundle={"refresh_s": 1}, **extra)
 
 
 def _members(cloud: EmbeddedCloud, group: str) -> set[str]:
