@@ -128,15 +128,40 @@ def phase_identity(ctx: BootContext) -> str:
     return f"{ident.instance_id} {ident.instance_type} {ident.availability_zone} ({ctx.boot_kind})"
 
 
+class ImdsMetadata:
+    """What user-data may need from IMDS (``agent.userdata.Metadata``), asked lazily:
+    the launch index only for user-data with ``Launch-Index`` parts, the instance
+    data only for ``## template: jinja`` parts."""
+
+    def __init__(self, imds: Any, identity: Any) -> None:
+        self.imds, self.identity = imds, identity
+
+    def launch_index(self) -> int | None:
+        raw = self.imds.get("ami-launch-index", optional=True)
+        try:
+            return int(raw.strip()) if raw is not None else None
+        except ValueError:
+            return None
+
+    def instance_data(self) -> dict[str, Any]:
+        from agent.udtemplate import instance_data_from_identity
+
+        hostname = self.imds.get("local-hostname", optional=True)
+        return instance_data_from_identity(self.identity, hostname.strip() if hostname else None)
+
+
 def phase_userdata(ctx: BootContext) -> str:
-    from agent.userdata import parse_user_data
+    from agent.userdata import read_user_data
 
     ctx.raw_user_data = ctx.imds.user_data()
-    ctx.user_config = parse_user_data(ctx.raw_user_data)
+    got = read_user_data(ctx.raw_user_data, ImdsMetadata(ctx.imds, ctx.identity))
+    ctx.user_config = got.config
     size = len(ctx.raw_user_data or b"")
+    ctx.extras.setdefault("state_updates", {})["user_data_notes"] = list(got.notes)
+    notes = f"; {len(got.notes)} note(s): " + "; ".join(got.notes) if got.notes else ""
     if ctx.user_config is None:
-        return f"{size} bytes, no ec2_agent config"
-    return f"{size} bytes, ec2_agent config with {len(ctx.user_config)} keys"
+        return f"{size} bytes, no ec2_agent config{notes}"
+    return f"{size} bytes, ec2_agent config with {len(ctx.user_config)} keys{notes}"
 
 
 def phase_config(ctx: BootContext) -> str:

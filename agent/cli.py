@@ -83,7 +83,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_config_validate(args: argparse.Namespace) -> int:
     from agent.config import validate_file
 
-    errors = validate_file(args.file)
+    errors = validate_file(args.file, launch_index=args.launch_index)
     if errors:
         for e in errors:
             print(e, file=sys.stderr)
@@ -288,6 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
     csub.required = True
     s = csub.add_parser("validate", help="validate a config layer file (agent.yaml or user-data)")
     s.add_argument("file")
+    s.add_argument("--launch-index", type=int, default=None,
+                   help="user-data: keep only the Launch-Index parts of this instance "
+                        "(default: all parts)")
     s.set_defaults(func=cmd_config_validate)
     s = csub.add_parser("show", help="the merged config, secrets redacted")
     s.add_argument("--user-data", metavar="FILE",

@@ -597,7 +597,27 @@ def layers_digest(baked: Any, user_data: Any, bundle: Any) -> str:
     from agent import __version__
 
     doc = [__version__, _schema_digest(), baked, user_data, bundle]
-    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=repr).encode()).hexdigest()
+    return hashlib.sha256(json.dumps(_canonical(doc)).encode()).hexdigest()
+
+
+def _canonical(value: Any) -> Any:
+    """A JSON-able form in which equal YAML values are equal: mappings become sorted
+    ``[key, value]`` pairs with typed keys, so ``{80: http, admin: 8443}`` (int and str
+    keys, which ``json.dumps(sort_keys=True)`` cannot order) has one digest, and
+    ``{1: x}`` differs from ``{"1": x}``.
+    """
+    if isinstance(value, dict):
+        pairs = [[_canonical_key(k), _canonical(v)] for k, v in value.items()]
+        return {"{}": sorted(pairs, key=lambda kv: json.dumps(kv[0]))}
+    if isinstance(value, (list, tuple)):
+        return [_canonical(v) for v in value]
+    if value is None or isinstance(value, (str, bool, int, float)):
+        return value
+    return {type(value).__name__: repr(value)}
+
+
+def _canonical_key(key: Any) -> Any:
+    return key if isinstance(key, str) else {type(key).__name__: repr(key)}
 
 
 def parse_mode(mode: str) -> int:
@@ -649,7 +669,8 @@ def _yaml_mapping(raw: bytes, layer: str) -> dict[str, Any]:
     return doc
 
 
-def validate_file(path: str | Path, *, layer: str | None = None) -> list[str]:
+def validate_file(path: str | Path, *, layer: str | None = None,
+                  launch_index: int | None = None) -> list[str]:
     """Check one layer file for ``ec2-agent config validate FILE``; [] means valid.
 
     FILE may be an agent config file (baked or bundle ``agent.yaml``) or user-data
@@ -657,8 +678,14 @@ def validate_file(path: str | Path, *, layer: str | None = None) -> list[str]:
     single layer: ``group``/``store`` need not be present, cross-field rules apply
     to the values it sets itself. ``layer=LAYER_BUNDLE`` also refuses
     ``group``/``store``; by default the layer is named after the file.
+
+    User-data goes through ``agent.userdata.read_user_data``, the boot's own reader:
+    ``launch_index`` selects ``Launch-Index`` parts as on that instance (None: all),
+    and ``## template: jinja`` renders with stand-in instance metadata
+    (``udtemplate.EXAMPLE_INSTANCE_DATA``).
     """
-    from agent.userdata import looks_like_user_data, parse_user_data
+    from agent.udtemplate import EXAMPLE_INSTANCE_DATA
+    from agent.userdata import StaticMetadata, looks_like_user_data, read_user_data
 
     path = Path(path)
     name = layer or str(path)
@@ -669,9 +696,12 @@ def validate_file(path: str | Path, *, layer: str | None = None) -> list[str]:
     try:
         if looks_like_user_data(raw):
             name = layer or f"user-data {path}"
-            doc: Any = parse_user_data(raw)
+            got = read_user_data(raw, StaticMetadata(launch_index, EXAMPLE_INSTANCE_DATA))
+            doc: Any = got.config
             if doc is None:
-                return [f"{name}: no ec2_agent config found in this user-data"]
+                why = "; ".join(got.notes)
+                return [f"{name}: no ec2_agent config found in this user-data"
+                        + (f" ({why})" if why else "")]
         else:
             doc = _yaml_mapping(raw, name)
     except (ConfigError, UserDataError) as exc:

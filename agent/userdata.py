@@ -1,47 +1,65 @@
-"""Raw EC2 user-data bytes -> the agent's config mapping (or ``None``).
+"""Raw EC2 user-data bytes -> the agent's config mapping (or ``None``), as cloud-init reads it.
 
-Pure: no network, no files, no clock. The boot phase fetches the bytes from IMDS
-and hands them here; this module only decodes and extracts.
+Pure: no network, no files, no clock. The boot phase fetches the bytes (and,
+only when the user-data asks for them, the launch index and instance metadata)
+from IMDS and hands them here.
 
-Accepted forms (DESIGN.md, "User-data"), any of them optionally gzipped
-(magic ``1f 8b``, at most ``MAX_GZIP_DEPTH`` nested layers):
+The rule: the agent's mapping is the ``ec2_agent`` key of the cloud-config
+cloud-init 22.4 would assemble from the same bytes (its ``UserDataProcessor``,
+cloud-config handler and merging), checked differentially against cloud-init
+itself (tests/integration/test_userdata_referee.py). The steps, in cloud-init's
+order:
 
-- ``#cloud-config`` YAML whose top-level ``ec2_agent:`` mapping is the config
-  (cloud-init ignores the unknown key);
-- a MIME multipart as ``cloud-init devel make-mime`` builds it, with
-  ``text/cloud-config`` parts (their ``ec2_agent:`` key) and/or ``text/x-ec2-agent``
-  parts. An ``x-ec2-agent`` part is YAML that is either the agent mapping itself or
-  a mapping whose only key is ``ec2_agent:``; both are accepted. Parts may be base64
-  or quoted-printable and their content may be gzipped. ``text/plain`` and
-  ``application/octet-stream`` parts are sniffed like cloud-init does (a part that
-  starts with ``#cloud-config`` is a cloud-config). Every other part type
-  (``x-shellscript``, ``x-include-url``, ...) belongs to cloud-init and is ignored;
-- plain YAML with a top-level ``ec2_agent:`` mapping.
+1. one gzip layer off the whole user-data (if it does not decompress, the bytes
+   are used as they are);
+2. MIME if ``mime-version:`` occurs (any case) in the first 4 KiB, else one part;
+3. each part: transfer-decoded; ``application/gzip`` & co. decompressed; types
+   ``text/plain``, ``text/x-not-multipart`` and ``text/x-shellscript`` re-sniffed
+   by their first line (case-insensitive: ``#cloud-config``,
+   ``#cloud-config-jsonp``, ``#cloud-config-archive``, ``## template: jinja``,
+   ``#!``, ``#include``...); ``#cloud-config-archive`` parts exploded into parts;
+   ``Launch-Index`` (header or ``launch-index:`` key) recorded;
+4. parts whose launch index is not this instance's are dropped;
+5. in order: ``text/cloud-config`` parts merged (``merge_how``/``Merge-Type``, default
+   ``dict(replace)+list()+str()``: top-level keys replace, see ``agent.ccmerge``),
+   ``text/cloud-config-jsonp`` JSON patches applied, ``text/jinja2`` rendered with
+   the instance's metadata (``agent.udtemplate``) and handled as what it renders to.
 
-Several parts carrying agent config are deep-merged in this order: all
-cloud-config parts (in message order), then all ``x-ec2-agent`` parts (in message
-order). So ``x-ec2-agent`` wins key by key over cloud-config, mappings merge
-recursively and lists are replaced, the same rule as the config layers.
+Two forms of the agent's own, which cloud-init leaves alone, come on top:
+``text/x-ec2-agent`` MIME parts (the mapping itself, or ``{ec2_agent: mapping}``),
+deep-merged over the cloud-config's ``ec2_agent`` in message order; and user-data
+that is nothing cloud-init handles but is YAML with a top-level ``ec2_agent:``.
 
-Anything else (a shell script, a PowerShell block, empty user-data) has no agent
-part: ``None``. Input that is ours but broken is rejected with ``UserDataError``
-naming the part and, for YAML, the 1-based line and column, never silently
-replaced by "no config" (the cloud-init failure mode STYLE.md warns about).
+What is not the agent's is skipped, at most with a note (``UserData.notes``, shown
+in ``status``): scripts in any encoding, binary parts, a broken cloud-config that
+does not mention ``ec2_agent``, duplicate keys outside ``ec2_agent``. The agent
+fails (``UserDataError``) only on its own block: a part that mentions
+``ec2_agent`` and that cloud-init would drop (broken YAML, a patch that does not
+apply, a template that does not render), duplicate keys inside ``ec2_agent``, or
+an ``ec2_agent`` that is not a mapping; YAML errors say line and column.
+
+Not followed: ``#include`` URLs (cloud-init fetches them; the agent does not, and
+says so in a note) and ``#part-handler`` code (never run by the agent).
 
 Limits, because user-data is input from whoever can launch an instance:
 ``MAX_RAW_BYTES`` (EC2's own 16 KiB), ``MAX_DECOMPRESSED_BYTES`` in total over all
-gzip layers and parts, enforced while streaming so a gzip bomb fails after
-allocating about the cap, and ``MAX_YAML_NODES`` against alias ("billion laughs")
-expansion when the result is walked later.
+gzip data, enforced while streaming so a gzip bomb fails after allocating about
+the cap, and ``MAX_YAML_NODES`` against alias ("billion laughs") expansion.
 """
 
 from __future__ import annotations
 
 import copy
 import email
+import json
 import zlib
 from collections.abc import Callable, Mapping
-from typing import Any
+from dataclasses import dataclass, field
+from email.message import Message
+from email.mime.base import MIMEBase
+from email.mime.nonmultipart import MIMENonMultipart
+from email.mime.text import MIMEText
+from typing import Any, Protocol
 
 import yaml
 
@@ -51,47 +69,98 @@ MAX_RAW_BYTES = 16384
 """EC2 refuses user-data larger than 16 KiB (before base64); more is not from EC2."""
 
 MAX_DECOMPRESSED_BYTES = 1024 * 1024
-"""Total bytes all gzip layers and parts may expand to (1 MiB)."""
+"""Total bytes all gzip data may expand to (1 MiB)."""
 
-MAX_GZIP_DEPTH = 3
-"""Nested gzip layers allowed (whole user-data, a part, and one spare)."""
+MAX_GZIP_DEPTH = 1
+"""cloud-init peels one gzip layer off the whole user-data (and one off a gzip part)."""
 
 MAX_YAML_NODES = 100_000
 """Values a loaded YAML document may expand to, counting alias re-uses each time."""
 
+MAX_NOTES = 10
+
 AGENT_KEY = "ec2_agent"
 AGENT_PART_TYPE = "text/x-ec2-agent"
 CLOUD_CONFIG_TYPE = "text/cloud-config"
+JSONP_TYPE = "text/cloud-config-jsonp"
+ARCHIVE_TYPE = "text/cloud-config-archive"
+JINJA_TYPE = "text/jinja2"
+NOT_MULTIPART_TYPE = "text/x-not-multipart"
 GZIP_MAGIC = b"\x1f\x8b"
 
-# Content types cloud-init sniffs by their first line rather than trusting.
-_SNIFFED_TYPES = frozenset(
-    {"text/plain", "text/x-not-multipart", "application/octet-stream", "text/x-unknown"}
+# cloud-init's first-line table (handlers.INCLUSION_TYPES_MAP), longest prefix first.
+_STARTS_WITH = sorted(
+    {
+        "#include": "text/x-include-url",
+        "#include-once": "text/x-include-once-url",
+        "#!": "text/x-shellscript",
+        "#cloud-config": CLOUD_CONFIG_TYPE,
+        "#part-handler": "text/part-handler",
+        "#cloud-boothook": "text/cloud-boothook",
+        "#cloud-config-archive": ARCHIVE_TYPE,
+        "#cloud-config-jsonp": JSONP_TYPE,
+        "## template: jinja": JINJA_TYPE,
+        "text/x-shellscript-per-boot": "text/x-shellscript-per-boot",
+        "text/x-shellscript-per-instance": "text/x-shellscript-per-instance",
+        "text/x-shellscript-per-once": "text/x-shellscript-per-once",
+    }.items(),
+    key=lambda kv: -len(kv[0]),
 )
-# First-line headers of other user-data formats (cloud-init's starts_with table).
-_FOREIGN_HEADERS = (
-    "#!",
-    "#include",
-    "#cloud-boothook",
-    "#part-handler",
-    "#upstart-job",
-    "#cloud-config-archive",
-    "#cloud-config-jsonp",
-    "## template: jinja",
-    "<powershell>",
-    "<script>",
-    "<persist>",
-)
+_RESNIFFED = ("text/plain", NOT_MULTIPART_TYPE, "text/x-shellscript")
+_INCLUDE_TYPES = ("text/x-include-url", "text/x-include-once-url")
+_GZIP_TYPES = frozenset({
+    "application/gzip", "application/gzip-compressed", "application/gzipped",
+    "application/x-compress", "application/x-compressed", "application/x-gunzip",
+    "application/x-gzip", "application/x-gzip-compressed",
+})
+_CC_HANDLED = (CLOUD_CONFIG_TYPE, JSONP_TYPE)
 
 
-def parse_user_data(raw: bytes | None) -> dict[str, Any] | None:
+class Metadata(Protocol):
+    """What some user-data needs from IMDS; asked only when a part needs it."""
+
+    def launch_index(self) -> int | None: ...
+
+    def instance_data(self) -> Mapping[str, Any] | None: ...
+
+
+@dataclass(frozen=True)
+class StaticMetadata:
+    """Metadata known up front (``config validate``, tests): None means unknown."""
+
+    index: int | None = None
+    data: Mapping[str, Any] | None = None
+
+    def launch_index(self) -> int | None:
+        return self.index
+
+    def instance_data(self) -> Mapping[str, Any] | None:
+        return self.data
+
+
+NO_METADATA = StaticMetadata()
+
+
+@dataclass(frozen=True)
+class UserData:
+    """The agent's mapping (None: no agent config) and notes on what was skipped."""
+
+    config: dict[str, Any] | None
+    notes: tuple[str, ...] = ()
+
+
+def parse_user_data(raw: bytes | None, metadata: Metadata = NO_METADATA) -> dict[str, Any] | None:
     """Return the agent's config mapping from raw user-data, or None if there is none.
 
-    Raises UserDataError for input that is too big, not text, a gzip bomb, broken
-    YAML in a part that is ours, or an ``ec2_agent`` value that is not a mapping.
+    Raises UserDataError only for the agent's own block (or input EC2 cannot send).
     """
+    return read_user_data(raw, metadata).config
+
+
+def read_user_data(raw: bytes | None, metadata: Metadata = NO_METADATA) -> UserData:
+    """``parse_user_data`` plus the notes on parts skipped (for ``status``)."""
     if raw is None:
-        return None
+        return UserData(None)
     if not isinstance(raw, (bytes, bytearray, memoryview)):
         raise UserDataError(f"user-data must be bytes, got {type(raw).__name__}")
     raw = bytes(raw)
@@ -99,34 +168,38 @@ def parse_user_data(raw: bytes | None) -> dict[str, Any] | None:
         raise UserDataError(
             f"user-data is {len(raw)} bytes, more than EC2's limit of {MAX_RAW_BYTES} bytes"
         )
-    budget = _Budget(MAX_DECOMPRESSED_BYTES)
-    data = _gunzip_all(raw, "user-data", budget)
-    if not data.strip():
-        return None
-    if _is_mime(data):
-        return _combine(_parse_mime(data, "user-data", budget))
-    text = _decode_text(data, "user-data")
-    return _combine(_parse_document(text, "user-data"))
+    return _Reader(metadata).read(raw)
 
 
 def looks_like_user_data(raw: bytes) -> bool:
-    """True for bytes in a user-data envelope (gzip, MIME, #cloud-config), not a bare file.
+    """True for bytes that are user-data rather than a bare agent config file.
 
-    ``ec2-agent config validate FILE`` uses this to decide whether FILE is an agent
-    config file (validated as is) or user-data (parsed here first).
+    ``ec2-agent config validate FILE`` uses this: gzip, MIME (``mime-version:`` in
+    the first 4 KiB, as cloud-init looks), any first line cloud-init sniffs
+    (``#cloud-config``, ``## template: jinja``, ``#!``...), or YAML whose top level
+    has ``ec2_agent``. Such a FILE is read exactly as the boot reads user-data.
     """
-    if raw.startswith(GZIP_MAGIC):
+    if raw.startswith(GZIP_MAGIC) or b"mime-version:" in raw[:4096].lower():
         return True
-    head = raw.lstrip(b"\xef\xbb\xbf").lstrip()[:32].lower()
-    return head.startswith(b"#cloud-config") or _is_mime(raw)
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        return False
+    if _sniff(text) is not None:
+        return True
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return False
+    return isinstance(doc, dict) and AGENT_KEY in doc
 
 
 def deep_merge(base: Mapping[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
     """Return ``base`` overlaid with ``top``: mappings merge recursively, all else replaces.
 
-    Lists replace rather than append so a higher layer can shrink a list (drop a
-    template or a health check); appending would make removal impossible. Inputs
-    are not modified; the result shares no mutable values with them.
+    The rule of the config layers (and of ``text/x-ec2-agent`` parts over the
+    cloud-config). Lists replace rather than append so a higher layer can shrink a
+    list. Inputs are not modified; the result shares no mutable values with them.
     """
     out: dict[str, Any] = copy.deepcopy(dict(base))
     for key, value in top.items():
@@ -237,187 +310,505 @@ class _Budget:
             )
 
 
-def _gunzip_all(data: bytes, where: str, budget: _Budget) -> bytes:
-    """Peel gzip layers (up to MAX_GZIP_DEPTH) off ``data``."""
-    depth = 0
-    while data.startswith(GZIP_MAGIC):
-        depth += 1
-        if depth > MAX_GZIP_DEPTH:
-            raise UserDataError(
-                f"{where}: more than {MAX_GZIP_DEPTH} nested gzip layers; refusing it"
-            )
-        data = _gunzip(data, where, budget)
-    return data
+class _Unreadable(ValueError):
+    """cloud-init's own processing fails on this user-data: it takes no cloud-config."""
+
+
+class _BadGzip(ValueError):
+    """Not a whole gzip stream: cloud-init then uses the bytes as they are (or skips)."""
 
 
 def _gunzip(data: bytes, where: str, budget: _Budget) -> bytes:
     """Decompress one gzip stream, never holding more than the budget allows."""
-    dec = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
     out = bytearray()
-    pending = data
-    try:
-        while not dec.eof:
-            # Ask for at most one byte past the budget: enough to know it is exceeded.
-            chunk = dec.decompress(pending, max(budget.left, 0) + 1)
-            budget.take(len(chunk), where)
-            out += chunk
-            pending = dec.unconsumed_tail
-            if not chunk and not pending:
-                break
-    except zlib.error as exc:
-        raise UserDataError(f"{where}: corrupt gzip data: {exc}") from exc
-    if not dec.eof:
-        raise UserDataError(f"{where}: truncated gzip data")
-    if dec.unused_data.strip(b"\x00"):
-        raise UserDataError(f"{where}: unexpected bytes after the gzip stream")
-    return bytes(out)
+    rest = data
+    while True:  # members, as Python's gzip module (cloud-init's) reads them
+        dec = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+        pending = rest
+        try:
+            while not dec.eof:
+                # At most one byte past the budget: enough to know it is exceeded.
+                chunk = dec.decompress(pending, max(budget.left, 0) + 1)
+                budget.take(len(chunk), where)
+                out += chunk
+                pending = dec.unconsumed_tail
+                if not chunk and not pending:
+                    break
+        except zlib.error as exc:
+            raise _BadGzip(f"corrupt gzip data: {exc}") from exc
+        if not dec.eof:
+            raise _BadGzip("truncated gzip data")
+        rest = dec.unused_data.lstrip(b"\x00")
+        if not rest:
+            return bytes(out)
+        if not rest.startswith(GZIP_MAGIC):
+            raise _BadGzip("unexpected bytes after the gzip stream")
 
 
-def _decode_text(data: bytes, where: str) -> str:
-    """UTF-8 (an optional BOM allowed) or a clear error; NUL bytes mean binary."""
-    nul = data.find(b"\x00")
-    if nul >= 0:
-        raise UserDataError(
-            f"{where}: binary data (a NUL byte at offset {nul}), not text user-data"
-        )
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise UserDataError(
-            f"{where}: not valid UTF-8 (byte 0x{data[exc.start]:02x} at offset {exc.start})"
-        ) from exc
+def _sniff(payload: str | bytes) -> str | None:
+    """cloud-init's type_from_starts_with: the content type of a first line, or None."""
+    if isinstance(payload, bytes):
+        try:
+            payload = payload.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+    low = payload.lower().lstrip()
+    for prefix, ctype in _STARTS_WITH:
+        if low.startswith(prefix):
+            return ctype
+    return None
 
 
-def _first_line(text: str) -> str:
-    return text.lstrip().split("\n", 1)[0].strip()
+def _payload(part: Message) -> str | bytes | None:
+    """A part's body as cloud-init sees it: text parts as str (charset, surrogateescape)."""
+    body = part.get_payload(decode=True)
+    if part.get_content_maintype() == "text" and isinstance(body, bytes):
+        charset = part.get_charset()
+        encoding = charset.input_codec if charset and charset.input_codec else "utf-8"
+        return body.decode(encoding, "surrogateescape")
+    return body
 
 
-def _is_cloud_config(text: str) -> bool:
-    """``#cloud-config`` but not ``#cloud-config-archive`` / ``-jsonp``."""
-    first = _first_line(text)
-    return first.startswith("#cloud-config") and not first.startswith(_FOREIGN_HEADERS)
+def _as_text(payload: str | bytes | None) -> str | None:
+    if isinstance(payload, bytes):
+        try:
+            return payload.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+    return payload
 
 
-def _is_mime(data: bytes) -> bool:
-    """MIME user-data starts with a header line, as make-mime writes it."""
-    head = data.lstrip(b"\xef\xbb\xbf").lstrip()[:32].lower()
-    return head.startswith((b"content-type:", b"mime-version:"))
+def _mentions_agent(payload: str | bytes | None) -> bool:
+    if isinstance(payload, bytes):
+        return AGENT_KEY.encode() in payload
+    return bool(payload) and AGENT_KEY in payload
 
 
-def _parse_document(text: str, where: str) -> list[tuple[str, dict]]:
-    """Find agent config in one decoded non-MIME document: [(kind, mapping), ...]."""
-    first = _first_line(text)
-    if _is_cloud_config(text):
-        return _from_cloud_config(text, where)
-    if first.startswith(_FOREIGN_HEADERS):
-        _refuse_unsupported_with_agent(text, first, where)
-        return []
-    return _from_plain_yaml(text, where)
+def _set_header(msg: Message, key: str, value: str) -> None:
+    del msg[key]
+    msg[key] = value
 
 
-def _refuse_unsupported_with_agent(text: str, first: str, where: str) -> None:
-    """Templated / archive cloud-config carrying ec2_agent would be silently lost: refuse."""
-    if first.startswith(("## template: jinja", "#cloud-config-archive")) and AGENT_KEY in text:
-        raise UserDataError(
-            f"{where}: '{first}' user-data mentions {AGENT_KEY} but that format is not "
-            "supported for agent config; use plain #cloud-config, MIME or text/x-ec2-agent"
-        )
+def _set_filename(msg: Message, name: str) -> None:
+    del msg["Content-Disposition"]
+    msg.add_header("Content-Disposition", "attachment", filename=str(name))
 
 
-def _agent_value(doc: Any, where: str) -> dict | None:
-    """The ``ec2_agent`` value of a cloud-config mapping, checked to be a mapping."""
-    if not isinstance(doc, dict) or AGENT_KEY not in doc:
+def _permissive_yaml(text: str) -> Any:
+    """YAML as cloud-init loads a part: safe, last duplicate key wins. Raises YAMLError."""
+    return yaml.load(text, Loader=yaml.SafeLoader)  # noqa: S506 - SafeLoader
+
+
+def _yaml_error(exc: yaml.YAMLError, where: str, text: str = "") -> UserDataError:
+    if isinstance(exc, yaml.reader.ReaderError) and text:
+        pos = exc.position
+        line = text.count("\n", 0, pos) + 1
+        col = pos - (text.rfind("\n", 0, pos) + 1) + 1
+        code = exc.character if isinstance(exc.character, int) else ord(exc.character)
+        what = (f"byte 0x{code - 0xDC00:02x} is not UTF-8 (cloud-init reads user-data as UTF-8)"
+                if 0xDC80 <= code <= 0xDCFF else f"character U+{code:04X} is not allowed")
+        return UserDataError(f"{where}: YAML error at line {line}, column {col}: {what}")
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    problem = getattr(exc, "problem", None) or getattr(exc, "context", None) or str(exc)
+    if mark is not None:
+        return UserDataError(
+            f"{where}: YAML error at line {mark.line + 1}, column {mark.column + 1}: {problem}")
+    return UserDataError(f"{where}: YAML error: {problem}")
+
+
+# --- the reader -------------------------------------------------------------
+
+
+@dataclass
+class _Reader:
+    metadata: Metadata
+    budget: _Budget = field(default_factory=lambda: _Budget(MAX_DECOMPRESSED_BYTES))
+    notes: list[str] = field(default_factory=list)
+    parts: list[Message] = field(default_factory=list)
+    unhandled: bool = False  # one non-MIME part that no cloud-init handler takes
+
+    def note(self, text: str) -> None:
+        if len(self.notes) < MAX_NOTES:
+            self.notes.append(text)
+        elif len(self.notes) == MAX_NOTES:
+            self.notes.append("(more notes left out)")
+
+    def read(self, raw: bytes) -> UserData:
+        data = raw
+        if raw.startswith(GZIP_MAGIC):
+            try:
+                data = _gunzip(raw, "user-data", self.budget)
+            except _BadGzip as exc:
+                self.note(f"user-data: {exc}; read as it is, as cloud-init does")
+        if b"mime-version:" in data[:4096].lower():
+            try:
+                text = data.decode("utf-8")
+            except UnicodeDecodeError:
+                self.note("user-data: MIME that is not UTF-8 (cloud-init cannot read it either)")
+                return UserData(None, tuple(self.notes))
+            root: Message = email.message_from_string(text)
+        else:
+            root = MIMEBase("text", "x-not-multipart")
+            root.set_payload(data)
+            self.unhandled = _sniff(_payload(root)) is None
+        try:
+            self._process(root)
+        except _Unreadable as exc:
+            if AGENT_KEY.encode() in data:
+                raise UserDataError(f"user-data mentions {AGENT_KEY} but cloud-init cannot "
+                                    f"read it: {exc}") from exc
+            self.note(f"user-data: cloud-init cannot read it ({exc}); no agent config")
+            return UserData(None, tuple(self.notes))
+        config = self._assemble(self._wanted_parts())
+        if config is None and self.unhandled:
+            config = self._plain_yaml(data)
+        return UserData(config, tuple(self.notes))
+
+    # -- cloud-init's UserDataProcessor ------------------------------------------
+
+    def _process(self, base: Message) -> None:
+        for part in base.walk():
+            if (part.get_content_maintype() or "").lower() == "multipart":
+                continue
+            ctype_orig: str | None = part.get_content_type()
+            payload = _payload(part)
+            compressed = False
+            where = self._label(part, len(self.parts) + 1)
+            if ctype_orig in _GZIP_TYPES:
+                try:
+                    if not isinstance(payload, bytes):
+                        raise _BadGzip("not gzip data")
+                    payload = _gunzip(payload, where, self.budget).decode("utf-8")
+                except (_BadGzip, UnicodeDecodeError) as exc:
+                    # cloud-init (ERROR_ON_USER_DATA_FAILURE) then drops all user-data
+                    raise _Unreadable(f"{where} does not decompress to UTF-8 text "
+                                      f"({exc})") from exc
+                ctype_orig, compressed = None, True
+            ctype_orig = ctype_orig or "text/plain"
+            ctype = _sniff(payload) if ctype_orig in _RESNIFFED else None
+            ctype = ctype or ctype_orig
+            if compressed:
+                main, sub = ctype.split("/", 1)
+                fresh = MIMENonMultipart(main, sub)
+                fresh.set_payload(payload)
+                if part.get_filename():
+                    _set_filename(fresh, part.get_filename())
+                if "Launch-Index" in part:
+                    _set_header(fresh, "Launch-Index", str(part["Launch-Index"]))
+                part = fresh
+            if ctype != ctype_orig:
+                _set_header(part, "Content-Type", ctype)
+            if ctype in _INCLUDE_TYPES:
+                self.note(f"{where}: #include URLs are not followed by the agent "
+                          "(cloud-init fetches them): put ec2_agent in the user-data itself")
+                continue
+            if ctype == ARCHIVE_TYPE:
+                self._explode(payload, where)
+                continue
+            self._attach(part)
+
+    def _explode(self, payload: str | bytes | None, where: str) -> None:
+        text = _as_text(payload)
+        try:
+            entries = _permissive_yaml(text) if text is not None else None
+        except yaml.YAMLError as exc:
+            if _mentions_agent(payload):
+                raise _yaml_error(exc, where) from exc
+            self.note(f"{where}: #cloud-config-archive is not valid YAML; skipped")
+            return
+        if entries is None:
+            return
+        if not isinstance(entries, (list, set)):
+            if _mentions_agent(payload):
+                raise UserDataError(f"{where}: #cloud-config-archive must be a YAML list, "
+                                    f"got {type(entries).__name__}")
+            self.note(f"{where}: #cloud-config-archive is not a list; skipped")
+            return
+        for entry in entries:
+            if isinstance(entry, str):
+                entry = {"content": entry}
+            if not isinstance(entry, dict):
+                continue
+            try:
+                msg = self._archive_part(entry)
+            except (ValueError, TypeError, AttributeError, LookupError) as exc:
+                raise _Unreadable(f"{where}: archive entry {str(entry)[:40]!r}: "
+                                  f"{type(exc).__name__}: {exc}") from exc
+            self._attach(msg)
+
+    @staticmethod
+    def _archive_part(entry: dict[Any, Any]) -> Message:
+        content = entry.get("content", "")
+        mtype = entry.get("type")
+        if not mtype:
+            default = "application/octet-stream" if isinstance(content, bytes) \
+                else CLOUD_CONFIG_TYPE
+            mtype = _sniff(content) or default
+        main, sub = mtype.split("/", 1)
+        msg: Message
+        if main == "text":
+            if isinstance(content, bytes):
+                content = content.decode()
+            msg = MIMEText(content, _subtype=sub)
+        else:
+            msg = MIMEBase(main, sub)
+            msg.set_payload(content)
+        if "filename" in entry:
+            _set_filename(msg, entry["filename"])
+        if "launch-index" in entry:
+            msg.add_header("Launch-Index", str(entry["launch-index"]))
+        skip = ("content", "filename", "type", "launch-index", "content-disposition",
+                "number-attachments", "content-type")
+        for key in list(entry):
+            if str(key).lower() not in skip:
+                msg.add_header(key, entry[key])
+        return msg
+
+    def _attach(self, part: Message) -> None:
+        index = part.get("Launch-Index", None)
+        from_payload = None
+        if part.get_content_type() == CLOUD_CONFIG_TYPE:
+            body = part.get_payload(decode=True)
+            try:
+                doc = _permissive_yaml(body.decode("utf-8")) if isinstance(body, bytes) \
+                    else None
+            except (yaml.YAMLError, UnicodeDecodeError, RecursionError):
+                doc = None
+            if isinstance(doc, dict):
+                from_payload = doc.get("launch-index")
+        chosen = index if index is not None else from_payload
+        if chosen is not None:
+            try:
+                part.add_header("Launch-Index", str(int(chosen)))
+            except (ValueError, TypeError):
+                pass
+        self.parts.append(part)
+
+    def _wanted_parts(self) -> list[Message]:
+        """Drop parts for other launch indexes (asks IMDS only when a part has one)."""
+        if not any(p.get("Launch-Index") is not None for p in self.parts):
+            return self.parts
+        wanted = self.metadata.launch_index()
+        if wanted is None:
+            return self.parts
+        kept = []
+        for part in self.parts:
+            index = part.get("Launch-Index")
+            if index is None:
+                kept.append(part)
+                continue
+            try:
+                number: int | None = int(index)
+            except (ValueError, TypeError):
+                number = None
+            if number == wanted:
+                kept.append(part)
+        return kept
+
+    # -- cloud-init's handlers ---------------------------------------------------
+
+    def _assemble(self, parts: list[Message]) -> dict[str, Any] | None:
+        buf: dict[str, Any] = {}
+        merged_any = False
+        agent_parts: list[dict[str, Any]] = []
+        for n, part in enumerate(parts, 1):
+            ctype = part.get_content_type()
+            where = self._label(part, n)
+            payload = _payload(part)
+            if ctype == AGENT_PART_TYPE:
+                agent_parts.append(self._agent_part(payload, where))
+                continue
+            if ctype == JINJA_TYPE:
+                rendered = self._render(payload, where)
+                if rendered is None:
+                    continue
+                if _sniff(rendered) not in _CC_HANDLED:
+                    continue  # a script or boothook after rendering: cloud-init's
+                payload, ctype = rendered, JINJA_TYPE
+            elif ctype not in _CC_HANDLED:
+                if ctype == "text/part-handler":
+                    self.note(f"{where}: part-handler code is not run by the agent")
+                continue
+            headers = dict(part.items())
+            result = self._merge_one(buf if merged_any else {}, ctype, payload, headers, where)
+            if result is not None:
+                buf, merged_any = result, True
+        config = self._agent_value(buf, "user-data cloud-config") if merged_any else None
+        for mapping in agent_parts:
+            config = deep_merge(config or {}, mapping)
+        return config
+
+    def _merge_one(self, buf: dict[str, Any], ctype: str, payload: str | bytes | None,
+                   headers: dict[str, str], where: str) -> dict[str, Any] | None:
+        """One cloud-config or jsonp part merged into ``buf``; None when cloud-init skips it."""
+        from agent import ccmerge
+
+        mine = _mentions_agent(payload)
+        if ctype == JSONP_TYPE:
+            return self._patch(buf, payload, where, mine)
+        text = _as_text(payload)
+        if text is None:
+            return self._skipped(where, mine, "is not UTF-8 text")
+        try:
+            doc = _permissive_yaml(text)
+        except yaml.YAMLError as exc:
+            if mine:
+                raise _yaml_error(exc, where, text) from exc
+            return self._skipped(where, mine, "is not valid YAML")
+        except RecursionError:
+            return self._skipped(where, mine, "is nested too deeply")
+        if not isinstance(doc, dict):
+            if doc is None:
+                return None
+            return self._skipped(where, mine, f"is a YAML {type(doc).__name__}, not a mapping")
+        if mine:
+            _check_agent_block(text, where)
+        try:
+            rules = ccmerge.rules_for(doc, headers.get("Merge-Type") or
+                                      headers.get("X-Merge-Type"))
+            merged = ccmerge.merge(buf, doc, rules)
+        except (ccmerge.MergeRuleError, TypeError, ValueError, AttributeError) as exc:
+            return self._skipped(where, mine, f"cannot be merged ({exc})")
+        if not isinstance(merged, dict):
+            return self._skipped(where, mine, "did not merge into a mapping")
+        return merged
+
+    def _patch(self, buf: dict[str, Any], payload: str | bytes | None, where: str,
+               mine: bool) -> dict[str, Any] | None:
+        import jsonpatch
+
+        text = _as_text(payload)
+        if text is None:
+            return self._skipped(where, mine, "is not UTF-8 text")
+        text = text.lstrip()
+        if text.startswith("#cloud-config-jsonp"):
+            text = text[len("#cloud-config-jsonp"):]
+        try:
+            patch = jsonpatch.JsonPatch.from_string(text)
+            out = patch.apply(buf, in_place=False)
+        except json.JSONDecodeError as exc:
+            if mine:
+                raise UserDataError(f"{where}: JSON error at line {exc.lineno}, column "
+                                    f"{exc.colno} (after the header): {exc.msg}") from exc
+            return self._skipped(where, mine, "is not valid JSON")
+        except (jsonpatch.JsonPatchException, jsonpatch.JsonPointerException, TypeError,
+                ValueError, KeyError, IndexError, AttributeError, RecursionError) as exc:
+            return self._skipped(where, mine, f"patch does not apply ({exc})")
+        if not isinstance(out, dict):
+            return self._skipped(where, mine, "patch does not leave a mapping")
+        return out
+
+    def _render(self, payload: str | bytes | None, where: str) -> str | None:
+        from agent import udtemplate
+
+        text = _as_text(payload)
+        mine = _mentions_agent(payload)
+        if text is None:
+            self._skipped(where, mine, "is not UTF-8 text")
+            return None
+        if udtemplate.template_kind(text) != "jinja":
+            self._skipped(where, mine, "is not a jinja template")
+            return None
+        try:
+            rendered = udtemplate.render(text, self.metadata.instance_data())
+        except udtemplate.TemplateError as exc:
+            at = f" (template line {exc.line})" if exc.line else ""
+            self._skipped(where, mine, f"{exc}{at}")
+            return None
+        return rendered or None
+
+    def _skipped(self, where: str, mine: bool, why: str) -> None:
+        """cloud-init drops this part: an error if it carries the agent's block, else a note."""
+        if mine:
+            raise UserDataError(f"{where} mentions {AGENT_KEY} but {why}, so cloud-init "
+                                f"would drop it")
+        self.note(f"{where}: {why}; skipped, as cloud-init does")
         return None
-    value = doc[AGENT_KEY]
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise UserDataError(
-            f"{where}: {AGENT_KEY} must be a mapping of agent settings, got {type(value).__name__}"
-        )
-    return value
 
-
-def _from_cloud_config(text: str, where: str) -> list[tuple[str, dict]]:
-    doc = load_yaml(text, where)
-    if doc is not None and not isinstance(doc, dict):
-        raise UserDataError(
-            f"{where}: #cloud-config must be a YAML mapping, got {type(doc).__name__}"
-        )
-    value = _agent_value(doc, where)
-    return [] if value is None else [("cloud-config", value)]
-
-
-def _from_plain_yaml(text: str, where: str) -> list[tuple[str, dict]]:
-    """Unlabelled text: ours only if it is YAML with top-level ``ec2_agent``.
-
-    Text that is not YAML is someone else's user-data unless it mentions
-    ``ec2_agent``, in which case the YAML error is the useful answer.
-    """
-    try:
+    def _agent_part(self, payload: str | bytes | None, where: str) -> dict[str, Any]:
+        """A text/x-ec2-agent part: the agent mapping, or ``{ec2_agent: mapping}``."""
+        text = _as_text(payload)
+        if text is None:
+            raise UserDataError(f"{where}: {AGENT_PART_TYPE} part is not UTF-8 text")
         doc = load_yaml(text, where)
-    except UserDataError:
-        if AGENT_KEY in text:
-            raise
-        return []
-    value = _agent_value(doc, where)
-    return [] if value is None else [("plain", value)]
-
-
-def _from_agent_part(text: str, where: str) -> list[tuple[str, dict]]:
-    """A text/x-ec2-agent part: the agent mapping, or ``{ec2_agent: mapping}``."""
-    doc = load_yaml(text, where)
-    if doc is None:
-        return [("x-ec2-agent", {})]
-    if not isinstance(doc, dict):
-        raise UserDataError(
-            f"{where}: {AGENT_PART_TYPE} part must be a YAML mapping, got {type(doc).__name__}"
-        )
-    if AGENT_KEY in doc:
-        if len(doc) > 1:
-            others = ", ".join(sorted(str(k) for k in doc if k != AGENT_KEY))
+        if doc is None:
+            return {}
+        if not isinstance(doc, dict):
             raise UserDataError(
-                f"{where}: {AGENT_PART_TYPE} part has {AGENT_KEY} next to other keys "
-                f"({others}); use either the agent mapping itself or only {AGENT_KEY}:"
-            )
-        value = _agent_value(doc, where)
-        return [("x-ec2-agent", value or {})]
-    return [("x-ec2-agent", doc)]
+                f"{where}: {AGENT_PART_TYPE} part must be a YAML mapping, "
+                f"got {type(doc).__name__}")
+        if AGENT_KEY in doc:
+            if len(doc) > 1:
+                others = ", ".join(sorted(str(k) for k in doc if k != AGENT_KEY))
+                raise UserDataError(
+                    f"{where}: {AGENT_PART_TYPE} part has {AGENT_KEY} next to other keys "
+                    f"({others}); use either the agent mapping itself or only {AGENT_KEY}:")
+            return self._agent_value(doc, where) or {}
+        return doc
 
+    @staticmethod
+    def _agent_value(doc: Any, where: str) -> dict[str, Any] | None:
+        if not isinstance(doc, dict) or AGENT_KEY not in doc:
+            return None
+        value = doc[AGENT_KEY]
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise UserDataError(f"{where}: {AGENT_KEY} must be a mapping of agent settings, "
+                                f"got {type(value).__name__}")
+        _check_node_count(value, f"{where}: ", UserDataError)
+        return copy.deepcopy(value)
 
-def _parse_mime(data: bytes, where: str, budget: _Budget) -> list[tuple[str, dict]]:
-    """Walk every leaf part (nested multiparts included); only ours are parsed."""
-    msg = email.message_from_bytes(data)
-    found: list[tuple[str, dict]] = []
-    index = 0
-    for part in msg.walk():
-        if part.is_multipart():
-            continue
-        index += 1
-        ctype = part.get_content_type()
+    def _plain_yaml(self, data: bytes) -> dict[str, Any] | None:
+        """Not MIME, nothing cloud-init handles: YAML with top-level ec2_agent is ours."""
+        try:
+            text = data.decode("utf-8-sig")
+        except UnicodeDecodeError:
+            return None
+        if AGENT_KEY not in text:
+            return None
+        try:
+            doc = _permissive_yaml(text)
+        except yaml.YAMLError as exc:
+            if not text.lstrip().startswith(AGENT_KEY):
+                return None
+            raise _yaml_error(exc, "user-data") from exc
+        except RecursionError:
+            return None
+        if not isinstance(doc, dict) or AGENT_KEY not in doc:
+            return None
+        _check_agent_block(text, "user-data")
+        return self._agent_value(doc, "user-data")
+
+    @staticmethod
+    def _label(part: Message, n: int) -> str:
         name = part.get_filename()
-        label = f"{where} MIME part {index} ({ctype}{', ' + name if name else ''})"
-        if ctype not in (CLOUD_CONFIG_TYPE, AGENT_PART_TYPE) and ctype not in _SNIFFED_TYPES:
-            continue  # cloud-init's business: scripts, include-url, boothooks, ...
-        payload = part.get_payload(decode=True)
-        if not isinstance(payload, bytes):
+        return f"user-data part {n} ({part.get_content_type()}{', ' + name if name else ''})"
+
+
+def _check_agent_block(text: str, where: str) -> None:
+    """Duplicate keys inside ``ec2_agent`` (or two ``ec2_agent`` keys): error with line."""
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)  # noqa: S506 - SafeLoader
+    except yaml.YAMLError as exc:
+        raise _yaml_error(exc, where) from exc
+    if not isinstance(root, yaml.MappingNode):
+        return
+    seen = None
+    for key_node, value_node in root.value:
+        if not (isinstance(key_node, yaml.ScalarNode) and key_node.value == AGENT_KEY
+                and key_node.tag == "tag:yaml.org,2002:str"):
             continue
-        payload = _gunzip_all(payload, label, budget)
-        body = _decode_text(payload, label)
-        if ctype == AGENT_PART_TYPE:
-            found.extend(_from_agent_part(body, label))
-        elif ctype == CLOUD_CONFIG_TYPE or _is_cloud_config(body):
-            found.extend(_from_cloud_config(body, label))
-    return found
-
-
-def _combine(found: list[tuple[str, dict]]) -> dict[str, Any] | None:
-    """Merge cloud-config/plain parts first, then x-ec2-agent parts on top."""
-    if not found:
-        return None
-    result: dict[str, Any] = {}
-    for kind_first in (False, True):
-        for kind, mapping in found:
-            if (kind == "x-ec2-agent") is kind_first:
-                result = deep_merge(result, mapping)
-    return result
+        if seen is not None:
+            mark = key_node.start_mark
+            raise UserDataError(f"{where}: YAML error at line {mark.line + 1}, column "
+                                f"{mark.column + 1}: found a second {AGENT_KEY} key "
+                                f"(the first is at line {seen.line + 1})")
+        seen = key_node.start_mark
+        loader = _StrictSafeLoader("")
+        try:
+            loader.construct_document(value_node)
+        except yaml.MarkedYAMLError as exc:
+            raise _yaml_error(exc, where) from exc
+        finally:
+            loader.dispose()
