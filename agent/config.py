@@ -694,7 +694,7 @@ def validate_file(path: str | Path, *, layer: str | None = None,
     except OSError as exc:
         return [f"{path}: cannot read: {exc.strerror or exc}"]
     try:
-        if looks_like_user_data(raw):
+        if layer in (None, LAYER_USER_DATA) and looks_like_user_data(raw):
             name = layer or f"user-data {path}"
             got = read_user_data(raw, StaticMetadata(launch_index, EXAMPLE_INSTANCE_DATA))
             doc: Any = got.config

@@ -616,7 +616,7 @@ class _Reader:
             where = self._label(part, n)
             payload = _payload(part)
             if ctype == AGENT_PART_TYPE:
-                agent_parts.append(self._agent_part(payload, where))
+                agent_parts.append(self._agent_part(part.get_payload(decode=True), where))
                 continue
             if ctype == JINJA_TYPE:
                 rendered = self._render(payload, where)
@@ -663,6 +663,7 @@ class _Reader:
             return self._skipped(where, mine, f"is a YAML {type(doc).__name__}, not a mapping")
         if mine:
             _check_agent_block(text, where)
+            self._agent_value(doc, where)  # a block that is not a mapping: error here
         try:
             rules = ccmerge.rules_for(doc, headers.get("Merge-Type") or
                                       headers.get("X-Merge-Type"))
@@ -725,11 +726,18 @@ class _Reader:
         self.note(f"{where}: {why}; skipped, as cloud-init does")
         return None
 
-    def _agent_part(self, payload: str | bytes | None, where: str) -> dict[str, Any]:
-        """A text/x-ec2-agent part: the agent mapping, or ``{ec2_agent: mapping}``."""
-        text = _as_text(payload)
-        if text is None:
-            raise UserDataError(f"{where}: {AGENT_PART_TYPE} part is not UTF-8 text")
+    def _agent_part(self, payload: Any, where: str) -> dict[str, Any]:
+        """A text/x-ec2-agent part (maybe gzipped): the mapping, or ``{ec2_agent: mapping}``."""
+        if isinstance(payload, bytes) and payload.startswith(GZIP_MAGIC):
+            try:
+                payload = _gunzip(payload, where, self.budget)
+            except _BadGzip as exc:
+                raise UserDataError(f"{where}: {exc}") from exc
+        try:
+            text = payload.decode("utf-8-sig") if isinstance(payload, bytes) else str(payload)
+        except UnicodeDecodeError as exc:
+            raise UserDataError(f"{where}: {AGENT_PART_TYPE} part is not valid UTF-8 "
+                                f"(byte 0x{payload[exc.start]:02x} at offset {exc.start})") from exc
         doc = load_yaml(text, where)
         if doc is None:
             return {}

@@ -49,7 +49,7 @@ class _Collect(logging.Handler):
 
 
 def _no_fetch(url, *args, **kwargs):
-    raise url_helper.UrlError(IOError("the referee never fetches"), url=url)
+    raise url_helper.UrlError(OSError("the referee never fetches"), url=url)
 
 
 def run_case(case, paths, collect):
@@ -67,7 +67,7 @@ def run_case(case, paths, collect):
         msg = ud.UserDataProcessor(paths).process(raw)
         msg = launch_index.Filter(util.safe_int(case.get("launch_index"))).apply(msg)
     except Exception as exc:  # cloud-init's processing itself fails: no user-data
-        return {"crash": "%s: %s" % (type(exc).__name__, exc), "warnings": collect.records}
+        return {"crash": f"{type(exc).__name__}: {exc}", "warnings": collect.records}
     cc = CloudConfigPartHandler(paths)
     jinja = JinjaTemplatePartHandler(paths, sub_handlers=[cc])
     handlers.call_begin(cc, None, PER_INSTANCE)
@@ -89,7 +89,7 @@ def run_case(case, paths, collect):
     try:
         handlers.walk(msg, callback, {})
     except Exception as exc:
-        return {"crash": "walk: %s: %s" % (type(exc).__name__, exc), "warnings": collect.records}
+        return {"crash": f"walk: {type(exc).__name__}: {exc}", "warnings": collect.records}
     cloud_config = None
     if cc.file_names and cc.cloud_buf is not None:
         # What cloud-init writes to cloud-config.txt and reads back.

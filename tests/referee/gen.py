@@ -50,7 +50,8 @@ _other = st.dictionaries(st.sampled_from(["packages", "runcmd", "write_files", "
                                           "bootcmd", "disk_setup", "hostname"]), _value,
                          max_size=3)
 _merge = st.sampled_from([None, "list(append)+dict(recurse_array)+str()",
-                          "dict(replace)+list()+str()", "dict(no_replace,recurse_list)+list(append)",
+                          "dict(replace)+list()+str()",
+                          "dict(no_replace,recurse_list)+list(append)",
                           "dict(recurse_array,allow_delete)+list(prepend)+str(append)",
                           "list(append)", "bogus(x)", "dict()", "dict(replace)"])
 _cc_header = st.sampled_from(["#cloud-config", "#cloud-config", "#Cloud-Config",
@@ -114,19 +115,25 @@ def jsonp(draw: st.DrawFn) -> tuple[str, bool, bool]:
     return text, "ec2_agent" in text, False
 
 
+JINJA_BODIES = [
+    "#cloud-config\nec2_agent:\n  group: web-{{ v1.region }}\n"
+    "  vars: {az: '{{ v1.availability_zone }}'}\n",
+    "#cloud-config\nec2_agent:\n  group: '{{ ds.meta_data.instance_type }}'\n",
+    "#cloud-config\nec2_agent:\n  group: '{{ missing_var }}'\n",
+    "#cloud-config\nec2_agent:\n  group: '{{ nope.deeper }}'\n",
+    "#cloud-config\nec2_agent:\n"
+    "  group: '{% if v1.region == \"eu-west-1\" %}eu{% else %}other{% endif %}'\n",
+    "#cloud-config\nruncmd: [echo {{ v1.instance_id }}]\n",
+    "#!/bin/sh\necho {{ v1.region }}\n",
+    "#cloud-config\nec2_agent: {group: {{ broken\n",
+    "#cloud-config-jsonp\n"
+    '[{"op": "add", "path": "/ec2_agent", "value": {"group": "{{ v1.region }}"}}]\n',
+]
+
+
 @st.composite
 def jinja(draw: st.DrawFn) -> tuple[str, bool, bool]:
-    inner = draw(st.sampled_from([
-        "#cloud-config\nec2_agent:\n  group: web-{{ v1.region }}\n  vars: {az: '{{ v1.availability_zone }}'}\n",
-        "#cloud-config\nec2_agent:\n  group: '{{ ds.meta_data.instance_type }}'\n",
-        "#cloud-config\nec2_agent:\n  group: '{{ missing_var }}'\n",
-        "#cloud-config\nec2_agent:\n  group: '{{ nope.deeper }}'\n",
-        "#cloud-config\nec2_agent:\n  group: '{% if v1.region == \"eu-west-1\" %}eu{% else %}other{% endif %}'\n",
-        "#cloud-config\nruncmd: [echo {{ v1.instance_id }}]\n",
-        "#!/bin/sh\necho {{ v1.region }}\n",
-        "#cloud-config\nec2_agent: {group: {{ broken\n",
-        "#cloud-config-jsonp\n[{\"op\": \"add\", \"path\": \"/ec2_agent\", \"value\": {\"group\": \"{{ v1.region }}\"}}]\n",
-    ]))
+    inner = draw(st.sampled_from(JINJA_BODIES))
     return f"{draw(_jinja_header)}\n{inner}", "ec2_agent" in inner, "{{ broken" in inner
 
 
@@ -211,8 +218,9 @@ def part(draw: st.DrawFn) -> tuple[str, bytes, dict[str, str], bool, bool]:
             text.encode(), headers, m, f
     if kind == "script":
         body, m, f = draw(script())
-        return draw(st.sampled_from(["text/x-shellscript", "text/plain",
-                                     "text/x-shellscript; charset=iso-8859-1"])), body, headers, m, f
+        ctype = draw(st.sampled_from(["text/x-shellscript", "text/plain",
+                                      "text/x-shellscript; charset=iso-8859-1"]))
+        return ctype, body, headers, m, f
     if kind == "x-ec2-agent":
         doc = draw(_agent)
         if draw(st.booleans()):

@@ -170,7 +170,7 @@ def _dropped_agent_part(ref: dict[str, Any]) -> bool:
 def run(cases: list[Case]) -> list[tuple[Case, str]]:
     refs = referee(cases)
     bad = []
-    for case, ref in zip(cases, refs):
+    for case, ref in zip(cases, refs, strict=True):
         why = judge(case, ref, agent(case))
         if why:
             bad.append((case, why))

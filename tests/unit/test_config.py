@@ -32,6 +32,7 @@ from agent.config import (
     TemplateSpec,
     apply_defaults,
     is_secret_key,
+    layers_digest,
     load_layers,
     load_yaml_file,
     parse_mode,
@@ -587,10 +588,59 @@ def test_validate_file_user_data(tmp_path: Path) -> None:
 
 
 def test_validate_file_wrapper_hint(tmp_path: Path) -> None:
+    """A bundle agent.yaml with the user-data wrapper: the hint. As FILE alone it is
+    plain-YAML user-data, which the boot accepts: validate says the same."""
     p = tmp_path / "agent.yaml"
     p.write_text("ec2_agent:\n  group: web\n")
-    (err,) = validate_file(p)
+    (err,) = validate_file(p, layer=LAYER_BUNDLE)
     assert "drop the ec2_agent: wrapper" in err
+    assert validate_file(p) == []
+
+
+SAME_BYTES = {
+    "plain": b"ec2_agent:\n  group: web\n  heal: {mode: bogus}\n",
+    "template": b"## Template: Jinja\n#cloud-config\nec2_agent:\n  group: '{{ v1.region }}'\n"
+                b"  heal: {mode: bogus}\n",
+    "from-mime": b"From nobody Tue Dec  1 00:00:00 2026\nContent-Type: multipart/mixed; "
+                 b'boundary="B"\nMIME-Version: 1.0\n\n--B\nContent-Type: text/cloud-config\n\n'
+                 b"#cloud-config\nec2_agent:\n  group: web\n  heal: {mode: bogus}\n--B--\n",
+}
+
+
+@pytest.mark.parametrize("name", sorted(SAME_BYTES))
+def test_validate_and_boot_agree_on_the_same_bytes(tmp_path: Path, name: str) -> None:
+    """Regression: these bytes were valid for one and an error (or nothing) for the other."""
+    from agent.udtemplate import EXAMPLE_INSTANCE_DATA
+    from agent.userdata import StaticMetadata, read_user_data
+
+    raw = SAME_BYTES[name]
+    p = tmp_path / "user-data"
+    p.write_bytes(raw)
+    errs = validate_file(p)
+    user = read_user_data(raw, StaticMetadata(None, EXAMPLE_INSTANCE_DATA)).config
+    with pytest.raises(ConfigInvalid) as info:
+        load_layers(None, user, None)
+    assert len(errs) == 1 and "heal.mode" in errs[0], errs
+    assert any(i.path == "heal.mode" for i in info.value.errors)
+    fixed = raw.replace(b"heal: {mode: bogus}", b"heal: {mode: armed}")
+    p.write_bytes(fixed)
+    assert validate_file(p) == []
+    user = read_user_data(fixed, StaticMetadata(None, EXAMPLE_INSTANCE_DATA)).config
+    assert user is not None and user["heal"] == {"mode": "armed"}
+
+
+def test_mixed_type_keys_validate_and_digest() -> None:
+    """Regression: ``vars: {ports: {80: http, admin: 8443}}`` validated, then the boot's
+    layers digest (json.dumps sort_keys) raised TypeError."""
+    user = {"group": "web", "store": {"bucket": "my-fleet"},
+            "vars": {"ports": {80: "http", "admin": 8443}}}
+    cfg = load_layers(None, user, None)
+    assert cfg.vars["ports"] == {80: "http", "admin": 8443}
+    d1 = layers_digest(None, user, None)
+    assert d1 == layers_digest(None, copy.deepcopy(user), None)
+    other = copy.deepcopy(user)
+    other["vars"]["ports"] = {"80": "http", "admin": 8443}
+    assert layers_digest(None, other, None) != d1
 
 
 def test_validate_file_missing(tmp_path: Path) -> None:

@@ -19,11 +19,12 @@ from hypothesis import strategies as st
 from agent.errors import UserDataError
 from agent.userdata import (
     MAX_DECOMPRESSED_BYTES,
-    MAX_GZIP_DEPTH,
     MAX_RAW_BYTES,
+    StaticMetadata,
     deep_merge,
     looks_like_user_data,
     parse_user_data,
+    read_user_data,
 )
 
 
@@ -72,7 +73,6 @@ ACCEPTED = [
     ("json is yaml", b'{"ec2_agent": {"group": "web"}}', {"group": "web"}),
     ("empty ec2_agent", b"#cloud-config\nec2_agent:\n", {}),
     ("gzip cloud-config", _gz(CLOUD_CONFIG), AGENT),
-    ("gzip twice", _gz(_gz(CLOUD_CONFIG)), AGENT),
     ("mime cloud-config", mime(("cloud-config", CLOUD_CONFIG)), AGENT),
     ("mime x-ec2-agent bare", mime(("x-ec2-agent", yaml.safe_dump(AGENT))), AGENT),
     (
@@ -99,8 +99,47 @@ ACCEPTED = [
         AGENT,
     ),
     (
-        "mime gzipped cloud-config part",
-        raw_part_mime("text/cloud-config", _gz(CLOUD_CONFIG)),
+        "mime application/gzip part",
+        raw_part_mime("application/gzip", _gz(CLOUD_CONFIG)),
+        AGENT,
+    ),
+    (
+        "mime application/x-gzip part",
+        raw_part_mime("application/x-gzip", _gz(CLOUD_CONFIG)),
+        AGENT,
+    ),
+    ("capitalised header", CLOUD_CONFIG.replace(b"#cloud-config", b"#Cloud-Config"), AGENT),
+    ("mime text/plain #Cloud-Config", mime(("plain", CLOUD_CONFIG.replace(b"#c", b"#C"))), AGENT),
+    ("mime x-shellscript holding cloud-config", mime(("x-shellscript", CLOUD_CONFIG)), AGENT),
+    (
+        "mime after a From line",
+        b"From nobody Tue Dec  1 00:00:00 2026\n" + mime(("cloud-config", CLOUD_CONFIG)),
+        AGENT,
+    ),
+    (
+        "jsonp adds ec2_agent",
+        mime(("cloud-config", b"#cloud-config\npackages: [a]\n"),
+             ("cloud-config-jsonp", '#cloud-config-jsonp\n[{"op": "add", "path": "/ec2_agent", '
+              '"value": {"group": "web", "store": {"bucket": "my-fleet", "prefix": "prod"}}}]')),
+        AGENT,
+    ),
+    (
+        "archive",
+        b"#cloud-config-archive\n- type: text/cloud-config\n  content: |\n"
+        + b"".join(b"    " + line + b"\n" for line in CLOUD_CONFIG.splitlines()),
+        AGENT,
+    ),
+    (
+        "two cloud-configs: default merge replaces ec2_agent",
+        mime(("cloud-config", b"#cloud-config\nec2_agent: {group: old, vars: {a: 1}}\n"),
+             ("cloud-config", CLOUD_CONFIG)),
+        AGENT,
+    ),
+    (
+        "merge_how recurses into ec2_agent",
+        mime(("cloud-config", b"#cloud-config\nec2_agent: {group: web}\n"),
+             ("cloud-config", b"#cloud-config\nmerge_how: dict(recurse_array)+list(append)\n"
+              b"ec2_agent: {store: {bucket: my-fleet, prefix: prod}}\n")),
         AGENT,
     ),
 ]
@@ -129,12 +168,74 @@ NOT_OURS = [
     ("mime only shellscript", mime(("x-shellscript", "#!/bin/sh\necho hi\n"))),
     ("mime include-url", mime(("x-include-url", "https://example.invalid/x\n"))),
     ("yaml list", b"- ec2_agent\n- b\n"),
+    ("gzip twice (cloud-init peels one layer)", _gz(_gz(CLOUD_CONFIG))),
+    ("gzip bytes in a text/cloud-config part", raw_part_mime("text/cloud-config",
+                                                            _gz(CLOUD_CONFIG))),
+    ("latin-1 script", b"#!/bin/sh\necho caf\xe9\n"),
+    ("cp1252 powershell", "<powershell>\nWrite-Host '\u20ac'\n</powershell>\n".encode("cp1252")),
+    ("octet-stream part", raw_part_mime("application/octet-stream", bytes(range(256)))),
+    ("iso-8859-1 part", (
+        'Content-Type: multipart/mixed; boundary="XX"\nMIME-Version: 1.0\n\n--XX\n'
+        "Content-Type: text/plain; charset=iso-8859-1\nContent-Transfer-Encoding: 8bit\n\n"
+        "#!/bin/sh\necho caf\xe9\n--XX--\n").encode("latin-1")),
+    ("broken cloud-config without ec2_agent", b"#cloud-config\npackages: [nginx\n"),
+    ("duplicate keys outside ec2_agent", b"#cloud-config\napt: {a: 1}\napt: {b: 2}\n"),
+    ("cloud-config list", b"#cloud-config\n- a\n- b\n"),
+    ("text mentioning ec2_agent", b"text garbage that says ec2_agent: : : ["),
+    ("binary", bytes(range(256)) * 4),
+    ("png", b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR"),
+    ("utf-16", b"\xff\xfe#\x00c\x00"),
+    ("Launch-Index of another instance", b"#cloud-config\nlaunch-index: 5\nec2_agent: {}\n"),
 ]
 
 
 @pytest.mark.parametrize("raw", [r for _, r in NOT_OURS], ids=[n for n, _ in NOT_OURS])
 def test_no_agent_part(raw: bytes | None) -> None:
-    assert parse_user_data(raw) is None
+    assert parse_user_data(raw, StaticMetadata(index=0)) is None
+
+
+def test_tar_gz_user_data_is_not_ours() -> None:
+    import io
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        info = tarfile.TarInfo("user-data")
+        info.size = len(CLOUD_CONFIG)
+        tar.addfile(info, io.BytesIO(CLOUD_CONFIG))
+    assert read_user_data(buf.getvalue()).config is None
+
+
+def test_skipped_parts_leave_a_note() -> None:
+    got = read_user_data(mime(("cloud-config", b"#cloud-config\npackages: [x\n"),
+                              ("cloud-config", CLOUD_CONFIG)))
+    assert got.config == AGENT
+    assert any("not valid YAML" in n and "part 1" in n for n in got.notes), got.notes
+
+
+def test_include_is_noted_not_followed() -> None:
+    got = read_user_data(b"#include\nhttps://example.invalid/ud\n")
+    assert got.config is None
+    assert any("#include" in n for n in got.notes)
+
+
+def test_launch_index_selects_parts() -> None:
+    raw = mime(("cloud-config", b"#cloud-config\nlaunch-index: 0\nec2_agent: {group: zero}\n"),
+               ("cloud-config", b"#cloud-config\nlaunch-index: 1\nec2_agent: {group: one}\n"))
+    assert parse_user_data(raw, StaticMetadata(index=0)) == {"group": "zero"}
+    assert parse_user_data(raw, StaticMetadata(index=1)) == {"group": "one"}
+    assert parse_user_data(raw, StaticMetadata(index=2)) is None
+    assert parse_user_data(raw) == {"group": "one"}  # unknown index: every part, in order
+
+
+def test_jinja_renders_with_instance_data_any_header_case() -> None:
+    data = {"v1": {"region": "eu-west-1"}}
+    for header in (b"## template: jinja", b"## Template: Jinja"):
+        raw = header + b"\n#cloud-config\nec2_agent: {group: 'web-{{ v1.region }}'}\n"
+        assert parse_user_data(raw, StaticMetadata(data=data)) == {"group": "web-eu-west-1"}
+    # an undefined parent: cloud-init drops the part, so the agent's block is lost: error
+    with pytest.raises(UserDataError, match="jinja"):
+        parse_user_data(b"## template: jinja\n#cloud-config\nec2_agent: {group: '{{ x.y }}'}\n")
 
 
 # --- merging parts ------------------------------------------------------------
@@ -221,7 +322,7 @@ def test_gzip_bomb_fails_fast_and_small() -> None:
 def test_bomb_inside_mime_part() -> None:
     gz = _gz(b"\0" * (4 * MAX_DECOMPRESSED_BYTES), 9)
     assert len(gz) < MAX_RAW_BYTES
-    with pytest.raises(UserDataError, match=r"MIME part 1 .*decompressed size cap"):
+    with pytest.raises(UserDataError, match=r"part 1 .*decompressed size cap"):
         parse_user_data(raw_part_mime("text/x-ec2-agent", gz))
 
 
@@ -240,45 +341,33 @@ def test_budget_is_shared_between_parts() -> None:
         parse_user_data(raw)
 
 
-def test_gzip_depth_limited() -> None:
-    raw = CLOUD_CONFIG
-    for _ in range(MAX_GZIP_DEPTH + 1):
-        raw = _gz(raw)
-    with pytest.raises(UserDataError, match=rf"more than {MAX_GZIP_DEPTH} nested gzip"):
-        parse_user_data(raw)
-
-
 @pytest.mark.parametrize(
-    ("raw", "pattern"),
-    [
-        (_gz(CLOUD_CONFIG)[:-12], "truncated gzip"),
-        (b"\x1f\x8b" + b"\x00" * 30, "corrupt gzip"),
-        (_gz(CLOUD_CONFIG) + b"trailing junk", "after the gzip stream"),
-    ],
+    "raw",
+    [_gz(CLOUD_CONFIG)[:-12], b"\x1f\x8b" + b"\x00" * 30, _gz(CLOUD_CONFIG) + b"trailing junk"],
     ids=["truncated", "corrupt", "trailing"],
 )
-def test_bad_gzip(raw: bytes, pattern: str) -> None:
-    with pytest.raises(UserDataError, match=pattern):
-        parse_user_data(raw)
+def test_bad_gzip_is_read_as_is_like_cloud_init(raw: bytes) -> None:
+    got = read_user_data(raw)
+    assert got.config is None
+    assert any("gzip" in n for n in got.notes)
 
 
-@pytest.mark.parametrize(
-    ("raw", "pattern"),
-    [
-        (bytes(range(256)) * 4, "binary data .*NUL byte at offset 0"),
-        (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", "binary data"),
-        (
-            b"#cloud-config\nec2_agent:\n  group: caf\xe9\n",
-            r"not valid UTF-8 \(byte 0xe9 at offset",
-        ),
-        (b"\xff\xfe#\x00c\x00", "binary data"),
-        (b"\xc3\x28garbage", "not valid UTF-8"),
-    ],
-    ids=["all-bytes", "png", "latin1", "utf16", "bad-utf8"],
-)
-def test_binary_and_non_utf8(raw: bytes, pattern: str) -> None:
-    with pytest.raises(UserDataError, match=pattern):
-        parse_user_data(raw)
+def test_bad_gzip_part_drops_all_user_data_like_cloud_init() -> None:
+    """cloud-init 22.4 (ERROR_ON_USER_DATA_FAILURE) takes no user-data at all then."""
+    outer = MIMEMultipart()
+    bad = MIMEText("", "plain")
+    bad.replace_header("Content-Type", "application/gzip")
+    bad.set_payload(base64.encodebytes(b"\x1f\x8bnot gzip").decode())
+    bad.replace_header("Content-Transfer-Encoding", "base64")
+    outer.attach(bad)
+    outer.attach(MIMEText("#cloud-config\npackages: [nginx]\n", "cloud-config"))
+    got = read_user_data(outer.as_bytes())
+    assert got.config is None
+    assert any("cloud-init cannot read it" in n for n in got.notes), got.notes
+    # The same with the agent's block in it: the block is lost, which is the agent's error.
+    outer.attach(MIMEText(CLOUD_CONFIG.decode(), "cloud-config"))
+    with pytest.raises(UserDataError, match="mentions ec2_agent but cloud-init cannot read it"):
+        read_user_data(outer.as_bytes())
 
 
 @pytest.mark.parametrize(
@@ -288,15 +377,15 @@ def test_binary_and_non_utf8(raw: bytes, pattern: str) -> None:
         (b"#cloud-config\nec2_agent: {group: web\n", 3, 1, "user-data"),
         (b"ec2_agent:\n\tgroup: web\n", 2, 1, "user-data"),
         (b"#cloud-config\nec2_agent:\n  group: a\n  group: b\n", 4, 3, "user-data"),
+        (b"#cloud-config\nec2_agent: {}\nruncmd: []\nec2_agent: {}\n", 4, 1, "user-data"),
     ],
-    ids=["bad-indent", "unclosed-flow", "tab", "duplicate-key"],
+    ids=["bad-indent", "unclosed-flow", "tab", "duplicate-key", "two-blocks"],
 )
 def test_yaml_error_names_line_and_column(raw: bytes, line: int, column: int, where: str) -> None:
     with pytest.raises(UserDataError) as info:
         parse_user_data(raw)
     assert f"line {line}, column {column}" in str(info.value)
     assert str(info.value).startswith(where)
-    assert isinstance(info.value.__cause__, yaml.YAMLError)
 
 
 def test_yaml_error_in_mime_part_names_the_part() -> None:
@@ -304,7 +393,7 @@ def test_yaml_error_in_mime_part_names_the_part() -> None:
     with pytest.raises(UserDataError) as info:
         parse_user_data(raw)
     msg = str(info.value)
-    assert "MIME part 2 (text/x-ec2-agent" in msg
+    assert "part 2 (text/x-ec2-agent" in msg
     assert "line 2, column 1" in msg
 
 
@@ -334,14 +423,20 @@ def test_alias_bomb_refused() -> None:
         (b"#cloud-config\nec2_agent: web\n", "ec2_agent must be a mapping.*got str"),
         (b"#cloud-config\nec2_agent: [a, b]\n", "ec2_agent must be a mapping.*got list"),
         (b"ec2_agent: 3\n", "ec2_agent must be a mapping.*got int"),
-        (b"#cloud-config\n- a\n- b\n", "#cloud-config must be a YAML mapping"),
+        (b"#cloud-config\n- ec2_agent\n- b\n", "mentions ec2_agent but is a YAML list"),
         (mime(("x-ec2-agent", "- a\n")), "x-ec2-agent part must be a YAML mapping"),
         (mime(("x-ec2-agent", "ec2_agent: {}\ngroup: x\n")), "next to other keys \\(group\\)"),
-        (mime(("cloud-config", "#cloud-config\nec2_agent: 5\n")), "MIME part 1.*ec2_agent must"),
-        (b"## template: jinja\n#cloud-config\nec2_agent: {group: '{{ v1.region }}'}\n", "jinja"),
-        (b"text garbage that says ec2_agent: : : [", "YAML error at line 1"),
+        (mime(("cloud-config", "#cloud-config\nec2_agent: 5\n")), "part 1.*ec2_agent must"),
+        (b"## template: jinja\n#cloud-config\nec2_agent: {group: '{{ v1.region.x.y }}'}\n",
+         "jinja"),
+        (b"ec2_agent: : : [", "YAML error at line 1"),
+        (b"#cloud-config\nec2_agent: {group: caf\xe9}\n", "line 2, column 23: byte 0xe9"),
+        (b'#cloud-config-jsonp\n[{"op": "replace", "path": "/ec2_agent", "value": {}}]',
+         "mentions ec2_agent but patch does not apply"),
+        (b"#cloud-config\nmerge_how: bogus(x)\nec2_agent: {}\n", "cannot be merged"),
     ],
-    ids=["str", "list", "int", "cc-list", "part-list", "part-mixed", "part-cc", "jinja", "garbage"],
+    ids=["str", "list", "int", "cc-list", "part-list", "part-mixed", "part-cc", "jinja", "garbage",
+         "latin1", "jsonp", "merge-how"],
 )
 def test_agent_value_shape_errors(raw: bytes, pattern: str) -> None:
     with pytest.raises(UserDataError, match=pattern):
@@ -357,11 +452,13 @@ def test_not_bytes_refused() -> None:
     ("raw", "expected"),
     [
         (b"#cloud-config\n", True),
-        (b"Content-Type: multipart/mixed\n", True),
+        (b"From x\nMIME-Version: 1.0\n", True),
         (b"MIME-Version: 1.0\n", True),
         (_gz(b"x"), True),
         (b"group: web\n", False),
-        (b"#!/bin/sh\n", False),
+        (b"ec2_agent: {group: web}\n", True),
+        (b"## Template: Jinja\n", True),
+        (b"#!/bin/sh\n", True),
     ],
 )
 def test_looks_like_user_data(raw: bytes, expected: bool) -> None:
@@ -394,9 +491,10 @@ _agent = st.dictionaries(_keys, _values, max_size=5)
 
 
 @settings(max_examples=150, deadline=None)
-@given(_agent, st.sampled_from(["cc", "plain", "mime-cc", "mime-agent"]), st.integers(0, 2))
+@given(_agent, st.sampled_from(["cc", "plain", "mime-cc", "mime-agent"]), st.integers(0, 1))
 def test_roundtrip_any_mapping_any_envelope(agent: dict, form: str, gz: int) -> None:
-    """parse(gzip^n(envelope(x))) == x for any mapping x and every envelope."""
+    """parse(gzip?(envelope(x))) == x for any mapping x and every envelope (cloud-init
+    peels one gzip layer; two are tested in NOT_OURS)."""
     body = yaml.safe_dump({"ec2_agent": agent}, allow_unicode=True)
     if form == "cc":
         raw = ("#cloud-config\n" + body).encode()
