@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agent import jsontag
 from agent import state as statefile
 from agent.boot import BootContext
 from agent.clock import SYSTEM_CLOCK, Clock, Deadline
@@ -49,7 +50,7 @@ def save_instance(paths: Paths, ctx: BootContext) -> None:
 
     doc = {
         "identity": dataclasses.asdict(ctx.identity) if ctx.identity is not None else None,
-        "user_config": ctx.user_config,
+        "user_config": jsontag.encode(ctx.user_config),  # YAML's int keys, dates survive
         "boot_id": ctx.boot_id,
         "started": ctx.started_wall,
         "layers": _layers_record(ctx),
@@ -124,7 +125,7 @@ def load_context(paths: Paths, clock: Clock = SYSTEM_CLOCK) -> BootContext:
     cur = local_version(paths.bundles_dir, "current")
     bundle_dir = paths.bundles_dir / "current" if cur else None
     version = cur.manifest.version if cur else None
-    user = inst.get("user_config")
+    user = jsontag.decode(inst.get("user_config"))
     baked_sha = _file_sha256(paths.config_file)
     layers = inst.get("layers") if isinstance(inst.get("layers"), dict) else {}
     unchanged = (layers.get("baked_sha256") == baked_sha
