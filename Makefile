@@ -40,3 +40,12 @@ dist: venv
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache
 include packaging/install.mk
+
+# Long runs kept out of `make test`. Other soaks may add themselves as prerequisites.
+.PHONY: soak soak-userdata
+soak: soak-userdata
+
+# 10,000+ generated user-data cases judged against cloud-init's own processing
+# (needs the Debian cloud-init package, as .ci/run installs it).
+soak-userdata: venv
+	$(BIN)/python -m tests.referee.soak --cases $${USERDATA_SOAK_CASES:-10000}

@@ -42,7 +42,8 @@ Not followed: ``#include`` URLs (cloud-init fetches them; the agent does not, an
 says so in a note) and ``#part-handler`` code (never run by the agent).
 
 Limits, because user-data is input from whoever can launch an instance:
-``MAX_RAW_BYTES`` (EC2's own 16 KiB), ``MAX_DECOMPRESSED_BYTES`` in total over all
+``MAX_INPUT_BYTES`` (1 MiB; EC2's own limit, ``MAX_RAW_BYTES``, is 16 KiB and
+gets a note), ``MAX_DECOMPRESSED_BYTES`` in total over all
 gzip data, enforced while streaming so a gzip bomb fails after allocating about
 the cap, and ``MAX_YAML_NODES`` against alias ("billion laughs") expansion.
 """
@@ -66,7 +67,11 @@ import yaml
 from agent.errors import UserDataError
 
 MAX_RAW_BYTES = 16384
-"""EC2 refuses user-data larger than 16 KiB (before base64); more is not from EC2."""
+"""EC2 refuses user-data larger than 16 KiB (before base64): more gets a note (EC2 will
+refuse it at launch), not an error; cloud-init itself reads it (other clouds, files)."""
+
+MAX_INPUT_BYTES = 1024 * 1024
+"""Raw user-data bigger than this (1 MiB) is refused: no cloud delivers that much."""
 
 MAX_DECOMPRESSED_BYTES = 1024 * 1024
 """Total bytes all gzip data may expand to (1 MiB)."""
@@ -164,11 +169,15 @@ def read_user_data(raw: bytes | None, metadata: Metadata = NO_METADATA) -> UserD
     if not isinstance(raw, (bytes, bytearray, memoryview)):
         raise UserDataError(f"user-data must be bytes, got {type(raw).__name__}")
     raw = bytes(raw)
-    if len(raw) > MAX_RAW_BYTES:
+    if len(raw) > MAX_INPUT_BYTES:
         raise UserDataError(
-            f"user-data is {len(raw)} bytes, more than EC2's limit of {MAX_RAW_BYTES} bytes"
-        )
-    return _Reader(metadata).read(raw)
+            f"user-data is {len(raw)} bytes, more than the {MAX_INPUT_BYTES} bytes the agent "
+            f"reads (EC2's own limit is {MAX_RAW_BYTES})")
+    reader = _Reader(metadata)
+    if len(raw) > MAX_RAW_BYTES:
+        reader.note(f"user-data is {len(raw)} bytes, more than EC2's limit of {MAX_RAW_BYTES}: "
+                    "EC2 refuses it at launch (gzip it)")
+    return reader.read(raw)
 
 
 def looks_like_user_data(raw: bytes) -> bool:

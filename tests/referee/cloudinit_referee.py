@@ -15,7 +15,9 @@ each output line says what cloud-init assembled:
 
 Only cloud-init's ``UserDataProcessor``, launch-index ``Filter``,
 ``CloudConfigPartHandler`` and ``JinjaTemplatePartHandler`` run; ``#include`` URLs
-are never fetched (the fetch raises) and no part-handler or script runs.
+are never fetched (the fetch raises; where that makes cloud-init drop all user-data,
+the case is run again with includes that fetch nothing, ``includes_emptied``: the
+agent's documented reading) and no part-handler or script runs.
 """
 
 import base64
@@ -52,6 +54,19 @@ def _no_fetch(url, *args, **kwargs):
     raise url_helper.UrlError(OSError("the referee never fetches"), url=url)
 
 
+class _Empty:
+    contents = b""
+    code = 200
+
+    def ok(self, *args, **kwargs):
+        return True
+
+
+def _empty_fetch(url, *args, **kwargs):
+    """An include that fetches nothing: what the agent assumes (it never fetches)."""
+    return _Empty()
+
+
 def run_case(case, paths, collect):
     collect.records = []
     raw = base64.b64decode(case["raw"])
@@ -63,8 +78,19 @@ def run_case(case, paths, collect):
     else:
         with open(inst_file, "w") as f:
             json.dump(inst, f)
+    includes = False
     try:
-        msg = ud.UserDataProcessor(paths).process(raw)
+        try:
+            ud.read_file_or_url = _no_fetch
+            msg = ud.UserDataProcessor(paths).process(raw)
+        except Exception as exc:
+            if "never fetches" not in str(exc):
+                raise
+            # An #include whose fetch failed drops everything (ERROR_ON_USER_DATA_FAILURE);
+            # the agent never fetches: judge it against includes that fetch nothing.
+            includes = True
+            ud.read_file_or_url = _empty_fetch
+            msg = ud.UserDataProcessor(paths).process(raw)
         msg = launch_index.Filter(util.safe_int(case.get("launch_index"))).apply(msg)
     except Exception as exc:  # cloud-init's processing itself fails: no user-data
         return {"crash": f"{type(exc).__name__}: {exc}", "warnings": collect.records}
@@ -98,6 +124,7 @@ def run_case(case, paths, collect):
         "cloud_config": canon(cloud_config) if cloud_config is not None else None,
         "agent_parts": agent_parts,
         "types": types,
+        "includes_emptied": includes,
         "warnings": collect.records,
     }
 
@@ -107,7 +134,6 @@ def main():
     root = logging.getLogger()
     root.addHandler(collect)
     root.setLevel(logging.WARNING)
-    ud.read_file_or_url = _no_fetch
     with tempfile.TemporaryDirectory() as tmp:
         paths = helpers.Paths({"cloud_dir": tmp, "run_dir": tmp})
         for line in sys.stdin:

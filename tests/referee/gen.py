@@ -53,7 +53,19 @@ _merge = st.sampled_from([None, "list(append)+dict(recurse_array)+str()",
                           "dict(replace)+list()+str()",
                           "dict(no_replace,recurse_list)+list(append)",
                           "dict(recurse_array,allow_delete)+list(prepend)+str(append)",
-                          "list(append)", "bogus(x)", "dict()", "dict(replace)"])
+                          "list(append)", "bogus(x)", "dict()", "dict(replace)",
+                          # the rules cloud-init's own merge tests use
+                          "dict(replace)+list(append)", "dict(recurse_str)+str(append)",
+                          "dict(recurse_list)+list(append)",
+                          "dict(recurse_array,no_replace)+list(prepend)",
+                          "dict(recurse_array)+list(recurse_list,recurse_str)+str()",
+                          "dict(allow_delete,no_replace)+list()", "List(Append)+Dict()",
+                          "dict(no_replace)+list(no_replace)"])
+_merge_list = st.lists(st.sampled_from([["dict", "recurse_array"], ["list", "append"],
+                                        {"name": "dict", "settings": ["no_replace"]},
+                                        {"name": "list", "settings": ["prepend"]},
+                                        ["str", "append"], {"name": "bogus", "settings": []},
+                                        "dict"]), min_size=1, max_size=3)
 _cc_header = st.sampled_from(["#cloud-config", "#cloud-config", "#Cloud-Config",
                               "#CLOUD-CONFIG", "  #cloud-config", "#cloud-config  "])
 _jinja_header = st.sampled_from(["## template: jinja", "## Template: Jinja",
@@ -75,7 +87,9 @@ def cloud_config(draw: st.DrawFn) -> tuple[str, bool, bool]:
         doc["ec2_agent"] = draw(_agent | st.just(None) | st.just({"group": "web"}))
     merge = draw(_merge)
     if merge and draw(st.booleans()):
-        doc["merge_how"] = merge
+        doc[draw(st.sampled_from(["merge_how", "merge_type"]))] = merge
+    elif draw(st.integers(0, 6)) == 0:
+        doc["merge_how"] = draw(_merge_list)
     if draw(st.integers(0, 5)) == 0:
         doc["launch-index"] = draw(st.integers(0, 2))
     items = list(doc.items())
@@ -187,7 +201,7 @@ def part(draw: st.DrawFn) -> tuple[str, bytes, dict[str, str], bool, bool]:
     """(content type, body bytes, extra headers, mentions agent, fault)."""
     kind = draw(st.sampled_from(["cc", "cc", "cc", "jsonp", "jinja", "archive", "script",
                                  "x-ec2-agent", "octet", "gzip", "plain-cc", "shell-cc",
-                                 "latin1-cc", "unknown"]))
+                                 "latin1-cc", "include", "unknown"]))
     headers: dict[str, str] = {}
     if draw(st.integers(0, 4)) == 0:
         headers["Merge-Type"] = draw(_merge) or "dict(replace)+list()+str()"

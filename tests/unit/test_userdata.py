@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from agent.errors import UserDataError
 from agent.userdata import (
     MAX_DECOMPRESSED_BYTES,
+    MAX_INPUT_BYTES,
     MAX_RAW_BYTES,
     StaticMetadata,
     deep_merge,
@@ -285,10 +286,14 @@ def test_deep_merge_lists_replace_and_inputs_untouched() -> None:
 
 
 def test_oversize_raw() -> None:
-    raw = b"#cloud-config\n#" + b"x" * (MAX_RAW_BYTES + 1 - 16) + b"\n"
-    assert len(raw) == MAX_RAW_BYTES + 1
-    with pytest.raises(UserDataError, match=r"16385 bytes.*16384"):
-        parse_user_data(raw)
+    """More than EC2's 16 KiB: a note (cloud-init reads it); more than 1 MiB: refused."""
+    raw = CLOUD_CONFIG + b"#" + b"x" * MAX_RAW_BYTES + b"\n"
+    got = read_user_data(raw)
+    assert got.config == AGENT
+    assert any("EC2's limit of 16384" in n for n in got.notes)
+    huge = b"#cloud-config\n#" + b"x" * MAX_INPUT_BYTES + b"\n"
+    with pytest.raises(UserDataError, match=rf"{len(huge)} bytes, more than the {MAX_INPUT_BYTES}"):
+        parse_user_data(huge)
 
 
 def test_exactly_the_limit_is_fine() -> None:
