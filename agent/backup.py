@@ -441,7 +441,9 @@ def load_runtime(paths: Any) -> tuple[Any, str]:
     from agent.imds import ImdsClient
 
     imds = ImdsClient()
-    user = parse_user_data(imds.user_data())
+    from agent.boot import ImdsMetadata
+
+    user = parse_user_data(imds.user_data(), ImdsMetadata(imds))
     cur = paths.bundles_dir / "current" / "agent.yaml"
     bundle = load_yaml_file(cur) if cur.exists() else None
     cfg = load_layers(baked, user, bundle)

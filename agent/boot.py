@@ -133,7 +133,7 @@ class ImdsMetadata:
     the launch index only for user-data with ``Launch-Index`` parts, the instance
     data only for ``## template: jinja`` parts."""
 
-    def __init__(self, imds: Any, identity: Any) -> None:
+    def __init__(self, imds: Any, identity: Any = None) -> None:
         self.imds, self.identity = imds, identity
 
     def launch_index(self) -> int | None:
@@ -146,6 +146,8 @@ class ImdsMetadata:
     def instance_data(self) -> dict[str, Any]:
         from agent.udtemplate import instance_data_from_identity
 
+        if self.identity is None:
+            self.identity = self.imds.identity()
         hostname = self.imds.get("local-hostname", optional=True)
         return instance_data_from_identity(self.identity, hostname.strip() if hostname else None)
 

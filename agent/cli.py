@@ -102,12 +102,17 @@ def cmd_config_show(args: argparse.Namespace) -> int:
     baked = load_yaml_file(paths.config_file) if paths.config_file.exists() else None
     user = None
     if args.user_data:
-        with open(args.user_data, "rb") as f:
-            user = parse_user_data(f.read())
+        from agent.udtemplate import EXAMPLE_INSTANCE_DATA
+        from agent.userdata import StaticMetadata
+
+        with open(args.user_data, "rb") as f:  # like `config validate`: stand-in metadata
+            user = parse_user_data(f.read(), StaticMetadata(None, EXAMPLE_INSTANCE_DATA))
     else:
+        from agent.boot import ImdsMetadata
         from agent.imds import ImdsClient
 
-        user = parse_user_data(ImdsClient().user_data())
+        imds = ImdsClient()
+        user = parse_user_data(imds.user_data(), ImdsMetadata(imds))
     bundle = None
     cur = paths.bundles_dir / "current" / "agent.yaml"
     if cur.exists():

@@ -452,9 +452,8 @@ class _Reader:
         if b"mime-version:" in data[:4096].lower():
             try:
                 text = data.decode("utf-8")
-            except UnicodeDecodeError:
-                self.note("user-data: MIME that is not UTF-8 (cloud-init cannot read it either)")
-                return UserData(None, tuple(self.notes))
+            except UnicodeDecodeError as exc:
+                return self._unreadable(data, f"MIME that is not UTF-8 ({exc})")
             root: Message = email.message_from_string(text)
         else:
             root = MIMEBase("text", "x-not-multipart")
@@ -463,15 +462,19 @@ class _Reader:
         try:
             self._process(root)
         except _Unreadable as exc:
-            if AGENT_KEY.encode() in data:
-                raise UserDataError(f"user-data mentions {AGENT_KEY} but cloud-init cannot "
-                                    f"read it: {exc}") from exc
-            self.note(f"user-data: cloud-init cannot read it ({exc}); no agent config")
-            return UserData(None, tuple(self.notes))
+            return self._unreadable(data, str(exc))
         config = self._assemble(self._wanted_parts())
         if config is None and self.unhandled:
             config = self._plain_yaml(data)
         return UserData(config, tuple(self.notes))
+
+    def _unreadable(self, data: bytes, why: str) -> UserData:
+        """cloud-init's processing fails as a whole: no cloud-config at all."""
+        if AGENT_KEY.encode() in data:
+            raise UserDataError(f"user-data mentions {AGENT_KEY} but cloud-init cannot read it: "
+                                f"{why}")
+        self.note(f"user-data: cloud-init cannot read it ({why}); no agent config")
+        return UserData(None, tuple(self.notes))
 
     # -- cloud-init's UserDataProcessor ------------------------------------------
 
@@ -719,8 +722,12 @@ class _Reader:
         if udtemplate.template_kind(text) != "jinja":
             self._skipped(where, mine, "is not a jinja template")
             return None
+        data = self.metadata.instance_data()
+        if data is None:  # cloud-init without instance-data.json cannot render it either
+            self._skipped(where, mine, "is a jinja template and no instance metadata was given")
+            return None
         try:
-            rendered = udtemplate.render(text, self.metadata.instance_data())
+            rendered = udtemplate.render(text, data)
         except udtemplate.TemplateError as exc:
             at = f" (template line {exc.line})" if exc.line else ""
             self._skipped(where, mine, f"{exc}{at}")

@@ -254,28 +254,31 @@ def part(draw: st.DrawFn) -> tuple[str, bytes, dict[str, str], bool, bool]:
 
 def _mime(draw: st.DrawFn, parts: list[tuple[str, bytes, dict[str, str], bool, bool]]) -> bytes:
     boundary = "==BOUNDARY=="
-    out = []
+    out: list[bytes] = []
     prefix = draw(st.sampled_from(["", "From nobody Tue Dec  1 00:00:00 2026\n",
                                    "X-Note: first\n"]))
     version = draw(st.sampled_from(["MIME-Version: 1.0\n", "mime-version: 1.0\n",
                                     "Mime-Version: 1.0\n"]))
-    out.append(f"{prefix}Content-Type: multipart/mixed; boundary=\"{boundary}\"\n{version}\n")
+    out.append(f"{prefix}Content-Type: multipart/mixed; boundary=\"{boundary}\"\n"
+               f"{version}\n".encode())
     for ctype, body, headers, _m, _f in parts:
-        cte = draw(st.sampled_from(["base64", "7bit", "quoted-printable"]))
-        if cte == "7bit" and (not body.isascii() or b"\r" in body or body.count(b"\n") == 0
-                              or b"--==BOUNDARY" in body):
+        cte = draw(st.sampled_from(["base64", "7bit", "quoted-printable", "8bit"]))
+        if cte in ("7bit", "8bit") and (b"\r" in body or body.count(b"\n") == 0
+                                        or b"--==BOUNDARY" in body or b"\x00" in body):
+            cte = "base64"
+        if cte == "7bit" and not body.isascii():
             cte = "base64"
         if cte == "base64":
-            enc = base64.encodebytes(body).decode()
+            enc = base64.encodebytes(body)
         elif cte == "quoted-printable":
-            enc = quopri.encodestring(body).decode()
+            enc = quopri.encodestring(body)
         else:
-            enc = body.decode()
+            enc = body  # 8bit: raw bytes, maybe not UTF-8 (cloud-init then reads nothing)
         hdrs = "".join(f"{k}: {v}\n" for k, v in headers.items())
         out.append(f"--{boundary}\nContent-Type: {ctype}\nContent-Transfer-Encoding: {cte}\n"
-                   f"{hdrs}\n{enc}\n")
-    out.append(f"--{boundary}--\n")
-    return "".join(out).encode()
+                   f"{hdrs}\n".encode() + enc + b"\n")
+    out.append(f"--{boundary}--\n".encode())
+    return b"".join(out)
 
 
 @st.composite

@@ -235,8 +235,16 @@ def test_jinja_renders_with_instance_data_any_header_case() -> None:
         raw = header + b"\n#cloud-config\nec2_agent: {group: 'web-{{ v1.region }}'}\n"
         assert parse_user_data(raw, StaticMetadata(data=data)) == {"group": "web-eu-west-1"}
     # an undefined parent: cloud-init drops the part, so the agent's block is lost: error
-    with pytest.raises(UserDataError, match="jinja"):
-        parse_user_data(b"## template: jinja\n#cloud-config\nec2_agent: {group: '{{ x.y }}'}\n")
+    broken = b"## template: jinja\n#cloud-config\nec2_agent: {group: '{{ x.y }}'}\n"
+    with pytest.raises(UserDataError, match="jinja rendering failed: UndefinedError"):
+        parse_user_data(broken, StaticMetadata(data=data))
+    # no metadata to render with (cloud-init without instance-data.json): the same
+    with pytest.raises(UserDataError, match="no instance metadata"):
+        parse_user_data(raw)
+    # a template that is not the agent's is skipped with a note, never an error
+    got = read_user_data(b"## template: jinja\n#!/bin/sh\necho {{ x.y }}\n",
+                         StaticMetadata(data=data))
+    assert got.config is None and any("jinja" in n for n in got.notes)
 
 
 # --- merging parts ------------------------------------------------------------
