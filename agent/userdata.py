@@ -680,8 +680,9 @@ class _Reader:
             rules = ccmerge.rules_for(doc, headers.get("Merge-Type") or
                                       headers.get("X-Merge-Type"))
             merged = ccmerge.merge(buf, doc, rules)
-        except (ccmerge.MergeRuleError, TypeError, ValueError, AttributeError) as exc:
-            return self._skipped(where, mine, f"cannot be merged ({exc})")
+        except (ccmerge.MergeRuleError, TypeError, ValueError, AttributeError, LookupError,
+                RecursionError) as exc:  # cloud-init skips the part on any of these
+            return self._skipped(where, mine, f"cannot be merged ({type(exc).__name__}: {exc})")
         if not isinstance(merged, dict):
             return self._skipped(where, mine, "did not merge into a mapping")
         return merged

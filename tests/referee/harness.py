@@ -66,6 +66,8 @@ def agent(case: Case) -> tuple[str, Any]:
         got = read_user_data(case.raw, meta).config
     except UserDataError as exc:
         return "error", str(exc)
+    except Exception as exc:  # a bug: reported as a disagreement, the run goes on
+        return "crash", f"{type(exc).__name__}: {exc}"
     return ("none", None) if got is None else ("ok", canon(got))
 
 
@@ -144,6 +146,8 @@ def judge(case: Case, ref: dict[str, Any], got: tuple[str, Any]) -> str | None:
     """None when the agent's answer is allowed, else why not."""
     want = expected(case, ref)
     kind, value = got
+    if kind == "crash":
+        return f"the agent crashed: {value}"
     if kind == "error":
         if AGENT_KEY not in str(value) and "YAML error" not in str(value) \
                 and "JSON error" not in str(value):
