@@ -673,6 +673,11 @@ class _Reader:
             if doc is None:
                 return None
             return self._skipped(where, mine, f"is a YAML {type(doc).__name__}, not a mapping")
+        try:
+            _check_node_count(doc, "", UserDataError)  # before merging walks it
+        except UserDataError:
+            return self._skipped(where, mine, f"expands to more than {MAX_YAML_NODES} values "
+                                              "(YAML aliases); refused")
         if mine:
             _check_agent_block(text, where)
             self._agent_value(doc, where)  # a block that is not a mapping: error here

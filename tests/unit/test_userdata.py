@@ -456,6 +456,17 @@ def test_agent_value_shape_errors(raw: bytes, pattern: str) -> None:
         parse_user_data(raw)
 
 
+def test_alias_bomb_outside_the_agent_block_is_skipped() -> None:
+    """Merging walks every path of a part: a part that expands too far is not merged."""
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    for i in range(1, 8):
+        lines.append(f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]")
+    bomb = ("#cloud-config\n" + "\n".join(lines) + "\n").encode()
+    got = read_user_data(mime(("cloud-config", bomb), ("cloud-config", CLOUD_CONFIG)))
+    assert got.config == AGENT
+    assert any("aliases" in n for n in got.notes)
+
+
 def test_not_bytes_refused() -> None:
     with pytest.raises(UserDataError, match="must be bytes"):
         parse_user_data("#cloud-config\n")  # type: ignore[arg-type]
