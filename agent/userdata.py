@@ -414,7 +414,8 @@ def _yaml_error(exc: yaml.YAMLError, where: str, text: str = "") -> UserDataErro
         line = text.count("\n", 0, pos) + 1
         col = pos - (text.rfind("\n", 0, pos) + 1) + 1
         code = exc.character if isinstance(exc.character, int) else ord(exc.character)
-        what = (f"byte 0x{code - 0xDC00:02x} is not UTF-8 (cloud-init reads user-data as UTF-8)"
+        what = (f"byte 0x{code - 0xDC00:02x} is not UTF-8 as cloud-init reads it (write "
+                "UTF-8; in MIME, non-ASCII text needs base64, cloud-init mangles 8bit parts)"
                 if 0xDC80 <= code <= 0xDCFF else f"character U+{code:04X} is not allowed")
         return UserDataError(f"{where}: YAML error at line {line}, column {col}: {what}")
     mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)

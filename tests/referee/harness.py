@@ -113,7 +113,12 @@ def expected(case: Case, ref: dict[str, Any]) -> tuple[str, Any]:
                 return "invalid", None
             merged = _decanon(base)
         for text in parts:
-            doc = yaml.safe_load(text) or {}
+            try:
+                doc = yaml.safe_load(text) or {}
+            except yaml.YAMLError:  # e.g. non-ASCII in an 8bit part, mangled by email
+                return "invalid", None
+            if not isinstance(doc, dict):
+                return "invalid", None
             if isinstance(doc, dict) and set(doc) == {AGENT_KEY}:
                 doc = doc[AGENT_KEY] or {}
             merged = deep_merge(merged, doc)
