@@ -760,7 +760,9 @@ class _Reader:
             text = payload.decode("utf-8-sig") if isinstance(payload, bytes) else str(payload)
         except UnicodeDecodeError as exc:
             raise UserDataError(f"{where}: {AGENT_PART_TYPE} part is not valid UTF-8 "
-                                f"(byte 0x{payload[exc.start]:02x} at offset {exc.start})") from exc
+                                f"(byte 0x{payload[exc.start]:02x} at offset {exc.start}; "
+                                "non-ASCII text in MIME needs base64, 8bit parts are "
+                                "mangled by the MIME reader)") from exc
         doc = load_yaml(text, where)
         if doc is None:
             return {}
