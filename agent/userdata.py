@@ -76,9 +76,6 @@ MAX_INPUT_BYTES = 1024 * 1024
 MAX_DECOMPRESSED_BYTES = 1024 * 1024
 """Total bytes all gzip data may expand to (1 MiB)."""
 
-MAX_GZIP_DEPTH = 1
-"""cloud-init peels one gzip layer off the whole user-data (and one off a gzip part)."""
-
 MAX_YAML_NODES = 100_000
 """Values a loaded YAML document may expand to, counting alias re-uses each time."""
 
