@@ -298,6 +298,16 @@ class Heartbeater:
         self._save()
         return deleted
 
+    def rejoin(self) -> None:
+        """Undo a resumable leave (spot hibernate resumed, back InService): beat again.
+
+        Only the agent's own departure logic calls this (agent.notices); the next
+        ``beat()`` writes the record and announces it.
+        """
+        self.left = False
+        self.announced_state = None
+        self._save()
+
     def status_doc(self) -> dict[str, Any]:
         return {
             "heartbeat": {"seq": self.record.seq, "last_ok": self.last_ok,
@@ -380,10 +390,14 @@ def phase_register(ctx: Any) -> str:
     """
     from agent.endpoint import advertised_url
     from agent.health import HealthChecker
+    from agent.notices import boot_joins_now
 
-    store = ctx.get_store()
     group = ctx.config.group
     ident = ctx.identity
+    joins, why = boot_joins_now(ctx)
+    if not joins:  # warm pool / standby: the boot's work is done, but no record yet
+        return _hold(ctx, why)
+    store = ctx.get_store()
     key = member_key(group, ident.instance_id)
     seq = _known_seq(ctx, store, key)
     http_port = int(_cfg(ctx.config, "http", "port", default=0) or 0)
@@ -425,6 +439,26 @@ def phase_register(ctx: Any) -> str:
     except Exception as exc:  # sd_notify is best effort by definition
         log.debug("sd_notify: %s", exc)
     return f"{hb.record.state} in {group} as {ident.instance_id} (seq {hb.record.seq})"
+
+
+def _hold(ctx: Any, why: str) -> str:
+    """Register without joining: member.json for ``run``, membership ``held`` in state."""
+    seq = int((ctx.previous.get("heartbeat") or {}).get("seq", 0) or 0)
+    try:  # a member returned to the warm pool keeps its seq: no body is ever rewritten
+        doc = read_member_file(ctx.paths) or {}
+        if doc.get("instance_id") == ctx.identity.instance_id:
+            seq = max(seq, int(doc.get("seq", 0) or 0))
+    except (StateError, ValueError, TypeError):
+        pass
+    write_member_file(ctx.paths, {
+        "instance_id": ctx.identity.instance_id, "group": ctx.config.group, "seq": seq,
+        "bucket": ctx.config.store.bucket, "prefix": ctx.config.store.prefix,
+        "region": _cfg(ctx.config, "store", "region") or getattr(ctx.identity, "region", None),
+        "state": "held", "left": False,
+    })
+    ctx.extras.setdefault("state_updates", {}).update(
+        membership={"state": "held", "reason": why, "left": False})
+    return f"held: {why}"
 
 
 # -- for the command line ---------------------------------------------------------------------
