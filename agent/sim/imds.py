@@ -84,9 +84,12 @@ def _default_az_id(region: str, az: str) -> str:
     Real ids map to names per account; only the shape matters here.
     """
     parts = region.split("-")
-    short = "".join(p[0] for p in parts[:-1]) + (parts[-1] if parts[-1].isdigit() else "")
+    middle = "".join(parts[1:-1])
+    for word, initial in (("north", "n"), ("south", "s"), ("east", "e"), ("west", "w"),
+                          ("central", "c")):
+        middle = middle.replace(word, initial)
     letter = az[len(region):] or "a"
-    return f"{short}-az{ord(letter[0]) - ord('a') + 1}"
+    return f"{parts[0]}{middle}{parts[-1]}-az{ord(letter[0]) - ord('a') + 1}"
 
 
 def maintenance_time(when: _dt.datetime) -> str:
@@ -141,6 +144,9 @@ class InstanceMeta:
     availability_zone_id: str = ""
     ami_launch_index: int = 0
     instance_life_cycle: str = "on-demand"  # on-demand | spot | scheduled | capacity-block
+    # Keys that the identity document says differently from the meta-data paths: plays
+    # an IMDS whose sources disagree (the agent must use one, and say so).
+    document_overrides: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.hostname:
@@ -200,7 +206,7 @@ class InstanceMeta:
             "ramdiskId": None,
             "region": self.region,
             "version": "2017-09-30",
-        }
+        } | dict(self.document_overrides)
 
     def _events(self) -> Tree:
         events: Tree = {"maintenance": {
