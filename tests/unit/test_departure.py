@@ -168,7 +168,8 @@ def test_policy_is_the_config_section() -> None:
                       {"departure": {"on_rebalance": "leave",
                                      "maintenance_codes": ["instance-stop"]}})
     assert cfg.departure == D.Policy(on_rebalance="leave", maintenance_codes=("instance-stop",))
-    assert load_layers({"group": "g", "store": {"bucket": "my-fleet"}}, None).departure == D.Policy()
+    base = {"group": "g", "store": {"bucket": "my-fleet"}}
+    assert load_layers(base, None).departure == D.Policy()
 
 
 def test_policy_rejects_bad_values() -> None:
