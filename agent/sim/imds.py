@@ -17,6 +17,35 @@ Each hosted instance has its own tokens, its own ``Faults`` and a request log.
 Token expiry is judged on the server's own monotonic clock (injectable, so a test
 can expire tokens without sleeping). Everything is mutable at runtime: a test sets
 ``server.meta.spot_action`` or ``server.faults.fail_next_n`` while a client runs.
+
+Notices an instance gets before it goes away: ``spot_action`` (spot/instance-action,
+plus spot/termination-time for ``terminate``), ``rebalance_time``
+(events/recommendations/rebalance), ``maintenance_events``
+(events/maintenance/scheduled, ``[]`` when none), ``target_lifecycle_state``.
+
+Compared with Amazon's own IMDS mock, amazon-ec2-metadata-mock (AEMM; expectations
+transcribed in tests/integration/test_imds_notices.py with the file each comes from):
+
+* Same: the JSON keys of spot/instance-action (action, time), of the rebalance
+  recommendation (noticeTime) and of scheduled events (Code, Description, State,
+  EventId, NotBefore, NotAfter, NotBeforeDeadline) with their time format
+  ("2 Jan 2006 15:04:05 GMT"); the spot actions and event codes; the defaults of
+  ami-launch-index (0), instance-life-cycle (on-demand), placement/region and
+  availability-zone; the 404 page byte for byte, the 400/401 pages' title and
+  heading; a token TTL outside 1..21600 is 400; the granted TTL is echoed.
+* Different, on purpose: placement/availability-zone-id is derived from the AZ
+  (``use1-az1`` for us-east-1a; AEMM's ``use1-az4`` is one account's mapping, which
+  is per account). spot/termination-time is served only with a ``terminate`` notice
+  (as AWS documents it; AEMM serves it for every action). A GET on the token path is
+  405 here; AEMM answers 200 with an empty body (its handler returns without writing
+  for a non-PUT), which a client could take for an issued empty token. Error pages
+  are ``text/html`` (AEMM's ``http.Error`` sends ``text/plain; charset=utf-8``) and use
+  one template (AEMM's 400/401 constants differ from its 404 in indentation and
+  encoding declaration). JSON documents are compact for the spot and rebalance
+  notices, AEMM's are tab-indented (clients parse them, so the shape is what matters).
+  Scheduled events are ``[]`` when there are none (AEMM serves the path only in its
+  ``events`` mode). Delays/trigger times are not emulated: tests set and clear
+  notices at runtime instead.
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 Also the emulator against Amazon's own IMDS mock, amazon-ec2-metadata-mock (AEMM,
 github.com/aws/amazon-ec2-metadata-mock at bdf3096a6413e4e5ba90ea5890224f847f676faa):
 its default values and response shapes are transcribed below as expectations, each
-with the file it comes from. docs/operations.md lists what matched and what differs.
+with the file it comes from. agent/sim/imds.py's docstring lists what matched, what
+differs and why.
 """
 
 from __future__ import annotations
