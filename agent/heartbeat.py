@@ -74,29 +74,25 @@ def next_interval(interval_s: float, u: float) -> float:
 
 def departure_reason(spot_action: Mapping[str, Any] | None,
                      lifecycle_state: str | None) -> str | None:
-    """Whether IMDS says this instance is going away, and why. Pure."""
-    if spot_action:
-        action = spot_action.get("action", "?")
-        when = spot_action.get("time", "?")
-        return f"spot interruption notice: {action} at {when}"
-    if lifecycle_state and lifecycle_state.strip() == "Terminated":
-        return "auto scaling target lifecycle state: Terminated"
-    return None
+    """Whether IMDS says this member is going away (leave or suspend), and why. Pure.
+
+    A shorthand over ``agent.departure.decide`` for the spot notice and the lifecycle
+    state alone (the daemon uses ``agent.notices``, which reads every signal).
+    """
+    from agent import departure as D
+
+    obs = D.observations_from_imds(spot=spot_action, lifecycle_state=lifecycle_state)
+    d = D.decide(obs, D.Policy(), "member", 0.0)
+    return d.reason if d.action in ("leave", "suspend") else None
 
 
 def check_departure(imds: Any) -> str | None:
-    """Ask IMDS (spot notice, ASG lifecycle); an IMDS failure is not a departure."""
-    try:
-        spot = imds.spot_action()
-    except AgentError as exc:
-        log.debug("spot/instance-action unreadable: %s", exc)
-        spot = None
-    try:
-        target = imds.target_lifecycle_state()
-    except AgentError as exc:
-        log.debug("autoscaling/target-lifecycle-state unreadable: %s", exc)
-        target = None
-    return departure_reason(spot, target)
+    """Ask IMDS (every departure signal, default policy); an IMDS failure is not a departure."""
+    from agent import departure as D
+    from agent.notices import observe
+
+    d = D.decide(observe(imds), D.Policy(on_maintenance="report"), "member", 0.0)
+    return d.reason if d.action in ("leave", "suspend") else None
 
 
 # -- local member file -------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """IMDS notices acted on by real agent processes (boot + run) on the emulated cloud.
 
-Spot hibernate: leave, keep the data, rejoin on resume. Warm pool: boot, but join only
-InService. Rebalance / retirement with departure configured: leave early, final backup,
-the notice in state and in /metrics.
+Spot hibernate/stop: leave, keep the data, rejoin on resume or at the next boot. Warm
+pool: boot, but join only InService. Rebalance with departure configured: leave early,
+final backup, the notice in state and in /metrics. Scheduled events: the daemon's
+departure task in-process (fake clock for the lead time), real store and emulator.
 """
 
 from __future__ import annotations
@@ -12,13 +13,23 @@ import json
 import os
 import signal
 import urllib.request
+import uuid
+from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
+from agent.clock import FakeClock
+from agent.config import load_layers
+from agent.heartbeat import Heartbeater
+from agent.imds import ImdsClient
+from agent.membership import MemberRecord
+from agent.notices import DepartureWatch
+from agent.paths import Paths
 from agent.sim.cloud import EmbeddedCloud
 from agent.sim.fleet import fast_config
-from agent.sim.imds import maintenance_time
+from agent.sim.imds import ImdsServer, InstanceMeta, maintenance_time
 from agent.sim.netutil import wait_for
 from agent.store import Store
 
@@ -78,6 +89,21 @@ def test_spot_hibernate_leaves_keeps_data_and_rejoins_on_resume(cloud: EmbeddedC
         wait_for(lambda: _state(cloud, iid).get("membership", {}).get("state") == "ready")
         assert _seq(cloud, iid) > seq_left
         assert "notices" in _state(cloud, iid) and _state(cloud, iid)["notices"] == {}
+        # a spot stop: leave; the instance stops (systemd sends SIGTERM) and starts again
+        # with the same id: a reboot (no restore, local data kept) that registers again
+        meta.spot_action = {"action": "stop", "time": "2026-12-01T12:30:00Z"}
+        wait_for(lambda: iid not in _members(cloud), timeout=30)
+        wait_for(lambda: _state(cloud, iid)["membership"].get("state") == "suspended")
+        os.kill(p.pid, signal.SIGTERM)
+        assert p.wait(timeout=60) == 0
+        assert iid not in _members(cloud)
+        meta.spot_action = None
+        cloud.instances[iid].boot_id = uuid.uuid4().hex  # a new kernel boot
+        assert cloud.boot_all([iid]) == {iid: 0}
+        st = _state(cloud, iid)
+        assert (st["boot_kind"], st["membership"]["state"]) == ("reboot", "ready")
+        assert iid in _members(cloud)
+        assert (data / "kept.txt").read_text() == "local data\n"
     finally:
         _stop(p)
 
@@ -110,9 +136,8 @@ def test_warm_pool_instance_boots_but_joins_only_in_service(cloud: EmbeddedCloud
         _stop(p)
 
 
-@pytest.mark.parametrize("signal_kind", ["rebalance", "retirement"])
-def test_configured_early_leave_takes_a_final_backup(cloud: EmbeddedCloud,
-                                                     signal_kind: str) -> None:
+def test_rebalance_leave_takes_a_final_backup(cloud: EmbeddedCloud) -> None:
+    """``departure.on_rebalance: leave``: leave early, final backup, notice in state/metrics."""
     cfg = _config(cloud, data=DATA, departure={"on_rebalance": "leave",
                                                "maintenance_lead_s": 3600})
     iid = cloud.run_standalone("web", 1, cfg)[0]
@@ -130,26 +155,16 @@ def test_configured_early_leave_takes_a_final_backup(cloud: EmbeddedCloud,
 
         wait_for(lambda: bool(endpoint()))  # the daemon's own record, with its endpoint
         url = endpoint()
-        meta = cloud.imds.host(iid).meta
-        if signal_kind == "rebalance":
-            meta.rebalance_time = "2026-12-01T11:58:00Z"
-        else:
-            soon = dt.datetime.now(dt.timezone.utc) + dt.timedelta(minutes=30)
-            meta.maintenance_events = [{
-                "Code": "instance-retirement", "Description": "retirement",
-                "EventId": "instance-event-0abc", "State": "active",
-                "NotBefore": maintenance_time(soon),
-                "NotAfter": maintenance_time(soon + dt.timedelta(days=1))}]
+        cloud.imds.host(iid).meta.rebalance_time = "2026-12-01T11:58:00Z"
         wait_for(lambda: iid not in _members(cloud), timeout=30)
         wait_for(lambda: "final_backup" in _state(cloud, iid).get("daemon", {}), timeout=60)
         st = _state(cloud, iid)
         assert st["membership"]["state"] == "leaving"
         fb = st["daemon"]["final_backup"]
         assert fb["ok"] is True and fb["entries"] == ["app"]
-        kind = "rebalance" if signal_kind == "rebalance" else "maintenance"
-        assert kind in st["notices"]
-        assert ("rebalance recommendation" if kind == "rebalance"
-                else "scheduled instance-retirement") in fb["reason"]
+        kind = "rebalance"
+        assert st["notices"] == {"rebalance": {"notice_time": "2026-12-01T11:58:00Z"}}
+        assert "rebalance recommendation at 2026-12-01T11:58:00Z" in fb["reason"]
         with urllib.request.urlopen(url + "/metrics", timeout=5) as r:
             text = r.read().decode()
         assert f'ec2_agent_imds_notice{{kind="{kind}"}} 1.0' in text
@@ -163,3 +178,75 @@ def test_configured_early_leave_takes_a_final_backup(cloud: EmbeddedCloud,
         assert p.poll() is None
     finally:
         _stop(p)
+
+
+# -- scheduled maintenance: DepartureWatch in-process (its DaemonLike side), real store + IMDS --
+
+class _Daemon:
+    """The parts of agent.daemon.Daemon that DepartureWatch uses (notices.DaemonLike)."""
+
+    def __init__(self, paths: Paths, clock: FakeClock, hb: Heartbeater, policy: dict) -> None:
+        self.paths, self.clock, self.hb = paths, clock, hb
+        cfg = load_layers({"group": "web", "store": {"bucket": "fleet-depart"}},
+                          {"departure": policy})
+        self.ctx = SimpleNamespace(config=cfg, identity=SimpleNamespace(instance_id="i-0maint"))
+        self.departing: str | None = None
+        self.imds: ImdsClient | None = None
+        self.records: dict[str, Any] = {}
+
+    def depart(self, reason: str) -> None:  # as Daemon.depart
+        self.departing = reason
+        self.hb.leave(reason)
+
+    def _bulk_store(self) -> Any:
+        raise AssertionError("no data entries: no backup")
+
+    def _record(self, what: str, doc: dict[str, Any]) -> None:
+        self.records[what] = doc
+
+
+@pytest.mark.parametrize(("code", "after"), [("instance-retirement", "left"),
+                                             ("instance-stop", "suspended")])
+def test_scheduled_event_leaves_before_its_time(moto: Any, tmp_path: Path, code: str,
+                                                after: str) -> None:
+    store = Store("fleet-depart", "prod", region="us-east-1")
+    store.ensure_bucket()
+    clock = FakeClock(now=dt.datetime(2026, 12, 1, 12, tzinfo=dt.timezone.utc).timestamp())
+    paths = Paths(tmp_path)
+    paths.state_dir.mkdir(parents=True)
+    hb = Heartbeater(store, MemberRecord(instance_id="i-0maint", group="web", seq=0),
+                     clock=clock, state_path=paths.state_file,
+                     member_path=paths.state_dir / "member.json")
+    assert hb.beat(state="ready").ok
+    key = "groups/web/members/i-0maint.json"
+    start = dt.datetime(2026, 12, 1, 13, tzinfo=dt.timezone.utc)  # an hour from now
+    with ImdsServer(InstanceMeta("i-0maint"), clock=clock) as imds:
+        imds.meta.maintenance_events = [{
+            "Code": code, "Description": f"The instance is scheduled for {code}",
+            "EventId": "instance-event-0abc", "State": "active",
+            "NotBefore": maintenance_time(start),
+            "NotAfter": maintenance_time(start + dt.timedelta(days=1))}]
+        d = _Daemon(paths, clock, hb, {"maintenance_lead_s": 900})
+        d.imds = ImdsClient(imds.url, clock=clock, retries=0)
+        watch = DepartureWatch(d)
+        assert watch.step().action == "stay"  # 3600 s ahead, lead 900 s: report only
+        assert store.get_or_none(key) is not None
+        st = json.loads(paths.state_file.read_text())
+        assert st["notices"]["maintenance"][0]["code"] == code
+        clock.advance(2700)  # 900 s before NotBefore
+        decision = watch.step()
+        assert decision.action == ("leave" if after == "left" else "suspend")
+        assert store.get_or_none(key) is None and d.departing  # left: nobody replaces it
+        assert watch.membership == after
+        assert code in json.loads(paths.state_file.read_text())["membership"].get(
+            "reason", decision.reason)
+        # the event completes (the instance was stopped and started again in place)
+        imds.meta.maintenance_events[0]["State"] = "completed"
+        clock.advance(3600)
+        again = watch.step()
+        if after == "suspended":
+            assert again.action == "join" and d.departing is None
+            assert hb.beat(state="ready").ok and store.get_or_none(key) is not None
+        else:
+            assert again.action == "stay" and store.get_or_none(key) is None
+        d.imds.close()
