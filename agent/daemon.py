@@ -377,6 +377,10 @@ class Daemon:
             self.departure_watch = DepartureWatch(self)
         self.departure_watch.step()
 
+    def _held(self) -> bool:
+        """Booted but never joined (agent.notices): no backups of data it never served."""
+        return bool(getattr(self.departure_watch, "never_joined", False))
+
     def depart(self, reason: str) -> None:
         """Leaving is not dying: delete our record first so nobody replaces us."""
         self.departing = reason
@@ -400,6 +404,8 @@ class Daemon:
     def backups(self) -> None:
         if not self.ctx.config.data:
             return  # nothing to back up: agent.backup is never loaded (idle RSS)
+        if self._held():
+            return  # never joined (warm pool, standby): its copy is not the group's data
         from agent.backup import backup, backup_due
 
         now = self.clock.time()
@@ -567,7 +573,7 @@ class Daemon:
         if not self.superseded and not self.departing:
             self.depart(self.stop_reason or "stop")
         code = 0
-        if self.ctx is not None and self.ctx.config.data:
+        if self.ctx is not None and self.ctx.config.data and not self._held():
             from agent.backup import run_backups
 
             outcomes = run_backups(self._bulk_store(), self.ctx.config, self.paths,

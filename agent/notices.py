@@ -105,6 +105,9 @@ class DepartureWatch:
         self.membership, reason = initial_membership(st, left)
         self.notices: dict[str, Any] | None = (st or {}).get("notices")
         self.last: D.Decision | None = None
+        # Held since the boot (warm pool, standby) and not joined yet: its data is not the
+        # group's (it may be days old when it enters service), so nothing is backed up.
+        self.never_joined = self.membership == "held"
         if self.membership in ("held", "suspended"):
             daemon.departing = reason or self.membership  # no beats, no healing
 
@@ -139,6 +142,7 @@ class DepartureWatch:
         log.warning("departure: %s (%s)", action, decision.reason)
         if action == "join":
             d.departing = None
+            self.never_joined = False
             d.hb.rejoin()
             self._set_membership("joining", decision.reason)
         elif self.membership == "held":  # leave while held: there is no record to delete

@@ -109,7 +109,11 @@ def test_spot_hibernate_leaves_keeps_data_and_rejoins_on_resume(cloud: EmbeddedC
 
 
 def test_warm_pool_instance_boots_but_joins_only_in_service(cloud: EmbeddedCloud) -> None:
-    iid = cloud.run_standalone("web", 1, _config(cloud))[0]
+    from agent.backup import latest_snapshot
+
+    iid = cloud.run_standalone("web", 1, _config(cloud, data=DATA))[0]
+    (cloud.instances[iid].root / "var/lib/app").mkdir(parents=True)
+    store = Store(cloud.bucket, cloud.prefix)
     meta = cloud.imds.host(iid).meta
     meta.target_lifecycle_state = "Warmed:Running"
     assert cloud.boot_all([iid]) == {iid: 0}
@@ -125,9 +129,13 @@ def test_warm_pool_instance_boots_but_joins_only_in_service(cloud: EmbeddedCloud
                  .get("depart", {}).get("runs", 0) >= 3, timeout=30)
         assert iid not in _members(cloud)
         assert _state(cloud, iid)["notices"] == {"lifecycle": {"target_state": "Warmed:Running"}}
+        # and it backs nothing up: its copy of the data is not the group's
+        assert _state(cloud, iid)["daemon"]["tasks"]["backup"]["runs"] >= 1
+        assert latest_snapshot(store, "web", "app") is None
         meta.target_lifecycle_state = "InService"
         wait_for(lambda: iid in _members(cloud), timeout=30)
         wait_for(lambda: _state(cloud, iid).get("membership", {}).get("state") == "ready")
+        wait_for(lambda: latest_snapshot(store, "web", "app") is not None, timeout=30)
         # back to the warm pool (scale-in with reuse): leave, nobody replaces it
         meta.target_lifecycle_state = "Warmed:Stopped"
         wait_for(lambda: iid not in _members(cloud), timeout=30)
