@@ -235,29 +235,30 @@ class ImdsClient:
                                "availabilityZone") if not doc.get(k)]
         if missing:
             raise ImdsError(f"IMDS {IDENTITY_DOCUMENT} lacks {', '.join(missing)}")
+        az = str(doc["availabilityZone"])
         ip = str(doc.get("privateIp") or "")
-        disagreements = []
-        checks = (("local-ipv4", "privateIp", ip),
-                  ("placement/availability-zone", "availabilityZone", str(doc["availabilityZone"])))
-        for path, key, used in checks:
-            seen = (self.get(path, optional=True) or "").strip()
-            if not used and path == "local-ipv4":
-                ip = used = seen  # a document without privateIp: the only source there is
-            elif seen and seen != used:
-                disagreements.append(f"IMDS {path} says {seen!r} but the identity document's "
-                                     f"{key} says {used!r}; using the document")
+        seen_ip = (self.get("local-ipv4", optional=True) or "").strip()
+        seen_az = (self.get("placement/availability-zone", optional=True) or "").strip()
+        ip = ip or seen_ip  # a document without privateIp: the only source there is
+        disagreements = tuple(
+            f"IMDS {path} says {seen!r} but the identity document's {key} says {used!r}; "
+            "using the document"
+            for path, key, seen, used in (("local-ipv4", "privateIp", seen_ip, ip),
+                                          ("placement/availability-zone", "availabilityZone",
+                                           seen_az, az))
+            if seen and seen != used)
         return Identity(
             instance_id=str(doc["instanceId"]),
             ami_id=str(doc["imageId"]),
             instance_type=str(doc["instanceType"]),
             region=str(doc["region"]),
-            availability_zone=str(doc["availabilityZone"]),
+            availability_zone=az,
             local_ipv4=ip,
             account_id=str(doc.get("accountId") or ""),
             pending_time=str(doc.get("pendingTime") or ""),
             architecture=str(doc.get("architecture") or ""),
             tags=self.tags(),
-            disagreements=tuple(disagreements),
+            disagreements=disagreements,
         )
 
     def tags(self) -> dict[str, str]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -254,3 +255,19 @@ def test_document_without_private_ip_falls_back_to_local_ipv4(server: ImdsServer
     server.meta.document_overrides = {"privateIp": None}
     ident = client.identity()
     assert ident.local_ipv4 == "10.0.0.10" and ident.disagreements == ()
+
+
+def test_boot_uses_the_document_and_degrades_on_disagreement(imds_server: ImdsServer,
+                                                             root: Path) -> None:
+    from agent.boot import run_boot
+    from agent.paths import Paths
+
+    imds_server.meta.document_overrides = {"availabilityZone": "eu-west-1c"}
+    st = run_boot(Paths.from_env(), phases=[("identity", "agent.boot:phase_identity")])
+    assert st["status"] == "degraded"
+    assert st["identity"]["az"] == "eu-west-1c"
+    assert st["phases"][0]["status"] == "degraded"
+    assert "placement/availability-zone says 'eu-west-1b'" in st["phases"][0]["detail"]
+    imds_server.meta.document_overrides = {}
+    assert run_boot(Paths.from_env(), phases=[("identity",
+                                               "agent.boot:phase_identity")])["status"] == "done"
