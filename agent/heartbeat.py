@@ -472,9 +472,15 @@ def member_store(paths: Any) -> tuple[Any, dict[str, Any]]:
 
 def leave_group(paths: Any, reason: str = "ec2-agent leave", *,
                 clock: Clock = SYSTEM_CLOCK) -> bool:
-    """``ec2-agent leave``: the same as the daemon's SIGTERM path, from another process."""
+    """``ec2-agent leave``: the same as the daemon's SIGTERM path, from another process.
+
+    Final: member.json gets ``final: true``, so a daemon that had left resumably (spot
+    stop/hibernate, standby) does not rejoin when the notice clears.
+    """
     store, doc = member_store(paths)
     if doc.get("left"):
+        if not doc.get("final"):
+            write_member_file(paths, dict(doc, final=True))
         return True
     key = member_key(doc["group"], doc["instance_id"])
     rec: MemberRecord | None = None
@@ -490,4 +496,6 @@ def leave_group(paths: Any, reason: str = "ec2-agent leave", *,
     rec = replace(rec, seq=max(rec.seq, int(doc.get("seq", 0) or 0)))
     hb = Heartbeater(store, rec, clock=clock, state_path=paths.state_file,
                      member_path=member_file(paths))
-    return hb.leave(reason)
+    gone = hb.leave(reason)
+    write_member_file(paths, dict(read_member_file(paths) or doc, final=True))
+    return gone

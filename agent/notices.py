@@ -140,6 +140,11 @@ class DepartureWatch:
         if action in ("stay", "hold"):
             return
         log.warning("departure: %s (%s)", action, decision.reason)
+        if action == "join" and _left_for_good(d.paths):
+            log.warning("departure: not rejoining: `ec2-agent leave` ran while suspended")
+            self.membership = "left"
+            self._set_membership("left", "ec2-agent leave")
+            return
         if action == "join":
             d.departing = None
             self.never_joined = False
@@ -193,6 +198,16 @@ class DepartureWatch:
             metrics.get().set_notices(notices)
         except Exception as exc:  # metrics are never a reason for the task to fail
             log.warning("cannot update notice metrics: %s: %s", type(exc).__name__, exc)
+
+
+def _left_for_good(paths: Any) -> bool:
+    """``ec2-agent leave`` ran (member.json ``final``): never rejoin."""
+    from agent.heartbeat import read_member_file
+
+    try:
+        return bool((read_member_file(paths) or {}).get("final"))
+    except StateError:
+        return False
 
 
 def _read_state(path: Any) -> dict[str, Any] | None:

@@ -258,3 +258,33 @@ def test_scheduled_event_leaves_before_its_time(moto: Any, tmp_path: Path, code:
         else:
             assert again.action == "stay" and store.get_or_none(key) is None
         d.imds.close()
+
+
+def test_ec2_agent_leave_while_suspended_is_final(moto: Any, tmp_path: Path) -> None:
+    from agent.heartbeat import leave_group, write_member_file
+
+    store = Store("fleet-depart", "prod", region="us-east-1")
+    store.ensure_bucket()
+    clock = FakeClock()
+    paths = Paths(tmp_path)
+    paths.state_dir.mkdir(parents=True)
+    write_member_file(paths, {"instance_id": "i-0maint", "group": "web", "seq": 0,
+                              "bucket": "fleet-depart", "prefix": "prod",
+                              "region": "us-east-1", "left": False})
+    hb = Heartbeater(store, MemberRecord(instance_id="i-0maint", group="web", seq=0),
+                     clock=clock, state_path=paths.state_file,
+                     member_path=paths.state_dir / "member.json")
+    assert hb.beat(state="ready").ok
+    with ImdsServer(InstanceMeta("i-0maint"), clock=clock) as imds:
+        d = _Daemon(paths, clock, hb, {})
+        d.imds = ImdsClient(imds.url, clock=clock, retries=0)
+        watch = DepartureWatch(d)
+        imds.meta.spot_action = {"action": "stop", "time": "2026-12-01T12:02:00Z"}
+        assert watch.step().action == "suspend"
+        assert leave_group(paths, clock=clock) is True  # an operator: stay out
+        imds.meta.spot_action = None
+        assert watch.step().action == "join"  # the decision; the shell refuses it
+        assert watch.membership == "left" and d.departing
+        assert not hb.beat(state="ready").ok
+        assert store.get_or_none("groups/web/members/i-0maint.json") is None
+        d.imds.close()
