@@ -69,7 +69,7 @@ def test_spot_hibernate_leaves_keeps_data_and_rejoins_on_resume(cloud: EmbeddedC
     assert cloud.boot_all([iid]) == {iid: 0}
     p = cloud.spawn(iid, "run")
     try:
-        wait_for(lambda: _seq(cloud, iid) >= 2)
+        wait_for(lambda: _seq(cloud, iid) >= 3)  # the daemon beats (the boot wrote 1, 2)
         meta = cloud.imds.host(iid).meta
         meta.spot_action = {"action": "hibernate", "time": "2026-12-01T12:02:00Z"}
         wait_for(lambda: _state(cloud, iid).get("membership", {}).get("state") == "suspended",
