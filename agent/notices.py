@@ -98,8 +98,9 @@ def initial_membership(state: dict[str, Any] | None, member_left: bool) -> tuple
 class DepartureWatch:
     """The daemon's departure task; ``step()`` runs every few seconds."""
 
-    def __init__(self, daemon: DaemonLike) -> None:
+    def __init__(self, daemon: DaemonLike, *, cloud: Any = None) -> None:
         self.d = daemon
+        self.cloud = cloud  # for the launch hook of a warm pool instance entering service
         st = _read_state(daemon.paths.state_file)
         left = bool(getattr(daemon.hb, "left", False))
         self.membership, reason = initial_membership(st, left)
@@ -146,6 +147,8 @@ class DepartureWatch:
             self._set_membership("left", "ec2-agent leave")
             return
         if action == "join":
+            if self.never_joined:
+                self._answer_launch_hook()
             d.departing = None
             self.never_joined = False
             d.hb.rejoin()
@@ -162,6 +165,19 @@ class DepartureWatch:
         nxt = decision.next_membership
         if nxt:
             self.membership = nxt
+
+    def _answer_launch_hook(self) -> None:
+        """Warmed:Running -> InService in this process: Auto Scaling runs the launch hook
+        again for an instance leaving the warm pool; answer it as the boot would (CONTINUE).
+        """
+        from agent.lifecycle import complete_lifecycle
+
+        st: dict[str, Any] = {"status": "done", "degraded": []}
+        rec = complete_lifecycle(self.d.ctx, st, cloud=self.cloud, entering=True)
+        try:
+            statefile.update(self.d.paths.state_file, lambda doc: doc.update(lifecycle=rec))
+        except StateError as exc:
+            log.warning("cannot record the launch hook answer: %s", exc)
 
     def _final_backup(self, reason: str) -> None:
         from agent.backup import run_backups

@@ -288,3 +288,53 @@ def test_ec2_agent_leave_while_suspended_is_final(moto: Any, tmp_path: Path) -> 
         assert not hb.beat(state="ready").ok
         assert store.get_or_none("groups/web/members/i-0maint.json") is None
         d.imds.close()
+
+
+def test_warm_running_instance_answers_the_hook_when_it_joins(moto: Any,
+                                                               tmp_path: Path) -> None:
+    """Warmed:Running -> InService without a reboot: the daemon answers the launch hook
+    (Stubber: moto has no CompleteLifecycleAction) and joins."""
+    import boto3
+    from botocore.stub import Stubber
+
+    from agent.cloud import Cloud
+    from agent.lifecycle import ASG_TAG
+
+    store = Store("fleet-depart", "prod", region="us-east-1")
+    store.ensure_bucket()
+    clock = FakeClock()
+    paths = Paths(tmp_path)
+    paths.state_dir.mkdir(parents=True)
+    paths.state_file.write_text(json.dumps({"status": "done", "membership": {
+        "state": "held", "reason": "Warmed:Running"}}))
+    hb = Heartbeater(store, MemberRecord(instance_id="i-0warm", group="web", seq=2),
+                     clock=clock, state_path=paths.state_file,
+                     member_path=paths.state_dir / "member.json")
+    client = boto3.client("autoscaling", region_name="us-east-1",
+                          endpoint_url="http://127.0.0.1:9")  # never contacted: stubbed
+    stub = Stubber(client)
+    stub.add_response("complete_lifecycle_action", {}, {
+        "AutoScalingGroupName": "web-asg", "LifecycleHookName": "launch",
+        "InstanceId": "i-0warm", "LifecycleActionResult": "CONTINUE"})
+    with ImdsServer(InstanceMeta("i-0warm", target_lifecycle_state="Warmed:Running"),
+                    clock=clock) as imds, stub:
+        d = _Daemon(paths, clock, hb, {})
+        d.ctx = SimpleNamespace(
+            config=load_layers({"group": "web", "store": {"bucket": "fleet-depart"},
+                                "boot": {"lifecycle_hook": "launch"}}, None),
+            baked_config=None, user_config=None, boot_kind="first", clock=clock,
+            previous=json.loads(paths.state_file.read_text()),
+            identity=SimpleNamespace(instance_id="i-0warm", region="us-east-1",
+                                     tags={ASG_TAG: "web-asg"}))
+        d.imds = ImdsClient(imds.url, clock=clock, retries=0)
+        watch = DepartureWatch(d, cloud=Cloud("us-east-1", autoscaling=client))
+        assert d.departing and watch.never_joined
+        assert watch.step().action == "hold"
+        imds.meta.target_lifecycle_state = "InService"
+        assert watch.step().action == "join"
+        stub.assert_no_pending_responses()
+        lc = json.loads(paths.state_file.read_text())["lifecycle"]
+        assert lc["completed"] is True and "leaving the warm pool" in lc["reason"]
+        assert d.departing is None and hb.beat(state="ready").ok
+        assert store.get_or_none("groups/web/members/i-0warm.json") is not None
+        d.imds.close()
