@@ -1,9 +1,11 @@
 """IMDS notices acted on by real agent processes (boot + run) on the emulated cloud.
 
-Spot hibernate/stop: leave, keep the data, rejoin on resume or at the next boot. Warm
-pool: boot, but join only InService. Rebalance with departure configured: leave early,
-final backup, the notice in state and in /metrics. Scheduled events: the daemon's
-departure task in-process (fake clock for the lead time), real store and emulator.
+As real agent processes: spot hibernate/stop (leave, keep the data, rejoin on resume or
+at the next boot) and a warm pool (boot, join only InService, no backups before). The
+daemon's departure task in-process (its DaemonLike side, fake clock, real store and
+emulator): scheduled events, a rebalance with departure configured (final backup,
+notice in state and metrics), `ec2-agent leave` while suspended, the launch hook of a
+Warmed:Running instance.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ import datetime as dt
 import json
 import os
 import signal
-import urllib.request
 import uuid
 from pathlib import Path
 from types import SimpleNamespace
@@ -144,59 +145,16 @@ def test_warm_pool_instance_boots_but_joins_only_in_service(cloud: EmbeddedCloud
         _stop(p)
 
 
-def test_rebalance_leave_takes_a_final_backup(cloud: EmbeddedCloud) -> None:
-    """``departure.on_rebalance: leave``: leave early, final backup, notice in state/metrics."""
-    cfg = _config(cloud, data=DATA, departure={"on_rebalance": "leave",
-                                               "maintenance_lead_s": 3600})
-    iid = cloud.run_standalone("web", 1, cfg)[0]
-    data = cloud.instances[iid].root / "var/lib/app"
-    data.mkdir(parents=True)
-    (data / "a.txt").write_text("a\n")
-    assert cloud.boot_all([iid]) == {iid: 0}
-    p = cloud.spawn(iid, "run")
-    try:
-        store = Store(cloud.bucket, cloud.prefix)
-
-        def endpoint() -> str:
-            obj = store.get_or_none(f"groups/web/members/{iid}.json")
-            return json.loads(obj.body)["endpoint"] if obj is not None else ""
-
-        wait_for(lambda: bool(endpoint()))  # the daemon's own record, with its endpoint
-        url = endpoint()
-        cloud.imds.host(iid).meta.rebalance_time = "2026-12-01T11:58:00Z"
-        wait_for(lambda: iid not in _members(cloud), timeout=30)
-        wait_for(lambda: "final_backup" in _state(cloud, iid).get("daemon", {}), timeout=60)
-        st = _state(cloud, iid)
-        assert st["membership"]["state"] == "leaving"
-        fb = st["daemon"]["final_backup"]
-        assert fb["ok"] is True and fb["entries"] == ["app"]
-        kind = "rebalance"
-        assert st["notices"] == {"rebalance": {"notice_time": "2026-12-01T11:58:00Z"}}
-        assert "rebalance recommendation at 2026-12-01T11:58:00Z" in fb["reason"]
-        with urllib.request.urlopen(url + "/metrics", timeout=5) as r:
-            text = r.read().decode()
-        assert f'ec2_agent_imds_notice{{kind="{kind}"}} 1.0' in text
-        assert 'ec2_agent_imds_notice{kind="spot"} 0.0' in text
-        # status shows it (and a notice is not a degradation)
-        from agent.status import format_text, translate
-
-        rep = translate(st)
-        assert rep.status == "done"
-        assert "notice: " in format_text(rep) and json.dumps(rep.to_json())
-        assert p.poll() is None
-    finally:
-        _stop(p)
-
-
 # -- scheduled maintenance: DepartureWatch in-process (its DaemonLike side), real store + IMDS --
 
 class _Daemon:
     """The parts of agent.daemon.Daemon that DepartureWatch uses (notices.DaemonLike)."""
 
-    def __init__(self, paths: Paths, clock: FakeClock, hb: Heartbeater, policy: dict) -> None:
+    def __init__(self, paths: Paths, clock: FakeClock, hb: Heartbeater, policy: dict,
+                 **extra: Any) -> None:
         self.paths, self.clock, self.hb = paths, clock, hb
-        cfg = load_layers({"group": "web", "store": {"bucket": "fleet-depart"}},
-                          {"departure": policy})
+        cfg = load_layers({"group": "web", "store": {"bucket": "fleet-depart", "prefix": "prod"}},
+                          {"departure": policy, **extra})
         self.ctx = SimpleNamespace(config=cfg, identity=SimpleNamespace(instance_id="i-0maint"))
         self.departing: str | None = None
         self.imds: ImdsClient | None = None
@@ -207,7 +165,9 @@ class _Daemon:
         self.hb.leave(reason)
 
     def _bulk_store(self) -> Any:
-        raise AssertionError("no data entries: no backup")
+        from agent.backup import store_for
+
+        return store_for(self.ctx.config, region="us-east-1")
 
     def _record(self, what: str, doc: dict[str, Any]) -> None:
         self.records[what] = doc
@@ -338,3 +298,47 @@ def test_warm_running_instance_answers_the_hook_when_it_joins(moto: Any,
         assert d.departing is None and hb.beat(state="ready").ok
         assert store.get_or_none("groups/web/members/i-0warm.json") is not None
         d.imds.close()
+
+
+def test_rebalance_leave_takes_a_final_backup(moto: Any, tmp_path: Path) -> None:
+    """``departure.on_rebalance: leave``: leave early, final backup, notice in state/metrics."""
+    from agent import metrics
+    from agent.backup import latest_snapshot, load_manifest
+    from agent.status import format_text, translate
+
+    store = Store("fleet-depart", "prod", region="us-east-1")
+    store.ensure_bucket()
+    clock = FakeClock(now=dt.datetime(2026, 12, 1, 12, tzinfo=dt.timezone.utc).timestamp())
+    paths = Paths(tmp_path)
+    paths.state_dir.mkdir(parents=True)
+    data = paths.rooted("/var/lib/app")
+    data.mkdir(parents=True)
+    (data / "a.txt").write_text("a\n")
+    paths.state_file.write_text(json.dumps({"status": "done"}))
+    hb = Heartbeater(store, MemberRecord(instance_id="i-0maint", group="web", seq=0),
+                     clock=clock, state_path=paths.state_file,
+                     member_path=paths.state_dir / "member.json")
+    assert hb.beat(state="ready").ok
+    with ImdsServer(InstanceMeta("i-0maint"), clock=clock) as imds:
+        d = _Daemon(paths, clock, hb, {"on_rebalance": "leave"}, data=DATA)
+        d.imds = ImdsClient(imds.url, clock=clock, retries=0)
+        watch = DepartureWatch(d)
+        assert watch.step().action == "stay"
+        imds.meta.rebalance_time = "2026-12-01T11:58:00Z"
+        decision = watch.step()
+        d.imds.close()
+    assert decision.action == "leave" and watch.membership == "left"
+    assert store.get_or_none("groups/web/members/i-0maint.json") is None
+    fb = d.records["final_backup"]
+    assert fb["ok"] is True and fb["entries"] == ["app"]
+    assert "rebalance recommendation at 2026-12-01T11:58:00Z" in fb["reason"]
+    snap = latest_snapshot(store, "web", "app")
+    assert snap and {f.path for f in load_manifest(store, "web", "app", snap).files} == {"a.txt"}
+    st = json.loads(paths.state_file.read_text())
+    assert st["notices"] == {"rebalance": {"notice_time": "2026-12-01T11:58:00Z"}}
+    text = metrics.get().render().decode()  # what the daemon's /metrics serves
+    assert 'ec2_agent_imds_notice{kind="rebalance"} 1.0' in text
+    assert 'ec2_agent_imds_notice{kind="spot"} 0.0' in text
+    rep = translate(st)  # status shows it, and a notice is not a degradation
+    assert rep.status == "done"
+    assert "notice: rebalance recommended at 2026-12-01T11:58:00Z" in format_text(rep)
