@@ -110,7 +110,7 @@ class DepartureWatch:
         # group's (it may be days old when it enters service), so nothing is backed up.
         self.never_joined = self.membership == "held"
         if self.membership in ("held", "suspended"):
-            daemon.departing = reason or self.membership  # no beats, no healing
+            _set_departing(daemon, reason or self.membership)  # no beats, no healing
 
     @property
     def policy(self) -> D.Policy:
@@ -149,12 +149,12 @@ class DepartureWatch:
         if action == "join":
             if self.never_joined:
                 self._answer_launch_hook()
-            d.departing = None
+            _set_departing(d, None)
             self.never_joined = False
             d.hb.rejoin()
             self._set_membership("joining", decision.reason)
         elif self.membership == "held":  # leave while held: there is no record to delete
-            d.departing = decision.reason
+            _set_departing(d, decision.reason)
             self._set_membership("left", decision.reason)
         else:  # leave or suspend a member: the record goes first, nobody replaces us
             d.depart(decision.reason)
@@ -214,6 +214,19 @@ class DepartureWatch:
             metrics.get().set_notices(notices)
         except Exception as exc:  # metrics are never a reason for the task to fail
             log.warning("cannot update notice metrics: %s: %s", type(exc).__name__, exc)
+
+
+def _set_departing(d: Any, reason: str | None) -> None:
+    """Why the daemon is out of the group (None: it is in): no beats, no healing.
+
+    Where the daemon keeps its member steps in ``d.member`` (agent.tasks.MemberTasks)
+    that object owns ``departing``; otherwise the daemon itself does.
+    """
+    member = getattr(d, "member", None)
+    if member is not None and hasattr(member, "departing"):
+        member.departing = reason
+    else:
+        d.departing = reason
 
 
 def _left_for_good(paths: Any) -> bool:

@@ -236,3 +236,16 @@ def test_decision_is_a_value() -> None:
     d = D.decide(obs(), POLICY, "member", NOW)
     with pytest.raises(dataclasses.FrozenInstanceError):
         d.action = "leave"  # type: ignore[misc]
+
+
+def test_departing_lives_on_the_member_steps_when_the_daemon_has_them() -> None:
+    from types import SimpleNamespace
+
+    from agent.notices import _set_departing
+
+    plain = SimpleNamespace(departing=None)
+    _set_departing(plain, "spot")
+    assert plain.departing == "spot"
+    split = SimpleNamespace(member=SimpleNamespace(departing=None))
+    _set_departing(split, "standby")
+    assert split.member.departing == "standby" and not hasattr(split, "departing")
