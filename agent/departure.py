@@ -29,8 +29,7 @@ departure, and it blocks a rejoin (a suspended member waits until IMDS answers).
 
 from __future__ import annotations
 
-import calendar
-import time
+import datetime as _dt
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -101,9 +100,10 @@ def boot_joins(state: str | None) -> tuple[bool, str]:
 def parse_maintenance_time(text: str) -> float | None:
     """``NotBefore`` and friends ("21 Jan 2019 09:00:43 GMT") -> epoch seconds; None if bad."""
     try:
-        return float(calendar.timegm(time.strptime(text.strip(), MAINTENANCE_TIME_FORMAT)))
+        when = _dt.datetime.strptime(text.strip(), MAINTENANCE_TIME_FORMAT)
     except (ValueError, AttributeError):
         return None
+    return when.replace(tzinfo=_dt.timezone.utc).timestamp()
 
 
 @dataclass(frozen=True)
