@@ -116,6 +116,8 @@ def phase_identity(ctx: BootContext) -> str:
     ctx.imds = ImdsClient(deadline=ctx.deadline, clock=ctx.clock)
     ident = ctx.imds.identity()
     ctx.identity = ident
+    for note in ident.disagreements:  # the document is used; a human should look
+        ctx.degrade(f"identity: {note}")
     prev = ctx.previous
     same_instance = prev.get("instance_id") == ident.instance_id
     if same_instance and prev.get("first_boot_done"):

@@ -32,6 +32,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from agent.departure import Policy
 from agent.errors import ConfigError, UserDataError
 
 LAYER_BAKED = "baked /etc/ec2-agent/agent.yaml"
@@ -138,6 +139,10 @@ class MembershipConfig:
     quiescence_max_s: float = 30
 
 
+# The ``departure`` section is the pure departure module's own policy value.
+DepartureConfig = Policy
+
+
 @dataclass(frozen=True)
 class HttpConfig:
     enabled: bool = True
@@ -170,6 +175,7 @@ class Config:
     heal: HealConfig
     membership: MembershipConfig
     http: HttpConfig
+    departure: DepartureConfig
     log: LogConfig
     raw: dict[str, Any]
 
@@ -568,6 +574,7 @@ def _build(raw: dict[str, Any]) -> Config:
         health=tuple(HealthCheckSpec(**h) for h in raw["health"]),
         heal=HealConfig(**raw["heal"]),
         membership=MembershipConfig(**raw["membership"]),
+        departure=DepartureConfig.from_raw(raw["departure"]),
         http=HttpConfig(**raw["http"]),
         log=LogConfig(**raw["log"]),
         raw=raw,

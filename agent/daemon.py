@@ -4,7 +4,7 @@
     watch       every interval: the group's records (agent.peers), peers into state
     rerender    membership changed and quiet for a while: re-render, reload what changed
     heal        every interval: the replacement controller (agent.replace), if enabled
-    depart      every few seconds: spot notice / ASG Terminating -> leave
+    depart      every few seconds: IMDS notices -> leave / suspend / rejoin (agent.notices)
     refresh     every bundle.refresh_s: conditional GET of the manifest (agent.pull.refresh)
     backup      each data entry on its own backup_interval_s
     watchdog    sd_notify WATCHDOG=1 at half the systemd watchdog interval
@@ -186,6 +186,7 @@ class Daemon:
         self.heal: Any = None
         self.bulk_store: Any = None
         self.imds: Any = None
+        self.departure_watch: Any = None
         self.progress_mono = 0.0
         self.watchdog_s: float | None = None
         self.heartbeat_thread: threading.Thread | None = None
@@ -219,6 +220,9 @@ class Daemon:
                               member_path=member_file(self.paths))
         self.watcher = PeerWatcher(store, cfg.group, ctx.identity.instance_id, clock=self.clock)
         self.heal = self._make_heal(ctx)
+        from agent.notices import DepartureWatch
+
+        self.departure_watch = DepartureWatch(self)  # held / suspended before: no beats
         # What the last render saw (boot renders from state.json's peers): the baseline that a
         # membership change is measured against.
         from agent.peers import peers_hash
@@ -367,15 +371,16 @@ class Daemon:
                          lambda d: d.setdefault("membership", {}).update(state="superseded"))
 
     def check_departure(self) -> None:
-        from agent.heartbeat import check_departure
-        from agent.imds import ImdsClient
+        """IMDS's notices (spot, lifecycle, rebalance, maintenance): agent.notices decides."""
+        from agent.notices import DepartureWatch
 
-        if self.imds is None:  # one client: its pool and token are reused every check
-            self.imds = ImdsClient(clock=self.clock)
-        reason = check_departure(
-            self.imds.with_deadline(Deadline.after(4.0, "departure check", self.clock)))
-        if reason and not self.departing:
-            self.depart(reason)
+        if self.departure_watch is None:
+            self.departure_watch = DepartureWatch(self)
+        self.departure_watch.step()
+
+    def _held(self) -> bool:
+        """Booted but never joined (agent.notices): no backups of data it never served."""
+        return bool(getattr(self.departure_watch, "never_joined", False))
 
     def depart(self, reason: str) -> None:
         """Leaving is not dying: delete our record first so nobody replaces us."""
@@ -400,6 +405,8 @@ class Daemon:
     def backups(self) -> None:
         if not self.ctx.config.data:
             return  # nothing to back up: agent.backup is never loaded (idle RSS)
+        if self._held():
+            return  # never joined (warm pool, standby): its copy is not the group's data
         from agent.backup import backup, backup_due
 
         now = self.clock.time()
@@ -567,7 +574,7 @@ class Daemon:
         if not self.superseded and not self.departing:
             self.depart(self.stop_reason or "stop")
         code = 0
-        if self.ctx is not None and self.ctx.config.data:
+        if self.ctx is not None and self.ctx.config.data and not self._held():
             from agent.backup import run_backups
 
             outcomes = run_backups(self._bulk_store(), self.ctx.config, self.paths,

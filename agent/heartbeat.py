@@ -74,29 +74,25 @@ def next_interval(interval_s: float, u: float) -> float:
 
 def departure_reason(spot_action: Mapping[str, Any] | None,
                      lifecycle_state: str | None) -> str | None:
-    """Whether IMDS says this instance is going away, and why. Pure."""
-    if spot_action:
-        action = spot_action.get("action", "?")
-        when = spot_action.get("time", "?")
-        return f"spot interruption notice: {action} at {when}"
-    if lifecycle_state and lifecycle_state.strip() == "Terminated":
-        return "auto scaling target lifecycle state: Terminated"
-    return None
+    """Whether IMDS says this member is going away (leave or suspend), and why. Pure.
+
+    A shorthand over ``agent.departure.decide`` for the spot notice and the lifecycle
+    state alone (the daemon uses ``agent.notices``, which reads every signal).
+    """
+    from agent import departure as D
+
+    obs = D.observations_from_imds(spot=spot_action, lifecycle_state=lifecycle_state)
+    d = D.decide(obs, D.Policy(), "member", 0.0)
+    return d.reason if d.action in ("leave", "suspend") else None
 
 
 def check_departure(imds: Any) -> str | None:
-    """Ask IMDS (spot notice, ASG lifecycle); an IMDS failure is not a departure."""
-    try:
-        spot = imds.spot_action()
-    except AgentError as exc:
-        log.debug("spot/instance-action unreadable: %s", exc)
-        spot = None
-    try:
-        target = imds.target_lifecycle_state()
-    except AgentError as exc:
-        log.debug("autoscaling/target-lifecycle-state unreadable: %s", exc)
-        target = None
-    return departure_reason(spot, target)
+    """Ask IMDS (every departure signal, default policy); an IMDS failure is not a departure."""
+    from agent import departure as D
+    from agent.notices import observe
+
+    d = D.decide(observe(imds), D.Policy(on_maintenance="report"), "member", 0.0)
+    return d.reason if d.action in ("leave", "suspend") else None
 
 
 # -- local member file -------------------------------------------------------------------------
@@ -298,6 +294,16 @@ class Heartbeater:
         self._save()
         return deleted
 
+    def rejoin(self) -> None:
+        """Undo a resumable leave (spot hibernate resumed, back InService): beat again.
+
+        Only the agent's own departure logic calls this (agent.notices); the next
+        ``beat()`` writes the record and announces it.
+        """
+        self.left = False
+        self.announced_state = None
+        self._save()
+
     def status_doc(self) -> dict[str, Any]:
         return {
             "heartbeat": {"seq": self.record.seq, "last_ok": self.last_ok,
@@ -380,10 +386,14 @@ def phase_register(ctx: Any) -> str:
     """
     from agent.endpoint import advertised_url
     from agent.health import HealthChecker
+    from agent.notices import boot_joins_now
 
-    store = ctx.get_store()
     group = ctx.config.group
     ident = ctx.identity
+    joins, why = boot_joins_now(ctx)
+    if not joins:  # warm pool / standby: the boot's work is done, but no record yet
+        return _hold(ctx, why)
+    store = ctx.get_store()
     key = member_key(group, ident.instance_id)
     seq = _known_seq(ctx, store, key)
     http_port = int(_cfg(ctx.config, "http", "port", default=0) or 0)
@@ -427,6 +437,26 @@ def phase_register(ctx: Any) -> str:
     return f"{hb.record.state} in {group} as {ident.instance_id} (seq {hb.record.seq})"
 
 
+def _hold(ctx: Any, why: str) -> str:
+    """Register without joining: member.json for ``run``, membership ``held`` in state."""
+    seq = int((ctx.previous.get("heartbeat") or {}).get("seq", 0) or 0)
+    try:  # a member returned to the warm pool keeps its seq: no body is ever rewritten
+        doc = read_member_file(ctx.paths) or {}
+        if doc.get("instance_id") == ctx.identity.instance_id:
+            seq = max(seq, int(doc.get("seq", 0) or 0))
+    except (StateError, ValueError, TypeError):
+        pass
+    write_member_file(ctx.paths, {
+        "instance_id": ctx.identity.instance_id, "group": ctx.config.group, "seq": seq,
+        "bucket": ctx.config.store.bucket, "prefix": ctx.config.store.prefix,
+        "region": _cfg(ctx.config, "store", "region") or getattr(ctx.identity, "region", None),
+        "state": "held", "left": False,
+    })
+    ctx.extras.setdefault("state_updates", {}).update(
+        membership={"state": "held", "reason": why, "left": False})
+    return f"held: {why}"
+
+
 # -- for the command line ---------------------------------------------------------------------
 
 def member_store(paths: Any) -> tuple[Any, dict[str, Any]]:
@@ -442,9 +472,15 @@ def member_store(paths: Any) -> tuple[Any, dict[str, Any]]:
 
 def leave_group(paths: Any, reason: str = "ec2-agent leave", *,
                 clock: Clock = SYSTEM_CLOCK) -> bool:
-    """``ec2-agent leave``: the same as the daemon's SIGTERM path, from another process."""
+    """``ec2-agent leave``: the same as the daemon's SIGTERM path, from another process.
+
+    Final: member.json gets ``final: true``, so a daemon that had left resumably (spot
+    stop/hibernate, standby) does not rejoin when the notice clears.
+    """
     store, doc = member_store(paths)
     if doc.get("left"):
+        if not doc.get("final"):
+            write_member_file(paths, dict(doc, final=True))
         return True
     key = member_key(doc["group"], doc["instance_id"])
     rec: MemberRecord | None = None
@@ -460,4 +496,6 @@ def leave_group(paths: Any, reason: str = "ec2-agent leave", *,
     rec = replace(rec, seq=max(rec.seq, int(doc.get("seq", 0) or 0)))
     hb = Heartbeater(store, rec, clock=clock, state_path=paths.state_file,
                      member_path=member_file(paths))
-    return hb.leave(reason)
+    gone = hb.leave(reason)
+    write_member_file(paths, dict(read_member_file(paths) or doc, final=True))
+    return gone

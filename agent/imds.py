@@ -18,8 +18,18 @@ that each attempt's timeout is capped by the deadline and no backoff sleep (or
 
 Tokens are cached and refreshed before expiry (when less than min(60 s, 10 % of
 the TTL) remains on the injected clock) and once more when a GET answers 401
-(IMDS restarted, clocks disagree). urllib3 only: no boto3 (import cost matters on
-the boot path), no requests, and no proxies (IMDS must never go through one).
+(IMDS restarted, clocks disagree). The TTL is the one the server returns in
+``X-aws-ec2-metadata-token-ttl-seconds`` when it is shorter than the one asked for:
+a server that grants less is believed, so the token is refreshed before it expires.
+
+One source per field (docs/operations.md, "Where each identity field comes from"):
+the identity document is authoritative for instance id, image, type, region, AZ,
+account and private IP (one signed, self-consistent snapshot); ``local-ipv4`` and
+``placement/availability-zone`` are read as cross-checks only, and a disagreement
+is reported in ``Identity.disagreements`` (the boot shows it as degraded).
+
+urllib3 only: no boto3 (import cost matters on the boot path), no requests, and
+no proxies (IMDS must never go through one).
 """
 
 from __future__ import annotations
@@ -69,6 +79,8 @@ class Identity:
     pending_time: str = ""
     architecture: str = ""
     tags: dict[str, str] = field(default_factory=dict, hash=False)
+    # Cross-checks that disagreed with the identity document (which is what is used).
+    disagreements: tuple[str, ...] = field(default=(), compare=False)
 
     def as_context(self) -> dict[str, Any]:
         """The template context's ``instance`` mapping (names fixed by DESIGN.md)."""
@@ -108,6 +120,7 @@ class _TokenCache:
         self.lock = threading.Lock()
         self.value: str | None = None
         self.expires_at = 0.0  # on the client's monotonic clock
+        self.ttl = 0.0  # as granted by the server
 
 
 class ImdsClient:
@@ -153,7 +166,6 @@ class ImdsClient:
         self.backoff_jitter = backoff_jitter
         self._retry, self._urllib3_jitters = _make_retry(
             retries, backoff_factor, backoff_max, backoff_jitter)
-        self._refresh_margin = min(60.0, self.token_ttl / 10)
         self._tokens = _TokenCache()
         self._pool = urllib3.PoolManager(
             num_pools=4, maxsize=4, retries=False,
@@ -223,19 +235,30 @@ class ImdsClient:
                                "availabilityZone") if not doc.get(k)]
         if missing:
             raise ImdsError(f"IMDS {IDENTITY_DOCUMENT} lacks {', '.join(missing)}")
-        ip = (self.get("local-ipv4", optional=True) or "").strip() or str(
-            doc.get("privateIp") or "")
+        az = str(doc["availabilityZone"])
+        ip = str(doc.get("privateIp") or "")
+        seen_ip = (self.get("local-ipv4", optional=True) or "").strip()
+        seen_az = (self.get("placement/availability-zone", optional=True) or "").strip()
+        ip = ip or seen_ip  # a document without privateIp: the only source there is
+        disagreements = tuple(
+            f"IMDS {path} says {seen!r} but the identity document's {key} says {used!r}; "
+            "using the document"
+            for path, key, seen, used in (("local-ipv4", "privateIp", seen_ip, ip),
+                                          ("placement/availability-zone", "availabilityZone",
+                                           seen_az, az))
+            if seen and seen != used)
         return Identity(
             instance_id=str(doc["instanceId"]),
             ami_id=str(doc["imageId"]),
             instance_type=str(doc["instanceType"]),
             region=str(doc["region"]),
-            availability_zone=str(doc["availabilityZone"]),
+            availability_zone=az,
             local_ipv4=ip,
             account_id=str(doc.get("accountId") or ""),
             pending_time=str(doc.get("pendingTime") or ""),
             architecture=str(doc.get("architecture") or ""),
             tags=self.tags(),
+            disagreements=disagreements,
         )
 
     def tags(self) -> dict[str, str]:
@@ -272,13 +295,40 @@ class ImdsClient:
         raw = self.get("autoscaling/target-lifecycle-state", optional=True)
         return raw.strip() if raw is not None else None
 
+    def termination_time(self) -> str | None:
+        """``spot/termination-time`` (the older spot notice: a time, terminate implied)."""
+        raw = self.get("spot/termination-time", optional=True)
+        return raw.strip() if raw is not None else None
+
+    def rebalance(self) -> dict[str, Any] | None:
+        """The rebalance recommendation ({"noticeTime": ...}) or None."""
+        path = "events/recommendations/rebalance"
+        raw = self.get(path, optional=True)
+        if raw is None:
+            return None
+        value = self._json(path, raw)
+        if not isinstance(value, dict):
+            raise ImdsError(f"IMDS {path} is not a JSON object")
+        return value
+
+    def maintenance_events(self) -> list[dict[str, Any]]:
+        """Scheduled maintenance events (a JSON list; [] when none or the path is absent)."""
+        path = "events/maintenance/scheduled"
+        raw = self.get(path, optional=True)
+        if raw is None or not raw.strip():
+            return []
+        value = self._json(path, raw)
+        if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+            raise ImdsError(f"IMDS {path} is not a JSON list of objects")
+        return value
+
     # -- token -----------------------------------------------------------------------
 
     def _token(self) -> str:
         cache = self._tokens
         with cache.lock:  # one PUT at a time; other threads wait and reuse it
             now = self.clock.monotonic()
-            if cache.value and now < cache.expires_at - self._refresh_margin:
+            if cache.value and now < cache.expires_at - self._refresh_margin(cache):
                 return cache.value
             resp = self._send("PUT", TOKEN_PATH, {TTL_HEADER: str(self.token_ttl)})
             if resp.status == 403:
@@ -291,9 +341,26 @@ class ImdsClient:
             token = bytes(resp.data).decode("ascii", "replace").strip()
             if not token:
                 raise ImdsError(f"IMDS token request ({TOKEN_PATH}) returned an empty token")
-            # Counted from before the PUT was sent: never believe a token lives longer.
-            cache.value, cache.expires_at = token, now + self.token_ttl
+            # Counted from before the PUT was sent: never believe a token lives longer,
+            # and never longer than the server says it granted.
+            cache.ttl = self._granted_ttl(resp)
+            cache.value, cache.expires_at = token, now + cache.ttl
             return token
+
+    def _granted_ttl(self, resp: Any) -> float:
+        """The TTL the server granted (its TTL header), capped by the one asked for."""
+        raw = resp.headers.get(TTL_HEADER)
+        try:
+            granted = int(str(raw).strip()) if raw is not None else self.token_ttl
+        except ValueError:
+            log.debug("IMDS token TTL header %r is not a number; using %s", raw, self.token_ttl)
+            return float(self.token_ttl)
+        return float(max(1, min(granted, self.token_ttl)))
+
+    @staticmethod
+    def _refresh_margin(cache: _TokenCache) -> float:
+        """Refresh when less than min(60 s, 10 % of the granted TTL) remains."""
+        return min(60.0, cache.ttl / 10)
 
     def _forget_token(self, token: str) -> None:
         with self._tokens.lock:

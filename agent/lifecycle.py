@@ -59,13 +59,26 @@ def hook_name(config: Any, layers: tuple[Mapping[str, Any] | None, ...] = ()) ->
 
 
 def plan(*, hook: str | None, status: str, instance_id: str | None, boot_kind: str,
-         asg: str | None, previous: Mapping[str, Any] | None = None) -> LifecyclePlan:
-    """Pure: whether and how to complete the launch action for a boot that ended ``status``."""
+         asg: str | None, previous: Mapping[str, Any] | None = None,
+         entering_service: bool = False) -> LifecyclePlan:
+    """Pure: whether and how to complete the launch action for a boot that ended ``status``.
+
+    ``entering_service``: the instance was held in a warm pool (agent.departure) and now
+    joins: Auto Scaling runs the launch hook again for an instance leaving the warm pool,
+    so it is answered again, on a reboot (Warmed:Stopped) or in the daemon (Warmed:Running).
+    """
     if not hook:
         return LifecyclePlan("skip", "no boot.lifecycle_hook configured")
     if not instance_id:
         return LifecyclePlan("skip", "instance id unknown (identity phase failed)", hook)
     prev = previous or {}
+    if entering_service:
+        if not asg:
+            return LifecyclePlan("skip", f"no Auto Scaling group known: no {ASG_TAG} tag and "
+                                 "not in any group", hook, None, instance_id)
+        result = "ABANDON" if status == "error" else "CONTINUE"
+        return LifecyclePlan("complete", f"leaving the warm pool: boot {status}", hook, asg,
+                             instance_id, result)
     if prev.get("completed") and prev.get("instance_id") == instance_id:
         return LifecyclePlan("skip", f"already completed with {prev.get('result')} "
                              f"for {instance_id}", hook, prev.get("asg"), instance_id,
@@ -94,7 +107,15 @@ def _asg_name(ctx: Any, cloud: Any) -> tuple[str | None, str]:
     return (found.group if found else None), ""
 
 
-def complete_lifecycle(ctx: Any, st: dict[str, Any], *, cloud: Any = None) -> dict[str, Any]:
+def entering_service(previous: Mapping[str, Any] | None, st: Mapping[str, Any]) -> bool:
+    """The last boot held the instance (warm pool) and this one joined. Pure."""
+    was = ((previous or {}).get("membership") or {}).get("state")
+    now = (st.get("membership") or {}).get("state")
+    return was == "held" and now != "held"
+
+
+def complete_lifecycle(ctx: Any, st: dict[str, Any], *, cloud: Any = None,
+                       entering: bool | None = None) -> dict[str, Any]:
     """Complete the launch action for this boot's final ``st["status"]``; record it.
 
     Sets ``st["lifecycle"]``; on a failed call adds a ``degraded`` reason and turns
@@ -102,7 +123,10 @@ def complete_lifecycle(ctx: Any, st: dict[str, Any], *, cloud: Any = None) -> di
     happens here.
     """
     try:
-        return _complete(ctx, st, cloud)
+        if entering is None:
+            entering = entering_service(ctx.previous if isinstance(ctx.previous, Mapping)
+                                        else None, st)
+        return _complete(ctx, st, cloud, entering)
     except Exception as exc:  # a bug here must not cost the boot its honest state
         rec = {"action": "complete", "completed": False,
                "error": f"internal error: {type(exc).__name__}: {exc}"}
@@ -111,25 +135,25 @@ def complete_lifecycle(ctx: Any, st: dict[str, Any], *, cloud: Any = None) -> di
         return rec
 
 
-def _complete(ctx: Any, st: dict[str, Any], cloud: Any) -> dict[str, Any]:
+def _complete(ctx: Any, st: dict[str, Any], cloud: Any, entering: bool) -> dict[str, Any]:
     hook = hook_name(ctx.config, (ctx.baked_config, ctx.user_config))
     ident = ctx.identity
     instance_id = getattr(ident, "instance_id", None)
     prev = ctx.previous.get("lifecycle") if isinstance(ctx.previous, Mapping) else None
     asg: str | None = None
     lookup_error = ""
-    if hook and instance_id and ctx.boot_kind != "reboot" and not (
-            prev and prev.get("completed") and prev.get("instance_id") == instance_id):
+    if hook and instance_id and (entering or (ctx.boot_kind != "reboot" and not (
+            prev and prev.get("completed") and prev.get("instance_id") == instance_id))):
         if cloud is None:
             from agent.cloud import Cloud
 
             cloud = Cloud(getattr(ident, "region", None))
         asg, lookup_error = _asg_name(ctx, cloud)
     p = plan(hook=hook, status=st.get("status", "error"), instance_id=instance_id,
-             boot_kind=ctx.boot_kind, asg=asg, previous=prev)
+             boot_kind=ctx.boot_kind, asg=asg, previous=prev, entering_service=entering)
     rec: dict[str, Any] = {k: v for k, v in asdict(p).items() if k != "action"}
     rec.update(action=p.action, completed=False, at=ctx.clock.time())
-    if p.action == "skip" and prev and prev.get("completed"):
+    if p.action == "skip" and prev and prev.get("completed") and not entering:
         rec = dict(prev, reason=p.reason)  # keep the original record visible
     elif p.action == "skip" and lookup_error:
         rec["error"] = f"cannot tell the Auto Scaling group: {lookup_error}"

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -25,6 +26,8 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 # Boot phases take from milliseconds (identity) to minutes (restore of a big data set).
+NOTICE_KINDS = ("spot", "lifecycle", "rebalance", "maintenance")  # agent.departure notices()
+
 BOOT_PHASE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 
 
@@ -71,6 +74,14 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.imds_notices = Gauge(
+            "ec2_agent_imds_notice",
+            "1 while IMDS shows a notice of this kind (spot, lifecycle, rebalance, maintenance).",
+            ["kind"],
+            registry=r,
+        )
+        for kind in NOTICE_KINDS:  # the series exist at 0 from the start, for alerts
+            self.imds_notices.labels(kind=kind).set(0)
         self.store_requests = Counter(
             "ec2_agent_store_requests",
             "Requests made to the coordination store (S3), by operation.",
@@ -100,6 +111,12 @@ class Metrics:
 
     def freeze(self, reason: str) -> None:
         self.freezes.labels(reason=reason).inc()
+
+    def set_notices(self, present: Iterable[str]) -> None:
+        """1 for each notice kind present now, 0 for the others."""
+        now = set(present)
+        for kind in set(NOTICE_KINDS) | now:
+            self.imds_notices.labels(kind=kind).set(1 if kind in now else 0)
 
     def store_request(self, op: str) -> None:
         self.store_requests.labels(op=op).inc()

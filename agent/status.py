@@ -31,6 +31,7 @@ class Report:
     membership: dict[str, Any] = field(default_factory=dict)
     health: dict[str, Any] = field(default_factory=dict)
     lifecycle: dict[str, Any] = field(default_factory=dict)
+    notices: dict[str, Any] = field(default_factory=dict)
     last_update: float | None = None
 
     @property
@@ -73,8 +74,27 @@ def translate(state: dict[str, Any] | None) -> Report:
         membership=membership,
         health=dict(state.get("health", {})),
         lifecycle=dict(state.get("lifecycle", {})),
+        notices=dict(state.get("notices") or {}),
         last_update=state.get("updated"),
     )
+
+
+def notice_lines(notices: dict[str, Any]) -> list[str]:
+    """What IMDS announced (agent.departure), one line each. Pure."""
+    out = []
+    spot = notices.get("spot")
+    if spot:
+        out.append(f"notice: spot interruption: {spot.get('action')} at {spot.get('time')}")
+    lc = notices.get("lifecycle")
+    if lc:
+        out.append(f"notice: auto scaling target lifecycle state {lc.get('target_state')}")
+    rb = notices.get("rebalance")
+    if rb:
+        out.append(f"notice: rebalance recommended at {rb.get('notice_time')}")
+    for ev in notices.get("maintenance") or ():
+        out.append(f"notice: scheduled {ev.get('code')} ({ev.get('state')}) not before "
+                   f"{ev.get('not_before')}")
+    return out
 
 
 def _fmt_progress(p: dict[str, Any]) -> str:
@@ -105,7 +125,9 @@ def format_text(r: Report, *, now: float | None = None) -> str:
                 detail = (detail + " " if detail else "") + _fmt_progress(p["progress"])
             lines.append(f"  {p.get('name', '?'):<10} {p.get('status', '?'):<9} {dur_s}  {detail}")
     if r.membership.get("state"):
-        lines.append(f"membership: {r.membership['state']}")
+        why = f" ({r.membership['reason']})" if r.membership.get("reason") else ""
+        lines.append(f"membership: {r.membership['state']}{why}")
+    lines.extend(notice_lines(r.notices))
     if r.heartbeat:
         last = r.heartbeat.get("last_ok")
         age = f"{now - last:.0f}s ago" if isinstance(last, (int, float)) else "never"

@@ -17,6 +17,35 @@ Each hosted instance has its own tokens, its own ``Faults`` and a request log.
 Token expiry is judged on the server's own monotonic clock (injectable, so a test
 can expire tokens without sleeping). Everything is mutable at runtime: a test sets
 ``server.meta.spot_action`` or ``server.faults.fail_next_n`` while a client runs.
+
+Notices an instance gets before it goes away: ``spot_action`` (spot/instance-action,
+plus spot/termination-time for ``terminate``), ``rebalance_time``
+(events/recommendations/rebalance), ``maintenance_events``
+(events/maintenance/scheduled, ``[]`` when none), ``target_lifecycle_state``.
+
+Compared with Amazon's own IMDS mock, amazon-ec2-metadata-mock (AEMM; expectations
+transcribed in tests/integration/test_imds_notices.py with the file each comes from):
+
+* Same: the JSON keys of spot/instance-action (action, time), of the rebalance
+  recommendation (noticeTime) and of scheduled events (Code, Description, State,
+  EventId, NotBefore, NotAfter, NotBeforeDeadline) with their time format
+  ("2 Jan 2006 15:04:05 GMT"); the spot actions and event codes; the defaults of
+  ami-launch-index (0), instance-life-cycle (on-demand), placement/region and
+  availability-zone; the 404 page byte for byte, the 400/401 pages' title and
+  heading; a token TTL outside 1..21600 is 400; the granted TTL is echoed.
+* Different, on purpose: placement/availability-zone-id is derived from the AZ
+  (``use1-az1`` for us-east-1a; AEMM's ``use1-az4`` is one account's mapping, which
+  is per account). spot/termination-time is served only with a ``terminate`` notice
+  (as AWS documents it; AEMM serves it for every action). A GET on the token path is
+  405 here; AEMM answers 200 with an empty body (its handler returns without writing
+  for a non-PUT), which a client could take for an issued empty token. Error pages
+  are ``text/html`` (AEMM's ``http.Error`` sends ``text/plain; charset=utf-8``) and use
+  one template (AEMM's 400/401 constants differ from its 404 in indentation and
+  encoding declaration). JSON documents are compact for the spot and rebalance
+  notices, AEMM's are tab-indented (clients parse them, so the shape is what matters).
+  Scheduled events are ``[]`` when there are none (AEMM serves the path only in its
+  ``events`` mode). Delays/trigger times are not emulated: tests set and clear
+  notices at runtime instead.
 """
 
 from __future__ import annotations
@@ -43,6 +72,24 @@ MAX_TTL = 21600
 DEFAULT_ROLE = "ec2-agent-sim"
 DEFAULT_ACCOUNT = "123456789012"
 
+# IMDS's error pages (status -> title); see error_page().
+ERROR_TITLES = {400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
+                405: "Method Not Allowed"}
+
+
+def error_page(status: int) -> bytes:
+    """The XHTML page IMDS sends with an error status (the shape AWS serves)."""
+    title = f"{status} - {ERROR_TITLES[status]}"
+    return (
+        '<?xml version="1.0" encoding="iso-8859-1"?>\n'
+        '<!DOCTYPE html PUBLIC "-//W3C//DTD XHTML 1.0 Transitional//EN"\n'
+        '\t"http://www.w3.org/TR/xhtml1/DTD/xhtml1-transitional.dtd">\n'
+        '<html xmlns="http://www.w3.org/1999/xhtml" xml:lang="en" lang="en">\n'
+        f" <head>\n  <title>{title}</title>\n </head>\n"
+        f" <body>\n  <h1>{title}</h1>\n </body>\n</html>\n"
+    ).encode("latin-1")
+
+
 # A metadata tree: directories are dicts, leaves are text or bytes.
 Tree = dict[str, Union["Tree", str, bytes]]
 
@@ -58,6 +105,27 @@ def _default_mac(instance_id: str) -> str:
     """A stable, locally administered MAC derived from the instance id."""
     digest = hashlib.sha1(instance_id.encode()).digest()[:5]
     return "0e:" + ":".join(f"{b:02x}" for b in digest)
+
+
+def _default_az_id(region: str, az: str) -> str:
+    """An AZ id in AWS's shape (``use1-az4``): region initials + number, then the zone index.
+
+    Real ids map to names per account; only the shape matters here.
+    """
+    parts = region.split("-")
+    middle = "".join(parts[1:-1])
+    for word, initial in (("north", "n"), ("south", "s"), ("east", "e"), ("west", "w"),
+                          ("central", "c")):
+        middle = middle.replace(word, initial)
+    letter = az[len(region):] or "a"
+    return f"{parts[0]}{middle}{parts[-1]}-az{ord(letter[0]) - ord('a') + 1}"
+
+
+def maintenance_time(when: _dt.datetime) -> str:
+    """A time as IMDS writes it in scheduled events: ``21 Jan 2019 09:00:43 GMT``."""
+    months = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"]
+    w = when.astimezone(_dt.timezone.utc)
+    return f"{w.day} {months[w.month - 1]} {w.year} {w:%H:%M:%S} GMT"
 
 
 def fake_credentials() -> dict[str, str]:
@@ -96,12 +164,26 @@ class InstanceMeta:
     iam_role: str | None = DEFAULT_ROLE
     # False plays an instance launched without InstanceMetadataTags: tags/instance is 404.
     tags_exposed: bool = True
+    # -- what an instance is told before it goes away (docs/operations.md) --
+    # events/recommendations/rebalance: {"noticeTime": rebalance_time} while set.
+    rebalance_time: str | None = None
+    # events/maintenance/scheduled: these events (IMDS keys: Code, Description, EventId,
+    # NotBefore, NotAfter, NotBeforeDeadline, State); "[]" when there are none.
+    maintenance_events: list[dict[str, str]] = field(default_factory=list)
+    availability_zone_id: str = ""
+    ami_launch_index: int = 0
+    instance_life_cycle: str = "on-demand"  # on-demand | spot | scheduled | capacity-block
+    # Keys that the identity document says differently from the meta-data paths: plays
+    # an IMDS whose sources disagree (the agent must use one, and say so).
+    document_overrides: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.hostname:
             self.hostname = f"ip-{self.local_ipv4.replace('.', '-')}.ec2.internal"
         if not self.mac:
             self.mac = _default_mac(self.instance_id)
+        if not self.availability_zone_id:
+            self.availability_zone_id = _default_az_id(self.region, self.availability_zone)
 
     @classmethod
     def from_ec2(
@@ -131,6 +213,8 @@ class InstanceMeta:
             mac=eni.get("MacAddress", ""),
             architecture=instance.get("Architecture") or "x86_64",
             iam_role=role,
+            ami_launch_index=int(instance.get("AmiLaunchIndex") or 0),
+            instance_life_cycle=str(instance.get("InstanceLifecycle") or "on-demand"),
         )
 
     def identity_document(self) -> dict[str, Any]:
@@ -151,27 +235,46 @@ class InstanceMeta:
             "ramdiskId": None,
             "region": self.region,
             "version": "2017-09-30",
-        }
+        } | dict(self.document_overrides)
+
+    def _events(self) -> Tree:
+        events: Tree = {"maintenance": {
+            "history": "[]",
+            "scheduled": json.dumps(list(self.maintenance_events), indent=2),
+        }}
+        if self.rebalance_time is not None:
+            events["recommendations"] = {
+                "rebalance": json.dumps({"noticeTime": self.rebalance_time})}
+        return events
 
     def tree(self) -> Tree:
         """The whole metadata tree as served now (rebuilt per request: meta is mutable)."""
         meta: Tree = {
             "ami-id": self.ami_id,
+            "ami-launch-index": str(self.ami_launch_index),
             "hostname": self.hostname,
             "instance-id": self.instance_id,
+            "instance-life-cycle": self.instance_life_cycle,
             "instance-type": self.instance_type,
             "local-hostname": self.hostname,
             "local-ipv4": self.local_ipv4,
             "mac": self.mac,
             "placement": {
                 "availability-zone": self.availability_zone,
+                "availability-zone-id": self.availability_zone_id,
                 "region": self.region,
             },
+            "events": self._events(),
         }
         if self.tags_exposed:
             meta["tags"] = {"instance": dict(self.tags)}
         if self.spot_action is not None:
-            meta["spot"] = {"instance-action": json.dumps(self.spot_action)}
+            spot: Tree = {"instance-action": json.dumps(self.spot_action)}
+            # AWS: termination-time is present only when the instance is marked for
+            # termination (a stop or hibernate notice has instance-action alone).
+            if self.spot_action.get("action") == "terminate" and self.spot_action.get("time"):
+                spot["termination-time"] = str(self.spot_action["time"])
+            meta["spot"] = spot
         if self.target_lifecycle_state is not None:
             meta["autoscaling"] = {"target-lifecycle-state": self.target_lifecycle_state}
         if self.iam_role:
@@ -237,6 +340,8 @@ class Faults:
     retry_after: str | None = None
     drop_next_n: int = 0
     token_403: bool = False
+    # Grant at most this TTL (and say so in the TTL header), as a server may.
+    token_ttl_max: int | None = None
     requests: list[RequestRecord] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
@@ -273,6 +378,7 @@ class Faults:
             self.retry_after = None
             self.drop_next_n = 0
             self.token_403 = False
+            self.token_ttl_max = None
             self.requests.clear()
 
 
@@ -381,6 +487,8 @@ class _Handler(BaseHTTPRequestHandler):
                 ttl = 0
             if not 1 <= ttl <= MAX_TTL:
                 return self._send(400, b"Bad Request")
+            if host.faults.token_ttl_max is not None:
+                ttl = max(1, min(ttl, host.faults.token_ttl_max))
             return self._send(200, host.issue_token(ttl).encode(), {TTL_HEADER: str(ttl)})
         if method != "GET":
             return self._send(405, b"Method Not Allowed")
@@ -401,6 +509,9 @@ class _Handler(BaseHTTPRequestHandler):
             record(status)
         self.send_response(status)
         merged = {"Content-Type": "text/plain", "Server": "EC2ws"}
+        if status in ERROR_TITLES:  # IMDS answers its errors with a small XHTML page
+            body = error_page(status)
+            merged["Content-Type"] = "text/html"
         merged.update(headers or {})
         for k, v in merged.items():
             self.send_header(k, v)

@@ -138,6 +138,13 @@ def test_asg_from_describe_when_tags_are_not_in_metadata_stubber() -> None:
     ({"status": "degraded"}, "complete", "CONTINUE", "boot degraded"),
     ({"status": "error"}, "complete", "ABANDON", "boot error"),
     ({}, "complete", "CONTINUE", "boot done"),
+    # leaving a warm pool: the launch hook runs again, on a reboot or in the same process
+    ({"boot_kind": "reboot", "entering_service": True}, "complete", "CONTINUE",
+     "leaving the warm pool"),
+    ({"previous": {"completed": True, "instance_id": IID, "result": "CONTINUE"},
+      "entering_service": True}, "complete", "CONTINUE", "leaving the warm pool"),
+    ({"entering_service": True, "status": "error"}, "complete", "ABANDON", "warm pool"),
+    ({"entering_service": True, "asg": None}, "skip", None, "no Auto Scaling group"),
 ])
 def test_plan_table(kw: dict, action: str, result: str | None, why: str) -> None:
     args = {"hook": "launch", "status": "done", "instance_id": IID, "boot_kind": "first",
@@ -241,3 +248,24 @@ def test_reboot_does_not_answer_again(cloud: EmbeddedCloud,
     assert again["boot_kind"] == "reboot"
     assert again["lifecycle"]["action"] == "skip" and "reboot" in again["lifecycle"]["reason"]
     assert again["status"] == "done", again["degraded"]
+
+
+def test_warm_pool_instance_answers_the_hook_again_when_it_enters_service(
+        cloud: EmbeddedCloud, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Warmed:Stopped: the first boot is held (no record) and answers the hook; started
+    from the pool, the reboot sees InService, registers and answers the hook again."""
+    cfg = cloud.agent_config("web", boot={"lifecycle_hook": "launch"})
+    inst = _asg_instance(cloud, monkeypatch, cfg)
+    meta = cloud.imds.host(inst.instance_id).meta
+    meta.target_lifecycle_state = "Warmed:Stopped"
+    held = run_boot(Paths(inst.root))
+    assert held["membership"]["state"] == "held"
+    assert held["lifecycle"]["action"] == "complete"  # Warmed:Pending:Wait is answered too
+    meta.target_lifecycle_state = "InService"
+    monkeypatch.setenv("EC2_AGENT_BOOT_ID", "started-from-the-warm-pool")
+    joined = run_boot(Paths(inst.root))
+    assert joined["boot_kind"] == "reboot" and joined["membership"]["state"] == "ready"
+    lc = joined["lifecycle"]
+    assert (lc["action"], lc["result"]) == ("complete", "CONTINUE")
+    assert "leaving the warm pool" in lc["reason"]
+    assert "complete_lifecycle_action" in lc["error"]  # moto's 500: the call was made

@@ -23,6 +23,7 @@ from agent.config import (
     BundleConfig,
     Config,
     ConfigInvalid,
+    DepartureConfig,
     HealConfig,
     HeartbeatConfig,
     HttpConfig,
@@ -133,13 +134,15 @@ def test_record_defaults_match_schema_defaults() -> None:
         "heartbeat": HeartbeatConfig,
         "heal": HealConfig,
         "membership": MembershipConfig,
+        "departure": DepartureConfig,
         "http": HttpConfig,
         "log": LogConfig,
     }
     for section, record in records.items():
         assert set(raw[section]) == {f.name for f in dataclasses.fields(record)}, section
         for field in dataclasses.fields(record):
-            assert raw[section][field.name] == field.default, (section, field.name)
+            default = list(field.default) if isinstance(field.default, tuple) else field.default
+            assert raw[section][field.name] == default, (section, field.name)
 
 
 def test_config_is_frozen_and_raw_has_defaults() -> None:
