@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 # Network isolation: as root a plain new net namespace, otherwise a user namespace too.
 NETNS := $(shell [ "$$(id -u)" = 0 ] && echo "unshare -n" || echo "unshare -rn")
 
-.PHONY: demo test lint unit bench install venv clean dist
+.PHONY: demo test lint unit bench install venv clean dist image-cache
 
 $(BIN)/.installed: setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,7 +25,15 @@ lint: venv
 	$(BIN)/ruff check agent tests bench
 	$(BIN)/vermin --target=3.10- --violations --no-tips -q agent/
 
-test: venv lint
+# The real-boot test's inputs (tests/realboot): a Debian 12 root filesystem (mmdebstrap)
+# and an offline wheelhouse, cached under /var/cache/ec2-agent-test. Built here, on the
+# host, because they need the Debian mirror and PyPI and the suite runs without network.
+# Quick when cached; where they cannot be built (not root, no mmdebstrap) it says why and
+# the test skips with the same reason.
+image-cache: venv
+	$(BIN)/python tests/realboot/image.py
+
+test: venv lint image-cache
 	$(NETNS) sh -c 'ip link set lo up && exec $(BIN)/python -m pytest -n 2 $(PYTEST_ARGS)'
 
 unit: venv

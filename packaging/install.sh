@@ -1,6 +1,7 @@
 #!/bin/sh
-# Install ec2-agent under PREFIX: a venv at PREFIX/opt/ec2-agent, the systemd
-# units in PREFIX/etc/systemd/system, and the default PREFIX/etc/ec2-agent/agent.yaml
+# Install ec2-agent under PREFIX: a venv at PREFIX/opt/ec2-agent, the command on the
+# PATH as PREFIX/usr/local/bin/ec2-agent (a link into the venv), the systemd units in
+# PREFIX/etc/systemd/system, and the default PREFIX/etc/ec2-agent/agent.yaml
 # if (and only if) there is none. Idempotent: a second run with the same wheel
 # changes nothing, and an existing agent.yaml is never touched.
 #
@@ -44,6 +45,7 @@ mkdir -p "$prefix"
 prefix=$(cd "$prefix" && pwd)
 root=${prefix%/}          # "" for /, so "$root/opt" is never "//opt"
 venv=$root/opt/ec2-agent
+bindir=$root/usr/local/bin
 unitdir=$root/etc/systemd/system
 confdir=$root/etc/ec2-agent
 changed=0
@@ -85,6 +87,22 @@ if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
     $pip --force-reinstall --no-deps ${EC2_AGENT_PIP_ARGS:-} "$wheel"
     printf '%s\n' "$want" > "$stamp.new" && mv "$stamp.new" "$stamp"
     changed=1
+fi
+
+# 2b. The command on the PATH: operators type `ec2-agent status`. The link's target is
+#     the path on the installed system (not under a staging PREFIX). A file there that is
+#     not a link is someone else's: left alone, and said so.
+target=/opt/ec2-agent/bin/ec2-agent
+link=$bindir/ec2-agent
+if [ -L "$link" ] || [ ! -e "$link" ]; then
+    if [ "$(readlink "$link" 2>/dev/null || true)" != "$target" ]; then
+        mkdir -p "$bindir"
+        ln -sfn "$target" "$link.new.$$" && mv -f "$link.new.$$" "$link"
+        say "linked $link -> $target"
+        changed=1
+    fi
+else
+    say "left $link alone: it is not a link (run $target directly)"
 fi
 
 # copy_if_changed SRC DEST MODE: write DEST only when its content differs.

@@ -71,6 +71,20 @@ TOKEN_HEADER = "X-aws-ec2-metadata-token"
 MAX_TTL = 21600
 DEFAULT_ROLE = "ec2-agent-sim"
 DEFAULT_ACCOUNT = "123456789012"
+# The metadata versions EC2 lists at ``GET /`` (all served from the one tree, as EC2 does
+# for the paths they share). cloud-init probes 2021-03-23, 2018-09-24, 2016-09-02, then
+# its minimum 2009-04-04; botocore and the agent use ``latest``.
+API_VERSIONS = (
+    "1.0", "2007-01-19", "2007-03-01", "2007-08-29", "2007-10-10", "2007-12-15",
+    "2008-02-01", "2008-09-01", "2009-04-04", "2011-01-01", "2011-05-01", "2012-01-12",
+    "2014-02-25", "2014-11-05", "2015-10-20", "2016-04-19", "2016-06-30", "2016-09-02",
+    "2018-03-28", "2018-08-17", "2018-09-24", "2019-10-01", "2020-10-27", "2021-01-03",
+    "2021-03-23", "2021-07-15", "2022-09-24",
+)
+# HttpTokens of ModifyInstanceMetadataOptions: "required" (IMDSv2 only, the default here,
+# as the agent's images are launched) or "optional" (IMDSv1 reads without a token work
+# too; a token that is sent must still be valid).
+HTTP_TOKENS = ("required", "optional")
 
 # IMDS's error pages (status -> title); see error_page().
 ERROR_TITLES = {400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
@@ -389,8 +403,19 @@ class InstanceHost:
     meta: InstanceMeta
     clock: Clock = SYSTEM_CLOCK
     faults: Faults = field(default_factory=Faults)
+    http_tokens: str = "required"
     _tokens: dict[str, float] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.http_tokens not in HTTP_TOKENS:
+            raise ValueError(f"http_tokens must be one of {HTTP_TOKENS}, not {self.http_tokens!r}")
+
+    def authorized(self, token: str | None) -> bool:
+        """May a GET with this token (None: no token header) read metadata?"""
+        if token is None and self.http_tokens == "optional":
+            return True  # IMDSv1
+        return self.token_valid(token)
 
     def issue_token(self, ttl: int) -> str:
         token = secrets.token_urlsafe(40)
@@ -492,8 +517,12 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send(200, host.issue_token(ttl).encode(), {TTL_HEADER: str(ttl)})
         if method != "GET":
             return self._send(405, b"Method Not Allowed")
-        if not host.token_valid(token):
+        if not host.authorized(token):
             return self._send(401, b"Unauthorized")
+        if not rest:
+            return self._send(200, "\n".join((*API_VERSIONS, "latest")).encode())
+        if rest[0] in API_VERSIONS:
+            rest = ["latest", *rest[1:]]  # a dated version: the same tree as latest
         node = _resolve(host.meta.tree(), rest)
         if node is None:
             return self._send(404, b"Not Found")
@@ -604,9 +633,9 @@ class ImdsServer(_Base):
     """One emulated instance on its own loopback port; ``url`` is the IMDS endpoint."""
 
     def __init__(self, meta: InstanceMeta, port: int = 0, clock: Clock = SYSTEM_CLOCK,
-                 faults: Faults | None = None) -> None:
+                 faults: Faults | None = None, http_tokens: str = "required") -> None:
         super().__init__(port, clock)
-        self.host = InstanceHost(meta, clock, faults or Faults())
+        self.host = InstanceHost(meta, clock, faults or Faults(), http_tokens)
 
     @property
     def url(self) -> str:
@@ -643,10 +672,12 @@ class ImdsEmulator(_Base):
         self._hosts: dict[str, InstanceHost] = {}
         self._hosts_lock = threading.Lock()
 
-    def add(self, meta: InstanceMeta, faults: Faults | None = None) -> str:
+    def add(self, meta: InstanceMeta, faults: Faults | None = None,
+            http_tokens: str = "required") -> str:
         """Host ``meta`` and return its endpoint URL (with the path prefix)."""
         with self._hosts_lock:
-            self._hosts[meta.instance_id] = InstanceHost(meta, self.clock, faults or Faults())
+            self._hosts[meta.instance_id] = InstanceHost(meta, self.clock, faults or Faults(),
+                                                         http_tokens)
         return self.endpoint(meta.instance_id)
 
     def remove(self, instance_id: str) -> None:

@@ -14,6 +14,7 @@ dependencies from an index or a wheelhouse (``--find-links``).
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -58,6 +59,7 @@ def build_wheel(tmp_path: Path) -> Path:
          str(src)],
         capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL, check=False)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    (tmp_path / "build.log").write_text(res.stdout + res.stderr)
     wheels = list(out.glob("ec2_agent-*.whl"))
     assert len(wheels) == 1, wheels
     return wheels[0]
@@ -104,6 +106,10 @@ def test_install_twice_into_a_temp_root(tmp_path: Path, wheel: Path) -> None:
         wants = units / "multi-user.target.wants"
         assert sorted(p.name for p in wants.iterdir()) == [
             "ec2-agent-boot.service", "ec2-agent.service", "ec2-agent.target"]
+    # On the PATH: /usr/local/bin/ec2-agent -> the venv's (the path on the installed system).
+    link = prefix / "usr" / "local" / "bin" / "ec2-agent"
+    assert os.readlink(link) == "/opt/ec2-agent/bin/ec2-agent"
+    assert f"linked {link} -> /opt/ec2-agent/bin/ec2-agent" in first.stdout
     config = prefix / "etc" / "ec2-agent" / "agent.yaml"
     assert config.read_bytes() == (REPO / "packaging" / "config" / "agent.yaml").read_bytes()
 
@@ -149,6 +155,38 @@ def test_install_twice_into_a_temp_root(tmp_path: Path, wheel: Path) -> None:
     assert f"wrote {unit}" in third.stdout
     assert unit.read_bytes() == (REPO / "packaging" / "systemd" / unit.name).read_bytes()
     assert config.read_text() == "# operator's own\nboot: {deadline_s: 300}\n"
+
+
+def test_link_on_the_path_is_repaired_and_a_foreign_file_kept(tmp_path: Path,
+                                                              wheel: Path) -> None:
+    prefix = tmp_path / "root"
+    bindir = prefix / "usr" / "local" / "bin"
+    bindir.mkdir(parents=True)
+    (bindir / "ec2-agent").symlink_to("/somewhere/old")
+    first = install(prefix, wheel)
+    assert os.readlink(bindir / "ec2-agent") == "/opt/ec2-agent/bin/ec2-agent", first.stdout
+    # An operator's own file there is not ours to replace.
+    (bindir / "ec2-agent").unlink()
+    (bindir / "ec2-agent").write_text("#!/bin/sh\necho mine\n")
+    second = install(prefix, wheel)
+    assert (bindir / "ec2-agent").read_text() == "#!/bin/sh\necho mine\n"
+    assert "left " in second.stdout and "not a link" in second.stdout, second.stdout
+
+
+def test_build_says_nothing_about_package_data(wheel: Path) -> None:
+    """setuptools warned on every build that agent.schema is "absent from the packages
+    configuration" (setup.cfg used find:); the schema must still ship in the wheel."""
+    import zipfile
+
+    log = (wheel.parent.parent / "build.log").read_text()
+    assert "absent from the `packages` configuration" not in log, log[-3000:]
+    assert "Package would be ignored" not in log
+    noisy = [line for line in log.splitlines()
+             if re.search(r"(SetuptoolsDeprecationWarning|BuildBackendWarning|_Warning:)", line)]
+    assert noisy == [], noisy
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "agent/schema/config.schema.json" in names
+    assert not [n for n in names if "__pycache__" in n]
 
 
 def test_refuses_bad_usage(tmp_path: Path) -> None:
