@@ -98,3 +98,12 @@ def instance(cloud: EmbeddedCloud, monkeypatch: pytest.MonkeyPatch) -> SimInstan
         if k.startswith(("AWS_", "EC2_AGENT_")):
             monkeypatch.setenv(k, v)
     return inst
+
+
+# ---- realboot (#14): print the real-boot figures in the summary (xdist passes
+# user_properties from the workers to this process).
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    for report in terminalreporter.stats.get("passed", []):
+        for name, value in getattr(report, "user_properties", []):
+            if name == "realboot":
+                terminalreporter.write_line(f"realboot: {value}")

@@ -34,10 +34,11 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from email.mime.multipart import MIMEMultipart
 from email.mime.text import MIMEText
 from pathlib import Path
+from typing import TypeVar
 
 import boto3
 import pytest
@@ -51,6 +52,7 @@ from tests.realboot.container import Container, cannot_boot_reason, only_loopbac
 
 pytestmark = [pytest.mark.realboot, pytest.mark.slow, pytest.mark.timeout(420)]
 
+T = TypeVar("T")
 REPO = Path(__file__).resolve().parents[2]
 CLOUD_INIT = REPO / "packaging" / "cloud-init"
 OPERATIONS = REPO / "docs" / "operations.md"
@@ -139,7 +141,8 @@ def member_record(s3: object, iid: str) -> dict[str, object] | None:
     return json.loads(body)
 
 
-def wait_for(pred, timeout: float, what: str, interval: float = 0.3):  # noqa: ANN001, ANN201
+def wait_for(pred: Callable[[], T | None], timeout: float, what: str,
+             interval: float = 0.3) -> T:
     deadline = time.monotonic() + timeout
     while True:
         value = pred()
@@ -148,6 +151,12 @@ def wait_for(pred, timeout: float, what: str, interval: float = 0.3):  # noqa: A
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(interval)
+
+
+def mono(box: Container, unit: str, prop: str) -> float:
+    """A unit's CLOCK_MONOTONIC timestamp in seconds: the host's clock too (no time namespace),
+    so it compares with ``time.monotonic()`` taken when nspawn started."""
+    return int(unit_props(box, unit, prop)[prop]) / 1e6
 
 
 def unit_props(box: Container, unit: str, *props: str) -> dict[str, str]:
@@ -189,7 +198,8 @@ def box(tmp_path: Path, preconditions: tuple[Path, Path]) -> Iterator[Container]
 
 
 def test_image_boots_for_real(box: Container, preconditions: tuple[Path, Path],
-                              moto: MotoServer, tmp_path: Path) -> None:
+                              moto: MotoServer, tmp_path: Path,
+                              record_property: Callable[[str, object], None]) -> None:
     t_start = time.monotonic()
     _, wheelhouse = preconditions
 
@@ -210,7 +220,7 @@ def test_image_boots_for_real(box: Container, preconditions: tuple[Path, Path],
     # is on EC2 and reads IMDSv1; the agent itself still uses tokens.
     imds = ImdsServer(meta, http_tokens="optional").start()
     try:
-        _run(box, wheelhouse, imds, moto, s3, iid, tmp_path, t_start)
+        _run(box, wheelhouse, imds, moto, s3, iid, tmp_path, t_start, record_property)
     except AssertionError as exc:
         raise AssertionError(f"{exc}\n--- diagnostics ---\n{diagnose(box)}") from exc
     finally:
@@ -219,7 +229,8 @@ def test_image_boots_for_real(box: Container, preconditions: tuple[Path, Path],
 
 
 def _run(box: Container, wheelhouse: Path, imds: ImdsServer, moto: MotoServer,
-         s3: object, iid: str, tmp_path: Path, t_start: float) -> None:
+         s3: object, iid: str, tmp_path: Path, t_start: float,
+         record_property: Callable[[str, object], None]) -> None:
     # --- 1. bake: what packer does, from a directory bound read-only into the container --
     (tmp_path / "wheel").mkdir()
     wheel = build_wheel(tmp_path / "wheel")
@@ -256,10 +267,11 @@ def _run(box: Container, wheelhouse: Path, imds: ImdsServer, moto: MotoServer,
     box.boot()
     started = box.started_at
     box.wait_until("systemctl is-active -q ec2-agent.service", timeout=120)
-    ready_us = int(unit_props(box, "ec2-agent.service",
-                              "ActiveEnterTimestampMonotonic")["ActiveEnterTimestampMonotonic"])
-    boot_to_ready = ready_us / 1e6 - started
+    boot_to_ready = mono(box, "ec2-agent.service", "ActiveEnterTimestampMonotonic") - started
     box.sh("cloud-init status --wait", timeout=120)
+    cloud_init_done = mono(box, "cloud-final.service", "ActiveEnterTimestampMonotonic") - started
+    agent_boot = (mono(box, "ec2-agent-boot.service", "ExecMainExitTimestampMonotonic")
+                  - mono(box, "ec2-agent-boot.service", "ExecMainStartTimestampMonotonic"))
     cloud_init = box.sh("cloud-init status --long").stdout
     assert re.search(r"^status: done$", cloud_init, re.M), cloud_init
     result = json.loads(box.sh("cat /run/cloud-init/result.json").stdout)["v1"]
@@ -296,6 +308,8 @@ def _run(box: Container, wheelhouse: Path, imds: ImdsServer, moto: MotoServer,
     # --- 4. reboot: back by itself, reports a reboot, heartbeats ------------------------
     box.reboot()
     box.wait_until("systemctl is-active -q ec2-agent.service", timeout=120)
+    reboot_to_ready = (mono(box, "ec2-agent.service", "ActiveEnterTimestampMonotonic")
+                       - box.started_at)
     st = status_json(box)
     assert (st["status"], st["boot_kind"]) == ("done", "reboot"), st
     first = wait_for(lambda: member_record(s3, iid), 20, "the member record after reboot")
@@ -312,6 +326,9 @@ def _run(box: Container, wheelhouse: Path, imds: ImdsServer, moto: MotoServer,
 
     timings = {
         "boot_to_ready_s": round(boot_to_ready, 2),
+        "agent_boot_s": round(agent_boot, 2),
+        "cloud_init_done_s": round(cloud_init_done, 2),
+        "reboot_to_ready_s": round(reboot_to_ready, 2),
         "bake_s": round(t_baked - t_start, 1),
         "first_boot_checks_s": round(t_first - t_baked, 1),
         "watchdog_s": round(t_watchdog - t_first, 1),
@@ -320,6 +337,7 @@ def _run(box: Container, wheelhouse: Path, imds: ImdsServer, moto: MotoServer,
     }
     print(f"realboot: boot-to-ready {boot_to_ready:.2f} s (nspawn start -> ec2-agent.service "
           f"active); {json.dumps(timings)}")
+    record_property("realboot", timings)  # shown in make test's summary (tests/conftest.py)
     report = os.environ.get("EC2_AGENT_REALBOOT_REPORT")
     if report:
         Path(report).write_text(json.dumps(timings) + "\n")
