@@ -160,7 +160,7 @@ class Container:
                                  f"stderr: {res.stderr}")
         return res
 
-    def wait_until(self, command: str, timeout: float, interval: float = 0.2) -> str:
+    def wait_until(self, command: str, timeout: float, interval: float = 0.3) -> str:
         """Run ``command`` until it exits 0; its stdout."""
         deadline = time.monotonic() + timeout
         while True:

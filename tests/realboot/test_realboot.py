@@ -142,7 +142,7 @@ def member_record(s3: object, iid: str) -> dict[str, object] | None:
 
 
 def wait_for(pred: Callable[[], T | None], timeout: float, what: str,
-             interval: float = 0.3) -> T:
+             interval: float = 0.5) -> T:
     deadline = time.monotonic() + timeout
     while True:
         value = pred()
@@ -233,7 +233,9 @@ def _run(box: Container, wheelhouse: Path, imds: ImdsServer, moto: MotoServer,
          record_property: Callable[[str, object], None]) -> None:
     # --- 1. bake: what packer does, from a directory bound read-only into the container --
     (tmp_path / "wheel").mkdir()
+    t0 = time.monotonic()
     wheel = build_wheel(tmp_path / "wheel")
+    print(f"realboot: wheel built in {time.monotonic() - t0:.1f} s")
     stage = tmp_path / "stage"
     stage.mkdir()
     shutil.copy2(wheel, stage / wheel.name)
@@ -244,10 +246,11 @@ def _run(box: Container, wheelhouse: Path, imds: ImdsServer, moto: MotoServer,
     (stage / "dropin.conf").write_text(unit_dropin(imds.url, moto.url))
     (stage / "wheelhouse").mkdir()  # the mount point of the wheelhouse bound below
     box.boot(f"--bind-ro={stage}:{STAGE}", f"--bind-ro={wheelhouse}:{STAGE}/wheelhouse")
+    t0 = time.monotonic()
     res = box.sh(f"sh {STAGE}/packaging/install.sh --enable --wheel {STAGE}/{wheel.name} /",
                  env={"EC2_AGENT_PIP_ARGS": f"--no-index --find-links {STAGE}/wheelhouse"},
                  timeout=240)
-    print(res.stdout)
+    print(f"realboot: install.sh took {time.monotonic() - t0:.1f} s:\n{res.stdout}")
     assert box.sh("command -v ec2-agent").stdout.strip() == "/usr/local/bin/ec2-agent"
     assert "usage: ec2-agent" in box.sh("ec2-agent --help").stdout
     for unit in UNITS:
@@ -290,6 +293,8 @@ def _run(box: Container, wheelhouse: Path, imds: ImdsServer, moto: MotoServer,
     assert (st["status"], st["boot_kind"], st["instance_id"]) == ("done", "first", iid), st
     rec = member_record(s3, iid)
     assert rec is not None, "no member record in S3 after the first boot"
+    enabled = box.sh("systemctl is-enabled " + " ".join(UNITS), check=False).stdout.split()
+    assert enabled == ["enabled"] * 3, f"the cloud-config did not enable the units: {enabled}"
     for cmd in operator_commands():
         res = box.sh(cmd, check=False)
         assert res.returncode == 0, f"docs/operations.md: `{cmd}` exited {res.returncode}\n" \
@@ -299,7 +304,8 @@ def _run(box: Container, wheelhouse: Path, imds: ImdsServer, moto: MotoServer,
     # --- 3. the watchdog: a stopped daemon is killed and restarted ----------------------
     pid = int(daemon["MainPID"])
     box.sh(f"kill -STOP {pid}")
-    restarted = wait_for(lambda: _restarted(box, pid), 75, "the watchdog to restart the daemon")
+    restarted = wait_for(lambda: _restarted(box, pid), 75, "the watchdog to restart the daemon",
+                         interval=1.0)
     assert int(restarted["NRestarts"]) >= int(daemon["NRestarts"]) + 1, restarted
     journal = box.sh("journalctl -b -u ec2-agent.service --no-pager -o cat").stdout
     assert "Watchdog timeout" in journal, journal[-3000:]
