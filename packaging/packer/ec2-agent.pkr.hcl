@@ -147,7 +147,7 @@ build {
       # python3, so install 3.11; Debian 12 / Ubuntu 22.04+ have it, minus venv.
       "if command -v dnf >/dev/null; then dnf install -y -q python3.11 python3.11-pip; PY=python3.11; else export DEBIAN_FRONTEND=noninteractive; apt-get update -qq; apt-get install -y -qq python3 python3-venv; PY=python3; fi",
       "$PY -c 'import sys; assert sys.version_info >= (3, 10), sys.version'",
-      # install.sh: venv at /opt/ec2-agent, units, default agent.yaml, daemon-reload, enable.
+      # install.sh: venv at /opt/ec2-agent, /usr/local/bin/ec2-agent, units, default agent.yaml, daemon-reload, enable.
       "EC2_AGENT_PYTHON=$(command -v $PY) sh /tmp/ec2-agent/packaging/install.sh --enable --wheel /tmp/ec2-agent/$(basename ${var.wheel}) /",
       # The baked defaults: packer is the authority here, so overwrite.
       "install -d -m 0755 /etc/ec2-agent",

@@ -1,9 +1,10 @@
 """The image boots for real: systemd as PID 1, real cloud-init, the shipped units and install.
 
-A Debian 12 root filesystem (``make image-cache``: mmdebstrap, cached outside the repo)
-is unpacked fresh and booted with ``systemd-nspawn --boot`` inside the test's network
-namespace, which has only ``lo``. The moto server and the project's IMDS emulator listen
-on 127.0.0.1 in that namespace, so the container reaches them and nothing else.
+A Debian 12 root filesystem (``make image-cache``: mmdebstrap, cached outside the repo),
+a fresh copy-on-write copy per run (an overlay over the cache), is booted with
+``systemd-nspawn --boot`` inside the test's network namespace, which has only ``lo``.
+The moto server and the project's IMDS emulator listen on 127.0.0.1 in that namespace,
+so the container reaches them and nothing else.
 
 1. Bake: boot the bare image, run ``packaging/install.sh --enable`` inside from an offline
    wheelhouse (the wheel is built on the host), check ``ec2-agent`` is on the PATH and the
@@ -43,6 +44,7 @@ from typing import TypeVar
 
 import boto3
 import pytest
+from botocore.client import BaseClient
 from botocore.exceptions import ClientError
 
 from agent.sim.imds import ImdsServer, meta_for_instance
@@ -131,9 +133,9 @@ def operator_commands() -> list[str]:
     return [c for c in cmds if c and not c.startswith("#")]
 
 
-def member_record(s3: object, iid: str) -> dict[str, object] | None:
+def member_record(s3: BaseClient, iid: str) -> dict[str, object] | None:
     try:
-        body = s3.get_object(  # type: ignore[attr-defined]
+        body = s3.get_object(
             Bucket=BUCKET, Key=f"{PREFIX}/groups/{GROUP}/members/{iid}.json")["Body"].read()
     except ClientError as exc:
         if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
@@ -235,7 +237,7 @@ def test_image_boots_for_real(box: Container, preconditions: tuple[Path, Path],
 
 
 def _run(box: Container, wheelhouse: Path, imds: ImdsServer, moto: MotoServer,
-         s3: object, iid: str, tmp_path: Path, t_start: float,
+         s3: BaseClient, iid: str, tmp_path: Path, t_start: float,
          record_property: Callable[[str, object], None]) -> None:
     # --- 1. bake: what packer does, from a directory bound read-only into the container --
     (tmp_path / "wheel").mkdir()
@@ -315,6 +317,7 @@ def _run(box: Container, wheelhouse: Path, imds: ImdsServer, moto: MotoServer,
     assert int(restarted["NRestarts"]) >= int(daemon["NRestarts"]) + 1, restarted
     journal = box.sh("journalctl -b -u ec2-agent.service --no-pager -o cat").stdout
     assert "Watchdog timeout" in journal, journal[-3000:]
+    assert box.sh(f"test -e /proc/{pid}", check=False).returncode == 1, "the old daemon lives"
     t_watchdog = time.monotonic()
 
     # --- 4. reboot: back by itself, reports a reboot, heartbeats ------------------------
@@ -328,6 +331,8 @@ def _run(box: Container, wheelhouse: Path, imds: ImdsServer, moto: MotoServer,
     second = wait_for(lambda: _changed(member_record(s3, iid), first), 20,
                       "a second heartbeat after the reboot")
     assert second["boot_id"] != rec["boot_id"], (rec, second)
+    if "seq" in first and "seq" in second:
+        assert int(second["seq"]) > int(first["seq"]), (first, second)
     t_reboot = time.monotonic()
 
     # --- 5. a planned stop leaves the group --------------------------------------------
