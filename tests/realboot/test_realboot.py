@@ -257,7 +257,14 @@ def _run(box: Container, wheelhouse: Path, imds: ImdsServer, moto: MotoServer,
     t0 = time.monotonic()
     res = box.sh(f"sh {STAGE}/packaging/install.sh --enable --wheel {STAGE}/{wheel.name} /",
                  env={"EC2_AGENT_PIP_ARGS": f"--no-index --find-links {STAGE}/wheelhouse"},
-                 timeout=240)
+                 timeout=240, check=False)
+    if res.returncode != 0:
+        # venv hides ensurepip's own error (seen once, not reproduced): show it.
+        pip = box.sh("python3 -m venv --without-pip /tmp/diag && "
+                     "/tmp/diag/bin/python3 -m ensurepip --default-pip 2>&1 | tail -n 30",
+                     check=False)
+        raise AssertionError(f"install.sh exited {res.returncode}\n{res.stdout}{res.stderr}\n"
+                             f"ensurepip by hand:\n{pip.stdout}{pip.stderr}")
     print(f"realboot: install.sh took {time.monotonic() - t0:.1f} s:\n{res.stdout}")
     assert box.sh("command -v ec2-agent").stdout.strip() == "/usr/local/bin/ec2-agent"
     assert "usage: ec2-agent" in box.sh("ec2-agent --help").stdout
