@@ -34,7 +34,7 @@ while [ $# -gt 0 ]; do
         --python) python=$2; shift 2 ;;
         --python=*) python=${1#--python=}; shift ;;
         --enable) enable=1; shift ;;
-        -h|--help) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,/^[^#]/{/^#/p}' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         -*) echo "install.sh: unknown option $1" >&2; exit 2 ;;
         *) [ -z "$prefix" ] || { echo "install.sh: one PREFIX only" >&2; exit 2; }
            prefix=$1; shift ;;
