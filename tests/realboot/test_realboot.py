@@ -298,8 +298,13 @@ def _run(box: Container, wheelhouse: Path, imds: ImdsServer, moto: MotoServer,
     result = json.loads(box.sh("cat /run/cloud-init/result.json").stdout)["v1"]
     assert result["datasource"].startswith("DataSourceEc2"), result
     assert result["errors"] == [], result
-    imdsv1 = sorted({r.path for r in imds.faults.requests if not r.had_token})
+    reqs = list(imds.faults.requests)
+    imdsv1 = sorted({r.path for r in reqs if not r.had_token and r.method == "GET"})
     assert imdsv1, "cloud-init made no IMDSv1 read"  # the mode it needs in a container
+    # The agent itself (paths under latest/; cloud-init uses dated versions) used IMDSv2.
+    agent_reads = [r for r in reqs if r.method == "GET" and r.path.startswith("latest/")]
+    assert agent_reads and all(r.had_token for r in agent_reads), sorted(
+        {(r.path, r.had_token) for r in agent_reads})
 
     boot = unit_props(box, "ec2-agent-boot.service", "ActiveState", "Result",
                       "ExecMainStatus")
