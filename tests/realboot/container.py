@@ -145,6 +145,16 @@ class Container:
                                    f"{res.stderr} {self.tail()}")
             time.sleep(0.05)
 
+    def wait_for_boot(self, timeout: float = 120) -> str:
+        """Until the boot is over (``running`` or ``degraded``). Early boot is no place to
+        work: systemd-tmpfiles-setup empties /tmp then (Debian's ``D /tmp``), under whatever
+        is using it, e.g. ensurepip's temporary files."""
+        res = self.sh("systemctl is-system-running --wait", timeout=timeout, check=False)
+        state = res.stdout.strip()
+        if state not in ("running", "degraded"):
+            raise AssertionError(f"the container's boot ended {state!r}: {res.stderr}")
+        return state
+
     def sh(self, command: str, timeout: float = 60, check: bool = True,
            env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
         """``command`` in a root login shell inside the container, as an operator types it."""

@@ -254,12 +254,13 @@ def _run(box: Container, wheelhouse: Path, imds: ImdsServer, moto: MotoServer,
     (stage / "dropin.conf").write_text(unit_dropin(imds.url, moto.url))
     (stage / "wheelhouse").mkdir()  # the mount point of the wheelhouse bound below
     box.boot(f"--bind-ro={stage}:{STAGE}", f"--bind-ro={wheelhouse}:{STAGE}/wheelhouse")
+    box.wait_for_boot()  # as packer provisions once the instance is up
     t0 = time.monotonic()
     res = box.sh(f"sh {STAGE}/packaging/install.sh --enable --wheel {STAGE}/{wheel.name} /",
                  env={"EC2_AGENT_PIP_ARGS": f"--no-index --find-links {STAGE}/wheelhouse"},
                  timeout=240, check=False)
     if res.returncode != 0:
-        # venv hides ensurepip's own error (seen once, not reproduced): show it.
+        # venv hides ensurepip's own error: show it.
         pip = box.sh("python3 -m venv --without-pip /tmp/diag && "
                      "/tmp/diag/bin/python3 -m ensurepip --default-pip 2>&1 | tail -n 30",
                      check=False)
