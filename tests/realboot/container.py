@@ -1,8 +1,8 @@
 """A Debian root filesystem booted by ``systemd-nspawn --boot``: real systemd as PID 1.
 
 The root filesystem is the cached image, read-only, under an overlay whose upper layer
-lives in the test's temp dir: a fresh copy for every run at no cost, kept across the
-container's reboots. The overlay is mounted in a private mount namespace that only the
+(the container's disk) is a fresh directory: a fresh copy for every run at no cost, kept
+across the container's reboots. The overlay is mounted in a private mount namespace that only the
 nspawn process holds, so it disappears with it.
 
 The container joins the network namespace of the process that starts it (the test's,
@@ -74,10 +74,13 @@ def only_loopback_reason() -> str | None:
 class Container:
     """One root filesystem, booted as often as needed (each boot: a new nspawn process)."""
 
-    def __init__(self, image: Path, workdir: Path, name: str) -> None:
+    def __init__(self, image: Path, workdir: Path, name: str, disk: Path | None = None) -> None:
+        """``disk``: where the container's writes go (the overlay's upper layer); a tmpfs
+        makes the install and the cleanup fast. Default: ``workdir``."""
         self.image = image
-        self.upper = workdir / "upper"
-        self.work = workdir / "work"
+        disk = disk or workdir
+        self.upper = disk / "upper"
+        self.work = disk / "work"
         self.merged = workdir / "merged"
         for d in (self.upper, self.work, self.merged):
             d.mkdir(parents=True, exist_ok=True)
