@@ -1,0 +1,271 @@
+"""One contract, two backends: moto_server and the simulator's in-memory twins.
+
+Every case runs through the real adapters (``agent.store.Store``,
+``agent.peers.read_if_changed``, ``agent.cloud.Cloud``) against moto's boto3
+clients and against ``agent.sim.twins``. A twin that drifts from moto fails here.
+Where the twin is deliberately closer to AWS than moto (ClientToken idempotency,
+``shutting-down`` before ``terminated``, an ASG that replaces later, not at once)
+the case accepts both answers and says so.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import boto3
+import pytest
+
+from agent.cloud import REPLACES_TAG, Cloud, LaunchSpec
+from agent.errors import CloudError, NotFound, PreconditionFailed
+from agent.peers import read_if_changed
+from agent.sim.twins import CloudTwin, S3Twin
+from agent.store import NOT_MODIFIED, Obj, Store
+
+BUCKET = "contract"
+_IMAGE: dict[str, str] = {}  # moto's catalogue is slow to list and never changes
+
+
+@dataclass
+class Backend:
+    name: str
+    s3: Any
+    ec2: Any
+    asg: Any
+    make_group: Callable[[str, int], list[str]]
+    run_standalone: Callable[[int], list[str]]
+    settle: Callable[[], None]
+
+    def store(self) -> Store:
+        return Store(BUCKET, "p", client=self.s3)
+
+    def cloud(self) -> Cloud:
+        return Cloud("us-east-1", ec2=self.ec2, autoscaling=self.asg)
+
+
+def _moto_backend(url: str) -> Backend:
+    kw = {"region_name": "us-east-1", "endpoint_url": url, "aws_access_key_id": "testing",
+          "aws_secret_access_key": "testing"}
+    s3, ec2, asg = (boto3.client(s, **kw) for s in ("s3", "ec2", "autoscaling"))
+    s3.create_bucket(Bucket=BUCKET)
+    subnets = [s["SubnetId"] for s in sorted(ec2.describe_subnets()["Subnets"],
+                                             key=lambda s: s["AvailabilityZone"])][:3]
+    image = _IMAGE.get("ami") or sorted(
+        i["ImageId"] for i in ec2.describe_images(Owners=["amazon"])["Images"])[0]
+    _IMAGE["ami"] = image
+
+    def make_group(name: str, n: int) -> list[str]:
+        ec2.create_launch_template(LaunchTemplateName=f"lt-{name}",
+                                   LaunchTemplateData={"ImageId": image,
+                                                       "InstanceType": "t3.micro"})
+        asg.create_auto_scaling_group(
+            AutoScalingGroupName=name, MinSize=0, MaxSize=n * 2, DesiredCapacity=n,
+            LaunchTemplate={"LaunchTemplateName": f"lt-{name}", "Version": "$Latest"},
+            VPCZoneIdentifier=",".join(subnets), HealthCheckGracePeriod=0)
+        g = asg.describe_auto_scaling_groups(AutoScalingGroupNames=[name])["AutoScalingGroups"]
+        return sorted(i["InstanceId"] for i in g[0]["Instances"])
+
+    def run_standalone(n: int) -> list[str]:
+        r = ec2.run_instances(ImageId=image, InstanceType="t3.micro", MinCount=n, MaxCount=n,
+                              SubnetId=subnets[0])
+        return [i["InstanceId"] for i in r["Instances"]]
+
+    return Backend("moto", s3, ec2, asg, make_group, run_standalone, lambda: None)
+
+
+def _twin_backend() -> Backend:
+    now = [1_800_000_000.0]
+    s3 = S3Twin(lambda: now[0])
+    s3.client().create_bucket(Bucket=BUCKET)
+    cloud = CloudTwin(lambda: now[0], boot_s=0.0, shutdown_s=0.0)
+
+    def make_group(name: str, n: int) -> list[str]:
+        return cloud.create_group(name, n, sorted(cloud.zones), grace_s=0.0, state="running")
+
+    def run_standalone(n: int) -> list[str]:
+        return [cloud.launch_instance(subnet_id="subnet-a", state="running").instance_id
+                for _ in range(n)]
+
+    def settle() -> None:
+        now[0] += 1.0
+        cloud.reconcile()
+
+    return Backend("twin", s3.client(), cloud.ec2_client(), cloud.asg_client(), make_group,
+                   run_standalone, settle)
+
+
+@pytest.fixture(params=["moto", "twin"])
+def backend(request: pytest.FixtureRequest) -> Iterator[Backend]:
+    if request.param == "moto":
+        server = request.getfixturevalue("moto")
+        yield _moto_backend(server.url)
+    else:
+        yield _twin_backend()
+
+
+# -- S3 ---------------------------------------------------------------------------------------
+
+def test_put_get_etag_is_md5_and_times_are_whole_seconds(backend: Backend) -> None:
+    st = backend.store()
+    etag = st.put("a/k", b"hello")
+    assert etag == '"' + hashlib.md5(b"hello").hexdigest() + '"'  # noqa: S324
+    obj = st.get("a/k")
+    assert isinstance(obj, Obj)
+    assert (obj.body, obj.etag) == (b"hello", etag)
+    assert obj.last_modified == int(obj.last_modified)
+    assert obj.store_now == int(obj.store_now)
+    assert obj.store_now >= obj.last_modified
+    head = st.head("a/k")
+    assert head is not None and (head.etag, head.size) == (etag, 5)
+    assert head.last_modified == obj.last_modified
+
+
+def test_missing_keys(backend: Backend) -> None:
+    st = backend.store()
+    with pytest.raises(NotFound):
+        st.get("nope")
+    assert st.get_or_none("nope") is None
+    assert st.head("nope") is None
+    st.delete("nope")  # S3 deletes are idempotent
+    r = read_if_changed(st, "nope")
+    assert r.status == "gone"
+
+
+def test_create_only(backend: Backend) -> None:
+    st = backend.store()
+    st.create("lease", b"one")
+    with pytest.raises(PreconditionFailed):
+        st.create("lease", b"two")
+    assert st.get_or_none("lease").body == b"one"
+
+
+def test_compare_and_swap_put(backend: Backend) -> None:
+    st = backend.store()
+    e1 = st.put("budget", b"1")
+    e2 = st.put("budget", b"2", if_match=e1)
+    assert e2 != e1
+    with pytest.raises(PreconditionFailed):
+        st.put("budget", b"3", if_match=e1)
+    assert st.get_or_none("budget").body == b"2"
+
+
+def test_if_match_on_a_missing_key(backend: Backend) -> None:
+    st = backend.store()
+    with pytest.raises((NotFound, PreconditionFailed)):
+        st.put("ghost", b"x", if_match='"0123456789abcdef0123456789abcdef"')
+    assert st.get_or_none("ghost") is None
+
+
+def test_conditional_delete(backend: Backend) -> None:
+    st = backend.store()
+    e1 = st.put("rec", b"a")
+    st.put("rec", b"b")
+    with pytest.raises(PreconditionFailed):
+        st.delete("rec", if_match=e1)
+    assert st.get_or_none("rec") is not None
+    cur = st.head("rec")
+    st.delete("rec", if_match=cur.etag)
+    assert st.get_or_none("rec") is None
+
+
+def test_conditional_get_keeps_the_store_clock(backend: Backend) -> None:
+    st = backend.store()
+    etag = st.put("m", b"v")
+    assert st.get("m", if_none_match=etag) is NOT_MODIFIED
+    r = read_if_changed(st, "m", etag)
+    assert r.status == "unchanged" and r.store_now > 0
+    st.put("m", b"w")
+    r2 = read_if_changed(st, "m", etag)
+    assert r2.status == "changed" and r2.body == b"w" and r2.etag != etag
+
+
+def test_list_order_prefix_and_pages(backend: Backend) -> None:
+    st = backend.store()
+    keys = ["g/b", "g/a/2", "g/a/10", "g/a-", "g/A", "g/é", "h/x", "f/x"]
+    for k in keys:
+        st.put(k, k.encode())
+    listing = st.list("g/")
+    want = sorted(k for k in keys if k.startswith("g/"))
+    assert [e.key for e in listing.entries] == want
+    assert [e.size for e in listing.entries] == [len(k.encode()) for k in want]
+    assert listing.store_now > 0
+    got: list[str] = []
+    token = None
+    pages = 0
+    while True:
+        kw: dict[str, Any] = {"Bucket": BUCKET, "Prefix": "p/g/", "MaxKeys": 2}
+        if token:
+            kw["ContinuationToken"] = token
+        resp = backend.s3.list_objects_v2(**kw)
+        pages += 1
+        got += [o["Key"] for o in resp.get("Contents", [])]
+        if not resp.get("IsTruncated"):
+            break
+        token = resp["NextContinuationToken"]
+    assert got == ["p/" + k for k in want]
+    assert pages == 3
+    assert st.list("zzz/").entries == ()
+
+
+# -- EC2 and Auto Scaling ----------------------------------------------------------------------
+
+def test_states_running_terminated_and_unknown(backend: Backend) -> None:
+    ids = backend.run_standalone(2)
+    c = backend.cloud()
+    assert c.states(ids) == {i: "running" for i in ids}
+    assert c.terminate(ids[1]) in ("shutting-down", "terminated")
+    backend.settle()
+    unknown = "i-0123456789abcdef0"
+    assert c.states([*ids, unknown]) == {ids[0]: "running", ids[1]: "terminated",
+                                         unknown: "terminated"}
+    assert c.describe(unknown) is None
+    assert c.describe(ids[0])["InstanceId"] == ids[0]
+
+
+def test_asg_membership_health_and_terminate(backend: Backend) -> None:
+    ids = backend.make_group("web", 3)
+    solo = backend.run_standalone(1)
+    c = backend.cloud()
+    members = c.asg_instances([*ids, *solo])
+    assert set(members) == set(ids)
+    assert {(m.group, m.health) for m in members.values()} == {("web", "Healthy")}
+    assert c.asg_member_ids("web") == sorted(ids)
+    assert c.asg_group("nope") is None
+    c.set_unhealthy(ids[0], respect_grace=False)
+    a = c.asg_instances([ids[0]]).get(ids[0])
+    # moto records the mark and never acts on it; the twin replaces at its next reconcile
+    assert a is None or a.health == "Unhealthy"
+    c.asg_terminate(ids[1])
+    backend.settle()
+    backend.settle()
+    after = c.asg_member_ids("web")
+    assert ids[1] not in after
+    assert len(after) == 3
+    assert c.states([ids[1]])[ids[1]] in ("shutting-down", "terminated")
+    with pytest.raises(CloudError):
+        c.asg_terminate(solo[0])
+
+
+def test_launch_tags_and_subnet(backend: Backend) -> None:
+    src = backend.run_standalone(1)[0]
+    c = backend.cloud()
+    inst = c.describe(src)
+    spec = LaunchSpec("clone", inst["SubnetId"], image_id=inst["ImageId"],
+                      instance_type="t3.micro", tags=(("Name", "x"),))
+    new = c.launch(spec, "tok-" + src, replaces=src)
+    d = c.describe(new)
+    tags = {t["Key"]: t["Value"] for t in d.get("Tags", [])}
+    assert tags[REPLACES_TAG] == src and tags["Name"] == "x"
+    assert d["SubnetId"] == inst["SubnetId"]
+    assert c.states([new])[new] in ("pending", "running")
+
+
+def test_twin_client_token_is_idempotent_like_ec2() -> None:
+    """Real EC2 honours ClientToken; moto does not (tests/integration/test_cloud.py says so)."""
+    b = _twin_backend()
+    c = b.cloud()
+    spec = LaunchSpec("clone", "subnet-a", image_id="ami-x", instance_type="t3.micro")
+    assert c.launch(spec, "same-token") == c.launch(spec, "same-token")
+    assert c.launch(spec, "other-token") != c.launch(spec, "same-token")
