@@ -256,6 +256,10 @@ def cmd_restore(args: argparse.Namespace) -> int:
 # -- simulate -----------------------------------------------------------------------------------
 
 def cmd_simulate(args: argparse.Namespace) -> int:
+    if args.seed is not None:  # the deterministic fleet simulation (agent.sim.fleetsim)
+        from agent.sim.simcli import run_cli
+
+        return run_cli(args)
     from agent.sim.cloud import simulate
 
     return simulate(instances=args.instances, scenario=args.scenario, keep=args.keep,
@@ -347,12 +351,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replace a non-empty data dir (it is moved aside, never deleted)")
     s.set_defaults(func=cmd_restore)
 
-    s = sub.add_parser("simulate", help="run a fleet on the embedded emulated cloud")
+    s = sub.add_parser("simulate", help="run a fleet on the embedded emulated cloud; with "
+                                        "--seed, the deterministic fleet simulation")
     s.add_argument("-n", "--instances", type=int, default=3)
     s.add_argument("--scenario", default=None,
                    help="kill-one | kill-half | api-outage | leave (rehearsals)")
     s.add_argument("--keep", action="store_true", help="keep the temp dir for inspection")
     s.add_argument("--json", action="store_true")
+    g = s.add_argument_group("deterministic simulation (virtual time, in-memory twins)")
+    g.add_argument("--seed", type=int, default=None,
+                   help="run the deterministic fleet simulation with this seed")
+    g.add_argument("--members", type=int, default=100)
+    g.add_argument("--hours", type=float, default=1.0)
+    g.add_argument("--faults", default="calm",
+                   help="calm | flaky-store | partitions | zone-outage | control-plane-2007 | "
+                        "everything")
+    g.add_argument("--report", default=None, metavar="FILE.html",
+                   help="write a self-contained HTML timeline of the run")
     s.set_defaults(func=cmd_simulate)
     return p
 

@@ -21,12 +21,12 @@ class Profile:
     call_stall: float = 0.0        # the calling thread stalls 20..120 s before the call lands
     cloud_error: float = 0.0       # Throttling / RequestLimitExceeded / 500
     action_stall: float = 0.0      # a mutating cloud call stalls 20..120 s before it lands
-    wrong_describe: float = 0.0    # DescribeInstances says NotFound / a wrong state
+    wrong_describe: float = 0.0    # DescribeInstances says NotFound for the ids asked
     # per member-hour
     death: float = 0.0             # the agent dies for good, the instance keeps running
     hang: float = 0.0              # the process stops for good (SIGSTOP, wedged kernel)
     crash: float = 0.0             # the process crashes, systemd restarts it 5 s later
-    pause: float = 0.0             # the process stops 10..90 s (GC, SIGSTOP) then resumes
+    pause: float = 0.0             # the process stops 10..240 s (GC, SIGSTOP) then resumes
     terminated: float = 0.0        # EC2 terminates the instance (hardware, the 2007 bug)
     asg_replace: float = 0.0       # the ASG marks a hung member Unhealthy and replaces it
     spot: float = 0.0              # spot interruption notice: leave, terminated 120 s later
@@ -39,12 +39,14 @@ class Profile:
     mass_kill_ph: float = 0.0      # 40 % of the group's agents die at once
     api_outage_ph: float = 0.0     # EC2/ASG API unreachable 60..600 s
     operator_pause_ph: float = 0.0  # an operator pauses healing for 60..600 s
+    pair_death_ph: float = 0.0     # two members die at once (a rack, a bad deploy)
+    control_plane_ph: float = 0.0  # 300..900 s when EC2 says NotFound for 30 % of instances
 
     def to_json(self) -> dict[str, float | str]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
-CALM = Profile("calm", death=0.02, hang=0.01, crash=0.02, spot=0.005)
+CALM = Profile("calm", death=0.02, hang=0.01, crash=0.02, spot=0.005, pair_death_ph=0.2)
 
 PROFILES: dict[str, Profile] = {
     "calm": CALM,
@@ -53,13 +55,14 @@ PROFILES: dict[str, Profile] = {
     "partitions": replace(CALM, name="partitions", store_cut=0.03, peer_cut=0.05, pause=0.05,
                           clock_jump=0.02, action_stall=0.05),
     "zone-outage": replace(CALM, name="zone-outage", zone_outage_ph=1.0, pause=0.01),
-    "control-plane-2007": replace(CALM, name="control-plane-2007", wrong_describe=0.05,
-                                  cloud_error=0.05, terminated=0.02, asg_replace=0.02,
-                                  api_outage_ph=0.5, pause=0.03),
+    "control-plane-2007": replace(CALM, name="control-plane-2007", wrong_describe=0.01,
+                                  cloud_error=0.05, terminated=0.02, asg_replace=0.05,
+                                  api_outage_ph=0.5, pause=0.05, control_plane_ph=1.0),
     "everything": replace(CALM, name="everything", store_error=0.01, store_latency=0.02,
                           lost_response=0.005, call_stall=0.001, cloud_error=0.03,
                           action_stall=0.03, wrong_describe=0.02, pause=0.03,
                           terminated=0.01, asg_replace=0.01, scale_in=0.005, store_cut=0.01,
                           peer_cut=0.02, clock_jump=0.01, zone_outage_ph=0.25,
-                          mass_kill_ph=0.1, api_outage_ph=0.25, operator_pause_ph=0.25),
+                          mass_kill_ph=0.1, api_outage_ph=0.25, operator_pause_ph=0.25,
+                          control_plane_ph=0.25),
 }

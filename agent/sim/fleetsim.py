@@ -114,6 +114,7 @@ class Host:
     deferred: list[Let] = field(default_factory=list)
     left: bool = False
     replaces: str = ""
+    launched: float = 0.0
     first_beat: float | None = None
     acted_on: bool = False
     death_t: float | None = None
@@ -231,6 +232,9 @@ class Simulation:
         self._ips = 0
         self._admin_store: Any = None
         self.graveyard: list[Let] = []
+        self._violated: set[tuple[str, str, str]] = set()
+        self.lost: set[str] = set()  # instances EC2 describes as NotFound (control-plane fault)
+        self.lost_until = 0.0
         self.errors: Counter = Counter()
 
     # -- the event queue ------------------------------------------------------------------------
@@ -263,7 +267,8 @@ class Simulation:
     def _on_launch(self, inst: TwinInstance, replaces: str) -> None:
         self._ips += 1
         ip = f"10.{(self._ips >> 16) & 255}.{(self._ips >> 8) & 255}.{self._ips & 255}"
-        h = Host(inst.instance_id, inst.subnet_id, inst.az, ip, replaces=replaces)
+        h = Host(inst.instance_id, inst.subnet_id, inst.az, ip, replaces=replaces,
+                 launched=self.t)
         self.hosts[h.iid] = h
         self.by_ip[ip] = h
         if replaces:
@@ -485,11 +490,25 @@ class Simulation:
         if g.gen != h.gen:
             raise Killed()
         resp = self.s3.call(op, kw)
+        if op == "put_object" and self.keep_timeline:
+            self._note_write(h, kw)
         if p.lost_response and op in S3_WRITES and r.random() < p.lost_response:
             self._fault("lost-response")
             self.park(1.0)
             raise ReadTimeoutError(endpoint_url="https://s3.sim")
         return resp
+
+    def _note_write(self, h: Host, kw: dict[str, Any]) -> None:
+        key: str = kw["Key"]
+        if "/suspicions/" in key:
+            member, _, observer = key.rsplit("/", 2)[-2:][0], "", key.rsplit("/", 1)[-1]
+            self.note("suspicion", member, f"by {observer}")
+        elif "/leases/" in key:
+            try:
+                state = json.loads(kw["Body"]).get("state", "?")
+            except (ValueError, AttributeError):
+                state = "?"
+            self.note("lease", key.rsplit("/", 1)[-1], f"{state} by {h.iid}")
 
     def cloud_for(self, h: Host) -> Any:
         from agent.cloud import Cloud
@@ -520,9 +539,11 @@ class Simulation:
             self.park(r.uniform(20.0, 120.0))
         if g.gen != h.gen:
             raise Killed()
-        if op == "describe_instances" and p.wrong_describe and r.random() < p.wrong_describe:
+        ids = kw.get("InstanceIds") or []
+        if op == "describe_instances" and (
+                (self.t < self.lost_until and self.lost.intersection(ids))
+                or (p.wrong_describe and r.random() < p.wrong_describe)):
             self._fault("wrong-describe")
-            ids = kw.get("InstanceIds") or []
             raise ClientError({"Error": {"Code": "InvalidInstanceID.NotFound",
                                          "Message": f"The instance ID '{','.join(ids)}' "
                                                     "does not exist"},
@@ -550,6 +571,10 @@ class Simulation:
 
     # -- invariants at every mutating call ------------------------------------------------------
     def violate(self, kind: str, member: str, detail: str, actor: str = "") -> None:
+        key = (kind, member, actor)
+        if key in self._violated:  # once per kind, member and actor: the first is the finding
+            return
+        self._violated.add(key)
         v = Violation(self.t, kind, detail, member, actor)
         self.res.violations.append(v)
         if kind == "false-action":
@@ -661,7 +686,9 @@ class Simulation:
         for name, rate, fn in (("zone-outage", p.zone_outage_ph, self._f_zone),
                                ("mass-kill", p.mass_kill_ph, self._f_mass_kill),
                                ("api-outage", p.api_outage_ph, self._f_api),
-                               ("operator-pause", p.operator_pause_ph, self._f_pause_op)):
+                               ("operator-pause", p.operator_pause_ph, self._f_pause_op),
+                               ("pair-death", p.pair_death_ph, self._f_pair_death),
+                               ("control-plane", p.control_plane_ph, self._f_control_plane)):
             self._poisson(rate, name, self._wrap(name, fn, member=False))
 
     def _wrap(self, name: str, fn: Callable[[Host], float] | Callable[[], float], *,
@@ -703,7 +730,7 @@ class Simulation:
         return 5.0
 
     def _f_pause(self, h: Host) -> float:
-        d = self.rng.uniform(10.0, 90.0)
+        d = self.rng.uniform(10.0, 240.0)
         self.stop(h)
         self.at(self.t + d, lambda: self.cont(h))
         return d
@@ -793,6 +820,23 @@ class Simulation:
             self.kill(h, for_good=True, why="mass kill")
         return 0.0
 
+    def _f_pair_death(self) -> float:
+        live = sorted((h for h in self.hosts.values()
+                       if h.proc == "up" and not h.left and h.first_beat is not None),
+                      key=lambda h: h.iid)
+        for h in self.rng.sample(live, min(2, len(live))):
+            self._death(h, "pair-death")
+            self.kill(h, for_good=True, why="died with another member")
+        return 0.0
+
+    def _f_control_plane(self) -> float:
+        """The 2007 incident: EC2 loses track of running instances for a while."""
+        d = self.rng.uniform(300.0, 900.0)
+        ids = sorted(i for i, x in self.cloud.instances.items() if x.state == "running")
+        self.lost = set(self.rng.sample(ids, len(ids) * 3 // 10))
+        self.lost_until = self.t + d
+        return d
+
     def _f_api(self) -> float:
         d = self.rng.uniform(60.0, 600.0)
         self.api_down_until = max(self.api_down_until, self.t + d)
@@ -832,17 +876,11 @@ class Simulation:
     def _track_failures(self) -> None:
         """Ground truth for the failure streak: replacements that never heartbeated in time."""
         if self.replace_deadline:
-            n = 0
-            for h in self.hosts.values():
-                if h.replaces and h.first_beat is None and h.boot_t == 0.0:
-                    inst = self.cloud.instances.get(h.iid)
-                    launched = inst.launched if inst is not None else self.t
-                    if self.t - launched >= self.replace_deadline:
-                        n += 1
-                elif (h.replaces and h.first_beat is not None and h.boot_t
-                      and h.first_beat - h.boot_t > self.replace_deadline):
-                    n += 1
-            self.failed_replacements = n
+            d = self.replace_deadline
+            self.failed_replacements = sum(
+                1 for h in self.hosts.values() if h.replaces and (
+                    (h.first_beat is None and self.t - h.launched >= d)
+                    or (h.first_beat is not None and h.first_beat - h.launched >= d)))
         self.at(self.t + 30.0, self._track_failures)
 
     def run(self) -> Result:
@@ -927,7 +965,7 @@ def summary(res: Result) -> str:
     return "\n".join(lines)
 
 
-def timeline_around(res: Result, t: float, before: float = 120.0, after: float = 30.0,
+def timeline_around(res: Result, t: float, before: float = 300.0, after: float = 30.0,
                     member: str = "") -> str:
     out = []
     for ts, kind, m, detail in res.timeline:
