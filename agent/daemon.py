@@ -177,19 +177,24 @@ class Daemon:
         self.ctx: BootContext | None = None
         self.tasks: list[Task] = []
         self.stop_reason = ""
-        self.departing: str | None = None
         self.last_backup: dict[str, float] = {}
         self.membership_changes: list[tuple[float, str]] = []
         self.rendered_peers_hash: str | None = None
-        self.superseded = False
         self.endpoint: Any = None
         self.heal: Any = None
         self.bulk_store: Any = None
         self.imds: Any = None
         self.departure_watch: Any = None
-        self.progress_mono = 0.0
+        self.progress_mono = 0.0  # time.monotonic(): the watchdog's clock, as Store.usage's
         self.watchdog_s: float | None = None
         self.heartbeat_thread: threading.Thread | None = None
+        # Made by setup(); None before it (metrics and shutdown may run without them).
+        self.checker: Any = None
+        self.hb: Any = None
+        self.watcher: Any = None
+        self.member: Any = None  # agent.tasks.MemberTasks: the steps the simulator runs too
+        self.heartbeat_task: Task | None = None
+        self._metrics_seen: dict[str, Any] | None = None
 
     # -- set-up ----------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -220,8 +225,12 @@ class Daemon:
                               member_path=member_file(self.paths))
         self.watcher = PeerWatcher(store, cfg.group, ctx.identity.instance_id, clock=self.clock)
         self.heal = self._make_heal(ctx)
+        from agent.tasks import MemberTasks
+
+        self.member = MemberTasks(self.hb, self.watcher, self.heal)
         from agent.notices import DepartureWatch
 
+        # After self.member: a member held / suspended since before has its departing set there.
         self.departure_watch = DepartureWatch(self)  # held / suspended before: no beats
         # What the last render saw (boot renders from state.json's peers): the baseline that a
         # membership change is measured against.
@@ -311,19 +320,34 @@ class Daemon:
         return self.checker.summary()
 
     # -- tasks -----------------------------------------------------------------------------------
+    # Whether a peer replaced us / why we are leaving: the member's, kept in one place.
+    @property
+    def superseded(self) -> bool:
+        return bool(self.member is not None and self.member.superseded)
+
+    @property
+    def departing(self) -> str | None:
+        return self.member.departing if self.member is not None else None
+
+    @departing.setter
+    def departing(self, reason: str | None) -> None:
+        if self.member is None:
+            raise RuntimeError("departing is the member's: setup() has not run")
+        self.member.departing = reason
+
     def beat(self) -> None:
-        if self.superseded or self.departing:
+        if self.member is None or not self.member.active:
             return
         health = self.checker.run()
         state = "degraded" if health.get("status") == "critical" else "ready"
-        res = self.hb.beat(state=state, health=health)
-        if not res.ok:
+        res = self.member.heartbeat(state=state, health=health)
+        if res is not None and not res.ok:
             raise AgentError(f"heartbeat failed after {res.attempts} attempts: {res.error}")
 
     def watch(self) -> None:
         from agent.peers import peers_hash
 
-        rep = self.watcher.tick()
+        rep = self.member.watch()
         self.watcher.write_state(self.paths.state_file)
         h = peers_hash(self.watcher.template_peers())
         if h != self.rendered_peers_hash and (
@@ -355,18 +379,18 @@ class Daemon:
             raise AgentError("re-render after a membership change: " + "; ".join(result.errors))
 
     def heal_step(self) -> None:
-        if self.superseded or self.departing:
+        if self.member is None or not self.member.active:
             return
-        self.heal.step(observer_sick=self.hb.observer_sick)
-        if self.heal.superseded:
-            self.become_superseded()
+        self.member.heal()
+        if self.member.superseded:
+            self._record_superseded()
 
     def become_superseded(self) -> None:
         """A peer replaced us: stop claiming membership, say so, keep services untouched."""
-        if self.superseded:
-            return
-        self.superseded = True
-        self.hb.leave("superseded: a replacement lease exists against this instance")
+        if self.member is not None and self.member.become_superseded():
+            self._record_superseded()
+
+    def _record_superseded(self) -> None:
         statefile.update(self.paths.state_file,
                          lambda d: d.setdefault("membership", {}).update(state="superseded"))
 
@@ -384,8 +408,9 @@ class Daemon:
 
     def depart(self, reason: str) -> None:
         """Leaving is not dying: delete our record first so nobody replaces us."""
-        self.departing = reason
-        self.hb.leave(reason)
+        if self.member is None:  # setup never finished: nothing registered to take back
+            return
+        self.member.leave(reason)
         statefile.update(self.paths.state_file,
                          lambda d: d.setdefault("membership", {}).update(state="leaving",
                                                                           reason=reason))
@@ -491,18 +516,19 @@ class Daemon:
 
             m = metrics.get()
             now = self.clock.monotonic()
-            seen = self.__dict__.setdefault("_metrics_seen", {"start": now, "boot": False,
-                                                              "outcome": None, "freeze": ""})
+            if self._metrics_seen is None:
+                self._metrics_seen = {"start": now, "boot": False, "outcome": None, "freeze": ""}
+            seen = self._metrics_seen
             if not seen["boot"] and self.ctx is not None:
                 seen["boot"] = True  # the boot that preceded this daemon, once
                 for p in self.ctx.previous.get("phases", []):
                     if isinstance(p.get("duration_s"), (int, float)):
                         m.observe_phase(str(p.get("name")), float(p["duration_s"]))
-            hb = getattr(self, "hb", None)
+            hb = self.hb
             if hb is not None:
                 last = hb.last_ok_mono if hb.last_ok_mono is not None else seen["start"]
                 m.set_heartbeat_age(now - last)
-            watcher = getattr(self, "watcher", None)
+            watcher = self.watcher
             if watcher is not None and self.ctx is not None:
                 cfg = self.ctx.config
                 verdicts = watcher.verdicts(dead_after_s=float(cfg.heartbeat.dead_after_s),

@@ -54,6 +54,7 @@ log = logging.getLogger(__name__)
 
 MARKER_KEEP = 64
 DEFAULT_K = 3
+GONE_KEEP_S = 600.0  # how long a watcher remembers a member it saw leave (then: a new life)
 
 
 # -- keys --------------------------------------------------------------------------------------
@@ -427,6 +428,8 @@ class PeerWatcher:
             self._list(rep)
         self._fetch_unknown(rep)
         self._watch(rep)
+        # Members seen gone long ago are forgotten: memory stays bounded by the live group.
+        self.liveness = self.liveness.prune_gone(self.clock.monotonic() - GONE_KEEP_S)
         return rep
 
     def _check_marker(self, rep: TickReport) -> None:

@@ -386,6 +386,12 @@ class HealController:
             lease, hb = self._maintain(lease, now, peers)
             g.leases[member] = lease
             g.outcomes[member] = lease_outcome(lease, now, self.replace_deadline_s, bool(hb))
+        # Bounded memory: forget leases that are gone from the store, and refusals recorded
+        # for members that are neither leased nor in this observer's view any more.
+        for m in set(self._lease_cache) - set(g.leases):
+            del self._lease_cache[m]
+        for m in set(self._recorded) - set(g.leases) - set(peers.verdicts) - set(peers.members):
+            del self._recorded[m]
 
     def _heartbeated(self, rid: str, peers: PeersView) -> bool | None:
         if not rid:
