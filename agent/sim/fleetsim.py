@@ -190,7 +190,7 @@ class _Determinism:
 class Simulation:
     def __init__(self, seed: int, members: int, hours: float, profile: str | Profile = "calm",
                  *, interval_s: float = 10.0, dead_after_s: float = 30.0,
-                 timeline: bool = True) -> None:
+                 timeline: bool = True, stop_at_violation: bool = False) -> None:
         from agent.heal import HealPolicy
         from agent.replace import policy_from_config
 
@@ -217,6 +217,7 @@ class Simulation:
         self.by_ip: dict[str, Host] = {}
         self.res = Result(seed, members, hours, self.profile.name)
         self.keep_timeline = timeline
+        self.stop_at_violation = stop_at_violation
         self.zone_dark_until: dict[str, float] = {}
         self.zone_dark_since: dict[str, float] = {}
         self.api_down_until = 0.0
@@ -548,9 +549,13 @@ class Simulation:
                                          "Message": f"The instance ID '{','.join(ids)}' "
                                                     "does not exist"},
                                "ResponseMetadata": {"HTTPStatusCode": 400}}, op)
+        if op not in MUTATING:
+            return self.cloud.call(op, kw)
+        # Ground truth as it was when the call landed, before its own effects (a terminate
+        # kills the target's agent inside the call).
+        before = {k: x.unable_since for k, x in self.hosts.items()}
         resp = self.cloud.call(op, kw)
-        if op in MUTATING:
-            self._on_action(h, op, kw)
+        self._on_action(h, op, kw, before)
         return resp
 
     def probe(self, endpoint: str) -> bool | None:
@@ -581,7 +586,8 @@ class Simulation:
             self.res.false_replacements += 1
         self.note("VIOLATION", member, f"{kind}: {detail}")
 
-    def _on_action(self, actor: Host, op: str, kw: dict[str, Any]) -> None:
+    def _on_action(self, actor: Host, op: str, kw: dict[str, Any],
+                   before: dict[str, float | None]) -> None:
         if op == "run_instances":
             tags = {t["Key"]: t["Value"] for s in kw.get("TagSpecifications") or []
                     for t in s.get("Tags", [])}
@@ -595,9 +601,9 @@ class Simulation:
         else:
             targets = [kw["InstanceId"]]
         for m in targets:
-            self._check_action(actor, op, m)
+            self._check_action(actor, op, m, before.get(m))
 
-    def _check_action(self, actor: Host, op: str, m: str) -> None:
+    def _check_action(self, actor: Host, op: str, m: str, unable_since: float | None) -> None:
         t = self.t
         self.res.actions += 1
         self.res.checks += 6
@@ -609,10 +615,11 @@ class Simulation:
         if h is None:
             return
         h.acted_on = True
-        if h.unable_since is None or t - h.unable_since < self.dead_after:
-            since = "now" if h.unable_since is None else f"{t - h.unable_since:.1f}s ago"
+        if unable_since is None or t - unable_since < self.dead_after:
+            since = ("at that moment" if unable_since is None
+                     else f"until {t - unable_since:.1f}s before")
             self.violate("false-action", m, f"{op}: its agent was alive and able to heartbeat "
-                         f"({since}; dead_after {self.dead_after:g}s)", actor.iid)
+                         f"{since} (dead_after {self.dead_after:g}s)", actor.iid)
         dark = max(self.zone_dark_until.get(h.zone, 0.0), 0.0)
         since_dark = self.zone_dark_since.get(h.zone)
         if since_dark is not None and since_dark <= t < dark + self.dead_after:
@@ -651,11 +658,14 @@ class Simulation:
 
     # -- faults from the seed -------------------------------------------------------------------
     def _poisson(self, rate_per_hour: float, what: str, fn: Callable[[], None]) -> None:
+        """Schedule ``fn`` as a Poisson process; each kind has its own stream, so a shorter
+        run with the same seed is a prefix of the longer one."""
         if rate_per_hour <= 0:
             return
+        rng = random.Random(f"{self.seed}:{what}")
         t = T0 + 60.0
         while True:
-            t += self.rng.expovariate(rate_per_hour / 3600.0)
+            t += rng.expovariate(rate_per_hour / 3600.0)
             if t >= self.end:
                 return
             self.at(t, fn)
@@ -913,6 +923,8 @@ class Simulation:
                 break
             self.t = t
             fn()
+            if self.stop_at_violation and self.res.violations:
+                return
         self.t = self.end
         self._final_checks()
 

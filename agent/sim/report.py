@@ -30,18 +30,17 @@ MARKS = {  # timeline kind -> (css class, legend)
     "leave": ("leave", "planned leave"),
     "VIOLATION": ("viol", "invariant violation"),
 }
+COLORS = {"death": "#000", "crash": "#888", "stop": "#a0a", "susp": "#e90", "lease": "#06c",
+          "act": "#d00", "freeze": "#0aa", "fault": "#999", "exile": "#f0f", "leave": "#0a0",
+          "viol": "#f00"}
 CSS = """
 body{font:13px system-ui,sans-serif;margin:16px;color:#222}
 h1{font-size:18px;margin:0 0 4px} table.sum td{padding:1px 10px 1px 0}
 .legend span{display:inline-block;margin-right:12px}
 .legend i{display:inline-block;width:10px;height:10px;margin-right:4px;vertical-align:middle}
-svg{display:block} text{font:10px monospace;fill:#333}
-.run{fill:#cfe8cf} .death,.i-death{fill:#000} .crash,.i-crash{fill:#888}
-.stop,.i-stop{fill:#a0a} .susp,.i-susp{fill:#e90} .lease,.i-lease{fill:#06c}
-.act,.i-act{fill:#d00} .freeze,.i-freeze{fill:#0aa} .fault,.i-fault{fill:#999}
-.exile,.i-exile{fill:#f0f} .leave,.i-leave{fill:#0a0} .viol,.i-viol{fill:#f00;stroke:#000}
-.violations li{color:#b00}
-"""
+svg{display:block} text{font:10px monospace;fill:#333} .run{fill:#cfe8cf}
+.viol{stroke:#000} .violations li{color:#b00}
+""" + "".join(f".{c}{{fill:{v}}} .i-{c}{{background:{v}}}\n" for c, v in COLORS.items())
 
 
 def _rows(res: Result, max_rows: int) -> tuple[list[str], dict[str, list[tuple[float, str, str]]],
@@ -79,8 +78,9 @@ def render(res: Result, max_rows: int = 200) -> str:
     out.append(f'<svg width="{width}" height="{h}" role="img" aria-label="timeline">')
     for hour in range(int(res.hours) + 1):
         xx = x(T0 + hour * 3600.0)
+        anchor = "end" if hour == int(res.hours) and hour else "start"
         out.append(f'<line x1="{xx:.1f}" y1="0" x2="{xx:.1f}" y2="{h}" stroke="#eee"/>'
-                   f'<text x="{xx + 2:.1f}" y="10">{hour}h</text>')
+                   f'<text x="{xx + 2:.1f}" y="10" text-anchor="{anchor}">{hour}h</text>')
     for i, m in enumerate(members):
         y = (i + 1) * row_h
         label = m or "group"
