@@ -42,6 +42,7 @@ unit: venv
 bench: venv
 	$(BIN)/python -m bench
 
+
 dist: venv
 	$(BIN)/python -m build --outdir dist .
 
@@ -50,10 +51,15 @@ clean:
 include packaging/install.mk
 
 # Long runs kept out of `make test`. Other soaks may add themselves as prerequisites.
-.PHONY: soak soak-userdata
-soak: soak-userdata
+.PHONY: soak soak-userdata soak-sim
+soak: soak-userdata soak-sim
 
 # 10,000+ generated user-data cases judged against cloud-init's own processing
 # (needs the Debian cloud-init package, as .ci/run installs it).
 soak-userdata: venv
 	$(BIN)/python -m tests.referee.soak --cases $${USERDATA_SOAK_CASES:-10000}
+
+# Deterministic fleet simulation (agent.sim.fleetsim): seeds across the fault profiles for
+# SIM_SOAK_MINUTES; prints a replay command for every run with a violation.
+soak-sim: venv
+	$(BIN)/python -m agent.sim.soak --minutes $${SIM_SOAK_MINUTES:-30}

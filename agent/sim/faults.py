@@ -46,7 +46,8 @@ class Profile:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
-CALM = Profile("calm", death=0.02, hang=0.01, crash=0.02, spot=0.005, pair_death_ph=0.2)
+# Rates are high on purpose: a run of a few dozen member-hours must see several deaths.
+CALM = Profile("calm", death=0.06, hang=0.03, crash=0.05, spot=0.02, pair_death_ph=0.3)
 
 PROFILES: dict[str, Profile] = {
     "calm": CALM,

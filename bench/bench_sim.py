@@ -1,0 +1,127 @@
+"""Simulation speed: simulated member-hours per wall-clock second (issue #11).
+
+For N = 100, 1,000 and 10,000 members, ``agent.sim.fleetsim`` runs the calm profile
+for a fixed number of member-hours. The baseline, measured in the same run, is the
+same agents' same steps (heartbeat, watch, heal: ``agent.tasks.MemberTasks``) called
+round-robin in a plain loop on one fake clock against the bare twins: no event
+queue, no greenlets, no fault layer, no invariant checks. The ratio is what the
+simulator costs on top of the agent's own code; a profile of the N = 100 run says
+where the time goes. One core (the simulation is single-threaded).
+"""
+
+from __future__ import annotations
+
+import cProfile
+import logging
+import pstats
+import random
+import resource
+import time
+from typing import Any
+
+SIZES = ((100, 0.5), (1000, 0.05), (10000, 0.005))  # (members, simulated hours)
+
+
+def _sim(n: int, hours: float) -> tuple[float, Any]:
+    from agent.sim import fleetsim
+
+    t0 = time.perf_counter()
+    res = fleetsim.run(1, n, hours, "calm", timeline=False)
+    return time.perf_counter() - t0, res
+
+
+def _baseline(n: int, hours: float) -> float:
+    """The agents' own steps for the same span, in a bare loop (no simulator)."""
+    from agent.clock import FakeClock
+    from agent.cloud import Cloud
+    from agent.heartbeat import Heartbeater
+    from agent.membership import MemberRecord
+    from agent.peers import PeerWatcher
+    from agent.replace import HealController
+    from agent.sim.fleetsim import BUCKET, GROUP, T0, ZONES, sim_config
+    from agent.sim.twins import CloudTwin, S3Twin
+    from agent.store import Store
+    from agent.tasks import MemberTasks
+
+    clock = FakeClock(now=T0, mono=100.0)
+    s3 = S3Twin(clock.time)
+    s3.client().create_bucket(Bucket=BUCKET)
+    cloud = CloudTwin(clock.time, zones=ZONES)
+    ids = cloud.create_group(GROUP, n, sorted(ZONES), state="running")
+    config = sim_config(n)
+    members = []
+    for i, iid in enumerate(ids):
+        store = Store(BUCKET, "", client=s3.client())
+        rec = MemberRecord(instance_id=iid, group=GROUP, seq=0, state="ready", az="us-east-1a",
+                           private_ip=f"10.0.{i >> 8}.{i & 255}",
+                           endpoint=f"http://10.0.{i >> 8}.{i & 255}:8080")
+        hb = Heartbeater(store, rec, clock=clock, interval_s=10.0, rng=random.Random(i))
+        w = PeerWatcher(store, GROUP, iid, clock=clock)
+        ctl = HealController(store, Cloud("us-east-1", ec2=cloud.ec2_client(),
+                                          autoscaling=cloud.asg_client()),
+                             config, iid, clock, watcher=w, probe=lambda _e: True)
+        members.append(MemberTasks(hb, w, ctl))
+    steps = int(hours * 3600 / 10.0)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        for m in members:
+            m.heartbeat()
+            m.watch()
+            m.heal()
+        clock.advance(10.0)
+    return time.perf_counter() - t0
+
+
+def _profile_split(n: int, hours: float) -> dict[str, float]:
+    from agent.sim import fleetsim
+
+    prof = cProfile.Profile()
+    prof.enable()
+    fleetsim.run(2, n, hours, "calm", timeline=False)
+    prof.disable()
+    st = pstats.Stats(prof)
+    buckets = {"simulator (event queue, greenlets, fault layer, checks)": 0.0,
+               "twins (S3, EC2, ASG)": 0.0, "agent code and the libraries it calls": 0.0}
+    total = 0.0
+    for (fname, _, func), (_, _, tt, _, _) in st.stats.items():  # type: ignore[attr-defined]
+        total += tt
+        if fname.endswith("agent/sim/twins.py"):
+            buckets["twins (S3, EC2, ASG)"] += tt
+        elif fname.endswith(("agent/sim/fleetsim.py", "agent/sim/faults.py")) or (
+                "greenlet" in func or "heap" in func):
+            buckets["simulator (event queue, greenlets, fault layer, checks)"] += tt
+        else:
+            buckets["agent code and the libraries it calls"] += tt
+    return {k: v / total for k, v in buckets.items()}
+
+
+def run() -> dict[str, str]:
+    logging.disable(logging.WARNING)
+    rows = []
+    summary = []
+    for n, hours in SIZES:
+        rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        wall, res = _sim(n, hours)
+        rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        base = _baseline(n, hours)
+        mh = n * hours
+        rows.append(f"| {n:,} | {hours:g} h | {mh:g} | {wall:.1f} s | **{mh / wall:.1f}** | "
+                    f"{mh / base:.1f} | {base / wall:.2f}x | {res.steps:,} | "
+                    f"{max(rss0, rss1) / 1024:.0f} MiB |")
+        summary.append(f"N={n}: {mh / wall:.1f} member-h/s (baseline {mh / base:.1f})")
+    split = _profile_split(100, 0.25)
+    logging.disable(logging.NOTSET)
+    md = ["## Deterministic fleet simulation speed (`bench/bench_sim.py`)", "",
+          "Simulated member-hours per wall-clock second, calm profile, one core. Baseline: "
+          "the same agents' same steps (heartbeat, watch, heal) in a bare loop on one fake "
+          "clock against the bare twins, no simulator around them (same run).", "",
+          "| N | simulated | member-hours | wall | member-h/s | baseline member-h/s | "
+          "sim / baseline speed | agent steps | max RSS so far |",
+          "|---|---|---|---|---|---|---|---|---|", *rows, "",
+          "Where the time goes (cProfile, N = 100, self time):", "",
+          *[f"- {k}: {v * 100:.0f} %" for k, v in split.items()], "",
+          "Goals (issue #11): >= 80 member-h/s at N = 1,000; a 10,000-member hour in under "
+          "five minutes. The agent's own code per member-interval (a heartbeat PUT, a marker "
+          "GET and k GETs, a heal step of LISTs and GETs, JSON and record validation) is what "
+          "bounds the rate: the baseline column, without any simulator, is the ceiling."]
+    return {"markdown": "\n".join(md), "summary": "; ".join(summary)}
