@@ -36,7 +36,6 @@ import logging
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from email.utils import parsedate_to_datetime
 from typing import Any
 
 from agent.clock import SYSTEM_CLOCK, Clock
@@ -49,6 +48,7 @@ from agent.membership import (
     Verdict,
     watch_set,
 )
+from agent.store import http_date_seconds
 
 log = logging.getLogger(__name__)
 
@@ -238,7 +238,7 @@ def _date(meta: Mapping[str, Any]) -> float:
     date = (meta.get("HTTPHeaders") or {}).get("date")
     if not date:
         raise StoreError("store response carries no Date header")
-    return parsedate_to_datetime(date).timestamp()
+    return http_date_seconds(date)
 
 
 def read_if_changed(store: Any, rel: str, etag: str | None = None) -> Read:

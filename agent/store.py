@@ -13,6 +13,7 @@ tell "someone else won" from "the store is sick".
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections import Counter
@@ -73,12 +74,19 @@ class Usage:
             self.bytes_out += bytes_out
 
 
+@functools.lru_cache(maxsize=32)
+def http_date_seconds(date: str) -> float:
+    """An HTTP ``Date`` header as epoch seconds. Memoised: it changes once a second, and
+    every response carries one (parsing it was ~8 % of a member's interval)."""
+    return parsedate_to_datetime(date).timestamp()
+
+
 def _http_date(meta: dict[str, Any]) -> float:
     headers = meta.get("HTTPHeaders", {}) if meta else {}
     date = headers.get("date")
     if not date:
         raise StoreError("store response carries no Date header; cannot judge age on its clock")
-    return parsedate_to_datetime(date).timestamp()
+    return http_date_seconds(date)
 
 
 def _code(exc: Exception) -> tuple[str, int]:
