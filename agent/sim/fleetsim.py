@@ -32,7 +32,9 @@ checked when each mutating cloud call lands and at the end of the run:
 * ``unjustified-freeze``: a ``failed-replacements`` freeze needs that many
   replacements that really never heartbeated;
 * ``liveness``: a death in a quiet stretch (no other fault, budget left) is
-  replaced within ``bound_s``, or some observer recorded a freeze.
+  replaced within ``bound_s``, or some observer recorded a freeze;
+* ``freeze-stuck``: a freeze whose every reason is transient (API failing, own
+  writes failing, paused, fresh) has lifted 600 s after the last fault cleared.
 """
 
 from __future__ import annotations
@@ -119,6 +121,7 @@ class Host:
     acted_on: bool = False
     death_t: float | None = None
     death_kind: str = ""
+    freeze_reasons: tuple[str, ...] = ()
 
 
 @dataclass
@@ -229,6 +232,7 @@ class Simulation:
         self.replace_deadline = 0.0
         self.failed_replacements = 0
         self.freeze_seen: set[tuple[str, str]] = set()
+        self.freeze_times: list[float] = []  # every group-scope freeze decision (liveness)
         self.fault_spans: list[tuple[float, float, str]] = []
         self._ips = 0
         self._admin_store: Any = None
@@ -390,7 +394,12 @@ class Simulation:
         tasks = h.tasks
         rng = tasks.hb.rng
         while True:
-            res = tasks.heartbeat()
+            try:
+                res = tasks.heartbeat()
+            except Exception as exc:  # the daemon logs it and retries at the next period
+                self._task_error(h, "heartbeat", exc)
+                self.park(self.interval)
+                continue
             if res is None:
                 return
             if res.ok and h.first_beat is None:
@@ -404,10 +413,14 @@ class Simulation:
         h = g.host
         tasks = h.tasks
         while tasks.active:
-            tasks.watch()
             self.step_start[h.iid] = self.t
             self.stepping[h.iid] = []
-            decision = tasks.heal()
+            try:
+                tasks.watch()
+                decision = tasks.heal()
+            except Exception as exc:  # the daemon logs it and retries at the next period
+                self._task_error(h, "watch/heal", exc)
+                decision = None
             acted = self.stepping.pop(h.iid, [])
             self.res.steps += 1
             if decision is not None:
@@ -417,13 +430,21 @@ class Simulation:
                 return
             self.park(self.interval)
 
+    def _task_error(self, h: Host, task: str, exc: Exception) -> None:
+        """The controller's contract: store and cloud trouble is recorded, never raised."""
+        self.errors[type(exc).__name__] += 1
+        self.note("task-error", h.iid, f"{task}: {type(exc).__name__}: {exc}"[:300])
+        self.violate("agent-error", h.iid, f"{task} step raised {type(exc).__name__}: {exc}"[:300])
+
     def _after_step(self, h: Host, decision: Any, acted: list[str]) -> None:
         self.res.checks += 1
+        h.freeze_reasons = tuple(decision.freeze.reasons) if decision.frozen else ()
         if decision.frozen and acted:
             self.violate("frozen", acted[0], f"acted in a step whose decision was frozen: "
                          f"{decision.freeze.reason}", h.iid)
         if decision.freeze is not None and decision.freeze.scope == "group":
             key = (h.iid, decision.freeze.reason.split(":")[0])
+            self.freeze_times.append(self.t)
             if key not in self.freeze_seen:
                 self.freeze_seen.add(key)
                 self.res.freezes += 1
@@ -928,6 +949,24 @@ class Simulation:
         self.t = self.end
         self._final_checks()
 
+    def _check_freezes_lift(self) -> None:
+        """A freeze whose causes are transient (API, store, pause) lifts once they clear."""
+        transient = ("api-failing", "observer-sick", "paused", "observer-fresh")
+        quiet_since = max((e for _, e, _ in self.fault_spans), default=T0)
+        deaths = [h.death_t for h in self.hosts.values() if h.death_t is not None]
+        last_death = max(deaths, default=T0)
+        if (self.end - max(quiet_since, last_death) < 600.0 or self.pause_set_at is not None
+                or self.t < self.api_down_until):
+            return
+        for h in sorted(self.hosts.values(), key=lambda h: h.iid):
+            if h.proc != "up" or h.left or not h.freeze_reasons:
+                continue
+            self.res.checks += 1
+            if all(r.startswith(transient) for r in h.freeze_reasons):
+                self.violate("freeze-stuck", "", f"still frozen ({'; '.join(h.freeze_reasons)})"
+                             f" {self.end - quiet_since:.0f}s after the last fault cleared",
+                             h.iid)
+
     def bound_s(self) -> float:
         """How long a death may wait for its replacement in a quiet stretch."""
         p = self.policy
@@ -935,6 +974,7 @@ class Simulation:
                 + 10.0 + 60.0)
 
     def _final_checks(self) -> None:
+        self._check_freezes_lift()
         bound = self.bound_s()
         for h in sorted(self.hosts.values(), key=lambda h: h.iid):
             if h.death_t is None or h.death_t + bound > self.end:
@@ -950,7 +990,7 @@ class Simulation:
                               <= x.death_t <= t1)
             if noisy or deaths_near > self.policy.max_per_window:
                 continue
-            if any(k == "freeze" and t0 <= t <= t1 for t, k, _, _ in self.res.timeline):
+            if any(t0 <= t <= t1 for t in self.freeze_times):
                 continue
             self.violate("liveness", h.iid, f"died at {h.death_t - T0:.0f}s ({h.death_kind}), "
                          f"not replaced within {bound:.0f}s in a quiet stretch and no freeze "
