@@ -952,6 +952,10 @@ class Simulation:
     def _check_freezes_lift(self) -> None:
         """A freeze whose causes are transient (API, store, pause) lifts once they clear."""
         transient = ("api-failing", "observer-sick", "paused", "observer-fresh")
+        p = self.profile
+        if any((p.store_error, p.store_latency, p.lost_response, p.call_stall, p.cloud_error,
+                p.action_stall, p.wrong_describe)):
+            return  # per-call faults never stop: there is no quiet stretch to judge
         quiet_since = max((e for _, e, _ in self.fault_spans), default=T0)
         deaths = [h.death_t for h in self.hosts.values() if h.death_t is not None]
         last_death = max(deaths, default=T0)
