@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from agent.sim import fleetsim
+from agent.sim.faults import Profile
 from agent.sim.report import write_report
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -39,7 +40,7 @@ def _chromium(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
 def test_report_opens_in_chromium_and_shows_the_run(tmp_path: Path) -> None:
     logging.disable(logging.WARNING)
     try:
-        sim = fleetsim.Simulation(4, 6, 0.5, "calm")
+        sim = fleetsim.Simulation(4, 6, 0.5, Profile("no-faults"))
         victim: list[str] = []
 
         def kill() -> None:
