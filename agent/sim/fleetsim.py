@@ -449,7 +449,6 @@ class Simulation:
                 self.freeze_seen.add(key)
                 self.res.freezes += 1
                 self.note("freeze", h.iid, decision.freeze.reason)
-            reason = decision.freeze.reason
             for r in decision.freeze.reasons:
                 if r.startswith("failed-replacements"):
                     self.res.checks += 1
@@ -457,7 +456,6 @@ class Simulation:
                         self.violate(
                             "unjustified-freeze", "", f"{r} but only {self.failed_replacements} "
                             f"replacement(s) really failed to heartbeat", h.iid)
-            del reason
 
     def _exiled(self, h: Host) -> None:
         self.res.checks += 1
@@ -523,7 +521,7 @@ class Simulation:
     def _note_write(self, h: Host, kw: dict[str, Any]) -> None:
         key: str = kw["Key"]
         if "/suspicions/" in key:
-            member, _, observer = key.rsplit("/", 2)[-2:][0], "", key.rsplit("/", 1)[-1]
+            member, observer = key.rsplit("/", 2)[-2:]
             self.note("suspicion", member, f"by {observer}")
         elif "/leases/" in key:
             try:
@@ -899,9 +897,8 @@ class Simulation:
 
     # -- the run --------------------------------------------------------------------------------
     def _reconcile(self) -> None:
-        before = {r for r in self.cloud.member_of}
+        """The Auto Scaling service's own loop, every 10 s."""
         self.cloud.reconcile()
-        del before
         self.at(self.t + 10.0, self._reconcile)
 
     def _track_failures(self) -> None:
