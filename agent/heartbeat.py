@@ -89,13 +89,22 @@ def departure_reason(spot_action: Mapping[str, Any] | None,
     return d.reason if d.action in ("leave", "suspend") else None
 
 
-def check_departure(imds: Any) -> str | None:
-    """Ask IMDS (every departure signal, default policy); an IMDS failure is not a departure."""
-    from agent import departure as D
-    from agent.notices import observe
+def boot_joins_now(ctx: BootContext) -> tuple[bool, str]:
+    """For the register phase: (join?, why), from ``autoscaling/target-lifecycle-state``.
 
-    d = D.decide(observe(imds), D.Policy(on_maintenance="report"), "member", 0.0)
-    return d.reason if d.action in ("leave", "suspend") else None
+    An unreadable state joins (what the agent always did: IMDS trouble is not a
+    reason to stay out); only a state that says "not in service" holds the boot back.
+    """
+    imds = ctx.imds
+    if imds is None:
+        return True, "no IMDS client"
+    try:
+        state = imds.target_lifecycle_state()
+    except AgentError as exc:
+        return True, f"target lifecycle state unreadable ({exc}): joining"
+    from agent import departure as D
+
+    return D.boot_joins(state)
 
 
 # -- local member file -------------------------------------------------------------------------
@@ -366,8 +375,6 @@ def phase_register(ctx: BootContext) -> Done:
     """
     from agent.endpoint import advertised_url
     from agent.health import HealthChecker
-    from agent.notices import boot_joins_now
-
     cfg = ctx.cfg
     group = cfg.group
     ident = ctx.ident

@@ -23,6 +23,7 @@ from agent import state as statefile
 from agent.bootctx import BootContext
 from agent.clock import Clock, Deadline
 from agent.errors import AgentError, StateError
+from agent.heartbeat import boot_joins_now  # noqa: F401 - re-exported
 from agent.interfaces import CloudAPI
 from agent.paths import Paths
 
@@ -55,20 +56,10 @@ def observe(imds: Any) -> D.Observations:
                                     errors=errors)
 
 
-def boot_joins_now(ctx: BootContext) -> tuple[bool, str]:
-    """For the register phase: (join?, why), from ``autoscaling/target-lifecycle-state``.
-
-    An unreadable state joins (what the agent always did: IMDS trouble is not a
-    reason to stay out); only a state that says "not in service" holds the boot back.
-    """
-    imds = ctx.imds
-    if imds is None:
-        return True, "no IMDS client"
-    try:
-        state = imds.target_lifecycle_state()
-    except AgentError as exc:
-        return True, f"target lifecycle state unreadable ({exc}): joining"
-    return D.boot_joins(state)
+def check_departure(imds: Any) -> str | None:
+    """Ask IMDS (every departure signal, default policy); an IMDS failure is not a departure."""
+    d = D.decide(observe(imds), D.Policy(on_maintenance="report"), "member", 0.0)
+    return d.reason if d.action in ("leave", "suspend") else None
 
 
 class DaemonLike(Protocol):
