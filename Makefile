@@ -24,6 +24,7 @@ demo: venv
 lint: venv
 	$(BIN)/ruff check agent tests bench
 	$(BIN)/vermin --target=3.10- --violations --no-tips -q agent/
+	$(BIN)/lint-imports --no-cache
 
 # The real-boot test's inputs (tests/realboot): a Debian 12 root filesystem (mmdebstrap)
 # and an offline wheelhouse, cached under /var/cache/ec2-agent-test. Built here, on the

@@ -29,11 +29,18 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent import bundle, files
+from agent.bootctx import BootContext, Done
 from agent.errors import AgentError, IntegrityError, RenderError
 from agent.render import build_context, peers_from_state, render
+
+if TYPE_CHECKING:
+    from agent.clock import Deadline
+    from agent.config import Config, TemplateSpec
+    from agent.imds import Identity
+    from agent.paths import Paths
 
 CHECK_TIMEOUT_S = 60.0
 RELOAD_TIMEOUT_S = 60.0
@@ -147,13 +154,12 @@ def _id(value: Any, kind: str) -> int | None:
             from None
 
 
-def _mode(spec: Any) -> int | None:
-    mode = getattr(spec, "mode", None)
-    if mode is None:
+def _mode(spec: TemplateSpec) -> int | None:
+    if spec.mode is None:
         return None
-    if isinstance(mode, int):
-        return mode
-    return int(mode, 8)
+    if isinstance(spec.mode, int):
+        return spec.mode
+    return int(spec.mode, 8)
 
 
 def _bundle_file(bundle_dir: Path, rel: str) -> Path:
@@ -180,7 +186,7 @@ def _read_source(bundle_dir: Path | None, rel: str) -> str:
         raise RenderError(f"template {rel}: cannot read: {exc.strerror}") from None
 
 
-def plan(specs: Sequence[Any], bundle_dir: Path | None, context: dict[str, Any], *,
+def plan(specs: Sequence[TemplateSpec], bundle_dir: Path | None, context: dict[str, Any], *,
          rooted: Callable[[str], Path], secret: Callable[[str], str] | None) -> list[Planned]:
     """Render every template; a failure is recorded on its item and the others go on."""
 
@@ -202,8 +208,8 @@ def plan(specs: Sequence[Any], bundle_dir: Path | None, context: dict[str, Any],
             if r.secrets:
                 mode = 0o600 if mode is None else mode & 0o600
             out.append(Planned(**base, data=r.data, mode=mode,
-                               uid=_id(getattr(spec, "owner", None), "owner"),
-                               gid=_id(getattr(spec, "group", None), "group"),
+                               uid=_id(spec.owner, "owner"),
+                               gid=_id(spec.group, "group"),
                                secrets=r.secrets))
         except AgentError as exc:
             out.append(Planned(**base, error=str(exc)))
@@ -357,21 +363,24 @@ def _item_index(items: Sequence[Planned], r: FileResult) -> int:
 
 # -- the shell around it --------------------------------------------------------------------------
 
-def render_all(config: Any, bundle_dir: Path | None, *, paths: Any, identity: Any,
-               peers: Sequence[dict[str, Any]] = (), dry_run: bool = False,
-               secret: Any = None, deadline: Any = None) -> ApplyResult:
+def render_all(config: Config, bundle_dir: Path | None, *, paths: Paths,
+               identity: Identity | None, peers: Sequence[dict[str, Any]] = (),
+               dry_run: bool = False, secret: Callable[[str], str] | None = None,
+               deadline: Deadline | None = None) -> ApplyResult:
     """Render, check, swap and reload every configured template (under the render lock)."""
     from agent.secrets import SecretResolver
 
-    specs = tuple(getattr(config, "templates", ()) or ())
+    specs = tuple(config.templates)
     if not specs:
         return ApplyResult((), (), dry_run)
     instance = identity.as_context() if identity is not None else {}
-    context = build_context(instance, config.group, getattr(config, "vars", {}) or {}, peers)
+    context = build_context(instance, config.group, dict(config.vars), peers)
     if secret is None:
         timeout = deadline.remaining() if deadline is not None else None
-        secret = SecretResolver(getattr(identity, "region", None), timeout=timeout)
-    redact = getattr(secret, "redact", lambda s: s)
+        secret = SecretResolver(identity.region if identity is not None else None,
+                                timeout=timeout)
+    # the resolver knows the values it handed out; a plain callable (tests) redacts nothing
+    redact = secret.redact if isinstance(secret, SecretResolver) else (lambda s: s)
     check_t = CHECK_TIMEOUT_S if deadline is None else deadline.cap(CHECK_TIMEOUT_S)
     reload_t = RELOAD_TIMEOUT_S if deadline is None else deadline.cap(RELOAD_TIMEOUT_S)
     with render_lock(paths.state_dir):
@@ -380,12 +389,11 @@ def render_all(config: Any, bundle_dir: Path | None, *, paths: Any, identity: An
                              reload_timeout=reload_t)
 
 
-def phase_render(ctx: Any) -> str:
+def phase_render(ctx: BootContext) -> Done:
     """Boot phase ``render``: every template; any failure fails the phase, after all were tried."""
-    peers = peers_from_state((ctx.previous or {}).get("peers"))
-    result = render_all(ctx.config, ctx.bundle_dir, paths=ctx.paths, identity=ctx.identity,
+    peers = peers_from_state(ctx.previous.get("peers"))
+    result = render_all(ctx.cfg, ctx.bundle_dir, paths=ctx.paths, identity=ctx.identity,
                         peers=peers, deadline=ctx.deadline)
-    ctx.extras["render"] = result
     if not result.ok:
         raise RenderError("; ".join(result.errors))
-    return result.summary()
+    return Done(ctx, result.summary())

@@ -95,4 +95,20 @@ def client(service: str, region: str | None = None, *, connect_timeout: float = 
         read_timeout=read_timeout,
         max_pool_connections=max_pool_connections,
     )
-    return _session().client(service, region_name=region, config=cfg)
+    c = _session().client(service, region_name=region, config=cfg)
+    c.meta.events.register("before-call", _listed)
+    return c
+
+
+class UnlistedOperation(RuntimeError):
+    """The agent called an operation missing from ``agent.awsdata.OPERATIONS``: a bug."""
+
+
+def _listed(model: Any, **_: Any) -> None:
+    """Refuse a call outside ``agent.awsdata.OPERATIONS`` (the lean copies would lack it)."""
+    from agent.awsdata import OPERATIONS
+
+    service = model.service_model.service_name
+    if model.name not in OPERATIONS.get(service, ()):
+        raise UnlistedOperation(f"{service}.{model.name} is not in agent.awsdata.OPERATIONS: "
+                                f"add it there (the lean botocore data keeps only those)")

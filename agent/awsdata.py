@@ -12,10 +12,10 @@ botocore's own mechanism for this is its data path (``AWS_DATA_PATH``, the
 session's ``data_path``): directories searched before the built-in data. We
 write, for the installed botocore version, copies that keep what the agent's
 clients can use -- the endpoint entries of its services and every
-partition-wide default; of each model, the operations whose method is called
-anywhere in the agent, botocore, s3transfer or boto3 (a scan of their sources
-at build time, so a new call in the agent keeps its operation by itself), with
-every shape those operations reach, unchanged except for emptied documentation
+partition-wide default; of each model, the operations listed in ``OPERATIONS``
+(an explicit list: ``agent.aws`` refuses any call outside it, so a new call
+fails loudly in the first test that makes it instead of losing its operation
+in the copies), with every shape those operations reach, unchanged except for emptied documentation
 -- and drop the rest; only the agent's own session (boot and daemon) is pointed
 at them. Files not copied (endpoint rule sets, ``partitions.json``, retry rules,
 the models' SDK extras) still come from botocore itself.
@@ -23,8 +23,8 @@ the models' SDK extras) still come from botocore itself.
 The copies are built by a child process (``python -m agent.awsdata DIR``): a
 daemon that parsed the full files itself, even briefly, would keep their freed
 memory as heap fragmentation. They are keyed by botocore's version and a digest
-of the agent's code, so an upgraded botocore, or agent, gets fresh copies, never
-stale ones.
+of ``OPERATIONS``, so an upgraded botocore, or a longer list, gets fresh copies,
+never stale ones.
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -52,10 +51,27 @@ DOC_KEYS = frozenset({"documentation", "documentationUrl"})
 MARKER = "complete.json"
 #: Bumped whenever what the copies keep changes: older copies are then rebuilt.
 FORMAT = 2
-#: Packages whose calls run in a process on the lean copies (the boot, the daemon).
-#: ``agent.sim`` is not one: it builds its own clients on botocore's full data.
-CALLERS = ("agent", "botocore", "s3transfer", "boto3")
-SKIP_CALLERS = ("agent/sim/",)
+#: Every operation the agent's clients may call, by service (API names): the agent's own
+#: calls, and those s3transfer makes for it (multipart uploads) and botocore for S3 Express
+#: (CreateSession). ``agent.aws.client`` refuses any other, so adding a call means adding
+#: it here (tests/unit/test_awsdata.py checks both directions).
+OPERATIONS: Mapping[str, frozenset[str]] = {
+    "s3": frozenset({
+        "GetObject", "PutObject", "DeleteObject", "DeleteObjects", "HeadObject",
+        "ListObjectsV2", "HeadBucket", "CreateBucket",
+        "CreateMultipartUpload", "UploadPart", "CompleteMultipartUpload",
+        "AbortMultipartUpload", "CreateSession",
+    }),
+    "ec2": frozenset({
+        "DescribeInstances", "DescribeInstanceAttribute", "RunInstances", "TerminateInstances",
+    }),
+    "autoscaling": frozenset({
+        "DescribeAutoScalingInstances", "DescribeAutoScalingGroups", "SetInstanceHealth",
+        "TerminateInstanceInAutoScalingGroup", "CompleteLifecycleAction",
+    }),
+    "ssm": frozenset({"GetParameter"}),
+    "secretsmanager": frozenset({"GetSecretValue"}),
+}
 BUILD_TIMEOUT_S = 120.0
 
 
@@ -74,23 +90,6 @@ def strip_docs(node: Any) -> Any:
     if isinstance(node, list):
         return [strip_docs(v) for v in node]
     return node
-
-
-_CALL = re.compile(r"\.([a-z][a-z0-9_]*)\s*\(")
-_QUOTED = re.compile(r"""["']([a-z][a-z0-9_]*)["']""")
-
-
-def called_names(sources: Iterable[str]) -> set[str]:
-    """Every ``.name(`` call and every quoted snake_case word in the sources.
-
-    A superset of the client methods they can call, including by name
-    (``get_paginator("list_objects_v2")``): a false match only keeps more.
-    """
-    names: set[str] = set()
-    for text in sources:
-        names.update(_CALL.findall(text))
-        names.update(_QUOTED.findall(text))
-    return names
 
 
 def _shapes_of(node: Mapping[str, Any]) -> Iterable[str]:
@@ -154,17 +153,11 @@ def _botocore_version() -> str:
 
 
 def _agent_digest() -> str:
-    """Of the agent's own sources (what the operation scan reads of it): an upgraded
-    agent that calls a new operation gets copies that have it. ~50 small files."""
+    """Of ``OPERATIONS``: an agent that may call a new operation gets copies that have it."""
     import hashlib
 
-    h = hashlib.sha256()
-    base = Path(__file__).resolve().parent
-    for path in sorted(base.rglob("*.py")):
-        rel = path.relative_to(base.parent).as_posix()
-        if not rel.startswith(SKIP_CALLERS):
-            h.update(rel.encode() + b"\0" + path.read_bytes() + b"\0")
-    return h.hexdigest()[:16]
+    doc = json.dumps({s: sorted(ops) for s, ops in OPERATIONS.items()}, sort_keys=True)
+    return hashlib.sha256(doc.encode()).hexdigest()[:16]
 
 
 def version_dir(root: Path, agent: str | None = None) -> Path:
@@ -190,18 +183,6 @@ def _dump(path: Path, doc: Any) -> None:
         os.fsync(f.fileno())
 
 
-def _caller_sources() -> Iterable[str]:
-    import importlib.util
-
-    for pkg in CALLERS:
-        spec = importlib.util.find_spec(pkg)
-        for base in (spec.submodule_search_locations or []) if spec else []:
-            for path in sorted(Path(base).rglob("*.py")):
-                rel = path.relative_to(Path(base).parent).as_posix()
-                if not rel.startswith(SKIP_CALLERS):
-                    yield path.read_text(encoding="utf-8", errors="replace")
-
-
 def build(root: Path) -> Path:
     """Write the copies for the installed botocore under ``root``; all or nothing.
 
@@ -220,11 +201,8 @@ def build(root: Path) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     # Built-in data only: the copies must mirror botocore's files, not a customer's
     # ~/.aws/models (those are still searched first by the session, as ever).
-    from botocore import xform_name
-
     loader = Loader(extra_search_paths=[Loader.BUILTIN_DATA_PATH],
                     include_default_search_paths=False)
-    called = called_names(_caller_sources())
     tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=root))
     try:
         _dump(tmp / "endpoints.json", trim_endpoints(loader.load_data("endpoints"),
@@ -233,7 +211,7 @@ def build(root: Path) -> Path:
             api = loader.determine_latest_version(svc, "service-2")
             name = f"{svc}/{api}/service-2"
             model = loader.load_data(name)
-            ops = [op for op in model["operations"] if xform_name(op) in called]
+            ops = [op for op in model["operations"] if op in OPERATIONS[svc]]
             _dump(tmp / f"{name}.json", strip_docs(keep_operations(model, ops)))
         _dump(tmp / MARKER, {"format": FORMAT, "botocore": _botocore_version(),
                              "agent": agent, "services": list(SERVICES)})

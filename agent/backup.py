@@ -31,6 +31,7 @@ from typing import Any
 from agent import data as D
 from agent.clock import SYSTEM_CLOCK, Clock, Deadline
 from agent.errors import AgentError, IntegrityError, NotFound, StoreError
+from agent.interfaces import StoreAPI
 
 ProgressFn = Callable[[dict[str, Any]], None]
 DEFAULT_CONCURRENCY = 8
@@ -39,17 +40,17 @@ FINAL_DEADLINE_S = 300.0
 
 # -- listing snapshots ----------------------------------------------------------------------------
 
-def list_snapshots(store: Any, group: str, name: str) -> list[str]:
+def list_snapshots(store: StoreAPI, group: str, name: str) -> list[str]:
     listing = store.list(f"{D.base(group, name)}/snapshots/")
     return D.snapshot_ids((e.key for e in listing.entries), group, name)
 
 
-def latest_snapshot(store: Any, group: str, name: str) -> str | None:
+def latest_snapshot(store: StoreAPI, group: str, name: str) -> str | None:
     ids = list_snapshots(store, group, name)
     return ids[-1] if ids else None
 
 
-def load_manifest(store: Any, group: str, name: str, snap_id: str) -> D.Manifest:
+def load_manifest(store: StoreAPI, group: str, name: str, snap_id: str) -> D.Manifest:
     key = D.snapshot_key(group, name, snap_id)
     try:
         obj = store.get(key)
@@ -91,7 +92,7 @@ class Backup:
     ``begin`` (lock + chunk listing), ``upload`` (scan, chunks), ``commit`` (manifest),
     ``end`` (drop the lock), ``collect`` (retention + GC)."""
 
-    store: Any
+    store: StoreAPI
     group: str
     name: str
     root: Path
@@ -281,7 +282,7 @@ class Backup:
                             round(self.clock.monotonic() - self._t0, 3))
 
 
-def collect(store: Any, group: str, name: str, keep: int,
+def collect(store: StoreAPI, group: str, name: str, keep: int,
             policy: D.GcPolicy) -> tuple[tuple[str, ...], int, str]:
     """Retire snapshots beyond ``keep``, then delete chunks nothing references.
 
@@ -316,19 +317,8 @@ def collect(store: Any, group: str, name: str, keep: int,
             store.delete(gc_key)
 
 
-def _delete_many(store: Any, rels: list[str]) -> None:
-    for i in range(0, len(rels), 1000):
-        batch = rels[i:i + 1000]
-        try:
-            resp = store.client.delete_objects(
-                Bucket=store.bucket,
-                Delete={"Objects": [{"Key": store.key(r)} for r in batch], "Quiet": True})
-        except Exception as exc:
-            raise StoreError(f"delete {len(batch)} chunks: {exc}") from exc
-        store.usage.add("delete", 0, 0)
-        if resp.get("Errors"):
-            e = resp["Errors"][0]
-            raise StoreError(f"delete {e.get('Key')}: {e.get('Code')} {e.get('Message')}")
+def _delete_many(store: StoreAPI, rels: list[str]) -> None:
+    store.delete_many(rels)
 
 
 def _walk(root: Path) -> Iterator[tuple[str, os.stat_result]]:
@@ -346,7 +336,7 @@ def _walk(root: Path) -> Iterator[tuple[str, os.stat_result]]:
                 stack.append(rel)
 
 
-def backup(store: Any, group: str, spec: Any, paths: Any, final: bool = False, *,
+def backup(store: StoreAPI, group: str, spec: Any, paths: Any, final: bool = False, *,
            instance_id: str = "unknown", clock: Clock = SYSTEM_CLOCK,
            deadline: Deadline | None = None, progress: ProgressFn | None = None,
            policy: D.GcPolicy | None = None, concurrency: int = DEFAULT_CONCURRENCY
@@ -368,7 +358,7 @@ class EntryOutcome:
     error: str = ""
 
 
-def run_backups(store: Any, config: Any, paths: Any, *, instance_id: str, final: bool = False,
+def run_backups(store: StoreAPI, config: Any, paths: Any, *, instance_id: str, final: bool = False,
                 only: str | None = None, clock: Clock = SYSTEM_CLOCK,
                 deadline: Deadline | None = None, progress: ProgressFn | None = None
                 ) -> list[EntryOutcome]:
@@ -433,20 +423,12 @@ def _human(n: int) -> str:
 def load_runtime(paths: Any) -> tuple[Any, str]:
     """(merged config, instance id) for ``backup``/``restore`` run by hand or at shutdown."""
     from agent import state as statefile
-    from agent.config import load_layers, load_yaml_file
-    from agent.userdata import parse_user_data
+    from agent.configcache import config_on_host
+    from agent.imds import ImdsClient, ImdsMetadata
 
     st = statefile.read(paths.state_file) or {}
-    baked = load_yaml_file(paths.config_file) if paths.config_file.exists() else None
-    from agent.imds import ImdsClient
-
     imds = ImdsClient()
-    from agent.boot import ImdsMetadata
-
-    user = parse_user_data(imds.user_data(), ImdsMetadata(imds))
-    cur = paths.bundles_dir / "current" / "agent.yaml"
-    bundle = load_yaml_file(cur) if cur.exists() else None
-    cfg = load_layers(baked, user, bundle)
+    cfg = config_on_host(paths, imds.user_data(), ImdsMetadata(imds))
     instance_id = st.get("instance_id") or imds.identity().instance_id
     return cfg, str(instance_id)
 

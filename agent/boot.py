@@ -2,26 +2,27 @@
 
 identity -> userdata -> config -> pull -> restore -> render -> register
 
-Each phase is a function of a shared ``BootContext``. A phase that raises an
-``AgentError`` marks itself ``error``, the boot ``error``, and every later phase
-``skipped``: nothing after a failure pretends to have run. A phase may instead
-call ``ctx.degrade(reason)`` (for example: S3 unreachable, last-known-good used)
-and the boot goes on, ending ``degraded``. State is written at every transition
-so ``status`` can show a boot in progress, and a crashed boot is visible.
+Each phase is a plain function ``BootContext -> Done`` (``agent.bootctx``): it
+gets the immutable context so far and returns it with what it adds. A phase that
+raises an ``AgentError`` marks itself ``error``, the boot ``error``, and every
+later phase ``skipped``: nothing after a failure pretends to have run. A phase may
+instead return ``ctx.degrade(reason)`` (for example: S3 unreachable,
+last-known-good used) and the boot goes on, ending ``degraded``. State is written
+at every transition so ``status`` can show a boot in progress, and a crashed boot
+is visible.
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib
 import os
 import socket
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from agent import state as statefile
+from agent.bootctx import BootContext, Done, Phase
 from agent.clock import SYSTEM_CLOCK, Clock, Deadline
 from agent.errors import AgentError, StateError
 from agent.paths import Paths
@@ -39,63 +40,6 @@ CARRIED = (
     "group",
 )
 
-# name -> "module:function"; each takes the BootContext and returns a detail string or None.
-PHASES: list[tuple[str, str]] = [
-    ("identity", "agent.boot:phase_identity"),
-    ("userdata", "agent.boot:phase_userdata"),
-    ("config", "agent.boot:phase_config"),
-    ("pull", "agent.pull:phase_pull"),
-    ("restore", "agent.restore:phase_restore"),
-    ("render", "agent.apply:phase_render"),
-    ("register", "agent.heartbeat:phase_register"),
-]
-
-
-@dataclass
-class BootContext:
-    paths: Paths
-    clock: Clock
-    deadline: Deadline
-    started_wall: float
-    previous: dict[str, Any]
-    boot_id: str
-    imds: Any = None
-    identity: Any = None
-    raw_user_data: bytes | None = None
-    user_config: dict[str, Any] | None = None
-    baked_config: dict[str, Any] | None = None
-    config: Any = None
-    boot_kind: str = "first"
-    bundle_dir: Path | None = None
-    bundle_config: dict[str, Any] | None = None
-    store: Any = None
-    degraded: list[str] = field(default_factory=list)
-    extras: dict[str, Any] = field(default_factory=dict)
-    phase_degraded: list[str] = field(default_factory=list)
-    # The daemon validates new config in a child process (``agent.configcache``).
-    isolate_validation: bool = False
-    baked_sha256: str | None = None  # of the bytes baked_config was parsed from
-    _progress: Callable[[dict[str, Any]], None] | None = None
-
-    def degrade(self, reason: str) -> None:
-        self.degraded.append(reason)
-        self.phase_degraded.append(reason)
-
-    def progress(self, info: dict[str, Any]) -> None:
-        """Bytes and rate of the running phase, for ``status``."""
-        if self._progress:
-            self._progress(info)
-
-    def get_store(self) -> Any:
-        if self.store is None:
-            from agent.store import Store
-
-            cfg = self.config
-            region = cfg.store.region or (self.identity.region if self.identity else None)
-            self.store = Store(cfg.store.bucket, cfg.store.prefix, region=region)
-        return self.store
-
-
 def kernel_boot_id() -> str:
     """This kernel boot's id; ``EC2_AGENT_BOOT_ID`` overrides it for simulated instances."""
     override = os.environ.get("EC2_AGENT_BOOT_ID")
@@ -110,79 +54,94 @@ def kernel_boot_id() -> str:
 # -- phases ---------------------------------------------------------------------------------
 
 
-def phase_identity(ctx: BootContext) -> str:
+def phase_identity(ctx: BootContext) -> Done:
     from agent.imds import ImdsClient
 
-    ctx.imds = ImdsClient(deadline=ctx.deadline, clock=ctx.clock)
-    ident = ctx.imds.identity()
-    ctx.identity = ident
+    imds = ImdsClient(deadline=ctx.deadline, clock=ctx.clock)
+    ident = imds.identity()
     for note in ident.disagreements:  # the document is used; a human should look
-        ctx.degrade(f"identity: {note}")
+        ctx = ctx.degrade(f"identity: {note}")
     prev = ctx.previous
     same_instance = prev.get("instance_id") == ident.instance_id
     if same_instance and prev.get("first_boot_done"):
         if prev.get("boot_id") == ctx.boot_id and prev.get("boot_kind"):
-            ctx.boot_kind = prev["boot_kind"]  # the same boot, run again: idempotent
+            kind = str(prev["boot_kind"])  # the same boot, run again: idempotent
         else:
-            ctx.boot_kind = "reboot"
+            kind = "reboot"
     else:
-        ctx.boot_kind = "first"
-    return f"{ident.instance_id} {ident.instance_type} {ident.availability_zone} ({ctx.boot_kind})"
+        kind = "first"
+    return Done(ctx.add(imds=imds, identity=ident, boot_kind=kind),
+                f"{ident.instance_id} {ident.instance_type} {ident.availability_zone} ({kind})")
 
 
-class ImdsMetadata:
-    """What user-data may need from IMDS (``agent.userdata.Metadata``), asked lazily:
-    the launch index only for user-data with ``Launch-Index`` parts, the instance
-    data only for ``## template: jinja`` parts."""
-
-    def __init__(self, imds: Any, identity: Any = None) -> None:
-        self.imds, self.identity = imds, identity
-
-    def launch_index(self) -> int | None:
-        raw = self.imds.get("ami-launch-index", optional=True)
-        try:
-            return int(raw.strip()) if raw is not None else None
-        except ValueError:
-            return None
-
-    def instance_data(self) -> dict[str, Any]:
-        from agent.udtemplate import instance_data_from_identity
-
-        if self.identity is None:
-            self.identity = self.imds.identity()
-        hostname = self.imds.get("local-hostname", optional=True)
-        return instance_data_from_identity(self.identity, hostname.strip() if hostname else None)
-
-
-def phase_userdata(ctx: BootContext) -> str:
+def phase_userdata(ctx: BootContext) -> Done:
+    from agent.imds import ImdsMetadata
     from agent.userdata import read_user_data
 
-    ctx.raw_user_data = ctx.imds.user_data()
-    got = read_user_data(ctx.raw_user_data, ImdsMetadata(ctx.imds, ctx.identity))
-    ctx.user_config = got.config
-    size = len(ctx.raw_user_data or b"")
-    ctx.extras.setdefault("state_updates", {})["user_data_notes"] = list(got.notes)
+    assert ctx.imds is not None, "the identity phase comes first"
+    raw = ctx.imds.user_data()
+    got = read_user_data(raw, ImdsMetadata(ctx.imds, ctx.identity))
+    size = len(raw or b"")
     notes = f"; {len(got.notes)} note(s): " + "; ".join(got.notes) if got.notes else ""
-    if ctx.user_config is None:
-        return f"{size} bytes, no ec2_agent config{notes}"
-    return f"{size} bytes, ec2_agent config with {len(ctx.user_config)} keys{notes}"
+    detail = (f"{size} bytes, no ec2_agent config{notes}" if got.config is None
+              else f"{size} bytes, ec2_agent config with {len(got.config)} keys{notes}")
+    updates = {**ctx.state_updates, "user_data_notes": list(got.notes)}
+    return Done(ctx.add(raw_user_data=raw, user_config=got.config, state_updates=updates),
+                detail)
 
 
-def phase_config(ctx: BootContext) -> str:
+def phase_config(ctx: BootContext) -> Done:
     from agent.configcache import validated_config
 
-    ctx.config = validated_config(ctx.paths.state_dir, ctx.baked_config, ctx.user_config,
-                                  ctx.bundle_config, isolate=ctx.isolate_validation)
-    _retarget_deadline(ctx)
-    return (
-        f"group {ctx.config.group}, store s3://{ctx.config.store.bucket}/{ctx.config.store.prefix}"
-    )
+    cfg = validated_config(ctx.paths.state_dir, ctx.baked_config, ctx.user_config,
+                           ctx.bundle_config, isolate=ctx.isolate_validation)
+    _retarget_deadline(ctx.deadline, cfg.boot.deadline_s, ctx.baked_config)
+    return Done(ctx.add(config=cfg),
+                f"group {cfg.group}, store s3://{cfg.store.bucket}/{cfg.store.prefix}")
 
 
-def _retarget_deadline(ctx: BootContext) -> None:
-    deadline_s = getattr(getattr(ctx.config, "boot", None), "deadline_s", None)
+# The later phases live beside what they drive; each is imported when it runs, so the
+# imports overlap the identity phase's IMDS round trips (``aws.prewarm``).
+def phase_pull(ctx: BootContext) -> Done:
+    from agent.pull import phase_pull as run
+
+    return run(ctx)
+
+
+def phase_restore(ctx: BootContext) -> Done:
+    from agent.restore import phase_restore as run
+
+    return run(ctx)
+
+
+def phase_render(ctx: BootContext) -> Done:
+    from agent.apply import phase_render as run
+
+    return run(ctx)
+
+
+def phase_register(ctx: BootContext) -> Done:
+    from agent.heartbeat import phase_register as run
+
+    return run(ctx)
+
+
+PHASES: tuple[Phase, ...] = (
+    Phase("identity", phase_identity),
+    Phase("userdata", phase_userdata),
+    Phase("config", phase_config),
+    Phase("pull", phase_pull, uses_aws=True),
+    Phase("restore", phase_restore, uses_aws=True),
+    Phase("render", phase_render),
+    Phase("register", phase_register, uses_aws=True),
+)
+
+
+def _retarget_deadline(deadline: Deadline, deadline_s: float | None,
+                       baked: dict[str, Any] | None) -> None:
+    """The boot started on the baked deadline; the merged config may set another one."""
     if deadline_s:
-        ctx.deadline.at = ctx.deadline.at - _deadline_s(ctx.baked_config) + float(deadline_s)
+        deadline.at = deadline.at - _deadline_s(baked) + float(deadline_s)
 
 
 def _deadline_s(baked: dict[str, Any] | None) -> float:
@@ -193,11 +152,6 @@ def _deadline_s(baked: dict[str, Any] | None) -> float:
 
 
 # -- driver -----------------------------------------------------------------------------------
-
-
-def _resolve(ref: str) -> Callable[[BootContext], str | None]:
-    mod, fn = ref.split(":")
-    return getattr(importlib.import_module(mod), fn)
 
 
 def _load_baked(paths: Paths) -> tuple[dict[str, Any] | None, str | None]:
@@ -225,55 +179,108 @@ def _write_boot_metrics(paths: Paths, st: dict[str, Any]) -> None:
     """Phase durations for node_exporter's textfile collector (``<state_dir>/metrics.prom``).
 
     A file, not only the daemon's ``/metrics``, because the boot that most needs
-    looking at is the one that failed, after which no daemon runs. Only the boot
-    histogram goes in: the daemon's gauges would read 0 here, which is a lie.
-    A metrics failure is recorded, never a boot failure.
+    looking at is the one that failed, after which no daemon runs. A metrics
+    failure is recorded, never a boot failure.
     """
+    from agent.metrics import write_boot_textfile
+
     path = paths.state_dir / METRICS_TEXTFILE
+    durations = [(p["name"], float(p["duration_s"])) for p in st["phases"]
+                 if isinstance(p.get("duration_s"), (int, float))]
     try:
-        from prometheus_client import CollectorRegistry, generate_latest
-
-        from agent.files import atomic_write
-        from agent.metrics import Metrics
-
-        m = Metrics()  # this boot's observations only, even when run twice in one process
-        for p in st["phases"]:
-            if isinstance(p.get("duration_s"), (int, float)):
-                m.observe_phase(p["name"], p["duration_s"])
-        reg = CollectorRegistry(auto_describe=True)
-        reg.register(m.boot_phase_duration)
-        atomic_write(path, generate_latest(reg), mode=0o644)
+        write_boot_textfile(path, durations)
         st["metrics_textfile"] = str(path)
-    except Exception as exc:  # metrics are never a reason for a boot to fail
+    except (OSError, ValueError) as exc:  # metrics are never a reason for a boot to fail
         st["metrics_textfile_error"] = f"{path}: {type(exc).__name__}: {exc}"
 
 
-def run_boot(
-    paths: Paths | None = None,
-    *,
-    clock: Clock = SYSTEM_CLOCK,
-    phases: list[tuple[str, str]] | None = None,
-) -> dict[str, Any]:
-    """Run every phase; returns the final state. Never raises for a phase failure."""
-    paths = paths or Paths.from_env()
-    phases = PHASES if phases is None else phases
+def _previous_state(paths: Paths) -> dict[str, Any]:
     try:
-        previous = statefile.read(paths.state_file) or {}
+        return statefile.read(paths.state_file) or {}
     except StateError:
         # Unreadable old state must not stop a boot; keep it aside for a human, start clean.
-        previous = {}
         with contextlib.suppress(OSError):
             os.replace(paths.state_file, paths.state_file.with_suffix(".json.corrupt"))
+        return {}
+
+
+def _run_phase(phase: Phase, ctx: BootContext, rec: dict[str, Any],
+               save: Callable[[], None]) -> tuple[BootContext, bool]:
+    """Run one phase, recording it in ``rec``; the new context and whether it failed."""
+    t0 = ctx.clock.monotonic()
+    rec.update(status="running", started=ctx.clock.time())
+
+    def on_progress(info: dict[str, Any]) -> None:
+        rec["progress"] = info
+        save()
+
+    before = len(ctx.degraded)
+    save()
+    failed = False
+    try:
+        ctx.deadline.check(f"starting phase {phase.name}")
+        done = phase.run(ctx.add(progress=on_progress))
+        ctx.deadline.check(f"phase {phase.name}")
+        ctx = done.ctx
+        reasons = ctx.degraded[before:]
+        rec["status"] = "degraded" if reasons else "ok"
+        rec["detail"] = "; ".join(filter(None, [done.detail, *reasons]))
+    except AgentError as exc:
+        failed = True
+        rec.update(status="error", detail=str(exc))
+    except Exception as exc:  # a bug must still leave an honest state behind (and a record)
+        failed = True
+        rec.update(status="error", detail=f"internal error: {type(exc).__name__}: {exc}")
+    rec["duration_s"] = round(ctx.clock.monotonic() - t0, 6)
+    return ctx, failed
+
+
+def _record_context(st: dict[str, Any], ctx: BootContext, previous: dict[str, Any]) -> None:
+    """What the phases so far learned, into the state ``status`` reads."""
+    if (ctx.identity is not None and "instance_id" not in st
+            and previous.get("instance_id") == ctx.identity.instance_id):
+        # Same instance: what the daemon recorded stays; a new instance-id starts clean
+        # (an image baked from a used instance must not inherit its membership).
+        st.update({k: previous[k] for k in CARRIED if k in previous})
+    if ctx.identity is not None:
+        st["instance_id"] = ctx.identity.instance_id
+        st["identity"] = ctx.identity.as_context()
+        st["boot_kind"] = ctx.boot_kind
+    if ctx.config is not None:
+        st["group"] = ctx.config.group
+    st["degraded"] = list(ctx.degraded)
+    st.update(ctx.state_updates)
+
+
+def _boot_count(st: dict[str, Any], previous: dict[str, Any], boot_kind: str) -> int:
+    if (previous.get("boot_id") == st["boot_id"]
+            and previous.get("instance_id") == st.get("instance_id")):
+        return int(previous.get("boot_count", 1))  # the same boot, run again
+    if boot_kind == "reboot":
+        return int(previous.get("boot_count", 0)) + 1
+    return 1
+
+
+def _warm_up(paths: Paths) -> None:
+    from agent import aws, awsdata
+
+    # Lean model copies when a daemon has built them (a reboot): less to parse.
+    aws.use_data(awsdata.find(paths.aws_data_dir))
+    # CPU work (imports, S3 model loading) overlaps the identity phase's IMDS round trips.
+    aws.prewarm(modules=("agent.config", "agent.apply", "agent.restore"))
+
+
+def run_boot(paths: Paths | None = None, *, clock: Clock = SYSTEM_CLOCK,
+             phases: Sequence[Phase] = PHASES) -> dict[str, Any]:
+    """Run every phase; returns the final state. Never raises for a phase failure."""
+    paths = paths or Paths.from_env()
+    previous = _previous_state(paths)
     started = clock.time()
     st: dict[str, Any] = {
-        "status": "running",
-        "pid": os.getpid(),
-        "boot_id": kernel_boot_id(),
-        "started": started,
-        "updated": started,
-        "phases": [{"name": n, "status": "pending"} for n, _ in phases],
-        "errors": [],
-        "degraded": [],
+        "status": "running", "pid": os.getpid(), "boot_id": kernel_boot_id(),
+        "started": started, "updated": started,
+        "phases": [{"name": p.name, "status": "pending"} for p in phases],
+        "errors": [], "degraded": [],
     }
 
     def save() -> None:
@@ -286,109 +293,54 @@ def run_boot(
     try:
         baked, baked_sha = _load_baked(paths)
     except AgentError as exc:
-        baked_error = exc
-    ctx = BootContext(
-        paths=paths,
-        clock=clock,
-        deadline=Deadline.after(_deadline_s(baked), "boot", clock),
-        started_wall=started,
-        previous=previous,
-        boot_id=st["boot_id"],
-        baked_config=baked,
-        baked_sha256=baked_sha,
-    )
+        baked_error = exc  # reported by the config phase, in order
+    ctx = BootContext(paths=paths, clock=clock,
+                      deadline=Deadline.after(_deadline_s(baked), "boot", clock),
+                      started_wall=started, previous=previous, boot_id=st["boot_id"],
+                      baked_config=baked, baked_sha256=baked_sha)
     save()
-    if any(ref.startswith(("agent.pull:", "agent.heartbeat:")) for _, ref in phases):
-        from agent import aws, awsdata
-
-        # Lean model copies when a daemon has built them (a reboot): less to parse.
-        aws.use_data(awsdata.find(paths.aws_data_dir))
-        # CPU work (imports, S3 model loading) overlaps the identity phase's IMDS round trips.
-        aws.prewarm(modules=("agent.config", "agent.apply", "agent.restore"))
+    if any(p.uses_aws for p in phases):
+        _warm_up(paths)
     failed = False
-    for i, (name, ref) in enumerate(phases):
-        rec = st["phases"][i]
+    for phase, rec in zip(phases, st["phases"], strict=True):
         if failed:
             rec["status"] = "skipped"
             continue
-        t0 = clock.monotonic()
-        rec.update(status="running", started=clock.time())
-
-        def on_progress(info: dict[str, Any], rec: dict[str, Any] = rec) -> None:
-            rec["progress"] = info
-            save()
-
-        ctx._progress = on_progress
-        ctx.phase_degraded = []
-        save()
-        try:
-            if name == "config" and baked_error is not None:
-                raise baked_error
-            ctx.deadline.check(f"starting phase {name}")
-            detail = _resolve(ref)(ctx)
-            ctx.deadline.check(f"phase {name}")
-            rec["status"] = "degraded" if ctx.phase_degraded else "ok"
-            rec["detail"] = "; ".join(filter(None, [detail, *ctx.phase_degraded]))
-        except AgentError as exc:
+        if phase.name == "config" and baked_error is not None:
             failed = True
-            rec["status"] = "error"
-            rec["detail"] = str(exc)
-            st["errors"].append(f"{name}: {exc}")
-        except Exception as exc:  # a bug must still leave an honest state behind
-            failed = True
-            rec["status"] = "error"
-            rec["detail"] = f"internal error: {type(exc).__name__}: {exc}"
-            st["errors"].append(f"{name}: internal error: {type(exc).__name__}: {exc}")
-        rec["duration_s"] = round(clock.monotonic() - t0, 6)
-        if (
-            ctx.identity is not None
-            and "instance_id" not in st
-            and previous.get("instance_id") == ctx.identity.instance_id
-        ):
-            # Same instance: what the daemon recorded stays; a new instance-id starts clean
-            # (an image baked from a used instance must not inherit its membership).
-            for keep in CARRIED:
-                if keep in previous:
-                    st[keep] = previous[keep]
-        if ctx.identity is not None:
-            st["instance_id"] = ctx.identity.instance_id
-            st["identity"] = ctx.identity.as_context()
-            st["boot_kind"] = ctx.boot_kind
-        if ctx.config is not None:
-            st["group"] = ctx.config.group
-        st["degraded"] = list(ctx.degraded)
-        st.update(ctx.extras.get("state_updates", {}))
+            rec.update(status="error", detail=str(baked_error), duration_s=0.0)
+        else:
+            ctx, failed = _run_phase(phase, ctx, rec, save)
+        if failed:
+            st["errors"].append(f"{phase.name}: {rec['detail']}")
+        _record_context(st, ctx, previous)
         save()
+    _finish(st, ctx, failed, previous)
+    save()
+    return st
+
+
+def _finish(st: dict[str, Any], ctx: BootContext, failed: bool,
+            previous: dict[str, Any]) -> None:
     if failed:
         st["status"] = "error"
     else:
         st["status"] = "degraded" if ctx.degraded else "done"
-        st.setdefault("first_boot_at", started)
+        st.setdefault("first_boot_at", ctx.started_wall)
         st["first_boot_done"] = True
-    same_boot = previous.get("boot_id") == st["boot_id"] and previous.get("instance_id") == st.get(
-        "instance_id"
-    )
-    if same_boot:
-        st["boot_count"] = int(previous.get("boot_count", 1))
-    elif ctx.boot_kind == "reboot":
-        st["boot_count"] = int(previous.get("boot_count", 0)) + 1
-    else:
-        st["boot_count"] = 1
+    st["boot_count"] = _boot_count(st, previous, ctx.boot_kind)
     if ctx.identity is not None and ctx.config is not None and not failed:
-        from agent.daemon import save_instance
+        from agent.instance import save_instance
 
         try:
-            save_instance(paths, ctx)
+            save_instance(ctx.paths, ctx)
         except OSError as exc:
             st["status"] = "error"
             st["errors"].append(f"cannot save instance record for `run`: {exc}")
     from agent.lifecycle import complete_lifecycle
 
     complete_lifecycle(ctx, st)  # the ASG launch hook: CONTINUE / ABANDON; never raises
-    _write_boot_metrics(paths, st)
-    st["finished"] = clock.time()
-    st["duration_s"] = round(st["finished"] - started, 6)
+    _write_boot_metrics(ctx.paths, st)
+    st["finished"] = ctx.clock.time()
+    st["duration_s"] = round(st["finished"] - ctx.started_wall, 6)
     st.pop("pid", None)
-    save()
-    ctx.extras["state"] = st
-    return st

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from agent.errors import IntegrityError
+from agent.layout import manifest_rel, object_rel, objects_prefix  # noqa: F401 - re-exported
 
 FORMAT = 1
 # Local metadata of an assembled version lives in this top-level directory of the
@@ -46,16 +47,10 @@ def check_group(group: Any) -> str:
     return group
 
 
-def manifest_rel(group: str) -> str:
-    return f"config/{group}/manifest.json"
 
 
-def object_rel(group: str, sha256: str) -> str:
-    return f"config/{group}/objects/{sha256}"
 
 
-def objects_prefix(group: str) -> str:
-    return f"config/{group}/objects/"
 
 
 @dataclass(frozen=True)

@@ -95,29 +95,24 @@ def cmd_config_validate(args: argparse.Namespace) -> int:
 def cmd_config_show(args: argparse.Namespace) -> int:
     import yaml
 
-    from agent.config import load_layers, load_yaml_file, redact
-    from agent.userdata import parse_user_data
+    from agent.config import redact
+    from agent.configcache import config_on_host
+    from agent.userdata import Metadata
 
-    paths = _paths()
-    baked = load_yaml_file(paths.config_file) if paths.config_file.exists() else None
-    user = None
     if args.user_data:
         from agent.udtemplate import EXAMPLE_INSTANCE_DATA
         from agent.userdata import StaticMetadata
 
         with open(args.user_data, "rb") as f:  # like `config validate`: stand-in metadata
-            user = parse_user_data(f.read(), StaticMetadata(None, EXAMPLE_INSTANCE_DATA))
+            raw = f.read()
+        metadata: Metadata = StaticMetadata(None, EXAMPLE_INSTANCE_DATA)
     else:
-        from agent.boot import ImdsMetadata
-        from agent.imds import ImdsClient
+        from agent.imds import ImdsClient, ImdsMetadata
 
         imds = ImdsClient()
-        user = parse_user_data(imds.user_data(), ImdsMetadata(imds))
-    bundle = None
-    cur = paths.bundles_dir / "current" / "agent.yaml"
-    if cur.exists():
-        bundle = load_yaml_file(cur)
-    cfg = load_layers(baked, user, bundle)
+        raw = imds.user_data()
+        metadata = ImdsMetadata(imds)
+    cfg = config_on_host(_paths(), raw, metadata)
     print(yaml.safe_dump(redact(cfg.raw), sort_keys=False, default_flow_style=False), end="")
     return 0
 
@@ -260,7 +255,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         from agent.sim.simcli import run_cli
 
         return run_cli(args)
-    from agent.sim.cloud import simulate
+    from agent.sim.simulate import simulate
 
     return simulate(instances=args.instances, scenario=args.scenario, keep=args.keep,
                     as_json=args.json)

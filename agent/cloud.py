@@ -20,89 +20,23 @@ from __future__ import annotations
 
 import base64
 import logging
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterable
 from typing import Any
 
+from agent import awserrors
 from agent.errors import CloudError
+from agent.interfaces import MAX_TOKEN, REPLACES_TAG, AsgInstance, CloudAPI, LaunchSpec
+
+__all__ = ["MAX_TOKEN", "REPLACES_TAG", "AsgInstance", "Cloud", "CloudAPI", "LaunchSpec"]
 
 log = logging.getLogger(__name__)
 
-MAX_TOKEN = 64
-REPLACES_TAG = "ec2-agent:replaces"
-# AWS owns the aws: tag namespace: RunInstances refuses tags that start with it.
-_RESERVED_TAG_PREFIX = "aws:"
 _NOT_FOUND = ("InvalidInstanceID.NotFound",)
 _DESCRIBE_CHUNK = 100
 
 
-def _code(exc: BaseException) -> str:
-    r = getattr(exc, "response", None) or {}
-    return str((r.get("Error") or {}).get("Code", "")) or type(exc).__name__
-
-
 def _fail(what: str, exc: BaseException) -> CloudError:
-    return CloudError(f"{what}: {_code(exc)}: {exc}")
-
-
-@dataclass(frozen=True)
-class AsgInstance:
-    """An instance as its Auto Scaling group sees it."""
-
-    instance_id: str
-    group: str
-    health: str  # Healthy | Unhealthy
-    lifecycle: str  # Pending | InService | Terminating | ...
-    launch_template: Mapping[str, str] | None = None
-
-
-@dataclass(frozen=True)
-class LaunchSpec:
-    """What ``launch`` sends: a launch template (+ subnet) or a clone's parameters."""
-
-    source: str  # "launch-template" | "clone"
-    subnet_id: str
-    launch_template: Mapping[str, str] | None = None
-    image_id: str = ""
-    instance_type: str = ""
-    security_group_ids: tuple[str, ...] = ()
-    user_data: bytes | None = None
-    key_name: str = ""
-    iam_instance_profile_arn: str = ""
-    tags: tuple[tuple[str, str], ...] = ()
-    extra: Mapping[str, Any] = field(default_factory=dict, hash=False)
-
-    def run_instances_kwargs(self, client_token: str, replaces: str = "") -> dict[str, Any]:
-        """The RunInstances request (pure): same token and subnet on every retry."""
-        if not client_token or len(client_token) > MAX_TOKEN or not client_token.isascii():
-            raise ValueError(f"ClientToken must be 1..{MAX_TOKEN} ASCII chars, "
-                             f"got {client_token!r}")
-        kw: dict[str, Any] = {"MinCount": 1, "MaxCount": 1, "ClientToken": client_token}
-        if self.subnet_id:
-            kw["SubnetId"] = self.subnet_id
-        tags = [(k, v) for k, v in self.tags if not k.startswith(_RESERVED_TAG_PREFIX)]
-        if replaces:
-            tags = [(k, v) for k, v in tags if k != REPLACES_TAG] + [(REPLACES_TAG, replaces)]
-        if self.source == "launch-template":
-            assert self.launch_template is not None
-            kw["LaunchTemplate"] = dict(self.launch_template)
-        else:
-            kw["ImageId"] = self.image_id
-            kw["InstanceType"] = self.instance_type
-            if self.security_group_ids:
-                kw["SecurityGroupIds"] = list(self.security_group_ids)
-            if self.user_data is not None:
-                # boto3 base64-encodes RunInstances UserData itself: pass the raw text.
-                kw["UserData"] = self.user_data.decode("utf-8", "surrogateescape")
-            if self.key_name:
-                kw["KeyName"] = self.key_name
-            if self.iam_instance_profile_arn:
-                kw["IamInstanceProfile"] = {"Arn": self.iam_instance_profile_arn}
-        if tags:
-            kw["TagSpecifications"] = [
-                {"ResourceType": "instance", "Tags": [{"Key": k, "Value": v} for k, v in tags]}
-            ]
-        return kw
+    return CloudError(f"{what}: {awserrors.describe(exc)}: {exc}")
 
 
 class Cloud:
@@ -135,8 +69,8 @@ class Cloud:
         """The DescribeInstances entry, or None when EC2 says no such instance."""
         try:
             resp = self.ec2.describe_instances(InstanceIds=[instance_id])
-        except Exception as exc:
-            if _code(exc) in _NOT_FOUND:
+        except awserrors.AWS_ERRORS as exc:
+            if awserrors.error_code(exc) in _NOT_FOUND:
                 return None
             raise _fail(f"describe {instance_id}", exc) from exc
         for r in resp.get("Reservations", []):
@@ -156,13 +90,13 @@ class Cloud:
             chunk = ids[i:i + _DESCRIBE_CHUNK]
             try:
                 resp = self.ec2.describe_instances(InstanceIds=chunk)
-            except Exception as exc:
-                if _code(exc) in _NOT_FOUND and len(chunk) > 1:
+            except awserrors.AWS_ERRORS as exc:
+                if awserrors.error_code(exc) in _NOT_FOUND and len(chunk) > 1:
                     # One unknown id fails the whole call: ask one by one.
                     for iid in chunk:
                         out.update(self.states([iid]))
                     continue
-                if _code(exc) in _NOT_FOUND:
+                if awserrors.error_code(exc) in _NOT_FOUND:
                     out[chunk[0]] = "terminated"
                     continue
                 raise _fail("describe instances", exc) from exc
@@ -188,7 +122,7 @@ class Cloud:
         for i in range(0, len(ids), 50):  # the API's limit per call
             try:
                 resp = self.autoscaling.describe_auto_scaling_instances(InstanceIds=ids[i:i + 50])
-            except Exception as exc:
+            except awserrors.AWS_ERRORS as exc:
                 raise _fail("describe auto scaling instances", exc) from exc
             for a in resp.get("AutoScalingInstances", []):
                 out[a["InstanceId"]] = AsgInstance(
@@ -199,7 +133,7 @@ class Cloud:
     def asg_group(self, name: str) -> dict[str, Any] | None:
         try:
             resp = self.autoscaling.describe_auto_scaling_groups(AutoScalingGroupNames=[name])
-        except Exception as exc:
+        except awserrors.AWS_ERRORS as exc:
             raise _fail(f"describe auto scaling group {name}", exc) from exc
         groups = resp.get("AutoScalingGroups", [])
         return groups[0] if groups else None
@@ -219,7 +153,7 @@ class Cloud:
             self.autoscaling.set_instance_health(
                 InstanceId=instance_id, HealthStatus="Unhealthy",
                 ShouldRespectGracePeriod=respect_grace)
-        except Exception as exc:
+        except awserrors.AWS_ERRORS as exc:
             raise _fail(f"set_instance_health {instance_id}", exc) from exc
 
     def asg_terminate(self, instance_id: str) -> str:
@@ -227,7 +161,7 @@ class Cloud:
         try:
             resp = self.autoscaling.terminate_instance_in_auto_scaling_group(
                 InstanceId=instance_id, ShouldDecrementDesiredCapacity=False)
-        except Exception as exc:
+        except awserrors.AWS_ERRORS as exc:
             raise _fail(f"terminate_instance_in_auto_scaling_group {instance_id}", exc) from exc
         return str((resp.get("Activity") or {}).get("ActivityId", ""))
 
@@ -235,8 +169,8 @@ class Cloud:
         """Plain TerminateInstances (standalone groups, after the replacement launched)."""
         try:
             resp = self.ec2.terminate_instances(InstanceIds=[instance_id])
-        except Exception as exc:
-            if _code(exc) in _NOT_FOUND:
+        except awserrors.AWS_ERRORS as exc:
+            if awserrors.error_code(exc) in _NOT_FOUND:
                 return "terminated"
             raise _fail(f"terminate {instance_id}", exc) from exc
         for t in resp.get("TerminatingInstances", []):
@@ -284,7 +218,7 @@ class Cloud:
         try:
             resp = self.ec2.describe_instance_attribute(InstanceId=instance_id,
                                                         Attribute="userData")
-        except Exception as exc:
+        except awserrors.AWS_ERRORS as exc:
             raise _fail(f"describe user-data of {instance_id}", exc) from exc
         value = (resp.get("UserData") or {}).get("Value")
         return base64.b64decode(value) if value else None
@@ -294,7 +228,7 @@ class Cloud:
         kw = spec.run_instances_kwargs(client_token, replaces)
         try:
             resp = self.ec2.run_instances(**kw)
-        except Exception as exc:
+        except awserrors.AWS_ERRORS as exc:
             raise _fail(f"run_instances replacing {replaces or '?'}", exc) from exc
         return str(resp["Instances"][0]["InstanceId"])
 
@@ -309,5 +243,5 @@ class Cloud:
             kw["LifecycleActionToken"] = token
         try:
             self.autoscaling.complete_lifecycle_action(**kw)
-        except Exception as exc:
+        except awserrors.AWS_ERRORS as exc:
             raise _fail(f"complete_lifecycle_action {hook_name} {instance_id}", exc) from exc

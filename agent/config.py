@@ -154,6 +154,11 @@ class HttpConfig:
 class LogConfig:
     level: str = "info"
 
+    @property
+    def levelno(self) -> int:
+        """The ``logging`` level number (the schema allows debug, info, warning, error)."""
+        return {"debug": 10, "info": 20, "warning": 30, "error": 40}[self.level]
+
 
 @dataclass(frozen=True)
 class Config:

@@ -26,7 +26,12 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from agent.config import Config
+    from agent.paths import Paths
+    from agent.userdata import Metadata
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +55,39 @@ class Validated:
     config: Any
     baked: dict[str, Any] | None
     bundle: dict[str, Any] | None
+
+
+def read_bundle_config(vdir: Path, version: int | None = None) -> dict[str, Any] | None:
+    """The bundle's ``agent.yaml`` as a mapping (None if absent); ConfigError names the layer.
+
+    Read with the one capped YAML loader (``config.load_yaml_bytes``: size cap,
+    alias budget, duplicate keys), like every other config layer.
+    """
+    from agent import config
+    from agent.errors import ConfigError
+
+    layer = config.LAYER_BUNDLE if version is None else f"{config.LAYER_BUNDLE} (version {version})"
+    try:
+        raw = (vdir / "agent.yaml").read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise ConfigError(f"cannot read: {exc.strerror or exc}", layer=layer) from exc
+    return config.load_yaml_bytes(raw, layer)
+
+
+def config_on_host(paths: Paths, raw_user_data: bytes | None,
+                   metadata: Metadata | None = None) -> Config:
+    """The config from this host's layers, the one way every command builds it: the baked
+    file, the user-data given (``ec2-agent config show``, backup/restore by hand), and the
+    current bundle's ``agent.yaml``, merged and validated by ``config.load_layers``."""
+    from agent import config
+    from agent.userdata import NO_METADATA, parse_user_data
+
+    baked = config.load_yaml_file(paths.config_file) if paths.config_file.exists() else None
+    bundle = read_bundle_config(paths.bundles_dir / "current")
+    user = parse_user_data(raw_user_data, metadata or NO_METADATA)
+    return config.load_layers(baked, user, bundle)
 
 
 def validated_config(state_dir: Path, baked: dict[str, Any] | None,
@@ -88,8 +126,6 @@ def validated_files(state_dir: Path, user: dict[str, Any] | None, *,
         if baked_path is not None:
             baked = config.load_yaml_file(baked_path)
         if bundle_dir is not None:
-            from agent.pull import read_bundle_config
-
             bundle = read_bundle_config(bundle_dir, bundle_version)
         got = Validated(config.load_layers(baked, user, bundle), baked, bundle)
     _remember(state_dir, config.layers_digest(got.baked, user, got.bundle), got.config)
@@ -159,8 +195,6 @@ def main() -> int:
         if req.get("baked_path"):
             baked = config.load_yaml_file(req["baked_path"])
         if req.get("bundle_dir"):
-            from agent.pull import read_bundle_config
-
             bundle = read_bundle_config(Path(req["bundle_dir"]), req.get("bundle_version"))
         cfg = config.load_layers(baked, req.get("user"), bundle)
     except config.ConfigInvalid as exc:

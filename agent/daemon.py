@@ -18,9 +18,7 @@ backup, inside TimeoutStopSec.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import json
 import logging
 import os
 import random
@@ -29,131 +27,16 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from agent import jsontag
 from agent import state as statefile
-from agent.boot import BootContext
-from agent.clock import SYSTEM_CLOCK, Clock, Deadline
+from agent.bootctx import BootContext
+from agent.clock import SYSTEM_CLOCK, Clock
 from agent.errors import AgentError, StateError
+from agent.instance import load_context, remember_layers
 from agent.paths import Paths
 
 log = logging.getLogger("ec2-agent.daemon")
-
-INSTANCE_FILE = "instance.json"
-
-
-def save_instance(paths: Paths, ctx: BootContext) -> None:
-    """What ``run`` needs from the boot: identity, the layers, the boot id."""
-    from agent.files import atomic_write
-
-    doc = {
-        "identity": dataclasses.asdict(ctx.identity) if ctx.identity is not None else None,
-        "user_config": jsontag.encode(ctx.user_config),  # YAML's int keys, dates survive
-        "boot_id": ctx.boot_id,
-        "started": ctx.started_wall,
-        "layers": _layers_record(ctx),
-    }
-    atomic_write(paths.state_dir / INSTANCE_FILE,
-                 json.dumps(doc, indent=1, sort_keys=True, default=str) + "\n", mode=0o600)
-
-
-def _layers_record(ctx: BootContext) -> dict[str, Any] | None:
-    """The parsed baked and bundle layers, with what identifies their sources.
-
-    So ``run`` starts without parsing YAML (or importing PyYAML): it only checks that
-    the baked file still hashes the same and the bundle is still the same version.
-    None when the layers do not survive JSON (``run`` then parses them, in a child).
-    """
-    cur_version = None
-    if ctx.bundle_dir is not None:
-        from agent.pull import local_version
-
-        cur = local_version(ctx.paths.bundles_dir, "current")
-        cur_version = cur.manifest.version if cur else None
-    from agent.configcache import json_exact
-
-    rec = {"baked": ctx.baked_config, "baked_sha256": ctx.baked_sha256,
-           "bundle": ctx.bundle_config, "bundle_version": cur_version}
-    return rec if json_exact(rec) is not None else None
-
-
-def remember_layers(paths: Paths, ctx: BootContext) -> None:
-    """Update ``instance.json``'s layers (after a refresh, or a start that parsed them)."""
-    from agent.files import atomic_write
-
-    p = paths.state_dir / INSTANCE_FILE
-    try:
-        doc = json.loads(p.read_text())
-        doc["layers"] = _layers_record(ctx)
-        atomic_write(p, json.dumps(doc, indent=1, sort_keys=True, default=str) + "\n",
-                     mode=0o600)
-    except (OSError, ValueError) as exc:
-        log.warning("cannot update %s: %s", p, exc)
-
-
-def _file_sha256(path: Path) -> str | None:
-    import hashlib
-
-    try:
-        return hashlib.sha256(path.read_bytes()).hexdigest()
-    except FileNotFoundError:
-        return None
-
-
-def load_context(paths: Paths, clock: Clock = SYSTEM_CLOCK) -> BootContext:
-    """Rebuild the boot's context from local files: no IMDS call needed to restart.
-
-    The layers come from ``instance.json`` when their sources are unchanged (the
-    baked file's hash, the bundle's version); otherwise a child process parses and
-    validates them (``agent.configcache``). Either way the daemon imports neither
-    PyYAML nor jsonschema.
-    """
-    from agent.configcache import validated_config, validated_files
-    from agent.imds import Identity
-    from agent.pull import local_version
-
-    st = statefile.read(paths.state_file) or {}
-    if st.get("status") not in ("done", "degraded"):
-        raise StateError(f"boot has not completed (status {st.get('status', 'not-started')!r}); "
-                         "run `ec2-agent boot` first")
-    try:
-        inst = json.loads((paths.state_dir / INSTANCE_FILE).read_text())
-    except (OSError, ValueError) as exc:
-        raise StateError(f"cannot read {paths.state_dir / INSTANCE_FILE}: {exc}") from exc
-    cur = local_version(paths.bundles_dir, "current")
-    bundle_dir = paths.bundles_dir / "current" if cur else None
-    version = cur.manifest.version if cur else None
-    user = jsontag.decode(inst.get("user_config"))
-    baked_sha = _file_sha256(paths.config_file)
-    layers = inst.get("layers") if isinstance(inst.get("layers"), dict) else {}
-    unchanged = (layers.get("baked_sha256") == baked_sha
-                 and layers.get("bundle_version") == version
-                 and (baked_sha is None or isinstance(layers.get("baked"), dict)))
-    if unchanged:
-        baked, bundle = layers.get("baked"), layers.get("bundle")
-        config = validated_config(paths.state_dir, baked, user, bundle, isolate=True)
-    else:
-        v = validated_files(paths.state_dir, user,
-                            baked_path=paths.config_file if baked_sha else None,
-                            bundle_dir=bundle_dir, bundle_version=version, isolate=True)
-        config, baked, bundle = v.config, v.baked, v.bundle
-    ctx = BootContext(paths=paths, clock=clock, deadline=Deadline.after(1e9, "run", clock),
-                      started_wall=float(inst.get("started") or clock.time()), previous=st,
-                      boot_id=str(inst.get("boot_id") or st.get("boot_id") or ""),
-                      baked_config=baked, boot_kind=st.get("boot_kind", "reboot"),
-                      baked_sha256=baked_sha)
-    ctx.identity = Identity(**inst["identity"])
-    ctx.user_config = user
-    ctx.bundle_dir = bundle_dir
-    ctx.bundle_config = bundle
-    ctx.isolate_validation = True
-    ctx.config = config
-    if not unchanged:
-        remember_layers(paths, ctx)  # so the next start need not parse them
-    return ctx
-
 
 @dataclass
 class Task:
@@ -201,11 +84,13 @@ class Daemon:
         from agent.endpoint import Endpoint
         from agent.health import HealthChecker
         from agent.heartbeat import Heartbeater, _known_seq, member_file, record_for
-        from agent.peers import PeerWatcher, member_key
+        from agent.layout import member_key
+        from agent.peers import PeerWatcher
 
-        ctx = self.ctx = load_context(self.paths, self.clock)
+        ctx = load_context(self.paths, self.clock)
+        logging.getLogger().setLevel(ctx.cfg.log.levelno)  # log.level of the merged config
         self._use_lean_aws_data()
-        ctx.store = self._make_store(ctx)
+        ctx = self.ctx = ctx.add(store=self._make_store(ctx))
         self.last_backup = {k: float(v) for k, v in
                             (ctx.previous.get("daemon", {}).get("last_backup") or {}).items()}
         cfg = ctx.config
@@ -419,7 +304,9 @@ class Daemon:
         from agent.pull import refresh
 
         res = refresh(self.ctx)
-        if res.config is not None:  # a new bundle was taken (rendered or not)
+        if res.ctx is not None:  # a new bundle was taken (rendered or not)
+            self.ctx = res.ctx
+            logging.getLogger().setLevel(self.ctx.cfg.log.levelno)
             remember_layers(self.paths, self.ctx)
         if res.status == "updated":
             self._record("refresh", {"version": res.version, "changed": list(res.changed_paths),

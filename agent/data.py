@@ -42,6 +42,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from agent import layout
 from agent.errors import IntegrityError
 
 MIB = 1024 * 1024
@@ -55,21 +56,15 @@ HEX = set("0123456789abcdef")
 # -- keys -----------------------------------------------------------------------------------------
 
 
-def base(group: str, name: str) -> str:
-    return f"data/{group}/{name}"
-
-
-def chunk_key(group: str, name: str, sha: str) -> str:
-    return f"{base(group, name)}/chunks/{sha}"
-
-
-def snapshot_key(group: str, name: str, snap_id: str) -> str:
-    return f"{base(group, name)}/snapshots/{snap_id}.json"
+# Every key is in agent.layout; these names are kept for the data modules' callers.
+base = layout.data_base
+chunk_key = layout.chunk_key
+snapshot_key = layout.snapshot_key
 
 
 def snapshot_ids(rel_keys: Iterable[str], group: str, name: str) -> list[str]:
     """Snapshot ids from a listing of ``snapshots/``, oldest first."""
-    pre = f"{base(group, name)}/snapshots/"
+    pre = layout.snapshots_prefix(group, name)
     ids = [k[len(pre) : -5] for k in rel_keys if k.startswith(pre) and k.endswith(".json")]
     return sorted(i for i in ids if i and "/" not in i)
 

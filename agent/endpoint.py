@@ -56,7 +56,7 @@ class _Handler(BaseHTTPRequestHandler):
         elif path == "/metrics" and self.server.metrics_fn is not None:
             try:
                 body = self.server.metrics_fn()
-            except Exception as exc:
+            except Exception as exc:  # a scrape answers 500 rather than kill the server thread
                 self._send(500, f"metrics failed: {exc}\n".encode(), "text/plain")
                 return
             self._send(200, body, "text/plain; version=0.0.4; charset=utf-8")

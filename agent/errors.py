@@ -77,7 +77,15 @@ class PreconditionFailed(StoreError):
 
 
 class NotFound(StoreError):
-    """The object does not exist in the store."""
+    """The object does not exist in the store.
+
+    ``store_now`` is the store's clock of the 404 when it had one (a vanished
+    record still ages on the store's clock), else None.
+    """
+
+    def __init__(self, message: str, *, store_now: float | None = None) -> None:
+        super().__init__(message)
+        self.store_now = store_now
 
 
 class IntegrityError(AgentError):

@@ -16,25 +16,12 @@ import secrets
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from typing import Any
 
 from agent.errors import PreconditionFailed, StoreError
-
-KINDS_DOC = "leave, heal decisions (replace, refuse, freeze, ...): free-form, lowercase"
-
-
-def events_prefix(group: str) -> str:
-    return f"groups/{group}/events/"
-
-
-def stamp(t: float) -> str:
-    """A sortable UTC timestamp with microseconds: ``20240102T030405.123456Z``."""
-    return datetime.fromtimestamp(t, tz=timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
-
-
-def event_key(group: str, t: float, actor: str, rand: str) -> str:
-    return f"{events_prefix(group)}{stamp(t)}-{actor}-{rand}.json"
+from agent.interfaces import StoreAPI
+from agent.layout import event_key, events_prefix, stamp  # noqa: F401 - re-exported
+from agent.retry import KEY_RETRY
 
 
 @dataclass(frozen=True)
@@ -71,7 +58,7 @@ class Event:
 
 
 def append_event(
-    store: Any,
+    store: StoreAPI,
     group: str,
     *,
     actor: str,
@@ -92,18 +79,21 @@ def append_event(
         details=dict(details or {}),
     )
     body = json.dumps(ev.to_json(), sort_keys=True).encode()
-    for _ in range(3):  # a key collision needs the same microsecond and 32 random bits
+    retry = KEY_RETRY  # a key collision needs the same microsecond and 32 random bits
+    while True:
         try:
             store.create(
                 event_key(group, ev.time, actor, rand()), body, content_type="application/json"
             )
             return ev
-        except PreconditionFailed:
-            continue
-    raise StoreError(f"could not find a fresh key for an event of {actor}")
+        except PreconditionFailed as exc:
+            retry = retry.increment(str(exc))
+            if retry.exhausted:
+                raise StoreError(f"could not find a fresh key for an event of {actor}") from exc
+            retry.sleep()
 
 
-def list_events(store: Any, group: str, limit: int = 50) -> list[Event]:
+def list_events(store: StoreAPI, group: str, limit: int = 50) -> list[Event]:
     """The newest ``limit`` events, oldest first. One LIST (pages) plus one GET per event."""
     listing = store.list(events_prefix(group))
     keys = sorted(e.key for e in listing.entries)[-limit:] if limit > 0 else []

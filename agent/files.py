@@ -24,6 +24,19 @@ class WriteResult:
     written: bool  # False in dry-run or when unchanged
 
 
+def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> tuple[str, int]:
+    """The sha256 (hex) and size of a file, read in chunks: the one file-hashing loop."""
+    import hashlib
+
+    h = hashlib.sha256()
+    n = 0
+    with open(path, "rb") as f:
+        while b := f.read(chunk):
+            h.update(b)
+            n += len(b)
+    return h.hexdigest(), n
+
+
 def fsync_dir(directory: Path) -> None:
     fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:

@@ -223,10 +223,6 @@ class Decision:
     def frozen(self) -> bool:
         return self.freeze is not None and self.freeze.frozen
 
-    def executable(self) -> tuple[Action, ...]:
-        """The actions an adapter may carry out (never dry-run ones)."""
-        return tuple(a for a in self.actions if not a.dry_run)
-
 
 def _freeze(view: HealView, policy: HealPolicy) -> FreezeState | None:
     reasons: list[str] = []

@@ -36,14 +36,17 @@ from typing import Any
 
 from agent import __version__
 from agent import state as statefile
+from agent.bootctx import BootContext, Done
 from agent.clock import SYSTEM_CLOCK, Clock
 from agent.errors import AgentError, NotFound, StateError, StoreError
+from agent.interfaces import StoreAPI
+from agent.layout import member_key
 from agent.membership import MemberRecord
-from agent.peers import bump_marker, member_change, member_key
+from agent.peers import bump_marker, member_change
+from agent.state import MEMBER_FILE, member_file, read_member_file  # noqa: F401
 
 log = logging.getLogger(__name__)
 
-MEMBER_FILE = "member.json"
 JITTER = 0.1
 
 
@@ -86,29 +89,25 @@ def departure_reason(spot_action: Mapping[str, Any] | None,
     return d.reason if d.action in ("leave", "suspend") else None
 
 
-def check_departure(imds: Any) -> str | None:
-    """Ask IMDS (every departure signal, default policy); an IMDS failure is not a departure."""
-    from agent import departure as D
-    from agent.notices import observe
+def boot_joins_now(ctx: BootContext) -> tuple[bool, str]:
+    """For the register phase: (join?, why), from ``autoscaling/target-lifecycle-state``.
 
-    d = D.decide(observe(imds), D.Policy(on_maintenance="report"), "member", 0.0)
-    return d.reason if d.action in ("leave", "suspend") else None
+    An unreadable state joins (what the agent always did: IMDS trouble is not a
+    reason to stay out); only a state that says "not in service" holds the boot back.
+    """
+    imds = ctx.imds
+    if imds is None:
+        return True, "no IMDS client"
+    try:
+        state = imds.target_lifecycle_state()
+    except AgentError as exc:
+        return True, f"target lifecycle state unreadable ({exc}): joining"
+    from agent import departure as D
+
+    return D.boot_joins(state)
 
 
 # -- local member file -------------------------------------------------------------------------
-
-def member_file(paths: Any) -> Path:
-    return Path(paths.state_dir) / MEMBER_FILE
-
-
-def read_member_file(paths: Any) -> dict[str, Any] | None:
-    try:
-        return json.loads(member_file(paths).read_text())
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as exc:
-        raise StateError(f"cannot read {member_file(paths)}: {exc}") from exc
-
 
 def write_member_file(paths: Any, doc: Mapping[str, Any]) -> None:
     from agent.files import atomic_write
@@ -138,7 +137,7 @@ class Heartbeater:
     (None: don't). ``member_path``: member.json, for seq across restarts.
     """
 
-    def __init__(self, store: Any, record: MemberRecord, *, clock: Clock = SYSTEM_CLOCK,
+    def __init__(self, store: StoreAPI, record: MemberRecord, *, clock: Clock = SYSTEM_CLOCK,
                  interval_s: float = 10.0, sick_after: int = 3,
                  state_path: Path | None = None, member_path: Path | None = None,
                  backoff: Backoff = Backoff(), rng: random.Random | None = None,
@@ -337,34 +336,24 @@ class Heartbeater:
 
 # -- the boot phase ----------------------------------------------------------------------------
 
-def _cfg(obj: Any, *names: str, default: Any = None) -> Any:
-    """Read a nested config value from the frozen config (attributes) or its raw dict."""
-    cur = obj
-    for n in names:
-        if cur is None:
-            return default
-        cur = cur.get(n) if isinstance(cur, Mapping) else getattr(cur, n, None)
-    return default if cur is None else cur
-
-
-def record_for(ctx: Any, seq: int, state: str, health: Mapping[str, Any] | None = None,
+def record_for(ctx: BootContext, seq: int, state: str, health: Mapping[str, Any] | None = None,
                endpoint: str = "") -> MemberRecord:
-    ident = ctx.identity
+    ident = ctx.ident
     return MemberRecord(
-        instance_id=ident.instance_id, group=ctx.config.group, seq=seq, state=state,
-        image_id=getattr(ident, "ami_id", "") or "", az=ident.availability_zone or "",
-        private_ip=ident.local_ipv4 or "", launch_time=getattr(ident, "pending_time", "") or "",
+        instance_id=ident.instance_id, group=ctx.cfg.group, seq=seq, state=state,
+        image_id=ident.ami_id or "", az=ident.availability_zone or "",
+        private_ip=ident.local_ipv4 or "", launch_time=ident.pending_time or "",
         boot_id=ctx.boot_id, health=dict(health or {"status": "passing", "checks": {}}),
         agent_version=__version__, endpoint=endpoint, started=ctx.started_wall,
     )
 
 
-def _known_seq(ctx: Any, store: Any, key: str) -> int:
+def _known_seq(ctx: BootContext, store: StoreAPI, key: str) -> int:
     """The highest seq this instance ever wrote, so a reboot never rewrites an old body."""
     seqs = [int((ctx.previous.get("heartbeat") or {}).get("seq", 0) or 0)]
     try:
         doc = read_member_file(ctx.paths) or {}
-        if doc.get("instance_id") == ctx.identity.instance_id:
+        if doc.get("instance_id") == ctx.ident.instance_id:
             seqs.append(int(doc.get("seq", 0) or 0))
     except (StateError, ValueError, TypeError):
         pass
@@ -377,7 +366,7 @@ def _known_seq(ctx: Any, store: Any, key: str) -> int:
     return max(seqs)
 
 
-def phase_register(ctx: Any) -> str:
+def phase_register(ctx: BootContext) -> Done:
     """Boot phase ``register``: write the record ``booting``, then ``ready`` (or ``degraded``).
 
     Register is the last phase, so "the boot is done" is now: ready unless an earlier
@@ -386,33 +375,33 @@ def phase_register(ctx: Any) -> str:
     """
     from agent.endpoint import advertised_url
     from agent.health import HealthChecker
-    from agent.notices import boot_joins_now
-
-    group = ctx.config.group
-    ident = ctx.identity
+    cfg = ctx.cfg
+    group = cfg.group
+    ident = ctx.ident
     joins, why = boot_joins_now(ctx)
     if not joins:  # warm pool / standby: the boot's work is done, but no record yet
         return _hold(ctx, why)
-    store = ctx.get_store()
+    if ctx.store is None:
+        ctx = ctx.add(store=ctx.get_store())
+    store = ctx.store
+    assert store is not None
     key = member_key(group, ident.instance_id)
     seq = _known_seq(ctx, store, key)
-    http_port = int(_cfg(ctx.config, "http", "port", default=0) or 0)
     endpoint = ""
-    if http_port and _cfg(ctx.config, "http", "enabled", default=True):
-        endpoint = advertised_url(str(_cfg(ctx.config, "http", "bind", default="0.0.0.0")),
-                                  http_port, ident.local_ipv4 or "")
+    if cfg.http.port and cfg.http.enabled:
+        endpoint = advertised_url(cfg.http.bind, cfg.http.port, ident.local_ipv4 or "")
     try:
-        checker = HealthChecker.from_config(_cfg(ctx.config, "health", default=()))
+        checker = HealthChecker.from_config(cfg.health)
         health = checker.run() if ctx.deadline.remaining() > 10 else None
     except AgentError as exc:
-        ctx.degrade(f"health checks: {exc}")
+        ctx = ctx.degrade(f"health checks: {exc}")
         health = None
-    interval = float(_cfg(ctx.config, "heartbeat", "interval_s", default=10.0))
+    interval = float(cfg.heartbeat.interval_s)
     record = record_for(ctx, seq, "booting", health, endpoint)
     write_member_file(ctx.paths, {
         "instance_id": ident.instance_id, "group": group, "seq": seq,
-        "bucket": ctx.config.store.bucket, "prefix": ctx.config.store.prefix,
-        "region": _cfg(ctx.config, "store", "region") or getattr(ident, "region", None),
+        "bucket": cfg.store.bucket, "prefix": cfg.store.prefix,
+        "region": cfg.store.region or ident.region,
         "state": "booting", "left": False,
     })
     hb = Heartbeater(store, record, clock=ctx.clock, interval_s=interval,
@@ -420,41 +409,41 @@ def phase_register(ctx: Any) -> str:
     budget = min(interval, max(0.5, ctx.deadline.remaining() / 3))
     first = hb.beat(state="booting", budget_s=budget)
     if not first.ok:
-        ctx.degrade(f"register: cannot write {key}: {first.error}")
-        return f"not registered (seq {first.seq})"
+        return Done(ctx.degrade(f"register: cannot write {key}: {first.error}"),
+                    f"not registered (seq {first.seq})")
     final = "degraded" if ctx.degraded else "ready"
     done = hb.beat(state=final, budget_s=budget)
     if not done.ok:
-        ctx.degrade(f"register: wrote booting but not {final}: {done.error}")
-    ctx.extras["heartbeater"] = hb
-    ctx.extras.setdefault("state_updates", {}).update(hb.status_doc())
+        ctx = ctx.degrade(f"register: wrote booting but not {final}: {done.error}")
+    ctx = ctx.add(state_updates={**ctx.state_updates, **hb.status_doc()})
     try:
         from agent import systemd
 
         systemd.ready(f"registered in {group} as {hb.record.state}")
     except Exception as exc:  # sd_notify is best effort by definition
         log.debug("sd_notify: %s", exc)
-    return f"{hb.record.state} in {group} as {ident.instance_id} (seq {hb.record.seq})"
+    return Done(ctx, f"{hb.record.state} in {group} as {ident.instance_id} "
+                     f"(seq {hb.record.seq})")
 
 
-def _hold(ctx: Any, why: str) -> str:
+def _hold(ctx: BootContext, why: str) -> Done:
     """Register without joining: member.json for ``run``, membership ``held`` in state."""
+    cfg, ident = ctx.cfg, ctx.ident
     seq = int((ctx.previous.get("heartbeat") or {}).get("seq", 0) or 0)
     try:  # a member returned to the warm pool keeps its seq: no body is ever rewritten
         doc = read_member_file(ctx.paths) or {}
-        if doc.get("instance_id") == ctx.identity.instance_id:
+        if doc.get("instance_id") == ident.instance_id:
             seq = max(seq, int(doc.get("seq", 0) or 0))
     except (StateError, ValueError, TypeError):
         pass
     write_member_file(ctx.paths, {
-        "instance_id": ctx.identity.instance_id, "group": ctx.config.group, "seq": seq,
-        "bucket": ctx.config.store.bucket, "prefix": ctx.config.store.prefix,
-        "region": _cfg(ctx.config, "store", "region") or getattr(ctx.identity, "region", None),
+        "instance_id": ident.instance_id, "group": cfg.group, "seq": seq,
+        "bucket": cfg.store.bucket, "prefix": cfg.store.prefix,
+        "region": cfg.store.region or ident.region,
         "state": "held", "left": False,
     })
-    ctx.extras.setdefault("state_updates", {}).update(
-        membership={"state": "held", "reason": why, "left": False})
-    return f"held: {why}"
+    held = {"membership": {"state": "held", "reason": why, "left": False}}
+    return Done(ctx.add(state_updates={**ctx.state_updates, **held}), f"held: {why}")
 
 
 # -- for the command line ---------------------------------------------------------------------

@@ -450,3 +450,27 @@ def _normalize(path: str) -> str:
     if rel == "latest" or rel.startswith("latest/"):
         return rel
     return f"latest/meta-data/{rel}"
+
+
+class ImdsMetadata:
+    """What user-data may need from IMDS (``agent.userdata.Metadata``), asked lazily:
+    the launch index only for user-data with ``Launch-Index`` parts, the instance
+    data only for ``## template: jinja`` parts."""
+
+    def __init__(self, imds: ImdsClient, identity: Identity | None = None) -> None:
+        self.imds, self.identity = imds, identity
+
+    def launch_index(self) -> int | None:
+        raw = self.imds.get("ami-launch-index", optional=True)
+        try:
+            return int(raw.strip()) if raw is not None else None
+        except ValueError:
+            return None
+
+    def instance_data(self) -> dict[str, Any]:
+        from agent.udtemplate import instance_data_from_identity
+
+        if self.identity is None:
+            self.identity = self.imds.identity()
+        hostname = self.imds.get("local-hostname", optional=True)
+        return instance_data_from_identity(self.identity, hostname.strip() if hostname else None)

@@ -23,7 +23,19 @@ from typing import Any
 from agent.clock import SYSTEM_CLOCK, Clock
 from agent.errors import NotFound, PreconditionFailed, StoreError
 from agent.heal import budget_after, budget_take, failure_streak, is_failed_replacement
+from agent.interfaces import StoreAPI
+from agent.layout import (  # noqa: F401 - re-exported
+    budget_key,
+    control_prefix,
+    lease_key,
+    leases_prefix,
+    pause_key,
+    resumed_key,
+    suspicion_key,
+    suspicions_prefix,
+)
 from agent.membership import MalformedRecord
+from agent.retry import CAS_RETRY, Retry
 
 log = logging.getLogger(__name__)
 
@@ -34,36 +46,20 @@ OPEN_STATES = frozenset({"held", "acted"})
 
 # -- keys ---------------------------------------------------------------------------------------
 
-def leases_prefix(group: str) -> str:
-    return f"groups/{group}/leases/"
 
 
-def lease_key(group: str, member: str) -> str:
-    return f"{leases_prefix(group)}{member}"
 
 
-def suspicions_prefix(group: str) -> str:
-    return f"groups/{group}/suspicions/"
 
 
-def suspicion_key(group: str, member: str, observer: str) -> str:
-    return f"{suspicions_prefix(group)}{member}/{observer}"
 
 
-def budget_key(group: str) -> str:
-    return f"groups/{group}/budget.json"
 
 
-def control_prefix(group: str) -> str:
-    return f"groups/{group}/control/"
 
 
-def pause_key(group: str) -> str:
-    return f"{control_prefix(group)}pause"
 
 
-def resumed_key(group: str) -> str:
-    return f"{control_prefix(group)}resumed"
 
 
 # -- pure: records and small judgements --------------------------------------------------------
@@ -171,16 +167,16 @@ def count_suspicions(entries: Iterable[Any], group: str, store_now: float,
 
 # -- store operations others use too -----------------------------------------------------------
 
-def take_budget(store: Any, group: str, *, window_s: float, max_per_window: int,
-                store_now: float, attempts: int = 30) -> tuple[bool, str]:
+def take_budget(store: StoreAPI, group: str, *, window_s: float, max_per_window: int,
+                store_now: float, retry: Retry = CAS_RETRY) -> tuple[bool, str]:
     """Spend one replacement from the group's counter with compare-and-swap.
 
     ``(True, detail)`` when spent; ``(False, reason)`` when the window is full or the
-    race could not be won in ``attempts``. ``store_now`` is used only when the
+    race could not be won within ``retry``. ``store_now`` is used only when the
     counter does not exist yet (a 404 carries no body to read a clock from).
     """
     key = budget_key(group)
-    for _ in range(attempts):
+    while True:
         obj = store.get_or_none(key)
         rec = None
         now = store_now
@@ -201,19 +197,22 @@ def take_budget(store: Any, group: str, *, window_s: float, max_per_window: int,
             else:
                 store.put(key, body, if_match=obj.etag, content_type="application/json")
             return True, f"budget {new['used']}/{max_per_window}"
-        except (PreconditionFailed, NotFound):
-            continue
-    return False, f"budget-contention: lost {attempts} compare-and-swap races"
+        except (PreconditionFailed, NotFound) as exc:
+            retry = retry.increment(type(exc).__name__)
+            if retry.exhausted:
+                return False, (f"budget-contention: lost {len(retry.history)} "
+                               f"compare-and-swap races")
+            retry.sleep()
 
 
-def read_lease(store: Any, group: str, member: str) -> Lease | None:
+def read_lease(store: StoreAPI, group: str, member: str) -> Lease | None:
     obj = store.get_or_none(lease_key(group, member))
     if obj is None:
         return None
     return Lease.parse(obj.body, etag=obj.etag, last_modified=obj.last_modified)
 
 
-def superseded(store: Any, group: str, my_id: str) -> bool:
+def superseded(store: StoreAPI, group: str, my_id: str) -> bool:
     """Is there a lease against me (other than a refused one)? Then I was replaced.
 
     A store error answers False (not knowing is not being replaced); so does a
@@ -227,7 +226,7 @@ def superseded(store: Any, group: str, my_id: str) -> bool:
     return lease is not None and lease.state != "refused"
 
 
-def write_event(store: Any, group: str, actor: str, kind: str, member: str = "",
+def write_event(store: StoreAPI, group: str, actor: str, kind: str, member: str = "",
            reasons: Iterable[str] = (), details: Mapping[str, Any] | None = None,
            clock: Clock = SYSTEM_CLOCK) -> bool:
     from agent.events import append_event
@@ -241,7 +240,7 @@ def write_event(store: Any, group: str, actor: str, kind: str, member: str = "",
         return False
 
 
-def pause(store: Any, group: str, who: str, reason: str = "", *,
+def pause(store: StoreAPI, group: str, who: str, reason: str = "", *,
           clock: Clock = SYSTEM_CLOCK) -> None:
     """Flip the kill switch: no peer replaces anything while the object exists."""
     body = json.dumps({"who": who, "reason": reason, "time": clock.time()},
@@ -250,7 +249,7 @@ def pause(store: Any, group: str, who: str, reason: str = "", *,
     write_event(store, group, who, "pause", reasons=[reason or "operator pause"], clock=clock)
 
 
-def resume(store: Any, group: str, who: str, reason: str = "", *,
+def resume(store: StoreAPI, group: str, who: str, reason: str = "", *,
            clock: Clock = SYSTEM_CLOCK) -> None:
     """Remove the kill switch; failure streaks restart from now (store clock).
 

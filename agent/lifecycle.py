@@ -23,7 +23,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from agent.bootctx import BootContext
+from agent.interfaces import CloudAPI
+
+if TYPE_CHECKING:
+    from agent.config import Config
 
 ASG_TAG = "aws:autoscaling:groupName"
 
@@ -40,7 +46,8 @@ class LifecyclePlan:
     result: str | None = None  # CONTINUE | ABANDON
 
 
-def hook_name(config: Any, layers: tuple[Mapping[str, Any] | None, ...] = ()) -> str | None:
+def hook_name(config: Config | None,
+              layers: tuple[Mapping[str, Any] | None, ...] = ()) -> str | None:
     """``boot.lifecycle_hook`` from the validated config, else from the raw layers.
 
     A boot that failed in its config phase has no validated config, and exactly
@@ -48,7 +55,7 @@ def hook_name(config: Any, layers: tuple[Mapping[str, Any] | None, ...] = ()) ->
     too (later layers win, as in the merge).
     """
     if config is not None:
-        return getattr(getattr(config, "boot", None), "lifecycle_hook", None)
+        return config.boot.lifecycle_hook
     name = None
     for layer in layers:
         boot = layer.get("boot") if isinstance(layer, Mapping) else None
@@ -93,15 +100,15 @@ def plan(*, hook: str | None, status: str, instance_id: str | None, boot_kind: s
     return LifecyclePlan("complete", f"boot {status}", hook, asg, instance_id, result)
 
 
-def _asg_name(ctx: Any, cloud: Any) -> tuple[str | None, str]:
+def _asg_name(ctx: BootContext, cloud: CloudAPI) -> tuple[str | None, str]:
     """The group from the tag, else from DescribeAutoScalingInstances; and any error."""
-    tags = getattr(ctx.identity, "tags", None) or {}
-    if tags.get(ASG_TAG):
-        return str(tags[ASG_TAG]), ""
+    ident = ctx.ident
+    if ident.tags.get(ASG_TAG):
+        return str(ident.tags[ASG_TAG]), ""
     from agent.errors import AgentError
 
     try:
-        found = cloud.asg_instances([ctx.identity.instance_id]).get(ctx.identity.instance_id)
+        found = cloud.asg_instances([ident.instance_id]).get(ident.instance_id)
     except AgentError as exc:
         return None, str(exc)
     return (found.group if found else None), ""
@@ -114,7 +121,7 @@ def entering_service(previous: Mapping[str, Any] | None, st: Mapping[str, Any]) 
     return was == "held" and now != "held"
 
 
-def complete_lifecycle(ctx: Any, st: dict[str, Any], *, cloud: Any = None,
+def complete_lifecycle(ctx: BootContext, st: dict[str, Any], *, cloud: CloudAPI | None = None,
                        entering: bool | None = None) -> dict[str, Any]:
     """Complete the launch action for this boot's final ``st["status"]``; record it.
 
@@ -124,8 +131,7 @@ def complete_lifecycle(ctx: Any, st: dict[str, Any], *, cloud: Any = None,
     """
     try:
         if entering is None:
-            entering = entering_service(ctx.previous if isinstance(ctx.previous, Mapping)
-                                        else None, st)
+            entering = entering_service(ctx.previous, st)
         return _complete(ctx, st, cloud, entering)
     except Exception as exc:  # a bug here must not cost the boot its honest state
         rec = {"action": "complete", "completed": False,
@@ -135,11 +141,12 @@ def complete_lifecycle(ctx: Any, st: dict[str, Any], *, cloud: Any = None,
         return rec
 
 
-def _complete(ctx: Any, st: dict[str, Any], cloud: Any, entering: bool) -> dict[str, Any]:
+def _complete(ctx: BootContext, st: dict[str, Any], cloud: CloudAPI | None,
+              entering: bool) -> dict[str, Any]:
     hook = hook_name(ctx.config, (ctx.baked_config, ctx.user_config))
     ident = ctx.identity
-    instance_id = getattr(ident, "instance_id", None)
-    prev = ctx.previous.get("lifecycle") if isinstance(ctx.previous, Mapping) else None
+    instance_id = ident.instance_id if ident is not None else None
+    prev = ctx.previous.get("lifecycle")
     asg: str | None = None
     lookup_error = ""
     if hook and instance_id and (entering or (ctx.boot_kind != "reboot" and not (
@@ -147,7 +154,7 @@ def _complete(ctx: Any, st: dict[str, Any], cloud: Any, entering: bool) -> dict[
         if cloud is None:
             from agent.cloud import Cloud
 
-            cloud = Cloud(getattr(ident, "region", None))
+            cloud = Cloud(ident.region if ident is not None else None)
         asg, lookup_error = _asg_name(ctx, cloud)
     p = plan(hook=hook, status=st.get("status", "error"), instance_id=instance_id,
              boot_kind=ctx.boot_kind, asg=asg, previous=prev, entering_service=entering)

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field, fields, replace
 from types import MappingProxyType
 from typing import Any, Literal
 
-from agent.errors import ConfigError, IntegrityError
+from agent.errors import IntegrityError
 
 MemberState = Literal["booting", "ready", "degraded", "leaving", "superseded"]
 MEMBER_STATES: tuple[str, ...] = ("booting", "ready", "degraded", "leaving", "superseded")
@@ -55,10 +55,6 @@ class MalformedRecord(IntegrityError, ValueError):
     input). A malformed record is never evidence of death: callers treat the member
     as ``unknown``.
     """
-
-
-class TimingError(ConfigError, ValueError):
-    """Heartbeat timing that would make liveness judgements unsound."""
 
 
 # --------------------------------------------------------------------------- records
@@ -180,28 +176,6 @@ def _validate_record(r: MemberRecord) -> None:
             raise bad(key, f"must be a number or null, got {v!r}")
     if not isinstance(r.observer_sick, bool):
         raise bad("observer_sick", f"must be true or false, got {r.observer_sick!r}")
-
-
-def check_heartbeat_timing(interval_s: float, dead_after_s: float) -> None:
-    """Refuse ``interval_s > dead_after_s / 2``, as the DynamoDB lock client does.
-
-    With a slower heartbeat one delayed write is enough to look dead; two missed
-    beats must fit in ``dead_after``.
-    """
-    if not (interval_s > 0 and dead_after_s > 0):
-        raise TimingError(
-            f"interval_s={interval_s} and dead_after_s={dead_after_s} must both be > 0",
-            path="heartbeat",
-        )
-    if interval_s > dead_after_s / 2:
-        raise TimingError(
-            f"interval_s={interval_s} must be <= dead_after_s/2 = {dead_after_s / 2:g} "
-            f"(dead_after_s={dead_after_s})",
-            path="heartbeat.interval_s",
-        )
-
-
-# --------------------------------------------------------------------------- liveness
 
 
 def _finite(name: str, v: float) -> None:
@@ -365,8 +339,6 @@ class LivenessState:
             for mid in sorted(self.members)
         }
 
-
-Tracker = LivenessState
 
 
 def liveness(

@@ -9,7 +9,7 @@ Why lazy imports: ``ec2-agent status`` must stay fast and never pays for
 prometheus_client; nothing here imports it at module import time.
 
 Two ways out: ``render()`` for the agent's HTTP endpoint, and
-``write_textfile(path)`` for node_exporter's textfile collector (atomic, so the
+``write_boot_textfile(path, durations)`` for node_exporter's textfile collector (atomic, so the
 collector never reads a half-written file).
 """
 
@@ -22,8 +22,6 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from prometheus_client import CollectorRegistry
-
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 # Boot phases take from milliseconds (identity) to minutes (restore of a big data set).
 NOTICE_KINDS = ("spot", "lifecycle", "rebalance", "maintenance")  # agent.departure notices()
@@ -82,12 +80,6 @@ class Metrics:
         )
         for kind in NOTICE_KINDS:  # the series exist at 0 from the start, for alerts
             self.imds_notices.labels(kind=kind).set(0)
-        self.store_requests = Counter(
-            "ec2_agent_store_requests",
-            "Requests made to the coordination store (S3), by operation.",
-            ["op"],
-            registry=r,
-        )
 
     # Small verbs so callers don't need to know label names.
 
@@ -118,25 +110,22 @@ class Metrics:
         for kind in set(NOTICE_KINDS) | now:
             self.imds_notices.labels(kind=kind).set(1 if kind in now else 0)
 
-    def store_request(self, op: str) -> None:
-        self.store_requests.labels(op=op).inc()
-
     def render(self) -> bytes:
         """The exposition text format, for the HTTP endpoint."""
         from prometheus_client import generate_latest
 
         return generate_latest(self.registry)
 
-    def write_textfile(self, path: str | os.PathLike[str]) -> None:
-        """Write ``render()`` atomically for node_exporter's textfile collector.
+    def boot_text(self) -> bytes:
+        """The boot phase histogram alone, in the exposition format (the boot's textfile).
 
-        The collector reads ``*.prom`` files at any moment, so the text goes to a
-        hidden ``.<name>.*.tmp`` sibling (not matched by the collector), fsynced,
-        then renamed over the target: ``agent.files.atomic_write`` does exactly that.
+        Only the boot histogram: in the boot the daemon's gauges would read 0, a lie.
         """
-        from agent.files import atomic_write
+        from prometheus_client import CollectorRegistry, generate_latest
 
-        atomic_write(path, self.render(), mode=0o644)
+        reg = CollectorRegistry(auto_describe=True)
+        reg.register(self.boot_phase_duration)
+        return generate_latest(reg)
 
 
 def _label_values(metric: Any) -> list[tuple[str, ...]]:
@@ -172,6 +161,18 @@ def render() -> bytes:
     return get().render()
 
 
-def write_textfile(path: str | os.PathLike[str]) -> None:
-    """``get().write_textfile(path)``."""
-    get().write_textfile(path)
+def write_boot_textfile(path: str | os.PathLike[str],
+                        durations: Iterable[tuple[str, float]]) -> None:
+    """This boot's phase durations for node_exporter's textfile collector, atomically.
+
+    The collector reads ``*.prom`` files at any moment, so the text goes to a
+    hidden ``.<name>.*.tmp`` sibling (not matched by the collector), fsynced, then
+    renamed over the target: ``agent.files.atomic_write`` does exactly that. A fresh
+    ``Metrics``: this boot's observations only, even when run twice in one process.
+    """
+    from agent.files import atomic_write
+
+    m = Metrics()
+    for name, seconds in durations:
+        m.observe_phase(name, seconds)
+    atomic_write(path, m.boot_text(), mode=0o644)

@@ -20,8 +20,12 @@ from typing import Any, Protocol
 
 from agent import departure as D
 from agent import state as statefile
+from agent.bootctx import BootContext
 from agent.clock import Clock, Deadline
 from agent.errors import AgentError, StateError
+from agent.heartbeat import boot_joins_now  # noqa: F401 - re-exported
+from agent.interfaces import CloudAPI
+from agent.paths import Paths
 
 log = logging.getLogger(__name__)
 
@@ -52,28 +56,18 @@ def observe(imds: Any) -> D.Observations:
                                     errors=errors)
 
 
-def boot_joins_now(ctx: Any) -> tuple[bool, str]:
-    """For the register phase: (join?, why), from ``autoscaling/target-lifecycle-state``.
-
-    An unreadable state joins (what the agent always did: IMDS trouble is not a
-    reason to stay out); only a state that says "not in service" holds the boot back.
-    """
-    imds = getattr(ctx, "imds", None)
-    if imds is None:
-        return True, "no IMDS client"
-    try:
-        state = imds.target_lifecycle_state()
-    except AgentError as exc:
-        return True, f"target lifecycle state unreadable ({exc}): joining"
-    return D.boot_joins(state)
+def check_departure(imds: Any) -> str | None:
+    """Ask IMDS (every departure signal, default policy); an IMDS failure is not a departure."""
+    d = D.decide(observe(imds), D.Policy(on_maintenance="report"), "member", 0.0)
+    return d.reason if d.action in ("leave", "suspend") else None
 
 
 class DaemonLike(Protocol):
     """What ``DepartureWatch`` uses of ``agent.daemon.Daemon``."""
 
-    paths: Any
+    paths: Paths
     clock: Clock
-    ctx: Any
+    ctx: BootContext | None
     hb: Any
     departing: str | None
     imds: Any
@@ -98,7 +92,7 @@ def initial_membership(state: dict[str, Any] | None, member_left: bool) -> tuple
 class DepartureWatch:
     """The daemon's departure task; ``step()`` runs every few seconds."""
 
-    def __init__(self, daemon: DaemonLike, *, cloud: Any = None) -> None:
+    def __init__(self, daemon: DaemonLike, *, cloud: CloudAPI | None = None) -> None:
         self.d = daemon
         self.cloud = cloud  # for the launch hook of a warm pool instance entering service
         st = _read_state(daemon.paths.state_file)
@@ -231,10 +225,8 @@ def _set_departing(d: Any, reason: str | None) -> None:
 
 def _left_for_good(paths: Any) -> bool:
     """``ec2-agent leave`` ran (member.json ``final``): never rejoin."""
-    from agent.heartbeat import read_member_file
-
     try:
-        return bool((read_member_file(paths) or {}).get("final"))
+        return bool((statefile.read_member_file(paths) or {}).get("final"))
     except StateError:
         return False
 

@@ -55,9 +55,5 @@ class Paths:
         """Lean copies of botocore's data (``agent.awsdata``), per botocore version."""
         return self.state_dir / "aws-data"
 
-    @property
-    def lock_file(self) -> Path:
-        return self.state_dir / "agent.lock"
-
     def rooted(self, path: str | os.PathLike[str]) -> Path:
         return rooted(path, self.base)

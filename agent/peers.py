@@ -40,6 +40,8 @@ from typing import Any
 
 from agent.clock import SYSTEM_CLOCK, Clock
 from agent.errors import NotFound, PreconditionFailed, StoreError
+from agent.interfaces import NotModified, StoreAPI
+from agent.layout import id_from_key, marker_key, member_key, members_prefix  # noqa: F401
 from agent.membership import (
     LivenessState,
     MalformedRecord,
@@ -48,7 +50,7 @@ from agent.membership import (
     Verdict,
     watch_set,
 )
-from agent.store import http_date_seconds
+from agent.retry import CAS_RETRY, Retry
 
 log = logging.getLogger(__name__)
 
@@ -60,22 +62,12 @@ GONE_KEEP_S = 600.0  # how long a watcher remembers a member it saw leave (then:
 # -- keys --------------------------------------------------------------------------------------
 
 
-def members_prefix(group: str) -> str:
-    return f"groups/{group}/members/"
 
 
-def member_key(group: str, instance_id: str) -> str:
-    return f"{members_prefix(group)}{instance_id}.json"
 
 
-def marker_key(group: str) -> str:
-    """Beside, not under, ``members/``: a LIST of members never sees it."""
-    return f"groups/{group}/members.version"
 
 
-def id_from_key(rel: str) -> str | None:
-    name = rel.rsplit("/", 1)[-1]
-    return name[:-5] if name.endswith(".json") and len(name) > 5 else None
 
 
 # -- pure: the peer view -----------------------------------------------------------------------
@@ -234,52 +226,27 @@ class Read:
     body: bytes = b""
 
 
-def _date(meta: Mapping[str, Any]) -> float:
-    date = (meta.get("HTTPHeaders") or {}).get("date")
-    if not date:
-        raise StoreError("store response carries no Date header")
-    return http_date_seconds(date)
-
-
-def read_if_changed(store: Any, rel: str, etag: str | None = None) -> Read:
-    """GET with If-None-Match that, unlike ``Store.get``, keeps the 304's ``Date``.
+def read_if_changed(store: StoreAPI, rel: str, etag: str | None = None) -> Read:
+    """A conditional GET as ``changed`` / ``unchanged`` / ``gone``, each with the store clock.
 
     The store clock of a 304 is what lets a watcher age a record that stopped
     changing without downloading it again.
     """
-    kwargs: dict[str, Any] = {"Bucket": store.bucket, "Key": store.key(rel)}
-    if etag:
-        kwargs["IfNoneMatch"] = etag
     try:
-        resp = store.client.get_object(**kwargs)
-        body = resp["Body"].read()
-    except Exception as exc:
-        store.usage.add("get")
-        r = getattr(exc, "response", None) or {}
-        meta = r.get("ResponseMetadata", {})
-        status = int(meta.get("HTTPStatusCode", 0) or 0)
-        code = str(r.get("Error", {}).get("Code", ""))
-        if status == 304 or code == "304":
-            return Read("unchanged", etag or "", None, _date(meta))
-        if status == 404 or code in ("NoSuchKey", "404"):
-            return Read("gone", "", None, _date(meta) if meta.get("HTTPHeaders") else 0.0)
-        raise StoreError(f"get s3://{store.bucket}/{store.key(rel)}: {code or exc}") from exc
-    store.usage.add("get", bytes_in=len(body))
-    return Read(
-        "changed",
-        resp["ETag"],
-        resp["LastModified"].timestamp(),
-        _date(resp.get("ResponseMetadata", {})),
-        body,
-    )
+        got = store.get(rel, if_none_match=etag)
+    except NotFound as exc:
+        return Read("gone", "", None, exc.store_now or 0.0)
+    if isinstance(got, NotModified):
+        return Read("unchanged", etag or "", None, got.store_now)
+    return Read("changed", got.etag, got.last_modified, got.store_now, got.body)
 
 
 def bump_marker(
-    store: Any,
+    store: StoreAPI,
     group: str,
     change: Mapping[str, Any],
     *,
-    attempts: int = 6,
+    retry: Retry = CAS_RETRY,
     known: tuple[str, Mapping[str, Any]] | None = None,
 ) -> int:
     """Append one change to the marker with compare-and-swap; the new version.
@@ -289,8 +256,7 @@ def bump_marker(
     erasing each other, which a plain overwrite would do.
     """
     rel = marker_key(group)
-    last: Exception | None = None
-    for _ in range(attempts):
+    while True:
         if known is None:
             r = read_if_changed(store, rel)
             known = (r.etag, json.loads(r.body)) if r.status == "changed" else ("", {})
@@ -303,20 +269,21 @@ def bump_marker(
             else:
                 store.put(rel, body, if_none_match=True, content_type="application/json")
             return int(new["version"])
-        except PreconditionFailed as exc:
-            last = exc
+        # NotFound: deleted between our GET and PUT (an operator reset it)
+        except (PreconditionFailed, NotFound) as exc:
             known = None
-        except NotFound as exc:  # deleted between our GET and PUT (an operator reset it)
-            last = exc
-            known = None
-    raise StoreError(f"could not bump the membership marker after {attempts} races: {last}")
+            retry = retry.increment(str(exc))
+            if retry.exhausted:
+                raise StoreError(f"could not bump the membership marker after "
+                                 f"{len(retry.history)} races: {exc}") from exc
+            retry.sleep()
 
 
 def member_change(rec: MemberRecord, state: str | None = None) -> dict[str, Any]:
     return {"id": rec.instance_id, "state": state or rec.state, "ip": rec.private_ip, "az": rec.az}
 
 
-def read_group(store: Any, group: str, *, workers: int = 16) -> tuple[list[PeerInfo], float]:
+def read_group(store: StoreAPI, group: str, *, workers: int = 16) -> tuple[list[PeerInfo], float]:
     """Everything, fresh: one LIST plus a GET per record (for ``ec2-agent peers``, not the loop).
 
     Returns the peers (ids whose record cannot be parsed are shown with state
@@ -387,7 +354,7 @@ class PeerWatcher:
 
     def __init__(
         self,
-        store: Any,
+        store: StoreAPI,
         group: str,
         self_id: str,
         *,

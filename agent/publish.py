@@ -20,7 +20,6 @@ is uploaded.
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ from agent import bundle
 from agent.bundle import FileEntry, Manifest
 from agent.clock import SYSTEM_CLOCK, Clock
 from agent.errors import ConfigError, IntegrityError, NotFound, PreconditionFailed, StoreError
+from agent.interfaces import StoreAPI
 from agent.store import Obj
 
 SKIP_NAMES = frozenset({".git", ".hg", ".svn", "__pycache__", ".DS_Store"})
@@ -104,7 +104,7 @@ def _validate_agent_yaml(root: Path) -> None:
         raise ConfigError("bundle push refused: " + "; ".join(errors))
 
 
-def _current(store: Any, group: str) -> tuple[Manifest | None, str | None]:
+def _current(store: StoreAPI, group: str) -> tuple[Manifest | None, str | None]:
     obj = store.get_or_none(bundle.manifest_rel(group))
     if obj is None:
         return None, None
@@ -112,28 +112,15 @@ def _current(store: Any, group: str) -> tuple[Manifest | None, str | None]:
     return bundle.parse_manifest(obj.body), obj.etag
 
 
-def _upload(store: Any, group: str, items: dict[str, bytes], concurrency: int) -> None:
-    from s3transfer.manager import TransferConfig, TransferManager
-
-    cfg = TransferConfig(max_request_concurrency=concurrency,
-                         multipart_threshold=64 * 1024 * 1024)
-    with TransferManager(store.client, cfg) as tm:
-        futures = [
-            (sha, tm.upload(io.BytesIO(data), store.bucket,
-                            store.key(bundle.object_rel(group, sha)),
-                            extra_args={"ContentType": "application/octet-stream"}))
-            for sha, data in items.items()
-        ]
-        for sha, fut in futures:
-            try:
-                fut.result()
-            except Exception as exc:
-                raise StoreError(f"bundle push: upload of object {sha[:12]} failed: "
-                                 f"{type(exc).__name__}: {exc}") from exc
-            store.usage.add("put", bytes_out=len(items[sha]))
+def _upload(store: StoreAPI, group: str, items: dict[str, bytes], concurrency: int) -> None:
+    try:
+        store.upload_many({bundle.object_rel(group, sha): data for sha, data in items.items()},
+                          concurrency=concurrency)
+    except StoreError as exc:
+        raise StoreError(f"bundle push: upload failed: {exc}") from exc
 
 
-def push(store: Any, group: str, src_dir: str | os.PathLike[str], *,
+def push(store: StoreAPI, group: str, src_dir: str | os.PathLike[str], *,
          clock: Clock = SYSTEM_CLOCK, concurrency: int = 8) -> PushResult:
     """Publish ``src_dir`` as the next version of ``group``'s bundle (see the module doc)."""
     bundle.check_group(group)

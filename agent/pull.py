@@ -32,10 +32,12 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent import bundle
+from agent.bootctx import BootContext, Done
 from agent.bundle import Manifest
+from agent.clock import Deadline
 from agent.errors import (
     AgentError,
     ConfigError,
@@ -44,8 +46,13 @@ from agent.errors import (
     NotFound,
     StoreError,
 )
-from agent.files import flocked, fsync_dir
-from agent.store import NOT_MODIFIED, Obj
+from agent.files import flocked, fsync_dir, sha256_file
+from agent.interfaces import NotModified, Obj, StoreAPI
+
+if TYPE_CHECKING:
+    from agent.apply import ApplyResult
+    from agent.config import Config
+    from agent.configcache import Validated
 
 META = bundle.RESERVED  # ".bundle"
 _CHUNK = 1 << 20
@@ -89,17 +96,18 @@ def version_dirname(manifest: Manifest, body: bytes) -> str:
 
 # -- the store side ------------------------------------------------------------------------------
 
-def fetch_manifest(store: Any, group: str, *, if_none_match: str | None = None) -> Any:
-    """The group's manifest as a checked ``Remote``, or NOT_MODIFIED; NotFound if none."""
+def fetch_manifest(store: StoreAPI, group: str, *,
+                   if_none_match: str | None = None) -> Remote | NotModified:
+    """The group's manifest as a checked ``Remote``, or ``NotModified``; NotFound if none."""
     obj = store.get(bundle.manifest_rel(group), if_none_match=if_none_match)
-    if obj is NOT_MODIFIED:
-        return NOT_MODIFIED
+    if isinstance(obj, NotModified):
+        return obj
     assert isinstance(obj, Obj)
     return Remote(bundle.parse_manifest(obj.body), obj.body, obj.etag)
 
 
-def poll(store: Any, group: str, etag: str | None) -> Any:
-    """The change watch's probe: a conditional GET; NOT_MODIFIED (a 304) or a new ``Remote``."""
+def poll(store: StoreAPI, group: str, etag: str | None) -> Remote | NotModified:
+    """The change watch's probe: a conditional GET; ``NotModified`` (a 304) or a new ``Remote``."""
     return fetch_manifest(store, group, if_none_match=etag)
 
 
@@ -134,16 +142,7 @@ def last_known_good(bundles_dir: Path) -> LocalVersion | None:
 
 
 def _sha_file(path: Path) -> tuple[str, int]:
-    h = hashlib.sha256()
-    n = 0
-    with open(path, "rb") as f:
-        while True:
-            b = f.read(_CHUNK)
-            if not b:
-                break
-            h.update(b)
-            n += len(b)
-    return h.hexdigest(), n
+    return sha256_file(path, _CHUNK)
 
 
 def _verify_dir(vdir: Path, manifest: Manifest, *, raise_: bool = True) -> bool:
@@ -207,69 +206,28 @@ class _Progress:
         self.report(info)
 
 
-def _map_error(exc: BaseException, what: str) -> AgentError:
-    if isinstance(exc, AgentError):
-        return exc
-    resp = getattr(exc, "response", None) or {}
-    code = str(resp.get("Error", {}).get("Code", ""))
-    status = int(resp.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
-    if code in ("NoSuchKey", "404", "NotFound") or status == 404:
-        return NotFound(f"{what}: missing from the store")
-    return StoreError(f"{what}: {code or type(exc).__name__}: {exc}")
-
-
-def _download(store: Any, group: str, entries: tuple[bundle.FileEntry, ...], objects: Path, *,
-              concurrency: int, deadline: Any, progress: _Progress) -> None:
-    """Fetch objects in parallel with s3transfer into the cache, verifying each one."""
+def _download(store: StoreAPI, group: str, entries: tuple[bundle.FileEntry, ...], objects: Path,
+              *, concurrency: int, deadline: Deadline | None, progress: _Progress) -> None:
+    """Fetch objects in parallel into the cache, verifying each one as it lands."""
     if not entries:
         return
-    from s3transfer.manager import TransferConfig, TransferManager
-    from s3transfer.subscribers import BaseSubscriber
+    items = [(bundle.object_rel(group, e.sha256),
+              objects / f".dl-{e.sha256}-{uuid.uuid4().hex[:8]}", e.size) for e in entries]
 
-    class Sub(BaseSubscriber):
-        def __init__(self, size: int) -> None:
-            self.size = size
+    def expired() -> bool:
+        if deadline is not None and deadline.expired():
+            raise DeadlineExceeded(f"{deadline.what} deadline exceeded while downloading "
+                                   f"the bundle")
+        return False
 
-        def on_queued(self, future: Any, **kw: Any) -> None:
-            future.meta.provide_transfer_size(self.size)  # no HeadObject per file
-
-        def on_progress(self, future: Any, bytes_transferred: int, **kw: Any) -> None:
-            progress.add(bytes_transferred)
-
-    cfg = TransferConfig(max_request_concurrency=concurrency, num_download_attempts=2,
-                         multipart_threshold=64 * 1024 * 1024,
-                         multipart_chunksize=16 * 1024 * 1024)
-    jobs: list[tuple[bundle.FileEntry, Path, Any]] = []
-    tm = TransferManager(store.client, cfg)
-    cancel = True
     try:
-        for e in entries:
-            tmp = objects / f".dl-{e.sha256}-{uuid.uuid4().hex[:8]}"
-            fut = tm.download(store.bucket, store.key(bundle.object_rel(group, e.sha256)),
-                              str(tmp), subscribers=[Sub(e.size)])
-            jobs.append((e, tmp, fut))
-        pending = list(jobs)
-        while pending:
-            if deadline is not None and deadline.expired():
-                raise DeadlineExceeded(f"{deadline.what} deadline exceeded while downloading "
-                                       f"the bundle ({len(pending)} objects left)")
-            still = []
-            for e, tmp, fut in pending:
-                if not fut.done():
-                    still.append((e, tmp, fut))
-                    continue
-                try:
-                    fut.result()
-                except BaseException as exc:
-                    raise _map_error(exc, f"bundle object {e.path} ({e.sha256[:12]})") from exc
-                _admit(tmp, e, objects)
-            pending = still
-            if pending:
-                time.sleep(0.005)
-        cancel = False
+        store.download_many(items, concurrency=concurrency, on_progress=progress.add,
+                            on_done=lambda i: _admit(items[i][1], entries[i], objects),
+                            expired=expired)
+    except NotFound as exc:
+        raise NotFound(f"bundle object missing from the store: {exc}") from exc
     finally:
-        tm.shutdown(cancel=cancel)
-        for _, tmp, _ in jobs:
+        for _, tmp, _size in items:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
 
@@ -405,8 +363,9 @@ def _clean_leftovers(bundles_dir: Path) -> None:
                 p.unlink()
 
 
-def pull(store: Any, group: str, bundles_dir: Path, *, keep: int = 3, remote: Remote | None = None,
-         accept: Callable[[Path, Remote], None] | None = None, deadline: Any = None,
+def pull(store: StoreAPI, group: str, bundles_dir: Path, *, keep: int = 3,
+         remote: Remote | None = None, accept: Callable[[Path, Remote], None] | None = None,
+         deadline: Deadline | None = None,
          progress: Callable[[dict[str, Any]], None] | None = None,
          concurrency: int = 8) -> PullResult:
     """Make the group's bundle version (``remote``, else fetched now) ``current``.
@@ -467,43 +426,22 @@ def pull(store: Any, group: str, bundles_dir: Path, *, keep: int = 3, remote: Re
 
 # -- boot phase ---------------------------------------------------------------------------------
 
-def read_bundle_config(vdir: Path, version: int | None = None) -> dict[str, Any] | None:
-    """The bundle's ``agent.yaml`` as a mapping (None if absent); ConfigError names the layer."""
-    import yaml
-
-    from agent.config import LAYER_BUNDLE
-
-    layer = LAYER_BUNDLE if version is None else f"{LAYER_BUNDLE} (version {version})"
-    p = vdir / "agent.yaml"
-    if not p.exists():
-        return None
-    try:
-        doc = yaml.safe_load(p.read_bytes().decode("utf-8-sig"))
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"not valid YAML: {exc}", layer=layer) from exc
-    if doc is None:
-        return {}
-    if not isinstance(doc, dict):
-        raise ConfigError(f"expected a mapping of settings, got {type(doc).__name__}",
-                          layer=layer)
-    return doc
-
-
-def _merge_dir(ctx: Any, vdir: Path, version: int | None) -> Any:
+def _merge_dir(ctx: BootContext, vdir: Path, version: int | None) -> Validated:
     """The bundle's agent.yaml in ``vdir`` merged with the other layers and validated
     (``configcache.Validated``); in the daemon a child process parses and validates."""
     from agent.configcache import validated_files
 
     return validated_files(ctx.paths.state_dir, ctx.user_config, baked=ctx.baked_config,
                            bundle_dir=vdir, bundle_version=version,
-                           isolate=getattr(ctx, "isolate_validation", False))
+                           isolate=ctx.isolate_validation)
 
 
-def _validating(ctx: Any) -> tuple[Callable[[Path, Remote], None], Callable[[Path, int], Any]]:
+def _validating(ctx: BootContext) -> tuple[Callable[[Path, Remote], None],
+                                           Callable[[Path, int], Validated]]:
     """``pull``'s ``accept`` (a staged bundle whose config does not validate is refused,
     ``current`` untouched) and the lookup of the version then taken, which reuses that
     validation instead of doing it again."""
-    checked: dict[int, Any] = {}
+    checked: dict[int, Validated] = {}
 
     def accept(staged: Path, r: Remote) -> None:
         checked[r.manifest.version] = _merge_dir(ctx, staged, r.manifest.version)
@@ -514,14 +452,14 @@ def _validating(ctx: Any) -> tuple[Callable[[Path, Remote], None], Callable[[Pat
     return accept, merged
 
 
-def _boot_store(ctx: Any, budget: float) -> Any:
+def _boot_store(ctx: BootContext, budget: float) -> StoreAPI:
     """A store whose S3 client cannot outlive ``budget`` seconds (timeouts and attempts)."""
     if ctx.store is not None:
         return ctx.store
     from agent import aws
     from agent.store import Store
 
-    cfg = ctx.config
+    cfg = ctx.cfg
     region = cfg.store.region or (ctx.identity.region if ctx.identity else None)
     connect = max(0.2, min(2.0, budget / 4))
     read = max(0.5, min(10.0, budget / 2))
@@ -530,21 +468,22 @@ def _boot_store(ctx: Any, budget: float) -> Any:
                         max_attempts=attempts, max_pool_connections=16)
     # The later boot phases (restore, register) reuse it: one S3 client per boot, and its
     # timeouts are bounded by the boot's own budget anyway.
-    ctx.store = Store(cfg.store.bucket, cfg.store.prefix, client=client)
-    return ctx.store
+    return Store(cfg.store.bucket, cfg.store.prefix, client=client)
 
 
-def _budget_deadline(ctx: Any, fraction: float) -> Any:
-    from agent.clock import Deadline
-
+def _budget_deadline(ctx: BootContext, fraction: float) -> Deadline:
     left = ctx.deadline.remaining()
     return Deadline(ctx.deadline.clock.monotonic() + left * fraction, "boot (bundle pull share)",
                     ctx.deadline.clock)
 
 
-def phase_pull(ctx: Any) -> str:
-    """Boot phase ``pull``: the group's bundle becomes ``current``; lkg if the store is sick."""
-    cfg = ctx.config
+def phase_pull(ctx: BootContext) -> Done:
+    """Boot phase ``pull``: the group's bundle becomes ``current``; lkg if the store is sick.
+
+    Adds the store (the later phases reuse its client), the bundle's dir and layer,
+    and the config merged with that layer.
+    """
+    cfg = ctx.cfg
     bundles_dir = ctx.paths.bundles_dir
     lkg = last_known_good(bundles_dir)
     # With a fallback, spend at most half of what is left on S3; without one, nearly all.
@@ -552,18 +491,18 @@ def phase_pull(ctx: Any) -> str:
     sub = _budget_deadline(ctx, share)
     try:
         store = _boot_store(ctx, sub.remaining())
+        ctx = ctx.add(store=store)
         etag = lkg.etag if lkg is not None and lkg.path.name == _current_name(bundles_dir) else None
         remote = fetch_manifest(store, cfg.group, if_none_match=etag)
     except NotFound as exc:
         if lkg is not None:
             return _fallback(ctx, lkg, exc)
-        ctx.bundle_dir = None
-        ctx.bundle_config = None
-        return f"no bundle published for group {cfg.group}"
+        return Done(ctx.add(bundle_dir=None, bundle_config=None),
+                    f"no bundle published for group {cfg.group}")
     except (StoreError, DeadlineExceeded, IntegrityError, OSError) as exc:
         return _fallback(ctx, lkg, exc)
     accept, merged = _validating(ctx)
-    if remote is NOT_MODIFIED:
+    if isinstance(remote, NotModified):
         assert lkg is not None
         chosen, version = lkg.path, lkg.manifest.version
         detail = f"version {version} (unchanged)"
@@ -579,10 +518,7 @@ def phase_pull(ctx: Any) -> str:
         detail = (f"version {version}: {res.downloaded} objects downloaded "
                   f"({res.bytes} bytes), {res.cached} cached")
     got = merged(chosen, version)
-    ctx.bundle_dir = chosen
-    ctx.bundle_config = got.bundle
-    ctx.config = got.config
-    return detail
+    return Done(ctx.add(bundle_dir=chosen, bundle_config=got.bundle, config=got.config), detail)
 
 
 def _current_name(bundles_dir: Path) -> str | None:
@@ -592,17 +528,15 @@ def _current_name(bundles_dir: Path) -> str | None:
         return None
 
 
-def _fallback(ctx: Any, lkg: LocalVersion | None, exc: BaseException) -> str:
+def _fallback(ctx: BootContext, lkg: LocalVersion | None, exc: BaseException) -> Done:
     reason = f"{type(exc).__name__}: {exc}"
     if lkg is None:
         raise StoreError(f"bundle: cannot get version from the store and no last-known-good "
                          f"version: {reason}") from exc
     got = _merge_dir(ctx, lkg.path, lkg.manifest.version)
-    ctx.config = got.config
-    ctx.bundle_dir = lkg.path
-    ctx.bundle_config = got.bundle
-    ctx.degrade(f"bundle: using last-known-good version {lkg.manifest.version}: {reason}")
-    return f"version {lkg.manifest.version} (last-known-good)"
+    ctx = ctx.add(config=got.config, bundle_dir=lkg.path, bundle_config=got.bundle)
+    ctx = ctx.degrade(f"bundle: using last-known-good version {lkg.manifest.version}: {reason}")
+    return Done(ctx, f"version {lkg.manifest.version} (last-known-good)")
 
 
 # -- change watch (daemon) ----------------------------------------------------------------------
@@ -613,8 +547,9 @@ class RefreshResult:
     version: int | None = None
     previous_version: int | None = None
     changed_paths: tuple[str, ...] = ()  # bundle files added, removed or changed
-    apply: Any = None  # agent.apply.ApplyResult when rendered
-    config: Any = None  # the re-merged Config when the bundle changed
+    apply: ApplyResult | None = None  # when rendered
+    config: Config | None = None  # the re-merged config when the bundle changed
+    ctx: BootContext | None = None  # the context with the new bundle, when one was taken
     error: str | None = None
     etag: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -624,17 +559,17 @@ class RefreshResult:
         return tuple(r.command for r in self.apply.reloads) if self.apply is not None else ()
 
 
-def refresh(ctx: Any, *, store: Any = None, dry_run: bool = False) -> RefreshResult:
+def refresh(ctx: BootContext, *, store: StoreAPI | None = None,
+            dry_run: bool = False) -> RefreshResult:
     """One tick of the change watch: conditional GET; on a new version pull, render, reload.
 
-    ``ctx`` needs ``paths``, ``config``, ``identity``, ``baked_config`` and
-    ``user_config`` (a BootContext will do); ``store`` defaults to
-    ``ctx.get_store()``. Only services whose rendered files changed are
+    ``store`` defaults to ``ctx.get_store()``; a taken bundle comes back as
+    ``RefreshResult.ctx`` (the caller keeps it). Only services whose rendered files changed are
     reloaded (``agent.apply`` skips unchanged files). Never raises an
     ``AgentError``: failures come back as ``status="error"`` for the daemon to record;
     ``current`` and the rendered files stay as they were.
     """
-    cfg = ctx.config
+    cfg = ctx.cfg
     bundles_dir = ctx.paths.bundles_dir
     cur = local_version(bundles_dir, "current")
     try:
@@ -651,7 +586,7 @@ def refresh(ctx: Any, *, store: Any = None, dry_run: bool = False) -> RefreshRes
         return RefreshResult("error", version=cur.manifest.version if cur else None,
                              error=f"{type(exc).__name__}: {exc}")
     try:
-        if remote is NOT_MODIFIED:
+        if isinstance(remote, NotModified):
             return RefreshResult("not-modified", version=cur.manifest.version if cur else None,
                                  etag=cur.etag if cur else None)
         assert isinstance(remote, Remote)
@@ -669,18 +604,15 @@ def refresh(ctx: Any, *, store: Any = None, dry_run: bool = False) -> RefreshRes
     except AgentError as exc:
         return RefreshResult("error", version=cur.manifest.version if cur else None,
                              error=f"{type(exc).__name__}: {exc}")
-    ctx.config = new_cfg
-    if hasattr(ctx, "bundle_dir"):
-        ctx.bundle_dir = res.path
-        ctx.bundle_config = bundle_config
+    new_ctx = ctx.add(config=new_cfg, bundle_dir=res.path, bundle_config=bundle_config)
     return RefreshResult("updated" if applied.ok else "error", version=res.version,
                          previous_version=cur.manifest.version if cur else None,
-                         changed_paths=changed, apply=applied, config=new_cfg,
+                         changed_paths=changed, apply=applied, config=new_cfg, ctx=new_ctx,
                          error=None if applied.ok else "; ".join(applied.errors),
                          etag=remote.etag)
 
 
-def _peers(ctx: Any) -> list[dict[str, Any]]:
+def _peers(ctx: BootContext) -> list[dict[str, Any]]:
     from agent import state as statefile
     from agent.render import peers_from_state
 

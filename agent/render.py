@@ -162,7 +162,7 @@ def render(
         line = _line_of(name, sys.exc_info()[2])
         at = f"line {line}: " if line else ""
         raise RenderError(f"template {name}: {at}{exc}") from None
-    except Exception as exc:
+    except Exception as exc:  # a template is user code: whatever it raises is its error
         # Deliberately no chaining and no str(exc) of arbitrary objects beyond the type and
         # message: an exception raised while handling a secret value must not carry it out.
         line = _line_of(name, sys.exc_info()[2])

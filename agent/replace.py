@@ -57,7 +57,7 @@ import urllib.request
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent.clock import SYSTEM_CLOCK, Clock
 from agent.errors import AgentError, CloudError, NotFound, PreconditionFailed, StoreError
@@ -72,6 +72,7 @@ from agent.heal import (
     decide,
     lease_token,
 )
+from agent.interfaces import CloudAPI, StoreAPI
 from agent.leases import (
     OPEN_STATES,
     Lease,
@@ -92,6 +93,9 @@ from agent.leases import (
     write_event,
 )
 from agent.membership import MalformedRecord
+
+if TYPE_CHECKING:
+    from agent.bootctx import BootContext
 
 log = logging.getLogger(__name__)
 
@@ -230,7 +234,7 @@ class _Gathered:
 class HealController:
     """One observer's replacement controller. Not thread-safe: one per observer."""
 
-    def __init__(self, store: Any, cloud: Any, config: Any, identity: Any,
+    def __init__(self, store: StoreAPI, cloud: CloudAPI, config: Any, identity: Any,
                  clock: Clock = SYSTEM_CLOCK, *, policy: HealPolicy | None = None,
                  state_path: Path | None = None, watcher: Any = None,
                  probe: Any = probe_health, hook: Any = run_hook,
@@ -259,11 +263,12 @@ class HealController:
         self._lease_cache: dict[str, Lease] = {}
 
     @classmethod
-    def for_daemon(cls, ctx: Any, watcher: Any, *, clock: Clock = SYSTEM_CLOCK) -> HealController:
+    def for_daemon(cls, ctx: BootContext, watcher: Any, *,
+                   clock: Clock = SYSTEM_CLOCK) -> HealController:
         from agent.cloud import Cloud
 
-        region = ctx.config.store.region or getattr(ctx.identity, "region", None)
-        return cls(ctx.get_store(), Cloud(region), ctx.config, ctx.identity, clock,
+        region = ctx.cfg.store.region or ctx.ident.region
+        return cls(ctx.get_store(), Cloud(region), ctx.cfg, ctx.ident, clock,
                    state_path=ctx.paths.state_file, watcher=watcher)
 
     # -- the step -------------------------------------------------------------------------------
@@ -398,7 +403,7 @@ class HealController:
             return False
         if rid in peers.members:
             return True
-        from agent.peers import member_key
+        from agent.layout import member_key
 
         try:
             return self.store.head(member_key(self.group, rid)) is not None
@@ -609,7 +614,8 @@ class HealController:
 
     def _forget(self, m: str) -> None:
         """Delete the dead member's record and tell peers: it is gone, not dying."""
-        from agent.peers import bump_marker, member_key
+        from agent.layout import member_key
+        from agent.peers import bump_marker
 
         try:
             self.store.delete(member_key(self.group, m))

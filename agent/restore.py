@@ -34,9 +34,11 @@ from agent.backup import (
     latest_snapshot,
     load_manifest,
 )
+from agent.bootctx import BootContext, Done
 from agent.clock import SYSTEM_CLOCK, Clock, Deadline
 from agent.errors import AgentError, IntegrityError, NotFound
 from agent.files import fsync_dir
+from agent.interfaces import StoreAPI
 
 # -- restore --------------------------------------------------------------------------------------
 
@@ -71,7 +73,7 @@ def local_state(target: Path) -> str:
         return "data"
 
 
-def restore(store: Any, group: str, name: str, target: Path, *, snapshot_id: str | None = None,
+def restore(store: StoreAPI, group: str, name: str, target: Path, *, snapshot_id: str | None = None,
             force: bool = False, concurrency: int = DEFAULT_CONCURRENCY,
             clock: Clock = SYSTEM_CLOCK, deadline: Deadline | None = None,
             progress: ProgressFn | None = None) -> RestoreResult:
@@ -148,7 +150,7 @@ def _restore_lock(path: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def _fetch(store: Any, group: str, name: str, sha: str, length: int, path: str,
+def _fetch(store: StoreAPI, group: str, name: str, sha: str, length: int, path: str,
            idx: int) -> bytes:
     try:
         obj = store.get(D.chunk_key(group, name, sha))
@@ -163,7 +165,7 @@ def _fetch(store: Any, group: str, name: str, sha: str, length: int, path: str,
     return body
 
 
-def _build(store: Any, m: D.Manifest, staging: Path, concurrency: int, clock: Clock,
+def _build(store: StoreAPI, m: D.Manifest, staging: Path, concurrency: int, clock: Clock,
            deadline: Deadline | None, progress: ProgressFn | None) -> None:
     root_fd = os.open(staging, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -320,7 +322,7 @@ def _restored_here(paths: Any, name: str, instance_id: str) -> bool:
         return False
 
 
-def phase_restore(ctx: Any) -> str:
+def phase_restore(ctx: BootContext) -> Done:
     """Boot phase: restore each data entry on a first boot or into a missing/empty dir.
 
     Failure policy, per entry: local data present -> keep it and go on ``degraded``; the
@@ -329,10 +331,10 @@ def phase_restore(ctx: Any) -> str:
     """
     from agent.files import atomic_write
 
-    entries = list(getattr(ctx.config, "data", None) or ())
+    entries = list(ctx.cfg.data)
     if not entries:
-        return "no data entries"
-    instance_id = getattr(ctx.identity, "instance_id", "unknown")
+        return Done(ctx, "no data entries")
+    instance_id = ctx.ident.instance_id
     details: list[str] = []
     for spec in entries:
         target = ctx.paths.rooted(spec.path)
@@ -343,21 +345,25 @@ def phase_restore(ctx: Any) -> str:
             details.append(f"{spec.name}: {decision.reason}")
             continue
         try:
-            res = restore(ctx.get_store(), ctx.config.group, spec.name, target,
+            if ctx.store is None:
+                ctx = ctx.add(store=ctx.get_store())
+            assert ctx.store is not None
+            res = restore(ctx.store, ctx.cfg.group, spec.name, target,
                           force=decision.move_aside, clock=ctx.clock, deadline=ctx.deadline,
                           progress=ctx.progress)
         except AgentError as exc:
             if local == "data":
-                ctx.degrade(f"data {spec.name}: restore failed, kept local data: {exc}")
+                ctx = ctx.degrade(f"data {spec.name}: restore failed, kept local data: {exc}")
                 continue
-            if getattr(spec, "required", True):
+            if spec.required:
                 raise type(exc)(f"data {spec.name}: cannot restore into {local} {spec.path} "
                                 f"(required): {exc}") from exc
-            ctx.degrade(f"data {spec.name}: restore failed, starting with {local} dir: {exc}")
+            ctx = ctx.degrade(
+                f"data {spec.name}: restore failed, starting with {local} dir: {exc}")
             continue
         if res.snapshot_id is not None:
             atomic_write(_marker(ctx.paths, spec.name), json.dumps(
                 {"instance_id": instance_id, "snapshot_id": res.snapshot_id,
                  "restored_at": ctx.clock.time()}) + "\n", mode=0o644)
         details.append(res.summary())
-    return "; ".join(details)
+    return Done(ctx, "; ".join(details))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from agent import awserrors
 from agent.errors import RenderError
 
 SCHEMES = ("ssm", "secretsmanager")
@@ -25,11 +26,6 @@ def parse_ref(ref: str) -> tuple[str, str]:
     if scheme == "ssm" and not name.startswith("/") and "/" in name:
         raise RenderError(f"secret({ref!r}): SSM parameter paths start with '/'")
     return scheme, name
-
-
-def _code(exc: Exception) -> str:
-    resp = getattr(exc, "response", None) or {}
-    return str(resp.get("Error", {}).get("Code", "")) or type(exc).__name__
 
 
 class SecretResolver:
@@ -81,8 +77,8 @@ class SecretResolver:
                     value = bytes(resp["SecretBinary"]).decode()
         except RenderError:
             raise
-        except Exception as exc:  # botocore errors: name the ref and the code, nothing else
-            raise RenderError(f"secret({ref!r}): {_code(exc)}") from None
+        except awserrors.AWS_ERRORS as exc:  # name the ref and the code, never a value
+            raise RenderError(f"secret({ref!r}): {awserrors.describe(exc)}") from None
         self._values[ref] = value
         return value
 

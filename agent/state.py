@@ -92,3 +92,21 @@ def wait_final(path: Path, timeout: float | None, poll: float = 0.1) -> dict[str
         if end is not None and time.monotonic() >= end:
             return st
         time.sleep(poll)
+
+
+# -- member.json: what `register` recorded (the member's store, group and seq) --------------
+
+MEMBER_FILE = "member.json"
+
+
+def member_file(paths: Any) -> Path:
+    return Path(paths.state_dir) / MEMBER_FILE
+
+
+def read_member_file(paths: Any) -> dict[str, Any] | None:
+    try:
+        return json.loads(member_file(paths).read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise StateError(f"cannot read {member_file(paths)}: {exc}") from exc

@@ -4,96 +4,35 @@ S3 is strongly consistent and supports ``If-None-Match: *`` (create-only) and
 ``If-Match: <etag>`` (compare-and-swap) on PUT and DELETE; that is the whole
 coordination engine (leases, budgets, manifests). Every response carries the
 store's own ``Date``: liveness is judged on that clock, never on ours, so each
-read returns it as ``store_now``.
+read returns it as ``store_now`` (a 304 and a 404 too).
 
-Errors are mapped at this boundary: a lost race is ``PreconditionFailed``, a
-missing key ``NotFound``, anything else ``StoreError`` (chained), so callers can
-tell "someone else won" from "the store is sick".
+This is the S3 implementation of ``agent.interfaces.StoreAPI``. Errors are mapped
+at this boundary (``agent.awserrors`` reads botocore's): a lost race is
+``PreconditionFailed``, a missing key ``NotFound``, any other AWS failure
+``StoreError`` (chained), so callers can tell "someone else won" from "the store
+is sick"; anything else is a bug and propagates.
 """
 
 from __future__ import annotations
 
-import functools
-import threading
+import io
 import time
-from collections import Counter
-from dataclasses import dataclass, field
-from email.utils import parsedate_to_datetime
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
-from agent.errors import NotFound, PreconditionFailed, StoreError
+from agent import awserrors
+from agent.errors import DeadlineExceeded, NotFound, PreconditionFailed, StoreError
+from agent.interfaces import Entry, Listing, NotModified, Obj, StoreAPI, Usage
+
+__all__ = ["Entry", "Listing", "NotModified", "Obj", "Store", "StoreAPI", "Usage"]
 
 
-@dataclass(frozen=True)
-class Obj:
-    key: str
-    body: bytes
-    etag: str
-    last_modified: float  # epoch seconds, store clock
-    store_now: float  # the store's Date header for this response
-
-
-@dataclass(frozen=True)
-class Entry:
-    key: str
-    etag: str
-    last_modified: float
-    size: int
-
-
-@dataclass(frozen=True)
-class Listing:
-    entries: tuple[Entry, ...]
-    store_now: float
-    pages: int = 1
-
-
-class _NotModified:
-    def __repr__(self) -> str:
-        return "NOT_MODIFIED"
-
-
-NOT_MODIFIED = _NotModified()
-
-
-@dataclass
-class Usage:
-    """Requests and bytes by operation: the cost model is measured, not guessed."""
-
-    requests: Counter = field(default_factory=Counter)
-    bytes_in: int = 0
-    bytes_out: int = 0
-    last_mono: float = 0.0  # when the last request finished, ok or not: progress, for watchdogs
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-
-    def add(self, op: str, bytes_in: int = 0, bytes_out: int = 0) -> None:
-        with self._lock:
-            self.last_mono = time.monotonic()
-            self.requests[op] += 1
-            self.bytes_in += bytes_in
-            self.bytes_out += bytes_out
-
-
-@functools.lru_cache(maxsize=32)
-def http_date_seconds(date: str) -> float:
-    """An HTTP ``Date`` header as epoch seconds. Memoised: it changes once a second, and
-    every response carries one (parsing it was ~8 % of a member's interval)."""
-    return parsedate_to_datetime(date).timestamp()
-
-
-def _http_date(meta: dict[str, Any]) -> float:
-    headers = meta.get("HTTPHeaders", {}) if meta else {}
-    date = headers.get("date")
-    if not date:
+def _http_date(meta: Mapping[str, Any] | None) -> float:
+    date = awserrors.date_of(meta)
+    if date is None:
         raise StoreError("store response carries no Date header; cannot judge age on its clock")
-    return http_date_seconds(date)
-
-
-def _code(exc: Exception) -> tuple[str, int]:
-    resp = getattr(exc, "response", None) or {}
-    code = str(resp.get("Error", {}).get("Code", ""))
-    status = int(resp.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
-    return code, status
+    return date
 
 
 class Store:
@@ -107,7 +46,7 @@ class Store:
             from agent import aws
 
             client = aws.client("s3", region)
-        self.client = client
+        self.client = client  # a botocore S3 client: only this module calls it
         self.usage = Usage()
 
     # -- keys ---------------------------------------------------------------
@@ -121,29 +60,30 @@ class Store:
         return key
 
     # -- error mapping --------------------------------------------------------
-    def _fail(self, op: str, rel: str, exc: Exception) -> Exception:
-        code, status = _code(exc)
+    def _fail(self, op: str, rel: str, exc: BaseException) -> StoreError:
+        code, status = awserrors.error_code(exc), awserrors.http_status(exc)
         where = f"s3://{self.bucket}/{self.key(rel)}"
-        if code in ("PreconditionFailed", "ConditionalRequestConflict") or status in (409, 412):
+        if awserrors.is_precondition(exc):
             return PreconditionFailed(f"{op} {where}: precondition failed ({code or status})")
-        if code in ("NoSuchKey", "404", "NotFound") or status == 404:
-            return NotFound(f"{op} {where}: not found")
-        return StoreError(f"{op} {where}: {code or type(exc).__name__}: {exc}")
+        if awserrors.is_not_found(exc):
+            return NotFound(f"{op} {where}: not found", store_now=awserrors.error_date(exc))
+        return StoreError(f"{op} {where}: {awserrors.describe(exc)}: {exc}")
 
     # -- operations -------------------------------------------------------------
-    def get(self, rel: str, *, if_none_match: str | None = None) -> Obj | _NotModified:
+    def get(self, rel: str, *, if_none_match: str | None = None) -> Obj | NotModified:
         kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": self.key(rel)}
         if if_none_match:
             kwargs["IfNoneMatch"] = if_none_match
         try:
             resp = self.client.get_object(**kwargs)
             body = resp["Body"].read()
-        except Exception as exc:  # botocore errors are mapped at this boundary
-            code, status = _code(exc)
-            if status == 304 or code == "304":
-                self.usage.add("get")
-                return NOT_MODIFIED
+        except awserrors.AWS_ERRORS as exc:
             self.usage.add("get")
+            if awserrors.is_not_modified(exc):
+                now = awserrors.error_date(exc)
+                if now is None:
+                    raise StoreError("store 304 carries no Date header") from exc
+                return NotModified(now)
             raise self._fail("get", rel, exc) from exc
         self.usage.add("get", bytes_in=len(body))
         return Obj(
@@ -151,7 +91,7 @@ class Store:
             body=body,
             etag=resp["ETag"],
             last_modified=resp["LastModified"].timestamp(),
-            store_now=_http_date(resp.get("ResponseMetadata", {})),
+            store_now=_http_date(resp.get("ResponseMetadata")),
         )
 
     def get_or_none(self, rel: str) -> Obj | None:
@@ -174,14 +114,15 @@ class Store:
             kwargs["IfNoneMatch"] = "*"
         try:
             resp = self.client.put_object(**kwargs)
-        except Exception as exc:
+        except awserrors.AWS_ERRORS as exc:
             self.usage.add("put", bytes_out=len(body))
             raise self._fail("put", rel, exc) from exc
         self.usage.add("put", bytes_out=len(body))
-        return resp["ETag"]
+        return str(resp["ETag"])
 
-    def create(self, rel: str, body: bytes, **kw: Any) -> str:
-        return self.put(rel, body, if_none_match=True, **kw)
+    def create(self, rel: str, body: bytes, *,
+               content_type: str = "application/octet-stream") -> str:
+        return self.put(rel, body, if_none_match=True, content_type=content_type)
 
     def delete(self, rel: str, *, if_match: str | None = None) -> None:
         kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": self.key(rel)}
@@ -189,15 +130,30 @@ class Store:
             kwargs["IfMatch"] = if_match
         try:
             self.client.delete_object(**kwargs)
-        except Exception as exc:
+        except awserrors.AWS_ERRORS as exc:
             self.usage.add("delete")
             raise self._fail("delete", rel, exc) from exc
         self.usage.add("delete")
 
+    def delete_many(self, rels: Sequence[str]) -> None:
+        for i in range(0, len(rels), 1000):
+            batch = rels[i:i + 1000]
+            try:
+                resp = self.client.delete_objects(
+                    Bucket=self.bucket,
+                    Delete={"Objects": [{"Key": self.key(r)} for r in batch], "Quiet": True})
+            except awserrors.AWS_ERRORS as exc:
+                self.usage.add("delete")
+                raise self._fail(f"delete {len(batch)} keys from", batch[0], exc) from exc
+            self.usage.add("delete")
+            if resp.get("Errors"):
+                e = resp["Errors"][0]
+                raise StoreError(f"delete {e.get('Key')}: {e.get('Code')} {e.get('Message')}")
+
     def head(self, rel: str) -> Entry | None:
         try:
             resp = self.client.head_object(Bucket=self.bucket, Key=self.key(rel))
-        except Exception as exc:
+        except awserrors.AWS_ERRORS as exc:
             self.usage.add("head")
             err = self._fail("head", rel, exc)
             if isinstance(err, NotFound):
@@ -218,14 +174,14 @@ class Store:
                 kwargs["ContinuationToken"] = token
             try:
                 resp = self.client.list_objects_v2(**kwargs)
-            except Exception as exc:
+            except awserrors.AWS_ERRORS as exc:
                 self.usage.add("list")
                 raise self._fail("list", rel_prefix, exc) from exc
             pages += 1
             contents = resp.get("Contents", [])
             # ~100 bytes of XML per entry besides the key: a model, for the cost measurements
             self.usage.add("list", bytes_in=sum(len(o["Key"]) + 100 for o in contents))
-            store_now = _http_date(resp.get("ResponseMetadata", {}))
+            store_now = _http_date(resp.get("ResponseMetadata"))
             for o in contents:
                 entries.append(Entry(self.rel(o["Key"]), o["ETag"], o["LastModified"].timestamp(),
                                      o["Size"]))
@@ -237,16 +193,89 @@ class Store:
     def exists(self, rel: str) -> bool:
         return self.head(rel) is not None
 
+    # -- bulk transfers (s3transfer) ----------------------------------------------------------
+    def upload_many(self, items: Mapping[str, bytes], *, concurrency: int = 8) -> None:
+        from s3transfer.manager import TransferConfig, TransferManager
+
+        cfg = TransferConfig(max_request_concurrency=concurrency,
+                             multipart_threshold=64 * 1024 * 1024)
+        with TransferManager(self.client, cfg) as tm:
+            futures = [
+                (rel, tm.upload(io.BytesIO(data), self.bucket, self.key(rel),
+                                extra_args={"ContentType": "application/octet-stream"}))
+                for rel, data in items.items()
+            ]
+            for rel, fut in futures:
+                try:
+                    fut.result()
+                except awserrors.TRANSFER_ERRORS as exc:
+                    self.usage.add("put", bytes_out=len(items[rel]))
+                    raise self._fail("upload", rel, exc) from exc
+                self.usage.add("put", bytes_out=len(items[rel]))
+
+    def download_many(self, items: Sequence[tuple[str, Path, int]], *, concurrency: int = 8,
+                      on_progress: Callable[[int], None] | None = None,
+                      on_done: Callable[[int], None] | None = None,
+                      expired: Callable[[], bool] | None = None) -> None:
+        if not items:
+            return
+        from s3transfer.manager import TransferConfig, TransferManager
+        from s3transfer.subscribers import BaseSubscriber
+
+        class Sub(BaseSubscriber):  # type: ignore[misc]
+            def __init__(self, size: int) -> None:
+                self.size = size
+
+            def on_queued(self, future: Any, **kw: Any) -> None:
+                future.meta.provide_transfer_size(self.size)  # no HeadObject per file
+
+            def on_progress(self, future: Any, bytes_transferred: int, **kw: Any) -> None:
+                if on_progress is not None:
+                    on_progress(bytes_transferred)
+
+        cfg = TransferConfig(max_request_concurrency=concurrency, num_download_attempts=2,
+                             multipart_threshold=64 * 1024 * 1024,
+                             multipart_chunksize=16 * 1024 * 1024)
+        tm = TransferManager(self.client, cfg)
+        cancel = True
+        try:
+            pending = [(i, tm.download(self.bucket, self.key(rel), str(dest),
+                                       subscribers=[Sub(size)]))
+                       for i, (rel, dest, size) in enumerate(items)]
+            while pending:
+                if expired is not None and expired():
+                    raise DeadlineExceeded(f"deadline exceeded while downloading "
+                                           f"({len(pending)} objects left)")
+                still = []
+                for i, fut in pending:
+                    if not fut.done():
+                        still.append((i, fut))
+                        continue
+                    try:
+                        fut.result()
+                    except awserrors.TRANSFER_ERRORS as exc:
+                        self.usage.add("get")
+                        raise self._fail("download", items[i][0], exc) from exc
+                    self.usage.add("get", bytes_in=items[i][2])
+                    if on_done is not None:
+                        on_done(i)
+                pending = still
+                if pending:
+                    time.sleep(0.005)
+            cancel = False
+        finally:
+            tm.shutdown(cancel=cancel)
+
     def ensure_bucket(self) -> None:
         """Create the bucket if missing (simulator and tests; real deployments pre-create it)."""
         try:
             self.client.head_bucket(Bucket=self.bucket)
             return
-        except Exception:
-            pass
+        except awserrors.AWS_ERRORS:
+            pass  # missing (404) or not ours (403): creating it tells which
         try:
             self.client.create_bucket(Bucket=self.bucket)
-        except Exception as exc:
-            code, _ = _code(exc)
-            if code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+        except awserrors.AWS_ERRORS as exc:
+            if awserrors.error_code(exc) not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
                 raise StoreError(f"create bucket {self.bucket}: {exc}") from exc
+

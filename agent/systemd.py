@@ -79,16 +79,6 @@ def stopping(status_text: str | None = None) -> bool:
     return notify(msg)
 
 
-def status(text: str) -> bool:
-    """STATUS=...: a one-line human summary shown by ``systemctl status``."""
-    return notify("STATUS=" + _one_line(text))
-
-
-def extend_timeout(seconds: float) -> bool:
-    """EXTEND_TIMEOUT_USEC: ask for more time (e.g. a long final backup at stop)."""
-    return notify(f"EXTEND_TIMEOUT_USEC={max(0, int(seconds * 1_000_000))}")
-
-
 def watchdog_interval() -> float | None:
     """The watchdog timeout in seconds if systemd expects pings from *this* process.
 

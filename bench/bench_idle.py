@@ -44,8 +44,9 @@ def _measure(pid: int, window_s: float, step: float = 1.0) -> tuple[float, float
 
 def run(peers: int = 10, warmup_s: float = 25.0, window_s: float = 60.0,
         update_window_s: float = 30.0) -> dict:
-    from agent.sim.cloud import SIM_BUNDLE, EmbeddedCloud
+    from agent.sim.cloud import EmbeddedCloud
     from agent.sim.moto import FAKE_CREDENTIALS
+    from agent.sim.simulate import SIM_BUNDLE
 
     floor = None
     try:

@@ -195,7 +195,7 @@ def test_stale_staged_files_are_cleaned(env: dict) -> None:
 
 def test_example_bundle_renders(env: dict) -> None:
     """templates/example-bundle: valid bundle layer, every template renders (no nginx needed)."""
-    from agent.pull import read_bundle_config
+    from agent.configcache import read_bundle_config
 
     example = Path(__file__).resolve().parents[2] / "templates" / "example-bundle"
     layer = read_bundle_config(example)

@@ -6,7 +6,6 @@ import os
 import random
 import stat
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import boto3
@@ -16,8 +15,11 @@ from botocore.config import Config
 from agent import backup as B
 from agent import data as D
 from agent import restore as R
+from agent.bootctx import BootContext
 from agent.clock import Deadline, FakeClock
+from agent.config import load_layers
 from agent.errors import AgentError, IntegrityError, StoreError
+from agent.imds import Identity
 from agent.paths import Paths
 from agent.store import Store
 
@@ -329,31 +331,23 @@ def test_deadline_leaves_target_untouched(store: Store, tmp_path: Path) -> None:
 
 # -- boot phase --------------------------------------------------------------------------------
 
-class Ctx:
-    def __init__(self, store: Any, boot_kind: str, data: list[Any]) -> None:
-        self.paths = Paths.from_env()
-        self.clock = FakeClock()
-        self.deadline = Deadline.after(60, "boot", self.clock)
-        self.boot_kind = boot_kind
-        self.identity = SimpleNamespace(instance_id="i-new")
-        self.config = SimpleNamespace(group=G, data=data)
-        self.store = store
-        self.degraded: list[str] = []
-        self.progressed: list[dict] = []
-
-    def get_store(self) -> Any:
-        return self.store
-
-    def degrade(self, reason: str) -> None:
-        self.degraded.append(reason)
-
-    def progress(self, info: dict) -> None:
-        self.progressed.append(info)
+def Ctx(store: Store, boot_kind: str, data: list[dict[str, Any]],
+        progressed: list[dict] | None = None) -> BootContext:
+    """A real boot context after the config phase: real Config (schema defaults), identity."""
+    cfg = load_layers(None, {"group": G, "store": {"bucket": "fleet-bucket", "prefix": "prod"},
+                             "data": data})
+    clock = FakeClock()
+    ident = Identity("i-new", "ami-1", "t3.micro", "eu-west-1", "eu-west-1a", "10.0.0.1", "1")
+    return BootContext(paths=Paths.from_env(), clock=clock,
+                       deadline=Deadline.after(60, "boot", clock), started_wall=0.0,
+                       previous={}, boot_id="b-1", identity=ident, boot_kind=boot_kind,
+                       config=cfg, store=store,
+                       progress=progressed.append if progressed is not None else lambda i: None)
 
 
-def spec(**kw: Any) -> Any:
-    return SimpleNamespace(**{"name": N, "path": "/var/lib/app", "keep": 10,
-                              "chunk_size": CHUNK, "backup_interval_s": 300, **kw})
+def spec(**kw: Any) -> dict[str, Any]:
+    return {"name": N, "path": "/var/lib/app", "keep": 10, "chunk_size": CHUNK,
+            "backup_interval_s": 300, **kw}
 
 
 def test_phase_restore_first_boot_then_reboot_keeps(store: Store, tmp_path: Path,
@@ -362,15 +356,15 @@ def test_phase_restore_first_boot_then_reboot_keeps(store: Store, tmp_path: Path
     src.mkdir()
     make_tree(src)
     do_backup(store, src)
-    ctx = Ctx(store, "first", [spec()])
-    detail = R.phase_restore(ctx)
+    progressed: list[dict] = []
+    done = R.phase_restore(Ctx(store, "first", [spec()], progressed))
     target = root / "var" / "lib" / "app"
-    assert "restored" in detail and describe(target) == describe(src)
-    assert ctx.progressed and not ctx.degraded
+    assert "restored" in done.detail and describe(target) == describe(src)
+    assert progressed and not done.ctx.degraded
     (target / "new-local").write_text("written by the service")
     # the same first boot, run again (a crash before it finished): local data kept
-    assert R.phase_restore(Ctx(store, "first", [spec()])) == "app: kept local data"
-    assert R.phase_restore(Ctx(store, "reboot", [spec()])) == "app: kept local data"
+    assert R.phase_restore(Ctx(store, "first", [spec()])).detail == "app: kept local data"
+    assert R.phase_restore(Ctx(store, "reboot", [spec()])).detail == "app: kept local data"
     assert (target / "new-local").exists()
 
 
@@ -383,15 +377,15 @@ def test_phase_restore_seed_content_moved_aside(store: Store, tmp_path: Path,
     target = root / "var" / "lib" / "app"
     target.mkdir(parents=True)
     (target / "seed").write_text("from the image")
-    detail = R.phase_restore(Ctx(store, "first", [spec()]))
+    detail = R.phase_restore(Ctx(store, "first", [spec()])).detail
     assert "moved to" in detail and describe(target) == describe(src)
     aside = next(target.parent.glob(".app.replaced-*"))
     assert (aside / "seed").read_text() == "from the image"
 
 
 def test_phase_restore_no_snapshot_and_no_entries(store: Store) -> None:
-    assert R.phase_restore(Ctx(store, "first", [spec()])) == "app: no snapshot"
-    assert R.phase_restore(Ctx(store, "first", [])) == "no data entries"
+    assert R.phase_restore(Ctx(store, "first", [spec()])).detail == "app: no snapshot"
+    assert R.phase_restore(Ctx(store, "first", [])).detail == "no data entries"
 
 
 def test_phase_restore_store_down(root: Path) -> None:
@@ -400,15 +394,13 @@ def test_phase_restore_store_down(root: Path) -> None:
             retries={"max_attempts": 1}, connect_timeout=0.5, read_timeout=0.5)))
     with pytest.raises(StoreError, match="required"):
         R.phase_restore(Ctx(down, "first", [spec()]))
-    ctx = Ctx(down, "first", [spec(required=False)])
-    R.phase_restore(ctx)
-    assert ctx.degraded and "starting with missing dir" in ctx.degraded[0]
+    degraded = R.phase_restore(Ctx(down, "first", [spec(required=False)])).ctx.degraded
+    assert degraded and "starting with missing dir" in degraded[0]
     target = root / "var" / "lib" / "app"
     target.mkdir(parents=True)
     (target / "f").write_text("local")
-    ctx = Ctx(down, "first", [spec()])
-    R.phase_restore(ctx)
-    assert ctx.degraded and "kept local data" in ctx.degraded[0]
+    degraded = R.phase_restore(Ctx(down, "first", [spec()])).ctx.degraded
+    assert degraded and "kept local data" in degraded[0]
     assert (target / "f").read_text() == "local"
 
 
@@ -416,7 +408,8 @@ def test_run_backups_and_due(store: Store, root: Path) -> None:
     target = root / "var" / "lib" / "app"
     target.mkdir(parents=True)
     (target / "f").write_text("x")
-    cfg = SimpleNamespace(group=G, data=[spec(), spec(name="gone", path="/nope")])
+    cfg = load_layers(None, {"group": G, "store": {"bucket": "fleet-bucket"},
+                             "data": [spec(), spec(name="gone", path="/nope")]})
     out = B.run_backups(store, cfg, Paths.from_env(), instance_id="i-1", final=True)
     assert out[0].result is not None and out[0].result.files == 1
     assert out[1].result is None and "not a directory" in out[1].error

@@ -11,6 +11,7 @@ import yaml
 
 from agent import state as statefile
 from agent.boot import run_boot
+from agent.bootctx import BootContext, Done, Phase
 from agent.paths import Paths
 from agent.sim.cloud import EmbeddedCloud, SimInstance
 
@@ -161,15 +162,14 @@ def test_corrupt_state_file_does_not_stop_a_boot(instance: SimInstance) -> None:
 def test_state_is_written_while_running(instance: SimInstance, tmp_path: Path) -> None:
     seen: list[str] = []
 
-    def spy(ctx) -> str:
+    def spy(ctx: BootContext) -> Done:
         st = statefile.read(ctx.paths.state_file)
         seen.extend(p["status"] for p in st["phases"])
-        return "spied"
+        return Done(ctx, "spied")
 
     import agent.boot as boot
 
-    phases = [*boot.PHASES[:3], ("spy", f"{__name__}:_spy")]
-    globals()["_spy"] = spy
+    phases = [*boot.PHASES[:3], Phase("spy", spy)]
     st = run_boot(Paths(instance.root), phases=phases)
     assert st["status"] == "done"
     assert seen == ["ok", "ok", "ok", "running"]

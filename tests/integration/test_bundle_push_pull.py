@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 
 from agent import bundle, pull
+from agent.bootctx import Phase
 from agent.errors import IntegrityError, NotFound, PreconditionFailed
 from agent.publish import collect, push
-from agent.store import NOT_MODIFIED, Store
+from agent.store import NotModified, Store
 
 GROUP = "web"
 
@@ -251,7 +252,7 @@ def test_poll_is_a_conditional_get(store: Store, src: Path, root: Path) -> None:
     push(store, GROUP, src)
     remote = pull.poll(store, GROUP, None)
     assert isinstance(remote, pull.Remote) and remote.manifest.version == 1
-    assert pull.poll(store, GROUP, remote.etag) is NOT_MODIFIED
+    assert isinstance(pull.poll(store, GROUP, remote.etag), NotModified)
     (src / "new.txt").write_text("x")
     push(store, GROUP, src)
     again = pull.poll(store, GROUP, remote.etag)
@@ -279,11 +280,11 @@ def test_accept_can_refuse_before_switch(store: Store, src: Path, root: Path) ->
 
 
 
-def _phases_to_render() -> list[tuple[str, str]]:
+def _phases_to_render() -> list[Phase]:
     from agent.boot import PHASES
 
-    names = [n for n, _ in PHASES]
-    return PHASES[: names.index("render") + 1]
+    names = [p.name for p in PHASES]
+    return list(PHASES[: names.index("render") + 1])
 
 
 def _bundle_with_reloads(d: Path, log: Path, nginx: str = "listen {{ vars.port }};\n") -> Path:
@@ -307,7 +308,7 @@ def _phase(st: dict, name: str) -> dict:
 def test_boot_pull_render_then_refresh_reloads_only_what_changed(cloud, instance,
                                                                   tmp_path: Path) -> None:
     from agent.boot import run_boot
-    from agent.daemon import load_context
+    from agent.instance import load_context
     from agent.paths import Paths
 
     log = tmp_path / "reloads.log"

@@ -187,10 +187,10 @@ def test_daemon_validates_bundle_updates_apart_and_keeps_the_old_config_on_error
 
 
 def _load_context_in_child(cloud, inst) -> dict:
-    """``daemon.load_context`` in a fresh interpreter, as ``ec2-agent run`` starts."""
+    """``instance.load_context`` in a fresh interpreter, as ``ec2-agent run`` starts."""
     prog = textwrap.dedent("""
         import json, sys
-        from agent.daemon import load_context
+        from agent.instance import load_context
         from agent.paths import Paths
         out = {}
         try:
@@ -243,3 +243,26 @@ def test_daemon_start_parses_no_yaml_and_sees_an_edited_baked_file(cloud) -> Non
     out = _load_context_in_child(cloud, inst)
     assert out["error"].startswith("ConfigInvalid") and "interval_s" in out["error"]
     assert "baked /etc/ec2-agent/agent.yaml: heartbeat.interval_s" in out["error"]
+
+
+def test_bundle_layer_is_read_with_the_capped_loader(tmp_path: Path) -> None:
+    """The bundle's agent.yaml goes through the one YAML loader with its caps (it used a
+    bare yaml.safe_load): an alias bomb and an oversized file are refused, naming the layer."""
+    from agent.config import MAX_CONFIG_FILE_BYTES
+    from agent.configcache import read_bundle_config
+    from agent.errors import ConfigError
+
+    bomb = ["a: &a [x, x, x, x, x, x, x, x, x, x]"]
+    for i in range(1, 9):
+        prev = chr(ord("a") + i - 1)
+        bomb.append(f"{chr(ord('a') + i)}: &{chr(ord('a') + i)} " + "[" + ", ".join(
+            [f"*{prev}"] * 10) + "]")
+    (tmp_path / "agent.yaml").write_text("\n".join(bomb) + "\n")
+    with pytest.raises(ConfigError) as info:
+        read_bundle_config(tmp_path, 7)
+    assert "bundle" in str(info.value) and "version 7" in str(info.value)
+    (tmp_path / "agent.yaml").write_bytes(b"vars: {k: v}\n" + b"#" * MAX_CONFIG_FILE_BYTES)
+    with pytest.raises(ConfigError, match="allowed"):
+        read_bundle_config(tmp_path)
+    (tmp_path / "agent.yaml").unlink()
+    assert read_bundle_config(tmp_path) is None

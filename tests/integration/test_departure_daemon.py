@@ -257,7 +257,10 @@ def test_warm_running_instance_answers_the_hook_when_it_joins(moto: Any,
     import boto3
     from botocore.stub import Stubber
 
+    from agent.bootctx import BootContext
+    from agent.clock import Deadline
     from agent.cloud import Cloud
+    from agent.imds import Identity
     from agent.lifecycle import ASG_TAG
 
     store = Store("fleet-depart", "prod", region="us-east-1")
@@ -279,13 +282,14 @@ def test_warm_running_instance_answers_the_hook_when_it_joins(moto: Any,
     with ImdsServer(InstanceMeta("i-0warm", target_lifecycle_state="Warmed:Running"),
                     clock=clock) as imds, stub:
         d = _Daemon(paths, clock, hb, {})
-        d.ctx = SimpleNamespace(
+        d.ctx = BootContext(
+            paths=paths, clock=clock, deadline=Deadline.after(60, "run", clock),
+            started_wall=0.0, previous=json.loads(paths.state_file.read_text()),
+            boot_id="b-1", boot_kind="first",
             config=load_layers({"group": "web", "store": {"bucket": "fleet-depart"},
                                 "boot": {"lifecycle_hook": "launch"}}, None),
-            baked_config=None, user_config=None, boot_kind="first", clock=clock,
-            previous=json.loads(paths.state_file.read_text()),
-            identity=SimpleNamespace(instance_id="i-0warm", region="us-east-1",
-                                     tags={ASG_TAG: "web-asg"}))
+            identity=Identity("i-0warm", "ami-1", "t3.micro", "us-east-1", "us-east-1a",
+                              "10.0.0.1", "1", tags={ASG_TAG: "web-asg"}))
         d.imds = ImdsClient(imds.url, clock=clock, retries=0)
         watch = DepartureWatch(d, cloud=Cloud("us-east-1", autoscaling=client))
         assert d.departing and watch.never_joined

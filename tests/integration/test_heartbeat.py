@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from agent import state as statefile
+from agent.bootctx import BootContext
 from agent.clock import Clock, Deadline, FakeClock
+from agent.config import load_layers
 from agent.errors import StoreError
 from agent.heartbeat import Backoff, Heartbeater, departure_reason, next_interval, phase_register
+from agent.imds import Identity
 from agent.membership import MemberRecord
+from agent.paths import Paths
 from agent.peers import marker_key, member_key
 from agent.store import Store
 
@@ -118,81 +121,38 @@ def test_departure_reason(spot: Any, target: Any, expect: str | None) -> None:
 
 # -- the register phase ---------------------------------------------------------------------
 
-@dataclass
-class Ident:
-    instance_id: str = "i-0reg"
-    ami_id: str = "ami-1"
-    availability_zone: str = "eu-west-1b"
-    local_ipv4: str = "10.1.2.3"
-    region: str = "us-east-1"
-    pending_time: str = "2030-01-01T00:00:00Z"
-
-
-@dataclass
-class _Store:
-    bucket: str = BUCKET
-    prefix: str = "prod"
-    region: str | None = "us-east-1"
-
-
-@dataclass
-class Cfg:
-    group: str = "web"
-    store: _Store = field(default_factory=_Store)
-    raw: dict = field(default_factory=dict)
-    health: tuple = ()
-
-
-@dataclass
-class Ctx:
-    paths: Any
-    store: Store
-    clock: Clock = field(default_factory=Clock)
-    identity: Ident = field(default_factory=Ident)
-    config: Cfg = field(default_factory=Cfg)
-    boot_id: str = "boot-1"
-    started_wall: float = 1.0
-    previous: dict = field(default_factory=dict)
-    degraded: list = field(default_factory=list)
-    extras: dict = field(default_factory=dict)
-    deadline: Deadline = field(default_factory=lambda: Deadline.after(60))
-
-    def get_store(self) -> Store:
-        return self.store
-
-    def degrade(self, reason: str) -> None:
-        self.degraded.append(reason)
+def Ctx(paths: Paths, store: Store, *, boot_id: str = "boot-1", degraded: tuple[str, ...] = (),
+        deadline: Deadline | None = None) -> BootContext:
+    """A real boot context after the pull phase: real Config (schema defaults), identity."""
+    cfg = load_layers(None, {"group": "web",
+                             "store": {"bucket": BUCKET, "prefix": "prod", "region": "us-east-1"}})
+    ident = Identity("i-0reg", "ami-1", "t3.micro", "us-east-1", "eu-west-1b", "10.1.2.3", "1",
+                     pending_time="2030-01-01T00:00:00Z")
+    clock = Clock()
+    return BootContext(paths=paths, clock=clock, deadline=deadline or Deadline.after(60),
+                       started_wall=1.0, previous={}, boot_id=boot_id, identity=ident,
+                       config=cfg, store=store, degraded=degraded)
 
 
 def test_register_writes_ready(store: Store, root: Path) -> None:
-    from agent.paths import Paths
-
-    ctx = Ctx(paths=Paths.from_env(), store=store)
-    detail = phase_register(ctx)
-    assert "ready" in detail
+    done = phase_register(Ctx(Paths.from_env(), store))
+    assert "ready" in done.detail
     got = MemberRecord.loads(store.get(member_key("web", "i-0reg")).body)
     assert (got.state, got.seq, got.az, got.private_ip, got.image_id, got.boot_id) == (
         "ready", 2, "eu-west-1b", "10.1.2.3", "ami-1", "boot-1")
     assert got.launch_time == "2030-01-01T00:00:00Z" and got.agent_version
-    assert ctx.extras["state_updates"]["membership"]["state"] == "ready"
+    assert done.ctx.state_updates["membership"]["state"] == "ready"
     # a reboot continues the sequence: never rewrites an old body
-    ctx2 = Ctx(paths=Paths.from_env(), store=store, boot_id="boot-2")
-    phase_register(ctx2)
+    phase_register(Ctx(Paths.from_env(), store, boot_id="boot-2"))
     assert MemberRecord.loads(store.get(member_key("web", "i-0reg")).body).seq == 4
 
 
 def test_register_after_degraded_phase_says_degraded(store: Store, root: Path) -> None:
-    from agent.paths import Paths
-
-    ctx = Ctx(paths=Paths.from_env(), store=store, degraded=["pull: used last-known-good"])
-    phase_register(ctx)
+    phase_register(Ctx(Paths.from_env(), store, degraded=("pull: used last-known-good",)))
     assert MemberRecord.loads(store.get(member_key("web", "i-0reg")).body).state == "degraded"
 
 
 def test_register_with_store_down_degrades(moto: Any, root: Path) -> None:
-    from agent.paths import Paths
-
     s = Store("bucket-that-does-not-exist", "prod", region="us-east-1")
-    ctx = Ctx(paths=Paths.from_env(), store=s, deadline=Deadline.after(3))
-    detail = phase_register(ctx)
-    assert "not registered" in detail and ctx.degraded
+    done = phase_register(Ctx(Paths.from_env(), s, deadline=Deadline.after(3)))
+    assert "not registered" in done.detail and done.ctx.degraded

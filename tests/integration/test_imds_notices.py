@@ -259,15 +259,16 @@ def test_document_without_private_ip_falls_back_to_local_ipv4(server: ImdsServer
 
 def test_boot_uses_the_document_and_degrades_on_disagreement(imds_server: ImdsServer,
                                                              root: Path) -> None:
-    from agent.boot import run_boot
+    from agent.boot import phase_identity, run_boot
+    from agent.bootctx import Phase
     from agent.paths import Paths
 
+    only_identity = [Phase("identity", phase_identity)]
     imds_server.meta.document_overrides = {"availabilityZone": "eu-west-1c"}
-    st = run_boot(Paths.from_env(), phases=[("identity", "agent.boot:phase_identity")])
+    st = run_boot(Paths.from_env(), phases=only_identity)
     assert st["status"] == "degraded"
     assert st["identity"]["az"] == "eu-west-1c"
     assert st["phases"][0]["status"] == "degraded"
     assert "placement/availability-zone says 'eu-west-1b'" in st["phases"][0]["detail"]
     imds_server.meta.document_overrides = {}
-    assert run_boot(Paths.from_env(), phases=[("identity",
-                                               "agent.boot:phase_identity")])["status"] == "done"
+    assert run_boot(Paths.from_env(), phases=only_identity)["status"] == "done"

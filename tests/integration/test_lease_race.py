@@ -17,6 +17,7 @@ from agent.cloud import Cloud
 from agent.events import list_events
 from agent.leases import read_lease, take_budget
 from agent.replace import HealController, ObserverHealth, PeersView
+from agent.retry import Retry
 from agent.sim.cloud import EmbeddedCloud
 from agent.store import Store
 from tests.integration.test_replace import GROUP, all_instances, config, view
@@ -65,7 +66,8 @@ def test_ten_observers_racing_on_one_dead_member_give_one_lease_one_action(
     decisions = run_threads(len(ctls), lambda i: ctls[i].step(view(ids, dead), ObserverHealth()))
     # An observer slow enough to list the leases after the winner created one refuses
     # with "leased"; every other one decided to act and lost the lease race.
-    acting = [d for d in decisions if [a.member_id for a in d.executable()] == [dead]]
+    acting = [d for d in decisions
+              if [a.member_id for a in d.actions if not a.dry_run] == [dead]]
     late = [d for d in decisions if d not in acting]
     assert all(any(r.startswith("leased") for x in d.refusals for r in x.reasons)
                for d in late), [(d.freeze, d.refusals) for d in late]
@@ -89,7 +91,8 @@ def test_concurrent_budget_takers_never_exceed_max_per_window(cloud: EmbeddedClo
     stores = [Store(cloud.bucket, cloud.prefix) for _ in range(16)]
     now = stores[0].list("nothing/").store_now  # the store's clock, as the controller has it
     got = run_threads(16, lambda i: take_budget(stores[i], GROUP, window_s=300,
-                                               max_per_window=3, store_now=now, attempts=60))
+                                               max_per_window=3, store_now=now,
+                                               retry=Retry(total=59)))
     won = [detail for ok, detail in got if ok]
     lost = [detail for ok, detail in got if not ok]
     assert len(won) == 3, got

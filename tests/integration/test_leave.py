@@ -9,8 +9,9 @@ import pytest
 
 from agent.clock import FakeClock
 from agent.events import append_event, list_events
-from agent.heartbeat import Heartbeater, check_departure
+from agent.heartbeat import Heartbeater
 from agent.membership import MemberRecord
+from agent.notices import check_departure
 from agent.peers import PeerWatcher, marker_key, member_key
 from agent.sim.imds import ImdsServer
 from agent.store import Store

@@ -18,16 +18,18 @@ with an HTML page for it. So:
 from __future__ import annotations
 
 from pathlib import Path
-from types import SimpleNamespace
 
 import boto3
 import pytest
 from botocore.stub import Stubber
 
 from agent.boot import run_boot
-from agent.clock import FakeClock
+from agent.bootctx import BootContext
+from agent.clock import Deadline, FakeClock
 from agent.cloud import Cloud
+from agent.config import load_layers
 from agent.errors import CloudError
+from agent.imds import Identity
 from agent.lifecycle import ASG_TAG, complete_lifecycle, hook_name, plan
 from agent.paths import Paths
 from agent.sim.cloud import EmbeddedCloud, SimInstance, cloud_config
@@ -71,13 +73,16 @@ def test_adapter_refuses_other_results() -> None:
 
 
 def _ctx(*, tags: dict[str, str] | None = None, hook: str | None = "launch",
-         boot_kind: str = "first", previous: dict | None = None) -> SimpleNamespace:
-    return SimpleNamespace(
-        config=SimpleNamespace(boot=SimpleNamespace(lifecycle_hook=hook)),
-        baked_config=None, user_config=None, boot_kind=boot_kind, previous=previous or {},
-        identity=SimpleNamespace(instance_id=IID, region="us-east-1",
-                                 tags={ASG_TAG: "web-asg"} if tags is None else tags),
-        clock=FakeClock())
+         boot_kind: str = "first", previous: dict | None = None) -> BootContext:
+    """A real boot context at the end of a boot: real Config (schema defaults), identity."""
+    boot = {"lifecycle_hook": hook} if hook else {}
+    cfg = load_layers(None, {"group": "web", "store": {"bucket": "fleet-bucket"}, "boot": boot})
+    ident = Identity(IID, "ami-1", "t3.micro", "us-east-1", "us-east-1a", "10.0.0.1", "1",
+                     tags={ASG_TAG: "web-asg"} if tags is None else tags)
+    clock = FakeClock()
+    return BootContext(paths=Paths.from_env(), clock=clock, deadline=Deadline.after(60, "b", clock),
+                       started_wall=0.0, previous=previous or {}, boot_id="b-1",
+                       boot_kind=boot_kind, identity=ident, config=cfg)
 
 
 @pytest.mark.parametrize(("status", "result", "after"), [

@@ -86,7 +86,7 @@ def confirm_then_act(cloud: EmbeddedCloud, ids: list[str], dead: str, cfg: Simpl
     others = [i for i in ids if i != dead]
     a, b = ctl(cloud, others[0], cfg, tmp_path, **kw), ctl(cloud, others[1], cfg, tmp_path, **kw)
     first = b.step(view(ids, dead), ObserverHealth())
-    assert not first.executable()
+    assert not [a for a in first.actions if not a.dry_run]
     assert any("unconfirmed" in r for x in first.refusals for r in x.reasons)
     return a, a.step(view(ids, dead), ObserverHealth())
 
@@ -107,7 +107,7 @@ def test_launch_clones_a_dead_standalone_instance(cloud: EmbeddedCloud, tmp_path
 
     a, decision = confirm_then_act(cloud, ids, dead, config(action="launch"), tmp_path)
 
-    assert [x.member_id for x in decision.executable()] == [dead]
+    assert [x.member_id for x in [a for a in decision.actions if not a.dry_run]] == [dead]
     assert [(o.member, o.result) for o in a.outcomes] == [(dead, "acted")]
     new_id = a.outcomes[0].replacement
     assert len(all_instances(cloud)) == n_before + 1
@@ -141,10 +141,10 @@ def test_asg_terminate_on_a_hung_instance(cloud: EmbeddedCloud, tmp_path: Any) -
     b.step(view(ids, hung, endpoints=eps), ObserverHealth())
     # Not silent long enough yet: refused, with the reason.
     early = a.step(view(ids, hung, silent=30, endpoints=eps), ObserverHealth())
-    assert not early.executable()
+    assert not [a for a in early.actions if not a.dry_run]
     assert any(r.startswith("silent 30s") for x in early.refusals for r in x.reasons)
     decision = a.step(view(ids, hung, silent=61, endpoints=eps), ObserverHealth())
-    assert [x.kind for x in decision.executable()] == ["asg-terminate"]
+    assert [x.kind for x in [a for a in decision.actions if not a.dry_run]] == ["asg-terminate"]
     assert instance(cloud, hung)["State"]["Name"] == "terminated"
     now = cloud.asg_instance_ids(GROUP)
     assert hung not in now and len(now) == 4  # the ASG launched a replacement
@@ -190,7 +190,7 @@ def test_asg_mark_with_a_test_side_reconciler(cloud: EmbeddedCloud, tmp_path: An
     cloud.client("ec2").stop_instances(InstanceIds=[dead])
     cfg = config(action="asg-mark")
     a, d = confirm_then_act(cloud, ids, dead, cfg, tmp_path, replace_deadline_s=3600)
-    assert [x.kind for x in d.executable()] == ["asg-mark"]
+    assert [x.kind for x in [a for a in d.actions if not a.dry_run]] == ["asg-mark"]
     health = cloud.client("autoscaling").describe_auto_scaling_instances(
         InstanceIds=[dead])["AutoScalingInstances"][0]["HealthStatus"]
     assert health == "Unhealthy"
@@ -229,7 +229,7 @@ def test_pause_means_zero_actions_and_resume_lets_it_act(
     assert st["heal"]["frozen"] and st["heal"]["paused"]
     resume(store, GROUP, "ops@test", "done")
     d = a.step(view(ids, dead), ObserverHealth())
-    assert [x.member_id for x in d.executable()] == [dead]
+    assert [x.member_id for x in [a for a in d.actions if not a.dry_run]] == [dead]
     assert len(all_instances(cloud)) == n + 1
     ks = kinds(cloud)
     assert ks.index("pause") < ks.index("heal-freeze") < ks.index("resume")
@@ -257,7 +257,7 @@ def test_pause_flipped_between_decision_and_action_refuses_and_keeps_the_lease(
 
     a.store.head = head  # type: ignore[method-assign]
     d = a.step(view(ids, dead), ObserverHealth())
-    assert [x.member_id for x in d.executable()] == [dead]  # decided...
+    assert [x.member_id for x in [a for a in d.actions if not a.dry_run]] == [dead]  # decided...
     assert a.outcomes[-1].result == "refused" and "paused" in a.outcomes[-1].detail  # ...not done
     assert len(all_instances(cloud)) == n
     assert read_lease(store_for(cloud), GROUP, dead).state == "refused"
@@ -273,7 +273,7 @@ def test_dry_run_decides_and_records_but_touches_nothing(
     cfg = config(mode="dry-run", action="launch")
     a, d = confirm_then_act(cloud, ids, dead, cfg, tmp_path)
     assert [x.member_id for x in d.actions] == [dead] and d.actions[0].dry_run
-    assert not d.executable()
+    assert not [a for a in d.actions if not a.dry_run]
     a.step(view(ids, dead), ObserverHealth())  # a second step does not record it again
     assert len(all_instances(cloud)) == n
     assert read_lease(store_for(cloud), GROUP, dead) is None
@@ -337,7 +337,7 @@ def test_three_failed_replacements_freeze_until_resume(
     assert "heal-replacement-failed" in kinds(cloud)
     resume(store, GROUP, "ops@test", "fixed the image")
     d = a.step(view(ids, dead), ObserverHealth())
-    assert not d.frozen and [x.member_id for x in d.executable()] == [dead]
+    assert not d.frozen and [x.member_id for x in [a for a in d.actions if not a.dry_run]] == [dead]
 
 
 def test_superseded_reads_the_lease_against_me(cloud: EmbeddedCloud) -> None:
@@ -408,7 +408,7 @@ def test_hook_action_runs_the_command_once_for_the_dead_member(cloud: EmbeddedCl
     cfg = config(action="hook", hook=f'echo "$EC2_AGENT_DEAD_ID $EC2_AGENT_GROUP" >> {out}')
     cloud.client("ec2").terminate_instances(InstanceIds=[dead])
     _, decision = confirm_then_act(cloud, ids, dead, cfg, tmp_path)
-    assert [x.kind for x in decision.executable()] == ["hook"]
+    assert [x.kind for x in [a for a in decision.actions if not a.dry_run]] == ["hook"]
     assert out.read_text().split() == [dead, GROUP]
     # Another observer that also sees it dead finds the lease: the hook never runs twice.
     ctl(cloud, ids[3], cfg, tmp_path).step(view(ids, dead), ObserverHealth())

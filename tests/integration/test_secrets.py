@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import boto3
 import pytest
 
-from agent import aws
 from agent.apply import render_all
 from agent.boot import run_boot
 from agent.config import load_layers
@@ -27,9 +27,9 @@ IDENT = Identity(instance_id="i-0abc", ami_id="ami-1", instance_type="t3.micro",
 
 @pytest.fixture
 def secrets(moto) -> None:
-    aws.client("ssm", "us-east-1").put_parameter(Name="/db/pass", Value=VALUE,
+    boto3.client("ssm", "us-east-1").put_parameter(Name="/db/pass", Value=VALUE,
                                                  Type="SecureString")
-    aws.client("secretsmanager", "us-east-1").create_secret(Name="api", SecretString=API)
+    boto3.client("secretsmanager", "us-east-1").create_secret(Name="api", SecretString=API)
 
 
 def test_resolves_both_kinds_and_caches(secrets: None) -> None:

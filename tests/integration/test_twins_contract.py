@@ -22,7 +22,7 @@ from agent.cloud import REPLACES_TAG, Cloud, LaunchSpec
 from agent.errors import CloudError, NotFound, PreconditionFailed
 from agent.peers import read_if_changed
 from agent.sim.twins import CloudTwin, S3Twin
-from agent.store import NOT_MODIFIED, Obj, Store
+from agent.store import NotModified, Obj, Store
 
 BUCKET = "contract"
 _IMAGE: dict[str, str] = {}  # moto's catalogue is slow to list and never changes
@@ -173,7 +173,7 @@ def test_conditional_delete(backend: Backend) -> None:
 def test_conditional_get_keeps_the_store_clock(backend: Backend) -> None:
     st = backend.store()
     etag = st.put("m", b"v")
-    assert st.get("m", if_none_match=etag) is NOT_MODIFIED
+    assert isinstance(st.get("m", if_none_match=etag), NotModified)
     r = read_if_changed(st, "m", etag)
     assert r.status == "unchanged" and r.store_now > 0
     st.put("m", b"w")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -94,14 +95,35 @@ def test_marker_ok() -> None:
     assert not awsdata.marker_ok([], "1.2.3", "abc", svcs)
 
 
-def test_called_names_finds_calls_and_quoted_names() -> None:
-    src = ('resp = self.client.get_object(Bucket=b)\n'
-           'p = client.get_paginator("list_objects_v2")\n'
-           "x = c.put_object (Key=k)  # PutObject\n"
-           "ClassName() ; 'CamelCase'\n")
-    names = awsdata.called_names([src])
-    assert {"get_object", "get_paginator", "list_objects_v2", "put_object"} <= names
-    assert "ClassName" not in names and "CamelCase" not in names
+def test_a_call_outside_the_list_is_refused_and_one_inside_goes_through(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The explicit list is checked: the agent's clients refuse an unlisted operation."""
+    from botocore.exceptions import EndpointConnectionError
+
+    from agent import aws
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens
+    c = aws.client("s3", "us-east-1", connect_timeout=0.2, max_attempts=1)
+    with pytest.raises(EndpointConnectionError):
+        c.head_bucket(Bucket="b")  # listed: it went as far as the network
+    with pytest.raises(aws.UnlistedOperation, match="s3.ListBuckets"):
+        c.list_buckets()  # not listed: refused before any request
+    sm = aws.client("secretsmanager", "us-east-1", connect_timeout=0.2, max_attempts=1)
+    with pytest.raises(aws.UnlistedOperation, match="secretsmanager.ListSecrets"):
+        sm.list_secrets()
+
+
+def test_every_listed_operation_exists_in_botocore() -> None:
+    """No typo in the list: each name is an operation of its service's model."""
+    import botocore.session
+
+    sess = botocore.session.get_session()
+    for svc, ops in awsdata.OPERATIONS.items():
+        model = sess.get_service_model(svc)
+        assert ops <= set(model.operation_names), (svc, ops - set(model.operation_names))
+    assert set(awsdata.OPERATIONS) == set(awsdata.SERVICES)
 
 
 MODEL = {

@@ -799,3 +799,36 @@ def test_data_required_flag_defaults_true_and_can_be_turned_off() -> None:
     assert cfg.data[0].required is True
     cfg = load_layers(base, {"data": [{"name": "app", "path": "/var/lib/app", "required": False}]})
     assert cfg.data[0].required is False
+
+
+@pytest.mark.parametrize(("level", "number"), [("debug", 10), ("info", 20), ("warning", 30),
+                                               ("error", 40)])
+def test_log_level_has_a_logging_number(level: str, number: int) -> None:
+    from agent.config import load_layers
+
+    cfg = load_layers(None, {"group": "web", "store": {"bucket": "fleet-bucket"},
+                             "log": {"level": level}})
+    assert cfg.log.levelno == number
+
+
+def test_the_schema_is_where_defaults_live() -> None:
+    """Every default a config dataclass carries is the schema's own, so they cannot drift:
+    the schema fills them in (``load_layers``); the dataclasses only mirror them."""
+    import dataclasses
+    import json
+
+    from agent import config as C
+
+    schema = json.loads(C._SCHEMA_PATH.read_text())["properties"]
+    sections = {"store": C.StoreConfig, "boot": C.BootConfig, "bundle": C.BundleConfig,
+                "heartbeat": C.HeartbeatConfig, "heal": C.HealConfig,
+                "membership": C.MembershipConfig, "http": C.HttpConfig, "log": C.LogConfig}
+    checked = 0
+    for name, cls in sections.items():
+        props = schema[name]["properties"]
+        for f in dataclasses.fields(cls):
+            if f.default is dataclasses.MISSING:
+                continue
+            assert props[f.name].get("default", "<no default>") == f.default, (name, f.name)
+            checked += 1
+    assert checked > 20

@@ -151,7 +151,7 @@ class HealSim:
         d = decide(v, self.policy)
         check_decision(v, self.policy, d)
         self.dry_run_decided += sum(1 for a in d.actions if a.dry_run)
-        for a in d.executable():
+        for a in [a for a in d.actions if not a.dry_run]:
             # The lease is create-only: a second action for one member would lose the race.
             assert a.member_id not in self.leases, f"acted twice on {a.member_id}"
             self.leases.add(a.member_id)

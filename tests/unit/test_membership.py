@@ -8,15 +8,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.errors import AgentError, ConfigError
+from agent.errors import AgentError
 from agent.membership import (
     LivenessState,
     MalformedRecord,
     MemberRecord,
     Observation,
-    TimingError,
-    Tracker,
-    check_heartbeat_timing,
     liveness,
     watch_set,
     watchers,
@@ -105,23 +102,6 @@ def test_loads_rejects_bad_json() -> None:
         MemberRecord.loads(b"\xff\xfe")
 
 
-# --------------------------------------------------------------------------- timing
-
-
-def test_heartbeat_timing_accepts_half() -> None:
-    check_heartbeat_timing(15, 30)
-    check_heartbeat_timing(10, 30)
-
-
-@pytest.mark.parametrize(("interval", "dead"), [(16, 30), (30, 30), (0, 30), (10, 0)])
-def test_heartbeat_timing_rejects_and_names_both(interval: float, dead: float) -> None:
-    with pytest.raises(TimingError) as info:
-        check_heartbeat_timing(interval, dead)
-    msg = str(info.value)
-    assert f"interval_s={interval}" in msg and f"dead_after_s={dead}" in msg
-    assert isinstance(info.value, ValueError) and isinstance(info.value, ConfigError)
-
-
 # --------------------------------------------------------------------------- liveness
 
 
@@ -133,9 +113,6 @@ def ob(mid: str, etag: str, lm: float, store_now: float, mono: float,
 def verdict(state: LivenessState, mid: str = "i-1", grace: float = GRACE) -> str:
     return liveness(state, mid, dead_after_s=DEAD, grace_s=grace).status
 
-
-def test_tracker_is_liveness_state() -> None:
-    assert Tracker is LivenessState
 
 
 def test_never_observed_is_unknown() -> None:

@@ -30,9 +30,6 @@ def test_every_series_is_exposed_with_its_labels() -> None:
     m.replacement("asg-terminate", "ok")
     m.replacement("asg-terminate", "ok")
     m.freeze("mass-death")
-    m.store_request("put")
-    m.store_request("put")
-    m.store_request("get")
     s = _samples(m.render())
     assert s[("ec2_agent_boot_phase_duration_seconds_count", (("phase", "pull"),))] == 1
     assert s[("ec2_agent_boot_phase_duration_seconds_sum", (("phase", "identity"),))] == 0.2
@@ -43,8 +40,6 @@ def test_every_series_is_exposed_with_its_labels() -> None:
     key = ("ec2_agent_replacements_total", (("action", "asg-terminate"), ("result", "ok")))
     assert s[key] == 2
     assert s[("ec2_agent_freezes_total", (("reason", "mass-death"),))] == 1
-    assert s[("ec2_agent_store_requests_total", (("op", "put"),))] == 2
-    assert s[("ec2_agent_store_requests_total", (("op", "get"),))] == 1
 
 
 def test_peers_states_that_disappear_drop_to_zero() -> None:
@@ -65,26 +60,25 @@ def test_registries_are_private() -> None:
     assert all(n.startswith("ec2_agent_") for n in names), names
 
 
-def test_write_textfile_is_atomic_and_readable(tmp_path: Path) -> None:
-    m = Metrics()
-    m.set_frozen(False)
+def test_boot_textfile_is_atomic_readable_and_only_the_boot(tmp_path: Path) -> None:
     target = tmp_path / "textfile" / "ec2_agent.prom"
-    m.write_textfile(target)
-    first = target.read_bytes()
-    assert first == m.render()
-    m.set_frozen(True)
-    m.write_textfile(target)
-    assert _samples(target.read_bytes())[("ec2_agent_heal_frozen", ())] == 1
+    metrics.write_boot_textfile(target, [("identity", 0.2), ("pull", 1.5)])
+    s = _samples(target.read_bytes())
+    assert s[("ec2_agent_boot_phase_duration_seconds_count", (("phase", "pull"),))] == 1
+    assert s[("ec2_agent_boot_phase_duration_seconds_sum", (("phase", "identity"),))] == 0.2
+    # the daemon's gauges would read 0 in a boot: a lie, so they are not in the file
+    assert not any(name.startswith("ec2_agent_heal_frozen") for name, _ in s)
+    metrics.write_boot_textfile(target, [("identity", 0.1)])  # a second boot: its own numbers
+    s = _samples(target.read_bytes())
+    assert ("ec2_agent_boot_phase_duration_seconds_count", (("phase", "pull"),)) not in s
     assert [p.name for p in target.parent.iterdir()] == ["ec2_agent.prom"]  # no temp left
     assert target.stat().st_mode & 0o777 == 0o644
 
 
-def test_module_level_helpers_share_one_registry(tmp_path: Path) -> None:
-    metrics.get().store_request("list")
+def test_module_level_helpers_share_one_registry() -> None:
+    metrics.get().freeze("test")
     assert metrics.get() is metrics.get()
-    assert b'op="list"' in metrics.render()
-    metrics.write_textfile(tmp_path / "m.prom")
-    assert b'op="list"' in (tmp_path / "m.prom").read_bytes()
+    assert b'reason="test"' in metrics.render()
 
 
 def test_importing_metrics_does_not_import_prometheus_client() -> None:
