@@ -24,6 +24,7 @@ from pathlib import Path
 MIB = 1024 * 1024
 RESTORE_GOAL = 1.0
 INCREMENTAL_GOAL = 3.0
+TINY = {"small_files": 4, "small_total": 4 * MIB, "big": 4 * MIB}
 
 
 def _fill(path: Path, size: int) -> None:
@@ -50,6 +51,7 @@ def _tree_bytes(root: Path) -> int:
 def run(small_files: int = 200, small_total: int = 200 * MIB, big: int = 200 * MIB) -> dict:
     from agent import aws
     from agent import backup as B
+    from agent import restore as R
     from agent.sim.moto import FAKE_CREDENTIALS, MotoServer
     from agent.store import Store
 
@@ -85,7 +87,7 @@ def run(small_files: int = 200, small_total: int = 200 * MIB, big: int = 200 * M
         theirs_upload = _aws(["s3", "sync", str(src), "s3://bench/plain/"], server.url, env)
         ours_dst, theirs_dst = work / "ours" / "data", work / "theirs"
         t0 = time.monotonic()
-        rres = B.restore(new_store(), "bench", "restore", ours_dst)
+        rres = R.restore(new_store(), "bench", "restore", ours_dst)
         ours = time.monotonic() - t0
         theirs = _aws(["s3", "sync", "s3://bench/plain/", str(theirs_dst)], server.url, env)
         assert _tree_bytes(ours_dst) == _tree_bytes(theirs_dst) == total
