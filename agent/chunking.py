@@ -1,0 +1,91 @@
+"""Content-defined chunking: FastCDC (gear hash) boundaries, streamed from a file.
+
+A boundary is cut where a rolling gear hash of the last bytes matches a mask, so it
+depends on the content near it, not on its offset: inserting bytes near the start of a
+large file moves the boundaries around the insertion only, and every later chunk keeps
+its bytes and its sha256 (restic and borg chunk the same way, with a Rabin hash).
+
+The hash loop is the ``fastcdc`` package's compiled one (Cython, ~500 MB/s here; a
+Python loop would be ~50x slower). Its boundaries are a pure function of the bytes and
+the three sizes, which a manifest records (``spec``), so a change of parameters only
+costs dedup, never correctness.
+
+Files are read with ``read`` into a bounded buffer, never mmapped: a data file truncated
+while we read it must give a short read, not a SIGBUS.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+KIB = 1024
+MIB = 1024 * KIB
+
+
+def spec(avg: int) -> tuple[int, int, int]:
+    """(min, avg, max) chunk sizes for an average ``avg``: restic-like 1/4 .. 4x."""
+    return max(avg // 4, 64), avg, avg * 4
+
+
+def spec_name(avg: int) -> str:
+    lo, mid, hi = spec(avg)
+    return f"fastcdc-{lo}-{mid}-{hi}"
+
+
+def _cutter() -> object:
+    # fastcdc/__init__.py imports click only to warn about its pure-Python fallback;
+    # the compiled module is what we want, and its result is the same either way.
+    try:
+        from fastcdc.fastcdc_cy import fastcdc_cy as cut
+    except ImportError:  # pragma: no cover - no wheel for this platform: slow but correct
+        from fastcdc.fastcdc_py import fastcdc_py as cut
+    return cut
+
+
+_CUT = None
+
+
+def boundaries(buf: memoryview | bytes, avg: int) -> list[int]:
+    """The lengths of the chunks of ``buf`` (as if ``buf`` were a whole file)."""
+    global _CUT
+    if not len(buf):
+        return []
+    if _CUT is None:
+        _CUT = _cutter()
+    lo, mid, hi = spec(avg)
+    return [c.length for c in _CUT(buf, min_size=lo, avg_size=mid, max_size=hi)]  # type: ignore[operator]
+
+
+def chunks(fd: int, avg: int, block: int = 8 * MIB) -> Iterator[memoryview]:
+    """The content-defined chunks of the open file ``fd``, read sequentially.
+
+    Reads ``block`` bytes at a time (at least 2 max chunks); all chunks but the last of a
+    block are final, the last one is carried over and re-cut with the next block, so the
+    result equals ``boundaries`` of the whole file. Memory: about two blocks.
+    """
+    hi = spec(avg)[2]
+    block = max(block, 2 * hi)
+    carry = b""
+    while True:
+        data = os.read(fd, block)
+        eof = not data
+        buf = carry + data if carry else data
+        if not buf:
+            return
+        view = memoryview(buf)
+        lengths = boundaries(view, avg)
+        if not eof and len(buf) >= hi:
+            # the last chunk may end only because the buffer does: cut it again later
+            keep = lengths[:-1]
+        elif not eof:
+            keep = []
+        else:
+            keep = lengths
+        pos = 0
+        for n in keep:
+            yield view[pos:pos + n]
+            pos += n
+        carry = bytes(view[pos:]) if pos < len(buf) else b""
+        if eof:
+            return
