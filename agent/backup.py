@@ -524,7 +524,7 @@ def load_runtime(paths: Any) -> tuple[Any, str]:
 
 def store_for(cfg: Any, concurrency: int = DEFAULT_CONCURRENCY,
               region: str | None = None) -> Any:
-    """A store for moving data: ordinary timeouts, a connection per upload thread.
+    """A store for moving data: a longer read timeout, a connection per transfer thread.
 
     ``region`` is the fallback (the instance's) when the config does not pin one.
     """
@@ -532,5 +532,8 @@ def store_for(cfg: Any, concurrency: int = DEFAULT_CONCURRENCY,
     from agent.store import Store
 
     region = getattr(cfg.store, "region", None) or region
-    client = aws.client("s3", region, max_pool_connections=max(10, concurrency + 2))
+    # one client for every thread: its pool keeps a connection per thread alive; sha256 per
+    # blob checks every byte, so botocore's CRC32 would be a second pass over each
+    client = aws.client("s3", region, max_pool_connections=max(10, concurrency + 2),
+                        read_timeout=60, checksums="when_required")
     return Store(cfg.store.bucket, cfg.store.prefix, client=client)
