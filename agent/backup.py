@@ -468,28 +468,50 @@ def backup_due(config: Any, last: dict[str, float], now: float) -> list[Any]:
 # -- command line helpers -------------------------------------------------------------------------
 
 class TtyProgress:
-    """A one-line progress bar on stderr when it is a terminal; silent otherwise."""
+    """One progress line on stderr when it is a terminal (bytes, files, rate, ETA),
+    redrawn at most twice a second; silent otherwise (logs, pipes, systemd)."""
 
     def __init__(self, label: str, stream: Any = None) -> None:
         self.label = label
         self.stream = stream or sys.stderr
         self.on = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.drawn = False
 
     def __call__(self, info: dict[str, Any]) -> None:
         if not self.on:
             return
-        total = max(int(info.get("total") or 0), 1)
-        done = int(info.get("bytes") or 0)
-        frac = min(done / total, 1.0)
-        bar = "#" * int(frac * 30)
-        self.stream.write(f"\r{self.label} [{bar:<30}] {frac:4.0%} {_human(done)}/"
-                          f"{_human(total)} {_human(int(info.get('rate') or 0))}/s ")
+        self.stream.write("\r" + progress_line(self.label, info) + "\x1b[K")
         self.stream.flush()
+        self.drawn = True
 
     def done(self) -> None:
-        if self.on:
+        if self.on and self.drawn:
             self.stream.write("\n")
             self.stream.flush()
+
+
+def progress_line(label: str, info: dict[str, Any]) -> str:
+    """``restore app [######    ]  52% 210.3 MiB/400.0 MiB  120/201 files  48.1 MiB/s  ETA 4s``"""
+    total = int(info.get("total") or 0)
+    done = int(info.get("bytes") or 0)
+    frac = min(done / total, 1.0) if total else 1.0
+    bar = "#" * int(frac * 20)
+    line = (f"{label} [{bar:<20}] {frac:4.0%} {_human(done)}/{_human(total)}"
+            f"  {int(info.get('files') or 0)}/{int(info.get('files_total') or 0)} files"
+            f"  {_human(int(info.get('rate') or 0))}/s")
+    eta = info.get("eta_s")
+    if eta is not None and done < total:
+        line += f"  ETA {_duration(float(eta))}"
+    return line
+
+
+def _duration(s: float) -> str:
+    s = int(round(s))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
 def _human(n: int) -> str:

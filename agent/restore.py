@@ -57,8 +57,10 @@ class RestoreResult:
     def summary(self) -> str:
         if self.snapshot_id is None:
             return f"{self.name}: no snapshot"
+        rate = self.total_bytes / self.duration_s if self.duration_s > 0 else 0
         s = (f"{self.name}: restored {self.snapshot_id} ({self.files} files, "
-             f"{_human(self.total_bytes)}) into {self.target}")
+             f"{_human(self.total_bytes)}) into {self.target} in {self.duration_s:.1f} s "
+             f"({_human(int(rate))}/s, every byte verified)")
         if self.moved_aside:
             s += f"; previous content moved to {self.moved_aside}"
         return s
