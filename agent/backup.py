@@ -299,7 +299,9 @@ class Backup:
               inflight: deque[Future[None]]) -> None:
         pid, body, locs = pack.seal()
         self._new_locs.update(locs)
-        while len(inflight) >= self.concurrency:  # bounded memory: a pack per upload thread
+        # bounded memory: at most half as many packs in flight as threads (a PUT of a whole
+        # pack keeps a connection busy; more parallel PUTs bring moto or S3 nothing)
+        while len(inflight) >= max(2, self.concurrency // 2):
             inflight.popleft().result()
         inflight.append(pool.submit(self._put_pack, pid, body))
 
@@ -542,6 +544,15 @@ def load_runtime(paths: Any) -> tuple[Any, str]:
     cfg = load_layers(baked, user, bundle)
     instance_id = st.get("instance_id") or imds.identity().instance_id
     return cfg, str(instance_id)
+
+
+def use_lean_aws_data(paths: Any) -> None:
+    """``backup``/``restore`` run by hand: load the lean botocore model copies the daemon
+    built (``agent.awsdata``), as boot does: ~12 MB less RSS and a faster first client.
+    Nothing built yet: botocore's own data, as before."""
+    from agent import aws, awsdata
+
+    aws.use_data(awsdata.find(paths.aws_data_dir))
 
 
 def store_for(cfg: Any, concurrency: int = DEFAULT_CONCURRENCY,

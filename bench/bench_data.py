@@ -14,7 +14,8 @@ the tools alternate (the order rotates each repetition), and the tables give med
 Every restore is checked against the source (the multiset of file sizes and sha256).
 
 The agent runs ``agent.backup.Backup`` / ``agent.restore.restore`` with ``store_for``'s
-client (what ``ec2-agent backup`` / ``restore`` use). restic uses its defaults (a local
+client and the lean botocore data the daemon builds (what ``ec2-agent backup`` / ``restore``
+use on an instance). restic uses its defaults (a local
 cache in a fresh dir per repetition, as an operator's host has), rclone and awscli theirs.
 A missing tool is skipped, and the section says so.
 """
@@ -215,6 +216,11 @@ def _agent_main(op: str, path: str, repo: str) -> int:
     from agent import backup as B
     from agent import restore as R
 
+    lean = os.environ.get("BENCH_AWS_DATA")
+    if lean:  # as on an instance whose daemon built them (ec2-agent backup/restore load them)
+        from agent import aws
+
+        aws.use_data(lean)
     cfg = SimpleNamespace(store=SimpleNamespace(bucket=BUCKET, prefix=repo, region="us-east-1"))
     store = B.store_for(cfg)
     if op == "backup":
@@ -227,7 +233,7 @@ def _agent_main(op: str, path: str, repo: str) -> int:
 # -- the run -------------------------------------------------------------------------------------
 
 def run(small_files: int = 200, small_size: int = MIB, big: int = 200 * MIB,
-        tiny_files: int = 10_000, reps: int = 3) -> dict:
+        tiny_files: int = 10_000, reps: int = 3, only: tuple[str, ...] = TOOLS) -> dict:
     from agent.sim.moto import MotoServer
     from agent.sim.proxy import TcpProxy
     from agent.store import Store
@@ -242,8 +248,11 @@ def run(small_files: int = 200, small_size: int = MIB, big: int = 200 * MIB,
         server.start()
         with TcpProxy.to_url(server.url, name="bench-count") as proxy:
             b = Bench(work, server, proxy, log)
+            from agent import awsdata
+
+            b.env["BENCH_AWS_DATA"] = str(awsdata.build(work / "aws-data"))
             avail = b.available()
-            tools = [t for t in TOOLS if not avail[t]]
+            tools = [t for t in TOOLS if not avail[t] and t in only]
             notes += [f"{LABEL[t]} skipped: {why}" for t, why in avail.items() if why]
             saved = dict(os.environ)
             os.environ.update({k: v for k, v in b.env.items() if k.startswith("AWS_")})
