@@ -129,6 +129,7 @@ class Backup:
     skipped_files: int = 0
     _prev_files: dict[str, D.FileEntry] = field(default_factory=dict, repr=False)
     _new_locs: dict[str, P.Loc] = field(default_factory=dict, repr=False)
+    _root_fd: int = -1
     _lock_key: str = ""
     _lock_at: float = 0.0
     _t0: float = 0.0
@@ -209,14 +210,18 @@ class Backup:
         scheduled: set[str] = set()
         inflight: deque[Future[None]] = deque()
         pack = P.PackBuilder(self.pack_target)
-        with ThreadPoolExecutor(self.concurrency, thread_name_prefix="backup") as pool:
+        self._root_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
+        with contextlib.ExitStack() as stack:
+            stack.callback(os.close, self._root_fd)
+            pool = stack.enter_context(
+                ThreadPoolExecutor(self.concurrency, thread_name_prefix="backup"))
             try:
                 for rel, st in entries:
                     if stat.S_ISDIR(st.st_mode):
                         dirs.append(D.DirEntry(rel, st.st_mode & 0o7777, st.st_mtime,
                                                st.st_uid, st.st_gid))
                     elif stat.S_ISLNK(st.st_mode):
-                        links.append(D.LinkEntry(rel, os.readlink(self.root / rel)))
+                        links.append(D.LinkEntry(rel, os.readlink(rel, dir_fd=self._root_fd)))
                     elif stat.S_ISREG(st.st_mode):
                         entry = self._file(rel, pool, inflight, scheduled, pack, prog)
                         if entry is not None:
@@ -254,7 +259,7 @@ class Backup:
     def _file(self, rel: str, pool: ThreadPoolExecutor, inflight: deque[Future[None]],
               scheduled: set[str], pack: P.PackBuilder, prog: D.Progress) -> D.FileEntry | None:
         try:
-            fd = os.open(self.root / rel, os.O_RDONLY | os.O_NOFOLLOW)
+            fd = os.open(rel, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=self._root_fd)
         except FileNotFoundError:
             return None  # deleted since the walk: not in this snapshot
         try:
@@ -375,7 +380,11 @@ def collect(store: Any, group: str, name: str, keep: int,
             return tuple(retired), 0, f"chunk collection deferred: backup in flight ({len(live)})"
         referenced: set[str] = set()
         for sid in list_snapshots(store, group, name):  # re-list: a backup may have committed
-            referenced |= load_manifest(store, group, name, sid).objects()
+            try:
+                raw = store.get(D.snapshot_key(group, name, sid)).body
+            except NotFound:  # retired by a concurrent collector since the listing
+                continue
+            referenced |= D.referenced_objects(raw, what=f"snapshot {sid}")
         doomed: list[str] = []
         for kind in ("packs", "chunks"):  # chunks/: format 1's objects
             listing = store.list(f"{prefix}/{kind}/")

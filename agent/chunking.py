@@ -66,26 +66,51 @@ def chunks(fd: int, avg: int, block: int = 4 * MIB) -> Iterator[memoryview]:
     the next read, so the result equals ``boundaries`` of the whole file. Each chunk is a
     view into that buffer, valid until the next one is asked for. Memory: one block.
     """
-    hi = spec(avg)[2]
+    lo, _, hi = spec(avg)
     block = max(block, 2 * hi)
-    buf = bytearray(block)
+    buf = _take(block)
     view = memoryview(buf)
-    have = 0  # bytes of buf in use (the carried-over tail first)
-    eof = False
-    while True:
-        while not eof and have < block:
-            n = os.readv(fd, [view[have:]])
-            eof = n == 0
-            have += n
-        if not have:
-            return
-        lengths = boundaries(view[:have], avg)
-        keep = lengths if eof else lengths[:-1]  # the last may end only because buf does
-        pos = 0
-        for n in keep:
-            yield view[pos:pos + n]
-            pos += n
-        if eof:
-            return
-        buf[:have - pos] = buf[pos:have]  # same length: the buffer is never reallocated
-        have -= pos
+    try:
+        have = 0  # bytes of buf in use (the carried-over tail first)
+        eof = False
+        while True:
+            while not eof and have < block:
+                n = os.readv(fd, [view[have:]])
+                eof = n == 0
+                have += n
+            if not have:
+                return
+            if eof and have <= lo:  # a small file is one chunk: no need to ask the cutter
+                yield view[:have]
+                return
+            lengths = boundaries(view[:have], avg)
+            keep = lengths if eof else lengths[:-1]  # the last may end only because buf does
+            pos = 0
+            for n in keep:
+                yield view[pos:pos + n]
+                pos += n
+            if eof:
+                return
+            buf[:have - pos] = buf[pos:have]  # same length: the buffer is never reallocated
+            have -= pos
+    finally:
+        view.release()
+        _give(buf)
+
+
+# Read buffers are reused from file to file: allocating (and the kernel zeroing) a fresh
+# block per file costs more than reading a small file.
+_free: list[bytearray] = []
+
+
+def _take(size: int) -> bytearray:
+    try:
+        buf = _free.pop()
+    except IndexError:
+        return bytearray(size)
+    return buf if len(buf) == size else bytearray(size)
+
+
+def _give(buf: bytearray) -> None:
+    if len(_free) < 2:
+        _free.append(buf)

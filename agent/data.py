@@ -41,6 +41,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import re
 import secrets
 import time
 from collections.abc import Iterable, Sequence
@@ -121,8 +122,11 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+_SHA = re.compile(r"[0-9a-f]{64}")
+
+
 def is_sha(s: object) -> bool:
-    return isinstance(s, str) and len(s) == 64 and set(s) <= HEX
+    return isinstance(s, str) and _SHA.fullmatch(s) is not None
 
 
 # -- paths ----------------------------------------------------------------------------------------
@@ -267,7 +271,7 @@ class Manifest:
         body = json.dumps(self.to_json(), separators=(",", ":"), sort_keys=True).encode()
         if self.format == FORMAT_V1:
             return body
-        return gzip.compress(body, compresslevel=6, mtime=0)
+        return gzip.compress(body, compresslevel=3, mtime=0)
 
 
 def _int(d: dict[str, Any], k: str, what: str) -> int:
@@ -413,6 +417,38 @@ def parse_manifest(raw: bytes, *, what: str = "manifest") -> Manifest:
         chunker=str(d.get("chunker") or ""),
         since_full=_opt_int(d, "since_full") or 0,
     )
+
+
+def referenced_objects(raw: bytes, *, what: str = "manifest") -> set[str]:
+    """The store objects a manifest needs, without checking the rest of it: what collection
+    must keep. Anything unreadable raises ``IntegrityError``, so collection stops rather
+    than deleting what an unreadable snapshot may need."""
+    if raw[:2] == b"\x1f\x8b":
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError) as exc:
+            raise IntegrityError(f"{what}: not a readable gzip stream: {exc}") from exc
+    try:
+        d = json.loads(raw)
+    except ValueError as exc:
+        raise IntegrityError(f"{what}: not valid JSON: {exc}") from exc
+    if not isinstance(d, dict) or d.get("format") not in (FORMAT_V1, FORMAT):
+        raise IntegrityError(f"{what}: not a snapshot manifest")
+    if d["format"] == FORMAT:
+        packs = d.get("packs")
+        if not isinstance(packs, dict):
+            raise IntegrityError(f"{what}: no pack table")
+        return {f"packs/{p}" for p in packs}
+    files = d.get("files") or []
+    if not isinstance(files, list):
+        raise IntegrityError(f"{what}: bad file list")
+    out: set[str] = set()
+    for f in files:
+        chunks = f.get("chunks") if isinstance(f, dict) else None
+        if not isinstance(chunks, list):
+            raise IntegrityError(f"{what}: bad chunk list")
+        out.update(f"chunks/{c}" for c in chunks)
+    return out
 
 
 def check_tree(

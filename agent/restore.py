@@ -225,23 +225,37 @@ class _Writer:
             for i, foff in self.place[sha]:
                 if self.stop.is_set():
                     return written, done
-                self._pwrite(self.m.files[i].path, blob, foff)
-                with self.lock:
-                    self.written[i] += ln
-                    done += self.written[i] == self.m.files[i].size
+                done += self._pwrite(i, blob, foff)
                 written += ln
         return written, done
 
-    def _pwrite(self, path: str, data: memoryview, offset: int) -> None:
+    def _pwrite(self, i: int, data: memoryview, offset: int) -> bool:
+        """Write one blob into file ``i``; the write that completes the file also sets its
+        mode, owner and mtime (no write can follow it). True when it did."""
+        f = self.m.files[i]
         # relative to the staging dir, never following a link: cannot land outside it
-        fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW, dir_fd=self.root_fd)
+        fd = os.open(f.path, os.O_WRONLY | os.O_NOFOLLOW, dir_fd=self.root_fd)
         try:
+            n = len(data)
             while data:
-                n = os.pwrite(fd, data, offset)
-                data = data[n:]
-                offset += n
+                k = os.pwrite(fd, data, offset)
+                data = data[k:]
+                offset += k
+            with self.lock:
+                self.written[i] += n
+                complete = self.written[i] == f.size
+            if complete:
+                _set_meta(fd, f)
+            return complete
         finally:
             os.close(fd)
+
+
+def _set_meta(fd: int, f: D.FileEntry) -> None:
+    os.fchmod(fd, f.mode)
+    if f.uid is not None and os.geteuid() == 0:
+        os.fchown(fd, f.uid, f.gid or 0)
+    os.utime(fd, (f.mtime, f.mtime))
 
 
 def _build(store: Any, m: D.Manifest, staging: Path, concurrency: int, clock: Clock,
@@ -282,10 +296,12 @@ def _build(store: Any, m: D.Manifest, staging: Path, concurrency: int, clock: Cl
                 raise IntegrityError(f"{f.path}: restored {n} of {f.size} bytes")
         chown = os.geteuid() == 0
         for f in m.files:
-            os.chmod(f.path, f.mode, dir_fd=root_fd)
-            if chown and f.uid is not None:
-                os.chown(f.path, f.uid, f.gid or 0, dir_fd=root_fd)
-            os.utime(f.path, (f.mtime, f.mtime), dir_fd=root_fd)
+            if f.size == 0:  # no write completed it: its metadata is set here
+                fd = os.open(f.path, os.O_WRONLY | os.O_NOFOLLOW, dir_fd=root_fd)
+                try:
+                    _set_meta(fd, f)
+                finally:
+                    os.close(fd)
         for s in m.symlinks:
             os.symlink(s.target, s.path, dir_fd=root_fd)
         for d in sorted(m.dirs, key=lambda x: -x.path.count("/")):  # deepest first
