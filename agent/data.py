@@ -15,8 +15,8 @@ the timestamp taken from the *store's* clock, so ids written by different instan
 one clock), and the latest snapshot is the greatest id in a listing of ``snapshots/``. A
 pointer would be a second object that can disagree with the manifests; a listing cannot.
 
-Chunking is content-defined (``agent.chunking``: FastCDC, 512 KiB average by default, 1/4x
-to 2x), so an insertion moves the chunk boundaries around it only. Chunks are blobs named
+Chunking is content-defined (``agent.chunking``: FastCDC, 256 KiB average by default, 1/4x
+to 4x), so an insertion moves the chunk boundaries around it only. Chunks are blobs named
 by their sha256 and packed into pack objects (``agent.packs``): requests grow with bytes,
 not with files. A backup dedups against every blob of the snapshots it can see, and skips
 reading a file whose size, mtime, ctime and inode match the previous snapshot taken on this
@@ -52,7 +52,7 @@ from agent.errors import IntegrityError
 from agent.packs import Loc
 
 MIB = 1024 * 1024
-DEFAULT_CHUNK_SIZE = MIB // 2  # average; an edit re-uploads ~one average chunk
+DEFAULT_CHUNK_SIZE = 256 * 1024  # average; an edit re-uploads ~one or two average chunks
 MAX_CHUNK_SIZE = 8 * MIB
 MIN_CHUNK_SIZE = 4096
 FORMAT_V1 = 1  # chunks as objects (read, never written now)

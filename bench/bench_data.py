@@ -58,6 +58,9 @@ class Run:
 # -- data ----------------------------------------------------------------------------------------
 
 def _rand(seed: int, n: int) -> bytes:
+    """Bytes no other call makes: every seed is distinct and >= 0 (``Random(-k)`` is
+    ``Random(k)``), so a "change" can never dedup against data already stored."""
+    assert seed >= 0
     return random.Random(seed).randbytes(n)
 
 
@@ -72,21 +75,21 @@ def make_a(root: Path, small_files: int, small_size: int, big: int) -> None:
 
 def change_in_place(root: Path, small_size: int, big: int) -> int:
     """~1 % of (a), the way data dirs change: rewrites, an in-place overwrite, an append."""
-    (root / "small-001.bin").write_bytes(_rand(-1, small_size))
-    (root / "small-002.bin").write_bytes(_rand(-2, small_size))
+    (root / "small-001.bin").write_bytes(_rand(7_000_001, small_size))
+    (root / "small-002.bin").write_bytes(_rand(7_000_002, small_size))
     piece = max(small_size, big // 200)
     with open(root / "big.bin", "r+b") as f:
         f.seek(big // 2 + 12345)  # not aligned to anything
-        f.write(_rand(-3, piece))
+        f.write(_rand(7_000_003, piece))
     with open(root / "big.bin", "ab") as f:
-        f.write(_rand(-4, piece))
+        f.write(_rand(7_000_004, piece))
     return 2 * small_size + 2 * piece
 
 
 def insert_near_start(root: Path) -> int:
     path = root / "big.bin"
     data = path.read_bytes()
-    path.write_bytes(data[:4096 + 7] + _rand(-5, KIB) + data[4096 + 7:])
+    path.write_bytes(data[:4096 + 7] + _rand(7_000_005, KIB) + data[4096 + 7:])
     return KIB
 
 

@@ -45,7 +45,7 @@ def test_chunk_lengths_cover_the_file(size: int, chunk: int) -> None:
 
 
 def test_chunk_size_bounds() -> None:
-    assert D.check_chunk_size(D.DEFAULT_CHUNK_SIZE) == D.MIB // 2
+    assert D.check_chunk_size(D.DEFAULT_CHUNK_SIZE) == D.MIB // 4
     for bad in (0, 100, 8 * D.MIB + 1):
         with pytest.raises(ValueError):
             D.check_chunk_size(bad)
