@@ -242,6 +242,7 @@ def run(small_files: int = 200, small_size: int = MIB, big: int = 200 * MIB,
     from agent.store import Store
 
     started = time.monotonic()
+    load0 = os.getloadavg()[0]
     work = Path(tempfile.mkdtemp(prefix="bench-data-"))
     log = work / "moto.log"
     server = MotoServer(log_path=str(log))
@@ -312,6 +313,8 @@ def run(small_files: int = 200, small_size: int = MIB, big: int = 200 * MIB,
     finally:
         server.stop()
         shutil.rmtree(work, ignore_errors=True)
+    notes.append(f"1-minute load average {load0:.1f} at the start, {os.getloadavg()[0]:.1f} at "
+                 "the end: on a busy machine wall times are noisy (CPU seconds less so).")
     return _report(results, tools, notes, small_files, small_size, big, tiny_files, reps,
                    changed, time.monotonic() - started)
 
@@ -390,7 +393,8 @@ def _report(results: dict[tuple[str, str], list[Run]], tools: list[str], notes: 
         rss = max(_med(results[(k, "agent")], "rss") / _med(results[(k, "restic")], "rss")
                   for k, _ in PHASES)
         lines += ["", f"Peak RSS, agent / restic, worst data set: **{rss:.2f}x** (goal <= 1.0)."]
-    lines += ["", f"{os.cpu_count()} CPUs; bench wall time {took:.0f} s."] + notes
+    lines += ["", f"{os.cpu_count()} CPUs; bench wall time {took:.0f} s."]
+    lines += [f"{n}." if not n.endswith(".") else n for n in notes]
     summary = "data: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items())
     return {"markdown": "\n".join(lines), "summary": summary, "ratios": ratios,
             "results": results}
