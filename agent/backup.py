@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import os
 import stat
@@ -259,12 +260,17 @@ class Backup:
     def _file(self, rel: str, pool: ThreadPoolExecutor, inflight: deque[Future[None]],
               scheduled: set[str], pack: P.PackBuilder, prog: D.Progress) -> D.FileEntry | None:
         try:
-            fd = os.open(rel, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=self._root_fd)
-        except FileNotFoundError:
-            return None  # deleted since the walk: not in this snapshot
+            # O_NONBLOCK: a file swapped for a FIFO since the walk must not hang the backup
+            fd = os.open(rel, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=self._root_fd)
+        except OSError as exc:
+            if exc.errno in (errno.ENOENT, errno.ELOOP):
+                return None  # deleted, or replaced by a symlink, since the walk
+            raise
         try:
             # the open file's own stat: what was read is at least as new as this
             st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                return None  # replaced by something else since the walk: not data now
             prev = self._prev_files.get(rel)
             if (prev is not None and D.unchanged(prev, st.st_size, st.st_mtime_ns,
                                                  st.st_ctime_ns, st.st_ino)

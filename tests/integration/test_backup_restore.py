@@ -464,3 +464,23 @@ def test_periodic_full_read(store: Store, tmp_path: Path) -> None:
     assert skipped == [0, 1, 1, 0, 1, 1, 0]
     # another instance's snapshot is no basis for skipping (its inodes are not ours)
     assert do_backup(store, src, instance_id="i-2").skipped_files == 0
+
+
+def test_files_swapped_during_the_walk_are_left_out(store: Store, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Between the walk and the read a file can vanish or become a symlink or a FIFO: it is
+    left out of the snapshot (it is not a regular file any more), never read, never hangs."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for n in ("gone", "link", "fifo", "kept"):
+        (src / n).write_bytes(n.encode())
+    walked = list(B._walk(src))
+    (src / "gone").unlink()
+    (src / "link").unlink()
+    os.symlink("kept", src / "link")
+    (src / "fifo").unlink()
+    os.mkfifo(src / "fifo")
+    monkeypatch.setattr(B, "_walk", lambda root: iter(walked))
+    res = do_backup(store, src)
+    m = B.load_manifest(store, G, N, res.snapshot_id)
+    assert [f.path for f in m.files] == ["kept"]
