@@ -50,6 +50,9 @@ def main(argv: list[str]) -> int:
         return 2
     for name in names:
         mod = importlib.import_module(f"bench.bench_{name}")
+        if tiny and getattr(mod, "TINY_SKIP", None):
+            print(f"[bench {name} (tiny): skipped: {mod.TINY_SKIP}]")
+            continue
         t0 = time.monotonic()
         result = mod.run(**(getattr(mod, "TINY", {}) if tiny else {}))
         took = time.monotonic() - t0
