@@ -77,7 +77,7 @@ def prewarm(services: tuple[str, ...] = ("s3",),
 
 def client(service: str, region: str | None = None, *, connect_timeout: float = 2.0,
            read_timeout: float = 10.0, max_attempts: int | None = None,
-           max_pool_connections: int = 10) -> Any:
+           max_pool_connections: int = 10, checksums: str = "when_supported") -> Any:
     """A boto3 client with standard retries and bounded timeouts.
 
     ``max_attempts`` defaults to ``AWS_MAX_ATTEMPTS`` or 3. The endpoint comes
@@ -88,12 +88,15 @@ def client(service: str, region: str | None = None, *, connect_timeout: float = 
 
     region = region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
     attempts = max_attempts or int(os.environ.get("AWS_MAX_ATTEMPTS", "3"))
+    extra = {} if checksums == "when_supported" else {
+        "request_checksum_calculation": checksums, "response_checksum_validation": checksums}
     cfg = Config(
         # total_max_attempts counts the first try; botocore's max_attempts would not.
         retries={"mode": "standard", "total_max_attempts": attempts},
         connect_timeout=connect_timeout,
         read_timeout=read_timeout,
         max_pool_connections=max_pool_connections,
+        **extra,
     )
     c = _session().client(service, region_name=region, config=cfg)
     c.meta.events.register("before-call", _listed)

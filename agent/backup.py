@@ -15,6 +15,8 @@ Restore is ``agent.restore``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import errno
 import hashlib
 import os
 import stat
@@ -28,7 +30,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agent import chunking
 from agent import data as D
+from agent import packs as P
 from agent.clock import SYSTEM_CLOCK, Clock, Deadline
 from agent.errors import AgentError, IntegrityError, NotFound, StoreError
 from agent.interfaces import StoreAPI
@@ -36,6 +40,7 @@ from agent.interfaces import StoreAPI
 ProgressFn = Callable[[dict[str, Any]], None]
 DEFAULT_CONCURRENCY = 8
 FINAL_DEADLINE_S = 300.0
+MAX_DEDUP_SNAPSHOTS = 10  # a backup dedups against the blobs of this many newest snapshots
 
 
 # -- listing snapshots ----------------------------------------------------------------------------
@@ -74,13 +79,17 @@ class BackupResult:
     collected: int = 0
     gc_note: str = ""
     duration_s: float = 0.0
+    uploaded_packs: int = 0
+    skipped_files: int = 0
 
     def summary(self) -> str:
         s = (f"{self.name}: snapshot {self.snapshot_id}: {self.files} files, "
-             f"{_human(self.total_bytes)}, uploaded {_human(self.uploaded_bytes)} in "
-             f"{self.uploaded_chunks} chunks ({self.reused_chunks} reused)")
+             f"{_human(self.total_bytes)} in {self.duration_s:.1f} s; uploaded "
+             f"{_human(self.uploaded_bytes)} ({self.uploaded_chunks} new chunks in "
+             f"{self.uploaded_packs} packs, {self.reused_chunks} reused, "
+             f"{self.skipped_files} unchanged files not read)")
         if self.retired or self.collected:
-            s += f"; retired {len(self.retired)} snapshots, collected {self.collected} chunks"
+            s += f"; retired {len(self.retired)} snapshots, collected {self.collected} packs"
         if self.gc_note:
             s += f"; {self.gc_note}"
         return s
@@ -109,11 +118,20 @@ class Backup:
     gc_wait_s: float = 60.0
     # filled in as the steps run
     snapshot_id: str = ""
-    existing: set[str] = field(default_factory=set)
+    pack_target: int = P.PACK_TARGET
+    rehash_every: int = D.REHASH_EVERY
+    known: dict[str, P.Loc] = field(default_factory=dict)  # blobs of committed snapshots
+    prev: D.Manifest | None = None  # this instance's latest snapshot (format 2)
+    rehash: bool = True  # read every file (no previous snapshot, or the periodic full read)
     manifest: D.Manifest | None = None
     uploaded_bytes: int = 0
     uploaded_chunks: int = 0
+    uploaded_packs: int = 0
     reused_chunks: int = 0
+    skipped_files: int = 0
+    _prev_files: dict[str, D.FileEntry] = field(default_factory=dict, repr=False)
+    _new_locs: dict[str, P.Loc] = field(default_factory=dict, repr=False)
+    _root_fd: int = -1
     _lock_key: str = ""
     _lock_at: float = 0.0
     _t0: float = 0.0
@@ -155,8 +173,29 @@ class Backup:
                                  f"for over {self.gc_wait_s:.0f}s; backup not started")
             self._check("waiting for a chunk collection to finish")
             self.clock.sleep(0.5)
-        chunks = self.store.list(f"{self.prefix}/chunks/")
-        self.existing = {e.key.rsplit("/", 1)[-1] for e in chunks.entries}
+        self._load_known()
+
+    def _load_known(self) -> None:
+        """What this backup may reuse: the blobs of the newest ``MAX_DEDUP_SNAPSHOTS``
+        snapshots (any instance's), and the newest snapshot taken on this instance, whose
+        file entries let unchanged files be skipped unread. Read after the handshake with
+        collectors, so a blob seen here cannot be collected before our manifest is in."""
+        ids = list_snapshots(self.store, self.group, self.name)
+        for sid in reversed(ids[-MAX_DEDUP_SNAPSHOTS:]):
+            try:
+                m = load_manifest(self.store, self.group, self.name, sid)
+            except IntegrityError:  # retired meanwhile, or unreadable: not a dedup source
+                continue
+            if m.format != D.FORMAT:
+                continue  # format-1 chunks are not reused; their snapshots still restore
+            for sha in m.chunk_set():
+                self.known.setdefault(sha, m.blobs[sha])
+            if self.prev is None and m.instance_id == self.instance_id:
+                self.prev = m
+        self.rehash = D.full_rehash_due(self.prev.since_full if self.prev else None,
+                                        self.rehash_every)
+        if self.prev is not None and not self.rehash:
+            self._prev_files = {f.path: f for f in self.prev.files}
 
     def _refresh_lock(self) -> None:
         self.store.put(self._lock_key, self.snapshot_id.encode())
@@ -168,20 +207,31 @@ class Backup:
         links: list[D.LinkEntry] = []
         entries = list(_walk(self.root))
         total = sum(st.st_size for _, st in entries if stat.S_ISREG(st.st_mode))
-        prog = D.Progress(total=total, started=self.clock.monotonic())
-        scheduled: set[str] = set(self.existing)
+        prog = D.Progress(total=total, started=self.clock.monotonic(),
+                          files_total=sum(1 for _, st in entries if stat.S_ISREG(st.st_mode)))
+        scheduled: set[str] = set()
         inflight: deque[Future[None]] = deque()
-        with ThreadPoolExecutor(self.concurrency, thread_name_prefix="backup") as pool:
+        pack = P.PackBuilder(self.pack_target)
+        self._root_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
+        with contextlib.ExitStack() as stack:
+            stack.callback(os.close, self._root_fd)
+            pool = stack.enter_context(
+                ThreadPoolExecutor(self.concurrency, thread_name_prefix="backup"))
             try:
                 for rel, st in entries:
                     if stat.S_ISDIR(st.st_mode):
                         dirs.append(D.DirEntry(rel, st.st_mode & 0o7777, st.st_mtime,
                                                st.st_uid, st.st_gid))
                     elif stat.S_ISLNK(st.st_mode):
-                        links.append(D.LinkEntry(rel, os.readlink(self.root / rel)))
+                        links.append(D.LinkEntry(rel, os.readlink(rel, dir_fd=self._root_fd)))
                     elif stat.S_ISREG(st.st_mode):
-                        files.append(self._file(rel, st, pool, inflight, scheduled, prog))
+                        entry = self._file(rel, pool, inflight, scheduled, pack, prog)
+                        if entry is not None:
+                            files.append(entry)
+                        prog.files += 1
                     # sockets, fifos, devices: not data; skipped
+                if len(pack):
+                    self._seal(pack, pool, inflight)
                 while inflight:
                     inflight.popleft().result()
             except BaseException:
@@ -197,51 +247,81 @@ class Backup:
                     f"data {self.name}: {self.root} is empty but snapshot {prev} is not; "
                     "refusing to make an empty snapshot the latest (allow_empty to force)")
         rst = self.root.stat()
+        used = {c for f in files for c in f.chunks}
+        blobs = {c: self._new_locs.get(c) or self.known[c] for c in used}
         self.manifest = D.Manifest(
             id=self.snapshot_id, group=self.group, name=self.name, created=self.clock.time(),
             instance_id=self.instance_id, chunk_size=self.chunk_size, files=tuple(files),
             dirs=tuple(dirs), symlinks=tuple(links), root_mode=rst.st_mode & 0o7777,
-            root_uid=rst.st_uid, root_gid=rst.st_gid, final=self.final)
+            root_uid=rst.st_uid, root_gid=rst.st_gid, final=self.final, blobs=blobs,
+            chunker=chunking.spec_name(self.chunk_size),
+            since_full=0 if self.rehash else (self.prev.since_full + 1 if self.prev else 0))
         return self.manifest
 
-    def _file(self, rel: str, st: os.stat_result, pool: ThreadPoolExecutor,
-              inflight: deque[Future[None]], scheduled: set[str], prog: D.Progress) -> D.FileEntry:
-        whole = hashlib.sha256()
-        shas: list[str] = []
-        size = 0
-        fd = os.open(self.root / rel, os.O_RDONLY | os.O_NOFOLLOW)
-        with os.fdopen(fd, "rb") as f:
-            while True:
-                buf = f.read(self.chunk_size)
-                if not buf:
-                    break
+    def _file(self, rel: str, pool: ThreadPoolExecutor, inflight: deque[Future[None]],
+              scheduled: set[str], pack: P.PackBuilder, prog: D.Progress) -> D.FileEntry | None:
+        try:
+            # O_NONBLOCK: a file swapped for a FIFO since the walk must not hang the backup
+            fd = os.open(rel, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=self._root_fd)
+        except OSError as exc:
+            if exc.errno in (errno.ENOENT, errno.ELOOP):
+                return None  # deleted, or replaced by a symlink, since the walk
+            raise
+        try:
+            # the open file's own stat: what was read is at least as new as this
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                return None  # replaced by something else since the walk: not data now
+            prev = self._prev_files.get(rel)
+            if (prev is not None and D.unchanged(prev, st.st_size, st.st_mtime_ns,
+                                                 st.st_ctime_ns, st.st_ino)
+                    and all(c in self.known for c in prev.chunks)):
+                self.skipped_files += 1
+                self.reused_chunks += len(prev.chunks)
+                prog.add(st.st_size)
+                self._tick(prog)
+                return dataclasses.replace(prev, mode=st.st_mode & 0o7777, mtime=st.st_mtime,
+                                           uid=st.st_uid, gid=st.st_gid)
+            shas: list[str] = []
+            size = 0
+            for view in chunking.chunks(fd, self.chunk_size):
                 self._check(f"backing up {rel}")
-                whole.update(buf)
-                size += len(buf)
-                sha = D.sha256(buf)
+                sha = hashlib.sha256(view).hexdigest()
                 shas.append(sha)
-                if sha in scheduled:
+                size += len(view)
+                if sha in self.known or sha in scheduled:
                     self.reused_chunks += 1
                 else:
                     scheduled.add(sha)
-                    while len(inflight) >= 2 * self.concurrency:  # bounded memory
-                        inflight.popleft().result()
-                    inflight.append(pool.submit(self._put_chunk, sha, buf))
-                prog.add(len(buf))
+                    pack.add(sha, view)
+                    self.uploaded_chunks += 1
+                    if pack.full:
+                        self._seal(pack, pool, inflight)
+                prog.add(len(view))
                 self._tick(prog)
                 if self.clock.monotonic() - self._lock_at > self.policy.lock_ttl_s / 4:
                     self._refresh_lock()
-                if len(buf) < self.chunk_size:
-                    break
+        finally:
+            os.close(fd)
         # The file may have grown or shrunk while we read it: the manifest records what we read.
-        return D.FileEntry(rel, st.st_mode & 0o7777, size, st.st_mtime, whole.hexdigest(),
-                           tuple(shas), st.st_uid, st.st_gid)
+        return D.FileEntry(rel, st.st_mode & 0o7777, size, st.st_mtime, "", tuple(shas),
+                           st.st_uid, st.st_gid, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
 
-    def _put_chunk(self, sha: str, buf: bytes) -> None:
-        self.store.put(D.chunk_key(self.group, self.name, sha), buf)
+    def _seal(self, pack: P.PackBuilder, pool: ThreadPoolExecutor,
+              inflight: deque[Future[None]]) -> None:
+        pid, body, locs = pack.seal()
+        self._new_locs.update(locs)
+        # bounded memory: at most half as many packs in flight as threads (a PUT of a whole
+        # pack keeps a connection busy; more parallel PUTs bring moto or S3 nothing)
+        while len(inflight) >= max(2, self.concurrency // 2):
+            inflight.popleft().result()
+        inflight.append(pool.submit(self._put_pack, pid, body))
+
+    def _put_pack(self, pid: str, body: bytes) -> None:
+        self.store.put(f"{self.prefix}/packs/{pid}", body)
         with self._stats:
-            self.uploaded_bytes += len(buf)
-            self.uploaded_chunks += 1
+            self.uploaded_bytes += len(body)
+            self.uploaded_packs += 1
 
     def _tick(self, prog: D.Progress) -> None:
         now = self.clock.monotonic()
@@ -255,7 +335,7 @@ class Backup:
             self._refresh_lock()
         body = self.manifest.dumps()
         self.store.create(D.snapshot_key(self.group, self.name, self.snapshot_id), body,
-                          content_type="application/json")
+                          content_type="application/gzip")
         self.uploaded_bytes += len(body)
         return self.snapshot_id
 
@@ -279,16 +359,18 @@ class Backup:
         return BackupResult(self.name, self.snapshot_id, len(self.manifest.files),
                             self.manifest.total_bytes, self.uploaded_bytes, self.uploaded_chunks,
                             self.reused_chunks, retired, collected, note,
-                            round(self.clock.monotonic() - self._t0, 3))
+                            round(self.clock.monotonic() - self._t0, 3), self.uploaded_packs,
+                            self.skipped_files)
 
 
 def collect(store: StoreAPI, group: str, name: str, keep: int,
             policy: D.GcPolicy) -> tuple[tuple[str, ...], int, str]:
-    """Retire snapshots beyond ``keep``, then delete chunks nothing references.
+    """Retire snapshots beyond ``keep``, then delete packs (and format-1 chunk objects)
+    that no remaining manifest names and that are old enough (``agent.data``, ``agent.packs``).
 
-    Returns (retired ids, chunks deleted, note). Chunk deletion is skipped (and said so)
-    while another backup's lock is live; manifests are retired regardless, because a
-    live backup never depends on another snapshot's manifest, only on its chunks.
+    Returns (retired ids, objects deleted, note). Deletion is skipped (and said so) while
+    another backup's lock is live; manifests are retired regardless, because a live backup
+    never depends on another snapshot's manifest, only on the packs it read from it.
     """
     prefix = D.base(group, name)
     kept, retired = D.retire(list_snapshots(store, group, name), keep)
@@ -305,12 +387,18 @@ def collect(store: StoreAPI, group: str, name: str, keep: int,
             return tuple(retired), 0, f"chunk collection deferred: backup in flight ({len(live)})"
         referenced: set[str] = set()
         for sid in list_snapshots(store, group, name):  # re-list: a backup may have committed
-            referenced |= load_manifest(store, group, name, sid).chunk_set()
-        listing = store.list(f"{prefix}/chunks/")
-        doomed = D.collectable(((e.key.rsplit("/", 1)[-1], e.last_modified)
-                                for e in listing.entries),
-                               referenced, listing.store_now, policy.min_chunk_age_s)
-        _delete_many(store, [D.chunk_key(group, name, s) for s in doomed])
+            try:
+                raw = store.get(D.snapshot_key(group, name, sid)).body
+            except NotFound:  # retired by a concurrent collector since the listing
+                continue
+            referenced |= D.referenced_objects(raw, what=f"snapshot {sid}")
+        doomed: list[str] = []
+        for kind in ("packs", "chunks"):  # chunks/: format 1's objects
+            listing = store.list(f"{prefix}/{kind}/")
+            doomed += P.collectable_objects(
+                ((e.key[len(prefix) + 1:], e.last_modified) for e in listing.entries),
+                referenced, listing.store_now, policy.min_chunk_age_s)
+        _delete_many(store, [f"{prefix}/{o}" for o in doomed])
         return tuple(retired), len(doomed), ""
     finally:
         with contextlib.suppress(StoreError):
@@ -387,28 +475,50 @@ def backup_due(config: Any, last: dict[str, float], now: float) -> list[Any]:
 # -- command line helpers -------------------------------------------------------------------------
 
 class TtyProgress:
-    """A one-line progress bar on stderr when it is a terminal; silent otherwise."""
+    """One progress line on stderr when it is a terminal (bytes, files, rate, ETA),
+    redrawn at most twice a second; silent otherwise (logs, pipes, systemd)."""
 
     def __init__(self, label: str, stream: Any = None) -> None:
         self.label = label
         self.stream = stream or sys.stderr
         self.on = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.drawn = False
 
     def __call__(self, info: dict[str, Any]) -> None:
         if not self.on:
             return
-        total = max(int(info.get("total") or 0), 1)
-        done = int(info.get("bytes") or 0)
-        frac = min(done / total, 1.0)
-        bar = "#" * int(frac * 30)
-        self.stream.write(f"\r{self.label} [{bar:<30}] {frac:4.0%} {_human(done)}/"
-                          f"{_human(total)} {_human(int(info.get('rate') or 0))}/s ")
+        self.stream.write("\r" + progress_line(self.label, info) + "\x1b[K")
         self.stream.flush()
+        self.drawn = True
 
     def done(self) -> None:
-        if self.on:
+        if self.on and self.drawn:
             self.stream.write("\n")
             self.stream.flush()
+
+
+def progress_line(label: str, info: dict[str, Any]) -> str:
+    """``restore app [######    ]  52% 210.3 MiB/400.0 MiB  120/201 files  48.1 MiB/s  ETA 4s``"""
+    total = int(info.get("total") or 0)
+    done = int(info.get("bytes") or 0)
+    frac = min(done / total, 1.0) if total else 1.0
+    bar = "#" * int(frac * 20)
+    line = (f"{label} [{bar:<20}] {frac:4.0%} {_human(done)}/{_human(total)}"
+            f"  {int(info.get('files') or 0)}/{int(info.get('files_total') or 0)} files"
+            f"  {_human(int(info.get('rate') or 0))}/s")
+    eta = info.get("eta_s")
+    if eta is not None and done < total:
+        line += f"  ETA {_duration(float(eta))}"
+    return line
+
+
+def _duration(s: float) -> str:
+    s = int(round(s))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
 def _human(n: int) -> str:
@@ -433,9 +543,18 @@ def load_runtime(paths: Any) -> tuple[Any, str]:
     return cfg, str(instance_id)
 
 
+def use_lean_aws_data(paths: Any) -> None:
+    """``backup``/``restore`` run by hand: load the lean botocore model copies the daemon
+    built (``agent.awsdata``), as boot does: ~12 MB less RSS and a faster first client.
+    Nothing built yet: botocore's own data, as before."""
+    from agent import aws, awsdata
+
+    aws.use_data(awsdata.find(paths.aws_data_dir))
+
+
 def store_for(cfg: Any, concurrency: int = DEFAULT_CONCURRENCY,
               region: str | None = None) -> Any:
-    """A store for moving data: ordinary timeouts, a connection per upload thread.
+    """A store for moving data: a longer read timeout, a connection per transfer thread.
 
     ``region`` is the fallback (the instance's) when the config does not pin one.
     """
@@ -443,5 +562,8 @@ def store_for(cfg: Any, concurrency: int = DEFAULT_CONCURRENCY,
     from agent.store import Store
 
     region = getattr(cfg.store, "region", None) or region
-    client = aws.client("s3", region, max_pool_connections=max(10, concurrency + 2))
+    # one client for every thread: its pool keeps a connection per thread alive; sha256 per
+    # blob checks every byte, so botocore's CRC32 would be a second pass over each
+    client = aws.client("s3", region, max_pool_connections=max(10, concurrency + 2),
+                        read_timeout=60, checksums="when_required")
     return Store(cfg.store.bucket, cfg.store.prefix, client=client)

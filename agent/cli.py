@@ -208,9 +208,10 @@ def cmd_bundle_push(args: argparse.Namespace) -> int:
 # -- data ---------------------------------------------------------------------------------------
 
 def cmd_backup(args: argparse.Namespace) -> int:
-    from agent.backup import TtyProgress, load_runtime, run_backups, store_for
+    from agent.backup import TtyProgress, load_runtime, run_backups, store_for, use_lean_aws_data
 
     paths = _paths()
+    use_lean_aws_data(paths)
     cfg, instance_id = load_runtime(paths)
     bar = TtyProgress("backup")
     outcomes = run_backups(store_for(cfg), cfg, paths, instance_id=instance_id,
@@ -229,10 +230,11 @@ def cmd_backup(args: argparse.Namespace) -> int:
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
-    from agent.backup import TtyProgress, load_runtime, store_for
+    from agent.backup import TtyProgress, load_runtime, store_for, use_lean_aws_data
     from agent.restore import restore
 
     paths = _paths()
+    use_lean_aws_data(paths)
     cfg, _ = load_runtime(paths)
     store = store_for(cfg)
     entries = [s for s in cfg.data if not args.name or s.name == args.name]

@@ -1,41 +1,47 @@
-"""Data snapshots, the pure part: layout, chunking, manifests, retention, GC, restore decisions.
+"""Data snapshots, the pure part: layout, manifests, retention, GC, restore decisions.
 
 Layout under ``<prefix>/data/<group>/<name>/``::
 
-    chunks/<sha256>                 content-addressed; written once, never rewritten
-    snapshots/<snapshot-id>.json    one manifest per snapshot; written last (commit point)
+    packs/<id>                      blobs (chunks) back to back; immutable (``agent.packs``)
+    snapshots/<snapshot-id>.json    one manifest per snapshot, which is also the index of
+                                    where its blobs live; written last (commit point)
     locks/backup-<snapshot-id>      "a backup is in flight" (removed at its end)
-    locks/gc-<token>                "chunks are being collected" (removed at its end)
+    locks/gc-<token>                "packs are being collected" (removed at its end)
+    chunks/<sha256>                 format 1 (before packs): one object per chunk; read and
+                                    collected, never written now
 
 There is no ``latest`` pointer: ids sort by time (``20261127T001500Z-000-<instance>-<rand>``,
 the timestamp taken from the *store's* clock, so ids written by different instances order on
 one clock), and the latest snapshot is the greatest id in a listing of ``snapshots/``. A
 pointer would be a second object that can disagree with the manifests; a listing cannot.
 
-Chunking is fixed-size (default 1 MiB, at most 8 MiB). Content-defined chunking only wins
-on insertions in the middle of large files, which is what source trees and VM images do,
-not what data directories do: databases overwrite pages in place and logs append, and for
-both a fixed grid re-uploads only the chunks that were touched. A rolling hash would also
-cost a per-byte Python loop (or a C extension we do not ship), ~20x slower than sha256.
-1 MiB (restic and borg average 1-2 MiB) keeps a 1 % change of in-place writes near 1-2 %
-uploaded, at one PUT per MiB on the first backup.
+Chunking is content-defined (``agent.chunking``: FastCDC, 256 KiB average by default, 1/4x
+to 4x), so an insertion moves the chunk boundaries around it only. Chunks are blobs named
+by their sha256 and packed into pack objects (``agent.packs``): requests grow with bytes,
+not with files. A backup dedups against every blob of the snapshots it can see, and skips
+reading a file whose size, mtime, ctime and inode match the previous snapshot taken on this
+instance (``unchanged``), except every ``REHASH_EVERY``-th backup, which reads everything.
 
-Garbage collection must not race a concurrent backup, which can (a) have uploaded chunks
-that no manifest references yet, and (b) be about to commit a manifest that *reuses* an old
-chunk that only a snapshot being retired references. (a) is covered by age: a chunk is only
-collected when its LastModified is older than ``min_chunk_age_s`` on the store's clock.
-(b) needs a handshake, because a reused chunk is old: a backup writes its ``locks/backup-*``
-marker and then lists locks; a collector writes its ``locks/gc-*`` marker and then lists
-locks. S3 is strongly consistent, so at least one of the two sees the other: the backup then
-waits for the collection to finish before listing chunks, or the collector skips deleting
-chunks this round. Markers older than ``lock_ttl_s`` (store clock) are a crashed process's and
-are ignored; a long backup refreshes its own marker.
+Garbage collection must not race a concurrent backup, which can (a) have uploaded packs
+that no manifest references yet, and (b) be about to commit a manifest that *reuses* a blob
+in an old pack that only a snapshot being retired references. (a) is covered by age: a pack
+is only collected when its LastModified is older than ``min_chunk_age_s`` on the store's
+clock. (b) needs a handshake, because a reused pack is old: a backup writes its
+``locks/backup-*`` marker and then lists locks; a collector writes its ``locks/gc-*`` marker
+and then lists locks. S3 is strongly consistent, so at least one of the two sees the other:
+the backup then waits for the collection to finish before reading the manifests it dedups
+against, or the collector skips deleting packs this round. Markers older than ``lock_ttl_s``
+(store clock) are a crashed process's and are ignored; a long backup refreshes its own
+marker. A pack is collected only when no remaining manifest names it (none of its blobs is
+referenced); partly dead packs are kept whole (no repacking).
 """
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
+import re
 import secrets
 import time
 from collections.abc import Iterable, Sequence
@@ -44,12 +50,14 @@ from typing import Any
 
 from agent import layout
 from agent.errors import IntegrityError
+from agent.packs import Loc
 
 MIB = 1024 * 1024
-DEFAULT_CHUNK_SIZE = 1 * MIB
+DEFAULT_CHUNK_SIZE = 256 * 1024  # average; an edit re-uploads ~one or two average chunks
 MAX_CHUNK_SIZE = 8 * MIB
 MIN_CHUNK_SIZE = 4096
-FORMAT = 1
+FORMAT_V1 = 1  # chunks as objects (read, never written now)
+FORMAT = 2  # blobs in packs; the manifest is the index
 HEX = set("0123456789abcdef")
 
 
@@ -109,8 +117,11 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+_SHA = re.compile(r"[0-9a-f]{64}")
+
+
 def is_sha(s: object) -> bool:
-    return isinstance(s, str) and len(s) == 64 and set(s) <= HEX
+    return isinstance(s, str) and _SHA.fullmatch(s) is not None
 
 
 # -- paths ----------------------------------------------------------------------------------------
@@ -137,10 +148,14 @@ class FileEntry:
     mode: int
     size: int
     mtime: float
-    sha256: str
+    sha256: str  # the whole file's (format 1); "" in format 2, where the blobs are the checks
     chunks: tuple[str, ...]
     uid: int | None = None
     gid: int | None = None
+    # format 2: what a later backup compares to skip an unchanged file without reading it
+    mtime_ns: int | None = None
+    ctime_ns: int | None = None
+    ino: int | None = None
 
 
 @dataclass(frozen=True)
@@ -160,6 +175,11 @@ class LinkEntry:
 
 @dataclass(frozen=True)
 class Manifest:
+    """One snapshot. Format 2 (written now) also says where each blob lives (``blobs``:
+    sha -> pack, offset, length): the manifest is the index, written last. Format 1
+    (written before packs) stored each chunk as its own object ``chunks/<sha>``; parsing
+    it fills ``blobs`` with those objects, so one restore path reads both."""
+
     id: str
     group: str
     name: str
@@ -173,6 +193,10 @@ class Manifest:
     root_uid: int | None = None
     root_gid: int | None = None
     final: bool = False
+    format: int = FORMAT
+    blobs: dict[str, Loc] = field(default_factory=dict)
+    chunker: str = ""
+    since_full: int = 0  # backups since the last one that re-read every file
 
     @property
     def total_bytes(self) -> int:
@@ -181,12 +205,38 @@ class Manifest:
     def chunk_set(self) -> set[str]:
         return {c for f in self.files for c in f.chunks}
 
+    def objects(self) -> set[str]:
+        """The store objects (``packs/<id>``, format 1 ``chunks/<sha>``) this snapshot needs."""
+        if self.format == FORMAT_V1:
+            return {f"chunks/{c}" for c in self.chunk_set()}
+        return {self.blobs[c].obj for c in self.chunk_set()}
+
     def to_json(self) -> dict[str, Any]:
         def own(e: FileEntry | DirEntry) -> dict[str, Any]:
             return {} if e.uid is None else {"uid": e.uid, "gid": e.gid}
 
+        def file(f: FileEntry) -> dict[str, Any]:
+            d: dict[str, Any] = {"path": f.path, "mode": f.mode, "size": f.size,
+                                 "mtime": f.mtime, "chunks": list(f.chunks), **own(f)}
+            if self.format == FORMAT_V1:
+                d["sha256"] = f.sha256
+            else:
+                d.update({k: v for k, v in (("mtime_ns", f.mtime_ns), ("ctime_ns", f.ctime_ns),
+                                            ("ino", f.ino)) if v is not None})
+            return d
+
+        extra: dict[str, Any] = {}
+        if self.format != FORMAT_V1:
+            packs: dict[str, list[list[Any]]] = {}
+            for sha in sorted(self.chunk_set()):
+                loc = self.blobs[sha]
+                packs.setdefault(loc.obj.removeprefix("packs/"), []).append(
+                    [sha, loc.offset, loc.length])
+            for v in packs.values():
+                v.sort(key=lambda b: b[1])
+            extra = {"chunker": self.chunker, "since_full": self.since_full, "packs": packs}
         return {
-            "format": FORMAT,
+            "format": self.format,
             "id": self.id,
             "group": self.group,
             "name": self.name,
@@ -202,18 +252,8 @@ class Manifest:
                 else {"root_uid": self.root_uid, "root_gid": self.root_gid}
             ),
             "total_bytes": self.total_bytes,
-            "files": [
-                {
-                    "path": f.path,
-                    "mode": f.mode,
-                    "size": f.size,
-                    "mtime": f.mtime,
-                    "sha256": f.sha256,
-                    "chunks": list(f.chunks),
-                    **own(f),
-                }
-                for f in self.files
-            ],
+            **extra,
+            "files": [file(f) for f in self.files],
             "dirs": [
                 {"path": d.path, "mode": d.mode, "mtime": d.mtime, **own(d)} for d in self.dirs
             ],
@@ -221,7 +261,12 @@ class Manifest:
         }
 
     def dumps(self) -> bytes:
-        return json.dumps(self.to_json(), separators=(",", ":"), sort_keys=True).encode()
+        """Format 1: JSON. Format 2: gzipped JSON (a manifest of many files is mostly
+        repeated keys and hex; it is the only object an incremental backup always writes)."""
+        body = json.dumps(self.to_json(), separators=(",", ":"), sort_keys=True).encode()
+        if self.format == FORMAT_V1:
+            return body
+        return gzip.compress(body, compresslevel=3, mtime=0)
 
 
 def _int(d: dict[str, Any], k: str, what: str) -> int:
@@ -231,6 +276,11 @@ def _int(d: dict[str, Any], k: str, what: str) -> int:
     return v
 
 
+def _opt_int(d: dict[str, Any], k: str) -> int | None:
+    v = d.get(k)
+    return v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else None
+
+
 def _owner(d: dict[str, Any]) -> tuple[int | None, int | None]:
     uid, gid = d.get("uid"), d.get("gid")
     if isinstance(uid, int) and isinstance(gid, int) and uid >= 0 and gid >= 0:
@@ -238,22 +288,48 @@ def _owner(d: dict[str, Any]) -> tuple[int | None, int | None]:
     return None, None
 
 
+def _blob_table(d: dict[str, Any], what: str) -> dict[str, Loc]:
+    packs = d.get("packs")
+    if not isinstance(packs, dict):
+        raise IntegrityError(f"{what}: no pack table")
+    blobs: dict[str, Loc] = {}
+    for pid, entries in packs.items():
+        if not is_sha(pid) or not isinstance(entries, list):
+            raise IntegrityError(f"{what}: bad pack entry {pid!r}")
+        for e in entries:
+            if (not isinstance(e, list) or len(e) != 3 or not is_sha(e[0])
+                    or not all(isinstance(x, int) and not isinstance(x, bool) for x in e[1:])
+                    or e[1] < 0 or e[2] < 1):
+                raise IntegrityError(f"{what}: bad blob entry in pack {pid}: {e!r}")
+            blobs[e[0]] = Loc(f"packs/{pid}", e[1], e[2])
+    return blobs
+
+
 def parse_manifest(raw: bytes, *, what: str = "manifest") -> Manifest:
     """Untrusted bytes from the store -> a checked ``Manifest``, or ``IntegrityError``.
 
     Refuses unsafe paths, duplicates, and any entry below a file or a symlink (a
     symlink in the tree must never let a later write land outside the staging dir),
-    and chunk lists that do not match the file size on the snapshot's chunk grid.
+    and chunk lists that do not add up to the file size (format 1: on the snapshot's
+    chunk grid; format 2: by the blob lengths of the pack table, where every chunk must be).
     """
+    if raw[:2] == b"\x1f\x8b":
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError) as exc:
+            raise IntegrityError(f"{what}: not a readable gzip stream: {exc}") from exc
     try:
         d = json.loads(raw)
     except ValueError as exc:
         raise IntegrityError(f"{what}: not valid JSON: {exc}") from exc
-    if not isinstance(d, dict) or d.get("format") != FORMAT:
-        raise IntegrityError(f"{what}: not a format-{FORMAT} snapshot manifest")
+    if not isinstance(d, dict) or d.get("format") not in (FORMAT_V1, FORMAT):
+        raise IntegrityError(f"{what}: not a format-{FORMAT_V1} or format-{FORMAT} "
+                             "snapshot manifest")
+    fmt = d["format"]
     chunk_size = _int(d, "chunk_size", what)
     if chunk_size < 1:
         raise IntegrityError(f"{what}: bad chunk_size {chunk_size}")
+    blobs = _blob_table(d, what) if fmt == FORMAT else {}
     files: list[FileEntry] = []
     for f in d.get("files") or []:
         if not isinstance(f, dict):
@@ -263,10 +339,23 @@ def parse_manifest(raw: bytes, *, what: str = "manifest") -> Manifest:
         chunks = f.get("chunks")
         if not isinstance(chunks, list) or not all(is_sha(c) for c in chunks):
             raise IntegrityError(f"{what} {path}: bad chunk list")
-        if len(chunks) != len(chunk_lengths(size, chunk_size)):
-            raise IntegrityError(f"{what} {path}: {len(chunks)} chunks for {size} bytes")
-        if not is_sha(f.get("sha256")):
-            raise IntegrityError(f"{what} {path}: bad sha256")
+        if fmt == FORMAT_V1:
+            lengths = chunk_lengths(size, chunk_size)
+            if len(chunks) != len(lengths):
+                raise IntegrityError(f"{what} {path}: {len(chunks)} chunks for {size} bytes")
+            if not is_sha(f.get("sha256")):
+                raise IntegrityError(f"{what} {path}: bad sha256")
+            for c, ln in zip(chunks, lengths, strict=True):
+                if blobs.setdefault(c, Loc(f"chunks/{c}", 0, ln)).length != ln:
+                    raise IntegrityError(f"{what} {path}: chunk {c} has two lengths")
+        else:
+            missing = [c for c in chunks if c not in blobs]
+            if missing:
+                raise IntegrityError(f"{what} {path}: chunk {missing[0]} is in no pack")
+            total = sum(blobs[c].length for c in chunks)
+            if total != size:
+                raise IntegrityError(f"{what} {path}: chunks hold {total} bytes, "
+                                     f"the file {size}")
         uid, gid = _owner(f)
         files.append(
             FileEntry(
@@ -274,10 +363,13 @@ def parse_manifest(raw: bytes, *, what: str = "manifest") -> Manifest:
                 _int(f, "mode", path) & 0o7777,
                 size,
                 float(f.get("mtime") or 0),
-                f["sha256"],
+                f["sha256"] if fmt == FORMAT_V1 else "",
                 tuple(chunks),
                 uid,
                 gid,
+                _opt_int(f, "mtime_ns"),
+                _opt_int(f, "ctime_ns"),
+                _opt_int(f, "ino"),
             )
         )
     dirs: list[DirEntry] = []
@@ -300,6 +392,7 @@ def parse_manifest(raw: bytes, *, what: str = "manifest") -> Manifest:
         links.append(LinkEntry(path, target))
     check_tree([f.path for f in files], [x.path for x in dirs], [x.path for x in links], what)
     ruid, rgid = _owner({"uid": d.get("root_uid"), "gid": d.get("root_gid")})
+    used = {c for f in files for c in f.chunks}
     return Manifest(
         id=str(d.get("id", "")),
         group=str(d.get("group", "")),
@@ -314,7 +407,43 @@ def parse_manifest(raw: bytes, *, what: str = "manifest") -> Manifest:
         root_uid=ruid,
         root_gid=rgid,
         final=bool(d.get("final")),
+        format=fmt,
+        blobs={c: loc for c, loc in blobs.items() if c in used},
+        chunker=str(d.get("chunker") or ""),
+        since_full=_opt_int(d, "since_full") or 0,
     )
+
+
+def referenced_objects(raw: bytes, *, what: str = "manifest") -> set[str]:
+    """The store objects a manifest needs, without checking the rest of it: what collection
+    must keep. Anything unreadable raises ``IntegrityError``, so collection stops rather
+    than deleting what an unreadable snapshot may need."""
+    if raw[:2] == b"\x1f\x8b":
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError) as exc:
+            raise IntegrityError(f"{what}: not a readable gzip stream: {exc}") from exc
+    try:
+        d = json.loads(raw)
+    except ValueError as exc:
+        raise IntegrityError(f"{what}: not valid JSON: {exc}") from exc
+    if not isinstance(d, dict) or d.get("format") not in (FORMAT_V1, FORMAT):
+        raise IntegrityError(f"{what}: not a snapshot manifest")
+    if d["format"] == FORMAT:
+        packs = d.get("packs")
+        if not isinstance(packs, dict):
+            raise IntegrityError(f"{what}: no pack table")
+        return {f"packs/{p}" for p in packs}
+    files = d.get("files") or []
+    if not isinstance(files, list):
+        raise IntegrityError(f"{what}: bad file list")
+    out: set[str] = set()
+    for f in files:
+        chunks = f.get("chunks") if isinstance(f, dict) else None
+        if not isinstance(chunks, list):
+            raise IntegrityError(f"{what}: bad chunk list")
+        out.update(f"chunks/{c}" for c in chunks)
+    return out
 
 
 def check_tree(
@@ -364,6 +493,24 @@ def collectable(
     )
 
 
+def unchanged(prev: FileEntry | None, size: int, mtime_ns: int, ctime_ns: int, ino: int) -> bool:
+    """May a backup reuse ``prev``'s chunks for a file without reading it? Only when size,
+    mtime, ctime and inode all match (restic's rule, plus ctime, which a write that
+    restores its old mtime still moves)."""
+    return (prev is not None and prev.ino is not None
+            and (prev.size, prev.mtime_ns, prev.ctime_ns, prev.ino) == (size, mtime_ns, ctime_ns,
+                                                                          ino))
+
+
+REHASH_EVERY = 24  # every n-th backup reads every file again, unchanged or not
+
+
+def full_rehash_due(prev_since_full: int | None, every: int = REHASH_EVERY) -> bool:
+    """Re-read everything when there is no previous snapshot to compare with, or when
+    ``every`` backups have trusted metadata since the last full read."""
+    return prev_since_full is None or prev_since_full + 1 >= every
+
+
 def fresh(last_modified: float, store_now: float, ttl_s: float) -> bool:
     return store_now - last_modified < ttl_s
 
@@ -402,20 +549,27 @@ def decide_restore(boot_kind: str, local: str, restored_here: bool) -> RestoreDe
 
 @dataclass
 class Progress:
-    """Bytes done / total and a rate; ``tick`` says when a report is worth sending."""
+    """Bytes and files done / total, a rate and an ETA; ``tick`` says when a report is due."""
 
     total: int
     started: float
     done: int = 0
     last_report: float = field(default=-1e18)
     every_s: float = 0.5
+    files: int = 0
+    files_total: int = 0
 
     def add(self, n: int) -> None:
         self.done += n
 
     def info(self, now: float) -> dict[str, Any]:
         elapsed = max(now - self.started, 1e-9)
-        return {"bytes": self.done, "total": self.total, "rate": round(self.done / elapsed, 1)}
+        rate = self.done / elapsed
+        left = max(self.total - self.done, 0)
+        eta = round(left / rate, 1) if rate > 0 else None
+        return {"bytes": self.done, "total": self.total, "rate": round(rate, 1),
+                "files": self.files, "files_total": self.files_total,
+                "elapsed_s": round(elapsed, 1), "eta_s": eta}
 
     def tick(self, now: float) -> bool:
         if now - self.last_report >= self.every_s or self.done >= self.total:

@@ -107,6 +107,10 @@ class StoreAPI(Protocol):
         """The object; ``NotModified`` when ``if_none_match`` is its ETag. NotFound if none."""
         ...
 
+    def get_range(self, rel: str, start: int, end: int) -> bytes:
+        """Bytes [start, end) of an object; fewer if it is shorter. NotFound if missing."""
+        ...
+
     def get_or_none(self, rel: str) -> Obj | None:
         ...
 

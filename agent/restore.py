@@ -1,12 +1,15 @@
 """Data snapshots, the restore half: rebuild a snapshot beside the target and swap it in.
 
-Build the snapshot in a hidden staging dir beside the target (same filesystem),
-verifying every chunk's sha256 and length and every file's size and sha256, fsync it
-all, then swap it in with one ``renameat2(RENAME_EXCHANGE)`` (two renames where that
-is not available). A restore killed at any moment leaves the target as it was; the
-next restore removes the leftover staging dir. Local content that is replaced is
-moved aside, never deleted (an empty dir is simply removed). Also the boot phase
-``restore``: whether to restore is decided by ``agent.data.decide_restore``.
+Build the snapshot in a hidden staging dir beside the target (same filesystem): fetch
+each needed blob once with ranged GETs of its pack, many requests in parallel, verify its
+sha256 and length, write it where it belongs from the fetching thread; check that every
+file received exactly its size in verified bytes; make it all durable (one ``syncfs``, or
+an fsync per file where there is none), then swap it in with one
+``renameat2(RENAME_EXCHANGE)`` (two renames where that is not available). A restore
+killed at any moment leaves the target as it was; the next restore removes the leftover
+staging dir. Local content that is replaced is moved aside, never deleted (an empty dir
+is simply removed). Also the boot phase ``restore``: whether to restore is decided by
+``agent.data.decide_restore``.
 """
 
 from __future__ import annotations
@@ -18,15 +21,16 @@ import hashlib
 import json
 import os
 import shutil
+import threading
 import time
-from collections import deque
-from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Iterator
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from agent import data as D
+from agent import packs as P
 from agent.backup import (
     DEFAULT_CONCURRENCY,
     ProgressFn,
@@ -55,8 +59,10 @@ class RestoreResult:
     def summary(self) -> str:
         if self.snapshot_id is None:
             return f"{self.name}: no snapshot"
+        rate = self.total_bytes / self.duration_s if self.duration_s > 0 else 0
         s = (f"{self.name}: restored {self.snapshot_id} ({self.files} files, "
-             f"{_human(self.total_bytes)}) into {self.target}")
+             f"{_human(self.total_bytes)}) into {self.target} in {self.duration_s:.1f} s "
+             f"({_human(int(rate))}/s, every byte verified)")
         if self.moved_aside:
             s += f"; previous content moved to {self.moved_aside}"
         return s
@@ -150,19 +156,108 @@ def _restore_lock(path: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def _fetch(store: StoreAPI, group: str, name: str, sha: str, length: int, path: str,
-           idx: int) -> bytes:
+def _syncfs(fd: int) -> bool:
+    """One ``syncfs(2)`` of the filesystem holding ``fd``; False where unavailable."""
     try:
-        obj = store.get(D.chunk_key(group, name, sha))
-    except NotFound as exc:
-        raise IntegrityError(f"{path}: chunk {idx} ({sha}) is missing from the store") from exc
-    body = obj.body
-    if len(body) != length:
-        raise IntegrityError(f"{path}: chunk {idx} ({sha}) is truncated or wrong size: "
-                             f"{len(body)} bytes, expected {length}")
-    if D.sha256(body) != sha:
-        raise IntegrityError(f"{path}: chunk {idx} ({sha}) failed its checksum")
-    return body
+        fn = ctypes.CDLL(None, use_errno=True).syncfs
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int]
+    if fn(fd) != 0:
+        err = ctypes.get_errno()
+        if err in (38, 95):  # ENOSYS, EOPNOTSUPP
+            return False
+        raise OSError(err, f"syncfs: {os.strerror(err)}")
+    return True
+
+
+class _Writer:
+    """Fetch threads' shared state: where each blob goes, and how much of each file is in.
+
+    Every blob is fetched once (a ranged GET of its pack, shared with its neighbours),
+    checked (length, sha256: the one checksum pass over each byte), then written with
+    ``pwrite`` into every file and offset that holds it, by the thread that fetched it:
+    writers run in parallel, and memory is one range per thread."""
+
+    def __init__(self, store: StoreAPI, m: D.Manifest, root_fd: int) -> None:
+        self.store = store
+        self.m = m
+        self.root_fd = root_fd
+        self.base = D.base(m.group, m.name)
+        self.place: dict[str, list[tuple[int, int]]] = {}
+        for i, f in enumerate(m.files):
+            off = 0
+            for c in f.chunks:
+                self.place.setdefault(c, []).append((i, off))
+                off += m.blobs[c].length
+        self.written = [0] * len(m.files)
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+
+    def who(self, sha: str) -> str:
+        i, off = self.place[sha][0]
+        return f"{self.m.files[i].path}: chunk at offset {off} ({sha})"
+
+    def fetch(self, fx: P.Fetch) -> tuple[int, int]:
+        """(bytes written, files completed) for one request."""
+        if self.stop.is_set():
+            return 0, 0
+        rel = f"{self.base}/{fx.obj}"
+        try:
+            if fx.whole:
+                obj = self.store.get(rel)
+                body = obj.body
+                if len(body) != fx.end - fx.start:
+                    raise IntegrityError(f"{self.who(fx.blobs[0][0])} is truncated or wrong "
+                                         f"size: {len(body)} bytes, expected {fx.end - fx.start}")
+            else:
+                body = self.store.get_range(rel, fx.start, fx.end)
+        except NotFound as exc:
+            raise IntegrityError(f"{self.who(fx.blobs[0][0])} is missing from the store "
+                                 f"({fx.obj} not found)") from exc
+        view = memoryview(body)
+        written = done = 0
+        for sha, off, ln in fx.blobs:
+            blob = view[off - fx.start:off - fx.start + ln]
+            if len(blob) != ln:
+                raise IntegrityError(f"{self.who(sha)} is truncated or wrong size: "
+                                     f"{len(blob)} bytes, expected {ln}")
+            if hashlib.sha256(blob).hexdigest() != sha:
+                raise IntegrityError(f"{self.who(sha)} failed its checksum")
+            for i, foff in self.place[sha]:
+                if self.stop.is_set():
+                    return written, done
+                done += self._pwrite(i, blob, foff)
+                written += ln
+        return written, done
+
+    def _pwrite(self, i: int, data: memoryview, offset: int) -> bool:
+        """Write one blob into file ``i``; the write that completes the file also sets its
+        mode, owner and mtime (no write can follow it). True when it did."""
+        f = self.m.files[i]
+        # relative to the staging dir, never following a link: cannot land outside it
+        fd = os.open(f.path, os.O_WRONLY | os.O_NOFOLLOW, dir_fd=self.root_fd)
+        try:
+            n = len(data)
+            while data:
+                k = os.pwrite(fd, data, offset)
+                data = data[k:]
+                offset += k
+            with self.lock:
+                self.written[i] += n
+                complete = self.written[i] == f.size
+            if complete:
+                _set_meta(fd, f)
+            return complete
+        finally:
+            os.close(fd)
+
+
+def _set_meta(fd: int, f: D.FileEntry) -> None:
+    os.fchmod(fd, f.mode)
+    if f.uid is not None and os.geteuid() == 0:
+        os.fchown(fd, f.uid, f.gid or 0)
+    os.utime(fd, (f.mtime, f.mtime))
 
 
 def _build(store: StoreAPI, m: D.Manifest, staging: Path, concurrency: int, clock: Clock,
@@ -171,92 +266,93 @@ def _build(store: StoreAPI, m: D.Manifest, staging: Path, concurrency: int, cloc
     try:
         for d in sorted(m.dirs, key=lambda x: x.path.count("/")):
             os.mkdir(d.path, 0o700, dir_fd=root_fd)
-        prog = D.Progress(total=m.total_bytes, started=clock.monotonic())
-
-        def tasks() -> Iterator[tuple[D.FileEntry, int, str, int]]:
-            for f in m.files:
-                lengths = D.chunk_lengths(f.size, m.chunk_size)
-                for i, (sha, ln) in enumerate(zip(f.chunks, lengths, strict=True)):
-                    yield f, i, sha, ln
-
-        todo = tasks()
-        window: deque[Future[bytes]] = deque()
+        _create_files(m.files, root_fd, concurrency)
+        prog = D.Progress(total=m.total_bytes, started=clock.monotonic(),
+                          files=sum(1 for f in m.files if f.size == 0),
+                          files_total=len(m.files))
+        w = _Writer(store, m, root_fd)
+        plan = P.plan_fetches(w.place, m.blobs)
+        # every request is queued at once: the fetch threads never wait for the writer
+        # (they are the writers), and memory stays one range per thread
         with ThreadPoolExecutor(concurrency, thread_name_prefix="restore") as pool:
-            def fill() -> None:
-                while len(window) < 2 * concurrency:
-                    t = next(todo, None)
-                    if t is None:
-                        return
-                    f, i, sha, ln = t
-                    window.append(pool.submit(_fetch, store, m.group, m.name, sha, ln, f.path, i))
+            pending = {pool.submit(w.fetch, fx) for fx in plan}
             try:
-                fill()
-                for f in m.files:
-                    _write_file(f, root_fd, window, fill, deadline, prog, clock, progress)
+                while pending:
+                    if deadline is not None:
+                        deadline.check(f"restoring {m.name}")
+                    finished, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+                    for fut in finished:
+                        n, done = fut.result()
+                        prog.add(n)
+                        prog.files += done
+                    now = clock.monotonic()
+                    if progress is not None and finished and prog.tick(now):
+                        progress(prog.info(now))
             except BaseException:
-                for fut in window:
+                w.stop.set()
+                for fut in pending:
                     fut.cancel()
                 raise
+        for f, n in zip(m.files, w.written, strict=True):
+            if n != f.size:  # every byte of every file came from a verified blob
+                raise IntegrityError(f"{f.path}: restored {n} of {f.size} bytes")
+        chown = os.geteuid() == 0
+        for f in m.files:
+            if f.size == 0:  # no write completed it: its metadata is set here
+                fd = os.open(f.path, os.O_WRONLY | os.O_NOFOLLOW, dir_fd=root_fd)
+                try:
+                    _set_meta(fd, f)
+                finally:
+                    os.close(fd)
         for s in m.symlinks:
             os.symlink(s.target, s.path, dir_fd=root_fd)
-        chown = os.geteuid() == 0
         for d in sorted(m.dirs, key=lambda x: -x.path.count("/")):  # deepest first
             os.chmod(d.path, d.mode, dir_fd=root_fd)
             if chown and d.uid is not None:
                 os.chown(d.path, d.uid, d.gid or 0, dir_fd=root_fd)
             os.utime(d.path, (d.mtime, d.mtime), dir_fd=root_fd)
-            _fsync_at(root_fd, d.path)
         os.chmod(root_fd, m.root_mode)
         if chown and m.root_uid is not None:
             os.chown(root_fd, m.root_uid, m.root_gid or 0)
-        os.fsync(root_fd)
+        # Durable before the swap: one syncfs for the whole tree instead of an fsync per file
+        # (and per dir); where there is none, fsync every file and dir.
+        if not _syncfs(root_fd):
+            for f in m.files:
+                _fsync_at(root_fd, f.path, directory=False)
+            for d in m.dirs:
+                _fsync_at(root_fd, d.path)
+            os.fsync(root_fd)
     finally:
         os.close(root_fd)
     if progress is not None:
         progress(prog.info(clock.monotonic()))
 
 
-def _fsync_at(dir_fd: int, rel: str) -> None:
-    fd = os.open(rel, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dir_fd)
+def _create_files(files: tuple[D.FileEntry, ...], root_fd: int, concurrency: int) -> None:
+    """Create every file (empty) before any byte arrives, a directory per task, in parallel:
+    a create waits on the filesystem's journal, and creates in different dirs need not
+    wait on each other. O_EXCL|O_NOFOLLOW relative to the staging dir."""
+    by_dir: dict[str, list[str]] = {}
+    for f in files:
+        by_dir.setdefault(f.path.rpartition("/")[0], []).append(f.path)
+
+    def create(paths: list[str]) -> None:
+        for p in paths:
+            os.close(os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600,
+                             dir_fd=root_fd))
+
+    with ThreadPoolExecutor(concurrency, thread_name_prefix="restore-create") as pool:
+        for fut in [pool.submit(create, paths) for paths in by_dir.values()]:
+            fut.result()
+
+
+def _fsync_at(dir_fd: int, rel: str, directory: bool = True) -> None:
+    flags = os.O_RDONLY | os.O_NOFOLLOW | (os.O_DIRECTORY if directory else 0)
+    fd = os.open(rel, flags, dir_fd=dir_fd)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _write_file(f: D.FileEntry, root_fd: int, window: deque[Future[bytes]],
-                fill: Callable[[], None], deadline: Deadline | None, prog: D.Progress,
-                clock: Clock, progress: ProgressFn | None) -> None:
-    # O_EXCL|O_NOFOLLOW relative to the staging dir: a write can never land outside it.
-    fd = os.open(f.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600,
-                 dir_fd=root_fd)
-    with os.fdopen(fd, "wb") as out:
-        whole = hashlib.sha256()
-        size = 0
-        single = len(f.chunks) == 1
-        for _ in f.chunks:
-            if deadline is not None:
-                deadline.check(f"restoring {f.path}")
-            body = window.popleft().result()
-            fill()
-            out.write(body)
-            if not single:
-                whole.update(body)
-            size += len(body)
-            prog.add(len(body))
-            now = clock.monotonic()
-            if progress is not None and prog.tick(now):
-                progress(prog.info(now))
-        digest = f.chunks[0] if single else whole.hexdigest()  # one chunk: its sha is the file's
-        if size != f.size or digest != f.sha256:
-            raise IntegrityError(f"{f.path}: restored file does not match the snapshot "
-                                 f"(size {size}/{f.size}, sha256 {digest[:12]}/{f.sha256[:12]})")
-        out.flush()
-        os.fchmod(out.fileno(), f.mode)
-        if f.uid is not None and os.geteuid() == 0:
-            os.fchown(out.fileno(), f.uid, f.gid or 0)
-        os.utime(out.fileno(), (f.mtime, f.mtime))
-        os.fsync(out.fileno())
 
 
 _RENAME_EXCHANGE = 2

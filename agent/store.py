@@ -94,6 +94,20 @@ class Store:
             store_now=_http_date(resp.get("ResponseMetadata")),
         )
 
+    def get_range(self, rel: str, start: int, end: int) -> bytes:
+        """Bytes [start, end) of an object (a ranged GET); fewer if the object is shorter."""
+        try:
+            resp = self.client.get_object(Bucket=self.bucket, Key=self.key(rel),
+                                          Range=f"bytes={start}-{end - 1}")
+            body = resp["Body"].read()
+        except awserrors.AWS_ERRORS as exc:
+            self.usage.add("get")
+            if awserrors.error_code(exc) == "InvalidRange" or awserrors.http_status(exc) == 416:
+                return b""
+            raise self._fail("get", rel, exc) from exc
+        self.usage.add("get", bytes_in=len(body))
+        return body
+
     def get_or_none(self, rel: str) -> Obj | None:
         try:
             obj = self.get(rel)

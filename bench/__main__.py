@@ -1,4 +1,9 @@
-"""``python -m bench [NAME ...]``: run every ``bench_*.py`` (or the named ones), update docs."""
+"""``python -m bench [--tiny] [NAME ...]``: run every ``bench_*.py`` (or the named ones).
+
+A full run updates ``docs/benchmarks.md``. ``--tiny`` runs each bench with its module's
+``TINY`` arguments (seconds, not minutes) and writes nothing: ``make test`` runs every bench
+that way so that none can silently break (``tests/integration/test_bench_tiny.py``).
+"""
 
 from __future__ import annotations
 
@@ -35,6 +40,8 @@ def update_section(text: str, name: str, body: str) -> str:
 
 
 def main(argv: list[str]) -> int:
+    tiny = "--tiny" in argv
+    argv = [a for a in argv if a != "--tiny"]
     names = [a.removeprefix("bench_") for a in argv] or available()
     unknown = sorted(set(names) - set(available()))
     if unknown:
@@ -43,11 +50,16 @@ def main(argv: list[str]) -> int:
         return 2
     for name in names:
         mod = importlib.import_module(f"bench.bench_{name}")
+        if tiny and getattr(mod, "TINY_SKIP", None):
+            print(f"[bench {name} (tiny): skipped: {mod.TINY_SKIP}]")
+            continue
         t0 = time.monotonic()
-        result = mod.run()
+        result = mod.run(**(getattr(mod, "TINY", {}) if tiny else {}))
         took = time.monotonic() - t0
         print(result.get("summary") or result["markdown"])
-        print(f"[bench {name}: {took:.0f}s]")
+        print(f"[bench {name}{' (tiny)' if tiny else ''}: {took:.0f}s]")
+        if tiny:
+            continue
         text = DOC.read_text() if DOC.exists() else HEADER
         DOC.parent.mkdir(parents=True, exist_ok=True)
         DOC.write_text(update_section(text, name, result["markdown"]))

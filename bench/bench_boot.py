@@ -16,6 +16,7 @@ import sys
 import time
 
 GOAL = 2.0
+TINY = {"repeat": 1}  # python -m bench --tiny: proves it runs, measures nothing
 
 
 def _time(cmd: list[str], env: dict[str, str]) -> tuple[float, int]:

@@ -28,6 +28,7 @@ DEAD_AFTER = 3.0
 GOAL_P50 = 2.5
 GOAL_P99 = 4.0
 N = 5
+TINY = {"runs": 1, "n": 3}  # python -m bench --tiny: proves it runs, measures nothing
 
 
 def _pct(xs: list[float], q: float) -> float:

@@ -28,6 +28,7 @@ import psutil
 
 RSS_GOAL_MB = 50.0
 CPU_GOAL = 0.01
+TINY = {"peers": 1, "warmup_s": 1.0, "window_s": 1.0, "update_window_s": 1.0}
 
 
 def _measure(pid: int, window_s: float, step: float = 1.0) -> tuple[float, float]:

@@ -27,6 +27,7 @@ GOAL_RATIO = 1.2
 INTERVAL_S = 10.0
 ITERATIONS = 360  # one hour of 10 s intervals
 SIZES = (10, 100, 1_000, 10_000)
+TINY = {"sizes": (10, 20), "iterations": 6}  # python -m bench --tiny: runs, measures nothing
 PRICE_PUT_LIST = 0.005 / 1000  # S3 Standard list prices as of writing (us-east-1)
 PRICE_GET_HEAD = 0.0004 / 1000
 S3_READS_PER_PREFIX = 5500
@@ -79,7 +80,7 @@ def _delta(after: tuple[dict[str, int], int], before: tuple[dict[str, int], int]
     return {k: v for k, v in ops.items() if v}, after[1] - before[1]
 
 
-def measure(n: int, client: Any) -> dict[str, Any]:
+def measure(n: int, client: Any, iterations: int = ITERATIONS) -> dict[str, Any]:
     from agent.clock import FakeClock
     from agent.heartbeat import Heartbeater
     from agent.membership import MemberRecord
@@ -129,7 +130,7 @@ def measure(n: int, client: Any) -> dict[str, Any]:
     join_ops, join_bytes = _delta(_snapshot(store), s0)
     # steady state: one simulated hour
     s1 = _snapshot(store)
-    for i in range(ITERATIONS):
+    for i in range(iterations):
         iteration(i)
     hour_ops, hour_bytes = _delta(_snapshot(store), s1)
     wall = time.perf_counter() - t0
@@ -148,7 +149,7 @@ def measure(n: int, client: Any) -> dict[str, Any]:
     }
 
 
-def run(sizes: tuple[int, ...] = SIZES) -> dict[str, Any]:
+def run(sizes: tuple[int, ...] = SIZES, iterations: int = ITERATIONS) -> dict[str, Any]:
     import boto3
 
     from agent.sim.moto import FAKE_CREDENTIALS, MotoServer
@@ -163,7 +164,7 @@ def run(sizes: tuple[int, ...] = SIZES) -> dict[str, Any]:
                               config=Config(max_pool_connections=40,
                                             retries={"mode": "standard", "max_attempts": 3}))
         client.create_bucket(Bucket=BUCKET)
-        rows = [measure(n, client) for n in sizes]
+        rows = [measure(n, client, iterations) for n in sizes]
     base, top = rows[0], rows[-1]
     ratio = top["requests_per_hour"] / base["requests_per_hour"]
     within = (top["aggregate_reads_per_s"] <= S3_READS_PER_PREFIX
@@ -172,7 +173,7 @@ def run(sizes: tuple[int, ...] = SIZES) -> dict[str, Any]:
     lines = [
         "## Membership: store requests per instance-hour (issue #4)",
         "",
-        f"One real observer (heartbeat + watch loop), {ITERATIONS} iterations of the "
+        f"One real observer (heartbeat + watch loop), {iterations} iterations of the "
         f"{INTERVAL_S:g} s interval on an injected clock, against moto_server holding N records; "
         "requests counted by `Store.usage`. k = 3 watched peers keep heartbeating; one member "
         "joins every 10 minutes at every N. Steady state, per instance-hour:",

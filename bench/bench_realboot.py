@@ -19,6 +19,9 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
+# python -m bench --tiny: nothing smaller to run; the real boot is tests/realboot, itself in
+# make test (this bench only times one run of it)
+TINY_SKIP = "the real boot is tests/realboot itself, which make test runs"
 
 
 def run() -> dict[str, Any]:

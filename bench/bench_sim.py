@@ -22,6 +22,7 @@ from typing import Any
 # (members, simulated hours). Short spans: at N = 1,000 the first simulated minute (every
 # member's first full LIST of the group) costs ~75 CPU-s on its own (measured 2026-12-01).
 SIZES = ((100, 0.25), (1000, 0.02))
+TINY = {"sizes": ((20, 0.01),), "profile_hours": 0.01}  # python -m bench --tiny: runs only
 NOT_MEASURED = (
     "N = 10,000 is not in the table: at N = 1,000 the first 72 simulated seconds already "
     "took 76 CPU-s (0.26 member-h per CPU-s), so a 10,000-member run did not fit the time "
@@ -103,11 +104,12 @@ def _profile_split(n: int, hours: float) -> dict[str, float]:
     return {k: v / total for k, v in buckets.items()}
 
 
-def run() -> dict[str, str]:
+def run(sizes: tuple[tuple[int, float], ...] = SIZES,
+        profile_hours: float = 0.25) -> dict[str, str]:
     logging.disable(logging.WARNING)
     rows = []
     summary = []
-    for n, hours in SIZES:
+    for n, hours in sizes:
         rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         wall, cpu, res = _sim(n, hours)
         rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -118,7 +120,7 @@ def run() -> dict[str, str]:
                     f"{max(rss0, rss1) / 1024:.0f} MiB |")
         summary.append(f"N={n}: {mh / cpu:.1f} member-h per CPU-s (baseline {mh / base:.1f}); "
                        f"wall {wall:.0f}s")
-    split = _profile_split(100, 0.25)
+    split = _profile_split(100, profile_hours)
     logging.disable(logging.NOTSET)
     md = ["## Deterministic fleet simulation speed (`bench/bench_sim.py`)", "",
           "Simulated member-hours per second of the simulation's own CPU time (one core; "

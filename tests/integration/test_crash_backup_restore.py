@@ -3,7 +3,8 @@
 Each round starts a subprocess (imports done before it says "ready"), kills it with
 SIGKILL at a random point of its work, and checks the invariants:
 - backup: every snapshot listed restores completely and verified (an interrupted backup,
-  or an interrupted collection, never breaks a committed snapshot);
+  or an interrupted collection, never breaks a committed snapshot); the format is the pack
+  format, with small packs and files skipped unread as unchanged;
 - restore: the target is exactly the old tree or exactly the snapshot, never a mix, and
   the old content is never lost (it is moved aside).
 """
@@ -44,10 +45,13 @@ def work(seed):
     store = Store("fleet-bucket", "prod")
     if mode == "backup":
         rnd = random.Random(seed)
-        for i in range(8):
-            (path / f"f{i}").write_bytes(rnd.randbytes(rnd.randrange(0, 6 * 4096)))
-        B.Backup(store, "web", "app", path, chunk_size=4096, keep=3, instance_id=f"i-{seed}",
-                 concurrency=4, policy=D.GcPolicy(min_chunk_age_s=0, lock_ttl_s=1)).run()
+        for i in range(8):  # some files change each round, the rest are skipped unread
+            if i == 0 or rnd.random() < 0.5:
+                (path / f"f{i}").write_bytes(rnd.randbytes(rnd.randrange(0, 6 * 4096)))
+        # small packs: a round uploads several, so kills land between pack uploads too
+        B.Backup(store, "web", "app", path, chunk_size=4096, keep=3, instance_id="i-1",
+                 concurrency=4, pack_target=8192, rehash_every=3,
+                 policy=D.GcPolicy(min_chunk_age_s=0, lock_ttl_s=1)).run()
     else:
         R.restore(store, "web", "app", path, force=True, concurrency=4)
 

@@ -12,13 +12,14 @@ from agent import data as D
 from agent.errors import IntegrityError
 
 SHA = "a" * 64
+SHA2 = "b" * 64
 
 
 def manifest(**over: object) -> dict:
     m = {"format": 1, "id": "20260101T000000Z-i-1-abcd", "group": "web", "name": "app",
          "created": 1.0, "instance_id": "i-1", "chunk_size": 4, "root_mode": 0o755,
          "files": [{"path": "a/b.txt", "mode": 0o644, "size": 6, "mtime": 2.0,
-                    "sha256": SHA, "chunks": [SHA, SHA]}],
+                    "sha256": SHA, "chunks": [SHA, SHA2]}],
          "dirs": [{"path": "a", "mode": 0o755, "mtime": 1.0}],
          "symlinks": [{"path": "l", "target": "/etc/passwd"}]}
     m.update(over)
@@ -44,7 +45,7 @@ def test_chunk_lengths_cover_the_file(size: int, chunk: int) -> None:
 
 
 def test_chunk_size_bounds() -> None:
-    assert D.check_chunk_size(D.DEFAULT_CHUNK_SIZE) == D.MIB
+    assert D.check_chunk_size(D.DEFAULT_CHUNK_SIZE) == D.MIB // 4
     for bad in (0, 100, 8 * D.MIB + 1):
         with pytest.raises(ValueError):
             D.check_chunk_size(bad)
@@ -64,14 +65,15 @@ def test_safe_paths(path: str) -> None:
 
 def test_manifest_roundtrip() -> None:
     m = D.parse_manifest(raw(manifest()))
-    assert m.files[0].chunks == (SHA, SHA) and m.total_bytes == 6
+    assert m.files[0].chunks == (SHA, SHA2) and m.total_bytes == 6 and m.format == 1
+    assert m.objects() == {f"chunks/{SHA}", f"chunks/{SHA2}"}
     again = D.parse_manifest(m.dumps())
     assert again == m
     assert json.loads(m.dumps())["total_bytes"] == 6
 
 
 @pytest.mark.parametrize(("change", "message"), [
-    ({"format": 2}, "format"),
+    ({"format": 3}, "format"),
     ({"files": [{"path": "/abs", "mode": 420, "size": 0, "mtime": 0, "sha256": SHA,
                  "chunks": []}]}, "unsafe"),
     ({"files": [{"path": "x", "mode": 420, "size": 5, "mtime": 0, "sha256": SHA,
@@ -170,4 +172,56 @@ def test_progress_ticks_and_rate() -> None:
     assert p.tick(1.0)
     p.add(90)
     assert p.tick(1.1)  # done: always report
-    assert p.info(2.0) == {"bytes": 100, "total": 100, "rate": 50.0}
+    assert p.info(2.0) == {"bytes": 100, "total": 100, "rate": 50.0, "files": 0,
+                           "files_total": 0, "elapsed_s": 2.0, "eta_s": 0.0}
+    half = D.Progress(total=100, started=0.0, files_total=4)
+    half.add(25)
+    assert half.info(5.0)["eta_s"] == 15.0  # 5 B/s, 75 B to go
+
+
+def v2(**over: object) -> dict:
+    m = manifest(format=2, chunker="fastcdc-1-4-16", since_full=3,
+                 packs={"c" * 64: [[SHA, 0, 4], [SHA2, 4, 2]]})
+    del m["files"][0]["sha256"]
+    m["files"][0].update(mtime_ns=2_000_000_000, ctime_ns=5, ino=77)
+    m.update(over)
+    return m
+
+
+def test_format2_manifest_roundtrip() -> None:
+    m = D.parse_manifest(raw(v2()))
+    assert m.format == 2 and m.since_full == 3 and m.total_bytes == 6
+    assert m.blobs[SHA2] == D.Loc(f"packs/{'c' * 64}", 4, 2)
+    assert m.objects() == {f"packs/{'c' * 64}"}
+    f = m.files[0]
+    assert (f.mtime_ns, f.ctime_ns, f.ino, f.sha256) == (2_000_000_000, 5, 77, "")
+    packed = m.dumps()
+    assert packed[:2] == b"\x1f\x8b"  # gzipped
+    assert D.parse_manifest(packed) == m
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"packs": {"c" * 64: [[SHA, 0, 4]]}}, "is in no pack"),
+    ({"packs": {"c" * 64: [[SHA, 0, 4], [SHA2, 4, 3]]}}, "chunks hold 7 bytes, the file 6"),
+    ({"packs": {"../x": [[SHA, 0, 4], [SHA2, 4, 2]]}}, "bad pack entry"),
+    ({"packs": {"c" * 64: [[SHA, -1, 4], [SHA2, 4, 2]]}}, "bad blob entry"),
+    ({"packs": None}, "no pack table"),
+])
+def test_bad_format2_manifests_refused(change: dict, message: str) -> None:
+    with pytest.raises(IntegrityError, match=message):
+        D.parse_manifest(raw(v2(**change)))
+
+
+def test_unchanged_needs_every_field_to_match() -> None:
+    prev = D.FileEntry("f", 0o644, 10, 1.0, "", (SHA,), mtime_ns=1, ctime_ns=2, ino=3)
+    assert D.unchanged(prev, 10, 1, 2, 3)
+    for args in ((11, 1, 2, 3), (10, 9, 2, 3), (10, 1, 9, 3), (10, 1, 2, 9)):
+        assert not D.unchanged(prev, *args)
+    assert not D.unchanged(None, 10, 1, 2, 3)
+    assert not D.unchanged(D.FileEntry("f", 0o644, 10, 1.0, SHA, (SHA,)), 10, 1, 2, 3)
+
+
+def test_full_rehash_due() -> None:
+    assert D.full_rehash_due(None)  # nothing to compare with
+    assert not D.full_rehash_due(0, every=3) and not D.full_rehash_due(1, every=3)
+    assert D.full_rehash_due(2, every=3)

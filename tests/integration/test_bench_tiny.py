@@ -1,0 +1,40 @@
+"""Every benchmark runs, at a tiny size, in ``make test``: none can silently break.
+
+``python -m bench --tiny NAME`` runs the bench with its module's ``TINY`` arguments and
+writes nothing to ``docs/benchmarks.md``. The numbers of a tiny run mean nothing; that it
+finishes with exit code 0 does.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.__main__ import available
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_every_bench_has_a_tiny_size() -> None:
+    import importlib
+
+    for name in available():
+        mod = importlib.import_module(f"bench.bench_{name}")
+        assert isinstance(getattr(mod, "TINY", None), dict) or getattr(mod, "TINY_SKIP", ""), (
+            f"bench_{name} has no TINY arguments (nor a TINY_SKIP reason)")
+
+
+@pytest.mark.parametrize("name", available())
+def test_bench_runs_tiny(name: str) -> None:
+    doc = ROOT / "docs" / "benchmarks.md"
+    before = doc.read_bytes()
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "bench", "--tiny", name], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert f"[bench {name} (tiny):" in proc.stdout
+    assert doc.read_bytes() == before  # a tiny run records nothing
