@@ -767,7 +767,7 @@ _SECRET_SUBSTRINGS = (
     "privatekey",
     "accesskey",
 )
-_CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
+_CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])")  # dbXKey: db X Key
 
 _INLINE_SECRETS = (
     # AWS secret access key: 40 base64 chars with mixed case (a hex sha1 is not one).

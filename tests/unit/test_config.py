@@ -676,6 +676,8 @@ def test_validate_file_missing(tmp_path: Path) -> None:
         "private_key",
         "passwd",
         "accessKey",
+        "dbXKey",  # a one-letter word before the secret one (found by hypothesis)
+        "myAPIKey",
     ],
 )
 def test_secret_keys(key: str) -> None:
