@@ -29,7 +29,9 @@ import pytest
 from agent.sim.fleet import Fleet, FleetCloud, fast_config
 from agent.sim.proxy import TcpProxy
 
-pytestmark = pytest.mark.fleet
+# A ceiling above the sum of each scenario's own waits (which say what they waited for):
+# on a busy machine a scenario is slow, not wrong (issue #16).
+pytestmark = [pytest.mark.fleet, pytest.mark.timeout(600)]
 
 INTERVAL = 1.0
 DEAD = 3.0
@@ -125,20 +127,27 @@ def test_cut_off_from_s3_but_answering_health_is_never_replaced(
     endpoint = f.state(victim)["membership"]["endpoint"]
     f.isolate(victim, "blackhole")
     t0 = f.now()
-    f.wait(lambda: victim in f._stale, 30, "the cut-off member's record to go stale")
-    f.hold(2 * SILENT + 2 * INTERVAL)
-    with urllib.request.urlopen(endpoint + "/health", timeout=5) as resp:
+    f.wait(lambda: victim in f._stale, 60, "the cut-off member's record to go stale")
+
+    def refusals() -> list[dict[str, Any]]:
+        f.event_kinds()  # polls the events
+        return [e for e in f.events if e["kind"] == "heal-refuse" and e["member"] == victim]
+
+    # Wait for the peers' verdict (a probe-ok refusal) rather than a fixed time: on a busy
+    # machine the peers get there later. Then a further silent_after_s with no action.
+    f.wait(lambda: any("probe-ok" in " ".join(e["reasons"]) for e in refusals()), 120,
+           "a probe-ok refusal")
+    f.hold(SILENT + 2 * INTERVAL)
+    with urllib.request.urlopen(endpoint + "/health", timeout=30) as resp:
         assert resp.status == 200  # alive, answering its peers' probe
-    refusals = [e for e in f.events if e["kind"] == "heal-refuse" and e["member"] == victim]
     no_actions(f)
-    assert any("probe-ok" in " ".join(e["reasons"]) for e in refusals), f.timeline_text()
     f.isolate(victim, "pass")
     seq = int(f.state(victim).get("heartbeat", {}).get("seq", 0))
     f.wait(lambda: int(f.state(victim).get("heartbeat", {}).get("seq", 0)) > seq + 1, 60,
            "the cut-off agent to heartbeat again by itself")
     f.wait(lambda: victim in f.ready(), 30, "the cut-off agent fresh in the store")
     r = no_actions(f)
-    report(cut_off_s=round(f.now() - t0, 2), probe_ok_refusals=len(refusals),
+    report(cut_off_s=round(f.now() - t0, 2), probe_ok_refusals=len(refusals()),
            proxy=vars(f.own_proxies[victim].counters), replacements=r)
 
 
@@ -358,7 +367,7 @@ def test_ten_observers_race_on_one_dead_member(make_fleet: Callable[..., Fleet],
 # -- 10 -------------------------------------------------------------------------------------------
 
 def test_three_replacements_that_never_heartbeat_freeze_the_group(
-        make_fleet: Callable[..., Fleet], fleet_cloud: FleetCloud,
+        make_fleet: Callable[..., Fleet], fleet_cloud: FleetCloud, tmp_path: Path,
         report: Callable[..., None]) -> None:
     """The launcher boots every replacement with a config that cannot reach its bucket.
 
@@ -366,9 +375,23 @@ def test_three_replacements_that_never_heartbeat_freeze_the_group(
     the action (26 s here); one is in flight at a time (max(1, 10 %)), so the deaths
     are handled one after another. After the third failure the group freezes and a
     fourth death is left alone.
+
+    The short ``boot.deadline_s: 10`` is group policy published in the bundle's
+    agent.yaml, which the daemons judge replacements by; the six members' own boots
+    run under the user-data's generous deadline (the bundle is only read by the pull
+    phase, and the boot does not re-target its deadline after it). With 10 s in the
+    user-data, six boots at once on two busy cores failed (issue #16).
     """
+    from agent.publish import push
+    from agent.store import Store
+
+    src = tmp_path / "bundle"
+    src.mkdir()
+    (src / "agent.yaml").write_text("boot: {deadline_s: 10}\n")
+    fleet_cloud.ensure_bucket()
+    push(Store(fleet_cloud.bucket, fleet_cloud.prefix, client=fleet_cloud.client("s3")), "web",
+         src)
     cfg = config(fleet_cloud, action="launch")
-    cfg["boot"] = {"deadline_s": 10}
     f = make_fleet(config=cfg, launcher_mode="broken")
     ids = f.start(6)
     f.calm()

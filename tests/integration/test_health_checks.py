@@ -14,12 +14,14 @@ import pytest
 
 from agent.health import CheckSpec, HealthChecker, probe
 
+SLOW_S = 10.0  # how long /slow takes to answer
+
 
 class _H(BaseHTTPRequestHandler):
     def do_GET(self) -> None:  # noqa: N802
         code = {"/ok": 200, "/busy": 429, "/slow": 200}.get(self.path, 500)
         if self.path == "/slow":
-            time.sleep(2)
+            time.sleep(SLOW_S)
         self.send_response(code)
         self.send_header("Content-Length", "2")
         self.end_headers()
@@ -48,7 +50,8 @@ def test_http(http_server: str) -> None:
     assert probe(CheckSpec("http", url=f"{http_server}/busy")).outcome == "warn"
     assert probe(CheckSpec("http", url=f"{http_server}/nope")).outcome == "fail"
     p = probe(CheckSpec("http", url=f"{http_server}/slow", timeout_s=0.3))
-    assert p.outcome == "fail" and p.duration_s < 1.9
+    # Gave up at its timeout, not when the answer came: room for a busy machine (issue #16).
+    assert p.outcome == "fail" and p.duration_s < SLOW_S - 2
 
 
 def test_tcp_open_and_closed() -> None:
@@ -82,9 +85,11 @@ def test_command_exit_codes_and_timeout() -> None:
     assert (w.outcome, w.output) == ("warn", "exit 1: degraded")
     assert probe(CheckSpec("command", command="exit 2")).outcome == "fail"
     t0 = time.monotonic()
-    p = probe(CheckSpec("command", command="sleep 30 & sleep 30; wait", timeout_s=0.5))
+    p = probe(CheckSpec("command", command="sleep 120 & sleep 120; wait", timeout_s=0.5))
     assert p.outcome == "fail" and "timed out" in p.output
-    assert time.monotonic() - t0 < 10  # the whole group was killed, not only the shell
+    # The whole group was killed, not only the shell (else the pipe stays open for 120 s);
+    # the bound leaves a busy machine plenty of room (issue #16).
+    assert time.monotonic() - t0 < 60
 
 
 def test_checker_goes_critical_after_n_failures_then_recovers() -> None:
