@@ -465,7 +465,15 @@ class Daemon:
     def _heartbeat_loop(self) -> None:
         t = self.heartbeat_task
         while not self.stop_event.is_set():
+            started = self.clock.monotonic()
             self._run_task(t, "heartbeat")
+            # Start to start: a slow beat (health checks near their timeout, a slow store, a
+            # starved CPU) does not push the next one later, so the record is rewritten every
+            # interval, not every interval + beat; a member that is slow does not drift
+            # towards dead_after. A beat that overran its interval is followed after a short
+            # pause, not at once (a sick store gets no back-to-back writes).
+            period = t.period()
+            t.next_at = max(started + period, self.clock.monotonic() + 0.2 * period)
             self.stop_event.wait(max(0.0, t.next_at - self.clock.monotonic()))
 
     def _run_task(self, t: Task, loop: str = "main") -> None:
