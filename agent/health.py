@@ -38,6 +38,7 @@ from agent.errors import ConfigError
 STATUSES = ("passing", "warning", "critical")
 _RANK = {s: i for i, s in enumerate(STATUSES)}
 OUTPUT_MAX = 200
+DRAIN_S = 2.0  # after a command check's timeout: how long to wait for its output to end
 
 
 @dataclass(frozen=True)
@@ -232,17 +233,35 @@ def probe_command(command: str, timeout: float) -> Probe:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         try:
-            os.killpg(proc.pid, signal.SIGKILL)
+            os.killpg(proc.pid, signal.SIGKILL)  # the check's own session: all of it
         except ProcessLookupError:
             pass
-        proc.communicate()
-        return Probe("fail", f"timed out after {timeout:g}s")
+        # Bounded: a process that left the check's session (``setsid daemon &``) may hold
+        # the output pipe open forever; waiting for its EOF wedged the heartbeat for good.
+        try:
+            out, _ = proc.communicate(timeout=DRAIN_S)
+        except subprocess.TimeoutExpired:
+            _abandon(proc)
+            out = b""
+        if proc.returncode is None or proc.returncode < 0:
+            return Probe("fail", f"timed out after {timeout:g}s")
+        out += f" (after {timeout:g}s: output held open by a process left running)".encode()
     text = _clip(out.decode(errors="replace"))
     if proc.returncode == 0:
         return Probe("ok", text)
     if proc.returncode == 1:
         return Probe("warn", f"exit 1: {text}")
     return Probe("fail", f"exit {proc.returncode}: {text}")
+
+
+def _abandon(proc: subprocess.Popen) -> None:
+    """Stop reading a check whose output pipe someone else holds; reap the shell itself."""
+    if proc.stdout is not None:
+        proc.stdout.close()
+    try:
+        proc.wait(timeout=DRAIN_S)
+    except subprocess.TimeoutExpired:
+        pass
 
 
 def probe(spec: CheckSpec) -> Probe:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -9,10 +11,13 @@ import threading
 import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
 
 import pytest
 
 from agent.health import CheckSpec, HealthChecker, probe
+from agent.sim.netutil import wait_for
 
 SLOW_S = 10.0  # how long /slow takes to answer
 
@@ -111,3 +116,31 @@ def test_checker_goes_critical_after_n_failures_then_recovers() -> None:
         assert s["checks"][f"tcp:127.0.0.1:{port}"]["failures"] == 0
     finally:
         lsn.close()
+
+
+def test_command_whose_output_is_held_open_by_an_escaped_process_returns(
+        tmp_path: Path) -> None:
+    """``setsid daemon &`` in a check leaves a process outside the check's session holding
+    its output pipe. The probe waited for that pipe's end with no bound: the heartbeat
+    thread was wedged for as long as that process lived (issue #16). Now the wait after
+    the timeout is bounded and the probe returns."""
+    pidfile = tmp_path / "escaped.pid"
+    cmd = f"setsid sh -c 'echo $$ > {pidfile}; exec sleep 300' & echo started"
+    box: list[Any] = []
+    t = threading.Thread(target=lambda: box.append(probe(
+        CheckSpec("command", command=cmd, timeout_s=1))), daemon=True)
+    t.start()
+    try:
+        wait_for(pidfile.exists, 60, 0.05, "the escaped process")
+        t.join(timeout=120)  # a ceiling on "it returned", not a speed bound
+        assert not t.is_alive(), "the probe is wedged on a pipe held by an escaped process"
+        p = box[0]
+        # The check's own command exited 0: it passed; the output says what happened.
+        assert p.outcome == "ok", p
+        assert "held open" in p.output
+    finally:
+        wait_for(lambda: pidfile.exists() and pidfile.read_text().strip(), 60, 0.05)
+        try:
+            os.kill(int(pidfile.read_text()), signal.SIGKILL)
+        except ProcessLookupError:
+            pass
