@@ -317,7 +317,9 @@ class Daemon:
     def beat(self) -> None:
         if self.superseded or self.departing:
             return
-        health = self.checker.run()
+        # At most half the interval for the checks: a slow one reports at a later beat, the
+        # record is written on time (a member's own checks must not make it look dead).
+        health = self.checker.run(budget_s=0.5 * float(self.ctx.config.heartbeat.interval_s))
         state = "degraded" if health.get("status") == "critical" else "ready"
         res = self.hb.beat(state=state, health=health)
         if not res.ok:
@@ -621,6 +623,8 @@ class Daemon:
             code = 1 if failed else 0
         if self.endpoint is not None:
             self.endpoint.stop()
+        if getattr(self, "checker", None) is not None:
+            self.checker.close()
         return code
 
     def request_stop(self, reason: str) -> None:
