@@ -18,7 +18,6 @@ launched.
 from __future__ import annotations
 
 import json
-import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -449,7 +448,9 @@ def test_proxy_modes(moto: Any, mode: str) -> None:
     import socket
 
     with TcpProxy.to_url(moto.url, mode=mode) as p:
-        s = socket.create_connection(("127.0.0.1", p.port), timeout=3)
+        # An answer may be slow on a busy machine (issue #16); silence is only waited for 3 s.
+        s = socket.create_connection(("127.0.0.1", p.port), timeout=3 if mode == "blackhole"
+                                     else 60)
         s.sendall(b"GET /moto-api/ HTTP/1.0\r\nHost: x\r\n\r\n")
         try:
             data = s.recv(100)
@@ -469,11 +470,12 @@ def test_proxy_blackhole_applies_to_open_connections(moto: Any) -> None:
     import http.client
 
     with TcpProxy.to_url(moto.url) as p:
-        c = http.client.HTTPConnection("127.0.0.1", p.port, timeout=2)
+        c = http.client.HTTPConnection("127.0.0.1", p.port, timeout=60)  # busy machine: #16
         c.request("GET", "/moto-api/")
         c.getresponse().read()
-        p.set_mode("blackhole")
-        time.sleep(0.3)
+        p.set_mode("blackhole")  # the pump checks the mode before forwarding anything
+        assert c.sock is not None
+        c.sock.settimeout(2)  # the same open connection; silence is waited for 2 s
         c.request("GET", "/moto-api/")
         with pytest.raises((TimeoutError, OSError)):
             c.getresponse()

@@ -121,7 +121,7 @@ def test_run_serves_health_endpoint_and_notifies_systemd(cloud: EmbeddedCloud,
         assert rec["endpoint"].startswith("http://127.0.0.1:")
         import urllib.request
 
-        with urllib.request.urlopen(rec["endpoint"] + "/health", timeout=5) as r:
+        with urllib.request.urlopen(rec["endpoint"] + "/health", timeout=30) as r:
             assert r.status == 200
             assert json.loads(r.read())["status"] == "passing"
     finally:
