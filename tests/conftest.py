@@ -13,9 +13,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from agent.sim.cloud import EmbeddedCloud, SimInstance
 from agent.sim.moto import FAKE_CREDENTIALS, MotoServer
+
+# Property tests judge properties, not speed: hypothesis' default 200 ms per example and its
+# "data generation too slow" check turn a busy machine into red builds (issue #16).
+settings.register_profile("ec2-agent", deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("ec2-agent")
 
 # A closed loopback port: anything that forgets to configure an endpoint fails fast, locally.
 CLOSED = "http://127.0.0.1:9"
