@@ -30,7 +30,7 @@ from agent.sim.proxy import TcpProxy
 
 # A ceiling above the sum of each scenario's own waits (which say what they waited for):
 # on a busy machine a scenario is slow, not wrong (issue #16).
-pytestmark = [pytest.mark.fleet, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.fleet, pytest.mark.timeout(900)]
 
 INTERVAL = 1.0
 DEAD = 3.0
