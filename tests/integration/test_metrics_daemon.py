@@ -80,7 +80,7 @@ def test_daemon_serves_metrics_and_counts_a_replacement(cloud: EmbeddedCloud) ->
     assert set(cloud.boot_all(ids).values()) == {0}
     procs = {iid: cloud.spawn(iid, "run") for iid in ids}
     try:
-        urls = {iid: wait_for(lambda i=iid: _endpoint(cloud, i), 60.0, 0.2) for iid in ids}
+        urls = {iid: wait_for(lambda i=iid: _endpoint(cloud, i), 120.0, 0.2) for iid in ids}
         assert all(u.startswith("http://127.0.0.1:") for u in urls.values())
         survivors, victim = ids[:2], ids[2]
 
@@ -90,7 +90,7 @@ def test_daemon_serves_metrics_and_counts_a_replacement(cloud: EmbeddedCloud) ->
             alive = _get(s, "ec2_agent_peers", state="alive") or 0
             return s if alive >= 1 and _get(s, "ec2_agent_heal_frozen") == 0 else None
 
-        s = wait_for(lambda: settled(survivors[0]), 60.0, 0.2)
+        s = wait_for(lambda: settled(survivors[0]), 120.0, 0.2)
         _, types = _scrape(urls[survivors[0]])
         assert types["ec2_agent_boot_phase_duration_seconds"] == "histogram"
         assert types["ec2_agent_heartbeat_age_seconds"] == "gauge"
@@ -124,9 +124,9 @@ def test_daemon_serves_metrics_and_counts_a_replacement(cloud: EmbeddedCloud) ->
 
         dead_seen = wait_for(lambda: any((_get(_scrape(urls[i])[0], "ec2_agent_peers",
                                             state="dead") or 0) >= 1 for i in survivors),
-                             60.0, 0.2)
+                             120.0, 0.2)
         assert dead_seen
-        got = wait_for(replaced, 90, 0.2)
+        got = wait_for(replaced, 180, 0.2)
         acted = [_get(x, "ec2_agent_replacements_total", action="launch", result="acted")
                  for x in got]
         assert sorted(acted) == [0, 1]  # one lease, one actor
