@@ -55,6 +55,21 @@ def safe_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     return root
 
 
+@pytest.fixture(autouse=True)
+def no_lean_data_leak() -> Iterator[None]:
+    """An in-process boot or daemon attaches the lean botocore data (``agent.awsdata``) to
+    this process's one boto3 session (``agent.aws``); later tests that seed moto through
+    ``agent.aws`` (``put_parameter``...) then found no such operation, depending on which
+    tests an xdist worker happened to run before them. Start the next test afresh."""
+    yield
+    from agent import aws
+
+    if aws._data_path is not None:
+        with aws._lock:
+            aws._session_obj = None
+            aws._data_path = None
+
+
 @pytest.fixture(scope="session")
 def moto_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoServer]:
     """One moto_server per test session (per xdist worker), stopped by its PID."""
