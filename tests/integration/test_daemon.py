@@ -143,7 +143,7 @@ def test_departure_notice_leaves_the_group(cloud: EmbeddedCloud, notice: str) ->
             meta.spot_action = {"action": "terminate", "time": "2026-11-27T00:00:00Z"}
         else:
             meta.target_lifecycle_state = "Terminated"
-        wait_for(lambda: iid not in _members(cloud, "web"), timeout=30)
+        wait_for(lambda: iid not in _members(cloud, "web"), timeout=90)
         wait_for(lambda: (cloud.instances[iid].state() or {}).get("membership", {})
               .get("state") == "leaving")
         assert p.poll() is None  # leaving the group is not stopping the services
