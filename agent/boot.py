@@ -10,6 +10,10 @@ instead return ``ctx.degrade(reason)`` (for example: S3 unreachable,
 last-known-good used) and the boot goes on, ending ``degraded``. State is written
 at every transition so ``status`` can show a boot in progress, and a crashed boot
 is visible.
+
+The deadline bounds waiting (every IMDS and S3 call is capped by it) and when a phase
+may start: no phase starts after it. A phase that started in time and finishes is not
+failed for finishing late; its detail says how late (a slow instance is slow, not broken).
 """
 
 from __future__ import annotations
@@ -151,6 +155,14 @@ def _deadline_s(baked: dict[str, Any] | None) -> float:
         return DEFAULT_DEADLINE_S
 
 
+def _overrun(ctx: BootContext) -> str:
+    """A note for a phase that finished after the boot deadline (empty if it did not)."""
+    over = ctx.clock.monotonic() - ctx.deadline.at
+    if over <= 0:
+        return ""
+    return f"finished {over:.1f}s after the {ctx.deadline.what} deadline (slow, not failed)"
+
+
 # -- driver -----------------------------------------------------------------------------------
 
 
@@ -220,11 +232,15 @@ def _run_phase(phase: Phase, ctx: BootContext, rec: dict[str, Any],
     try:
         ctx.deadline.check(f"starting phase {phase.name}")
         done = phase.run(ctx.add(progress=on_progress))
-        ctx.deadline.check(f"phase {phase.name}")
         ctx = done.ctx
+        # A phase that finished is not failed after the fact for finishing late: its waits
+        # were capped by the deadline, only its work was slow (a busy or throttled instance).
+        # Failing it would undo work already done - a ``register`` that wrote the record
+        # ``ready`` then said ``error``, and ``run`` refused to start, so the member went
+        # stale and was replaced. The next phase still does not start late.
         reasons = ctx.degraded[before:]
         rec["status"] = "degraded" if reasons else "ok"
-        rec["detail"] = "; ".join(filter(None, [done.detail, *reasons]))
+        rec["detail"] = "; ".join(filter(None, [done.detail, *reasons, _overrun(ctx)]))
     except AgentError as exc:
         failed = True
         rec.update(status="error", detail=str(exc))

@@ -7,7 +7,8 @@
     depart      every few seconds: IMDS notices -> leave / suspend / rejoin (agent.notices)
     refresh     every bundle.refresh_s: conditional GET of the manifest (agent.pull.refresh)
     backup      each data entry on its own backup_interval_s
-    watchdog    sd_notify WATCHDOG=1 at half the systemd watchdog interval
+    watchdog    sd_notify WATCHDOG=1 at half the systemd watchdog interval, from a thread of
+                its own, while neither loop is wedged (agent.watchdog)
 
 All decisions live in pure modules; this loop only schedules and records. A task
 that fails is recorded in state and retried at its next period: the daemon never
@@ -68,8 +69,10 @@ class Daemon:
         self.bulk_store: Any = None
         self.imds: Any = None
         self.departure_watch: Any = None
-        self.progress_mono = 0.0  # time.monotonic(): the watchdog's clock, as Store.usage's
         self.watchdog_s: float | None = None
+        from agent.watchdog import LoopState
+
+        self.loops = {"heartbeat": LoopState("heartbeat"), "main": LoopState("main")}
         self.heartbeat_thread: threading.Thread | None = None
         # Made by setup(); None before it (metrics and shutdown may run without them).
         self.checker: Any = None
@@ -175,11 +178,11 @@ class Daemon:
 
         cfg = ctx.config
         region = cfg.store.region or ctx.identity.region
-        interval = float(cfg.heartbeat.interval_s)
+        connect, read = _store_timeouts(float(cfg.heartbeat.interval_s))
         # One attempt per call: every task already retries on its own period (the
         # heartbeat within its interval), and botocore's retries would only stack delays.
-        client = aws.client("s3", region, connect_timeout=max(0.5, min(2.0, interval / 2)),
-                            read_timeout=max(1.0, min(5.0, interval)), max_attempts=1)
+        client = aws.client("s3", region, connect_timeout=connect, read_timeout=read,
+                            max_attempts=1)
         return Store(cfg.store.bucket, cfg.store.prefix, client=client)
 
     def _make_heal(self, ctx: BootContext) -> Any:
@@ -223,7 +226,9 @@ class Daemon:
     def beat(self) -> None:
         if self.member is None or not self.member.active:
             return
-        health = self.checker.run()
+        # At most half the interval for the checks: a slow one reports at a later beat, the
+        # record is written on time (a member's own checks must not make it look dead).
+        health = self.checker.run(budget_s=0.5 * float(self.ctx.config.heartbeat.interval_s))
         state = "degraded" if health.get("status") == "critical" else "ready"
         res = self.member.heartbeat(state=state, health=health)
         if res is not None and not res.ok:
@@ -338,28 +343,56 @@ class Daemon:
             log.warning("cannot record %s: %s", what, exc)
 
     def _watchdog_loop(self, period: float) -> None:
-        """Ping systemd's watchdog while the loop makes progress.
+        """Ping systemd's watchdog every period/2 while neither loop is wedged.
 
-        Progress is a task starting or a store request finishing (ok or failed). Every
-        store call is bounded by its timeouts, so during an outage the loop still
-        progresses and the agent is not restarted for it; a loop that is truly stuck
-        stops the pings and systemd restarts it.
+        A thread of its own, so slow work never delays a ping; what it checks is each
+        loop's last sign of life against that loop's bound (``agent.watchdog``). Every
+        store call is bounded by its timeouts, so during an outage both loops still
+        show signs of life and the agent is not restarted for it; a loop that is truly
+        stuck (even while the other runs on) stops the pings and systemd restarts it.
         """
-        from agent import systemd
+        from agent import systemd, watchdog
 
+        quiet = False
         while not self.stop_event.wait(period / 2):
-            last = max(self.progress_mono, self.ctx.store.usage.last_mono if self.ctx else 0.0)
-            if time.monotonic() - last < period:
+            why = watchdog.wedged(self._loop_views(period), time.monotonic())
+            if not why:
                 systemd.watchdog()
+                quiet = False
+            elif not quiet:
+                quiet = True
+                log.error("not pinging the systemd watchdog: %s", "; ".join(why))
+
+    def _loop_views(self, period: float) -> list[Any]:
+        from agent import watchdog
+
+        interval = float(self.ctx.config.heartbeat.interval_s)
+        hb_bound = watchdog.heartbeat_bound(period, interval,
+                                            [c.timeout_s for c in self.checker.specs],
+                                            sum(_store_timeouts(interval)))
+        stores = (self.ctx.store, self.bulk_store)
+        progress = max((s.usage.last_mono for s in stores if hasattr(s, "usage")),
+                       default=0.0)
+        return [self.loops["heartbeat"].view(hb_bound),
+                self.loops["main"].view(watchdog.main_loop_bound(period), progress)]
 
     def _heartbeat_loop(self) -> None:
         t = self.heartbeat_task
         while not self.stop_event.is_set():
-            self._run_task(t)
+            started = self.clock.monotonic()
+            self._run_task(t, "heartbeat")
+            # Start to start: a slow beat (health checks near their timeout, a slow store, a
+            # starved CPU) does not push the next one later, so the record is rewritten every
+            # interval, not every interval + beat; a member that is slow does not drift
+            # towards dead_after. A beat that overran its interval is followed after a short
+            # pause, not at once (a sick store gets no back-to-back writes).
+            period = t.period()
+            t.next_at = max(started + period, self.clock.monotonic() + 0.2 * period)
             self.stop_event.wait(max(0.0, t.next_at - self.clock.monotonic()))
 
-    def _run_task(self, t: Task) -> None:
-        self.progress_mono = time.monotonic()
+    def _run_task(self, t: Task, loop: str = "main") -> None:
+        marks = self.loops[loop]
+        marks.begin(t.name, time.monotonic())
         try:
             t.fn()
             t.runs += 1
@@ -370,6 +403,8 @@ class Daemon:
             t.failures += 1
             t.last_error = f"{type(exc).__name__}: {exc}"
             log.warning("task %s failed (%d in a row): %s", t.name, t.failures, t.last_error)
+        finally:
+            marks.end(time.monotonic())
         t.next_at = self.clock.monotonic() + max(0.05, t.period())
 
     def run_once(self) -> float:
@@ -461,6 +496,8 @@ class Daemon:
                          lambda d: d.setdefault("daemon", {}).update(
                              pid=os.getpid(), started=self.clock.time()))
         systemd.ready("running")
+        for marks in self.loops.values():
+            marks.end(time.monotonic())  # both loops start now
         if self.watchdog_s:
             threading.Thread(target=self._watchdog_loop, args=(self.watchdog_s,),
                              name="ec2-agent-watchdog", daemon=True).start()
@@ -499,11 +536,18 @@ class Daemon:
             code = 1 if failed else 0
         if self.endpoint is not None:
             self.endpoint.stop()
+        if getattr(self, "checker", None) is not None:
+            self.checker.close()
         return code
 
     def request_stop(self, reason: str) -> None:
         self.stop_reason = reason
         self.stop_event.set()
+
+
+def _store_timeouts(interval_s: float) -> tuple[float, float]:
+    """(connect, read) timeouts of the daemon's store calls for a heartbeat interval."""
+    return max(0.5, min(2.0, interval_s / 2)), max(1.0, min(5.0, interval_s))
 
 
 @functools.lru_cache(maxsize=1)

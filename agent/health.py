@@ -29,7 +29,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +38,7 @@ from agent.errors import ConfigError
 STATUSES = ("passing", "warning", "critical")
 _RANK = {s: i for i, s in enumerate(STATUSES)}
 OUTPUT_MAX = 200
+DRAIN_S = 2.0  # after a command check's timeout: how long to wait for its output to end
 
 
 @dataclass(frozen=True)
@@ -232,17 +233,35 @@ def probe_command(command: str, timeout: float) -> Probe:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         try:
-            os.killpg(proc.pid, signal.SIGKILL)
+            os.killpg(proc.pid, signal.SIGKILL)  # the check's own session: all of it
         except ProcessLookupError:
             pass
-        proc.communicate()
-        return Probe("fail", f"timed out after {timeout:g}s")
+        # Bounded: a process that left the check's session (``setsid daemon &``) may hold
+        # the output pipe open forever; waiting for its EOF wedged the heartbeat for good.
+        try:
+            out, _ = proc.communicate(timeout=DRAIN_S)
+        except subprocess.TimeoutExpired:
+            _abandon(proc)
+            out = b""
+        if proc.returncode is None or proc.returncode < 0:
+            return Probe("fail", f"timed out after {timeout:g}s")
+        out += f" (after {timeout:g}s: output held open by a process left running)".encode()
     text = _clip(out.decode(errors="replace"))
     if proc.returncode == 0:
         return Probe("ok", text)
     if proc.returncode == 1:
         return Probe("warn", f"exit 1: {text}")
     return Probe("fail", f"exit {proc.returncode}: {text}")
+
+
+def _abandon(proc: subprocess.Popen) -> None:
+    """Stop reading a check whose output pipe someone else holds; reap the shell itself."""
+    if proc.stdout is not None:
+        proc.stdout.close()
+    try:
+        proc.wait(timeout=DRAIN_S)
+    except subprocess.TimeoutExpired:
+        pass
 
 
 def probe(spec: CheckSpec) -> Probe:
@@ -269,22 +288,59 @@ class HealthChecker:
     specs: tuple[CheckSpec, ...] = ()
     prober: Callable[[CheckSpec], Probe] = probe
     results: dict[str, CheckResult] = field(default_factory=dict)
+    _pool: ThreadPoolExecutor | None = field(default=None, repr=False)
+    _running: dict[str, Future[Probe]] = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_config(cls, items: Iterable[Any] | None) -> HealthChecker:
         return cls(tuple(CheckSpec.from_config(it, i) for i, it in enumerate(items or ())))
 
-    def run(self) -> dict[str, Any]:
-        """Probe everything once; the summary. Takes about the slowest check's timeout."""
-        if self.specs:
+    def run(self, budget_s: float | None = None) -> dict[str, Any]:
+        """Probe everything once; the summary.
+
+        Without a budget (the boot) it takes about the slowest check's timeout. With one
+        (the daemon's heartbeat) it waits at most ``budget_s``: a check still running
+        keeps its last result (``warning``, "still running", if it has none yet), is not
+        started again meanwhile, and is folded in by a later run once it finishes. So a
+        slow check - a hung application, a starved CPU - never delays the heartbeat by
+        more than the budget, and a member is not made to look dead by its own checks.
+        """
+        if not self.specs:
+            return self.summary()
+        if budget_s is None and not self._running:
             with ThreadPoolExecutor(max_workers=min(8, len(self.specs))) as pool:
                 probes = list(pool.map(self.prober, self.specs))
             for spec, p in zip(self.specs, probes, strict=True):
-                prev = self.results.get(spec.id)
-                self.results[spec.id] = next_result(
-                    prev.failures if prev else 0, p, spec.failures_before_critical
-                )
+                self._fold(spec, p)
+            return self.summary()
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=min(8, len(self.specs)),
+                                            thread_name_prefix="health-check")
+        for spec in self.specs:
+            if spec.id not in self._running:
+                self._running[spec.id] = self._pool.submit(self.prober, spec)
+        wait(list(self._running.values()), timeout=budget_s)
+        for spec in self.specs:
+            fut = self._running[spec.id]
+            if fut.done():
+                del self._running[spec.id]
+                self._fold(spec, fut.result())  # probe() never raises
+            elif spec.id not in self.results:
+                self.results[spec.id] = CheckResult(
+                    "warning", 0, f"still running after {budget_s:g}s (first run)")
         return self.summary()
+
+    def _fold(self, spec: CheckSpec, p: Probe) -> None:
+        prev = self.results.get(spec.id)
+        self.results[spec.id] = next_result(
+            prev.failures if prev else 0, p, spec.failures_before_critical
+        )
+
+    def close(self) -> None:
+        """Stop the pool (running checks end by their own timeouts)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
 
     def summary(self) -> dict[str, Any]:
         return summarize(self.results)

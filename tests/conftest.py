@@ -13,9 +13,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from agent.sim.cloud import EmbeddedCloud, SimInstance
 from agent.sim.moto import FAKE_CREDENTIALS, MotoServer
+
+# Property tests judge properties, not speed: hypothesis' default 200 ms per example and its
+# "data generation too slow" check turn a busy machine into red builds (issue #16).
+settings.register_profile("ec2-agent", deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("ec2-agent")
 
 # A closed loopback port: anything that forgets to configure an endpoint fails fast, locally.
 CLOSED = "http://127.0.0.1:9"
@@ -46,6 +53,21 @@ def safe_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     root.mkdir()
     monkeypatch.setenv("EC2_AGENT_ROOT", str(root))
     return root
+
+
+@pytest.fixture(autouse=True)
+def no_lean_data_leak() -> Iterator[None]:
+    """An in-process boot or daemon attaches the lean botocore data (``agent.awsdata``) to
+    this process's one boto3 session (``agent.aws``); later tests that seed moto through
+    ``agent.aws`` (``put_parameter``...) then found no such operation, depending on which
+    tests an xdist worker happened to run before them. Start the next test afresh."""
+    yield
+    from agent import aws
+
+    if aws._data_path is not None:
+        with aws._lock:
+            aws._session_obj = None
+            aws._data_path = None
 
 
 @pytest.fixture(scope="session")

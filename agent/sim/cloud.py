@@ -347,8 +347,12 @@ class EmbeddedCloud:
         inst.procs.append(p)
         return p
 
-    def boot_all(self, ids: list[str] | None = None, timeout: float = 120.0) -> dict[str, int]:
-        """Boot every (given) instance in parallel; returns exit codes."""
+    def boot_all(self, ids: list[str] | None = None, timeout: float = 300.0) -> dict[str, int]:
+        """Boot every (given) instance in parallel; returns exit codes.
+
+        ``timeout`` is the harness's ceiling, above the agent's default boot deadline
+        (120 s): a slow boot's verdict is the agent's exit code, not this kill.
+        """
         ids = list(self.instances) if ids is None else ids
         procs = {iid: self.spawn(iid, "boot", "-q") for iid in ids}
         codes: dict[str, int] = {}

@@ -19,7 +19,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_for(pred: Callable[[], Any], timeout: float = 30.0, step: float = 0.1,
+def wait_for(pred: Callable[[], Any], timeout: float = 60.0, step: float = 0.1,
              what: str | Callable[[], str] = "condition") -> Any:
     """Poll ``pred`` until it returns something truthy, and return that.
 

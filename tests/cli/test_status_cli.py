@@ -54,9 +54,9 @@ def test_corrupt_state_is_an_error_naming_the_file(root: Path) -> None:
 def test_wait_times_out_then_succeeds(root: Path) -> None:
     _write(root, {"status": "running", "phases": []})
     t0 = time.monotonic()
-    r = _run(root, "status", "--wait", "--timeout", "0.5")
+    r = _run(root, "status", "--wait", "--timeout", "0.5", timeout=120)
     assert r.returncode == 1 and "timed out" in r.stderr
-    assert time.monotonic() - t0 < 20
+    assert time.monotonic() - t0 < 120  # it gave up by itself (a busy machine: issue #16)
 
     def finish() -> None:
         time.sleep(0.5)
@@ -64,7 +64,7 @@ def test_wait_times_out_then_succeeds(root: Path) -> None:
 
     t = threading.Thread(target=finish)
     t.start()
-    r = _run(root, "status", "--wait", "--timeout", "20")
+    r = _run(root, "status", "--wait", "--timeout", "60", timeout=120)
     t.join()
     assert r.returncode == 0 and "status: done" in r.stdout
 

@@ -18,7 +18,6 @@ launched.
 from __future__ import annotations
 
 import json
-import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -29,7 +28,10 @@ import pytest
 from agent.sim.fleet import Fleet, FleetCloud, fast_config
 from agent.sim.proxy import TcpProxy
 
-pytestmark = pytest.mark.fleet
+# A ceiling above the sum of each scenario's own waits (which say what they waited for):
+# on a busy machine a scenario is slow, not wrong (issue #16). The waits' ceilings are two
+# to three times what a quiet machine needs; nothing is asserted about how soon.
+pytestmark = [pytest.mark.fleet, pytest.mark.timeout(900)]
 
 INTERVAL = 1.0
 DEAD = 3.0
@@ -65,7 +67,7 @@ def test_standalone_kill_one_gives_exactly_one_launch(make_fleet: Callable[..., 
     f.kill(victim)
     f.terminate_instance(victim)
     t_kill = f.now()
-    f.wait(lambda: f.actions(), 60, "a launch")
+    f.wait(lambda: f.actions(), 120, "a launch")
     f.wait(lambda: len([m for m in f.ready() if m != victim]) >= N, 120, f"{N} ready again")
     t_ready = f.now()
     f.hold(3 * DEAD)  # nobody acts twice
@@ -96,7 +98,7 @@ def test_asg_hung_instance_gets_exactly_one_asg_terminate(make_fleet: Callable[.
     victim = ids[0]
     f.kill(victim)
     t_kill = f.now()
-    f.wait(lambda: f.actions(), 90, "an asg-terminate")
+    f.wait(lambda: f.actions(), 180, "an asg-terminate")
     f.wait(lambda: len([m for m in f.ready() if m != victim]) >= N, 120, f"{N} ready again")
     t_ready = f.now()
     f.hold(3 * DEAD)
@@ -125,20 +127,27 @@ def test_cut_off_from_s3_but_answering_health_is_never_replaced(
     endpoint = f.state(victim)["membership"]["endpoint"]
     f.isolate(victim, "blackhole")
     t0 = f.now()
-    f.wait(lambda: victim in f._stale, 30, "the cut-off member's record to go stale")
-    f.hold(2 * SILENT + 2 * INTERVAL)
-    with urllib.request.urlopen(endpoint + "/health", timeout=5) as resp:
+    f.wait(lambda: victim in f._stale, 120, "the cut-off member's record to go stale")
+
+    def refusals() -> list[dict[str, Any]]:
+        f.event_kinds()  # polls the events
+        return [e for e in f.events if e["kind"] == "heal-refuse" and e["member"] == victim]
+
+    # Wait for the peers' verdict (a probe-ok refusal) rather than a fixed time: on a busy
+    # machine the peers get there later. Then a further silent_after_s with no action.
+    f.wait(lambda: any("probe-ok" in " ".join(e["reasons"]) for e in refusals()), 120,
+           "a probe-ok refusal")
+    f.hold(SILENT + 2 * INTERVAL)
+    with urllib.request.urlopen(endpoint + "/health", timeout=30) as resp:
         assert resp.status == 200  # alive, answering its peers' probe
-    refusals = [e for e in f.events if e["kind"] == "heal-refuse" and e["member"] == victim]
     no_actions(f)
-    assert any("probe-ok" in " ".join(e["reasons"]) for e in refusals), f.timeline_text()
     f.isolate(victim, "pass")
     seq = int(f.state(victim).get("heartbeat", {}).get("seq", 0))
-    f.wait(lambda: int(f.state(victim).get("heartbeat", {}).get("seq", 0)) > seq + 1, 60,
+    f.wait(lambda: int(f.state(victim).get("heartbeat", {}).get("seq", 0)) > seq + 1, 120,
            "the cut-off agent to heartbeat again by itself")
-    f.wait(lambda: victim in f.ready(), 30, "the cut-off agent fresh in the store")
+    f.wait(lambda: victim in f.ready(), 90, "the cut-off agent fresh in the store")
     r = no_actions(f)
-    report(cut_off_s=round(f.now() - t0, 2), probe_ok_refusals=len(refusals),
+    report(cut_off_s=round(f.now() - t0, 2), probe_ok_refusals=len(refusals()),
            proxy=vars(f.own_proxies[victim].counters), replacements=r)
 
 
@@ -159,7 +168,7 @@ def test_half_killed_at_once_freezes_shows_why_and_lifts(make_fleet: Callable[..
         return all(f.heal_state(s).get("frozen") and "mass-death" in
                    " ".join(f.heal_state(s).get("reasons", [])) for s in survivors)
 
-    f.wait(frozen, 60, "the survivors to freeze on mass death")
+    f.wait(frozen, 120, "the survivors to freeze on mass death")
     t_frozen = f.now()
     st = json.loads(f.cli(survivors[0], "status", "--json").stdout)
     assert st["heal"]["frozen"] is True and "mass-death" in st["heal"]["reason"], st["heal"]
@@ -171,10 +180,10 @@ def test_half_killed_at_once_freezes_shows_why_and_lifts(make_fleet: Callable[..
     no_actions(f)
     for v in victims:
         f.restart(v)
-    f.wait(lambda: not any(f.heal_state(s).get("frozen") for s in survivors), 90,
+    f.wait(lambda: not any(f.heal_state(s).get("frozen") for s in survivors), 180,
            "the freeze to lift")
     t_lift = f.now()
-    f.wait(lambda: any(e["kind"] == "heal-unfreeze" for e in f.events), 30, "an unfreeze event")
+    f.wait(lambda: any(e["kind"] == "heal-unfreeze" for e in f.events), 90, "an unfreeze event")
     f.hold(2 * DEAD)
     r = no_actions(f)
     report(kill_to_freeze_s=round(t_frozen - t_kill, 2), freeze_events=len(freezes),
@@ -216,7 +225,7 @@ def test_store_and_api_outage_changes_nothing_and_everyone_recovers(
     f.calm()
     # Let the start-up membership churn re-render and settle before taking the picture.
     f.wait(lambda: all(len({p["id"] for p in f.state(i).get("peers", [])}) >= N - 1
-                       for i in ids), 60, "every agent to see every peer")
+                       for i in ids), 120, "every agent to see every peer")
     f.hold(5)
     before = _rendered(f)
     def stored_seqs() -> dict[str, int]:  # what reached the store (the harness reads directly)
@@ -234,9 +243,9 @@ def test_store_and_api_outage_changes_nothing_and_everyone_recovers(
     stored_during = stored_seqs()
     f.outage("pass")
     t_back = f.now()
-    f.wait(lambda: all(int(f.state(i)["heartbeat"]["seq"]) > during[i] + 1 for i in ids), 90,
+    f.wait(lambda: all(int(f.state(i)["heartbeat"]["seq"]) > during[i] + 1 for i in ids), 180,
            "every agent heartbeating again")
-    f.wait(lambda: len(f.ready()) >= N, 60, f"{N} fresh in the store")
+    f.wait(lambda: len(f.ready()) >= N, 120, f"{N} fresh in the store")
     t_recovered = f.now()
     f.hold(3 * DEAD)
     after = _rendered(f)
@@ -311,14 +320,14 @@ def test_pause_means_zero_then_resume_replaces(make_fleet: Callable[..., Fleet],
     f.kill(victim)
     f.terminate_instance(victim)
     t_kill = f.now()
-    f.wait(lambda: all(f.heal_state(s).get("paused") for s in ids[1:]), 30, "paused seen")
+    f.wait(lambda: all(f.heal_state(s).get("paused") for s in ids[1:]), 90, "paused seen")
     f.hold(DEAD + 4 * INTERVAL)
     no_actions(f)
     st = json.loads(f.cli(operator, "status", "--json").stdout)
     assert st["heal"]["paused"] is True and st["heal"]["frozen"] is True, st["heal"]
     t_resume = f.now()
     assert f.cli(operator, "resume").returncode == 0
-    f.wait(lambda: f.actions(), 60, "the replacement after resume")
+    f.wait(lambda: f.actions(), 120, "the replacement after resume")
     f.hold(2 * DEAD)
     acts = f.actions()
     assert len(acts) == 1 and acts[0]["member"] == victim, f.timeline_text()
@@ -345,7 +354,7 @@ def test_ten_observers_race_on_one_dead_member(make_fleet: Callable[..., Fleet],
     victim = ids[4]
     f.kill(victim)
     f.terminate_instance(victim)
-    f.wait(lambda: f.actions(), 90, "the launch")
+    f.wait(lambda: f.actions(), 180, "the launch")
     f.hold(12)
     r = f.replacements()
     lost = [e for e in f.events if e["kind"] == "heal-lease-lost" and e["member"] == victim]
@@ -358,7 +367,7 @@ def test_ten_observers_race_on_one_dead_member(make_fleet: Callable[..., Fleet],
 # -- 10 -------------------------------------------------------------------------------------------
 
 def test_three_replacements_that_never_heartbeat_freeze_the_group(
-        make_fleet: Callable[..., Fleet], fleet_cloud: FleetCloud,
+        make_fleet: Callable[..., Fleet], fleet_cloud: FleetCloud, tmp_path: Path,
         report: Callable[..., None]) -> None:
     """The launcher boots every replacement with a config that cannot reach its bucket.
 
@@ -366,9 +375,23 @@ def test_three_replacements_that_never_heartbeat_freeze_the_group(
     the action (26 s here); one is in flight at a time (max(1, 10 %)), so the deaths
     are handled one after another. After the third failure the group freezes and a
     fourth death is left alone.
+
+    The short ``boot.deadline_s: 10`` is group policy published in the bundle's
+    agent.yaml, which the daemons judge replacements by; the six members' own boots
+    run under the user-data's generous deadline (the bundle is only read by the pull
+    phase, and the boot does not re-target its deadline after it). With 10 s in the
+    user-data, six boots at once on two busy cores failed (issue #16).
     """
+    from agent.publish import push
+    from agent.store import Store
+
+    src = tmp_path / "bundle"
+    src.mkdir()
+    (src / "agent.yaml").write_text("boot: {deadline_s: 10}\n")
+    fleet_cloud.ensure_bucket()
+    push(Store(fleet_cloud.bucket, fleet_cloud.prefix, client=fleet_cloud.client("s3")), "web",
+         src)
     cfg = config(fleet_cloud, action="launch")
-    cfg["boot"] = {"deadline_s": 10}
     f = make_fleet(config=cfg, launcher_mode="broken")
     ids = f.start(6)
     f.calm()
@@ -380,7 +403,7 @@ def test_three_replacements_that_never_heartbeat_freeze_the_group(
            "three failed replacements")
     survivors = ids[3:]
     f.wait(lambda: all("failed-replacements: 3" in " ".join(f.heal_state(s).get("reasons", []))
-                       for s in survivors), 60, "the freeze")
+                       for s in survivors), 120, "the freeze")
     t_freeze = f.now()
     f.kill(ids[3])
     f.terminate_instance(ids[3])
@@ -410,7 +433,7 @@ def test_asg_mark_with_the_test_side_reconciler(make_fleet: Callable[..., Fleet]
     victim = ids[0]
     f.kill(victim)
     t_kill = f.now()
-    f.wait(lambda: f.actions(), 90, "the asg-mark")
+    f.wait(lambda: f.actions(), 180, "the asg-mark")
     f.wait(lambda: len([m for m in f.ready() if m != victim]) >= N, 120, f"{N} ready again")
     f.hold(3 * DEAD)
     acts = f.actions()
@@ -426,7 +449,9 @@ def test_proxy_modes(moto: Any, mode: str) -> None:
     import socket
 
     with TcpProxy.to_url(moto.url, mode=mode) as p:
-        s = socket.create_connection(("127.0.0.1", p.port), timeout=3)
+        # An answer may be slow on a busy machine (issue #16); silence is only waited for 3 s.
+        s = socket.create_connection(("127.0.0.1", p.port), timeout=3 if mode == "blackhole"
+                                     else 60)
         s.sendall(b"GET /moto-api/ HTTP/1.0\r\nHost: x\r\n\r\n")
         try:
             data = s.recv(100)
@@ -446,11 +471,13 @@ def test_proxy_blackhole_applies_to_open_connections(moto: Any) -> None:
     import http.client
 
     with TcpProxy.to_url(moto.url) as p:
-        c = http.client.HTTPConnection("127.0.0.1", p.port, timeout=2)
+        c = http.client.HTTPConnection("127.0.0.1", p.port, timeout=60)  # busy machine: #16
         c.request("GET", "/moto-api/")
         c.getresponse().read()
-        p.set_mode("blackhole")
-        time.sleep(0.3)
+        p.set_mode("blackhole")  # the pump checks the mode before forwarding anything
+        c.timeout = 2  # silence is waited for 2 s (on the open connection, or a new one)
+        if c.sock is not None:
+            c.sock.settimeout(2)
         c.request("GET", "/moto-api/")
         with pytest.raises((TimeoutError, OSError)):
             c.getresponse()

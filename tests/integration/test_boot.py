@@ -121,10 +121,11 @@ def test_schema_error_names_key_path_and_layer(cloud: EmbeddedCloud,
 
 
 def test_imds_disabled_is_a_clear_error(cloud: EmbeddedCloud, instance: SimInstance) -> None:
-    cloud.imds.host(instance.instance_id).faults.token_403 = True
-    t0 = time.monotonic()
+    faults = cloud.imds.host(instance.instance_id).faults
+    faults.token_403 = True
     st = run_boot(Paths(instance.root))
-    assert time.monotonic() - t0 < 10  # no retry loop against a disabled IMDS
+    # No retry loop against a disabled IMDS: one token request, counted rather than timed.
+    assert [(r.method, r.status) for r in faults.requests] == [("PUT", 403)]
     assert st["status"] == "error"
     assert _phases(st)["identity"] == "error"
     assert "403" in st["errors"][0] or "disabled" in st["errors"][0].lower()
@@ -133,14 +134,15 @@ def test_imds_disabled_is_a_clear_error(cloud: EmbeddedCloud, instance: SimInsta
 def test_deadline_holds_against_a_slow_imds(cloud: EmbeddedCloud, instance: SimInstance) -> None:
     _bake(instance, {"group": "web", "store": {"bucket": cloud.bucket},
                      "boot": {"deadline_s": 2}})
-    cloud.imds.host(instance.instance_id).faults.delay_s = 30
+    cloud.imds.host(instance.instance_id).faults.delay_s = 300
     t0 = time.monotonic()
     st = run_boot(Paths(instance.root))
     elapsed = time.monotonic() - t0
     assert st["status"] == "error"
     assert "deadline" in st["errors"][0].lower()
-    # A correctness bound, not a benchmark: the boot gave up near its 2 s deadline, not at 30 s.
-    assert elapsed < 8, elapsed
+    # A correctness bound, not a benchmark: the boot gave up near its 2 s deadline, not when
+    # IMDS answered (300 s); the bound leaves a busy machine a lot of room (issue #16).
+    assert elapsed < 60, elapsed
 
 
 def test_imds_5xx_is_retried(cloud: EmbeddedCloud, instance: SimInstance) -> None:

@@ -164,7 +164,7 @@ def test_daemon_validates_bundle_updates_apart_and_keeps_the_old_config_on_error
     def daemon() -> dict:
         return (inst.state() or {}).get("daemon") or {}
 
-    def wait(pred, timeout: float = 40.0) -> Any:
+    def wait(pred, timeout: float = 120.0) -> Any:  # a ceiling for a busy machine (#16)
         return wait_for(pred, timeout, 0.2, what=lambda: f"daemon state {daemon()}")
 
     try:

@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import socket
+import threading
 import time
 from pathlib import Path
 
@@ -26,6 +27,36 @@ def _members(cloud: EmbeddedCloud, group: str) -> set[str]:
     store = Store(cloud.bucket, cloud.prefix)
     return {e.key.rsplit("/", 1)[-1].removesuffix(".json")
             for e in store.list(f"groups/{group}/members/").entries}
+
+
+class _Notifications:
+    """Collects sd_notify datagrams on a socket, each with its arrival (monotonic) time."""
+
+    def __init__(self, path: str) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(path)
+        self.sock.settimeout(0.2)
+        self.got: list[tuple[float, str]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._recv, daemon=True)
+        self._thread.start()
+
+    def _recv(self) -> None:
+        while not self._stop.is_set():
+            try:
+                data = self.sock.recv(4096).decode()
+            except TimeoutError:
+                continue
+            now = time.monotonic()
+            self.got.extend((now, line) for line in data.splitlines())
+
+    def times(self, what: str, since: float = 0.0) -> list[float]:
+        return [t for t, line in list(self.got) if line == what and t >= since]
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self.sock.close()
 
 
 def test_run_heartbeats_sees_peers_and_leaves_on_sigterm(cloud: EmbeddedCloud,
@@ -71,36 +102,32 @@ def test_run_serves_health_endpoint_and_notifies_systemd(cloud: EmbeddedCloud,
                                                           tmp_path: Path) -> None:
     iid = cloud.run_standalone("web", 1, _fast_config(cloud))[0]
     assert cloud.boot_all([iid]) == {iid: 0}
-    sock_path = str(tmp_path / "notify.sock")
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(sock_path)
-    sock.settimeout(30)
+    notes = _Notifications(str(tmp_path / "notify.sock"))
     inst = cloud.instances[iid]
     env = inst.env(cloud)
-    env.update(NOTIFY_SOCKET=sock_path, WATCHDOG_USEC="1000000", WATCHDOG_PID="")
+    env.update(NOTIFY_SOCKET=notes.sock.getsockname(), WATCHDOG_USEC="1000000",
+               WATCHDOG_PID="")
     import subprocess
     import sys
 
     p = subprocess.Popen([sys.executable, "-m", "agent.cli", "run"], env=env,
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        got: list[str] = []
-        end = time.monotonic() + 30
-        while time.monotonic() < end and not ({"READY=1", "WATCHDOG=1"} <= set(got)):
-            got.extend(sock.recv(4096).decode().splitlines())
-        assert "READY=1" in got and "WATCHDOG=1" in got
+        # A generous ceiling: the daemon's start is slow on a busy machine (issue #16).
+        ready = wait_for(lambda: notes.times("READY=1"), 120, 0.1, "READY=1")[0]
+        wait_for(lambda: notes.times("WATCHDOG=1", ready), 60, 0.1, "WATCHDOG=1 after READY=1")
         store = Store(cloud.bucket, cloud.prefix)
         rec = json.loads(store.get(f"groups/web/members/{iid}.json").body)
         assert rec["endpoint"].startswith("http://127.0.0.1:")
         import urllib.request
 
-        with urllib.request.urlopen(rec["endpoint"] + "/health", timeout=5) as r:
+        with urllib.request.urlopen(rec["endpoint"] + "/health", timeout=30) as r:
             assert r.status == 200
             assert json.loads(r.read())["status"] == "passing"
     finally:
         os.kill(p.pid, signal.SIGTERM)
         p.wait(timeout=30)
-        sock.close()
+        notes.close()
 
 
 @pytest.mark.parametrize("notice", ["spot", "asg"])
@@ -116,7 +143,7 @@ def test_departure_notice_leaves_the_group(cloud: EmbeddedCloud, notice: str) ->
             meta.spot_action = {"action": "terminate", "time": "2026-11-27T00:00:00Z"}
         else:
             meta.target_lifecycle_state = "Terminated"
-        wait_for(lambda: iid not in _members(cloud, "web"), timeout=30)
+        wait_for(lambda: iid not in _members(cloud, "web"), timeout=90)
         wait_for(lambda: (cloud.instances[iid].state() or {}).get("membership", {})
               .get("state") == "leaving")
         assert p.poll() is None  # leaving the group is not stopping the services
@@ -172,51 +199,57 @@ def test_outage_keeps_watchdog_alive_and_is_recorded(cloud: EmbeddedCloud,
     outage the loop must keep progressing (every call has timeouts), so WATCHDOG=1
     keeps coming and the agent is not restarted for the store's sickness; its own
     heartbeat failures are recorded as observer-sick.
+
+    No fixed windows (issue #16: on a busy machine the daemon's start alone took
+    longer than the old 4 s window): the test waits for READY=1, for pings, and for
+    observer-sick, each with a generous ceiling. What it asserts about time is
+    systemd's own rule: no gap between two pings longer than the watchdog timeout.
+    The timeout given (6 s) is twice the daemon's ping period (3 s), so a ping may be
+    up to 3 s late before the verdict changes; the store calls that fail during the
+    outage are bounded at about 1.5 s (the daemon's timeouts for a 0.5 s interval).
     """
     import subprocess
     import sys
 
     from agent.sim.proxy import TcpProxy
 
+    watchdog_s = 6.0
     iid = cloud.run_standalone("web", 1, _fast_config(cloud))[0]
     assert cloud.boot_all([iid]) == {iid: 0}
-    sock_path = str(tmp_path / "notify.sock")
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(sock_path)
-    sock.settimeout(1.0)
+    notes = _Notifications(str(tmp_path / "notify.sock"))
     proxy = TcpProxy.to_url(cloud.moto.url).start()
     env = cloud.instances[iid].env(cloud)
-    env.update(NOTIFY_SOCKET=sock_path, WATCHDOG_USEC="3000000", AWS_ENDPOINT_URL=proxy.url)
+    env.update(NOTIFY_SOCKET=notes.sock.getsockname(),
+               WATCHDOG_USEC=str(int(watchdog_s * 1e6)), AWS_ENDPOINT_URL=proxy.url)
     p = subprocess.Popen([sys.executable, "-m", "agent.cli", "run"], env=env,
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
-    def pings(seconds: float) -> int:
-        n = 0
-        end = time.monotonic() + seconds
-        while time.monotonic() < end:
-            try:
-                n += sock.recv(4096).decode().splitlines().count("WATCHDOG=1")
-            except TimeoutError:
-                pass
-        return n
+    def hb() -> dict:
+        return (cloud.instances[iid].state() or {}).get("heartbeat", {})
 
     try:
-        assert pings(4) >= 1
+        ready = wait_for(lambda: notes.times("READY=1"), 120, 0.1, "READY=1")[0]
+        wait_for(lambda: len(notes.times("WATCHDOG=1", ready)) >= 2, 60, 0.1,
+                 "two watchdog pings before the outage")
         proxy.set_mode("blackhole")
-        during = pings(12)
-        st = cloud.instances[iid].state() or {}
-        assert during >= 3, f"watchdog starved during the outage ({during} pings in 12 s)"
-        assert st["heartbeat"]["observer_sick"] is True, (st["heartbeat"], st.get("daemon"))
-        assert st["heartbeat"]["failures"] >= 3
+        t_out = time.monotonic()
+        wait_for(lambda: hb().get("observer_sick") is True and hb().get("failures", 0) >= 3,
+                 90, 0.2, lambda: f"observer-sick recorded (heartbeat {hb()})")
+        # The outage lasts at least three ping periods, so "pings kept coming" means something.
+        wait_for(lambda: len(notes.times("WATCHDOG=1", t_out)) >= 3, 90, 0.2,
+                 "three watchdog pings during the outage")
+        pings = [ready, *notes.times("WATCHDOG=1", ready)]
+        gaps = [b - a for a, b in zip(pings, pings[1:], strict=False)]
+        assert max(gaps) < watchdog_s, f"watchdog starved during the outage: gaps {gaps}"
+        assert p.poll() is None
         proxy.set_mode("pass")
-        wait_for(lambda: not (cloud.instances[iid].state() or {})["heartbeat"]["observer_sick"],
-              timeout=30)
+        wait_for(lambda: hb().get("observer_sick") is False, 60, 0.2, "observer-sick cleared")
         assert p.poll() is None
     finally:
         os.kill(p.pid, signal.SIGTERM)
         p.wait(timeout=60)
         proxy.stop()
-        sock.close()
+        notes.close()
 
 
 def test_sigterm_takes_the_final_backup_after_leaving(cloud: EmbeddedCloud) -> None:

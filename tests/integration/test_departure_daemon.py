@@ -74,7 +74,7 @@ def test_spot_hibernate_leaves_keeps_data_and_rejoins_on_resume(cloud: EmbeddedC
         meta = cloud.imds.host(iid).meta
         meta.spot_action = {"action": "hibernate", "time": "2026-12-01T12:02:00Z"}
         wait_for(lambda: _state(cloud, iid).get("membership", {}).get("state") == "suspended",
-                 timeout=30)
+                 timeout=90)
         assert iid not in _members(cloud)  # left first: nobody replaces it
         wait_for(lambda: "final_backup" in _state(cloud, iid).get("daemon", {}), timeout=60)
         st = _state(cloud, iid)
@@ -86,14 +86,14 @@ def test_spot_hibernate_leaves_keeps_data_and_rejoins_on_resume(cloud: EmbeddedC
         seq_left = _seq(cloud, iid)
         # resumed: the notice is gone; the same process rejoins with the same instance id
         meta.spot_action = None
-        wait_for(lambda: iid in _members(cloud), timeout=30)
+        wait_for(lambda: iid in _members(cloud), timeout=90)
         wait_for(lambda: _state(cloud, iid).get("membership", {}).get("state") == "ready")
         assert _seq(cloud, iid) > seq_left
         assert "notices" in _state(cloud, iid) and _state(cloud, iid)["notices"] == {}
         # a spot stop: leave; the instance stops (systemd sends SIGTERM) and starts again
         # with the same id: a reboot (no restore, local data kept) that registers again
         meta.spot_action = {"action": "stop", "time": "2026-12-01T12:30:00Z"}
-        wait_for(lambda: iid not in _members(cloud), timeout=30)
+        wait_for(lambda: iid not in _members(cloud), timeout=90)
         wait_for(lambda: _state(cloud, iid)["membership"].get("state") == "suspended")
         os.kill(p.pid, signal.SIGTERM)
         assert p.wait(timeout=60) == 0
@@ -127,19 +127,19 @@ def test_warm_pool_instance_boots_but_joins_only_in_service(cloud: EmbeddedCloud
     try:
         # the daemon runs its departure check several times and still does not join
         wait_for(lambda: _state(cloud, iid).get("daemon", {}).get("tasks", {})
-                 .get("depart", {}).get("runs", 0) >= 3, timeout=30)
+                 .get("depart", {}).get("runs", 0) >= 3, timeout=90)
         assert iid not in _members(cloud)
         assert _state(cloud, iid)["notices"] == {"lifecycle": {"target_state": "Warmed:Running"}}
         # and it backs nothing up: its copy of the data is not the group's
         assert _state(cloud, iid)["daemon"]["tasks"]["backup"]["runs"] >= 1
         assert latest_snapshot(store, "web", "app") is None
         meta.target_lifecycle_state = "InService"
-        wait_for(lambda: iid in _members(cloud), timeout=30)
+        wait_for(lambda: iid in _members(cloud), timeout=90)
         wait_for(lambda: _state(cloud, iid).get("membership", {}).get("state") == "ready")
-        wait_for(lambda: latest_snapshot(store, "web", "app") is not None, timeout=30)
+        wait_for(lambda: latest_snapshot(store, "web", "app") is not None, timeout=90)
         # back to the warm pool (scale-in with reuse): leave, nobody replaces it
         meta.target_lifecycle_state = "Warmed:Stopped"
-        wait_for(lambda: iid not in _members(cloud), timeout=30)
+        wait_for(lambda: iid not in _members(cloud), timeout=90)
         wait_for(lambda: _state(cloud, iid)["membership"].get("state") == "suspended")
     finally:
         _stop(p)

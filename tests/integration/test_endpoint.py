@@ -14,7 +14,7 @@ from agent.endpoint import Endpoint, advertised_url
 
 def get(url: str) -> tuple[int, bytes]:
     try:
-        with urllib.request.urlopen(url, timeout=5) as r:  # noqa: S310 - loopback
+        with urllib.request.urlopen(url, timeout=30) as r:  # noqa: S310 - loopback
             return r.status, r.read()
     except urllib.error.HTTPError as e:
         return e.code, e.read()

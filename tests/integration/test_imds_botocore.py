@@ -30,7 +30,7 @@ def loopback(fetcher: InstanceMetadataFetcher | InstanceMetadataRegionFetcher) -
 
 
 def test_credentials_via_base_url(imds_server: ImdsServer) -> None:
-    fetcher = InstanceMetadataFetcher(timeout=1, num_attempts=2, base_url=imds_server.url)
+    fetcher = InstanceMetadataFetcher(timeout=10, num_attempts=2, base_url=imds_server.url)
     loopback(fetcher)
     creds = fetcher.retrieve_iam_role_credentials()
     assert creds["role_name"] == "ec2-agent-sim"
@@ -43,14 +43,14 @@ def test_credentials_via_base_url(imds_server: ImdsServer) -> None:
 
 def test_credentials_via_config_endpoint(imds_server: ImdsServer) -> None:
     fetcher = InstanceMetadataFetcher(
-        timeout=1, num_attempts=2, base_url=METADATA_BASE_URL,
+        timeout=10, num_attempts=2, base_url=METADATA_BASE_URL,
         config={"ec2_metadata_service_endpoint": imds_server.url})
     loopback(fetcher)
     assert fetcher.retrieve_iam_role_credentials()["access_key"] == "testing"
 
 
 def test_region(imds_server: ImdsServer) -> None:
-    fetcher = InstanceMetadataRegionFetcher(timeout=1, num_attempts=2, base_url=imds_server.url)
+    fetcher = InstanceMetadataRegionFetcher(timeout=10, num_attempts=2, base_url=imds_server.url)
     loopback(fetcher)
     assert fetcher.retrieve_region() == imds_server.meta.region == "eu-west-1"
 
@@ -58,7 +58,7 @@ def test_region(imds_server: ImdsServer) -> None:
 def test_botocore_rides_out_one_failure(imds_server: ImdsServer) -> None:
     imds_server.faults.fail_next_n = 1  # the token PUT answers 500 once
     imds_server.faults.error_status = 500
-    fetcher = InstanceMetadataFetcher(timeout=1, num_attempts=2, base_url=imds_server.url)
+    fetcher = InstanceMetadataFetcher(timeout=10, num_attempts=2, base_url=imds_server.url)
     assert fetcher.retrieve_iam_role_credentials()["access_key"] == "testing"
     assert [(r.method, r.status) for r in imds_server.faults.requests] == [
         ("PUT", 500), ("PUT", 200), ("GET", 200), ("GET", 200)]
@@ -70,10 +70,10 @@ def test_prefixed_endpoint_in_multi_instance_mode(imds_meta: InstanceMeta) -> No
     with ImdsEmulator() as emu:
         emu.add(imds_meta)
         url = emu.add(other)
-        creds = InstanceMetadataFetcher(timeout=1, num_attempts=2,
+        creds = InstanceMetadataFetcher(timeout=10, num_attempts=2,
                                         base_url=url).retrieve_iam_role_credentials()
         assert creds["role_name"] == "db-role"
-        region = InstanceMetadataRegionFetcher(timeout=1, num_attempts=2,
+        region = InstanceMetadataRegionFetcher(timeout=10, num_attempts=2,
                                                base_url=url).retrieve_region()
         assert region == "ap-southeast-2"
 
@@ -85,6 +85,8 @@ def test_the_whole_credential_chain(imds_server: ImdsServer,
                 "AWS_SECURITY_TOKEN"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("AWS_EC2_METADATA_SERVICE_ENDPOINT", imds_server.url)
+    # botocore's default is one attempt with a 1 s timeout: too little for a busy machine.
+    monkeypatch.setenv("AWS_METADATA_SERVICE_TIMEOUT", "10")
     creds = Session().get_credentials()
     assert creds is not None and creds.method == "iam-role"
     frozen = creds.get_frozen_credentials()

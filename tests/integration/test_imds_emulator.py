@@ -193,12 +193,12 @@ def test_delay_and_stop_while_a_request_waits(imds_meta: InstanceMeta) -> None:
     started = time.monotonic()
     token(server.url)
     assert time.monotonic() - started >= 0.3
-    server.faults.delay_s = 30
+    server.faults.delay_s = 300  # far beyond the bound below, which has room for a busy machine
     errors: list[BaseException] = []
 
     def slow() -> None:
         try:
-            call(server.url, "PUT", "/latest/api/token", {TTL_HEADER: "60"}, timeout=20)
+            call(server.url, "PUT", "/latest/api/token", {TTL_HEADER: "60"}, timeout=200)
         except Exception as exc:
             errors.append(exc)
 
@@ -207,8 +207,8 @@ def test_delay_and_stop_while_a_request_waits(imds_meta: InstanceMeta) -> None:
     time.sleep(0.2)
     started = time.monotonic()
     server.stop()
-    t.join(5)
-    assert time.monotonic() - started < 3, "stop() must not wait for a delayed answer"
+    t.join(60)
+    assert time.monotonic() - started < 60, "stop() must not wait for a delayed answer"
     assert not t.is_alive() and errors
     assert not [th for th in threading.enumerate() if th.name.startswith("imds-emulator")]
 

@@ -40,7 +40,7 @@ def _parse(text: str) -> tuple[Samples, dict[str, str]]:
 
 
 def _scrape(url: str) -> tuple[Samples, dict[str, str]]:
-    with urllib.request.urlopen(url + "/metrics", timeout=5) as r:  # noqa: S310 - loopback
+    with urllib.request.urlopen(url + "/metrics", timeout=30) as r:  # noqa: S310 - loopback
         assert r.status == 200
         assert r.headers["Content-Type"].startswith("text/plain; version=0.0.4")
         return _parse(r.read().decode())
@@ -80,7 +80,7 @@ def test_daemon_serves_metrics_and_counts_a_replacement(cloud: EmbeddedCloud) ->
     assert set(cloud.boot_all(ids).values()) == {0}
     procs = {iid: cloud.spawn(iid, "run") for iid in ids}
     try:
-        urls = {iid: wait_for(lambda i=iid: _endpoint(cloud, i), 60.0, 0.2) for iid in ids}
+        urls = {iid: wait_for(lambda i=iid: _endpoint(cloud, i), 120.0, 0.2) for iid in ids}
         assert all(u.startswith("http://127.0.0.1:") for u in urls.values())
         survivors, victim = ids[:2], ids[2]
 
@@ -90,7 +90,7 @@ def test_daemon_serves_metrics_and_counts_a_replacement(cloud: EmbeddedCloud) ->
             alive = _get(s, "ec2_agent_peers", state="alive") or 0
             return s if alive >= 1 and _get(s, "ec2_agent_heal_frozen") == 0 else None
 
-        s = wait_for(lambda: settled(survivors[0]), 60.0, 0.2)
+        s = wait_for(lambda: settled(survivors[0]), 120.0, 0.2)
         _, types = _scrape(urls[survivors[0]])
         assert types["ec2_agent_boot_phase_duration_seconds"] == "histogram"
         assert types["ec2_agent_heartbeat_age_seconds"] == "gauge"
@@ -102,7 +102,9 @@ def test_daemon_serves_metrics_and_counts_a_replacement(cloud: EmbeddedCloud) ->
             assert _get(s, "ec2_agent_boot_phase_duration_seconds_count", phase=phase) == 1
             assert _get(s, "ec2_agent_boot_phase_duration_seconds_sum", phase=phase) >= 0
         age = _get(s, "ec2_agent_heartbeat_age_seconds")
-        assert age is not None and 0 <= age < 10  # interval 1 s
+        # An age of a recent beat (interval 1 s), not an absurd value; loose for a busy
+        # machine (issue #16), where a beat and the loop that publishes its age are late.
+        assert age is not None and 0 <= age < 60
         assert {st for (n, lb), _ in s.items() if n == "ec2_agent_peers"
                 for (_, st) in lb} >= set(LIVENESS)  # every state present, 0 when none
         assert _get(s, "ec2_agent_peers", state="dead") == 0
@@ -122,9 +124,9 @@ def test_daemon_serves_metrics_and_counts_a_replacement(cloud: EmbeddedCloud) ->
 
         dead_seen = wait_for(lambda: any((_get(_scrape(urls[i])[0], "ec2_agent_peers",
                                             state="dead") or 0) >= 1 for i in survivors),
-                             60.0, 0.2)
+                             120.0, 0.2)
         assert dead_seen
-        got = wait_for(replaced, 90, 0.2)
+        got = wait_for(replaced, 180, 0.2)
         acted = [_get(x, "ec2_agent_replacements_total", action="launch", result="acted")
                  for x in got]
         assert sorted(acted) == [0, 1]  # one lease, one actor
@@ -134,7 +136,7 @@ def test_daemon_serves_metrics_and_counts_a_replacement(cloud: EmbeddedCloud) ->
         assert sorted(again) == [0, 1]
         for x in got:
             assert _get(x, "ec2_agent_heal_frozen") == 0  # 1 of 3 dead is no mass death
-            assert 0 <= (_get(x, "ec2_agent_heartbeat_age_seconds") or -1) < 10
+            assert 0 <= (_get(x, "ec2_agent_heartbeat_age_seconds") or -1) < 60
     finally:
         for p in procs.values():
             if p.poll() is None:

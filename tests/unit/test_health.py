@@ -66,3 +66,48 @@ def test_checker_with_injected_prober() -> None:
     hc = HealthChecker((CheckSpec("process", name="x", failures_before_critical=2),),
                        prober=lambda spec: next(outcomes))
     assert [hc.run()["status"] for _ in range(4)] == ["warning", "critical", "critical", "passing"]
+
+
+def test_a_slow_check_does_not_hold_the_heartbeat_past_its_budget() -> None:
+    """Issue #16: a check that hangs (here: until the test releases it) must not delay
+    the beat. The budgeted run returns with the check "still running", does not start
+    it again while it runs, and folds its result in once it has finished."""
+    import threading
+
+    release = threading.Event()
+    calls: list[str] = []
+
+    def prober(spec: CheckSpec) -> Probe:
+        calls.append(spec.id)
+        if spec.name == "slow":
+            release.wait(120)  # the injected slowness; a ceiling, not a timing
+            return FAIL
+        return OK
+
+    hc = HealthChecker((CheckSpec("process", name="slow"), CheckSpec("process", name="fast")),
+                       prober=prober)
+    box: list[dict] = []
+    t = threading.Thread(target=lambda: box.append(hc.run(budget_s=0.2)), daemon=True)
+    t.start()
+    t.join(60)
+    try:
+        assert not t.is_alive(), "the budgeted run waited for the slow check"
+        first = box[0]
+        # The fast check is in unless the machine is so busy it missed the budget too.
+        assert first["checks"]["process:slow"]["status"] == "warning"
+        assert "still running" in first["checks"]["process:slow"]["output"]
+        again = hc.run(budget_s=0.0)
+        assert calls.count("process:slow") == 1  # not started again while it runs
+        assert again["checks"]["process:slow"]["status"] == "warning"
+    finally:
+        release.set()
+    done = hc.run(budget_s=60)  # returns as soon as the released check has finished
+    assert done["checks"]["process:slow"] == {"status": "warning", "failures": 1,
+                                               "output": "refused", "duration_s": 0.0}
+    assert done["checks"]["process:fast"]["status"] == "passing"
+    hc.close()
+
+
+def test_without_a_budget_every_check_is_waited_for() -> None:
+    hc = HealthChecker((CheckSpec("process", name="a"),), prober=lambda s: FAIL)
+    assert hc.run()["checks"]["process:a"]["failures"] == 1
