@@ -61,6 +61,9 @@ def test_ten_observers_racing_on_one_dead_member_give_one_lease_one_action(
     run_threads(len(ctls), lambda i: ctls[i].step(suspect, ObserverHealth()))
     assert all(not c.outcomes for c in ctls)
     assert len(Store(cloud.bucket, cloud.prefix).list(f"groups/{GROUP}/suspicions/").entries) == 10
+    # A suspect record is no confirmation (#10): each observer's record now says "dead"
+    # (as its own step writes it once its verdict is dead on both clocks).
+    run_threads(len(ctls), lambda i: ctls[i]._write_suspicion(dead, "dead"))
     # Round 2: all confirmed, all decide to act at once.
     decisions = run_threads(len(ctls), lambda i: ctls[i].step(view(ids, dead), ObserverHealth()))
     # An observer slow enough to list the leases after the winner created one refuses
