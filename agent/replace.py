@@ -701,6 +701,7 @@ class HealController:
         except AgentError as exc:
             # Nothing happened (acted_at stays None): not "you were replaced", and the
             # lease may be taken over once it expires (invariant 13).
+            lease = self._lease_cache.get(m, lease)  # as the fence last wrote it
             self._rewrite(lease, state="failed", detail=str(exc)[:500])
             release_inflight(self.store, self.group, m)
             self._event("heal-action-failed", m, [*action.reasons, str(exc)],
@@ -884,6 +885,8 @@ class HealController:
         from agent.peers import bump_marker, member_key
 
         try:
+            if kind and self.store.head(member_key(self.group, m)) is None:
+                return  # another observer was first
             self.store.delete(member_key(self.group, m))
             bump_marker(self.store, self.group, {"id": m, "state": "gone", "by": self.me})
         except NotFound:
