@@ -210,7 +210,8 @@ class Daemon:
                             (ctx.previous.get("daemon", {}).get("last_backup") or {}).items()}
         cfg = ctx.config
         store = ctx.get_store()
-        self.checker = HealthChecker.from_config(cfg.health)
+        self.checker = HealthChecker.from_config(cfg.health,
+                                                 budget_s=cfg.heartbeat.interval_s / 2)
         http = cfg.http
         endpoint_url = ""
         if getattr(http, "enabled", True):
@@ -428,7 +429,7 @@ class Daemon:
             raise AgentError(res.error or "refresh failed")
 
     def backups(self) -> None:
-        if not self.ctx.config.data:
+        if not self.ctx.config.data or self.superseded:  # replaced: its data is not ours (#10)
             return  # nothing to back up: agent.backup is never loaded (idle RSS)
         if self._held():
             return  # never joined (warm pool, standby): its copy is not the group's data

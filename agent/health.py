@@ -29,7 +29,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -269,16 +269,27 @@ class HealthChecker:
     specs: tuple[CheckSpec, ...] = ()
     prober: Callable[[CheckSpec], Probe] = probe
     results: dict[str, CheckResult] = field(default_factory=dict)
+    # At most this long per run, whatever the checks' own timeouts: a slow check must not
+    # stretch the heartbeat interval (a late heartbeat makes a healthy member look dead).
+    budget_s: float | None = None
 
     @classmethod
-    def from_config(cls, items: Iterable[Any] | None) -> HealthChecker:
-        return cls(tuple(CheckSpec.from_config(it, i) for i, it in enumerate(items or ())))
+    def from_config(cls, items: Iterable[Any] | None, *,
+                    budget_s: float | None = None) -> HealthChecker:
+        return cls(tuple(CheckSpec.from_config(it, i) for i, it in enumerate(items or ())),
+                   budget_s=budget_s)
 
     def run(self) -> dict[str, Any]:
-        """Probe everything once; the summary. Takes about the slowest check's timeout."""
+        """Probe everything once; the summary. Takes at most ``budget_s`` (a check still
+        running then counts as failed this round)."""
         if self.specs:
-            with ThreadPoolExecutor(max_workers=min(8, len(self.specs))) as pool:
-                probes = list(pool.map(self.prober, self.specs))
+            pool = ThreadPoolExecutor(max_workers=min(8, len(self.specs)))
+            futures = [pool.submit(self.prober, s) for s in self.specs]
+            wait(futures, timeout=self.budget_s)
+            pool.shutdown(wait=False, cancel_futures=True)
+            late = f"over the {self.budget_s or 0:g}s health budget of a heartbeat"
+            probes = [f.result() if f.done() and not f.cancelled() else Probe("fail", late)
+                      for f in futures]
             for spec, p in zip(self.specs, probes, strict=True):
                 prev = self.results.get(spec.id)
                 self.results[spec.id] = next_result(

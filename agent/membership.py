@@ -266,7 +266,9 @@ class Verdict:
     reason: str
     store_age_s: float | None = None
     unchanged_s: float | None = None
-    evidence_mono: float | None = None  # observer's monotonic time of the newest read
+    # The observer's monotonic time of the newest read behind it (not part of the verdict's
+    # value: shifting the observer's clock changes no verdict).
+    evidence_mono: float | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)

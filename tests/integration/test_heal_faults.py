@@ -321,7 +321,7 @@ def test_item4_probe_whatever_ec2_says_an_answer_vetoes(cloud: EmbeddedCloud,
     assert any(r.startswith("probe-ok") for x in d.refusals for r in x.reasons)
 
 
-# -- 5: one failed probe is no evidence -------------------------------------------------------------
+# -- 5: one failed probe is no evidence ------------------------------------------------------------
 
 def test_item5_another_observers_answering_probe_vetoes(cloud: EmbeddedCloud,
                                                          tmp_path: Any) -> None:
@@ -339,7 +339,7 @@ def test_item5_another_observers_answering_probe_vetoes(cloud: EmbeddedCloud,
     assert instance(cloud, hung)["State"]["Name"] == "running"
 
 
-# -- 6: the group counted from live evidence ----------------------------------------------------------
+# -- 6: the group counted from live evidence -------------------------------------------------------
 
 def test_item6_leftover_leaving_records_do_not_dilute_the_freeze_and_are_cleaned(
         cloud: EmbeddedCloud, tmp_path: Any) -> None:
@@ -366,7 +366,7 @@ def test_item6_leftover_leaving_records_do_not_dilute_the_freeze_and_are_cleaned
     assert kinds(cloud).count("heal-clean-record") == 6
 
 
-# -- 7: the in-flight cap is group-wide ----------------------------------------------------------------
+# -- 7: the in-flight cap is group-wide ------------------------------------------------------------
 
 def test_item7_two_observers_two_deaths_cap_one_gives_one_action(
         cloud: EmbeddedCloud, tmp_path: Any) -> None:
@@ -396,7 +396,7 @@ def test_item7_two_observers_two_deaths_cap_one_gives_one_action(
     assert sorted(o.result for o in [*a.outcomes, *b.outcomes]) == ["acted", "refused"]
 
 
-# -- 8: verdicts age; failing reads abstain ------------------------------------------------------------
+# -- 8: verdicts age; failing reads abstain --------------------------------------------------------
 
 def test_item8_observer_whose_peer_reads_fail_abstains(cloud: EmbeddedCloud,
                                                         tmp_path: Any) -> None:
@@ -423,7 +423,7 @@ def test_item8_observer_whose_peer_reads_fail_abstains(cloud: EmbeddedCloud,
     assert {v.status for v in w.verdicts(dead_after_s=15, grace_s=0).values()} == {"unknown"}
 
 
-# -- 9: the smaller holes ------------------------------------------------------------------------------
+# -- 9: the smaller holes --------------------------------------------------------------------------
 
 def test_item9_launch_on_an_asg_member_uses_the_asg(cloud: EmbeddedCloud,
                                                      tmp_path: Any) -> None:
@@ -451,7 +451,7 @@ def test_item9_asg_mark_inside_the_grace_period_keeps_the_record(cloud: Embedded
     store.delete(member_key(GROUP, dead))
     store.put(member_key(GROUP, dead), MemberRecord(dead, GROUP, 1, "ready").dumps())
     cfg = config(action="asg-mark")
-    a = ctl(cloud, ids[1], cfg, tmp_path, decision_max_age_s=1e9)
+    a = ctl(cloud, ids[1], cfg, tmp_path)
     b = ctl(cloud, ids[2], cfg, tmp_path)
     # The record is fresh, so the fence would stop it anyway: look only at the grace.
     a._fence = lambda lease, what, **kw: lease  # type: ignore[method-assign]  # noqa: SLF001
@@ -483,7 +483,7 @@ def test_item9_confirm_observers_above_the_watchers_is_rejected(cloud: EmbeddedC
     assert "heal.confirm_observers" in str(e.value)
 
 
-# -- the zone rule ---------------------------------------------------------------------------------------
+# -- the zone rule ---------------------------------------------------------------------------------
 
 def test_zone_disrupted_no_action_zone_named_rest_still_healed(cloud: EmbeddedCloud,
                                                                tmp_path: Any) -> None:
@@ -508,7 +508,33 @@ def test_zone_disrupted_no_action_zone_named_rest_still_healed(cloud: EmbeddedCl
     assert [x.member_id for x in d.executable()] == [other]  # the rest still heals
     assert all(instance(cloud, m)["State"]["Name"] == "running" for m in dark)
     assert len(all_instances(cloud)) == n + 1
-    ev = [e for e in list_events(store_for(cloud), GROUP, 200) if e.kind == "heal-zone-disrupted"]
+    ev = [e for e in list_events(store_for(cloud), GROUP, 200)
+          if e.kind == "heal-zone-disrupted"]
     assert ev and zones[0] in ev[0].reasons[0]
     st = statefile.read(tmp_path / f"{a.me}.state.json")
     assert st["heal"]["disrupted_zones"] == [zones[0]]
+
+
+def test_item9_superseded_member_writes_no_backup_over_its_replacement(
+        cloud: EmbeddedCloud, safe_env: Any) -> None:
+    from types import SimpleNamespace
+
+    from agent import backup as B
+    from agent.paths import Paths
+
+    store = store_for(cloud)
+    target = safe_env / "var" / "lib" / "app"
+    target.mkdir(parents=True)
+    (target / "f").write_text("old data")
+    spec = SimpleNamespace(name="app", path="/var/lib/app", keep=10, chunk_size=1 << 20,
+                           backup_interval_s=300)
+    cfg = SimpleNamespace(group=GROUP, data=[spec])
+    store.create(lease_key(GROUP, "i-old"),
+                 Lease("i-old", "i-peer", "launch", "acted", acted_at=1.0).body())
+    out = B.run_backups(store, cfg, Paths.from_env(), instance_id="i-old", final=True)
+    assert out[0].result is None and out[0].error.startswith("superseded")
+    assert not store.list(f"data/{GROUP}/").entries
+    # A lease through which nothing happened does not stop it.
+    out = B.run_backups(store, cfg, Paths.from_env(), instance_id="i-other", final=True)
+    assert out[0].result is not None
+    assert store.list(f"data/{GROUP}/").entries  # the prefix checked above is the right one

@@ -66,3 +66,25 @@ def test_checker_with_injected_prober() -> None:
     hc = HealthChecker((CheckSpec("process", name="x", failures_before_critical=2),),
                        prober=lambda spec: next(outcomes))
     assert [hc.run()["status"] for _ in range(4)] == ["warning", "critical", "critical", "passing"]
+
+
+def test_a_hung_check_cannot_stretch_the_heartbeat() -> None:
+    """#10 item 9: a run takes at most ``budget_s``; a check still running then fails."""
+    import threading
+    import time
+
+    release = threading.Event()
+
+    def slow(spec: CheckSpec) -> Probe:
+        release.wait(10)
+        return Probe("ok", "")
+
+    hc = HealthChecker((CheckSpec("command", command="sleep 10", timeout_s=10),),
+                       prober=slow, budget_s=0.2)
+    t0 = time.monotonic()
+    doc = hc.run()
+    took = time.monotonic() - t0
+    release.set()
+    assert took < 5.0  # bounded by the budget, not by the check's own 10 s timeout
+    (check,) = doc["checks"].values()
+    assert "health budget" in str(check)
