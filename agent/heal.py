@@ -424,9 +424,12 @@ def decide(view: HealView, policy: HealPolicy) -> Decision:
     if policy.mode == "off":
         return Decision()
     considered = sorted(m for m, s in view.verdicts.items() if s != "alive")
-    gone = {m: why for m in considered if m != view.observer_id
-            and view.verdicts[m] == "dead" and (why := already_replaced(m, view))}
-    stale_members = {m for m, s in view.verdicts.items() if s in STALE and m not in gone}
+    # Already replaced by its ASG: not counted as stale (dead or only suspected), and
+    # forgotten by an observer whose own verdict is dead.
+    replaced = {m: why for m in considered if m != view.observer_id
+                and view.verdicts[m] in STALE and (why := already_replaced(m, view))}
+    gone = {m: why for m, why in replaced.items() if view.verdicts[m] == "dead"}
+    stale_members = {m for m, s in view.verdicts.items() if s in STALE and m not in replaced}
     stale_z, sizes = _zone_counts(view, stale_members)
     zones = disrupted_zones(stale_z, sizes)
     freeze = _freeze(view, policy, stale_members, zones)
@@ -440,7 +443,7 @@ def decide(view: HealView, policy: HealPolicy) -> Decision:
     actions: list[Action] = []
     refused: list[Refusal] = []
     for m in considered:
-        if m in gone:
+        if m in replaced:
             continue
         no, yes = _judge(m, view, policy)
         z = view.zones.get(m, "")

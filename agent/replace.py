@@ -306,6 +306,7 @@ class HealController:
         self._my_probes: dict[str, bool | None] = {}
         self._zones_recorded: tuple[str, ...] = ()
         self._decided_mono = 0.0
+        self._my_asg: str | None = None
         self.outcomes: list[Outcome] = []  # what execution did, newest last (bounded)
         self._recorded: dict[str, tuple[str, ...]] = {}
         self._freeze_recorded: tuple[str, ...] = ()
@@ -596,11 +597,15 @@ class HealController:
         probe: dict[str, bool | None] = {}
         api_error = ""
         candidates = [m for m in dead if m not in leased]
-        if candidates and not sick and not g.paused:
-            ec2, asg_of, api_error = self._ec2_view(candidates)
+        # Every stale member is looked up (one call): one the ASG already replaced is
+        # then neither a death nor part of a mass death, even when only suspected (15).
+        asked = sorted({*candidates, *(m for m, s in verdicts.items()
+                                       if s == "suspect" and m not in leased)})
+        if asked and not sick and not g.paused:
+            ec2, asg_of, api_error = self._ec2_view(asked)
             if not api_error:
                 try:
-                    asg = {m: a.health for m, a in self.cloud.asg_instances(candidates).items()}
+                    asg = {m: a.health for m, a in self.cloud.asg_instances(asked).items()}
                 except CloudError as exc:
                     api_error = str(exc)
             for m in candidates:
@@ -647,8 +652,27 @@ class HealController:
             states[i] = not_found_belief(first, now, reads + 1, self.not_found_persist_s)
         for i in list(self._missing):
             if i not in ids:
-                self._missing.pop(i)
-        return states, {i: f.asg for i, f in found.items() if f.asg}, ""
+                self._missing.pop(i)  # not asked this time: the persistence starts over
+        asg_of = {i: f.asg for i, f in found.items() if f.asg}
+        mine = self._own_asg()
+        if mine:
+            # EC2 keeps the aws:autoscaling:groupName tag on terminated instances; moto
+            # drops it when the ASG terminates one. A member of a group whose observers
+            # run in an ASG was that ASG's.
+            for i in ids:
+                if i in found and i not in asg_of:
+                    asg_of[i] = mine
+        return states, asg_of, ""
+
+    def _own_asg(self) -> str:
+        """The Auto Scaling group this observer runs in ("" for none; asked once)."""
+        if self._my_asg is None:
+            try:
+                a = self.cloud.asg_instances([self.me]).get(self.me)
+            except CloudError:
+                return ""  # ask again next time
+            self._my_asg = a.group if a is not None else ""
+        return self._my_asg
 
     # -- execute --------------------------------------------------------------------------------
     def _execute(self, action: Action, view: HealView, g: _Gathered,

@@ -71,7 +71,10 @@ def test_item1_asg_already_replaced_is_forgotten_no_failure_no_freeze(
     ids = cloud.create_asg(GROUP, 5)
     gone = ids[:3]  # the ASG's own health check took three hung members
     store = records(cloud, ids)
-    cloud.client("ec2").terminate_instances(InstanceIds=gone)
+    asg = cloud.client("autoscaling")
+    for m in gone:  # the ASG's own health check: terminate without decrement (relaunch)
+        asg.terminate_instance_in_auto_scaling_group(InstanceId=m,
+                                                     ShouldDecrementDesiredCapacity=False)
     assert not set(gone) & set(cloud.asg_instance_ids(GROUP))
     cfg = config(action="asg-terminate")
     a, b = ctl(cloud, ids[3], cfg, tmp_path), ctl(cloud, ids[4], cfg, tmp_path)

@@ -1,0 +1,110 @@
+"""Issue #10 in the chaos suite: real agent processes against moto, hurt on purpose.
+
+Every window is derived from the config the agents are given (``INTERVAL``, ``DEAD``,
+``SILENT``): a scenario waits for a state to be reached (with a generous ceiling), and
+the "nothing happens" holds last as long as the old code needed to do the wrong thing
+plus a margin in heartbeat intervals, never a fixed number of seconds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from agent.sim.fleet import Fleet, FleetCloud
+from tests.fleet.test_chaos import DEAD, INTERVAL, SILENT, config
+
+pytestmark = pytest.mark.fleet
+
+# How long the code before #10 needed to act on a silent-but-running member: silent_after
+# plus a confirmation round and a probe timeout; a few intervals on top for a busy machine.
+ACT_WINDOW = SILENT + 2 * DEAD + 6 * INTERVAL
+
+
+def group_freezes(f: Fleet) -> list[dict[str, Any]]:
+    f.actions()  # polls the events
+    return [e for e in f.events if e["kind"] == "heal-freeze"
+            and (e.get("details") or {}).get("scope") == "group"]
+
+
+def test_zone_of_three_of_nine_stopped_at_once_is_disrupted_not_replaced(
+        make_fleet: Callable[..., Fleet], fleet_cloud: FleetCloud,
+        report: Callable[..., None], monkeypatch: pytest.MonkeyPatch) -> None:
+    """SIGSTOP a whole zone (instances still running): 0 actions, the zone named, all back.
+
+    3/9 is under the default freeze_fraction 0.34: before the zone rule the group
+    replaced the zone.
+    """
+    three = fleet_cloud.subnets()[:3]  # three zones of three
+    monkeypatch.setattr(fleet_cloud, "subnets", lambda: three)
+    f = make_fleet(config=config(fleet_cloud, action="launch"))
+    ids = f.start(9)
+    f.calm()
+    zone = {i: fleet_cloud.client("ec2").describe_instances(InstanceIds=[i])[
+        "Reservations"][0]["Instances"][0]["Placement"]["AvailabilityZone"] for i in ids}
+    dark_zone = zone[ids[0]]
+    dark = [i for i in ids if zone[i] == dark_zone]
+    assert len(dark) == 3
+    for i in dark:
+        f.sigstop(i)
+    t_stop = f.now()
+    def zone_events() -> list[dict[str, Any]]:
+        f.actions()  # polls the events
+        return [e for e in f.events if e["kind"] == "heal-zone-disrupted"]
+
+    ev = f.wait(zone_events, ACT_WINDOW + 30, "a zone-disrupted event")
+    assert dark_zone in ev[0]["reasons"][0] and sorted(ev[0]["details"]["members"]) == sorted(dark)
+    f.hold(max(0.0, ACT_WINDOW - (f.now() - t_stop)))
+    r = f.replacements()
+    assert r["actions"] == 0 and r["launched"] == 0, f.timeline_text()
+    observers = [i for i in ids if i not in dark]
+    zones_in_status = [f.heal_state(i).get("disrupted_zones") for i in observers]
+    assert [dark_zone] in zones_in_status, zones_in_status
+    for i in dark:
+        f.sigcont(i)
+    t_cont = f.now()
+    f.wait(lambda: len(f.ready()) >= 9, 60, "all nine ready again")
+    t_back = f.now()
+    f.hold(3 * DEAD)
+    r = f.replacements()
+    assert r["actions"] == 0 and r["leases"] == 0 and r["launched"] == 0, r
+    assert sorted(f.ready()) == sorted(ids)
+    assert not group_freezes(f), group_freezes(f)
+    report(stop_to_zone_event_s=round(ev[0]["t"] - t_stop, 2),
+           cont_to_all_ready_s=round(t_back - t_cont, 2), replacements=r)
+
+
+def test_asg_replacing_three_hung_members_itself_is_no_freeze(
+        make_fleet: Callable[..., Fleet], fleet_cloud: FleetCloud,
+        report: Callable[..., None]) -> None:
+    """The ASG's own health check takes three hung members (terminate, relaunch).
+
+    Before #10: judged three new deaths (3/5 a mass death: frozen), asg-terminate
+    failed on instances no longer in the group, and the records stayed for ever.
+    """
+    f = make_fleet(config=config(fleet_cloud, action="asg-terminate"), asg=True)
+    ids = f.start(5)
+    f.calm()
+    hung = ids[:3]
+    asg = fleet_cloud.client("autoscaling")
+    for i in hung:
+        f.kill(i)
+    for i in hung:  # what the ASG's EC2 health check does, by itself
+        asg.terminate_instance_in_auto_scaling_group(InstanceId=i,
+                                                     ShouldDecrementDesiredCapacity=False)
+        f.mark("asg replaces", i, "the ASG's own health check")
+    t0 = f.now()
+    f.wait(lambda: not set(hung) & set(f.members()), 60, "the three records forgotten")
+    t_gone = f.now()
+    f.hold(3 * DEAD)
+    kinds = f.event_kinds()
+    assert kinds.get("heal-already-replaced", 0) == 3, kinds
+    # (Replacements that boot slower than grace_s may look stale for a moment: a freeze
+    # over them is not this scenario's; none may count the three.)
+    over_hung = [e for e in group_freezes(f) if set(e["details"].get("members", [])) & set(hung)]
+    assert not over_hung, over_hung
+    assert not kinds.get("heal-action") and not kinds.get("heal-action-failed"), kinds
+    assert f.replacements()["leases"] == 0
+    report(asg_replace_to_records_gone_s=round(t_gone - t0, 2), events=kinds)
