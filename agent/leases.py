@@ -189,7 +189,11 @@ def lease_outcome(lease: Lease, now: float, deadline_s: float, heartbeated: bool
         return lease.state
     if lease.state == "held" or (lease.state == "acting" and lease.acted_at is None):
         age = lease.age(now)
-        if lease.state == "held" and expiry_s is not None and age is not None and age >= expiry_s:
+        # An acting lease is given twice as long (its call may take a while); past that
+        # its holder died mid-call. It stops counting as in flight, so the group is not
+        # blocked, but it is never taken over: the call may have happened.
+        limit = None if expiry_s is None else expiry_s * (1 if lease.state == "held" else 2)
+        if limit is not None and age is not None and age >= limit:
             return "expired"
         return "in-flight"
     started = lease.acted_at if lease.acted_at is not None else lease.last_modified

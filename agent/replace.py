@@ -470,7 +470,7 @@ class HealController:
             member = e.key[len(leases_prefix(self.group)):]
             cached = self._lease_cache.get(member)
             if cached is not None and cached.etag == e.etag:
-                lease = cached
+                lease = replace(cached, last_modified=e.last_modified)
             else:
                 obj = self.store.get_or_none(e.key)
                 if obj is None:
@@ -588,9 +588,10 @@ class HealController:
             if m not in verdicts and m != self.me and obs and m not in peers.departed:
                 verdicts[m] = "suspect"
         dead = sorted(m for m, s in verdicts.items() if s == "dead" and m != self.me)
+        # Leased: a lease nobody may take over yet (refused, expired held, and failed-
+        # before-acting ones may be: the member is a candidate again, invariant 13).
         leased = frozenset(m for m, lease in g.leases.items()
-                           if lease.state != "refused"
-                           and g.outcomes.get(m) not in ("aborted", "expired"))
+                           if not lease.takeover_allowed(g.store_now, self.lease_expiry_s))
         ec2: dict[str, str | None] = {}
         asg: dict[str, str | None] = {}
         asg_of: dict[str, str] = {}

@@ -48,7 +48,8 @@ def test_lease_round_trip_and_malformed() -> None:
     # A held lease whose holder vanished did nothing: it expires, it never "failed" (#10).
     ("held", None, 100, 160, False, "expired"),
     ("held", None, 100, 120, True, "in-flight"),   # nothing launched yet: not done
-    ("acting", None, 100, 999, False, "in-flight"),  # a call may be under way
+    ("acting", None, 100, 219, False, "in-flight"),  # a call may be under way
+    ("acting", None, 100, 220, False, "expired"),    # holder died mid-call: not in flight
     ("failed", None, 100, 999, False, "aborted"),    # failed before acting: not a failure
 ])
 def test_lease_outcome(state: str, acted_at: float | None, lm: float, now: float, hb: bool,
