@@ -103,7 +103,12 @@ def test_asg_replacing_three_hung_members_itself_is_no_freeze(
     assert kinds.get("heal-already-replaced", 0) == 3, kinds
     # (Replacements that boot slower than grace_s may look stale for a moment: a freeze
     # over them is not this scenario's; none may count the three.)
-    over_hung = [e for e in group_freezes(f) if set(e["details"].get("members", [])) & set(hung)]
+    # An api-failing freeze (moto busy on a loaded machine) is the API's, not a verdict on
+    # the three: what must never happen is counting them as deaths or failures.
+    over_hung = [e for e in group_freezes(f)
+                 if set(e["details"].get("members", [])) & set(hung)
+                 and any(r.startswith(("mass-death", "failed-replacements"))
+                         for r in e.get("reasons", []))]
     assert not over_hung, over_hung
     assert not kinds.get("heal-action") and not kinds.get("heal-action-failed"), kinds
     assert f.replacements()["leases"] == 0
