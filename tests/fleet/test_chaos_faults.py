@@ -118,3 +118,44 @@ def test_asg_replacing_three_hung_members_itself_is_no_freeze(
     assert not kinds.get("heal-action") and not kinds.get("heal-action-failed"), kinds
     assert f.replacements()["leases"] == 0
     report(asg_replace_to_records_gone_s=round(t_gone - t0, 2), events=kinds)
+
+
+def test_transient_action_failure_does_not_exile_and_a_later_death_is_replaced_once(
+        make_fleet: Callable[..., Fleet], fleet_cloud: FleetCloud, tmp_path: Any,
+        report: Callable[..., None]) -> None:
+    """The action fails once (a throttled call): the member is not exiled.
+
+    A hook is the action so that the failure is real and in the agent's own process:
+    its first run exits 1, later runs record the member. Before #10 the failed lease
+    exiled the member (it stepped down as superseded as soon as it ran again).
+    """
+    flag, log = tmp_path / "throttled-once", tmp_path / "replaced.log"
+    hook = (f'if [ -e {flag} ]; then echo "$EC2_AGENT_DEAD_ID" >> {log}; '
+            f'else touch {flag}; echo "Throttling: Rate exceeded" >&2; exit 1; fi')
+    f = make_fleet(config=config(fleet_cloud, action="hook", hook=hook))
+    ids = f.start(5)
+    f.calm()
+    victim = ids[0]
+    f.sigstop(victim)  # hung: silent, its probe times out; EC2 says running
+
+    def failed() -> list[dict[str, Any]]:
+        f.actions()
+        return [e for e in f.events if e["kind"] == "heal-action-failed"]
+
+    f.wait(failed, ACT_WINDOW + 30, "the action to fail once")
+    f.sigcont(victim)
+    f.wait(lambda: victim in f.ready(), 30, "the victim ready again")
+    f.hold(3 * DEAD)
+    assert victim in f.ready(), f.timeline_text()
+    assert (f.state(victim).get("membership") or {}).get("state", "ready") == "ready"
+    assert not f.heal_state(victim).get("superseded")
+    assert not log.exists()
+    # Its real death later is replaced, once.
+    f.kill(victim)
+    t_kill = f.now()
+    f.wait(lambda: f.actions(), ACT_WINDOW + 30, "the replacement action")
+    f.hold(3 * DEAD)
+    assert log.read_text().split() == [victim], f.timeline_text()
+    assert len(f.actions()) == 1 and f.actions()[0]["member"] == victim
+    report(kill_to_action_s=round(f.actions()[0]["t"] - t_kill, 2),
+           events=f.event_kinds())
