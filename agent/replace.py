@@ -255,7 +255,6 @@ class _Gathered:
     errors: list[str] = field(default_factory=list)
     confirmations: dict[str, frozenset[str]] = field(default_factory=dict)
     peer_probes: dict[str, dict[str, bool | None]] = field(default_factory=dict)
-    suspicion_entries: dict[str, list[Any]] = field(default_factory=dict)
 
 
 class HealController:
