@@ -58,8 +58,11 @@ def test_zone_of_three_of_nine_stopped_at_once_is_disrupted_not_replaced(
         f.sigstop(i)
     t_stop = f.now()
     def zone_events() -> list[dict[str, Any]]:
+        # (On a loaded machine another zone may look disrupted for a moment: that is the
+        # rule being careful; the dark zone's event is the one this scenario waits for.)
         f.actions()  # polls the events
-        return [e for e in f.events if e["kind"] == "heal-zone-disrupted"]
+        return [e for e in f.events if e["kind"] == "heal-zone-disrupted"
+                and dark_zone in " ".join(e.get("reasons") or [])]
 
     ev = f.wait(zone_events, ACT_WINDOW + 30, "a zone-disrupted event")
     assert dark_zone in ev[0]["reasons"][0] and sorted(ev[0]["details"]["members"]) == sorted(dark)
@@ -107,7 +110,9 @@ def test_asg_replacing_three_hung_members_itself_is_no_freeze(
     t_gone = f.now()
     f.hold(3 * DEAD)
     kinds = f.event_kinds()
-    assert kinds.get("heal-already-replaced", 0) == 3, kinds
+    # Two observers may both forget one record in the same instant: count members.
+    forgotten = {e["member"] for e in f.events if e["kind"] == "heal-already-replaced"}
+    assert forgotten == set(hung), kinds
     # (Replacements that boot slower than grace_s may look stale for a moment: a freeze
     # over them is not this scenario's; none may count the three.)
     # An api-failing freeze (moto busy on a loaded machine) is the API's, not a verdict on
