@@ -451,6 +451,14 @@ def run_backups(store: StoreAPI, config: Any, paths: Any, *, instance_id: str, f
                 deadline: Deadline | None = None, progress: ProgressFn | None = None
                 ) -> list[EntryOutcome]:
     """Back up every data entry (or the one named ``only``); one failing does not stop the rest."""
+    from agent.leases import superseded
+
+    if superseded(store, config.group, instance_id):
+        # Replaced (#10): the replacement owns the dataset now; writing ours over it
+        # would put a dead instance's data back as "latest".
+        return [EntryOutcome(spec.name, error=f"superseded: {instance_id} was replaced; "
+                             "no backup over its replacement's data")
+                for spec in getattr(config, "data", None) or () if not only or spec.name == only]
     if final and deadline is None:
         deadline = Deadline.after(FINAL_DEADLINE_S, "final backup", clock)
     out: list[EntryOutcome] = []

@@ -5,7 +5,9 @@ an API error is never evidence that an instance is dead: ``states_or_none`` turn
 failed describe into ``None`` for every id asked ("unknown"), which the heal
 decision refuses to act on. ``InvalidInstanceID.NotFound`` is EC2's own answer
 about an id (terminated instances disappear from DescribeInstances after about an
-hour), so it reads as ``terminated``; a malformed id is an error.
+hour); ``states`` reads it as ``terminated``, but the heal controller uses
+``instances``, which leaves such ids out, and believes "not found" only once it
+persists (``agent.heal.not_found_belief``, invariant 14); a malformed id is an error.
 
 Launch is *before* terminate, and idempotent: ``launch`` sends a ``ClientToken``
 (``agent.heal.lease_token``, ≤ 64 ASCII) and the dead instance's own subnet, so a
@@ -25,7 +27,14 @@ from typing import Any
 
 from agent import awserrors
 from agent.errors import CloudError
-from agent.interfaces import MAX_TOKEN, REPLACES_TAG, AsgInstance, CloudAPI, LaunchSpec
+from agent.interfaces import (
+    MAX_TOKEN,
+    REPLACES_TAG,
+    AsgInstance,
+    CloudAPI,
+    InstanceInfo,
+    LaunchSpec,
+)
 
 __all__ = ["MAX_TOKEN", "REPLACES_TAG", "AsgInstance", "Cloud", "CloudAPI", "LaunchSpec"]
 
@@ -107,6 +116,37 @@ class Cloud:
                 out.setdefault(iid, "terminated")
         return out
 
+    def instances(self, instance_ids: Iterable[str]) -> dict[str, InstanceInfo]:
+        """What EC2 says about each id it knows; ids it does not know are left out.
+
+        Raises ``CloudError`` when the API fails. Absence is not death: the caller
+        decides what a missing id is worth.
+        """
+        ids = sorted(set(instance_ids))
+        out: dict[str, InstanceInfo] = {}
+        for i in range(0, len(ids), _DESCRIBE_CHUNK):
+            chunk = ids[i:i + _DESCRIBE_CHUNK]
+            try:
+                resp = self.ec2.describe_instances(InstanceIds=chunk)
+            except awserrors.AWS_ERRORS as exc:
+                if awserrors.error_code(exc) in _NOT_FOUND and len(chunk) > 1:
+                    for iid in chunk:
+                        out.update(self.instances([iid]))
+                    continue
+                if awserrors.error_code(exc) in _NOT_FOUND:
+                    continue
+                raise _fail("describe instances", exc) from exc
+            for r in resp.get("Reservations", []):
+                for inst in r.get("Instances", []):
+                    tags = {t["Key"]: t["Value"] for t in inst.get("Tags", []) or []}
+                    lt = inst.get("LaunchTime")
+                    out[inst["InstanceId"]] = InstanceInfo(
+                        inst["InstanceId"], inst["State"]["Name"],
+                        str((inst.get("Placement") or {}).get("AvailabilityZone", "")),
+                        tags.get("aws:autoscaling:groupName", ""),
+                        lt.timestamp() if hasattr(lt, "timestamp") else None)
+        return out
+
     def states_or_none(self, instance_ids: Iterable[str]) -> tuple[dict[str, str | None], str]:
         """``(states, error)``: on an API failure every state is None and error says why."""
         ids = list(instance_ids)
@@ -137,6 +177,17 @@ class Cloud:
             raise _fail(f"describe auto scaling group {name}", exc) from exc
         groups = resp.get("AutoScalingGroups", [])
         return groups[0] if groups else None
+
+    def asg_grace_left(self, name: str, launch_time: float | None, now: float) -> float:
+        """Seconds of the group's HealthCheckGracePeriod left for an instance (0: none).
+
+        Inside it AWS ignores ``SetInstanceHealth`` with ``ShouldRespectGracePeriod``.
+        """
+        g = self.asg_group(name)
+        grace = float((g or {}).get("HealthCheckGracePeriod") or 0)
+        if launch_time is None:
+            return grace
+        return max(0.0, launch_time + grace - now)
 
     def asg_member_ids(self, name: str) -> list[str]:
         g = self.asg_group(name)

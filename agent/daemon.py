@@ -98,6 +98,7 @@ class Daemon:
                             (ctx.previous.get("daemon", {}).get("last_backup") or {}).items()}
         cfg = ctx.config
         store = ctx.get_store()
+        # beat() gives the checks at most half an interval (a slow check reports later)
         self.checker = HealthChecker.from_config(cfg.health)
         http = cfg.http
         endpoint_url = ""
@@ -320,7 +321,7 @@ class Daemon:
             raise AgentError(res.error or "refresh failed")
 
     def backups(self) -> None:
-        if not self.ctx.config.data:
+        if not self.ctx.config.data or self.superseded:  # replaced: its data is not ours (#10)
             return  # nothing to back up: agent.backup is never loaded (idle RSS)
         if self._held():
             return  # never joined (warm pool, standby): its copy is not the group's data

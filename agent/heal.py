@@ -24,7 +24,23 @@ Every rule is from DESIGN.md "Safe replacement: the invariants":
 * EC2 says running (and the ASG does not say unhealthy) but the agent is silent →
   only with ``replace_silent``, a failed direct probe and ``silent_for >=
   silent_after_s`` (2);
-* at most ``max_per_window`` per window and ``max(1, 10 %)`` in flight (5).
+* at most ``max_per_window`` per window and ``max(1, 10 %)`` in flight (5);
+* only a ``dead`` verdict written by another observer confirms (a ``suspect`` one
+  counts towards a mass death, never as a confirmation) (2);
+* a direct probe that answers, from this observer or any confirming one, vetoes
+  whatever EC2 says; a probe that fails is no evidence of death by itself: a
+  running-but-silent member needs ``confirm_observers`` observers whose probes all
+  failed (14);
+* EC2 "no such instance" is believed only once it persists (``not_found_belief``) (14);
+* terminated or shutting-down and no longer listed by the Auto Scaling group whose
+  tag it carries → the ASG already replaced it: forget its record, act on nothing,
+  count no failure (15);
+* zones are judged as well as the group (``disrupted_zones``): a zone where most
+  members fell silent at once is disrupted, nothing in it is acted on, and it is
+  left out of the group's mass-death fraction so the rest of the group still heals;
+  every zone disrupted means the observer side is sick (15);
+* a view whose counts cannot be true (more stale members than members) is refused:
+  the observer abstains with ``inconsistent-view`` (6).
 
 Members are considered in sorted id order so that two observers with the same view
 reach the same decision. Note: with the default ``freeze_fraction`` 0.34 a group of
@@ -56,7 +72,18 @@ GOING_AWAY = frozenset({"shutting-down", "stopping"})
 # EC2 states in which the instance cannot be serving: the heartbeat's silence is believed.
 NOT_SERVING = frozenset({"stopped", "terminated"})
 
-OBSERVER_REASONS = ("observer-sick", "observer-fresh")
+OBSERVER_REASONS = ("observer-sick", "observer-fresh", "inconsistent-view",
+                    "all-zones-disrupted")
+STALE = frozenset({"dead", "suspect"})
+
+# The zone rule (invariant 15), after Kubernetes' node lifecycle controller
+# (unhealthyZoneThreshold 0.55) and the EBS outage of April 2011, where one zone going
+# dark made automation elsewhere re-mirror everything at once. A zone is disrupted when
+# more than this fraction of its members is stale at once...
+ZONE_DISRUPTED_FRACTION = 0.55
+# ...and at least this many of them are: one silent member of a zone of one or two
+# cannot be told from an ordinary death by counting, and an ordinary death must heal.
+ZONE_MIN_STALE = 2
 
 
 class PolicyError(ConfigError, ValueError):
@@ -157,6 +184,11 @@ class HealView:
     paused: bool = False
     api_healthy: bool = True
     now: float = 0.0
+    confirmations: Mapping[str, Any] | None = None
+    peer_probes: Mapping[str, Any] = field(default_factory=dict)
+    zones: Mapping[str, str] = field(default_factory=dict)
+    asg_of: Mapping[str, str] = field(default_factory=dict)
+    in_asg: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
         statuses = {m: getattr(v, "status", v) for m, v in self.verdicts.items()}
@@ -173,6 +205,14 @@ class HealView:
         for name in ("ec2_state", "asg_health", "probe_ok", "silent_for"):
             object.__setattr__(self, name, _frozen_map(getattr(self, name)))
         object.__setattr__(self, "leases", frozenset(self.leases))
+        conf = self.suspicions if self.confirmations is None else self.confirmations
+        object.__setattr__(self, "confirmations", MappingProxyType(
+            {m: frozenset(obs) for m, obs in conf.items()}))
+        object.__setattr__(self, "peer_probes", MappingProxyType(
+            {m: _frozen_map(p) for m, p in self.peer_probes.items()}))
+        for name in ("zones", "asg_of"):
+            object.__setattr__(self, name, _frozen_map(getattr(self, name)))
+        object.__setattr__(self, "in_asg", frozenset(self.in_asg))
 
 
 @dataclass(frozen=True)
@@ -215,37 +255,91 @@ class Refusal:
 
 @dataclass(frozen=True)
 class Decision:
+    """``forget``: members whose record is to be removed (the ASG already replaced
+    them: no action, no failure). ``disrupted_zones``: zones judged disrupted."""
+
     freeze: FreezeState | None = None
     actions: tuple[Action, ...] = ()
     refusals: tuple[Refusal, ...] = ()
+    forget: tuple[Refusal, ...] = ()
+    disrupted_zones: tuple[str, ...] = ()
 
     @property
     def frozen(self) -> bool:
         return self.freeze is not None and self.freeze.frozen
 
 
-def _freeze(view: HealView, policy: HealPolicy) -> FreezeState | None:
+def already_replaced(m: str, view: HealView) -> str | None:
+    """Why ``m`` was already replaced by its Auto Scaling group, or None.
+
+    Terminated or shutting-down, carrying an ``aws:autoscaling:groupName`` tag, and no
+    longer listed by that group: the ASG's own health check took it and launched
+    another (invariant 15). Not a new death, not a failed replacement.
+    """
+    ec2 = view.ec2_state.get(m)
+    asg = view.asg_of.get(m)
+    if ec2 in ("terminated", "shutting-down") and asg and m not in view.in_asg:
+        return f"already-replaced: ec2 says {ec2} and {asg} no longer lists it"
+    return None
+
+
+def disrupted_zones(stale: Mapping[str, int], sizes: Mapping[str, int]) -> tuple[str, ...]:
+    """Zones where more than 55 % of the members, and at least two, are stale at once."""
+    return tuple(sorted(
+        z for z, n in stale.items()
+        if z and n >= ZONE_MIN_STALE and n > ZONE_DISRUPTED_FRACTION * max(sizes.get(z, 0), n)))
+
+
+def _zone_counts(view: HealView, stale_members: set[str]) -> tuple[dict[str, int], dict[str, int]]:
+    sizes: dict[str, int] = {}
+    for z in view.zones.values():
+        if z:
+            sizes[z] = sizes.get(z, 0) + 1
+    stale: dict[str, int] = {}
+    for m in stale_members:
+        z = view.zones.get(m, "")
+        if z:
+            stale[z] = stale.get(z, 0) + 1
+    return stale, sizes
+
+
+def _freeze(view: HealView, policy: HealPolicy,
+            stale_members: set[str], zones: tuple[str, ...]) -> FreezeState | None:
     reasons: list[str] = []
     if view.observer_sick:
         reasons.append("observer-sick: own heartbeat writes or API calls failing")
     if view.observer_fresh:
         reasons.append("observer-fresh: has not watched a full window since its restart")
+    if len(stale_members) > view.group_size:
+        reasons.append(f"inconsistent-view: {len(stale_members)} stale members in a group "
+                       f"of {view.group_size}")
+    _, sizes = _zone_counts(view, stale_members)
+    if sum(sizes.values()) > view.group_size:
+        reasons.append(f"inconsistent-view: {sum(sizes.values())} members in zones, group of "
+                       f"{view.group_size}")
+    if zones and len(sizes) > 1 and set(zones) >= set(sizes):
+        reasons.append(f"all-zones-disrupted: {', '.join(zones)}: the observer side is sick")
     if view.paused:
         reasons.append("paused: kill switch present")
     if not view.api_healthy:
         reasons.append("api-failing")
     if view.consecutive_failures >= policy.failed_before_freeze:
         reasons.append(f"failed-replacements: {view.consecutive_failures}")
-    stale = sum(1 for s in view.verdicts.values() if s in ("dead", "suspect"))
-    size = max(view.group_size, 1)
-    if stale and stale / size > policy.freeze_fraction:
-        reasons.append(f"mass-death: {stale}/{view.group_size} dead/suspect > "
+    # A disrupted zone is one correlated fault, handled by the zone rule: the rest of
+    # the group is judged as a group of its own.
+    outside = {m for m in stale_members if view.zones.get(m, "") not in zones}
+    size = view.group_size - sum(sizes.get(z, 0) for z in zones)
+    if outside and len(outside) / max(size, 1) > policy.freeze_fraction:
+        where = f" outside {', '.join(zones)}" if zones else ""
+        reasons.append(f"mass-death: {len(outside)}/{size} dead/suspect{where} > "
                        f"{policy.freeze_fraction:g}")
     if not reasons:
         return None
+    first = next((r for r in reasons if r.startswith(OBSERVER_REASONS)), reasons[0])
     scope: Literal["group", "observer"] = (
-        "observer" if reasons[0].startswith(OBSERVER_REASONS) else "group")
-    return FreezeState(True, reasons[0], tuple(reasons), scope)
+        "observer" if first.startswith(OBSERVER_REASONS) else "group")
+    ordered = (first, *[r for r in reasons if r != first])
+    return FreezeState(True, first, ordered, scope)
 
 
 _VERDICT_REFUSALS = {
@@ -273,8 +367,13 @@ def _judge(m: str, view: HealView, policy: HealPolicy) -> tuple[list[str], list[
         no.append("leased: a replacement already owns this member")
     ec2 = view.ec2_state.get(m)
     probe = view.probe_ok.get(m)
-    if probe is True:
-        no.append("probe-ok: its health endpoint answers")
+    agree = (set(view.confirmations.get(m, frozenset())) | {view.observer_id}) - {m}
+    probes = {view.observer_id: probe}
+    probes.update({o: p for o, p in view.peer_probes.get(m, {}).items() if o != m})
+    answered = sorted(o for o, p in probes.items() if p is True)
+    failed = {o for o, p in probes.items() if p is False and o in agree}
+    if answered:
+        no.append(f"probe-ok: its health endpoint answers ({', '.join(answered)})")
     if ec2 is None:
         if not leased:  # a leased member is not asked about (its lease is the reason)
             no.append("ec2-state-unknown: an API error or insufficient data never counts as dead")
@@ -293,16 +392,22 @@ def _judge(m: str, view: HealView, policy: HealPolicy) -> tuple[list[str], list[
             silent = view.silent_for.get(m)
             if not policy.replace_silent:
                 no.append("silent-but-running: ec2 says running; policy.replace_silent is off")
+            need = min(policy.confirm_observers, len(agree))
             if probe is None:
                 no.append("probe-unknown: no direct probe result")
+            elif len(failed) < max(need, 1):
+                # One failed probe is no evidence (a security group, a route, a busy
+                # observer): every confirming observer must have failed to reach it.
+                no.append(f"probe-unconfirmed: {len(failed)}/{need} confirming observers' "
+                          "probes failed")
             if silent is None or silent < policy.silent_after_s:
                 shown = "unknown" if silent is None else f"{silent:.0f}s"
                 no.append(f"silent {shown} < silent_after_s {policy.silent_after_s:g}s")
             if probe is False and silent is not None:
-                yes.append(f"ec2 says running; silent {silent:.0f}s and its probe fails")
+                yes.append(f"ec2 says running; silent {silent:.0f}s and {len(failed)} "
+                           "observers' probes fail")
     else:
         no.append(f"ec2-state-unrecognised: {ec2!r}")
-    agree = (set(view.suspicions.get(m, frozenset())) | {view.observer_id}) - {m}
     if len(agree) < policy.confirm_observers:
         no.append(f"unconfirmed: {len(agree)}/{policy.confirm_observers} observers agree")
     else:
@@ -315,15 +420,31 @@ def decide(view: HealView, policy: HealPolicy) -> Decision:
     if policy.mode == "off":
         return Decision()
     considered = sorted(m for m, s in view.verdicts.items() if s != "alive")
-    freeze = _freeze(view, policy)
+    # Already replaced by its ASG: not counted as stale (dead or only suspected), and
+    # forgotten by an observer whose own verdict is dead.
+    replaced = {m: why for m in considered if m != view.observer_id
+                and view.verdicts[m] in STALE and (why := already_replaced(m, view))}
+    gone = {m: why for m, why in replaced.items() if view.verdicts[m] == "dead"}
+    stale_members = {m for m, s in view.verdicts.items() if s in STALE and m not in replaced}
+    stale_z, sizes = _zone_counts(view, stale_members)
+    zones = disrupted_zones(stale_z, sizes)
+    freeze = _freeze(view, policy, stale_members, zones)
     if freeze is not None:
         refusals = tuple(Refusal(m, (f"frozen: {freeze.reason}",)) for m in considered)
-        return Decision(freeze, (), refusals)
+        forget: tuple[Refusal, ...] = ()
+        if freeze.scope == "group" and not view.paused:
+            forget = tuple(Refusal(m, (w,)) for m, w in sorted(gone.items()))
+        return Decision(freeze, (), refusals, forget, zones)
     cap = policy.in_flight_cap(view.group_size)
     actions: list[Action] = []
     refused: list[Refusal] = []
     for m in considered:
+        if m in replaced:
+            continue
         no, yes = _judge(m, view, policy)
+        z = view.zones.get(m, "")
+        if z in zones:
+            no.append(f"zone-disrupted: {z}: most of its members fell silent at once")
         if not no:
             used = view.budget + len(actions)
             flying = view.in_flight + len(actions)
@@ -336,7 +457,35 @@ def decide(view: HealView, policy: HealPolicy) -> Decision:
             refused.append(Refusal(m, tuple(no)))
         else:
             actions.append(Action(m, policy.action, tuple(yes), policy.mode == "dry-run"))
-    return Decision(None, tuple(actions), tuple(refused))
+    forget = tuple(Refusal(m, (w,)) for m, w in sorted(gone.items()))
+    return Decision(None, tuple(actions), tuple(refused), forget, zones)
+
+
+def not_found_belief(first_missing: float, now: float, reads: int,
+                     persist_s: float) -> str | None:
+    """What EC2's "no such instance" is worth: ``terminated`` or None (unknown).
+
+    In 2007 EC2's own control plane described and terminated instances wrongly; an
+    eventually consistent DescribeInstances also misses instances just launched. One
+    answer is never believed (invariant 14): "not found" counts as terminated only
+    after at least two reads spread over ``persist_s`` on the observer's clock.
+    """
+    if reads >= 2 and now - first_missing >= persist_s:
+        return "terminated"
+    return None
+
+
+def lease_clearable(state: str, acted: bool, age_s: float | None, acting_ttl_s: float) -> bool:
+    """May a lease against a member that heartbeats again be removed? (invariant 13)
+
+    Only if no action happened through it: ``held``, ``refused``, or ``failed`` before
+    acting; an ``acting`` lease only once older than ``acting_ttl_s`` (its call is over).
+    """
+    if acted:
+        return False
+    if state in ("held", "refused", "failed"):
+        return True
+    return state == "acting" and age_s is not None and age_s >= acting_ttl_s
 
 
 # --------------------------------------------------------------------------- helpers

@@ -176,6 +176,17 @@ class AsgInstance:
 
 
 @dataclass(frozen=True)
+class InstanceInfo:
+    """What DescribeInstances says about one instance, as far as healing cares."""
+
+    instance_id: str
+    state: str
+    az: str = ""
+    asg: str = ""  # the aws:autoscaling:groupName tag: it was launched by that ASG
+    launch_time: float | None = None
+
+
+@dataclass(frozen=True)
 class LaunchSpec:
     """What ``launch`` sends: a launch template (+ subnet) or a clone's parameters."""
 
@@ -244,6 +255,14 @@ class CloudAPI(Protocol):
 
     def states_or_none(self, instance_ids: Iterable[str]) -> tuple[dict[str, str | None], str]:
         """``(states, error)``: on an API failure every state is None and error says why."""
+        ...
+
+    def instances(self, instance_ids: Iterable[str]) -> dict[str, InstanceInfo]:
+        """What EC2 says about each id it knows; unknown ids are left out (not "dead")."""
+        ...
+
+    def asg_grace_left(self, name: str, launch_time: float | None, now: float) -> float:
+        """Seconds of the group's HealthCheckGracePeriod left for an instance (0: none)."""
         ...
 
     def asg_instances(self, instance_ids: Iterable[str]) -> dict[str, AsgInstance]:

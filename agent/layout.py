@@ -101,6 +101,11 @@ def budget_key(group: str) -> str:
     return f"groups/{group}/budget.json"
 
 
+def inflight_key(group: str) -> str:
+    """The group's replacements in flight (compare-and-swap, like the budget)."""
+    return f"groups/{group}/inflight.json"
+
+
 def control_prefix(group: str) -> str:
     return f"groups/{group}/control/"
 

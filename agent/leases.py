@@ -5,6 +5,7 @@ Keys (all under ``<prefix>/groups/<group>/``)::
     leases/<member>                  create-only (If-None-Match: *): exactly one actor
     suspicions/<member>/<observer>   one per observer that judges the member stale
     budget.json                      replacements in the current window (If-Match CAS)
+    inflight.json                    members being replaced now, group-wide (If-Match CAS)
     control/pause, control/resumed   the kill switch, and when it was last lifted
 
 The records and the small judgements on them are pure; the store operations others
@@ -22,11 +23,18 @@ from typing import Any
 
 from agent.clock import SYSTEM_CLOCK, Clock
 from agent.errors import NotFound, PreconditionFailed, StoreError
-from agent.heal import budget_after, budget_take, failure_streak, is_failed_replacement
+from agent.heal import (
+    budget_after,
+    budget_take,
+    failure_streak,
+    is_failed_replacement,
+    lease_clearable,
+)
 from agent.interfaces import StoreAPI
 from agent.layout import (  # noqa: F401 - re-exported
     budget_key,
     control_prefix,
+    inflight_key,
     lease_key,
     leases_prefix,
     pause_key,
@@ -40,39 +48,30 @@ from agent.retry import CAS_RETRY, Retry
 log = logging.getLogger(__name__)
 
 LEASE_SCHEMA = 1
-LEASE_STATES = ("held", "acted", "done", "failed", "refused")
-OPEN_STATES = frozenset({"held", "acted"})
-
-
-# -- keys ---------------------------------------------------------------------------------------
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
+LEASE_STATES = ("held", "acting", "acted", "done", "failed", "refused")
+OPEN_STATES = frozenset({"held", "acting", "acted"})
 
 
 # -- pure: records and small judgements --------------------------------------------------------
 
 @dataclass(frozen=True)
 class Lease:
-    """One replacement lease. ``state``: held → acted → done | failed; or refused.
+    """One replacement lease (invariant 13: a life cycle, and an expiry).
 
-    ``refused``: taken, then refused before acting (budget full, paused, EC2
-    disagreed): nothing was done, so another observer may take it over by CAS.
-    ``acted_at`` is on the store's clock. ``asg_before``: the ASG's instances just
-    before an ASG action, so the holder can find the replacement the ASG launched.
-    ``etag``/``last_modified`` come from the store, not the body.
+    ``state``: held → acting → acted → done | failed; or refused; or failed before
+    any action happened (``acted_at`` None). ``held``: taken, nothing done yet;
+    ``acting``: fenced and about to call the cloud (written with If-Match right
+    before every mutating call); ``acted``: the call succeeded (``acted_at`` on the
+    store's clock); ``refused``: refused before acting (budget full, paused, EC2
+    disagreed, fence failed). Only an action that happened (``acted_at`` set) means
+    "you were replaced" (``supersedes``). A ``held`` lease older than the expiry
+    (holder died before acting), a ``refused`` one, and one that ``failed`` before
+    acting may be taken over by CAS; any lease without an action is removed when its
+    member heartbeats again. ``asg_before``: the ASG's instances just before an ASG
+    action, so the holder can find the replacement the ASG launched.
+    ``pending_terminate``: a launch happened, the old instance's terminate did not
+    yet (retried by the holder, fenced). ``etag``/``last_modified`` come from the
+    store, not the body.
     """
 
     member: str
@@ -87,6 +86,7 @@ class Lease:
     reasons: tuple[str, ...] = ()
     detail: str = ""
     nonce: str = ""
+    pending_terminate: str = ""
     etag: str = field(default="", compare=False)
     last_modified: float | None = field(default=None, compare=False)
 
@@ -95,7 +95,8 @@ class Lease:
                "action": self.action, "state": self.state, "token": self.token,
                "replacement": self.replacement, "acted_at": self.acted_at, "asg": self.asg,
                "asg_before": list(self.asg_before), "reasons": list(self.reasons),
-               "detail": self.detail, "nonce": self.nonce}
+               "detail": self.detail, "nonce": self.nonce,
+               "pending_terminate": self.pending_terminate}
         return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
 
     @classmethod
@@ -113,6 +114,7 @@ class Lease:
                 asg_before=tuple(str(x) for x in d.get("asg_before") or ()),
                 reasons=tuple(str(x) for x in d.get("reasons") or ()),
                 detail=str(d.get("detail") or ""), nonce=str(d.get("nonce") or ""),
+                pending_terminate=str(d.get("pending_terminate") or ""),
                 etag=etag, last_modified=last_modified)
         except (KeyError, TypeError, ValueError) as exc:
             raise MalformedRecord(f"lease record: {exc}") from exc
@@ -121,12 +123,56 @@ class Lease:
         return lease
 
 
-def lease_outcome(lease: Lease, now: float, deadline_s: float, heartbeated: bool) -> str:
-    """``refused`` | ``done`` | ``failed`` | ``in-flight`` on the store's clock ``now``."""
+    @property
+    def acted(self) -> bool:
+        """Did an action really happen through this lease?"""
+        return self.acted_at is not None and self.state in ("acted", "done", "failed")
+
+    @property
+    def supersedes(self) -> bool:
+        """Does this lease mean its member was replaced? Only if an action happened."""
+        return self.acted
+
+    def age(self, store_now: float) -> float | None:
+        return None if self.last_modified is None else max(0.0, store_now - self.last_modified)
+
+    def takeover_allowed(self, store_now: float, expiry_s: float) -> bool:
+        """May another observer take this lease over (by CAS)? Never once it acted."""
+        if self.acted:
+            return False
+        if self.state == "refused":
+            return True
+        age = self.age(store_now)
+        return self.state in ("held", "failed") and age is not None and age >= expiry_s
+
+    def clearable(self, store_now: float, acting_ttl_s: float) -> bool:
+        """May it be removed because its member heartbeats again?"""
+        return lease_clearable(self.state, self.acted, self.age(store_now), acting_ttl_s)
+
+
+def lease_outcome(lease: Lease, now: float, deadline_s: float, heartbeated: bool,
+                  expiry_s: float | None = None) -> str:
+    """``refused`` | ``done`` | ``failed`` | ``aborted`` | ``expired`` | ``in-flight``.
+
+    On the store's clock ``now``. ``aborted``: failed before any action (not a failed
+    replacement: it does not count towards the streak). ``expired``: ``held`` longer
+    than ``expiry_s`` (its holder is gone; nothing was done).
+    """
+    if lease.state == "failed" and not lease.acted:
+        return "aborted"
     if lease.state in ("refused", "done", "failed"):
         return lease.state
+    if lease.state == "held" or (lease.state == "acting" and lease.acted_at is None):
+        age = lease.age(now)
+        # An acting lease is given twice as long (its call may take a while); past that
+        # its holder died mid-call. It stops counting as in flight, so the group is not
+        # blocked, but it is never taken over: the call may have happened.
+        limit = None if expiry_s is None else expiry_s * (1 if lease.state == "held" else 2)
+        if limit is not None and age is not None and age >= limit:
+            return "expired"
+        return "in-flight"
     started = lease.acted_at if lease.acted_at is not None else lease.last_modified
-    if heartbeated and lease.state == "acted":
+    if heartbeated:
         return "done"
     if started is not None and is_failed_replacement(started, now, deadline_s, heartbeated):
         return "failed"
@@ -205,6 +251,89 @@ def take_budget(store: StoreAPI, group: str, *, window_s: float, max_per_window:
             retry.sleep()
 
 
+def inflight_take(record: Mapping[str, Any] | None, member: str, now: float, cap: int,
+                  open_members: Iterable[str], expiry_s: float) -> dict[str, Any] | None:
+    """The in-flight record to CAS-write to add ``member``, or None if the cap is reached.
+
+    Pure. ``{"members": {id: store_time}}``. An entry stays while its lease is open
+    (``open_members``) or it is younger than ``expiry_s`` (another observer may have
+    just taken a lease this observer's listing has not seen yet).
+    """
+    raw = (record or {}).get("members") or {}
+    if not isinstance(raw, Mapping):
+        raise MalformedRecord(f"in-flight record members must be an object, got {raw!r}")
+    opened = set(open_members)
+    keep = {str(m): float(t) for m, t in raw.items()
+            if m in opened or now - float(t) < expiry_s}
+    if member in keep:
+        return {"members": keep}
+    if len(keep) >= cap:
+        return None
+    keep[member] = now
+    return {"members": keep}
+
+
+def take_inflight(store: StoreAPI, group: str, member: str, *, cap: int,
+                  open_members: Iterable[str], expiry_s: float, store_now: float,
+                  retry: Retry = CAS_RETRY) -> tuple[bool, str]:
+    """Claim one of the group's ``cap`` in-flight slots by compare-and-swap (invariant 5)."""
+    key = inflight_key(group)
+    opened = set(open_members)
+    while True:
+        obj = store.get_or_none(key)
+        rec = None
+        now = store_now
+        if obj is not None:
+            now = obj.store_now
+            try:
+                rec = json.loads(obj.body)
+            except ValueError as exc:
+                raise MalformedRecord(f"in-flight record is not JSON: {exc}") from exc
+        new = inflight_take(rec, member, now, cap, opened, expiry_s)
+        if new is None:
+            return False, (f"in-flight: {len((rec or {}).get('members') or {})}/{cap} "
+                           "replacements in flight group-wide")
+        body = json.dumps(new, sort_keys=True).encode()
+        try:
+            if obj is None:
+                store.create(key, body, content_type="application/json")
+            else:
+                store.put(key, body, if_match=obj.etag, content_type="application/json")
+            return True, f"in-flight {len(new['members'])}/{cap}"
+        except (PreconditionFailed, NotFound) as exc:
+            retry = retry.increment(type(exc).__name__)
+            if retry.exhausted:
+                return False, (f"in-flight-contention: lost {len(retry.history)} "
+                               "compare-and-swap races")
+            retry.sleep()
+
+
+def release_inflight(store: StoreAPI, group: str, member: str,
+                     retry: Retry = CAS_RETRY) -> None:
+    """Give the slot back (best effort: an entry left behind expires)."""
+    key = inflight_key(group)
+    while not retry.exhausted:
+        obj = store.get_or_none(key)
+        if obj is None:
+            return
+        try:
+            rec = json.loads(obj.body)
+        except ValueError:
+            return
+        members = dict((rec or {}).get("members") or {})
+        if member not in members:
+            return
+        members.pop(member)
+        try:
+            store.put(key, json.dumps({"members": members}, sort_keys=True).encode(),
+                      if_match=obj.etag, content_type="application/json")
+            return
+        except (PreconditionFailed, NotFound) as exc:
+            retry = retry.increment(type(exc).__name__)
+            if not retry.exhausted:
+                retry.sleep()
+
+
 def read_lease(store: StoreAPI, group: str, member: str) -> Lease | None:
     obj = store.get_or_none(lease_key(group, member))
     if obj is None:
@@ -213,17 +342,18 @@ def read_lease(store: StoreAPI, group: str, member: str) -> Lease | None:
 
 
 def superseded(store: StoreAPI, group: str, my_id: str) -> bool:
-    """Is there a lease against me (other than a refused one)? Then I was replaced.
+    """Is there a lease against me through which an action really happened?
 
-    A store error answers False (not knowing is not being replaced); so does a
-    malformed lease.
+    Only then was I replaced (invariant 13): a ``held``, ``acting``, ``refused`` lease,
+    or one that failed before acting, exiles nobody. A store error answers False (not
+    knowing is not being replaced); so does a malformed lease.
     """
     try:
         lease = read_lease(store, group, my_id)
     except (StoreError, MalformedRecord) as exc:
         log.warning("cannot read my own lease key: %s", exc)
         return False
-    return lease is not None and lease.state != "refused"
+    return lease is not None and lease.supersedes
 
 
 def write_event(store: StoreAPI, group: str, actor: str, kind: str, member: str = "",

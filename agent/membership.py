@@ -240,6 +240,9 @@ class Verdict:
     reason: str
     store_age_s: float | None = None
     unchanged_s: float | None = None
+    # The observer's monotonic time of the newest read behind it (not part of the verdict's
+    # value: shifting the observer's clock changes no verdict).
+    evidence_mono: float | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -332,22 +335,27 @@ class LivenessState:
         """True until this observer has watched for a full ``dead_after`` (invariant 3)."""
         return self.watched_for() < dead_after_s
 
-    def verdicts(self, *, dead_after_s: float, grace_s: float) -> dict[str, Verdict]:
+    def verdicts(self, *, dead_after_s: float, grace_s: float,
+                 mono_now: float | None = None) -> dict[str, Verdict]:
         """A verdict for every member this observer tracks, by id."""
         return {
-            mid: liveness(self, mid, dead_after_s=dead_after_s, grace_s=grace_s)
+            mid: liveness(self, mid, dead_after_s=dead_after_s, grace_s=grace_s,
+                          mono_now=mono_now)
             for mid in sorted(self.members)
         }
 
 
 
 def liveness(
-    state: LivenessState, member_id: str, *, dead_after_s: float, grace_s: float
+    state: LivenessState, member_id: str, *, dead_after_s: float, grace_s: float,
+    mono_now: float | None = None,
 ) -> Verdict:
     """Judge one member from what this observer has itself seen.
 
     Order: never seen → ``unknown``; record gone or state leaving/superseded →
-    ``leaving``; fresh by both clocks → ``alive``; before first appearance +
+    ``leaving``; evidence older than ``dead_after_s`` at ``mono_now`` (the observer's
+    reads of it failed since) → ``unknown``: a verdict expires with its evidence
+    (invariant 8); fresh by both clocks → ``alive``; before first appearance +
     ``grace_s`` (store clock) → ``grace`` (not judged); stale by both → ``dead``; otherwise
     ``unknown`` while the observer has not watched a full window, else ``suspect``.
     """
@@ -360,25 +368,31 @@ def liveness(
         return Verdict(member_id, "leaving", "record deleted: leaving is not dying")
     if t.state in DEPARTING_STATES:
         return Verdict(member_id, "leaving", f"record says {t.state}")
+    if mono_now is not None and mono_now - t.observed_mono > dead_after_s:
+        old = mono_now - t.observed_mono
+        return Verdict(member_id, "unknown",
+                       f"evidence {old:.0f}s old > dead_after {dead_after_s:g}s: reads failing",
+                       evidence_mono=t.observed_mono)
     age = t.store_now - t.last_modified
     unchanged = t.observed_mono - t.etag_since_mono
     stale_store = age >= dead_after_s
     stale_mono = unchanged >= dead_after_s
     nums = f"store age {age:.0f}s, etag unchanged {unchanged:.0f}s, dead_after {dead_after_s:g}s"
     if not stale_store and not stale_mono:
-        return Verdict(member_id, "alive", nums, age, unchanged)
+        return Verdict(member_id, "alive", nums, age, unchanged, t.observed_mono)
     if t.store_now < t.first_appearance + grace_s:
         left = t.first_appearance + grace_s - t.store_now
         return Verdict(member_id, "grace", f"in grace for another {left:.0f}s (store clock)",
-                       age, unchanged)
+                       age, unchanged, t.observed_mono)
     if stale_store and stale_mono:
-        return Verdict(member_id, "dead", f"stale on both clocks: {nums}", age, unchanged)
+        return Verdict(member_id, "dead", f"stale on both clocks: {nums}", age, unchanged,
+                       t.observed_mono)
     if state.observer_fresh(dead_after_s):
         return Verdict(member_id, "unknown",
                        f"observer has watched {state.watched_for():.0f}s < dead_after: {nums}",
-                       age, unchanged)
+                       age, unchanged, t.observed_mono)
     return Verdict(member_id, "suspect", f"clocks disagree or window incomplete: {nums}",
-                   age, unchanged)
+                   age, unchanged, t.observed_mono)
 
 
 # --------------------------------------------------------------------------- watch sets

@@ -342,6 +342,7 @@ class TickReport:
     fetched: int = 0
     watched: int = 0
     errors: list[str] = field(default_factory=list)
+    store_errors: list[str] = field(default_factory=list)  # failed reads (not bad records)
 
 
 class PeerWatcher:
@@ -384,6 +385,7 @@ class PeerWatcher:
         self.need_fetch: set[str] = set()
         self.store_now: float | None = None
         self._ids_for_ring: frozenset[str] = frozenset()
+        self.last_store_errors: list[str] = []  # the last tick's failed reads (heal abstains)
 
     # -- one interval ----------------------------------------------------------------------------
     def tick(self) -> TickReport:
@@ -397,6 +399,7 @@ class PeerWatcher:
         self._watch(rep)
         # Members seen gone long ago are forgotten: memory stays bounded by the live group.
         self.liveness = self.liveness.prune_gone(self.clock.monotonic() - GONE_KEEP_S)
+        self.last_store_errors = rep.store_errors
         return rep
 
     def _check_marker(self, rep: TickReport) -> None:
@@ -404,6 +407,7 @@ class PeerWatcher:
             r = read_if_changed(self.store, marker_key(self.group), self.marker_etag)
         except StoreError as exc:
             rep.errors.append(f"marker: {exc}")
+            rep.store_errors.append(f"marker: {exc}")
             return
         rep.requests += 1
         if r.status == "changed":
@@ -437,6 +441,7 @@ class PeerWatcher:
             listing = self.store.list(members_prefix(self.group))
         except StoreError as exc:
             rep.errors.append(f"list: {exc}")
+            rep.store_errors.append(f"list: {exc}")
             return
         mono = self.clock.monotonic()
         rep.requests += listing.pages
@@ -495,6 +500,7 @@ class PeerWatcher:
             r = read_if_changed(self.store, member_key(self.group, mid), etag)
         except StoreError as exc:
             rep.errors.append(f"{mid}: {exc}")
+            rep.store_errors.append(f"{mid}: {exc}")
             return False
         rep.requests += 1
         mono = self.clock.monotonic()
@@ -547,8 +553,10 @@ class PeerWatcher:
         """Verdicts for the members this observer watches (the only ones it judges)."""
         from agent.membership import liveness
 
+        mono = self.clock.monotonic()
         return {
-            m: liveness(self.liveness, m, dead_after_s=dead_after_s, grace_s=grace_s)
+            m: liveness(self.liveness, m, dead_after_s=dead_after_s, grace_s=grace_s,
+                        mono_now=mono)
             for m in self.watching
         }
 

@@ -142,6 +142,9 @@ def format_text(r: Report, *, now: float | None = None) -> str:
         frozen = f"FROZEN ({h.get('reason')})" if h.get("frozen") else "not frozen"
         budget = h.get("budget_left")
         extra = f", budget left {budget}" if budget is not None else ""
+        zones = h.get("disrupted_zones") or []
+        if zones:  # nothing in these zones is replaced (#10, the zone rule)
+            extra += f", zone disrupted: {', '.join(map(str, zones))}"
         lines.append(f"heal: {h.get('mode', '-')}, {frozen}{extra}")
     for d in r.degraded:
         lines.append(f"degraded: {d}")

@@ -262,6 +262,9 @@ class EmbeddedCloud:
                 }
             ],
         )
+        # moto's create reads HealthCheckGracePeriod=0 as "absent" (its default is 300);
+        # its update honours 0. The heal controller checks the grace before asg-mark.
+        asg.update_auto_scaling_group(AutoScalingGroupName=group, HealthCheckGracePeriod=0)
         ids = self.asg_instance_ids(group)
         for iid in ids:
             self.add_instance(iid, ud)

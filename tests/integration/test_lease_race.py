@@ -62,6 +62,9 @@ def test_ten_observers_racing_on_one_dead_member_give_one_lease_one_action(
     run_threads(len(ctls), lambda i: ctls[i].step(suspect, ObserverHealth()))
     assert all(not c.outcomes for c in ctls)
     assert len(Store(cloud.bucket, cloud.prefix).list(f"groups/{GROUP}/suspicions/").entries) == 10
+    # A suspect record is no confirmation (#10): each observer's record now says "dead"
+    # (as its own step writes it once its verdict is dead on both clocks).
+    run_threads(len(ctls), lambda i: ctls[i]._write_suspicion(dead, "dead"))
     # Round 2: all confirmed, all decide to act at once.
     decisions = run_threads(len(ctls), lambda i: ctls[i].step(view(ids, dead), ObserverHealth()))
     # An observer slow enough to list the leases after the winner created one refuses
@@ -77,7 +80,7 @@ def test_ten_observers_racing_on_one_dead_member_give_one_lease_one_action(
     assert len(all_instances(cloud)) == n_before + 1  # one RunInstances, not ten
     store = Store(cloud.bucket, cloud.prefix)
     lease = read_lease(store, GROUP, dead)
-    winner = [c for c in ctls if c.outcomes[-1].result == "acted"][0]
+    winner = [c for c in ctls if c.outcomes and c.outcomes[-1].result == "acted"][0]
     assert lease.holder == winner.me and lease.state == "acted"
     kinds = Counter(e.kind for e in list_events(store, GROUP, 200))
     assert kinds["heal-action"] == 1 and kinds["heal-lease-lost"] == len(acting) - 1

@@ -190,10 +190,10 @@ def test_asg_mark_with_a_test_side_reconciler(cloud: EmbeddedCloud, tmp_path: An
     cloud.client("ec2").stop_instances(InstanceIds=[dead])
     cfg = config(action="asg-mark")
     a, d = confirm_then_act(cloud, ids, dead, cfg, tmp_path, replace_deadline_s=3600)
-    assert [x.kind for x in [a for a in d.actions if not a.dry_run]] == ["asg-mark"]
+    assert [x.kind for x in [a for a in d.actions if not a.dry_run]] == ["asg-mark"], a.outcomes
     health = cloud.client("autoscaling").describe_auto_scaling_instances(
         InstanceIds=[dead])["AutoScalingInstances"][0]["HealthStatus"]
-    assert health == "Unhealthy"
+    assert health == "Unhealthy", a.outcomes
     assert reconcile_asg(cloud, GROUP) == [dead]
     new = sorted(set(cloud.asg_instance_ids(GROUP)) - set(ids))
     assert len(new) == 1
@@ -346,7 +346,16 @@ def test_superseded_reads_the_lease_against_me(cloud: EmbeddedCloud) -> None:
     lease = Lease("i-me", "i-peer", "launch", "refused")
     store.create(lease_key(GROUP, "i-me"), lease.body())
     assert not superseded(store, GROUP, "i-me")  # refused: nothing was done to me
-    store.put(lease_key(GROUP, "i-me"), replace(lease, state="acted").body())
+    for state in ("held", "acting"):  # taken, maybe about to act: nothing happened yet
+        store.put(lease_key(GROUP, "i-me"), replace(lease, state=state).body())
+        assert not superseded(store, GROUP, "i-me")
+    # Failed before any action (a throttled call): not replaced either (#10 item 2).
+    store.put(lease_key(GROUP, "i-me"), replace(lease, state="failed").body())
+    assert not superseded(store, GROUP, "i-me")
+    store.put(lease_key(GROUP, "i-me"), replace(lease, state="acted", acted_at=5.0).body())
+    assert superseded(store, GROUP, "i-me")
+    # Acted, and its replacement never heartbeated: the action still happened.
+    store.put(lease_key(GROUP, "i-me"), replace(lease, state="failed", acted_at=5.0).body())
     assert superseded(store, GROUP, "i-me")
     store.put(lease_key(GROUP, "i-me"), b"not json")
     assert not superseded(store, GROUP, "i-me")

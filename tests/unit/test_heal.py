@@ -153,6 +153,7 @@ def test_inv2_pending_and_unrecognised_states_refused() -> None:
 
 def running(**over: Any) -> HealView:
     base: dict[str, Any] = dict(ec2_state={DEAD: "running"}, probe_ok={DEAD: False},
+                                peer_probes={DEAD: {"i-1": False}},
                                 silent_for={DEAD: 200.0}, asg_health={DEAD: "Healthy"})
     base.update(over)
     return view(**base)
@@ -163,7 +164,7 @@ def test_inv2_running_but_silent_needs_policy() -> None:
     assert acted(d) == [] and "replace_silent is off" in refusal(d)
     d = decide(running(), policy(replace_silent=True))
     assert acted(d) == [DEAD]
-    assert any("probe fails" in r for r in d.actions[0].reasons)
+    assert any("probes fail" in r for r in d.actions[0].reasons)
 
 
 @pytest.mark.parametrize(

@@ -304,3 +304,15 @@ def test_watchers_are_stable_across_calls_and_orders() -> None:
 def test_watchers_reject_negative_k() -> None:
     with pytest.raises(ValueError):
         watchers("a", ["a", "b"], -1)
+
+
+def test_a_verdict_expires_with_its_evidence() -> None:
+    """#10 item 8: reads that stop arriving leave ``unknown``, never a standing ``dead``."""
+    from agent.membership import LivenessState, Observation, liveness
+
+    st = LivenessState().update([Observation("i-1", "e1", 1000.0, 1000.0, 0.0)], 0.0)
+    st = st.update([Observation("i-1", "e1", 1000.0, 1040.0, 40.0)], 40.0)
+    assert liveness(st, "i-1", dead_after_s=30, grace_s=0, mono_now=40.0).status == "dead"
+    later = liveness(st, "i-1", dead_after_s=30, grace_s=0, mono_now=71.0)
+    assert later.status == "unknown" and "reads failing" in later.reason
+    assert later.evidence_mono == 40.0

@@ -67,3 +67,11 @@ def test_report_is_total_and_json_has_the_contract_keys(status: str, errors: lis
     if status == "error":
         assert r.exit_code == 1
     format_text(r)
+
+
+def test_text_names_a_disrupted_zone() -> None:
+    from agent.status import format_text, translate
+
+    r = translate({"status": "done", "heal": {"mode": "armed", "frozen": False,
+                                              "disrupted_zones": ["us-east-1c"]}})
+    assert "zone disrupted: us-east-1c" in format_text(r)

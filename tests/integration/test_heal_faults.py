@@ -1,0 +1,543 @@
+"""Issue #10: replacement stays safe under faults, at the controller level against moto.
+
+Each test is one numbered item of the issue (or the zone rule) and failed on the code
+before the fix: the name says which. The peers' picture is given as a ``PeersView``
+(as in test_replace.py) unless the item is about how that picture is built; the
+store, EC2 and Auto Scaling are moto's. Faults between the decision and the action
+are injected by wrapping one call of the real adapter (never by mocking boto3).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import boto3
+import pytest
+
+import agent.replace as replace_mod
+from agent import state as statefile
+from agent.clock import FakeClock
+from agent.cloud import Cloud
+from agent.endpoint import Endpoint
+from agent.errors import CloudError
+from agent.events import list_events
+from agent.heal import PolicyError
+from agent.leases import Lease, lease_key, pause, read_lease, resume, superseded
+from agent.membership import MemberRecord
+from agent.peers import PeerWatcher, member_key
+from agent.replace import HealController, ObserverHealth, PeersView
+from agent.sim.cloud import EmbeddedCloud
+from agent.store import Store
+from tests.conftest import CLOSED
+from tests.integration.test_replace import (
+    GROUP,
+    all_instances,
+    config,
+    ctl,
+    instance,
+    kinds,
+    store_for,
+    view,
+)
+
+
+def records(cloud: EmbeddedCloud, ids: list[str], *, state: str = "ready") -> Store:
+    store = store_for(cloud)
+    for i in ids:
+        store.put(member_key(GROUP, i), MemberRecord(i, GROUP, 1, state).dumps())
+    return store
+
+
+def has_record(store: Store, m: str) -> bool:
+    return store.head(member_key(GROUP, m)) is not None
+
+
+def dead_view(ids: list[str], dead: list[str], **kw: Any) -> PeersView:
+    return PeersView(verdicts={m: ("dead" if m in dead else "alive") for m in ids},
+                     group_size=len(ids), silent_for={m: 1000.0 for m in dead},
+                     members=frozenset(ids), **kw)
+
+
+def both_step(a: HealController, b: HealController, v: PeersView) -> Any:
+    b.step(v, ObserverHealth())
+    return a.step(v, ObserverHealth())
+
+
+# -- 1: the ASG already replaced it ----------------------------------------------------------
+
+def test_item1_asg_already_replaced_is_forgotten_no_failure_no_freeze(
+        cloud: EmbeddedCloud, tmp_path: Any) -> None:
+    ids = cloud.create_asg(GROUP, 5)
+    gone = ids[:3]  # the ASG's own health check took three hung members
+    store = records(cloud, ids)
+    asg = cloud.client("autoscaling")
+    for m in gone:  # the ASG's own health check: terminate without decrement (relaunch)
+        asg.terminate_instance_in_auto_scaling_group(InstanceId=m,
+                                                     ShouldDecrementDesiredCapacity=False)
+    assert not set(gone) & set(cloud.asg_instance_ids(GROUP))
+    cfg = config(action="asg-terminate")
+    a, b = ctl(cloud, ids[3], cfg, tmp_path), ctl(cloud, ids[4], cfg, tmp_path)
+    d = both_step(a, b, dead_view(ids, gone))
+    assert not d.frozen, d.freeze  # 3/5 "dead" were not a mass death: already replaced
+    assert not d.actions and sorted(f.member_id for f in d.forget) == sorted(gone)
+    for m in gone:
+        assert not has_record(store, m)
+        assert read_lease(store, GROUP, m) is None
+    ks = kinds(cloud)
+    assert ks.count("heal-already-replaced") == 3
+    assert "heal-action-failed" not in ks and "heal-freeze" not in ks
+
+
+# -- 2: the lease life cycle -------------------------------------------------------------------
+
+class FlakyCloud(Cloud):
+    """The real adapter; its first ``fail`` calls of one method raise a throttling error."""
+
+    def __init__(self, method: str, fail: int = 1) -> None:
+        super().__init__("us-east-1")
+        self.method, self.fail, self.calls = method, fail, 0
+        real = getattr(self, method)
+
+        def flaky(*args: Any, **kw: Any) -> Any:
+            self.calls += 1
+            if self.calls <= self.fail:
+                raise CloudError(f"{method}: Throttling: Rate exceeded")
+            return real(*args, **kw)
+
+        setattr(self, method, flaky)
+
+
+def test_item2_transient_action_failure_does_not_exile_and_is_retried_once(
+        cloud: EmbeddedCloud, tmp_path: Any) -> None:
+    ids = cloud.run_standalone(GROUP, 4)
+    dead = ids[0]
+    cloud.client("ec2").terminate_instances(InstanceIds=[dead])
+    n = len(all_instances(cloud))
+    flaky = FlakyCloud("launch")
+    cfg = config(action="launch", max_per_window=3)
+    a = ctl(cloud, ids[1], cfg, tmp_path, adapter=flaky, lease_expiry_s=0)
+    b = ctl(cloud, ids[2], cfg, tmp_path, lease_expiry_s=0)
+    both_step(a, b, view(ids, dead))
+    assert a.outcomes[-1].result == "failed"
+    assert len(all_instances(cloud)) == n
+    # Nothing happened: the member is not told it was replaced (a healthy member that
+    # restarts would otherwise step down for ever), and the failure is no failed replacement.
+    assert not superseded(store_for(cloud), GROUP, dead)
+    d = a.step(view(ids, dead), ObserverHealth())  # the failed lease expired: taken over
+    assert d.executable(), (d.refusals, d.freeze)
+    assert [x.member_id for x in d.executable()] == [dead] and a.outcomes[-1].result == "acted"
+    assert len(all_instances(cloud)) == n + 1
+    a.step(view(ids, dead), ObserverHealth())
+    assert len(all_instances(cloud)) == n + 1  # replaced once
+    assert superseded(store_for(cloud), GROUP, dead)
+
+
+def test_item2_held_lease_of_a_vanished_holder_expires(cloud: EmbeddedCloud,
+                                                        tmp_path: Any) -> None:
+    ids = cloud.run_standalone(GROUP, 4)
+    dead = ids[0]
+    cloud.client("ec2").terminate_instances(InstanceIds=[dead])
+    store = store_for(cloud)
+    store.create(lease_key(GROUP, dead), Lease(dead, "i-crashed", "launch", "held").body())
+    n = len(all_instances(cloud))
+    cfg = config(action="launch")
+    a = ctl(cloud, ids[1], cfg, tmp_path, lease_expiry_s=0)
+    b = ctl(cloud, ids[2], cfg, tmp_path, lease_expiry_s=0)
+    d = both_step(a, b, view(ids, dead))
+    assert [x.member_id for x in d.executable()] == [dead]
+    assert len(all_instances(cloud)) == n + 1
+    lease = read_lease(store, GROUP, dead)
+    assert lease.holder == a.me and lease.state == "acted"
+    assert "heal-lease-takeover" in kinds(cloud)
+
+
+def test_item2_member_that_heartbeats_again_clears_a_lease_that_did_nothing(
+        cloud: EmbeddedCloud, tmp_path: Any) -> None:
+    ids = cloud.run_standalone(GROUP, 4)
+    me = ids[0]
+    store = records(cloud, ids)
+    store.create(lease_key(GROUP, me), Lease(me, "i-peer", "launch", "held").body())
+    c = ctl(cloud, me, config(), tmp_path)
+    c.step(PeersView(verdicts={i: "alive" for i in ids[1:]}, group_size=4), ObserverHealth())
+    assert not c.superseded
+    assert read_lease(store, GROUP, me) is None
+    assert "heal-lease-cleared" in kinds(cloud)
+    # A lease through which an action happened is never cleared.
+    acted = Lease(me, "i-peer", "launch", "acted", acted_at=1.0, replacement="i-new")
+    store.create(lease_key(GROUP, me), acted.body())
+    c.step(PeersView(verdicts={i: "alive" for i in ids[1:]}, group_size=4), ObserverHealth())
+    assert c.superseded and read_lease(store, GROUP, me).acted
+
+
+# -- 3: fencing ----------------------------------------------------------------------------------
+
+def hung_asg(cloud: EmbeddedCloud, tmp_path: Any, **kw: Any) -> tuple[Any, ...]:
+    ids = cloud.create_asg(GROUP, 4)
+    hung = ids[0]
+    store = records(cloud, ids)
+    # Its record is old: rewrite it with an old LastModified is impossible; the view
+    # says silent 1000 s, and the fence reads the record's real age (fresh = recovered).
+    store.delete(member_key(GROUP, hung))
+    cfg = config(action="asg-terminate", silent_after_s=60)
+    a = ctl(cloud, ids[1], cfg, tmp_path, **kw)
+    b = ctl(cloud, ids[2], cfg, tmp_path, **kw)
+    v = view(ids, hung, silent=1000, endpoints={hung: CLOSED})
+    return ids, hung, store, a, b, v
+
+
+def test_item3_observer_stalled_between_lease_and_action_while_member_recovers(
+        cloud: EmbeddedCloud, tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    ids, hung, store, a, b, v = hung_asg(cloud, tmp_path)
+    b.step(v, ObserverHealth())
+    real = replace_mod.take_budget
+
+    def stall(*args: Any, **kw: Any) -> Any:  # the stall: the member heartbeats again
+        store.put(member_key(GROUP, hung), MemberRecord(hung, GROUP, 9, "ready").dumps())
+        return real(*args, **kw)
+
+    monkeypatch.setattr(replace_mod, "take_budget", stall)
+    d = a.step(v, ObserverHealth())
+    assert [x.member_id for x in d.executable()] == [hung]  # decided on the stale view...
+    assert instance(cloud, hung)["State"]["Name"] == "running"  # ...and did nothing
+    assert hung in cloud.asg_instance_ids(GROUP)
+    assert a.outcomes[-1].result == "refused" and "fresh-heartbeat" in a.outcomes[-1].detail
+    assert not superseded(store, GROUP, hung)
+
+
+def test_item3_lease_changed_by_another_observer_during_the_stall_aborts(
+        cloud: EmbeddedCloud, tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    ids, hung, store, a, b, v = hung_asg(cloud, tmp_path)
+    b.step(v, ObserverHealth())
+    real = replace_mod.take_budget
+
+    def stall(*args: Any, **kw: Any) -> Any:  # meanwhile another observer gave it up
+        cur = read_lease(store, GROUP, hung)
+        store.put(lease_key(GROUP, hung), replace(cur, holder=b.me, state="refused").body())
+        return real(*args, **kw)
+
+    monkeypatch.setattr(replace_mod, "take_budget", stall)
+    a.step(v, ObserverHealth())
+    assert instance(cloud, hung)["State"]["Name"] == "running"
+    assert "lost-race" in a.outcomes[-1].detail
+
+
+def test_item3_decision_older_than_the_bound_is_not_acted_on(cloud: EmbeddedCloud,
+                                                              tmp_path: Any) -> None:
+    clock = FakeClock()
+    ids, hung, store, a, b, v = hung_asg(cloud, tmp_path, decision_max_age_s=5)
+    a.clock = clock
+    real = a.store.create
+
+    def slow_create(rel: str, body: bytes, **kw: Any) -> str:  # a 30 s GC pause
+        clock.advance(30)
+        return real(rel, body, **kw)
+
+    a.store.create = slow_create  # type: ignore[method-assign]
+    b.step(v, ObserverHealth())
+    a.step(v, ObserverHealth())
+    assert instance(cloud, hung)["State"]["Name"] == "running"
+    assert "stale-decision" in a.outcomes[-1].detail
+
+
+def test_item3_and_9_pause_between_launch_and_terminate_then_terminate_is_retried(
+        cloud: EmbeddedCloud, tmp_path: Any) -> None:
+    ids = cloud.run_standalone(GROUP, 4)
+    hung = ids[0]  # running, silent, probe fails: launch, then terminate the old one
+    store = store_for(cloud)
+    n = len(all_instances(cloud))
+
+    class PausingCloud(Cloud):
+        def launch(self, *args: Any, **kw: Any) -> str:
+            new = super().launch(*args, **kw)
+            pause(store, GROUP, "ops@test", "stop everything")
+            return new
+
+    cfg = config(action="launch", silent_after_s=60)
+    a = ctl(cloud, ids[1], cfg, tmp_path, adapter=PausingCloud("us-east-1"))
+    b = ctl(cloud, ids[2], cfg, tmp_path)
+    v = view(ids, hung, endpoints={hung: CLOSED})
+    both_step(a, b, v)
+    assert len(all_instances(cloud)) == n + 1  # launched...
+    assert instance(cloud, hung)["State"]["Name"] == "running"  # ...the pause was honoured
+    lease = read_lease(store, GROUP, hung)
+    assert lease.state == "acted" and lease.pending_terminate == hung
+    a.step(v, ObserverHealth())  # still paused: still not terminated
+    assert instance(cloud, hung)["State"]["Name"] == "running"
+    resume(store, GROUP, "ops@test", "go")
+    a.step(v, ObserverHealth())
+    assert instance(cloud, hung)["State"]["Name"] == "terminated"
+    assert read_lease(store, GROUP, hung).pending_terminate == ""
+    assert "heal-terminate-retried" in kinds(cloud)
+    assert len(all_instances(cloud)) == n + 1
+
+
+def test_item9_terminate_failing_after_launch_is_retried(cloud: EmbeddedCloud,
+                                                          tmp_path: Any) -> None:
+    ids = cloud.run_standalone(GROUP, 4)
+    hung = ids[0]
+    cfg = config(action="launch", silent_after_s=60)
+    a = ctl(cloud, ids[1], cfg, tmp_path, adapter=FlakyCloud("terminate"))
+    b = ctl(cloud, ids[2], cfg, tmp_path)
+    v = view(ids, hung, endpoints={hung: CLOSED})
+    both_step(a, b, v)
+    assert instance(cloud, hung)["State"]["Name"] == "running"
+    a.step(v, ObserverHealth())
+    assert instance(cloud, hung)["State"]["Name"] == "terminated"
+
+
+# -- 4: EC2 "not found" is not death --------------------------------------------------------------
+
+def test_item4_not_found_is_unknown_until_it_persists(cloud: EmbeddedCloud,
+                                                       tmp_path: Any) -> None:
+    ids = cloud.run_standalone(GROUP, 3)
+    ghost = "i-0123456789abcdef0"  # EC2 says no such instance (once, maybe wrongly)
+    out = tmp_path / "hook.log"
+    cfg = config(action="hook", hook=f'echo "$EC2_AGENT_DEAD_ID" >> {out}',
+                 freeze_fraction=0.5)
+    members = [*ids, ghost]
+    clock = FakeClock()
+    a = ctl(cloud, ids[0], cfg, tmp_path, not_found_persist_s=10)
+    b = ctl(cloud, ids[1], cfg, tmp_path, not_found_persist_s=10)
+    a.clock = clock
+    d = both_step(a, b, view(members, ghost))
+    assert not d.executable() and not out.exists()
+    assert any("ec2-state-unknown" in r for x in d.refusals for r in x.reasons)
+    clock.advance(11)
+    d = a.step(view(members, ghost), ObserverHealth())
+    assert [x.member_id for x in d.executable()] == [ghost]
+    assert out.read_text().split() == [ghost]
+
+
+def test_item4_probe_whatever_ec2_says_an_answer_vetoes(cloud: EmbeddedCloud,
+                                                         tmp_path: Any) -> None:
+    ids = cloud.run_standalone(GROUP, 4)
+    m = ids[0]
+    cloud.client("ec2").terminate_instances(InstanceIds=[m])  # EC2 says terminated...
+    out = tmp_path / "hook.log"
+    cfg = config(action="hook", hook=f"echo x >> {out}")
+    with Endpoint("127.0.0.1", 0, metrics_fn=None) as ep:  # ...but it answers
+        v = view(ids, m, endpoints={m: ep.url})
+        a, b = ctl(cloud, ids[1], cfg, tmp_path), ctl(cloud, ids[2], cfg, tmp_path)
+        d = both_step(a, b, v)
+    assert not d.executable() and not out.exists()
+    assert any(r.startswith("probe-ok") for x in d.refusals for r in x.reasons)
+
+
+# -- 5: one failed probe is no evidence ------------------------------------------------------------
+
+def test_item5_another_observers_answering_probe_vetoes(cloud: EmbeddedCloud,
+                                                         tmp_path: Any) -> None:
+    ids = cloud.create_asg(GROUP, 4)
+    hung = ids[0]
+    cfg = config(action="asg-terminate", silent_after_s=60)
+    # a's packets are dropped by a security group; b reaches the member.
+    a = ctl(cloud, ids[1], cfg, tmp_path, probe=lambda ep: False)
+    b = ctl(cloud, ids[2], cfg, tmp_path, probe=lambda ep: True)
+    v = view(ids, hung, endpoints={hung: "http://10.0.0.9:9"})
+    b.step(v, ObserverHealth())
+    d = a.step(v, ObserverHealth())
+    assert not d.executable()
+    assert any(r.startswith("probe-ok") for x in d.refusals for r in x.reasons)
+    assert instance(cloud, hung)["State"]["Name"] == "running"
+
+
+# -- 6: the group counted from live evidence -------------------------------------------------------
+
+def test_item6_leftover_leaving_records_do_not_dilute_the_freeze_and_are_cleaned(
+        cloud: EmbeddedCloud, tmp_path: Any) -> None:
+    ids = cloud.run_standalone(GROUP, 4)
+    store = records(cloud, ids)
+    leftovers = [f"i-left{n}" for n in range(6)]  # leaves whose delete failed
+    for m in leftovers:
+        store.put(member_key(GROUP, m), MemberRecord(m, GROUP, 3, "leaving").dumps())
+    clock = FakeClock()
+    w = PeerWatcher(store, GROUP, ids[0], clock=clock, k=10)
+    w.tick()
+    pv = PeersView.from_watcher(w, dead_after_s=15, grace_s=0)
+    assert pv.group_size == 4 and set(pv.departed) == set(leftovers)
+    # Two of the four real members dead: 2/4 > 0.34 is a mass death, not 2/10.
+    v = replace(pv, verdicts={ids[1]: "dead", ids[2]: "dead", ids[3]: "alive"},
+                observer_fresh=False, silent_for={ids[1]: 999.0, ids[2]: 999.0},
+                departed={m: 999.0 for m in leftovers})
+    cloud.client("ec2").terminate_instances(InstanceIds=ids[1:3])
+    c = ctl(cloud, ids[0], config(action="launch"), tmp_path)
+    d = c.step(v, ObserverHealth())
+    assert d.frozen and d.freeze.reason.startswith("mass-death: 2/4"), d.freeze
+    for m in leftovers:
+        assert not has_record(store, m)
+    assert kinds(cloud).count("heal-clean-record") == 6
+
+
+# -- 7: the in-flight cap is group-wide ------------------------------------------------------------
+
+def test_item7_two_observers_two_deaths_cap_one_gives_one_action(
+        cloud: EmbeddedCloud, tmp_path: Any) -> None:
+    ids = cloud.run_standalone(GROUP, 10)
+    d1, d2 = ids[0], ids[1]
+    cloud.client("ec2").terminate_instances(InstanceIds=[d1, d2])
+    n = len(all_instances(cloud))
+    cfg = config(action="launch", max_per_window=5)
+    a, b = ctl(cloud, ids[2], cfg, tmp_path), ctl(cloud, ids[3], cfg, tmp_path)
+    c1, c2 = ctl(cloud, ids[4], cfg, tmp_path), ctl(cloud, ids[5], cfg, tmp_path)
+    # Each death confirmed by a second observer; a watches d1 only, b watches d2 only.
+    va, vb = dead_view(ids, [d1]), dead_view(ids, [d2])
+    c1.step(va, ObserverHealth())
+    c2.step(vb, ObserverHealth())
+    real_create = a.store.create
+    done: list[bool] = []
+
+    def create(rel: str, body: bytes, **kw: Any) -> str:  # b decides and acts meanwhile
+        if rel == lease_key(GROUP, d1) and not done:
+            done.append(True)
+            b.step(vb, ObserverHealth())
+        return real_create(rel, body, **kw)
+
+    a.store.create = create  # type: ignore[method-assign]
+    a.step(va, ObserverHealth())
+    assert len(all_instances(cloud)) == n + 1, (a.outcomes, b.outcomes)
+    assert sorted(o.result for o in [*a.outcomes, *b.outcomes]) == ["acted", "refused"]
+
+
+# -- 8: verdicts age; failing reads abstain --------------------------------------------------------
+
+def test_item8_observer_whose_peer_reads_fail_abstains(cloud: EmbeddedCloud,
+                                                        tmp_path: Any) -> None:
+    ids = cloud.run_standalone(GROUP, 4)
+    store = records(cloud, ids)
+    clock = FakeClock()
+    w = PeerWatcher(store, GROUP, ids[0], clock=clock, k=3)
+    w.tick()
+    clock.advance(20)
+    w.tick()  # a full window watched; nobody heartbeated: all stale on the own clock
+    w.store = Store(cloud.bucket, cloud.prefix, client=boto3.client(
+        "s3", region_name="us-east-1", endpoint_url=CLOSED))
+    clock.advance(5)
+    rep = w.tick()
+    assert rep.errors
+    c = HealController(store, Cloud("us-east-1"), config(action="launch"), ids[0], clock,
+                       state_path=tmp_path / "s.json", watcher=w)
+    d = c.step(observer_sick=False)
+    assert d.frozen and d.freeze.scope == "observer"
+    assert "peer reads failing" in (statefile.read(tmp_path / "s.json") or {}).get(
+        "heal", {}).get("reason", "") or d.freeze.reason.startswith("observer-sick")
+    # And the verdicts themselves expire with their evidence.
+    clock.advance(20)
+    assert {v.status for v in w.verdicts(dead_after_s=15, grace_s=0).values()} == {"unknown"}
+
+
+# -- 9: the smaller holes --------------------------------------------------------------------------
+
+def test_item9_launch_on_an_asg_member_uses_the_asg(cloud: EmbeddedCloud,
+                                                     tmp_path: Any) -> None:
+    ids = cloud.create_asg(GROUP, 4)
+    dead = ids[0]
+    cloud.client("ec2").stop_instances(InstanceIds=[dead])
+    n = len(all_instances(cloud))
+    cfg = config(action="launch")
+    a, b = ctl(cloud, ids[1], cfg, tmp_path), ctl(cloud, ids[2], cfg, tmp_path)
+    both_step(a, b, view(ids, dead))
+    assert a.outcomes[-1].result == "acted", a.outcomes
+    assert "asg-terminate instead" in a.outcomes[-1].detail
+    assert len(all_instances(cloud)) == n + 1  # the ASG's one, no clone beside it
+    assert len(cloud.asg_instance_ids(GROUP)) == 4
+
+
+def test_item9_asg_mark_inside_the_grace_period_keeps_the_record(cloud: EmbeddedCloud,
+                                                                  tmp_path: Any) -> None:
+    ids = cloud.create_asg(GROUP, 4)
+    cloud.client("autoscaling").update_auto_scaling_group(
+        AutoScalingGroupName=GROUP, HealthCheckGracePeriod=3600)
+    dead = ids[0]
+    store = records(cloud, ids)
+    cloud.client("ec2").stop_instances(InstanceIds=[dead])
+    store.delete(member_key(GROUP, dead))
+    store.put(member_key(GROUP, dead), MemberRecord(dead, GROUP, 1, "ready").dumps())
+    cfg = config(action="asg-mark")
+    a = ctl(cloud, ids[1], cfg, tmp_path)
+    b = ctl(cloud, ids[2], cfg, tmp_path)
+    # The record is fresh, so the fence would stop it anyway: look only at the grace.
+    a._fence = lambda lease, what, **kw: lease  # type: ignore[method-assign]  # noqa: SLF001
+    both_step(a, b, view(ids, dead))
+    assert "asg-grace" in a.outcomes[-1].detail
+    health = cloud.client("autoscaling").describe_auto_scaling_instances(
+        InstanceIds=[dead])["AutoScalingInstances"][0]["HealthStatus"]
+    assert health == "Healthy"
+    assert has_record(store, dead)
+    assert not superseded(store, GROUP, dead)
+
+
+def test_item9_suspect_is_not_a_confirmation(cloud: EmbeddedCloud, tmp_path: Any) -> None:
+    ids = cloud.run_standalone(GROUP, 4)
+    dead = ids[0]
+    cloud.client("ec2").terminate_instances(InstanceIds=[dead])
+    cfg = config(action="launch")
+    a, b = ctl(cloud, ids[1], cfg, tmp_path), ctl(cloud, ids[2], cfg, tmp_path)
+    b.step(PeersView(verdicts={m: ("suspect" if m == dead else "alive") for m in ids},
+                     group_size=4), ObserverHealth())
+    d = a.step(view(ids, dead), ObserverHealth())
+    assert not d.executable()
+    assert any("unconfirmed: 1/2" in r for x in d.refusals for r in x.reasons)
+
+
+def test_item9_confirm_observers_above_the_watchers_is_rejected(cloud: EmbeddedCloud) -> None:
+    with pytest.raises(PolicyError) as e:
+        ctl(cloud, "i-1", config(confirm_observers=4), watchers_k=3)
+    assert "heal.confirm_observers" in str(e.value)
+
+
+# -- the zone rule ---------------------------------------------------------------------------------
+
+def test_zone_disrupted_no_action_zone_named_rest_still_healed(cloud: EmbeddedCloud,
+                                                               tmp_path: Any) -> None:
+    ids = cloud.run_standalone(GROUP, 9)
+    zone = {i: f"us-east-1{'abc'[n % 3]}" for n, i in enumerate(ids)}  # as records say
+    by_zone: dict[str, list[str]] = {}
+    for i in ids:
+        by_zone.setdefault(zone[i], []).append(i)
+    assert len(by_zone) == 3 and all(len(v) == 3 for v in by_zone.values())
+    zones = sorted(by_zone)
+    dark = by_zone[zones[0]]  # the whole zone goes silent; instances still running
+    other = by_zone[zones[1]][0]
+    cloud.client("ec2").terminate_instances(InstanceIds=[other])  # and one real death
+    n = len(all_instances(cloud))
+    cfg = config(action="launch", max_per_window=5, freeze_fraction=0.5)
+    watchers = [m for m in ids if m not in dark and m != other]
+    a, b = ctl(cloud, watchers[0], cfg, tmp_path), ctl(cloud, watchers[1], cfg, tmp_path)
+    v = dead_view(ids, [*dark, other], zones=zone,
+                  endpoints={m: CLOSED for m in dark})
+    d = both_step(a, b, v)
+    assert d.disrupted_zones == (zones[0],)
+    assert [x.member_id for x in d.executable()] == [other]  # the rest still heals
+    assert all(instance(cloud, m)["State"]["Name"] == "running" for m in dark)
+    assert len(all_instances(cloud)) == n + 1
+    ev = [e for e in list_events(store_for(cloud), GROUP, 200)
+          if e.kind == "heal-zone-disrupted"]
+    assert ev and zones[0] in ev[0].reasons[0]
+    st = statefile.read(tmp_path / f"{a.me}.state.json")
+    assert st["heal"]["disrupted_zones"] == [zones[0]]
+
+
+def test_item9_superseded_member_writes_no_backup_over_its_replacement(
+        cloud: EmbeddedCloud, safe_env: Any) -> None:
+    from types import SimpleNamespace
+
+    from agent import backup as B
+    from agent.paths import Paths
+
+    store = store_for(cloud)
+    target = safe_env / "var" / "lib" / "app"
+    target.mkdir(parents=True)
+    (target / "f").write_text("old data")
+    spec = SimpleNamespace(name="app", path="/var/lib/app", keep=10, chunk_size=1 << 20,
+                           backup_interval_s=300)
+    cfg = SimpleNamespace(group=GROUP, data=[spec])
+    store.create(lease_key(GROUP, "i-old"),
+                 Lease("i-old", "i-peer", "launch", "acted", acted_at=1.0).body())
+    out = B.run_backups(store, cfg, Paths.from_env(), instance_id="i-old", final=True)
+    assert out[0].result is None and out[0].error.startswith("superseded")
+    assert not store.list(f"data/{GROUP}/").entries
+    # A lease through which nothing happened does not stop it.
+    out = B.run_backups(store, cfg, Paths.from_env(), instance_id="i-other", final=True)
+    assert out[0].result is not None
+    assert store.list(f"data/{GROUP}/").entries  # the prefix checked above is the right one

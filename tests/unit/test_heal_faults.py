@@ -1,0 +1,123 @@
+"""Issue #10's rules in the pure core: each case named by the item it closes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from agent.heal import (
+    HealPolicy,
+    HealView,
+    decide,
+    disrupted_zones,
+    lease_clearable,
+    not_found_belief,
+)
+
+OBS = "i-obs"
+
+
+def policy(**over: Any) -> HealPolicy:
+    base: dict[str, Any] = dict(grace_s=0, max_per_window=5, confirm_observers=2,
+                                dead_after_s=30, silent_after_s=120)
+    base.update(over)
+    return HealPolicy(**base)
+
+
+def nine(dead: list[str], **over: Any) -> HealView:
+    """Nine members in three zones a/b/c (i-a0..i-c2), the observer is i-a0."""
+    ids = [f"i-{z}{n}" for z in "abc" for n in range(3)]
+    base: dict[str, Any] = dict(
+        observer_id="i-a0", group_size=9,
+        verdicts={m: ("dead" if m in dead else "alive") for m in ids if m != "i-a0"},
+        suspicions={m: {"i-b0"} for m in dead}, confirmations={m: {"i-b0"} for m in dead},
+        ec2_state={m: "stopped" for m in dead}, silent_for={m: 500.0 for m in dead},
+        zones={m: f"us-east-1{m[2]}" for m in ids})
+    base.update(over)
+    return HealView(**base)
+
+
+def test_zone_with_most_members_silent_is_disrupted_and_not_acted_on() -> None:
+    d = decide(nine(["i-c0", "i-c1", "i-c2"]), policy())
+    assert not d.frozen and d.actions == ()
+    assert d.disrupted_zones == ("us-east-1c",)
+    assert all(any(r.startswith("zone-disrupted: us-east-1c") for r in x.reasons)
+               for x in d.refusals)
+
+
+def test_rest_of_the_group_still_heals_beside_a_disrupted_zone() -> None:
+    d = decide(nine(["i-c0", "i-c1", "i-c2", "i-b2"]), policy())
+    assert not d.frozen and [a.member_id for a in d.actions] == ["i-b2"]
+
+
+def test_one_death_in_a_zone_is_not_a_disrupted_zone() -> None:
+    assert disrupted_zones({"z": 1}, {"z": 1}) == ()
+    assert disrupted_zones({"z": 2}, {"z": 3}) == ("z",)
+    assert disrupted_zones({"z": 2}, {"z": 4}) == ()
+    d = decide(nine(["i-c0"]), policy())
+    assert [a.member_id for a in d.actions] == ["i-c0"]
+
+
+def test_all_zones_disrupted_means_the_observer_is_sick() -> None:
+    dead = ["i-a1", "i-a2", "i-b1", "i-b2", "i-c1", "i-c2"]
+    d = decide(nine(dead, zones={m: f"z{m[2]}" for m in
+                                 [f"i-{z}{n}" for z in "abc" for n in range(3)]}), policy())
+    assert d.frozen and d.freeze.scope == "observer"
+    assert d.freeze.reason.startswith("all-zones-disrupted")
+
+
+def test_inconsistent_counts_are_refused() -> None:
+    v = nine(["i-c0", "i-c1", "i-c2"], group_size=2)
+    d = decide(v, policy())
+    assert d.frozen and d.freeze.reason.startswith("inconsistent-view")
+    assert d.freeze.scope == "observer" and not d.actions
+
+
+def test_suspect_is_not_a_confirmation() -> None:
+    v = nine(["i-b2"], suspicions={"i-b2": {"i-b0"}}, confirmations={"i-b2": set()})
+    d = decide(v, policy())
+    assert not d.actions and any("unconfirmed: 1/2" in r for x in d.refusals for r in x.reasons)
+
+
+def test_asg_already_replaced_is_forgotten_not_acted_on_and_not_counted() -> None:
+    dead = ["i-a1", "i-b1", "i-c1", "i-a2"]  # 4/9 > 0.34 if they counted
+    v = nine(dead, ec2_state={m: "terminated" for m in dead}, asg_of={m: "web" for m in dead},
+             in_asg=frozenset())
+    d = decide(v, policy())
+    assert not d.frozen and not d.actions
+    assert [f.member_id for f in d.forget] == sorted(dead)
+    assert all(f.reasons[0].startswith("already-replaced") for f in d.forget)
+    # Still listed by its ASG (being replaced right now): not forgotten.
+    d = decide(nine(["i-a1"], ec2_state={"i-a1": "terminated"}, asg_of={"i-a1": "web"},
+                    in_asg=frozenset({"i-a1"})), policy())
+    assert d.forget == ()
+
+
+def test_probe_from_any_observer_vetoes_and_one_failed_probe_is_not_enough() -> None:
+    base = dict(ec2_state={"i-b2": "running"}, probe_ok={"i-b2": False},
+                asg_health={"i-b2": "Healthy"})
+    d = decide(nine(["i-b2"], **base, peer_probes={"i-b2": {"i-b0": True}}), policy())
+    assert not d.actions and any(r.startswith("probe-ok") for x in d.refusals for r in x.reasons)
+    d = decide(nine(["i-b2"], **base, peer_probes={"i-b2": {"i-b0": None}}), policy())
+    assert not d.actions
+    assert any(r.startswith("probe-unconfirmed: 1/2") for x in d.refusals for r in x.reasons)
+    d = decide(nine(["i-b2"], **base, peer_probes={"i-b2": {"i-b0": False}}), policy())
+    assert [a.member_id for a in d.actions] == ["i-b2"]
+    # Terminated per EC2 but its endpoint answers: vetoed all the same.
+    d = decide(nine(["i-b2"], probe_ok={"i-b2": True}), policy())
+    assert not d.actions
+
+
+def test_not_found_is_believed_only_when_it_persists() -> None:
+    assert not_found_belief(100.0, 100.0, 1, 30) is None
+    assert not_found_belief(100.0, 129.0, 5, 30) is None
+    assert not_found_belief(100.0, 130.0, 1, 30) is None
+    assert not_found_belief(100.0, 130.0, 2, 30) == "terminated"
+
+
+def test_only_a_lease_without_an_action_can_be_cleared() -> None:
+    for state in ("held", "refused", "failed"):
+        assert lease_clearable(state, False, 0.0, 60)
+    assert not lease_clearable("failed", True, 999.0, 60)
+    assert not lease_clearable("acted", True, 999.0, 60)
+    assert not lease_clearable("acting", False, 10.0, 60)
+    assert lease_clearable("acting", False, 60.0, 60)
