@@ -22,7 +22,7 @@ from agent.cloud import Cloud
 from agent.endpoint import Endpoint
 from agent.errors import CloudError
 from agent.events import list_events
-from agent.heal import PolicyError
+from agent.heal import Action, Decision, PolicyError
 from agent.leases import Lease, lease_key, pause, read_lease, resume, superseded
 from agent.membership import MemberRecord
 from agent.peers import PeerWatcher, member_key
@@ -40,6 +40,11 @@ from tests.integration.test_replace import (
     store_for,
     view,
 )
+
+
+def executable(d: Decision) -> list[Action]:
+    """The actions a decision really takes (not dry-run)."""
+    return [a for a in d.actions if not a.dry_run]
 
 
 def records(cloud: EmbeddedCloud, ids: list[str], *, state: str = "ready") -> Store:
@@ -125,8 +130,8 @@ def test_item2_transient_action_failure_does_not_exile_and_is_retried_once(
     # restarts would otherwise step down for ever), and the failure is no failed replacement.
     assert not superseded(store_for(cloud), GROUP, dead)
     d = a.step(view(ids, dead), ObserverHealth())  # the failed lease expired: taken over
-    assert d.executable(), (d.refusals, d.freeze)
-    assert [x.member_id for x in d.executable()] == [dead] and a.outcomes[-1].result == "acted"
+    assert executable(d), (d.refusals, d.freeze)
+    assert [x.member_id for x in executable(d)] == [dead] and a.outcomes[-1].result == "acted"
     assert len(all_instances(cloud)) == n + 1
     a.step(view(ids, dead), ObserverHealth())
     assert len(all_instances(cloud)) == n + 1  # replaced once
@@ -145,7 +150,7 @@ def test_item2_held_lease_of_a_vanished_holder_expires(cloud: EmbeddedCloud,
     a = ctl(cloud, ids[1], cfg, tmp_path, lease_expiry_s=0)
     b = ctl(cloud, ids[2], cfg, tmp_path, lease_expiry_s=0)
     d = both_step(a, b, view(ids, dead))
-    assert [x.member_id for x in d.executable()] == [dead]
+    assert [x.member_id for x in executable(d)] == [dead]
     assert len(all_instances(cloud)) == n + 1
     lease = read_lease(store, GROUP, dead)
     assert lease.holder == a.me and lease.state == "acted"
@@ -198,7 +203,7 @@ def test_item3_observer_stalled_between_lease_and_action_while_member_recovers(
 
     monkeypatch.setattr(replace_mod, "take_budget", stall)
     d = a.step(v, ObserverHealth())
-    assert [x.member_id for x in d.executable()] == [hung]  # decided on the stale view...
+    assert [x.member_id for x in executable(d)] == [hung]  # decided on the stale view...
     assert instance(cloud, hung)["State"]["Name"] == "running"  # ...and did nothing
     assert hung in cloud.asg_instance_ids(GROUP)
     assert a.outcomes[-1].result == "refused" and "fresh-heartbeat" in a.outcomes[-1].detail
@@ -301,11 +306,11 @@ def test_item4_not_found_is_unknown_until_it_persists(cloud: EmbeddedCloud,
     b = ctl(cloud, ids[1], cfg, tmp_path, not_found_persist_s=10)
     a.clock = clock
     d = both_step(a, b, view(members, ghost))
-    assert not d.executable() and not out.exists()
+    assert not executable(d) and not out.exists()
     assert any("ec2-state-unknown" in r for x in d.refusals for r in x.reasons)
     clock.advance(11)
     d = a.step(view(members, ghost), ObserverHealth())
-    assert [x.member_id for x in d.executable()] == [ghost]
+    assert [x.member_id for x in executable(d)] == [ghost]
     assert out.read_text().split() == [ghost]
 
 
@@ -320,7 +325,7 @@ def test_item4_probe_whatever_ec2_says_an_answer_vetoes(cloud: EmbeddedCloud,
         v = view(ids, m, endpoints={m: ep.url})
         a, b = ctl(cloud, ids[1], cfg, tmp_path), ctl(cloud, ids[2], cfg, tmp_path)
         d = both_step(a, b, v)
-    assert not d.executable() and not out.exists()
+    assert not executable(d) and not out.exists()
     assert any(r.startswith("probe-ok") for x in d.refusals for r in x.reasons)
 
 
@@ -337,7 +342,7 @@ def test_item5_another_observers_answering_probe_vetoes(cloud: EmbeddedCloud,
     v = view(ids, hung, endpoints={hung: "http://10.0.0.9:9"})
     b.step(v, ObserverHealth())
     d = a.step(v, ObserverHealth())
-    assert not d.executable()
+    assert not executable(d)
     assert any(r.startswith("probe-ok") for x in d.refusals for r in x.reasons)
     assert instance(cloud, hung)["State"]["Name"] == "running"
 
@@ -476,7 +481,7 @@ def test_item9_suspect_is_not_a_confirmation(cloud: EmbeddedCloud, tmp_path: Any
     b.step(PeersView(verdicts={m: ("suspect" if m == dead else "alive") for m in ids},
                      group_size=4), ObserverHealth())
     d = a.step(view(ids, dead), ObserverHealth())
-    assert not d.executable()
+    assert not executable(d)
     assert any("unconfirmed: 1/2" in r for x in d.refusals for r in x.reasons)
 
 
@@ -508,7 +513,7 @@ def test_zone_disrupted_no_action_zone_named_rest_still_healed(cloud: EmbeddedCl
                   endpoints={m: CLOSED for m in dark})
     d = both_step(a, b, v)
     assert d.disrupted_zones == (zones[0],)
-    assert [x.member_id for x in d.executable()] == [other]  # the rest still heals
+    assert [x.member_id for x in executable(d)] == [other]  # the rest still heals
     assert all(instance(cloud, m)["State"]["Name"] == "running" for m in dark)
     assert len(all_instances(cloud)) == n + 1
     ev = [e for e in list_events(store_for(cloud), GROUP, 200)

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from agent.boot import DEFAULT_DEADLINE_S, run_boot
+from agent.bootctx import BootContext, Done, Phase
 from agent.clock import FakeClock
 from agent.paths import Paths
 
@@ -18,22 +19,22 @@ CLOCK = FakeClock()
 WROTE: list[str] = []
 
 
-def _work(seconds: float, name: str) -> str:
+def _work(ctx: BootContext, seconds: float, name: str) -> Done:
     CLOCK.advance(seconds)
     WROTE.append(name)
-    return f"{name} done"
+    return Done(ctx, f"{name} done")
 
 
-def phase_slow(_ctx: object) -> str:
-    return _work(DEFAULT_DEADLINE_S - 10, "slow")  # in time, barely
+def phase_slow(ctx: BootContext) -> Done:
+    return _work(ctx, DEFAULT_DEADLINE_S - 10, "slow")  # in time, barely
 
 
-def phase_register_late(_ctx: object) -> str:
-    return _work(30, "register")  # starts in time, finishes 20 s after the deadline
+def phase_register_late(ctx: BootContext) -> Done:
+    return _work(ctx, 30, "register")  # starts in time, finishes 20 s after the deadline
 
 
-def phase_never(_ctx: object) -> str:
-    return _work(1, "never")
+def phase_never(ctx: BootContext) -> Done:
+    return _work(ctx, 1, "never")
 
 
 @pytest.fixture(autouse=True)
@@ -41,8 +42,8 @@ def _fresh() -> None:
     WROTE.clear()
 
 
-def _phases(*names: str) -> list[tuple[str, str]]:
-    return [(n, f"{__name__}:phase_{n}") for n in names]
+def _phases(*names: str) -> list[Phase]:
+    return [Phase(n, globals()[f"phase_{n}"]) for n in names]
 
 
 def test_a_phase_that_finishes_after_the_deadline_is_done_not_failed(tmp_path: Path) -> None:
