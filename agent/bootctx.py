@@ -5,10 +5,10 @@ identity -> userdata -> config -> pull -> restore -> render -> register
 A phase is a plain function ``BootContext -> Done``: it never changes the context
 it was given; it returns a new one with what it adds (``ctx.add(identity=...)``,
 ``ctx.degrade(reason)``) and a one-line detail for ``status``. The driver
-(``agent.boot.run_boot``) keeps the latest context, so what each phase depends on
+(``agent.boot.run.run_boot``) keeps the latest context, so what each phase depends on
 is in its signature and its reads, and what it adds is in its return.
 
-The daemon rebuilds the same context from ``instance.json`` (``agent.instance``).
+The daemon rebuilds the same context from ``instance.json`` (``agent.boot.instance``).
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from agent.interfaces import StoreAPI
 from agent.paths import Paths
 
 if TYPE_CHECKING:  # types only: this module must not import the adapters
-    from agent.config import Config
-    from agent.imds import Identity, ImdsClient
+    from agent.aws.imds import Identity, ImdsClient
+    from agent.config.model import Config
 
 
 def _no_progress(info: dict[str, Any]) -> None:
@@ -42,7 +42,7 @@ class BootContext:
     boot_id: str
     baked_config: dict[str, Any] | None = None
     baked_sha256: str | None = None  # of the bytes baked_config was parsed from
-    # The daemon validates new config in a child process (``agent.configcache``).
+    # The daemon validates new config in a child process (``agent.config.memo``).
     isolate_validation: bool = False
     # identity
     imds: ImdsClient | None = None
@@ -89,7 +89,7 @@ class BootContext:
         """The boot's store (the pull phase adds one), else a new one for the config."""
         if self.store is not None:
             return self.store
-        from agent.store import Store
+        from agent.aws.store import Store
 
         cfg = self.cfg
         region = cfg.store.region or (self.identity.region if self.identity else None)

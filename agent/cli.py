@@ -29,8 +29,8 @@ def _paths() -> Any:
 # -- status -------------------------------------------------------------------------------------
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from agent import state as statefile
     from agent import status
+    from agent.host import state as statefile
 
     paths = _paths()
     if args.wait:
@@ -61,7 +61,7 @@ def _print_status(report: Any, as_json: bool) -> None:
 
 def cmd_boot(args: argparse.Namespace) -> int:
     from agent import status
-    from agent.boot import run_boot
+    from agent.boot.run import run_boot
 
     st = run_boot(_paths())
     report = status.translate(st)
@@ -73,7 +73,7 @@ def cmd_boot(args: argparse.Namespace) -> int:
 # -- run ----------------------------------------------------------------------------------------
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from agent.daemon import main as daemon_main
+    from agent.daemon.loop import main as daemon_main
 
     return daemon_main(_paths())
 
@@ -81,7 +81,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 # -- config -------------------------------------------------------------------------------------
 
 def cmd_config_validate(args: argparse.Namespace) -> int:
-    from agent.config import validate_file
+    from agent.config.model import validate_file
 
     errors = validate_file(args.file, launch_index=args.launch_index)
     if errors:
@@ -95,19 +95,19 @@ def cmd_config_validate(args: argparse.Namespace) -> int:
 def cmd_config_show(args: argparse.Namespace) -> int:
     import yaml
 
-    from agent.config import redact
-    from agent.configcache import config_on_host
-    from agent.userdata import Metadata
+    from agent.config.memo import config_on_host
+    from agent.config.model import redact
+    from agent.config.userdata import Metadata
 
     if args.user_data:
-        from agent.udtemplate import EXAMPLE_INSTANCE_DATA
-        from agent.userdata import StaticMetadata
+        from agent.config.udtemplate import EXAMPLE_INSTANCE_DATA
+        from agent.config.userdata import StaticMetadata
 
         with open(args.user_data, "rb") as f:  # like `config validate`: stand-in metadata
             raw = f.read()
         metadata: Metadata = StaticMetadata(None, EXAMPLE_INSTANCE_DATA)
     else:
-        from agent.imds import ImdsClient, ImdsMetadata
+        from agent.aws.imds import ImdsClient, ImdsMetadata
 
         imds = ImdsClient()
         raw = imds.user_data()
@@ -120,8 +120,8 @@ def cmd_config_show(args: argparse.Namespace) -> int:
 # -- membership ---------------------------------------------------------------------------------
 
 def cmd_peers(args: argparse.Namespace) -> int:
-    from agent.heartbeat import member_store
-    from agent.peers import format_peers, read_group
+    from agent.group.heartbeat import member_store
+    from agent.group.peers import format_peers, read_group
 
     store, doc = member_store(_paths())
     peers, _ = read_group(store, doc["group"])
@@ -133,7 +133,7 @@ def cmd_peers(args: argparse.Namespace) -> int:
 
 
 def cmd_leave(args: argparse.Namespace) -> int:
-    from agent.heartbeat import leave_group
+    from agent.group.heartbeat import leave_group
 
     deleted = leave_group(_paths(), args.reason)
     print("left the group" if deleted else
@@ -142,8 +142,8 @@ def cmd_leave(args: argparse.Namespace) -> int:
 
 
 def cmd_events(args: argparse.Namespace) -> int:
-    from agent.events import format_events, list_events
-    from agent.heartbeat import member_store
+    from agent.group.events import format_events, list_events
+    from agent.group.heartbeat import member_store
 
     store, doc = member_store(_paths())
     events = list_events(store, doc["group"], args.limit)
@@ -165,8 +165,8 @@ def _operator(doc: dict[str, Any]) -> str:
 
 
 def cmd_pause(args: argparse.Namespace) -> int:
-    from agent.heartbeat import member_store
-    from agent.leases import pause
+    from agent.group.heartbeat import member_store
+    from agent.heal.leases import pause
 
     store, doc = member_store(_paths())
     pause(store, doc["group"], _operator(doc), args.reason)
@@ -175,8 +175,8 @@ def cmd_pause(args: argparse.Namespace) -> int:
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
-    from agent.heartbeat import member_store
-    from agent.leases import resume
+    from agent.group.heartbeat import member_store
+    from agent.heal.leases import resume
 
     store, doc = member_store(_paths())
     resume(store, doc["group"], _operator(doc), args.reason)
@@ -187,10 +187,10 @@ def cmd_resume(args: argparse.Namespace) -> int:
 # -- bundle -------------------------------------------------------------------------------------
 
 def cmd_bundle_push(args: argparse.Namespace) -> int:
-    from agent.config import load_yaml_file
+    from agent.aws.store import Store
+    from agent.bundle.publish import push
+    from agent.config.model import load_yaml_file
     from agent.errors import ConfigError
-    from agent.publish import push
-    from agent.store import Store
 
     paths = _paths()
     local = load_yaml_file(paths.config_file) if paths.config_file.exists() else {}
@@ -208,7 +208,13 @@ def cmd_bundle_push(args: argparse.Namespace) -> int:
 # -- data ---------------------------------------------------------------------------------------
 
 def cmd_backup(args: argparse.Namespace) -> int:
-    from agent.backup import TtyProgress, load_runtime, run_backups, store_for, use_lean_aws_data
+    from agent.data.backup import (
+        TtyProgress,
+        load_runtime,
+        run_backups,
+        store_for,
+        use_lean_aws_data,
+    )
 
     paths = _paths()
     use_lean_aws_data(paths)
@@ -230,8 +236,8 @@ def cmd_backup(args: argparse.Namespace) -> int:
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
-    from agent.backup import TtyProgress, load_runtime, store_for, use_lean_aws_data
-    from agent.restore import restore
+    from agent.data.backup import TtyProgress, load_runtime, store_for, use_lean_aws_data
+    from agent.data.restore import restore
 
     paths = _paths()
     use_lean_aws_data(paths)

@@ -1,6 +1,6 @@
 """What IMDS tells an instance before it goes away, and what the agent does about it. Pure.
 
-Observations in, a decision out; the IMDS reads live in ``agent.notices`` (the adapter)
+Observations in, a decision out; the IMDS reads live in ``agent.daemon.notices`` (the adapter)
 and the daemon only applies the decision. Nothing here reads a clock or the network.
 
 Signals (IMDS paths under ``latest/meta-data/``)::
@@ -166,7 +166,7 @@ class Observations:
 
 @dataclass(frozen=True)
 class Policy:
-    """The ``departure`` config section (schema: agent/schema/config.schema.json)."""
+    """The ``departure`` config section (schema: agent/config/schema/config.schema.json)."""
 
     on_rebalance: str = "report"          # report | leave
     on_maintenance: str = "leave"         # report | leave

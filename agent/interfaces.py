@@ -3,7 +3,7 @@
 Pure: this module imports no boto3, opens no socket and reads no clock, so
 decision code can name the interfaces (and the values they return) without
 loading an adapter. Two implementations stand behind each port: the AWS
-adapters (``agent.store.Store`` over S3, ``agent.cloud.Cloud`` over EC2 and Auto
+adapters (``agent.aws.store.Store`` over S3, ``agent.aws.cloud.Cloud`` over EC2 and Auto
 Scaling) and the simulator's in-memory twins; one contract suite runs against both.
 
 Store keys are relative to the deployment's prefix (``key`` adds it, ``rel``

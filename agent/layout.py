@@ -1,8 +1,8 @@
 """Every key of the store's layout, in one place (keys are relative to the deployment prefix).
 
-    config/<group>/manifest.json                 the bundle index (agent.bundle)
+    config/<group>/manifest.json                 the bundle index (agent.bundle.manifest)
     config/<group>/objects/<sha256>              bundle files, content-addressed
-    data/<group>/<name>/chunks/<sha256>          data snapshot chunks (agent.data)
+    data/<group>/<name>/chunks/<sha256>          data snapshot chunks (agent.data.plan)
     data/<group>/<name>/snapshots/<id>.json      snapshot manifests
     data/<group>/<name>/locks/backup-<id>        a running backup; gc-* a running collection
     groups/<group>/members/<id>.json             one heartbeat record per member

@@ -52,7 +52,7 @@ class Paths:
 
     @property
     def aws_data_dir(self) -> Path:
-        """Lean copies of botocore's data (``agent.awsdata``), per botocore version."""
+        """Lean copies of botocore's data (``agent.aws.botodata``), per botocore version."""
         return self.state_dir / "aws-data"
 
     def rooted(self, path: str | os.PathLike[str]) -> Path:

@@ -31,7 +31,7 @@ def run(repeat: int = 9) -> dict:
 
     floor_cmd = [sys.executable, "-c", "import boto3; boto3.client('s3')"]
     boot_cmd = [sys.executable, "-m", "agent.cli", "boot", "-q"]
-    # A first boot: no lean botocore data yet (agent/awsdata.py; the daemon builds it).
+    # A first boot: no lean botocore data yet (agent/aws/botodata.py; the daemon builds it).
     with EmbeddedCloud(lean_aws_data=False) as cloud:
         iid = cloud.run_standalone("bench", 1)[0]
         env = cloud.instances[iid].env(cloud)

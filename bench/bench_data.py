@@ -13,7 +13,7 @@ bytes, HTTP included). Each repetition starts from an empty store and fresh repo
 the tools alternate (the order rotates each repetition), and the tables give medians.
 Every restore is checked against the source (the multiset of file sizes and sha256).
 
-The agent runs ``agent.backup.Backup`` / ``agent.restore.restore`` with ``store_for``'s
+The agent runs ``agent.data.backup.Backup`` / ``agent.data.restore.restore`` with ``store_for``'s
 client and the lean botocore data the daemon builds (what ``ec2-agent backup`` / ``restore``
 use on an instance). restic uses its defaults (a local
 cache in a fresh dir per repetition, as an operator's host has), rclone and awscli theirs.
@@ -216,12 +216,12 @@ def _agent_main(op: str, path: str, repo: str) -> int:
     """The agent's side of one measurement, in its own process (``--agent``)."""
     from types import SimpleNamespace
 
-    from agent import backup as B
-    from agent import restore as R
+    from agent.data import backup as B
+    from agent.data import restore as R
 
     lean = os.environ.get("BENCH_AWS_DATA")
     if lean:  # as on an instance whose daemon built them (ec2-agent backup/restore load them)
-        from agent import aws
+        from agent.aws import session as aws
 
         aws.use_data(lean)
     cfg = SimpleNamespace(store=SimpleNamespace(bucket=BUCKET, prefix=repo, region="us-east-1"))
@@ -237,9 +237,9 @@ def _agent_main(op: str, path: str, repo: str) -> int:
 
 def run(small_files: int = 200, small_size: int = MIB, big: int = 200 * MIB,
         tiny_files: int = 10_000, reps: int = 3, only: tuple[str, ...] = TOOLS) -> dict:
+    from agent.aws.store import Store
     from agent.sim.moto import MotoServer
     from agent.sim.proxy import TcpProxy
-    from agent.store import Store
 
     started = time.monotonic()
     load0 = os.getloadavg()[0]
@@ -252,7 +252,7 @@ def run(small_files: int = 200, small_size: int = MIB, big: int = 200 * MIB,
         server.start()
         with TcpProxy.to_url(server.url, name="bench-count") as proxy:
             b = Bench(work, server, proxy, log)
-            from agent import awsdata
+            from agent.aws import botodata as awsdata
 
             b.env["BENCH_AWS_DATA"] = str(awsdata.build(work / "aws-data"))
             avail = b.available()

@@ -112,11 +112,11 @@ def run(peers: int = 10, warmup_s: float = 25.0, window_s: float = 60.0,
         f"| <= {CPU_GOAL * 100:.0f} % |\n\n"
         f"Goals {'met' if met else 'NOT met'} (MB = 10^6 bytes, the stricter reading). The "
         "daemon sits below the bare boto3 floor because it keeps only what it uses: its "
-        "session loads lean copies of botocore's data (`agent/awsdata.py`: endpoint entries "
+        "session loads lean copies of botocore's data (`agent/aws/botodata.py`: endpoint entries "
         "of the agent's services instead of ~400, only the operations the agent and its "
         "libraries can call, no documentation text, plain dicts; ~12 MiB less); config is "
         "parsed and validated by the boot or a child process, so PyYAML and jsonschema are "
-        "never imported by the daemon (`agent/configcache.py`; ~4.8 MiB); glibc keeps one "
+        "never imported by the daemon (`agent/config/memo.py`; ~4.8 MiB); glibc keeps one "
         "malloc arena.\n"
     )
     return {"rss_mb": rss_mb, "rss_after_update_mb": rss2_mb, "cpu": cpu,

@@ -37,7 +37,7 @@ GROUP = "bench"
 
 
 def _record(i: int) -> bytes:
-    from agent.membership import MemberRecord
+    from agent.group.membership import MemberRecord
 
     return MemberRecord(instance_id=f"i-{i:017x}", group=GROUP, seq=1, state="ready",
                         az=f"az-{i % 3}", private_ip=f"10.{i // 65536 % 256}.{i // 256 % 256}."
@@ -45,7 +45,7 @@ def _record(i: int) -> bytes:
 
 
 def _populate(client: Any, n_others: int) -> None:
-    from agent.peers import marker_apply, marker_key, member_key
+    from agent.group.peers import marker_apply, marker_key, member_key
 
     def put(i: int) -> None:
         client.put_object(Bucket=BUCKET, Key=f"prod/{member_key(GROUP, f'i-{i:017x}')}",
@@ -81,11 +81,11 @@ def _delta(after: tuple[dict[str, int], int], before: tuple[dict[str, int], int]
 
 
 def measure(n: int, client: Any, iterations: int = ITERATIONS) -> dict[str, Any]:
+    from agent.aws.store import Store
     from agent.clock import FakeClock
-    from agent.heartbeat import Heartbeater
-    from agent.membership import MemberRecord
-    from agent.peers import PeerWatcher
-    from agent.store import Store
+    from agent.group.heartbeat import Heartbeater
+    from agent.group.membership import MemberRecord
+    from agent.group.peers import PeerWatcher
 
     _clear(client)
     t0 = time.perf_counter()

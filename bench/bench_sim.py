@@ -2,7 +2,7 @@
 
 For N = 100, 1,000 and 10,000 members, ``agent.sim.fleetsim`` runs the calm profile
 for a fixed number of member-hours. The baseline, measured in the same run, is the
-same agents' same steps (heartbeat, watch, heal: ``agent.tasks.MemberTasks``) called
+same agents' same steps (heartbeat, watch, heal: ``agent.daemon.tasks.MemberTasks``) called
 round-robin in a plain loop on one fake clock against the bare twins: no event
 queue, no greenlets, no fault layer, no invariant checks. The ratio is what the
 simulator costs on top of the agent's own code; a profile of the N = 100 run says
@@ -41,16 +41,16 @@ def _sim(n: int, hours: float) -> tuple[float, float, Any]:
 
 def _baseline(n: int, hours: float) -> float:
     """The agents' own steps for the same span, in a bare loop (no simulator)."""
+    from agent.aws.cloud import Cloud
+    from agent.aws.store import Store
     from agent.clock import FakeClock
-    from agent.cloud import Cloud
-    from agent.heartbeat import Heartbeater
-    from agent.membership import MemberRecord
-    from agent.peers import PeerWatcher
-    from agent.replace import HealController
+    from agent.daemon.tasks import MemberTasks
+    from agent.group.heartbeat import Heartbeater
+    from agent.group.membership import MemberRecord
+    from agent.group.peers import PeerWatcher
+    from agent.heal.controller import HealController
     from agent.sim.fleetsim import BUCKET, GROUP, T0, ZONES, sim_config
     from agent.sim.twins import CloudTwin, S3Twin
-    from agent.store import Store
-    from agent.tasks import MemberTasks
 
     clock = FakeClock(now=T0, mono=100.0)
     s3 = S3Twin(clock.time)

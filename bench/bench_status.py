@@ -34,7 +34,7 @@ def run(repeat: int = 21) -> dict:
         return {"skipped": "cloud-init not installed",
                 "markdown": "skipped: `cloud-init` is not installed (apt-get install cloud-init)"}
     with tempfile.TemporaryDirectory() as root:
-        from agent import state as statefile
+        from agent.host import state as statefile
         from agent.paths import Paths
 
         statefile.write(Paths(Path(root)).state_file, {

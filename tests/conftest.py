@@ -57,12 +57,12 @@ def safe_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
 
 @pytest.fixture(autouse=True)
 def no_lean_data_leak() -> Iterator[None]:
-    """An in-process boot or daemon attaches the lean botocore data (``agent.awsdata``) to
-    this process's one boto3 session (``agent.aws``); later tests that seed moto through
-    ``agent.aws`` (``put_parameter``...) then found no such operation, depending on which
+    """An in-process boot or daemon attaches the lean botocore data (``agent.aws.botodata``) to
+    this process's one boto3 session (``agent.aws.session``); later tests that seed moto through
+    ``agent.aws.session`` (``put_parameter``...) then found no such operation, depending on which
     tests an xdist worker happened to run before them. Start the next test afresh."""
     yield
-    from agent import aws
+    from agent.aws import session as aws
 
     if aws._data_path is not None:
         with aws._lock:

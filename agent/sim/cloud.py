@@ -38,14 +38,14 @@ _AWS_DATA: list[Path] = []
 def _bake_aws_data(root: Path) -> None:
     """Give an instance root the lean botocore data a real one has after its first start.
 
-    A real daemon builds it once (``agent.awsdata.ensure``, a child process); here it
+    A real daemon builds it once (``agent.aws.botodata.ensure``, a child process); here it
     is built once per process and hard-linked into each root, so a simulated fleet
     does not pay a build per daemon. ``lean_aws_data=False`` leaves roots without it
     (the daemon then builds its own, as on a fresh image).
     """
     import atexit
 
-    from agent import awsdata
+    from agent.aws import botodata as awsdata
     from agent.paths import Paths
 
     if not _AWS_DATA:
@@ -322,8 +322,8 @@ class EmbeddedCloud:
 
     def push_bundle(self, group: str, files: dict[str, str]) -> int:
         """Publish a config bundle (path -> text) as ``ec2-agent bundle push`` would."""
-        from agent.publish import push
-        from agent.store import Store
+        from agent.aws.store import Store
+        from agent.bundle.publish import push
 
         self.workdir.mkdir(parents=True, exist_ok=True)
         src = Path(tempfile.mkdtemp(prefix="bundle-", dir=self.workdir))

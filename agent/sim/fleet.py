@@ -157,7 +157,7 @@ class Fleet:
         self._stale: set[str] = set()
         self._lease_bodies: dict[str, tuple[str, dict[str, Any]]] = {}
         self.events: list[dict[str, Any]] = []
-        from agent.store import Store
+        from agent.aws.store import Store
 
         self.store = Store(self.cloud.bucket, self.cloud.prefix, client=self.cloud.client("s3"))
 
@@ -362,7 +362,7 @@ class Fleet:
     # -- what the store says ----------------------------------------------------------------------
     def members(self) -> dict[str, float]:
         """Every member record's age on the store's clock (one LIST, no GETs: moto is busy)."""
-        from agent.peers import members_prefix
+        from agent.group.peers import members_prefix
 
         listing = self.store.list(members_prefix(self.group))
         return {e.key.rsplit("/", 1)[-1].removesuffix(".json"):
@@ -385,7 +385,7 @@ class Fleet:
 
     def leases(self) -> dict[str, dict[str, Any]]:
         """Lease bodies by member (GET only the ones whose ETag changed)."""
-        from agent.leases import leases_prefix
+        from agent.heal.leases import leases_prefix
 
         out = {}
         for e in self.store.list(leases_prefix(self.group)).entries:
@@ -438,7 +438,7 @@ class Fleet:
 
     # -- the poller: what the store shows, onto the timeline --------------------------------------
     def _poll_events(self) -> None:
-        from agent.events import events_prefix
+        from agent.group.events import events_prefix
 
         listing = self.store.list(events_prefix(self.group))
         for e in sorted(listing.entries, key=lambda e: e.key):
@@ -468,7 +468,7 @@ class Fleet:
                                               f"by {ev.get('actor', '')}: {why}"[:160]))
 
     def _poller(self) -> None:
-        from agent.leases import suspicions_prefix
+        from agent.heal.leases import suspicions_prefix
 
         dead_after = self.dead_after()
         for mid, age in self.members().items():

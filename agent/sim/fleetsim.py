@@ -1,7 +1,7 @@
 """Deterministic fleet simulation: the agent's real code, many members, virtual time, faults.
 
 What runs is what ships: every member has a real ``Heartbeater``, ``PeerWatcher``
-and ``HealController`` (``agent.tasks.MemberTasks``), talking to the real
+and ``HealController`` (``agent.daemon.tasks.MemberTasks``), talking to the real
 ``Store``/``Cloud`` adapters, whose boto3 clients are the in-memory twins of
 ``agent.sim.twins`` seen through a per-host fault layer. Nothing of the
 controller, the leases or liveness is re-implemented here.
@@ -53,8 +53,8 @@ from botocore.exceptions import ClientError, EndpointConnectionError, ReadTimeou
 from greenlet import greenlet
 
 from agent.clock import Clock
-from agent.heartbeat import Heartbeater, next_interval
-from agent.membership import MemberRecord
+from agent.group.heartbeat import Heartbeater, next_interval
+from agent.group.membership import MemberRecord
 from agent.sim.faults import PROFILES, Profile
 from agent.sim.twins import ClientProxy, CloudTwin, S3Twin, TwinInstance
 
@@ -168,7 +168,7 @@ class Result:
 
 def sim_config(members: int, interval_s: float = 10.0, dead_after_s: float = 30.0) -> Any:
     """The agent config every simulated member runs with (the product's defaults, heal armed)."""
-    from agent.config import load_layers
+    from agent.config.model import load_layers
 
     cap = max(1, math.floor(0.1 * members + 1e-9))
     return load_layers(None, {
@@ -194,8 +194,8 @@ class Simulation:
     def __init__(self, seed: int, members: int, hours: float, profile: str | Profile = "calm",
                  *, interval_s: float = 10.0, dead_after_s: float = 30.0,
                  timeline: bool = True, stop_at_violation: bool = False) -> None:
-        from agent.heal import HealPolicy
-        from agent.replace import policy_from_config
+        from agent.heal.controller import policy_from_config
+        from agent.heal.decide import HealPolicy
 
         self.seed = seed
         self.n = members
@@ -296,8 +296,8 @@ class Simulation:
 
     def start(self, h: Host) -> None:
         """Start (or restart) the agent process: a fresh memory, the real parts."""
-        from agent.replace import HealController
-        from agent.tasks import MemberTasks
+        from agent.daemon.tasks import MemberTasks
+        from agent.heal.controller import HealController
 
         inst = self.cloud.instances.get(h.iid)
         if h.proc == "dead" or inst is None or inst.state not in ("running", "pending"):
@@ -318,7 +318,7 @@ class Simulation:
                            image_id="ami-twin", agent_version="sim")
         hb = Heartbeater(store, rec, clock=clock, interval_s=self.interval,
                          rng=random.Random(self.arng.getrandbits(64)))
-        from agent.peers import PeerWatcher
+        from agent.group.peers import PeerWatcher
 
         watcher = PeerWatcher(store, GROUP, h.iid, clock=clock)
         ctl = HealController(store, cloud, self.config, h.iid, clock, policy=self.policy,
@@ -475,7 +475,7 @@ class Simulation:
         return g  # type: ignore[return-value]
 
     def store_for(self, h: Host) -> Any:
-        from agent.store import Store
+        from agent.aws.store import Store
 
         def call(op: str, kw: dict[str, Any]) -> dict[str, Any]:
             return self._s3_call(op, kw)
@@ -531,7 +531,7 @@ class Simulation:
             self.note("lease", key.rsplit("/", 1)[-1], f"{state} by {h.iid}")
 
     def cloud_for(self, h: Host) -> Any:
-        from agent.cloud import Cloud
+        from agent.aws.cloud import Cloud
 
         def ec2(op: str, kw: dict[str, Any]) -> dict[str, Any]:
             return self._cloud_call(op, kw)
@@ -872,8 +872,8 @@ class Simulation:
         return d
 
     def _f_pause_op(self) -> float:
-        from agent import leases
         from agent.clock import FakeClock
+        from agent.heal import leases
 
         d = self.rng.uniform(60.0, 600.0)
         clock = FakeClock(now=self.t)
@@ -889,7 +889,7 @@ class Simulation:
         return d
 
     def _admin(self) -> Any:
-        from agent.store import Store
+        from agent.aws.store import Store
 
         if self._admin_store is None:
             self._admin_store = Store(BUCKET, "", client=self.s3.client())
@@ -912,8 +912,8 @@ class Simulation:
         self.at(self.t + 30.0, self._track_failures)
 
     def run(self) -> Result:
-        import agent.events as events_mod
-        import agent.replace as replace_mod
+        import agent.group.events as events_mod
+        import agent.heal.controller as replace_mod
 
         det = _Determinism(random.Random(f"{self.seed}:tokens"))
         saved = (replace_mod.secrets, events_mod.secrets)

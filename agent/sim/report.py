@@ -14,7 +14,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from agent.files import atomic_write
+from agent.host.files import atomic_write
 from agent.sim.fleetsim import T0, Result
 
 MARKS = {  # timeline kind -> (css class, legend)

@@ -1,7 +1,7 @@
 """In-memory twins of S3, EC2 and Auto Scaling, behind boto3's own client interface.
 
-The twins stand in for the *boto3 clients*, not for ``agent.store.Store`` or
-``agent.cloud.Cloud``: the simulator hands ``Store(client=S3Twin.client())`` and
+The twins stand in for the *boto3 clients*, not for ``agent.aws.store.Store`` or
+``agent.aws.cloud.Cloud``: the simulator hands ``Store(client=S3Twin.client())`` and
 ``Cloud(ec2=..., autoscaling=...)`` to the real code, so the adapters' own logic
 (error mapping, the ``Date`` header, ``InvalidInstanceID.NotFound`` handling,
 pagination) runs in the simulation too. Errors are botocore's ``ClientError``

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from agent.aws.store import Store
 from agent.cli import main
 from agent.paths import Paths
 from agent.sim.cloud import EmbeddedCloud, SimInstance
-from agent.store import Store
 
 
 def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:

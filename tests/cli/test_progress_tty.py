@@ -14,8 +14,8 @@ import sys
 import time
 from pathlib import Path
 
-from agent.backup import progress_line
 from agent.cli import main
+from agent.data.backup import progress_line
 from agent.sim.cloud import EmbeddedCloud, SimInstance
 
 

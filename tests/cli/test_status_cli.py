@@ -10,7 +10,7 @@ import threading
 import time
 from pathlib import Path
 
-from agent import state as statefile
+from agent.host import state as statefile
 from agent.paths import Paths
 
 

@@ -206,8 +206,8 @@ def _rendered(f: Fleet) -> dict[str, tuple[int, int, int]]:
 def test_store_and_api_outage_changes_nothing_and_everyone_recovers(
         make_fleet: Callable[..., Fleet], fleet_cloud: FleetCloud, tmp_path: Path,
         report: Callable[..., None]) -> None:
-    from agent.publish import push
-    from agent.store import Store
+    from agent.aws.store import Store
+    from agent.bundle.publish import push
 
     src = tmp_path / "bundle"
     src.mkdir()
@@ -299,7 +299,7 @@ def test_planned_leave_is_not_death(make_fleet: Callable[..., Fleet], fleet_clou
     assert by_signal not in members
     # A daemon heartbeat in flight while `ec2-agent leave` runs in another process can
     # land after the leave's DELETE and bring the record back ("ready"); a later full
-    # LIST then sees a new life that dies: a false replacement (agent/heartbeat.py).
+    # LIST then sees a new life that dies: a false replacement (agent/group/heartbeat.py).
     assert by_command not in members, (
         f"{by_command}'s record came back after `ec2-agent leave` "
         f"({members[by_command]:.0f}s old): the daemon's in-flight heartbeat raced the leave")
@@ -382,8 +382,8 @@ def test_three_replacements_that_never_heartbeat_freeze_the_group(
     phase, and the boot does not re-target its deadline after it). With 10 s in the
     user-data, six boots at once on two busy cores failed (issue #16).
     """
-    from agent.publish import push
-    from agent.store import Store
+    from agent.aws.store import Store
+    from agent.bundle.publish import push
 
     src = tmp_path / "bundle"
     src.mkdir()

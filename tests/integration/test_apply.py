@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.apply import render_all
-from agent.config import load_layers
-from agent.imds import Identity
+from agent.aws.imds import Identity
+from agent.bundle.apply import render_all
+from agent.config.model import load_layers
 from agent.paths import Paths
 
 IDENT = Identity(instance_id="i-0abc", ami_id="ami-1", instance_type="t3.micro",
@@ -195,7 +195,7 @@ def test_stale_staged_files_are_cleaned(env: dict) -> None:
 
 def test_example_bundle_renders(env: dict) -> None:
     """templates/example-bundle: valid bundle layer, every template renders (no nginx needed)."""
-    from agent.configcache import read_bundle_config
+    from agent.config.memo import read_bundle_config
 
     example = Path(__file__).resolve().parents[2] / "templates" / "example-bundle"
     layer = read_bundle_config(example)

@@ -1,4 +1,4 @@
-"""Lean botocore data (agent.awsdata): built all-or-nothing, and clients behave the same.
+"""Lean botocore data (agent.aws.botodata): built all-or-nothing, and clients behave the same.
 
 The equivalence test resolves real AWS endpoints without sending anything: a
 ``before-call`` handler answers every call (as botocore's Stubber does), and a
@@ -20,7 +20,7 @@ import botocore.awsrequest
 import botocore.session
 import pytest
 
-from agent import awsdata
+from agent.aws import botodata as awsdata
 from agent.sim.cloud import EmbeddedCloud
 from agent.sim.fleet import fast_config
 from agent.sim.netutil import stop_process, wait_for
@@ -168,10 +168,10 @@ def test_agent_session_round_trips_s3_through_moto_on_lean_data(moto, lean: Path
     """Store and s3transfer (multipart) work on the lean data, in a fresh process."""
     code = textwrap.dedent(f"""
         import sys
-        from agent import aws
+        from agent.aws import session as aws
         assert aws.use_data({str(lean)!r})
         from s3transfer.manager import TransferConfig, TransferManager
-        from agent.store import Store
+        from agent.aws.store import Store
         c = aws.client("s3", "us-east-1")
         c.create_bucket(Bucket="lean")
         s = Store("lean", "p", client=c)

@@ -2,7 +2,7 @@
 are collected like packs once retired, and a format-2 backup on top of them works.
 
 ``write_v1`` is the previous version's backup writer kept as a small legacy writer: it
-stores exactly what main's ``agent/backup.py`` stored (``chunks/<sha256>`` per fixed-size
+stores exactly what main's ``agent/data/backup.py`` stored (``chunks/<sha256>`` per fixed-size
 chunk, an uncompressed format-1 manifest with each file's whole sha256, written last).
 """
 
@@ -17,11 +17,11 @@ from typing import Any
 
 import pytest
 
-from agent import backup as B
-from agent import data as D
-from agent import restore as R
+from agent.aws.store import Store
+from agent.data import backup as B
+from agent.data import plan as D
+from agent.data import restore as R
 from agent.errors import IntegrityError
-from agent.store import Store
 from tests.integration.test_backup_restore import describe, make_tree
 
 G, N = "web", "app"

@@ -12,16 +12,16 @@ import boto3
 import pytest
 from botocore.config import Config
 
-from agent import backup as B
-from agent import data as D
-from agent import restore as R
+from agent.aws.imds import Identity
+from agent.aws.store import Store
 from agent.bootctx import BootContext
 from agent.clock import Deadline, FakeClock
-from agent.config import load_layers
+from agent.config.model import load_layers
+from agent.data import backup as B
+from agent.data import plan as D
+from agent.data import restore as R
 from agent.errors import AgentError, IntegrityError, StoreError
-from agent.imds import Identity
 from agent.paths import Paths
-from agent.store import Store
 
 CHUNK = 64 * 1024
 G, N = "web", "app"

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from agent import state as statefile
-from agent.boot import run_boot
+from agent.boot.run import run_boot
 from agent.bootctx import BootContext, Done, Phase
+from agent.host import state as statefile
 from agent.paths import Paths
 from agent.sim.cloud import EmbeddedCloud, SimInstance
 
@@ -169,7 +169,7 @@ def test_state_is_written_while_running(instance: SimInstance, tmp_path: Path) -
         seen.extend(p["status"] for p in st["phases"])
         return Done(ctx, "spied")
 
-    import agent.boot as boot
+    import agent.boot.run as boot
 
     phases = [*boot.PHASES[:3], Phase("spy", spy)]
     st = run_boot(Paths(instance.root), phases=phases)

@@ -14,7 +14,7 @@ from email.mime.text import MIMEText
 
 import yaml
 
-from agent.boot import run_boot
+from agent.boot.run import run_boot
 from agent.paths import Paths
 from agent.sim.cloud import EmbeddedCloud, SimInstance
 
@@ -44,7 +44,7 @@ def test_mixed_type_keys_boot(cloud: EmbeddedCloud, instance: SimInstance) -> No
     st = run_boot(Paths(instance.root))
     assert st["status"] == "done", st["errors"]
     # ... and `run` starts from the same config: int keys survive instance.json.
-    from agent.instance import load_context
+    from agent.boot.instance import load_context
 
     ctx = load_context(Paths(instance.root))
     assert ctx.config.vars["ports"] == {80: "http", "admin": 8443}

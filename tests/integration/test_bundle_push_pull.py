@@ -10,11 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from agent import bundle, pull
+from agent.aws.store import NotModified, Store
 from agent.bootctx import Phase
+from agent.bundle import manifest as bundle
+from agent.bundle import pull
+from agent.bundle.publish import collect, push
 from agent.errors import IntegrityError, NotFound, PreconditionFailed
-from agent.publish import collect, push
-from agent.store import NotModified, Store
 
 GROUP = "web"
 
@@ -281,7 +282,7 @@ def test_accept_can_refuse_before_switch(store: Store, src: Path, root: Path) ->
 
 
 def _phases_to_render() -> list[Phase]:
-    from agent.boot import PHASES
+    from agent.boot.run import PHASES
 
     names = [p.name for p in PHASES]
     return list(PHASES[: names.index("render") + 1])
@@ -307,8 +308,8 @@ def _phase(st: dict, name: str) -> dict:
 
 def test_boot_pull_render_then_refresh_reloads_only_what_changed(cloud, instance,
                                                                   tmp_path: Path) -> None:
-    from agent.boot import run_boot
-    from agent.instance import load_context
+    from agent.boot.instance import load_context
+    from agent.boot.run import run_boot
     from agent.paths import Paths
 
     log = tmp_path / "reloads.log"
@@ -364,7 +365,7 @@ def _bake(paths, cfg: dict) -> None:
 def test_store_down_at_boot_uses_lkg_within_deadline(cloud, instance, tmp_path: Path) -> None:
     import time as _time
 
-    from agent.boot import run_boot
+    from agent.boot.run import run_boot
     from agent.paths import Paths
 
     log = tmp_path / "reloads.log"
@@ -398,7 +399,7 @@ def test_store_down_at_boot_uses_lkg_within_deadline(cloud, instance, tmp_path: 
 
 
 def test_store_down_without_lkg_is_an_error(cloud, instance, tmp_path: Path) -> None:
-    from agent.boot import run_boot
+    from agent.boot.run import run_boot
     from agent.paths import Paths
 
     paths = Paths(instance.root)
@@ -416,7 +417,7 @@ def test_store_down_without_lkg_is_an_error(cloud, instance, tmp_path: Path) -> 
 
 def test_bad_bundle_agent_yaml_is_an_error_naming_the_layer(cloud, instance,
                                                             tmp_path: Path) -> None:
-    from agent.boot import run_boot
+    from agent.boot.run import run_boot
     from agent.paths import Paths
 
     s = Store(cloud.bucket, cloud.prefix)
@@ -427,7 +428,7 @@ def test_bad_bundle_agent_yaml_is_an_error_naming_the_layer(cloud, instance,
     assert run_boot(paths, phases=_phases_to_render())["status"] == "done"
     # Published behind push's back (push validates agent.yaml itself).
     (src / "agent.yaml").write_text("heartbeat: {interval_s: -1}\n")
-    from agent.publish import collect
+    from agent.bundle.publish import collect
 
     files = collect(src)
     for e, data in files:

@@ -1,4 +1,4 @@
-"""agent/cloud.py against a real moto server (and botocore's Stubber where moto cannot).
+"""agent/aws/cloud.py against a real moto server (and botocore's Stubber where moto cannot).
 
 moto gaps, said plainly:
 * RunInstances ClientToken is not idempotent in moto (two calls with one token give
@@ -15,9 +15,9 @@ import boto3
 import pytest
 from botocore.stub import Stubber
 
-from agent.cloud import REPLACES_TAG, Cloud, LaunchSpec
+from agent.aws.cloud import REPLACES_TAG, Cloud, LaunchSpec
 from agent.errors import CloudError
-from agent.heal import lease_token
+from agent.heal.decide import lease_token
 from agent.sim.cloud import EmbeddedCloud
 from tests.conftest import CLOSED
 

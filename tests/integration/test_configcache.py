@@ -1,4 +1,4 @@
-"""agent.configcache: the validated-config memo and the daemon's child validation.
+"""agent.config.memo: the validated-config memo and the daemon's child validation.
 
 What must hold: the memo is used only for exactly the layers it was made from; a
 memo that is stale, garbled or forged for other layers is never trusted; the child
@@ -21,7 +21,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent import config, configcache
+from agent.config import memo as configcache
+from agent.config import model as config
 
 BAKED = {"group": "web", "store": {"bucket": "my-bucket", "prefix": "p"},
          "heartbeat": {"interval_s": 5}}
@@ -35,7 +36,8 @@ def _in_fresh_process(code: str, state_dir: Path) -> dict[str, Any]:
     prog = textwrap.dedent(f"""
         import json, sys
         from pathlib import Path
-        from agent import configcache, config
+        from agent.config import memo as configcache
+        from agent.config import model as config
         state_dir = Path({str(state_dir)!r})
         BAKED, USER, BUNDLE, BAD = json.loads({json.dumps(json.dumps(
             [BAKED, USER, BUNDLE, BAD_BUNDLE]))})
@@ -190,7 +192,7 @@ def _load_context_in_child(cloud, inst) -> dict:
     """``instance.load_context`` in a fresh interpreter, as ``ec2-agent run`` starts."""
     prog = textwrap.dedent("""
         import json, sys
-        from agent.instance import load_context
+        from agent.boot.instance import load_context
         from agent.paths import Paths
         out = {}
         try:
@@ -248,8 +250,8 @@ def test_daemon_start_parses_no_yaml_and_sees_an_edited_baked_file(cloud) -> Non
 def test_bundle_layer_is_read_with_the_capped_loader(tmp_path: Path) -> None:
     """The bundle's agent.yaml goes through the one YAML loader with its caps (it used a
     bare yaml.safe_load): an alias bomb and an oversized file are refused, naming the layer."""
-    from agent.config import MAX_CONFIG_FILE_BYTES
-    from agent.configcache import read_bundle_config
+    from agent.config.memo import read_bundle_config
+    from agent.config.model import MAX_CONFIG_FILE_BYTES
     from agent.errors import ConfigError
 
     bomb = ["a: &a [x, x, x, x, x, x, x, x, x, x]"]

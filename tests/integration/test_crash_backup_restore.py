@@ -23,9 +23,9 @@ from typing import Any
 
 import pytest
 
-from agent import backup as B
-from agent import restore as R
-from agent.store import Store
+from agent.aws.store import Store
+from agent.data import backup as B
+from agent.data import restore as R
 from tests.integration.test_backup_restore import describe as _describe
 
 G, N = "web", "app"
@@ -35,8 +35,11 @@ ROUNDS = 20
 SCRIPT = r"""
 import os, random, sys, traceback
 from pathlib import Path
-from agent import aws, backup as B, data as D, restore as R
-from agent.store import Store
+from agent.aws import session as aws
+from agent.data import backup as B
+from agent.data import plan as D
+from agent.data import restore as R
+from agent.aws.store import Store
 mode, path = sys.argv[1], Path(sys.argv[2])
 aws.client("s3")   # load botocore's models once; children only build a client
 print("ready", flush=True)

@@ -21,10 +21,10 @@ from pathlib import Path
 
 import pytest
 
-from agent import pull
-from agent.apply import Planned, apply_planned
-from agent.publish import push
-from agent.store import Store
+from agent.aws.store import Store
+from agent.bundle import pull
+from agent.bundle.apply import Planned, apply_planned
+from agent.bundle.publish import push
 
 ITERATIONS = 30
 SEED = int(os.environ.get("CRASH_SEED", "20240611"))

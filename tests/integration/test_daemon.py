@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from agent.aws.store import Store
 from agent.sim.cloud import EmbeddedCloud
 from agent.sim.fleet import fast_config
 from agent.sim.netutil import wait_for
-from agent.store import Store
 
 
 def _fast_config(cloud: EmbeddedCloud, group: str = "web", **extra) -> dict:
@@ -253,7 +253,7 @@ def test_outage_keeps_watchdog_alive_and_is_recorded(cloud: EmbeddedCloud,
 
 
 def test_sigterm_takes_the_final_backup_after_leaving(cloud: EmbeddedCloud) -> None:
-    from agent.backup import latest_snapshot, load_manifest
+    from agent.data.backup import latest_snapshot, load_manifest
 
     cfg = _fast_config(cloud, data=[{"name": "app", "path": "/var/lib/app", "required": False,
                                      "backup_interval_s": 3600}])

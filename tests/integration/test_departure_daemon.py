@@ -21,18 +21,18 @@ from typing import Any
 
 import pytest
 
+from agent.aws.imds import ImdsClient
+from agent.aws.store import Store
 from agent.clock import FakeClock
-from agent.config import load_layers
-from agent.heartbeat import Heartbeater
-from agent.imds import ImdsClient
-from agent.membership import MemberRecord
-from agent.notices import DepartureWatch
+from agent.config.model import load_layers
+from agent.daemon.notices import DepartureWatch
+from agent.group.heartbeat import Heartbeater
+from agent.group.membership import MemberRecord
 from agent.paths import Paths
 from agent.sim.cloud import EmbeddedCloud
 from agent.sim.fleet import fast_config
 from agent.sim.imds import ImdsServer, InstanceMeta, maintenance_time
 from agent.sim.netutil import wait_for
-from agent.store import Store
 
 DATA = [{"name": "app", "path": "/var/lib/app", "required": False, "backup_interval_s": 3600}]
 
@@ -110,7 +110,7 @@ def test_spot_hibernate_leaves_keeps_data_and_rejoins_on_resume(cloud: EmbeddedC
 
 
 def test_warm_pool_instance_boots_but_joins_only_in_service(cloud: EmbeddedCloud) -> None:
-    from agent.backup import latest_snapshot
+    from agent.data.backup import latest_snapshot
 
     iid = cloud.run_standalone("web", 1, _config(cloud, data=DATA))[0]
     (cloud.instances[iid].root / "var/lib/app").mkdir(parents=True)
@@ -148,7 +148,7 @@ def test_warm_pool_instance_boots_but_joins_only_in_service(cloud: EmbeddedCloud
 # -- scheduled maintenance: DepartureWatch in-process (its DaemonLike side), real store + IMDS --
 
 class _Daemon:
-    """The parts of agent.daemon.Daemon that DepartureWatch uses (notices.DaemonLike)."""
+    """The parts of agent.daemon.loop.Daemon that DepartureWatch uses (notices.DaemonLike)."""
 
     def __init__(self, paths: Paths, clock: FakeClock, hb: Heartbeater, policy: dict,
                  **extra: Any) -> None:
@@ -165,7 +165,7 @@ class _Daemon:
         self.hb.leave(reason)
 
     def _bulk_store(self) -> Any:
-        from agent.backup import store_for
+        from agent.data.backup import store_for
 
         return store_for(self.ctx.config, region="us-east-1")
 
@@ -221,7 +221,7 @@ def test_scheduled_event_leaves_before_its_time(moto: Any, tmp_path: Path, code:
 
 
 def test_ec2_agent_leave_while_suspended_is_final(moto: Any, tmp_path: Path) -> None:
-    from agent.heartbeat import leave_group, write_member_file
+    from agent.group.heartbeat import leave_group, write_member_file
 
     store = Store("fleet-depart", "prod", region="us-east-1")
     store.ensure_bucket()
@@ -257,11 +257,11 @@ def test_warm_running_instance_answers_the_hook_when_it_joins(moto: Any,
     import boto3
     from botocore.stub import Stubber
 
+    from agent.aws.cloud import Cloud
+    from agent.aws.imds import Identity
+    from agent.boot.lifecycle import ASG_TAG
     from agent.bootctx import BootContext
     from agent.clock import Deadline
-    from agent.cloud import Cloud
-    from agent.imds import Identity
-    from agent.lifecycle import ASG_TAG
 
     store = Store("fleet-depart", "prod", region="us-east-1")
     store.ensure_bucket()
@@ -306,8 +306,8 @@ def test_warm_running_instance_answers_the_hook_when_it_joins(moto: Any,
 
 def test_rebalance_leave_takes_a_final_backup(moto: Any, tmp_path: Path) -> None:
     """``departure.on_rebalance: leave``: leave early, final backup, notice in state/metrics."""
-    from agent import metrics
-    from agent.backup import latest_snapshot, load_manifest
+    from agent.data.backup import latest_snapshot, load_manifest
+    from agent.host import metrics
     from agent.status import format_text, translate
 
     store = Store("fleet-depart", "prod", region="us-east-1")

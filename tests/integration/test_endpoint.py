@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from agent.endpoint import Endpoint, advertised_url
+from agent.host.endpoint import Endpoint, advertised_url
 
 
 def get(url: str) -> tuple[int, bytes]:

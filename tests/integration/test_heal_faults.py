@@ -15,20 +15,20 @@ from typing import Any
 import boto3
 import pytest
 
-import agent.replace as replace_mod
-from agent import state as statefile
+import agent.heal.controller as replace_mod
+from agent.aws.cloud import Cloud
+from agent.aws.store import Store
 from agent.clock import FakeClock
-from agent.cloud import Cloud
-from agent.endpoint import Endpoint
 from agent.errors import CloudError
-from agent.events import list_events
-from agent.heal import Action, Decision, PolicyError
-from agent.leases import Lease, lease_key, pause, read_lease, resume, superseded
-from agent.membership import MemberRecord
-from agent.peers import PeerWatcher, member_key
-from agent.replace import HealController, ObserverHealth, PeersView
+from agent.group.events import list_events
+from agent.group.membership import MemberRecord
+from agent.group.peers import PeerWatcher, member_key
+from agent.heal.controller import HealController, ObserverHealth, PeersView
+from agent.heal.decide import Action, Decision, PolicyError
+from agent.heal.leases import Lease, lease_key, pause, read_lease, resume, superseded
+from agent.host import state as statefile
+from agent.host.endpoint import Endpoint
 from agent.sim.cloud import EmbeddedCloud
-from agent.store import Store
 from tests.conftest import CLOSED
 from tests.integration.test_replace import (
     GROUP,
@@ -527,7 +527,7 @@ def test_item9_superseded_member_writes_no_backup_over_its_replacement(
         cloud: EmbeddedCloud, safe_env: Any) -> None:
     from types import SimpleNamespace
 
-    from agent import backup as B
+    from agent.data import backup as B
     from agent.paths import Paths
 
     store = store_for(cloud)

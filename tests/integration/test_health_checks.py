@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from agent.health import CheckSpec, HealthChecker, probe
+from agent.host.health import CheckSpec, HealthChecker, probe
 from agent.sim.netutil import wait_for
 
 SLOW_S = 10.0  # how long /slow takes to answer

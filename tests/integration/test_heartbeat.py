@@ -8,17 +8,23 @@ from typing import Any
 
 import pytest
 
-from agent import state as statefile
+from agent.aws.imds import Identity
+from agent.aws.store import Store
 from agent.bootctx import BootContext
 from agent.clock import Clock, Deadline, FakeClock
-from agent.config import load_layers
+from agent.config.model import load_layers
 from agent.errors import StoreError
-from agent.heartbeat import Backoff, Heartbeater, departure_reason, next_interval, phase_register
-from agent.imds import Identity
-from agent.membership import MemberRecord
+from agent.group.heartbeat import (
+    Backoff,
+    Heartbeater,
+    departure_reason,
+    next_interval,
+    phase_register,
+)
+from agent.group.membership import MemberRecord
+from agent.group.peers import marker_key, member_key
+from agent.host import state as statefile
 from agent.paths import Paths
-from agent.peers import marker_key, member_key
-from agent.store import Store
 
 BUCKET = "fleet-test"
 

@@ -11,8 +11,8 @@ import certifi
 import pytest
 from botocore.config import Config
 
+from agent.aws.store import NotModified, Store
 from agent.sim.https import HttpsFront
-from agent.store import NotModified, Store
 
 
 @pytest.fixture

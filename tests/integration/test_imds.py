@@ -10,9 +10,9 @@ import boto3
 import pytest
 from urllib3.exceptions import ProtocolError, ReadTimeoutError
 
+from agent.aws.imds import DEFAULT_ENDPOINT, Identity, ImdsClient
 from agent.clock import Deadline, FakeClock
 from agent.errors import DeadlineExceeded, ImdsDisabled, ImdsError, ImdsUnavailable
-from agent.imds import DEFAULT_ENDPOINT, Identity, ImdsClient
 from agent.sim.imds import ImdsEmulator, ImdsServer, InstanceMeta, meta_for_instance
 from agent.sim.moto import MotoServer
 from agent.sim.netutil import free_port

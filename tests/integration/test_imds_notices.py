@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
+from agent.aws.imds import ImdsClient
 from agent.clock import FakeClock
+from agent.daemon.notices import observe
 from agent.departure import parse_maintenance_time
-from agent.imds import ImdsClient
-from agent.notices import observe
 from agent.sim.imds import TTL_HEADER, ImdsServer, InstanceMeta, maintenance_time
 
 from .test_imds_emulator import call, get, token
@@ -259,7 +259,7 @@ def test_document_without_private_ip_falls_back_to_local_ipv4(server: ImdsServer
 
 def test_boot_uses_the_document_and_degrades_on_disagreement(imds_server: ImdsServer,
                                                              root: Path) -> None:
-    from agent.boot import phase_identity, run_boot
+    from agent.boot.run import phase_identity, run_boot
     from agent.bootctx import Phase
     from agent.paths import Paths
 

@@ -185,7 +185,7 @@ def test_build_says_nothing_about_package_data(wheel: Path) -> None:
              if re.search(r"SetuptoolsDeprecationWarning|BuildBackendWarning|^WARNING ", line)]
     assert noisy == [], noisy
     names = zipfile.ZipFile(wheel).namelist()
-    assert "agent/schema/config.schema.json" in names
+    assert "agent/config/schema/config.schema.json" in names
     assert not [n for n in names if "__pycache__" in n]
 
 

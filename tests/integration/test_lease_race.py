@@ -13,13 +13,13 @@ import threading
 from collections import Counter
 from typing import Any
 
-from agent.cloud import Cloud
-from agent.events import list_events
-from agent.leases import read_lease, take_budget
-from agent.replace import HealController, ObserverHealth, PeersView
+from agent.aws.cloud import Cloud
+from agent.aws.store import Store
+from agent.group.events import list_events
+from agent.heal.controller import HealController, ObserverHealth, PeersView
+from agent.heal.leases import read_lease, take_budget
 from agent.retry import Retry
 from agent.sim.cloud import EmbeddedCloud
-from agent.store import Store
 from tests.integration.test_replace import GROUP, all_instances, config, view
 
 

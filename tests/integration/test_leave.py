@@ -7,14 +7,14 @@ from typing import Any
 
 import pytest
 
+from agent.aws.store import Store
 from agent.clock import FakeClock
-from agent.events import append_event, list_events
-from agent.heartbeat import Heartbeater
-from agent.membership import MemberRecord
-from agent.notices import check_departure
-from agent.peers import PeerWatcher, marker_key, member_key
+from agent.daemon.notices import check_departure
+from agent.group.events import append_event, list_events
+from agent.group.heartbeat import Heartbeater
+from agent.group.membership import MemberRecord
+from agent.group.peers import PeerWatcher, marker_key, member_key
 from agent.sim.imds import ImdsServer
-from agent.store import Store
 
 
 @pytest.fixture
@@ -64,7 +64,7 @@ def test_watcher_sees_leaving_not_dead(store: Store) -> None:
     w.tick()
     v = w.verdicts(dead_after_s=30, grace_s=0)
     # gone from the view; liveness remembers it as leaving, never dead
-    from agent.membership import liveness
+    from agent.group.membership import liveness
 
     assert liveness(w.liveness, "i-leaver", dead_after_s=30, grace_s=0).status == "leaving"
     assert "i-leaver" not in v
@@ -85,7 +85,7 @@ def test_events_sorted_and_limited(store: Store) -> None:
 
 
 def test_check_departure_from_imds(imds_server: ImdsServer) -> None:
-    from agent.imds import ImdsClient
+    from agent.aws.imds import ImdsClient
 
     client = ImdsClient(retries=0)
     assert check_departure(client) is None
@@ -97,7 +97,7 @@ def test_check_departure_from_imds(imds_server: ImdsServer) -> None:
 
 
 def test_check_departure_imds_down_is_not_departure() -> None:
-    from agent.imds import ImdsClient
+    from agent.aws.imds import ImdsClient
 
     # conftest points IMDS at a closed loopback port
     assert check_departure(ImdsClient(retries=0, timeout=0.5)) is None
@@ -105,7 +105,7 @@ def test_check_departure_imds_down_is_not_departure() -> None:
 
 def test_cli_peers_leave_events(store: Store, root: Any, capsys: Any) -> None:
     from agent.cli import main
-    from agent.heartbeat import member_file, write_member_file
+    from agent.group.heartbeat import member_file, write_member_file
     from agent.paths import Paths
 
     paths = Paths.from_env()

@@ -4,7 +4,7 @@ moto (5.x) does not implement CompleteLifecycleAction: its server answers HTTP 5
 with an HTML page for it. So:
 
 * the adapter call itself (``Cloud.complete_lifecycle_action``) and the success
-  path of ``agent.lifecycle.complete_lifecycle`` are tested with botocore's
+  path of ``agent.boot.lifecycle.complete_lifecycle`` are tested with botocore's
   ``Stubber``, which checks the exact request parameters (AutoScalingGroupName,
   LifecycleHookName, InstanceId, LifecycleActionResult) against the real service
   model. That is a stub, not an emulator, and is said here plainly;
@@ -23,14 +23,14 @@ import boto3
 import pytest
 from botocore.stub import Stubber
 
-from agent.boot import run_boot
+from agent.aws.cloud import Cloud
+from agent.aws.imds import Identity
+from agent.boot.lifecycle import ASG_TAG, complete_lifecycle, hook_name, plan
+from agent.boot.run import run_boot
 from agent.bootctx import BootContext
 from agent.clock import Deadline, FakeClock
-from agent.cloud import Cloud
-from agent.config import load_layers
+from agent.config.model import load_layers
 from agent.errors import CloudError
-from agent.imds import Identity
-from agent.lifecycle import ASG_TAG, complete_lifecycle, hook_name, plan
 from agent.paths import Paths
 from agent.sim.cloud import EmbeddedCloud, SimInstance, cloud_config
 

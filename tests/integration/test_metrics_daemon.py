@@ -18,11 +18,11 @@ import urllib.request
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent.membership import LIVENESS
+from agent.aws.store import Store
+from agent.group.membership import LIVENESS
 from agent.sim.cloud import EmbeddedCloud
 from agent.sim.fleet import fast_config
 from agent.sim.netutil import wait_for
-from agent.store import Store
 
 PHASES = ("identity", "userdata", "config", "pull", "restore", "render", "register")
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]

@@ -24,9 +24,9 @@ import pytest
 import yaml
 from botocore.exceptions import ClientError
 
-from agent import config as agent_config
+from agent.config import model as agent_config
+from agent.config.userdata import parse_user_data
 from agent.sim.moto import MotoServer
-from agent.userdata import parse_user_data
 
 REPO = Path(__file__).resolve().parents[2]
 PACKAGING = REPO / "packaging"

@@ -8,11 +8,11 @@ from typing import Any
 
 import pytest
 
-from agent import state as statefile
+from agent.aws.store import Store
 from agent.clock import Clock, FakeClock
-from agent.heartbeat import Heartbeater
-from agent.membership import MemberRecord, watch_set, watchers
-from agent.peers import (
+from agent.group.heartbeat import Heartbeater
+from agent.group.membership import MemberRecord, watch_set, watchers
+from agent.group.peers import (
     PeerWatcher,
     bump_marker,
     changes_since,
@@ -23,7 +23,7 @@ from agent.peers import (
     read_if_changed,
     should_rerender,
 )
-from agent.store import Store
+from agent.host import state as statefile
 
 
 class SkewedClock(Clock):

@@ -22,15 +22,15 @@ from typing import Any
 import boto3
 import pytest
 
-from agent import state as statefile
-from agent.cloud import REPLACES_TAG, Cloud
-from agent.config import BootConfig, HealConfig, HeartbeatConfig
-from agent.endpoint import Endpoint
-from agent.events import list_events
-from agent.leases import Lease, lease_key, pause, read_lease, resume, superseded
-from agent.replace import HealController, ObserverHealth, PeersView
+from agent.aws.cloud import REPLACES_TAG, Cloud
+from agent.aws.store import Store
+from agent.config.model import BootConfig, HealConfig, HeartbeatConfig
+from agent.group.events import list_events
+from agent.heal.controller import HealController, ObserverHealth, PeersView
+from agent.heal.leases import Lease, lease_key, pause, read_lease, resume, superseded
+from agent.host import state as statefile
+from agent.host.endpoint import Endpoint
 from agent.sim.cloud import EmbeddedCloud
-from agent.store import Store
 from tests.conftest import CLOSED
 
 GROUP = "web"
@@ -384,8 +384,8 @@ def test_step_accepts_a_heartbeater_like_health(cloud: EmbeddedCloud, health: An
 def test_step_takes_the_real_peer_watcher(cloud: EmbeddedCloud, tmp_path: Any) -> None:
     """The daemon passes its ``PeerWatcher``: a fresh observer abstains (invariant 3)."""
     from agent.clock import FakeClock
-    from agent.membership import MemberRecord
-    from agent.peers import PeerWatcher, member_key
+    from agent.group.membership import MemberRecord
+    from agent.group.peers import PeerWatcher, member_key
 
     ids = cloud.run_standalone(GROUP, 3)
     store = store_for(cloud)

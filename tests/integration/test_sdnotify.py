@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from agent import systemd
+from agent.host import systemd
 
 
 @pytest.fixture

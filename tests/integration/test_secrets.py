@@ -8,15 +8,15 @@ from pathlib import Path
 import boto3
 import pytest
 
-from agent.apply import render_all
-from agent.boot import run_boot
-from agent.config import load_layers
+from agent.aws.imds import Identity
+from agent.aws.secrets import SecretResolver, parse_ref
+from agent.aws.store import Store
+from agent.boot.run import run_boot
+from agent.bundle.apply import render_all
+from agent.bundle.publish import push
+from agent.config.model import load_layers
 from agent.errors import RenderError
-from agent.imds import Identity
 from agent.paths import Paths
-from agent.publish import push
-from agent.secrets import SecretResolver, parse_ref
-from agent.store import Store
 
 VALUE = "pa55-w0rd-VALUE"
 API = "api-k3y-VALUE"

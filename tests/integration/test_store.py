@@ -6,8 +6,8 @@ import threading
 
 import pytest
 
+from agent.aws.store import NotModified, Obj, Store
 from agent.errors import NotFound, PreconditionFailed, StoreError
-from agent.store import NotModified, Obj, Store
 
 
 @pytest.fixture

@@ -1,7 +1,7 @@
 """One contract, two backends: moto_server and the simulator's in-memory twins.
 
-Every case runs through the real adapters (``agent.store.Store``,
-``agent.peers.read_if_changed``, ``agent.cloud.Cloud``) against moto's boto3
+Every case runs through the real adapters (``agent.aws.store.Store``,
+``agent.group.peers.read_if_changed``, ``agent.aws.cloud.Cloud``) against moto's boto3
 clients and against ``agent.sim.twins``. A twin that drifts from moto fails here.
 Where the twin is deliberately closer to AWS than moto (ClientToken idempotency,
 ``shutting-down`` before ``terminated``, an ASG that replaces later, not at once)
@@ -18,11 +18,11 @@ from typing import Any
 import boto3
 import pytest
 
-from agent.cloud import REPLACES_TAG, Cloud, LaunchSpec
+from agent.aws.cloud import REPLACES_TAG, Cloud, LaunchSpec
+from agent.aws.store import NotModified, Obj, Store
 from agent.errors import CloudError, NotFound, PreconditionFailed
-from agent.peers import read_if_changed
+from agent.group.peers import read_if_changed
 from agent.sim.twins import CloudTwin, S3Twin
-from agent.store import NotModified, Obj, Store
 
 BUCKET = "contract"
 _IMAGE: dict[str, str] = {}  # moto's catalogue is slow to list and never changes

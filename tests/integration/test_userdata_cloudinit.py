@@ -25,8 +25,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from agent.config.userdata import parse_user_data
 from agent.errors import UserDataError
-from agent.userdata import parse_user_data
 
 CLOUD_INIT = shutil.which("cloud-init")
 pytestmark = pytest.mark.skipif(

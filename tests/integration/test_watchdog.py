@@ -15,12 +15,12 @@ from pathlib import Path
 
 import pytest
 
-from agent.daemon import Daemon
+from agent.daemon.loop import Daemon
+from agent.daemon.watchdog import heartbeat_bound
 from agent.paths import Paths
 from agent.sim.cloud import EmbeddedCloud
 from agent.sim.fleet import fast_config
 from agent.sim.netutil import wait_for
-from agent.watchdog import heartbeat_bound
 
 PERIOD_S = 2.0  # WATCHDOG_USEC: the daemon pings every 1 s
 INTERVAL_S = 0.5

@@ -19,8 +19,8 @@ from typing import Any
 
 import yaml
 
+from agent.config.userdata import AGENT_KEY, StaticMetadata, deep_merge, read_user_data
 from agent.errors import UserDataError
-from agent.userdata import AGENT_KEY, StaticMetadata, deep_merge, read_user_data
 from tests.referee.canon import canon
 
 SYSTEM_PYTHON = "/usr/bin/python3"

@@ -1,4 +1,4 @@
-"""The pure halves of agent.awsdata: what the lean copies keep and drop."""
+"""The pure halves of agent.aws.botodata: what the lean copies keep and drop."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent import awsdata
+from agent.aws import botodata as awsdata
 
 KEYS = st.sampled_from(["documentation", "documentationUrl", "shape", "members", "type",
                         "name", "errors", "Documentation", "doc"])
@@ -100,7 +100,7 @@ def test_a_call_outside_the_list_is_refused_and_one_inside_goes_through(
     """The explicit list is checked: the agent's clients refuse an unlisted operation."""
     from botocore.exceptions import EndpointConnectionError
 
-    from agent import aws
+    from agent.aws import session as aws
 
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.boot import DEFAULT_DEADLINE_S, run_boot
+from agent.boot.run import DEFAULT_DEADLINE_S, run_boot
 from agent.bootctx import BootContext, Done, Phase
 from agent.clock import FakeClock
 from agent.paths import Paths

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent import bundle
-from agent.bundle import FileEntry, Manifest
+from agent.bundle import manifest as bundle
+from agent.bundle.manifest import FileEntry, Manifest
 from agent.errors import IntegrityError
 
 SHA_A = "a" * 64

@@ -1,13 +1,13 @@
-"""agent.ccmerge: cloud-init's merge rules (the referee comparison is in
+"""agent.config.ccmerge: cloud-init's merge rules (the referee comparison is in
 tests/integration/test_userdata_referee.py; these pin cases found there)."""
 
 from __future__ import annotations
 
 import pytest
 
-from agent import ccmerge
+from agent.config import ccmerge
+from agent.config.userdata import read_user_data
 from agent.errors import UserDataError
-from agent.userdata import read_user_data
 
 
 def _merge(old: dict, new: dict, header: str | None = None) -> object:

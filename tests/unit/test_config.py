@@ -13,7 +13,7 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.config import (
+from agent.config.model import (
     LAYER_BAKED,
     LAYER_BUNDLE,
     LAYER_MERGED,
@@ -613,8 +613,8 @@ SAME_BYTES = {
 @pytest.mark.parametrize("name", sorted(SAME_BYTES))
 def test_validate_and_boot_agree_on_the_same_bytes(tmp_path: Path, name: str) -> None:
     """Regression: these bytes were valid for one and an error (or nothing) for the other."""
-    from agent.udtemplate import EXAMPLE_INSTANCE_DATA
-    from agent.userdata import StaticMetadata, read_user_data
+    from agent.config.udtemplate import EXAMPLE_INSTANCE_DATA
+    from agent.config.userdata import StaticMetadata, read_user_data
 
     raw = SAME_BYTES[name]
     p = tmp_path / "user-data"
@@ -794,7 +794,7 @@ def test_property_redact_keeps_shape_and_is_idempotent(doc: dict) -> None:
 
 
 def test_data_required_flag_defaults_true_and_can_be_turned_off() -> None:
-    from agent.config import load_layers
+    from agent.config.model import load_layers
 
     base = {"group": "web", "store": {"bucket": "fleet-bucket"}}
     cfg = load_layers(base, {"data": [{"name": "app", "path": "/var/lib/app"}]})
@@ -806,7 +806,7 @@ def test_data_required_flag_defaults_true_and_can_be_turned_off() -> None:
 @pytest.mark.parametrize(("level", "number"), [("debug", 10), ("info", 20), ("warning", 30),
                                                ("error", 40)])
 def test_log_level_has_a_logging_number(level: str, number: int) -> None:
-    from agent.config import load_layers
+    from agent.config.model import load_layers
 
     cfg = load_layers(None, {"group": "web", "store": {"bucket": "fleet-bucket"},
                              "log": {"level": level}})
@@ -819,7 +819,7 @@ def test_the_schema_is_where_defaults_live() -> None:
     import dataclasses
     import json
 
-    from agent import config as C
+    from agent.config import model as C
 
     schema = json.loads(C._SCHEMA_PATH.read_text())["properties"]
     sections = {"store": C.StoreConfig, "boot": C.BootConfig, "bundle": C.BundleConfig,

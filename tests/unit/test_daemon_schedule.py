@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from agent.clock import FakeClock
-from agent.daemon import Daemon, Task
+from agent.daemon.loop import Daemon, Task
 from agent.paths import Paths
 
 INTERVAL = 10.0

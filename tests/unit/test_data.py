@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent import data as D
+from agent.data import plan as D
 from agent.errors import IntegrityError
 
 SHA = "a" * 64

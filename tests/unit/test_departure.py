@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from agent import departure as D
-from agent.notices import initial_membership
+from agent.daemon.notices import initial_membership
 from agent.status import notice_lines, translate
 
 NOW = float(calendar.timegm((2026, 12, 1, 12, 0, 0, 0, 0, 0)))  # 1 Dec 2026 12:00:00 GMT
@@ -162,7 +162,7 @@ def test_maintenance_time_format() -> None:
 # -- policy, membership, status ---------------------------------------------------------------
 
 def test_policy_is_the_config_section() -> None:
-    from agent.config import load_layers
+    from agent.config.model import load_layers
 
     cfg = load_layers({"group": "g", "store": {"bucket": "my-fleet"}},
                       {"departure": {"on_rebalance": "leave",
@@ -173,7 +173,7 @@ def test_policy_is_the_config_section() -> None:
 
 
 def test_policy_rejects_bad_values() -> None:
-    from agent.config import ConfigInvalid, load_layers
+    from agent.config.model import ConfigInvalid, load_layers
 
     with pytest.raises(ConfigInvalid, match="departure.on_rebalance"):
         load_layers({"group": "g", "store": {"bucket": "my-fleet"}},
@@ -219,7 +219,7 @@ def test_status_shows_notices_and_why_held() -> None:
 
 
 def test_metrics_notice_gauge() -> None:
-    from agent.metrics import Metrics
+    from agent.host.metrics import Metrics
 
     m = Metrics()
     text = m.render().decode()
@@ -241,7 +241,7 @@ def test_decision_is_a_value() -> None:
 def test_departing_lives_on_the_member_steps_when_the_daemon_has_them() -> None:
     from types import SimpleNamespace
 
-    from agent.notices import _set_departing
+    from agent.daemon.notices import _set_departing
 
     plain = SimpleNamespace(departing=None)
     _set_departing(plain, "spot")

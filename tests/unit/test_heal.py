@@ -1,4 +1,4 @@
-"""Table tests for agent.heal: one group of tests per invariant of DESIGN.md."""
+"""Table tests for agent.heal.decide: one group of tests per invariant of DESIGN.md."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from typing import Any
 import pytest
 
 from agent.errors import ConfigError
-from agent.heal import (
+from agent.group.membership import Verdict
+from agent.heal.decide import (
     Decision,
     HealPolicy,
     HealView,
@@ -21,7 +22,6 @@ from agent.heal import (
     is_failed_replacement,
     lease_token,
 )
-from agent.membership import Verdict
 
 OBS = "i-obs"
 DEAD = "i-dead"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from agent.heal import (
+from agent.heal.decide import (
     HealPolicy,
     HealView,
     decide,

@@ -19,7 +19,8 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.heal import (
+from agent.group.membership import LIVENESS, LivenessState, Observation, Verdict
+from agent.heal.decide import (
     ACTION_KINDS,
     MODES,
     Decision,
@@ -31,7 +32,6 @@ from agent.heal import (
     failure_streak,
     is_failed_replacement,
 )
-from agent.membership import LIVENESS, LivenessState, Observation, Verdict
 
 EC2 = ("pending", "running", "shutting-down", "stopping", "stopped", "terminated", None)
 OBSERVER = "i-00"

@@ -7,7 +7,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from agent.errors import ConfigError
-from agent.health import CheckResult, CheckSpec, HealthChecker, Probe, next_result, summarize, worst
+from agent.host.health import (
+    CheckResult,
+    CheckSpec,
+    HealthChecker,
+    Probe,
+    next_result,
+    summarize,
+    worst,
+)
 
 OK, WARN, FAIL = Probe("ok"), Probe("warn", "exit 1"), Probe("fail", "refused")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from agent.imds import RETRY_STATUSES, Identity, _make_retry, _normalize
+from agent.aws.imds import RETRY_STATUSES, Identity, _make_retry, _normalize
 from agent.sim.imds import InstanceMeta
 
 

@@ -1,4 +1,4 @@
-"""agent.jsontag: whatever YAML loads survives the JSON files the boot hands to ``run``."""
+"""agent.config.jsontag: whatever YAML loads survives the JSON files the boot hands to ``run``."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent import jsontag
+from agent.config import jsontag
 
 _scalar = (st.none() | st.booleans() | st.integers() | st.text(max_size=8)
            | st.floats(allow_nan=False) | st.binary(max_size=8) | st.dates()

@@ -88,14 +88,14 @@ def test_no_module_imports_itself_back() -> None:
 # Dotted names only (``import agent.x``), so the package move rewrites them with the tree.
 @pytest.mark.parametrize(("module", "line", "contract"), [
     # a pure module that opens a socket, or reaches one through an adapter
-    ("agent.heal", "import socket", "Pure modules import no AWS SDK"),
-    ("agent.membership", "import agent.store", "Pure modules import no AWS SDK"),
+    ("agent.heal.decide", "import socket", "Pure modules import no AWS SDK"),
+    ("agent.group.membership", "import agent.aws.store", "Pure modules import no AWS SDK"),
     # boto3 outside the AWS adapters
-    ("agent.replace", "import boto3", "Only the AWS adapter modules import boto3"),
+    ("agent.heal.controller", "import boto3", "Only the AWS adapter modules import boto3"),
     # an adapter that reaches into the shell
-    ("agent.peers", "import agent.daemon", "Nothing imports the shell"),
+    ("agent.group.peers", "import agent.daemon.loop", "Nothing imports the shell"),
     # a cycle between two modules (heartbeat already imports peers)
-    ("agent.peers", "import agent.heartbeat", "No import cycles"),
+    ("agent.group.peers", "import agent.group.heartbeat", "No import cycles"),
 ])
 def test_a_deliberate_violation_fails_the_lint(tree: Path, module: str, line: str,
                                                contract: str) -> None:

@@ -1,4 +1,4 @@
-"""Member records, two-clock liveness, and rendezvous watch sets (agent.membership)."""
+"""Member records, two-clock liveness, and rendezvous watch sets (agent.group.membership)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.errors import AgentError
-from agent.membership import (
+from agent.group.membership import (
     LivenessState,
     MalformedRecord,
     MemberRecord,
@@ -308,7 +308,7 @@ def test_watchers_reject_negative_k() -> None:
 
 def test_a_verdict_expires_with_its_evidence() -> None:
     """#10 item 8: reads that stop arriving leave ``unknown``, never a standing ``dead``."""
-    from agent.membership import LivenessState, Observation, liveness
+    from agent.group.membership import LivenessState, Observation, liveness
 
     st = LivenessState().update([Observation("i-1", "e1", 1000.0, 1000.0, 0.0)], 0.0)
     st = st.update([Observation("i-1", "e1", 1000.0, 1040.0, 40.0)], 40.0)

@@ -1,4 +1,4 @@
-"""agent.metrics: names, labels, exposition, the textfile write, and lazy import."""
+"""agent.host.metrics: names, labels, exposition, the textfile write, and lazy import."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent import metrics
-from agent.metrics import Metrics
+from agent.host import metrics
+from agent.host.metrics import Metrics
 
 
 def _samples(data: bytes) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -82,7 +82,7 @@ def test_module_level_helpers_share_one_registry() -> None:
 
 
 def test_importing_metrics_does_not_import_prometheus_client() -> None:
-    code = "import sys, agent.metrics; print('prometheus_client' in sys.modules)"
+    code = "import sys, agent.host.metrics; print('prometheus_client' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 

@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent import chunking
-from agent import packs as P
+from agent.data import chunking
+from agent.data import packs as P
 
 
 def sha(b: bytes) -> str:

@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from agent.bundle.render import build_context, peers_from_state, render
 from agent.errors import RenderError
-from agent.render import build_context, peers_from_state, render
 
 INSTANCE = {"id": "i-0abc", "ami": "ami-1", "type": "t3.micro", "region": "eu-west-1",
             "az": "eu-west-1a", "ip": "10.0.0.5", "tags": {"Name": "web-1"}}

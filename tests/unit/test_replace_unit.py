@@ -1,4 +1,5 @@
-"""The pure bits of agent/replace.py: lease records, outcomes, streaks, suspicions, dedupe."""
+"""The pure bits of agent/heal/controller.py: lease records, outcomes, streaks, suspicions,
+dedupe."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.leases import (
+from agent.group.membership import MalformedRecord
+from agent.heal.controller import dedupe_key, ec2_still_agrees
+from agent.heal.leases import (
     Lease,
     count_suspicions,
     lease_outcome,
@@ -16,8 +19,6 @@ from agent.leases import (
     streak,
     suspicion_key,
 )
-from agent.membership import MalformedRecord
-from agent.replace import dedupe_key, ec2_still_agrees
 
 
 @dataclass(frozen=True)

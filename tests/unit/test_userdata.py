@@ -16,8 +16,7 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.errors import UserDataError
-from agent.userdata import (
+from agent.config.userdata import (
     MAX_DECOMPRESSED_BYTES,
     MAX_INPUT_BYTES,
     MAX_RAW_BYTES,
@@ -27,6 +26,7 @@ from agent.userdata import (
     parse_user_data,
     read_user_data,
 )
+from agent.errors import UserDataError
 
 
 def _gz(data: bytes, level: int = 9) -> bytes:

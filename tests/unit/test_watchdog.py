@@ -1,8 +1,8 @@
-"""agent.watchdog: when the daemon may ping systemd. Pure: times are given, not measured."""
+"""agent.daemon.watchdog: when the daemon may ping systemd. Pure: times are given, not measured."""
 
 from __future__ import annotations
 
-from agent.watchdog import (
+from agent.daemon.watchdog import (
     MAIN_LOOP_BOUND_S,
     LoopState,
     LoopView,

@@ -1,0 +1,2 @@
+"""The config bundle: manifests (pure), pull and publish, render (pure) and apply.
+"""

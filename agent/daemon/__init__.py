@@ -1,0 +1,2 @@
+"""``ec2-agent run``: the daemon's loop.
+"""

@@ -1,0 +1,2 @@
+"""Data snapshots: the pure plan, chunked content-addressed backup, verified restore.
+"""

@@ -1,0 +1,465 @@
+"""Data snapshots, the restore half: rebuild a snapshot beside the target and swap it in.
+
+Build the snapshot in a hidden staging dir beside the target (same filesystem): fetch
+each needed blob once with ranged GETs of its pack, many requests in parallel, verify its
+sha256 and length, write it where it belongs from the fetching thread; check that every
+file received exactly its size in verified bytes; make it all durable (one ``syncfs``, or
+an fsync per file where there is none), then swap it in with one
+``renameat2(RENAME_EXCHANGE)`` (two renames where that is not available). A restore
+killed at any moment leaves the target as it was; the next restore removes the leftover
+staging dir. Local content that is replaced is moved aside, never deleted (an empty dir
+is simply removed). Also the boot phase ``restore``: whether to restore is decided by
+``agent.data.plan.decide_restore``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from agent.bootctx import BootContext, Done
+from agent.clock import SYSTEM_CLOCK, Clock, Deadline
+from agent.data import packs as P
+from agent.data import plan as D
+from agent.data.backup import (
+    DEFAULT_CONCURRENCY,
+    ProgressFn,
+    _human,
+    latest_snapshot,
+    load_manifest,
+)
+from agent.errors import AgentError, IntegrityError, NotFound
+from agent.host.files import fsync_dir
+from agent.interfaces import StoreAPI
+
+# -- restore --------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RestoreResult:
+    name: str
+    target: Path
+    snapshot_id: str | None
+    files: int = 0
+    total_bytes: int = 0
+    moved_aside: Path | None = None
+    duration_s: float = 0.0
+
+    def summary(self) -> str:
+        if self.snapshot_id is None:
+            return f"{self.name}: no snapshot"
+        rate = self.total_bytes / self.duration_s if self.duration_s > 0 else 0
+        s = (f"{self.name}: restored {self.snapshot_id} ({self.files} files, "
+             f"{_human(self.total_bytes)}) into {self.target} in {self.duration_s:.1f} s "
+             f"({_human(int(rate))}/s, every byte verified)")
+        if self.moved_aside:
+            s += f"; previous content moved to {self.moved_aside}"
+        return s
+
+
+def local_state(target: Path) -> str:
+    """"missing" | "empty" | "data" — what boot's restore decision needs to know."""
+    try:
+        with os.scandir(target) as it:
+            return "data" if any(True for _ in it) else "empty"
+    except FileNotFoundError:
+        return "missing"
+    except NotADirectoryError:
+        return "data"
+
+
+def restore(store: StoreAPI, group: str, name: str, target: Path, *, snapshot_id: str | None = None,
+            force: bool = False, concurrency: int = DEFAULT_CONCURRENCY,
+            clock: Clock = SYSTEM_CLOCK, deadline: Deadline | None = None,
+            progress: ProgressFn | None = None) -> RestoreResult:
+    """Restore a snapshot (the latest by default) into ``target``, all or nothing.
+
+    A non-empty ``target`` is refused unless ``force``, which moves it aside (never
+    deletes it). No snapshot at all: returns with ``snapshot_id`` None, target untouched.
+    """
+    t0 = clock.monotonic()
+    target = Path(target)
+    if os.path.ismount(target):
+        raise AgentError(f"data {name}: {target} is a mount point; the snapshot is swapped in "
+                         "by rename, so point the data path at a directory inside the mount")
+    if not force and local_state(target) == "data":
+        raise AgentError(f"data {name}: {target} is not empty; refusing to overwrite it "
+                         "(--force moves it aside)")
+    sid = snapshot_id or latest_snapshot(store, group, name)
+    if sid is None:
+        return RestoreResult(name, target, None)
+    manifest = load_manifest(store, group, name, sid)
+    parent = target.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    with _restore_lock(parent / f".{target.name}.restore.lock"):
+        _clean_stale(parent, target.name)
+        staging = parent / f".{target.name}.restore-{os.getpid()}-{time.monotonic_ns()}"
+        building = staging.with_name(staging.name + ".building")
+        building.touch()
+        fsync_dir(parent)
+        os.mkdir(staging, 0o700)
+        try:
+            _build(store, manifest, staging, concurrency, clock, deadline, progress)
+            if deadline is not None:
+                deadline.check(f"restoring {name}")
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            building.unlink(missing_ok=True)
+            raise
+        # From here on the staging name may come to hold the *old* content (exchange):
+        # it is never deleted by name again.
+        building.unlink()
+        fsync_dir(parent)
+        aside = _swap_in(staging, target, force)
+    return RestoreResult(name, target, sid, len(manifest.files), manifest.total_bytes, aside,
+                         round(clock.monotonic() - t0, 3))
+
+
+def _clean_stale(parent: Path, name: str) -> None:
+    """Leftovers of a killed restore: a dir still marked ``.building`` is a partial staging
+    dir and goes; an unmarked one may hold the old content of an interrupted swap, so it is
+    moved aside like any replaced content, never deleted."""
+    for stale in parent.glob(f".{name}.restore-*"):
+        if stale.name.endswith(".building"):
+            continue
+        marker = stale.with_name(stale.name + ".building")
+        if stale.is_dir() and not stale.is_symlink():
+            if marker.exists():
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                os.rename(stale, parent / f".{name}.replaced-{stale.name.rsplit('-', 2)[-2]}"
+                                           f"-{stale.name.rsplit('-', 1)[-1]}")
+    for marker in parent.glob(f".{name}.restore-*.building"):
+        if not marker.with_name(marker.name[:-len(".building")]).exists():
+            marker.unlink(missing_ok=True)
+    fsync_dir(parent)
+
+
+@contextlib.contextmanager
+def _restore_lock(path: Path) -> Iterator[None]:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _syncfs(fd: int) -> bool:
+    """One ``syncfs(2)`` of the filesystem holding ``fd``; False where unavailable."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).syncfs
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int]
+    if fn(fd) != 0:
+        err = ctypes.get_errno()
+        if err in (38, 95):  # ENOSYS, EOPNOTSUPP
+            return False
+        raise OSError(err, f"syncfs: {os.strerror(err)}")
+    return True
+
+
+class _Writer:
+    """Fetch threads' shared state: where each blob goes, and how much of each file is in.
+
+    Every blob is fetched once (a ranged GET of its pack, shared with its neighbours),
+    checked (length, sha256: the one checksum pass over each byte), then written with
+    ``pwrite`` into every file and offset that holds it, by the thread that fetched it:
+    writers run in parallel, and memory is one range per thread."""
+
+    def __init__(self, store: StoreAPI, m: D.Manifest, root_fd: int) -> None:
+        self.store = store
+        self.m = m
+        self.root_fd = root_fd
+        self.base = D.base(m.group, m.name)
+        self.place: dict[str, list[tuple[int, int]]] = {}
+        for i, f in enumerate(m.files):
+            off = 0
+            for c in f.chunks:
+                self.place.setdefault(c, []).append((i, off))
+                off += m.blobs[c].length
+        self.written = [0] * len(m.files)
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+
+    def who(self, sha: str) -> str:
+        i, off = self.place[sha][0]
+        return f"{self.m.files[i].path}: chunk at offset {off} ({sha})"
+
+    def fetch(self, fx: P.Fetch) -> tuple[int, int]:
+        """(bytes written, files completed) for one request."""
+        if self.stop.is_set():
+            return 0, 0
+        rel = f"{self.base}/{fx.obj}"
+        try:
+            if fx.whole:
+                obj = self.store.get(rel)
+                body = obj.body
+                if len(body) != fx.end - fx.start:
+                    raise IntegrityError(f"{self.who(fx.blobs[0][0])} is truncated or wrong "
+                                         f"size: {len(body)} bytes, expected {fx.end - fx.start}")
+            else:
+                body = self.store.get_range(rel, fx.start, fx.end)
+        except NotFound as exc:
+            raise IntegrityError(f"{self.who(fx.blobs[0][0])} is missing from the store "
+                                 f"({fx.obj} not found)") from exc
+        view = memoryview(body)
+        written = done = 0
+        for sha, off, ln in fx.blobs:
+            blob = view[off - fx.start:off - fx.start + ln]
+            if len(blob) != ln:
+                raise IntegrityError(f"{self.who(sha)} is truncated or wrong size: "
+                                     f"{len(blob)} bytes, expected {ln}")
+            if hashlib.sha256(blob).hexdigest() != sha:
+                raise IntegrityError(f"{self.who(sha)} failed its checksum")
+            for i, foff in self.place[sha]:
+                if self.stop.is_set():
+                    return written, done
+                done += self._pwrite(i, blob, foff)
+                written += ln
+        return written, done
+
+    def _pwrite(self, i: int, data: memoryview, offset: int) -> bool:
+        """Write one blob into file ``i``; the write that completes the file also sets its
+        mode, owner and mtime (no write can follow it). True when it did."""
+        f = self.m.files[i]
+        # relative to the staging dir, never following a link: cannot land outside it
+        fd = os.open(f.path, os.O_WRONLY | os.O_NOFOLLOW, dir_fd=self.root_fd)
+        try:
+            n = len(data)
+            while data:
+                k = os.pwrite(fd, data, offset)
+                data = data[k:]
+                offset += k
+            with self.lock:
+                self.written[i] += n
+                complete = self.written[i] == f.size
+            if complete:
+                _set_meta(fd, f)
+            return complete
+        finally:
+            os.close(fd)
+
+
+def _set_meta(fd: int, f: D.FileEntry) -> None:
+    os.fchmod(fd, f.mode)
+    if f.uid is not None and os.geteuid() == 0:
+        os.fchown(fd, f.uid, f.gid or 0)
+    os.utime(fd, (f.mtime, f.mtime))
+
+
+def _build(store: StoreAPI, m: D.Manifest, staging: Path, concurrency: int, clock: Clock,
+           deadline: Deadline | None, progress: ProgressFn | None) -> None:
+    root_fd = os.open(staging, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for d in sorted(m.dirs, key=lambda x: x.path.count("/")):
+            os.mkdir(d.path, 0o700, dir_fd=root_fd)
+        _create_files(m.files, root_fd, concurrency)
+        prog = D.Progress(total=m.total_bytes, started=clock.monotonic(),
+                          files=sum(1 for f in m.files if f.size == 0),
+                          files_total=len(m.files))
+        w = _Writer(store, m, root_fd)
+        plan = P.plan_fetches(w.place, m.blobs)
+        # every request is queued at once: the fetch threads never wait for the writer
+        # (they are the writers), and memory stays one range per thread
+        with ThreadPoolExecutor(concurrency, thread_name_prefix="restore") as pool:
+            pending = {pool.submit(w.fetch, fx) for fx in plan}
+            try:
+                while pending:
+                    if deadline is not None:
+                        deadline.check(f"restoring {m.name}")
+                    finished, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+                    for fut in finished:
+                        n, done = fut.result()
+                        prog.add(n)
+                        prog.files += done
+                    now = clock.monotonic()
+                    if progress is not None and finished and prog.tick(now):
+                        progress(prog.info(now))
+            except BaseException:
+                w.stop.set()
+                for fut in pending:
+                    fut.cancel()
+                raise
+        for f, n in zip(m.files, w.written, strict=True):
+            if n != f.size:  # every byte of every file came from a verified blob
+                raise IntegrityError(f"{f.path}: restored {n} of {f.size} bytes")
+        chown = os.geteuid() == 0
+        for f in m.files:
+            if f.size == 0:  # no write completed it: its metadata is set here
+                fd = os.open(f.path, os.O_WRONLY | os.O_NOFOLLOW, dir_fd=root_fd)
+                try:
+                    _set_meta(fd, f)
+                finally:
+                    os.close(fd)
+        for s in m.symlinks:
+            os.symlink(s.target, s.path, dir_fd=root_fd)
+        for d in sorted(m.dirs, key=lambda x: -x.path.count("/")):  # deepest first
+            os.chmod(d.path, d.mode, dir_fd=root_fd)
+            if chown and d.uid is not None:
+                os.chown(d.path, d.uid, d.gid or 0, dir_fd=root_fd)
+            os.utime(d.path, (d.mtime, d.mtime), dir_fd=root_fd)
+        os.chmod(root_fd, m.root_mode)
+        if chown and m.root_uid is not None:
+            os.chown(root_fd, m.root_uid, m.root_gid or 0)
+        # Durable before the swap: one syncfs for the whole tree instead of an fsync per file
+        # (and per dir); where there is none, fsync every file and dir.
+        if not _syncfs(root_fd):
+            for f in m.files:
+                _fsync_at(root_fd, f.path, directory=False)
+            for d in m.dirs:
+                _fsync_at(root_fd, d.path)
+            os.fsync(root_fd)
+    finally:
+        os.close(root_fd)
+    if progress is not None:
+        progress(prog.info(clock.monotonic()))
+
+
+def _create_files(files: tuple[D.FileEntry, ...], root_fd: int, concurrency: int) -> None:
+    """Create every file (empty) before any byte arrives, a directory per task, in parallel:
+    a create waits on the filesystem's journal, and creates in different dirs need not
+    wait on each other. O_EXCL|O_NOFOLLOW relative to the staging dir."""
+    by_dir: dict[str, list[str]] = {}
+    for f in files:
+        by_dir.setdefault(f.path.rpartition("/")[0], []).append(f.path)
+
+    def create(paths: list[str]) -> None:
+        for p in paths:
+            os.close(os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600,
+                             dir_fd=root_fd))
+
+    with ThreadPoolExecutor(concurrency, thread_name_prefix="restore-create") as pool:
+        for fut in [pool.submit(create, paths) for paths in by_dir.values()]:
+            fut.result()
+
+
+def _fsync_at(dir_fd: int, rel: str, directory: bool = True) -> None:
+    flags = os.O_RDONLY | os.O_NOFOLLOW | (os.O_DIRECTORY if directory else 0)
+    fd = os.open(rel, flags, dir_fd=dir_fd)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux renameat2); False where unsupported."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    rc = fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
+    if rc == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (22, 38, 95):  # EINVAL, ENOSYS, EOPNOTSUPP: the filesystem cannot exchange
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _swap_in(staging: Path, target: Path, force: bool) -> Path | None:
+    """Put the fully built staging dir at ``target``; returns where old content went."""
+    parent = target.parent
+    if not os.path.lexists(target):
+        os.rename(staging, target)
+        fsync_dir(parent)
+        return None
+    state = local_state(target)
+    if state == "data" and not force:
+        raise AgentError(f"{target} gained content during the restore; not replacing it")
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    aside = parent / f".{target.name}.replaced-{stamp}-{os.getpid()}"
+    if _exchange(staging, target):
+        fsync_dir(parent)
+        old = staging  # after the exchange the staging name holds the old dir
+    else:
+        os.rename(target, aside)  # a crash here leaves target missing: the next boot restores
+        os.rename(staging, target)
+        fsync_dir(parent)
+        old = aside
+    if state == "empty" and old.is_dir() and not old.is_symlink():
+        with contextlib.suppress(OSError):
+            os.rmdir(old)
+            return None
+    if old != aside:
+        os.rename(old, aside)
+    fsync_dir(parent)
+    return aside
+
+
+# -- boot phase -----------------------------------------------------------------------------------
+
+def _marker(paths: Any, name: str) -> Path:
+    return paths.state_dir / "data" / f"{name}.json"
+
+
+def _restored_here(paths: Any, name: str, instance_id: str) -> bool:
+    try:
+        return json.loads(_marker(paths, name).read_text()).get("instance_id") == instance_id
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def phase_restore(ctx: BootContext) -> Done:
+    """Boot phase: restore each data entry on a first boot or into a missing/empty dir.
+
+    Failure policy, per entry: local data present -> keep it and go on ``degraded``; the
+    dir is empty and the entry is ``required`` (the default) -> error: a service must not
+    come up silently empty because S3 was unreachable; ``required: false`` -> degraded.
+    """
+    from agent.host.files import atomic_write
+
+    entries = list(ctx.cfg.data)
+    if not entries:
+        return Done(ctx, "no data entries")
+    instance_id = ctx.ident.instance_id
+    details: list[str] = []
+    for spec in entries:
+        target = ctx.paths.rooted(spec.path)
+        local = local_state(target)
+        decision = D.decide_restore(ctx.boot_kind, local,
+                                    _restored_here(ctx.paths, spec.name, instance_id))
+        if decision.action == "keep":
+            details.append(f"{spec.name}: {decision.reason}")
+            continue
+        try:
+            if ctx.store is None:
+                ctx = ctx.add(store=ctx.get_store())
+            assert ctx.store is not None
+            res = restore(ctx.store, ctx.cfg.group, spec.name, target,
+                          force=decision.move_aside, clock=ctx.clock, deadline=ctx.deadline,
+                          progress=ctx.progress)
+        except AgentError as exc:
+            if local == "data":
+                ctx = ctx.degrade(f"data {spec.name}: restore failed, kept local data: {exc}")
+                continue
+            if spec.required:
+                raise type(exc)(f"data {spec.name}: cannot restore into {local} {spec.path} "
+                                f"(required): {exc}") from exc
+            ctx = ctx.degrade(
+                f"data {spec.name}: restore failed, starting with {local} dir: {exc}")
+            continue
+        if res.snapshot_id is not None:
+            atomic_write(_marker(ctx.paths, spec.name), json.dumps(
+                {"instance_id": instance_id, "snapshot_id": res.snapshot_id,
+                 "restored_at": ctx.clock.time()}) + "\n", mode=0o644)
+        details.append(res.summary())
+    return Done(ctx, "; ".join(details))

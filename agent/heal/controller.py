@@ -1,0 +1,1010 @@
+"""The heal controller: gathers one observer's view, calls ``agent.heal.decide.decide``, acts.
+
+The decision is pure (``agent.heal.decide``); this module is the imperative shell around
+it. Per step it reads, from the store (on the store's clock) and the cloud:
+
+* suspicions, ``groups/<g>/suspicions/<member>/<observer>``: every observer that
+  judges a member stale (suspect or dead) keeps such an object fresh; distinct
+  observers are counted, objects older than ``suspicion_ttl_s`` (store clock) are
+  ignored and eventually deleted, and an observer deletes its own when it no longer
+  suspects. Members others suspect and this observer does not watch count as
+  ``suspect`` in its view, so a mass death is seen even with small watch sets;
+* leases, ``groups/<g>/leases/<member>`` (create-only; see ``Lease``), giving the
+  members already owned, replacements in flight and the failure streak (a
+  replacement that has not heartbeated ``replace_deadline_s`` after the action
+  failed; the streak restarts after ``resume``);
+* the budget counter ``groups/<g>/budget.json`` and the kill switch
+  ``groups/<g>/control/pause``;
+* EC2's and the Auto Scaling group's view of the members this observer calls dead
+  (an API error is never evidence of death: it freezes with ``api-failing``), and a
+  direct probe of a running-but-silent member's health endpoint.
+
+Then, per non-dry-run action: take the lease (``If-None-Match: *``; losing is fine
+and recorded; a lease left ``refused`` can be taken over by compare-and-swap),
+spend one unit of budget (``If-Match`` CAS, retried on a lost race; a full window
+refuses and gives nothing back), check the pause object again, ask EC2 again, act,
+and record the outcome in the lease. Every decision, taken or refused, becomes an
+event (``agent.group.events``), de-duplicated per member so a standing refusal is
+written once, not every interval. The freeze state goes into ``state.json`` under
+``heal`` (mode, frozen, reason, budget_left, in_flight, ...).
+
+Daemon call contract (``ec2-agent run``, once per heartbeat interval, after the
+peer watcher's ``tick()``)::
+
+    ctl = HealController.for_daemon(ctx, watcher, clock=clock)   # once
+    decision = ctl.step(watcher, heartbeater)   # or ctl.step(observer_sick=hb.observer_sick)
+    if ctl.superseded or agent.heal.leases.superseded(store, group, my_id):
+        ...  # stop claiming membership: heartbeater.leave("superseded"), status says so
+
+``step(peers, observer_health)``: ``peers`` is a ``PeersView`` or anything with
+the ``agent.group.peers.PeerWatcher`` shape (``verdicts()``, ``view``, ``liveness``,
+``self_id``; default: the watcher given to ``for_daemon``); ``observer_health`` is
+an ``ObserverHealth`` or anything with an ``observer_sick`` attribute (the
+``Heartbeater``). ``step`` never raises for store or cloud trouble: it records it
+(observer-sick / api-failing) and returns the ``Decision``. ``ctl.superseded`` is
+refreshed at every step (one GET of our own lease key).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import subprocess
+import urllib.error
+import urllib.request
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from agent.clock import SYSTEM_CLOCK, Clock
+from agent.errors import AgentError, CloudError, NotFound, PreconditionFailed, StoreError
+from agent.group.membership import DEPARTING_STATES, MalformedRecord, MemberRecord
+from agent.heal.decide import (
+    GOING_AWAY,
+    NOT_SERVING,
+    Action,
+    Decision,
+    HealPolicy,
+    HealView,
+    PolicyError,
+    budget_after,
+    decide,
+    lease_token,
+    not_found_belief,
+)
+from agent.heal.leases import (
+    OPEN_STATES,
+    Lease,
+    budget_key,
+    control_prefix,
+    count_suspicions,
+    lease_key,
+    lease_outcome,
+    leases_prefix,
+    parse_suspicion,
+    pause_key,
+    read_lease,
+    release_inflight,
+    resumed_key,
+    streak,
+    suspicion_key,
+    suspicions_prefix,
+    take_budget,
+    take_inflight,
+    write_event,
+)
+from agent.interfaces import CloudAPI, StoreAPI
+
+if TYPE_CHECKING:
+    from agent.bootctx import BootContext
+
+log = logging.getLogger(__name__)
+
+STALE_VERDICTS = frozenset({"dead", "suspect"})
+# Refusals that only restate a verdict nobody acts on: not worth an event each.
+_QUIET_REFUSALS = ("alive", "grace", "leaving", "unknown")
+
+
+# -- pure: small judgements ---------------------------------------------------------------
+
+def dedupe_key(kind: str, reasons: Iterable[str]) -> tuple[str, ...]:
+    """A refusal's identity without its numbers, so ``silent 31s`` and ``32s`` match."""
+    return (kind, *sorted({r.split(":")[0].split(" ")[0] for r in reasons}))
+
+
+def ec2_still_agrees(decided: str | None, fresh: str | None, asg_health: str | None) -> str | None:
+    """Why the second look at EC2, right before acting, says no (None: go ahead)."""
+    if fresh is None:
+        return "ec2-state-unknown at the second look: never act on an API error"
+    if fresh in GOING_AWAY:
+        return f"already-being-replaced: ec2 says {fresh} at the second look"
+    if decided in NOT_SERVING:
+        return None if fresh in NOT_SERVING else f"ec2 changed: {decided} -> {fresh}"
+    if decided == "running":
+        if fresh != "running":
+            return f"ec2 changed: running -> {fresh}"
+        if asg_health == "Unhealthy":
+            return "already-being-replaced: the ASG marked it Unhealthy"
+        return None
+    return f"ec2 state {decided!r} is not one the decision acts on"
+
+
+def policy_from_config(config: Any) -> HealPolicy:
+    """The pure policy from the agent config (``heal`` plus ``heartbeat.dead_after_s``)."""
+    h = config.heal
+    return HealPolicy(
+        mode=h.mode, action=h.action, grace_s=float(h.grace_s),
+        max_per_window=int(h.max_per_window), window_s=float(h.window_s),
+        freeze_fraction=float(h.freeze_fraction), confirm_observers=int(h.confirm_observers),
+        dead_after_s=float(config.heartbeat.dead_after_s),
+        silent_after_s=float(h.silent_after_s), replace_silent=bool(h.replace_silent),
+        failed_before_freeze=int(getattr(h, "failed_before_freeze", 3)),
+    )
+
+
+# -- inputs from the daemon --------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class PeersView:
+    """This observer's picture of its group, as the peer watcher built it."""
+
+    verdicts: Mapping[str, Any]
+    group_size: int
+    endpoints: Mapping[str, str] = field(default_factory=dict)
+    silent_for: Mapping[str, float | None] = field(default_factory=dict)
+    observer_fresh: bool = False
+    members: frozenset[str] = frozenset()
+    zones: Mapping[str, str] = field(default_factory=dict)
+    departed: Mapping[str, float] = field(default_factory=dict)
+    read_failing: str = ""
+
+    @classmethod
+    def from_watcher(cls, watcher: Any, *, dead_after_s: float, grace_s: float) -> PeersView:
+        """The watcher's picture, counted from live evidence (invariant 6).
+
+        Records that say leaving/superseded are not members (a leave whose delete
+        failed): they are left out of the group's size and listed in ``departed``
+        (id → store age) for cleaning. Failing peer reads make the observer abstain.
+        """
+        verdicts = watcher.verdicts(dead_after_s=dead_after_s, grace_s=grace_s)
+        view = dict(watcher.view)
+        departed = {m: float(p.age_s or 0.0) for m, p in view.items()
+                    if getattr(p, "state", "") in DEPARTING_STATES and m != watcher.self_id}
+        members = (frozenset(view) - set(departed)) | {watcher.self_id}
+        errors = list(getattr(watcher, "last_store_errors", ()) or ())
+        return cls(
+            verdicts=verdicts,
+            group_size=len(members),
+            endpoints={m: p.endpoint for m, p in view.items() if getattr(p, "endpoint", "")},
+            silent_for={m: getattr(v, "store_age_s", None) for m, v in verdicts.items()},
+            observer_fresh=watcher.liveness.observer_fresh(dead_after_s),
+            members=members,
+            zones={m: p.az for m, p in view.items() if m in members and getattr(p, "az", "")},
+            departed=departed,
+            read_failing="; ".join(errors)[:300],
+        )
+
+
+@dataclass(frozen=True)
+class ObserverHealth:
+    """Is this observer itself sick (its own heartbeat writes or API calls failing)?"""
+
+    sick: bool = False
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What execution did with one action: acted | lost | refused | failed | dry-run."""
+
+    member: str
+    result: str
+    detail: str = ""
+    replacement: str = ""
+
+
+# -- default probe and hook --------------------------------------------------------------------
+
+def probe_health(endpoint: str, timeout_s: float = 2.0) -> bool | None:
+    """Does the member's agent answer at all? Any HTTP answer (even 503) means alive."""
+    if not endpoint:
+        return None
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(endpoint.rstrip("/") + "/health", timeout=timeout_s) as resp:
+            resp.read(4096)
+        return True
+    except urllib.error.HTTPError:
+        return True
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
+def run_hook(command: str, member: str, group: str, timeout_s: float = 120.0) -> str:
+    env = dict(os.environ, EC2_AGENT_DEAD_ID=member, EC2_AGENT_GROUP=group)
+    try:
+        p = subprocess.run(command, shell=True, env=env, capture_output=True,  # noqa: S602
+                           timeout=timeout_s, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise AgentError(f"heal hook {command!r}: {exc}") from exc
+    if p.returncode != 0:
+        err = p.stderr.decode(errors="replace").strip()[-300:]
+        raise AgentError(f"heal hook {command!r} exited {p.returncode}: {err}")
+    return p.stdout.decode(errors="replace").strip()[-300:]
+
+
+# -- the controller ----------------------------------------------------------------------------
+
+class _Fenced(Exception):
+    """A fence refused the next mutating call (``lease``: the lease as it now is)."""
+
+    def __init__(self, why: str, lease: Lease | None) -> None:
+        super().__init__(why)
+        self.why = why
+        self.lease = lease
+
+
+@dataclass
+class _Gathered:
+    store_now: float = 0.0
+    suspicions: dict[str, frozenset[str]] = field(default_factory=dict)
+    leases: dict[str, Lease] = field(default_factory=dict)
+    outcomes: dict[str, str] = field(default_factory=dict)
+    paused: bool = False
+    resumed_at: float | None = None
+    budget_used: int = 0
+    errors: list[str] = field(default_factory=list)
+    confirmations: dict[str, frozenset[str]] = field(default_factory=dict)
+    peer_probes: dict[str, dict[str, bool | None]] = field(default_factory=dict)
+
+
+class HealController:
+    """One observer's replacement controller. Not thread-safe: one per observer."""
+
+    def __init__(self, store: StoreAPI, cloud: CloudAPI, config: Any, identity: Any,
+                 clock: Clock = SYSTEM_CLOCK, *, policy: HealPolicy | None = None,
+                 state_path: Path | None = None, watcher: Any = None,
+                 probe: Any = probe_health, hook: Any = run_hook,
+                 replace_deadline_s: float | None = None,
+                 suspicion_ttl_s: float | None = None,
+                 lease_expiry_s: float | None = None,
+                 decision_max_age_s: float | None = None,
+                 not_found_persist_s: float | None = None,
+                 watchers_k: int | None = None) -> None:
+        self.store = store
+        self.cloud = cloud
+        self.config = config
+        self.group: str = config.group
+        self.me: str = identity if isinstance(identity, str) else identity.instance_id
+        self.clock = clock
+        self.policy = policy or policy_from_config(config)
+        self.state_path = state_path
+        self.watcher = watcher
+        self.probe = probe
+        self.hook = hook
+        boot_s = float(getattr(getattr(config, "boot", None), "deadline_s", 120) or 120)
+        self.replace_deadline_s = (replace_deadline_s if replace_deadline_s is not None
+                                   else 2 * boot_s + 2 * self.policy.dead_after_s)
+        self.suspicion_ttl_s = suspicion_ttl_s or 2 * self.policy.dead_after_s
+        dead = self.policy.dead_after_s
+        # A held lease older than this lost its holder (it acts within one step): another
+        # observer may take it over; an acting one older than twice this ended its call.
+        self.lease_expiry_s = lease_expiry_s if lease_expiry_s is not None else 4 * dead
+        # A decision older than this is stale: the world it judged may have changed.
+        self.decision_max_age_s = (decision_max_age_s if decision_max_age_s is not None
+                                   else dead)
+        self.not_found_persist_s = (not_found_persist_s if not_found_persist_s is not None
+                                    else dead)
+        if watchers_k is not None and self.policy.confirm_observers > watchers_k:
+            raise PolicyError(
+                f"must be <= the {watchers_k} observers that watch each member, got "
+                f"{self.policy.confirm_observers}: no death could ever be confirmed",
+                path="heal.confirm_observers")
+        self.hook_command: str | None = getattr(config.heal, "hook", None)
+        self.superseded = False
+        self._missing: dict[str, tuple[float, int]] = {}
+        self._my_probes: dict[str, bool | None] = {}
+        self._zones_recorded: tuple[str, ...] = ()
+        self._decided_mono = 0.0
+        self._my_asg: str | None = None
+        self.outcomes: list[Outcome] = []  # what execution did, newest last (bounded)
+        self._recorded: dict[str, tuple[str, ...]] = {}
+        self._freeze_recorded: tuple[str, ...] = ()
+        self._lease_cache: dict[str, Lease] = {}
+
+    @classmethod
+    def for_daemon(cls, ctx: BootContext, watcher: Any, *,
+                   clock: Clock = SYSTEM_CLOCK) -> HealController:
+        from agent.aws.cloud import Cloud
+
+        region = ctx.cfg.store.region or ctx.ident.region
+        return cls(ctx.get_store(), Cloud(region), ctx.cfg, ctx.ident, clock,
+                   state_path=ctx.paths.state_file, watcher=watcher,
+                   watchers_k=getattr(watcher, "k", None))
+
+    # -- the step -------------------------------------------------------------------------------
+    def step(self, peers: Any = None, observer_health: Any = None, *,
+             observer_sick: bool | None = None) -> Decision:
+        """Gather, decide, act, record. See the module docstring for the contract."""
+        peers = peers if peers is not None else self.watcher
+        if peers is None:
+            raise ValueError("step needs a peers view (or a watcher given at construction)")
+        if not isinstance(peers, PeersView):
+            peers = PeersView.from_watcher(peers, dead_after_s=self.policy.dead_after_s,
+                                           grace_s=self.policy.grace_s)
+        sick, sick_reason = self._sickness(observer_health, observer_sick)
+        if peers.read_failing and not sick:
+            # Invariant 8: verdicts built on reads that fail are not evidence.
+            sick, sick_reason = True, f"peer reads failing: {peers.read_failing}"
+        g = self._gather(peers, sick or peers.observer_fresh, sick)
+        if g.errors:
+            sick, sick_reason = True, "store failing: " + "; ".join(g.errors)[:300]
+        view, api_error = self._view(peers, g, sick)
+        decision = decide(view, self.policy)
+        self._decided_mono = self.clock.monotonic()
+        self._record_decision(decision, peers, sick_reason, api_error)
+        if not g.errors and not sick:
+            for f in decision.forget:
+                self._forget(f.member_id, "heal-already-replaced", f.reasons)
+            self._clean_departed(peers)
+        if not decision.frozen and not g.errors:
+            for action in decision.actions:
+                if action.dry_run:
+                    self._outcome(Outcome(action.member_id, "dry-run"))
+                else:
+                    self._execute(action, view, g, decision.disrupted_zones)
+        if not g.errors:  # the lease listing already says whether one is against me
+            mine = g.leases.get(self.me)
+            self.superseded = mine is not None and mine.supersedes
+        self._write_state(decision, g, api_error)
+        return decision
+
+    def _sickness(self, health: Any, sick: bool | None) -> tuple[bool, str]:
+        if sick is not None:
+            return bool(sick), "own heartbeat failing" if sick else ""
+        if health is None:
+            return False, ""
+        if isinstance(health, ObserverHealth):
+            return health.sick, health.reason
+        if hasattr(health, "observer_sick"):
+            return bool(health.observer_sick), str(getattr(health, "last_error", "") or "")
+        raise TypeError(f"observer_health must be ObserverHealth or have .observer_sick, "
+                        f"got {type(health).__name__}")
+
+    # -- gather ---------------------------------------------------------------------------------
+    def _gather(self, peers: PeersView, abstain: bool, sick: bool = False) -> _Gathered:
+        g = _Gathered()
+        try:
+            listing = self.store.list(suspicions_prefix(self.group))
+            g.store_now = listing.store_now
+            self._suspect(peers, listing, abstain)
+            g.suspicions = count_suspicions(listing.entries, self.group, listing.store_now,
+                                            self.suspicion_ttl_s)
+            if not abstain:
+                self._read_confirmations(peers, listing, g)
+            control = self.store.list(control_prefix(self.group))
+            for e in control.entries:
+                if e.key == pause_key(self.group):
+                    g.paused = True
+                elif e.key == resumed_key(self.group):
+                    g.resumed_at = e.last_modified
+            obj = self.store.get_or_none(budget_key(self.group))
+            if obj is not None:
+                _, g.budget_used = budget_after(json.loads(obj.body), obj.store_now,
+                                                self.policy.window_s)
+            self._read_leases(g, peers, sick)
+        except (StoreError, MalformedRecord, ValueError) as exc:
+            g.errors.append(str(exc))
+        return g
+
+    def _suspect(self, peers: PeersView, listing: Any, abstain: bool) -> None:
+        """Keep my suspicion objects true: write the stale ones, delete the cleared ones."""
+        mine: dict[str, Any] = {}
+        for e in listing.entries:
+            mo = parse_suspicion(e.key, self.group)
+            if mo is None:
+                continue
+            if mo[1] == self.me:
+                mine[mo[0]] = e
+            elif listing.store_now - e.last_modified > 3 * self.suspicion_ttl_s:
+                self._delete_quietly(e.key, e.etag)  # left behind by a crashed observer
+        stale = set() if abstain else {
+            m for m, v in peers.verdicts.items()
+            if getattr(v, "status", v) in STALE_VERDICTS and m != self.me}
+        for m in sorted(stale):
+            e = mine.get(m)
+            if e is None or listing.store_now - e.last_modified > self.suspicion_ttl_s / 2:
+                self._write_suspicion(m, peers.verdicts[m])
+        for m, e in mine.items():
+            if m not in stale:
+                self._delete_quietly(e.key, e.etag)
+
+    def _write_suspicion(self, m: str, v: Any) -> None:
+        """My suspicion of ``m``: my verdict (only ``dead`` confirms) and my probe result."""
+        body = json.dumps({"observer": self.me, "member": m,
+                           "verdict": getattr(v, "status", v),
+                           "reason": getattr(v, "reason", ""),
+                           "probe": self._my_probes.get(m)}).encode()
+        self.store.put(suspicion_key(self.group, m, self.me), body,
+                       content_type="application/json")
+
+    def _read_confirmations(self, peers: PeersView, listing: Any, g: _Gathered) -> None:
+        """For members I call dead: which other observers say *dead*, and their probes.
+
+        A ``suspect`` record counts towards a mass death, never as a confirmation; each
+        confirming observer's own direct probe result comes with it (invariant 14).
+        """
+        dead = {m for m, v in peers.verdicts.items()
+                if getattr(v, "status", v) == "dead" and m != self.me}
+        conf: dict[str, set[str]] = {}
+        for e in listing.entries:
+            mo = parse_suspicion(e.key, self.group)
+            if (mo is None or mo[0] not in dead or mo[1] == self.me
+                    or listing.store_now - e.last_modified > self.suspicion_ttl_s):
+                continue
+            obj = self.store.get_or_none(e.key)
+            if obj is None:
+                continue
+            try:
+                doc = json.loads(obj.body)
+            except ValueError:
+                continue
+            if not isinstance(doc, dict):
+                continue
+            if doc.get("verdict") == "dead":
+                conf.setdefault(mo[0], set()).add(mo[1])
+            p = doc.get("probe")
+            g.peer_probes.setdefault(mo[0], {})[mo[1]] = p if isinstance(p, bool) else None
+        g.confirmations = {m: frozenset(o) for m, o in conf.items()}
+
+    def _delete_quietly(self, key: str, etag: str) -> None:
+        try:
+            self.store.delete(key, if_match=etag)
+        except (PreconditionFailed, NotFound):
+            pass
+
+    def _read_leases(self, g: _Gathered, peers: PeersView, sick: bool = False) -> None:
+        listing = self.store.list(leases_prefix(self.group))
+        now = listing.store_now
+        g.store_now = max(g.store_now, now)
+        for e in listing.entries:
+            member = e.key[len(leases_prefix(self.group)):]
+            cached = self._lease_cache.get(member)
+            if cached is not None and cached.etag == e.etag:
+                lease = replace(cached, last_modified=e.last_modified)
+            else:
+                obj = self.store.get_or_none(e.key)
+                if obj is None:
+                    continue
+                try:
+                    lease = Lease.parse(obj.body, etag=obj.etag, last_modified=obj.last_modified)
+                except MalformedRecord as exc:
+                    log.warning("ignoring %s: %s", e.key, exc)
+                    continue
+                self._lease_cache[member] = lease
+            if self._clear_if_alive(lease, now, peers, sick):
+                continue
+            lease, hb = self._maintain(lease, now, peers)
+            g.leases[member] = lease
+            g.outcomes[member] = lease_outcome(lease, now, self.replace_deadline_s, bool(hb),
+                                               self.lease_expiry_s)
+            if lease.acted and member in peers.members and member != self.me:
+                # Replaced, but its record survived (the delete after the action failed).
+                self._forget(member)
+        # Bounded memory: forget leases that are gone from the store, and refusals recorded
+        # for members that are neither leased nor in this observer's view any more.
+        for m in set(self._lease_cache) - set(g.leases):
+            del self._lease_cache[m]
+        for m in set(self._recorded) - set(g.leases) - set(peers.verdicts) - set(peers.members):
+            del self._recorded[m]
+
+    def _clear_if_alive(self, lease: Lease, now: float, peers: PeersView, sick: bool) -> bool:
+        """A member that heartbeats again clears a lease through which nothing happened.
+
+        The member itself does it (its own heartbeat works: it is not sick), and so does
+        an observer whose own verdict on it is ``alive`` (invariant 13).
+        """
+        m = lease.member
+        verdict = peers.verdicts.get(m)
+        alive = (m == self.me and not sick) or getattr(verdict, "status", verdict) == "alive"
+        if not alive or not lease.clearable(now, 2 * self.lease_expiry_s):
+            return False
+        try:
+            self.store.delete(lease_key(self.group, m), if_match=lease.etag)
+        except (PreconditionFailed, NotFound):
+            return False
+        self._lease_cache.pop(m, None)
+        release_inflight(self.store, self.group, m)
+        self._event("heal-lease-cleared", m,
+                    [f"{m} heartbeats again; its {lease.state} lease (holder {lease.holder}) "
+                     "did nothing"])
+        return True
+
+    def _heartbeated(self, rid: str, peers: PeersView) -> bool | None:
+        if not rid:
+            return False
+        if rid in peers.members:
+            return True
+        from agent.layout import member_key
+
+        try:
+            return self.store.head(member_key(self.group, rid)) is not None
+        except StoreError:
+            return None
+
+    def _maintain(self, lease: Lease, now: float, peers: PeersView) -> tuple[Lease, bool | None]:
+        """Move an open lease along: adopt the ASG's replacement, then done or failed.
+
+        Returns the lease and whether its replacement heartbeats (None: cannot tell).
+        """
+        if lease.state not in OPEN_STATES:
+            return lease, False
+        if lease.state == "acted" and lease.pending_terminate and lease.holder == self.me:
+            lease = self._retry_terminate(lease)
+        if (lease.state == "acted" and not lease.replacement and lease.asg
+                and lease.holder == self.me):
+            try:
+                current = set(self.cloud.asg_member_ids(lease.asg))
+            except CloudError:
+                current = set()
+            taken = {x.replacement for x in self._lease_cache.values() if x.replacement}
+            new = sorted(current - set(lease.asg_before) - taken - {lease.member})
+            if new:
+                lease = self._rewrite(lease, replacement=new[0]) or lease
+        hb = self._heartbeated(lease.replacement, peers)
+        if hb is None:
+            return lease, None
+        out = lease_outcome(lease, now, self.replace_deadline_s, hb)
+        if out in ("done", "failed"):
+            updated = self._rewrite(lease, state=out)
+            if updated is not None:
+                release_inflight(self.store, self.group, lease.member)
+                kind = "heal-replaced" if out == "done" else "heal-replacement-failed"
+                why = (f"replacement {lease.replacement} heartbeats" if out == "done" else
+                       f"no heartbeat from {lease.replacement or 'a replacement'} within "
+                       f"{self.replace_deadline_s:g}s")
+                self._event(kind, lease.member, [why], {"lease": lease.holder,
+                                                        "replacement": lease.replacement})
+                return updated, hb
+        return lease, hb
+
+    def _rewrite(self, lease: Lease, **changes: Any) -> Lease | None:
+        new = replace(lease, **changes)
+        try:
+            etag = self.store.put(lease_key(self.group, lease.member), new.body(),
+                                  if_match=lease.etag, content_type="application/json")
+        except (PreconditionFailed, NotFound):
+            self._lease_cache.pop(lease.member, None)
+            return None
+        new = replace(new, etag=etag)
+        self._lease_cache[lease.member] = new
+        return new
+
+    # -- view -----------------------------------------------------------------------------------
+    def _view(self, peers: PeersView, g: _Gathered, sick: bool) -> tuple[HealView, str]:
+        verdicts = {m: getattr(v, "status", v) for m, v in peers.verdicts.items()}
+        for m, obs in g.suspicions.items():
+            # Others' fresh suspicions of members I do not watch: I cannot call them dead,
+            # but they count towards a mass death.
+            if m not in verdicts and m != self.me and obs and m not in peers.departed:
+                verdicts[m] = "suspect"
+        dead = sorted(m for m, s in verdicts.items() if s == "dead" and m != self.me)
+        # Leased: a lease nobody may take over yet (refused, expired held, and failed-
+        # before-acting ones may be: the member is a candidate again, invariant 13).
+        leased = frozenset(m for m, lease in g.leases.items()
+                           if not lease.takeover_allowed(g.store_now, self.lease_expiry_s))
+        ec2: dict[str, str | None] = {}
+        asg: dict[str, str | None] = {}
+        asg_of: dict[str, str] = {}
+        probe: dict[str, bool | None] = {}
+        api_error = ""
+        candidates = [m for m in dead if m not in leased]
+        # Every stale member is looked up (one call): one the ASG already replaced is
+        # then neither a death nor part of a mass death, even when only suspected (15).
+        asked = sorted({*candidates, *(m for m, s in verdicts.items()
+                                       if s == "suspect" and m not in leased)})
+        if asked and not sick and not g.paused:
+            ec2, asg_of, api_error = self._ec2_view(asked)
+            if not api_error:
+                try:
+                    asg = {m: a.health for m, a in self.cloud.asg_instances(asked).items()}
+                except CloudError as exc:
+                    api_error = str(exc)
+            for m in candidates:
+                # Whatever EC2 says: an answer from the member itself vetoes (14).
+                probe[m] = self.probe(peers.endpoints.get(m, ""))
+                self._my_probes[m] = probe[m]
+                try:
+                    self._write_suspicion(m, peers.verdicts[m])
+                except StoreError as exc:
+                    log.warning("cannot record my probe of %s: %s", m, exc)
+        for m in list(self._my_probes):
+            if m not in candidates:
+                self._my_probes.pop(m, None)
+        in_flight = sum(1 for o in g.outcomes.values() if o == "in-flight")
+        zones = dict(peers.zones)
+        view = HealView(
+            observer_id=self.me, group_size=max(peers.group_size, 1), verdicts=verdicts,
+            suspicions=g.suspicions, ec2_state=ec2, asg_health=asg, probe_ok=probe,
+            silent_for=dict(peers.silent_for), leases=leased, in_flight=in_flight,
+            budget=g.budget_used,
+            consecutive_failures=streak(g.leases.values(), g.outcomes, g.resumed_at),
+            observer_sick=sick, observer_fresh=peers.observer_fresh, paused=g.paused,
+            api_healthy=not api_error, now=g.store_now,
+            confirmations=g.confirmations, peer_probes=g.peer_probes, zones=zones,
+            asg_of=asg_of, in_asg=frozenset(asg))
+        return view, api_error
+
+    def _ec2_view(self, ids: list[str]) -> tuple[dict[str, str | None], dict[str, str], str]:
+        """EC2's state per id, with "not found" unknown until it persists (invariant 14)."""
+        try:
+            found = self.cloud.instances(ids)
+        except CloudError as exc:
+            return {i: None for i in ids}, {}, str(exc)
+        now = self.clock.monotonic()
+        states: dict[str, str | None] = {}
+        for i in ids:
+            info = found.get(i)
+            if info is not None:
+                self._missing.pop(i, None)
+                states[i] = info.state
+                continue
+            first, reads = self._missing.get(i, (now, 0))
+            self._missing[i] = (first, reads + 1)
+            states[i] = not_found_belief(first, now, reads + 1, self.not_found_persist_s)
+        for i in list(self._missing):
+            if i not in ids:
+                self._missing.pop(i)  # not asked this time: the persistence starts over
+        asg_of = {i: f.asg for i, f in found.items() if f.asg}
+        mine = self._own_asg()
+        if mine:
+            # EC2 keeps the aws:autoscaling:groupName tag on terminated instances; moto
+            # drops it when the ASG terminates one. A member of a group whose observers
+            # run in an ASG was that ASG's.
+            for i in ids:
+                if i in found and i not in asg_of:
+                    asg_of[i] = mine
+        return states, asg_of, ""
+
+    def _own_asg(self) -> str:
+        """The Auto Scaling group this observer runs in ("" for none; asked once)."""
+        if self._my_asg is None:
+            try:
+                a = self.cloud.asg_instances([self.me]).get(self.me)
+            except CloudError:
+                return ""  # ask again next time
+            self._my_asg = a.group if a is not None else ""
+        return self._my_asg
+
+    # -- execute --------------------------------------------------------------------------------
+    def _execute(self, action: Action, view: HealView, g: _Gathered,
+                 disrupted: tuple[str, ...] = ()) -> None:
+        m = action.member_id
+        lease = self._take_lease(action, g)
+        if lease is None:
+            return
+        open_members = {x for x, o in g.outcomes.items() if o == "in-flight"} | {m}
+        try:
+            ok, why = take_inflight(self.store, self.group, m,
+                                    cap=self.policy.in_flight_cap(view.group_size),
+                                    open_members=open_members, expiry_s=self.lease_expiry_s,
+                                    store_now=g.store_now)
+        except (StoreError, MalformedRecord) as exc:
+            ok, why = False, f"store-failing at the in-flight count: {exc}"
+        if not ok:
+            return self._refuse_lease(lease, why)
+        ok, why = take_budget(self.store, self.group, window_s=self.policy.window_s,
+                              max_per_window=self.policy.max_per_window, store_now=g.store_now)
+        if not ok:
+            return self._refuse_lease(lease, why)
+        g.budget_used += 1
+        try:
+            fresh_info = self.cloud.instances([m])
+            err = ""
+        except CloudError as exc:
+            fresh_info, err = {}, str(exc)
+        fresh: str | None = fresh_info[m].state if m in fresh_info else None
+        if not err and fresh is None:
+            fresh = view.ec2_state.get(m)  # still missing: the persisted belief stands
+        health = None
+        if not err:
+            try:
+                a = self.cloud.asg_instances([m]).get(m)
+                health = a.health if a else None
+            except CloudError as exc:
+                err = str(exc)
+        why = f"api-failing at the second look: {err}" if err else ec2_still_agrees(
+            view.ec2_state.get(m), fresh, health)
+        if not why and m in fresh_info and fresh_info[m].az in disrupted:
+            why = f"zone-disrupted: {fresh_info[m].az} at the second look"
+        if why:
+            return self._refuse_lease(lease, why)
+        try:
+            lease, detail = self._act(action.kind, lease, fresh, g.store_now,
+                                      fresh_info.get(m))
+        except _Fenced as f:
+            return self._refuse_lease(f.lease or lease, f.why, kind="heal-fenced")
+        except AgentError as exc:
+            # Nothing happened (acted_at stays None): not "you were replaced", and the
+            # lease may be taken over once it expires (invariant 13).
+            lease = self._lease_cache.get(m, lease)  # as the fence last wrote it
+            self._rewrite(lease, state="failed", detail=str(exc)[:500])
+            release_inflight(self.store, self.group, m)
+            self._event("heal-action-failed", m, [*action.reasons, str(exc)],
+                        {"action": action.kind})
+            self._outcome(Outcome(m, "failed", str(exc)))
+            return
+        self._event("heal-action", m, action.reasons,
+                    {"action": action.kind, "detail": detail, "token": lease.token,
+                     "replacement": lease.replacement})
+        self._recorded[m] = dedupe_key("heal-action", action.reasons)
+        self._outcome(Outcome(m, "acted", detail, lease.replacement))
+        if lease.state == "acted":
+            self._forget(m)
+
+    def _take_lease(self, action: Action, g: _Gathered) -> Lease | None:
+        m = action.member_id
+        nonce = secrets.token_hex(8)
+        lease = Lease(m, self.me, action.kind, "held", reasons=action.reasons, nonce=nonce)
+        key = lease_key(self.group, m)
+        try:
+            etag = self.store.create(key, lease.body(), content_type="application/json")
+        except PreconditionFailed:
+            try:
+                cur = read_lease(self.store, self.group, m)
+            except (StoreError, MalformedRecord) as exc:
+                self._lost(m, f"lease exists and is unreadable: {exc}")
+                return None
+            if cur is None or not cur.takeover_allowed(g.store_now, self.lease_expiry_s):
+                self._lost(m, f"lease held by {cur.holder if cur else '?'} "
+                              f"({cur.state if cur else 'gone'})")
+                return None
+            try:  # nothing happened through it: take it over, by compare-and-swap
+                etag = self.store.put(key, lease.body(), if_match=cur.etag,
+                                      content_type="application/json")
+            except (PreconditionFailed, NotFound):
+                self._lost(m, f"lost the takeover of a {cur.state} lease")
+                return None
+            self._event("heal-lease-takeover", m,
+                        [f"{cur.state} lease of {cur.holder} did nothing: taken over"])
+        except StoreError as exc:
+            self._lost(m, f"cannot create the lease: {exc}", kind="heal-refuse")
+            return None
+        lease = replace(lease, etag=etag)
+        token = lease_token(self.group, m, etag)
+        return self._rewrite(lease, token=token) or replace(lease, token=token)
+
+    def _fence(self, lease: Lease, what: str, *, check_age: bool = True) -> Lease:
+        """Invariant 12, right before a mutating cloud call; raises ``_Fenced`` to abort.
+
+        The decision is young enough; the kill switch is absent; the member's record
+        shows no fresh heartbeat (nor a leave); and the lease moves forward with a
+        conditional write (``acting`` before the first call), so an observer that
+        stalled wakes up harmless: another observer or the member itself changed it.
+        """
+        m = lease.member
+        age = self.clock.monotonic() - self._decided_mono
+        if check_age and age > self.decision_max_age_s:
+            raise _Fenced(f"stale-decision: {age:.1f}s old > {self.decision_max_age_s:g}s "
+                          f"before {what}", lease)
+        from agent.layout import member_key
+
+        try:
+            if self.store.head(pause_key(self.group)) is not None:
+                raise _Fenced(f"paused: kill switch present at the last look before {what}",
+                              lease)
+            rec = self.store.get_or_none(member_key(self.group, m))
+        except StoreError as exc:
+            raise _Fenced(f"store-failing at the last look before {what}: {exc}",
+                          lease) from exc
+        if rec is not None:
+            rec_age = rec.store_now - rec.last_modified
+            if rec_age < self.policy.dead_after_s:
+                raise _Fenced(f"fresh-heartbeat: {m}'s record is {rec_age:.0f}s old at the "
+                              f"last look before {what}", lease)
+            try:
+                state = MemberRecord.loads(rec.body).state
+            except MalformedRecord:
+                state = ""
+            if state in DEPARTING_STATES:
+                raise _Fenced(f"{m}'s record says {state} at the last look before {what}",
+                              lease)
+        state = lease.state if lease.acted else "acting"
+        moved = self._rewrite(lease, state=state, detail=f"fenced before {what}")
+        if moved is None:
+            raise _Fenced(f"lost-race: the lease changed before {what}", None)
+        return moved
+
+    def _refuse_lease(self, lease: Lease, why: str, kind: str = "heal-refuse") -> None:
+        if lease.etag:
+            self._rewrite(lease, state="refused", detail=why)
+        release_inflight(self.store, self.group, lease.member)
+        self._event(kind, lease.member, [why], {"lease": "refused (may be taken over)"})
+        self._outcome(Outcome(lease.member, "refused", why))
+
+    def _lost(self, m: str, why: str, kind: str = "heal-lease-lost") -> None:
+        self._event(kind, m, [why])
+        self._outcome(Outcome(m, "lost", why))
+
+    def _act(self, kind: str, lease: Lease, ec2_state: str | None, now: float,
+             info: Any = None) -> tuple[Lease, str]:
+        m = lease.member
+        changes: dict[str, Any] = {"state": "acted", "acted_at": now}
+        a = None
+        if kind in ("asg-mark", "asg-terminate", "launch"):
+            a = self.cloud.asg_instances([m]).get(m)
+        if kind == "launch" and a is not None:
+            # Launching beside an ASG member double-replaces: its ASG launches its own
+            # after the terminate. ASG members are replaced through the ASG.
+            kind = "asg-terminate"
+            changes["detail"] = "launch asked for an ASG member: asg-terminate instead"
+        if kind in ("asg-mark", "asg-terminate"):
+            if a is None:
+                raise CloudError(f"{m} is not in an Auto Scaling group: {kind} cannot replace it")
+            changes.update(asg=a.group, asg_before=tuple(self.cloud.asg_member_ids(a.group)))
+            if kind == "asg-mark":
+                left = self.cloud.asg_grace_left(a.group, getattr(info, "launch_time", None),
+                                                 now)
+                if left > 0:
+                    raise _Fenced(f"asg-grace: {a.group}'s health check grace period has "
+                                  f"{left:.0f}s left; AWS would ignore the mark", lease)
+                lease = self._fence(lease, "SetInstanceHealth")
+                self.cloud.set_unhealthy(m, respect_grace=True)
+                detail = f"marked Unhealthy in {a.group}"
+            elif ec2_state == "terminated":
+                detail = f"already terminated: {a.group} replaces it"
+            else:
+                lease = self._fence(lease, "TerminateInstanceInAutoScalingGroup")
+                activity = self.cloud.asg_terminate(m)
+                detail = f"terminated in {a.group} without decrement (activity {activity})"
+            if changes.get("detail"):
+                detail = f"{changes['detail']}; {detail}"
+        elif kind == "launch":
+            spec = self.cloud.launch_spec(m)
+            lease = self._fence(lease, "RunInstances")
+            new = self.cloud.launch(spec, lease.token, replaces=m)
+            changes["replacement"] = new
+            if ec2_state != "terminated":
+                changes["pending_terminate"] = m
+            # Persist the launch before terminating, so a crash here still shows it.
+            lease = self._rewrite(lease, **changes) or replace(lease, **changes)
+            detail = f"launched {new} ({spec.source}, subnet {spec.subnet_id})"
+            if lease.pending_terminate:
+                lease, more = self._terminate_after_launch(lease)
+                detail += more
+            return self._rewrite(lease, detail=detail) or lease, detail
+        elif kind == "hook":
+            if not self.hook_command:
+                raise AgentError("heal.action is hook but heal.hook is not set")
+            lease = self._fence(lease, "the hook")
+            detail = f"hook ran: {self.hook(self.hook_command, m, self.group)}"
+        else:
+            raise AgentError(f"unknown action {kind!r}")
+        changes["detail"] = detail
+        return self._rewrite(lease, **changes) or replace(lease, **changes), detail
+
+    def _terminate_after_launch(self, lease: Lease, *, retry: bool = False) -> tuple[Lease, str]:
+        """TerminateInstances after a launch, fenced; on failure it stays pending (9)."""
+        m = lease.member
+        try:
+            lease = self._fence(lease, "TerminateInstances", check_age=not retry)
+        except _Fenced as f:
+            if f.lease is None:
+                return lease, f"; terminate of {m} not done: {f.why}"
+            return f.lease, f"; terminate of {m} deferred: {f.why}"
+        try:
+            state = self.cloud.terminate(m)
+        except CloudError as exc:
+            return lease, f"; terminating {m} failed (retried later): {exc}"
+        done = self._rewrite(lease, pending_terminate="") or replace(lease, pending_terminate="")
+        return done, f"; terminated {m}: {state}"
+
+    def _retry_terminate(self, lease: Lease) -> Lease:
+        lease, detail = self._terminate_after_launch(lease, retry=True)
+        if not lease.pending_terminate:
+            self._event("heal-terminate-retried", lease.member, [detail.lstrip("; ")])
+            self._forget(lease.member)
+        return lease
+
+    def _forget(self, m: str, kind: str = "", reasons: Iterable[str] = ()) -> None:
+        """Delete a member's record and tell peers: it is gone, not dying."""
+        from agent.group.peers import bump_marker
+        from agent.layout import member_key
+
+        try:
+            if kind and self.store.head(member_key(self.group, m)) is None:
+                return  # another observer was first
+            self.store.delete(member_key(self.group, m))
+            bump_marker(self.store, self.group, {"id": m, "state": "gone", "by": self.me})
+        except NotFound:
+            return
+        except StoreError as exc:
+            log.warning("could not remove %s's record: %s", m, exc)
+            return
+        if kind:
+            self._event(kind, m, reasons, {"record": "deleted"})
+
+    def _clean_departed(self, peers: PeersView) -> None:
+        """Leftover leaving/superseded records (a leave whose delete failed) go (6)."""
+        for m, age in sorted(peers.departed.items()):
+            if age >= 2 * self.policy.dead_after_s:
+                self._forget(m, "heal-clean-record",
+                             [f"record says leaving/superseded, {age:.0f}s old: a leftover"])
+
+    # -- record ---------------------------------------------------------------------------------
+    def _event(self, kind: str, member: str = "", reasons: Iterable[str] = (),
+               details: Mapping[str, Any] | None = None) -> None:
+        write_event(self.store, self.group, self.me, kind, member, reasons, details, self.clock)
+
+    def _outcome(self, o: Outcome) -> None:
+        self.outcomes.append(o)
+        del self.outcomes[:-100]
+
+    def _record_decision(self, d: Decision, peers: PeersView, sick_reason: str,
+                         api_error: str) -> None:
+        reasons = d.freeze.reasons if d.freeze else ()
+        if tuple(reasons) != self._freeze_recorded:
+            considered = [r.member_id for r in d.refusals]
+            if d.freeze is not None and (d.freeze.scope == "group" or considered):
+                details: dict[str, Any] = {"scope": d.freeze.scope, "members": considered}
+                if sick_reason:
+                    details["observer"] = sick_reason
+                if api_error:
+                    details["api_error"] = api_error[:300]
+                self._event("heal-freeze", "", reasons, details)
+            elif d.freeze is None and self._freeze_recorded:
+                self._event("heal-unfreeze", "", ["the picture cleared"])
+            self._freeze_recorded = tuple(reasons)
+        if d.disrupted_zones != self._zones_recorded:
+            if d.disrupted_zones:
+                members = sorted(m for m, z in peers.zones.items() if z in d.disrupted_zones)
+                self._event("heal-zone-disrupted", "",
+                            [f"zone-disrupted: {z}: most of its members fell silent at once; "
+                             "nothing there is acted on" for z in d.disrupted_zones],
+                            {"zones": list(d.disrupted_zones), "members": members})
+            else:
+                self._event("heal-zone-recovered", "", ["no zone is disrupted any more"],
+                            {"zones": list(self._zones_recorded)})
+            self._zones_recorded = d.disrupted_zones
+        if d.frozen:
+            return
+        for a in d.actions:
+            if a.dry_run:
+                key = dedupe_key("heal-dry-run", a.reasons)
+                if self._recorded.get(a.member_id) != key:
+                    self._event("heal-dry-run", a.member_id, a.reasons,
+                                {"action": a.kind, "mode": "dry-run"})
+                    self._recorded[a.member_id] = key
+        for r in d.refusals:
+            if all(x.startswith(_QUIET_REFUSALS) for x in r.reasons):
+                continue
+            key = dedupe_key("heal-refuse", r.reasons)
+            if self._recorded.get(r.member_id) != key:
+                self._event("heal-refuse", r.member_id, r.reasons)
+                self._recorded[r.member_id] = key
+
+    def _write_state(self, d: Decision, g: _Gathered, api_error: str) -> None:
+        if self.state_path is None:
+            return
+        from agent.host import state as statefile
+
+        doc = {
+            "mode": self.policy.mode, "action": self.policy.action,
+            "frozen": d.frozen, "reason": d.freeze.reason if d.freeze else "",
+            "reasons": list(d.freeze.reasons) if d.freeze else [],
+            "scope": d.freeze.scope if d.freeze else "",
+            "budget_left": max(0, self.policy.max_per_window - g.budget_used),
+            "in_flight": sum(1 for o in g.outcomes.values() if o == "in-flight"),
+            "paused": g.paused, "superseded": self.superseded,
+            "disrupted_zones": list(d.disrupted_zones),
+            "api_error": api_error[:300], "store_errors": g.errors[:3],
+            "last_step": self.clock.time(),
+            "last_outcomes": [o.__dict__ for o in self.outcomes[-5:]],
+        }
+        try:
+            statefile.update(self.state_path, lambda s: s.__setitem__("heal", doc))
+        except AgentError as exc:
+            log.warning("cannot record heal state: %s", exc)
