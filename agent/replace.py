@@ -854,7 +854,11 @@ class HealController:
                 lease = self._fence(lease, "SetInstanceHealth")
                 self.cloud.set_unhealthy(m, respect_grace=True)
                 detail = f"marked Unhealthy in {a.group}"
-            elif ec2_state == "terminated":
+            elif ec2_state == "terminated" and info is not None:
+                # EC2 itself answered "terminated": its ASG replaces it, nothing to do. A
+                # belief from a persisted "not found" (invariant 14) is no such answer (the
+                # ASG still lists it): writing ``acted`` with nothing done would exile a
+                # member EC2 merely lost track of (item 2), so it is terminated, fenced.
                 detail = f"already terminated: {a.group} replaces it"
             else:
                 lease = self._fence(lease, "TerminateInstanceInAutoScalingGroup")
