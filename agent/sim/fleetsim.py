@@ -18,7 +18,9 @@ up, stopped or dead, who can reach the store, which zone is dark. Invariants are
 checked when each mutating cloud call lands and at the end of the run:
 
 * ``false-action``: no terminate/mark/replace of an instance whose agent was up
-  and able to heartbeat within ``dead_after_s`` of the call;
+  and able to heartbeat within ``dead_after_s`` of the call being sent (after the
+  actor's fence; a target that comes back while the request is in transit, which no
+  client can fence, is noted ``landed-late`` in the timeline);
 * ``zone``: nothing done to a member of a zone that is dark (network) at the time;
 * ``double-replacement``: at most one replacement per death;
 * ``rate-limit``: at most ``2 × max_per_window`` actions in any ``window_s``
@@ -554,6 +556,14 @@ class Simulation:
             code = r.choice(("Throttling", "RequestLimitExceeded", "InternalError"))
             raise ClientError({"Error": {"Code": code, "Message": "injected"},
                                "ResponseMetadata": {"HTTPStatusCode": 400}}, op)
+        # Ground truth as it was when the call was sent, i.e. right after the actor's fence
+        # (docs/safety.md 12): an action-stall below holds the request in transit, past the
+        # last point where any client can check anything. EC2 has no conditional terminate
+        # (no fencing token), so a member that comes back while the request is in flight is
+        # beyond the controller's reach; false-action judges the state the actor sent into.
+        sent_t = self.t
+        sent = ({k: x.unable_since for k, x in self.hosts.items()} if op in MUTATING
+                else {})
         if op in MUTATING and p.action_stall and r.random() < p.action_stall:
             self._fault("action-stall")
             self.park(r.uniform(20.0, 120.0))
@@ -570,11 +580,15 @@ class Simulation:
                                "ResponseMetadata": {"HTTPStatusCode": 400}}, op)
         if op not in MUTATING:
             return self.cloud.call(op, kw)
-        # Ground truth as it was when the call landed, before its own effects (a terminate
-        # kills the target's agent inside the call).
-        before = {k: x.unable_since for k, x in self.hosts.items()}
+        # ...and before its own effects (a terminate kills the target's agent inside the
+        # call). A target that came back while the call was in transit is noted, not judged.
+        landed = {k: x.unable_since for k, x in self.hosts.items()}
+        for k, u in sent.items():
+            if u is not None and landed.get(k) is None:
+                self.note("landed-late", k, f"{op} by {h.iid}: sent while it was unable, "
+                          "landed after it came back")
         resp = self.cloud.call(op, kw)
-        self._on_action(h, op, kw, before)
+        self._on_action(h, op, kw, sent, sent_t)
         return resp
 
     def probe(self, endpoint: str) -> bool | None:
@@ -606,7 +620,7 @@ class Simulation:
         self.note("VIOLATION", member, f"{kind}: {detail}")
 
     def _on_action(self, actor: Host, op: str, kw: dict[str, Any],
-                   before: dict[str, float | None]) -> None:
+                   before: dict[str, float | None], sent_t: float) -> None:
         if op == "run_instances":
             tags = {t["Key"]: t["Value"] for s in kw.get("TagSpecifications") or []
                     for t in s.get("Tags", [])}
@@ -620,9 +634,10 @@ class Simulation:
         else:
             targets = [kw["InstanceId"]]
         for m in targets:
-            self._check_action(actor, op, m, before.get(m))
+            self._check_action(actor, op, m, before.get(m), sent_t)
 
-    def _check_action(self, actor: Host, op: str, m: str, unable_since: float | None) -> None:
+    def _check_action(self, actor: Host, op: str, m: str, unable_since: float | None,
+                      sent_t: float) -> None:
         t = self.t
         self.res.actions += 1
         self.res.checks += 6
@@ -634,9 +649,9 @@ class Simulation:
         if h is None:
             return
         h.acted_on = True
-        if unable_since is None or t - unable_since < self.dead_after:
-            since = ("at that moment" if unable_since is None
-                     else f"until {t - unable_since:.1f}s before")
+        if unable_since is None or sent_t - unable_since < self.dead_after:
+            since = ("when the call was sent" if unable_since is None
+                     else f"until {sent_t - unable_since:.1f}s before the call was sent")
             self.violate("false-action", m, f"{op}: its agent was alive and able to heartbeat "
                          f"{since} (dead_after {self.dead_after:g}s)", actor.iid)
         dark = max(self.zone_dark_until.get(h.zone, 0.0), 0.0)
