@@ -34,7 +34,8 @@ checked when each mutating cloud call lands and at the end of the run:
 * ``unjustified-freeze``: a ``failed-replacements`` freeze needs that many
   replacements that really never heartbeated;
 * ``liveness``: a death in a quiet stretch (no other fault, budget left) is
-  replaced within ``bound_s``, or some observer recorded a freeze;
+  replaced within ``bound_s``, or some observer recorded a freeze, or judged the
+  member's zone disrupted (the zone rule, docs/safety.md 15);
 * ``freeze-stuck``: a freeze whose every reason is transient (API failing, own
   writes failing, paused, fresh) has lifted 600 s after the last fault cleared.
 """
@@ -235,6 +236,9 @@ class Simulation:
         self.failed_replacements = 0
         self.freeze_seen: set[tuple[str, str]] = set()
         self.freeze_times: list[float] = []  # every group-scope freeze decision (liveness)
+        # every decision that judged zones disrupted: (t, zones) (liveness, the zone rule)
+        self.zone_holds: list[tuple[float, tuple[str, ...]]] = []
+        self.zone_seen: set[tuple[str, tuple[str, ...]]] = set()
         self.fault_spans: list[tuple[float, float, str]] = []
         self._ips = 0
         self._admin_store: Any = None
@@ -444,6 +448,12 @@ class Simulation:
         if decision.frozen and acted:
             self.violate("frozen", acted[0], f"acted in a step whose decision was frozen: "
                          f"{decision.freeze.reason}", h.iid)
+        zones = tuple(decision.disrupted_zones)
+        if zones:
+            self.zone_holds.append((self.t, zones))
+            if (h.iid, zones) not in self.zone_seen:
+                self.zone_seen.add((h.iid, zones))
+                self.note("zone-disrupted", h.iid, ", ".join(zones))
         if decision.freeze is not None and decision.freeze.scope == "group":
             key = (h.iid, decision.freeze.reason.split(":")[0])
             self.freeze_times.append(self.t)
@@ -1007,6 +1017,13 @@ class Simulation:
             if noisy or deaths_near > self.policy.max_per_window:
                 continue
             if any(t0 <= t <= t1 for t in self.freeze_times):
+                continue
+            # The zone rule (docs/safety.md 15, issue #10): most of a zone, and at least two,
+            # silent at once is a disrupted zone and nothing in it is acted on, by design;
+            # the decision names it (event heal-zone-disrupted), as a freeze names its
+            # reason. Two of the three members of one zone dying together (pair-death) is,
+            # from the outside, a zone going dark. This check predates the rule.
+            if any(t0 <= t <= t1 and h.zone in z for t, z in self.zone_holds):
                 continue
             self.violate("liveness", h.iid, f"died at {h.death_t - T0:.0f}s ({h.death_kind}), "
                          f"not replaced within {bound:.0f}s in a quiet stretch and no freeze "
