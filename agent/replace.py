@@ -354,8 +354,17 @@ class HealController:
             for action in decision.actions:
                 if action.dry_run:
                     self._outcome(Outcome(action.member_id, "dry-run"))
-                else:
+                    continue
+                try:
                     self._execute(action, view, g, decision.disrupted_zones)
+                except (StoreError, MalformedRecord) as exc:
+                    # Store trouble after the lease was created (the budget or in-flight
+                    # record, a lease rewrite) is recorded, never raised: the lease keeps
+                    # the last state the store accepted (held/refused/failed expire; acting
+                    # clears after acting_ttl_s), and no further action this step.
+                    self._lost(action.member_id, f"store-failing during the action: {exc}"[:500],
+                               kind="heal-refuse")
+                    break
         if not g.errors:  # the lease listing already says whether one is against me
             mine = g.leases.get(self.me)
             self.superseded = mine is not None and mine.supersedes

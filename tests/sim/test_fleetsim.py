@@ -160,13 +160,17 @@ REGRESSION = [
     pytest.param("7", "in-flight", "calm", 11, 9, 0.5),
     # zone: one zone of three dark was under freeze_fraction: its members were replaced
     pytest.param("zone", "zone", "zone-outage", 1, 9, 0.35),
+    # store: a StoreError after the lease was created (a lease put, the budget) escaped the
+    #    heal step ("recorded, never raised"); found by the seed sweep after the merge
+    pytest.param("store", "agent-error", "flaky-store", 100, 13, 0.2),
 ]
 
 
 @pytest.mark.parametrize(("item", "kind", "profile", "seed", "members", "hours"), REGRESSION,
                          ids=["10.1-everything-2", "10.2-partitions-1", "10.2-flaky-store-6",
                               "10.3-partitions-3", "10.4-control-plane-2007-10",
-                              "10.7-partitions-6", "10.7-calm-11", "10.zone-zone-outage-1"])
+                              "10.7-partitions-6", "10.7-calm-11", "10.zone-zone-outage-1",
+                              "store-flaky-store-100"])
 def test_regression_seed(item: str, kind: str, profile: str, seed: int, members: int,
                          hours: float) -> None:
     res = fleetsim.run(seed, members, hours, profile)
