@@ -666,7 +666,12 @@ class Simulation:
                          f"{since} (dead_after {self.dead_after:g}s)", actor.iid)
         dark = max(self.zone_dark_until.get(h.zone, 0.0), 0.0)
         since_dark = self.zone_dark_since.get(h.zone)
-        if since_dark is not None and since_dark <= t < dark + self.dead_after:
+        # While dark, nothing; for dead_after after the lights come back, nothing whose agent
+        # is up (its heartbeat may not have landed yet). A target whose agent is dead is an
+        # ordinary death once the zone is lit and its other members answer again: the zone
+        # rule heals it (docs/safety.md 15), the controller cannot and need not wait longer.
+        lit_grace = t >= dark and h.proc == "dead"
+        if since_dark is not None and since_dark <= t < dark + self.dead_after and not lit_grace:
             self.violate("zone", m, f"{op} against a member of {h.zone}, which is dark "
                          f"(network outage since {since_dark - T0:.0f}s)", actor.iid)
         start = self.step_start.get(actor.iid, t)
