@@ -883,12 +883,12 @@ class HealController:
             if ec2_state != "terminated":
                 changes["pending_terminate"] = m
             # Persist the launch before terminating, so a crash here still shows it.
-            lease = self._rewrite(lease, **changes) or replace(lease, **changes)
+            lease = self._write_acted(lease, **changes)
             detail = f"launched {new} ({spec.source}, subnet {spec.subnet_id})"
             if lease.pending_terminate:
                 lease, more = self._terminate_after_launch(lease)
                 detail += more
-            return self._rewrite(lease, detail=detail) or lease, detail
+            return self._write_acted(lease, detail=detail), detail
         elif kind == "hook":
             if not self.hook_command:
                 raise AgentError("heal.action is hook but heal.hook is not set")
@@ -897,7 +897,20 @@ class HealController:
         else:
             raise AgentError(f"unknown action {kind!r}")
         changes["detail"] = detail
-        return self._rewrite(lease, **changes) or replace(lease, **changes), detail
+        return self._write_acted(lease, **changes), detail
+
+    def _write_acted(self, lease: Lease, **changes: Any) -> Lease:
+        """Write down what a mutating call already did. A store failure here must not read
+        as "nothing happened" (the caller would mark the lease failed and free its in-flight
+        slot, hiding a real action): the store keeps ``acting`` (never cleared before
+        ``acting_ttl_s``) and the slot stays taken; the next rewrite carries on from here."""
+        try:
+            return self._rewrite(lease, **changes) or replace(lease, **changes)
+        except StoreError as exc:
+            log.warning("could not record the action on %s's lease: %s", lease.member, exc)
+            new = replace(lease, **changes)
+            self._lease_cache[lease.member] = new
+            return new
 
     def _terminate_after_launch(self, lease: Lease, *, retry: bool = False) -> tuple[Lease, str]:
         """TerminateInstances after a launch, fenced; on failure it stays pending (9)."""
@@ -912,7 +925,7 @@ class HealController:
             state = self.cloud.terminate(m)
         except CloudError as exc:
             return lease, f"; terminating {m} failed (retried later): {exc}"
-        done = self._rewrite(lease, pending_terminate="") or replace(lease, pending_terminate="")
+        done = self._write_acted(lease, pending_terminate="")
         return done, f"; terminated {m}: {state}"
 
     def _retry_terminate(self, lease: Lease) -> Lease:

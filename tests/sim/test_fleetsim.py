@@ -166,6 +166,9 @@ REGRESSION = [
     # zone (checker): a really dead member of a zone that had just come back, its other
     #    members heartbeating again, was replaced 17 s after the lights came back
     pytest.param("zone", "zone", "zone-outage", 109, 16, 0.56),
+    # acted: the terminate landed, writing "acted" hit a store error, and the lease was
+    #    marked failed and its in-flight slot freed: a second observer acted, cap 1
+    pytest.param("acted", "in-flight", "everything", 121, 16, 0.91),
 ]
 
 
@@ -173,7 +176,8 @@ REGRESSION = [
                          ids=["10.1-everything-2", "10.2-partitions-1", "10.2-flaky-store-6",
                               "10.3-partitions-3", "10.4-control-plane-2007-10",
                               "10.7-partitions-6", "10.7-calm-11", "10.zone-zone-outage-1",
-                              "store-flaky-store-100", "zone-zone-outage-109"])
+                              "store-flaky-store-100", "zone-zone-outage-109",
+                              "acted-everything-121"])
 def test_regression_seed(item: str, kind: str, profile: str, seed: int, members: int,
                          hours: float) -> None:
     res = fleetsim.run(seed, members, hours, profile)
