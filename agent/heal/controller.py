@@ -354,8 +354,17 @@ class HealController:
             for action in decision.actions:
                 if action.dry_run:
                     self._outcome(Outcome(action.member_id, "dry-run"))
-                else:
+                    continue
+                try:
                     self._execute(action, view, g, decision.disrupted_zones)
+                except (StoreError, MalformedRecord) as exc:
+                    # Store trouble after the lease was created (the budget or in-flight
+                    # record, a lease rewrite) is recorded, never raised: the lease keeps
+                    # the last state the store accepted (held/refused/failed expire; acting
+                    # clears after acting_ttl_s), and no further action this step.
+                    self._lost(action.member_id, f"store-failing during the action: {exc}"[:500],
+                               kind="heal-refuse")
+                    break
         if not g.errors:  # the lease listing already says whether one is against me
             mine = g.leases.get(self.me)
             self.superseded = mine is not None and mine.supersedes
@@ -854,7 +863,11 @@ class HealController:
                 lease = self._fence(lease, "SetInstanceHealth")
                 self.cloud.set_unhealthy(m, respect_grace=True)
                 detail = f"marked Unhealthy in {a.group}"
-            elif ec2_state == "terminated":
+            elif ec2_state == "terminated" and info is not None:
+                # EC2 itself answered "terminated": its ASG replaces it, nothing to do. A
+                # belief from a persisted "not found" (invariant 14) is no such answer (the
+                # ASG still lists it): writing ``acted`` with nothing done would exile a
+                # member EC2 merely lost track of (item 2), so it is terminated, fenced.
                 detail = f"already terminated: {a.group} replaces it"
             else:
                 lease = self._fence(lease, "TerminateInstanceInAutoScalingGroup")
@@ -870,12 +883,12 @@ class HealController:
             if ec2_state != "terminated":
                 changes["pending_terminate"] = m
             # Persist the launch before terminating, so a crash here still shows it.
-            lease = self._rewrite(lease, **changes) or replace(lease, **changes)
+            lease = self._write_acted(lease, **changes)
             detail = f"launched {new} ({spec.source}, subnet {spec.subnet_id})"
             if lease.pending_terminate:
                 lease, more = self._terminate_after_launch(lease)
                 detail += more
-            return self._rewrite(lease, detail=detail) or lease, detail
+            return self._write_acted(lease, detail=detail), detail
         elif kind == "hook":
             if not self.hook_command:
                 raise AgentError("heal.action is hook but heal.hook is not set")
@@ -884,7 +897,20 @@ class HealController:
         else:
             raise AgentError(f"unknown action {kind!r}")
         changes["detail"] = detail
-        return self._rewrite(lease, **changes) or replace(lease, **changes), detail
+        return self._write_acted(lease, **changes), detail
+
+    def _write_acted(self, lease: Lease, **changes: Any) -> Lease:
+        """Write down what a mutating call already did. A store failure here must not read
+        as "nothing happened" (the caller would mark the lease failed and free its in-flight
+        slot, hiding a real action): the store keeps ``acting`` (never cleared before
+        ``acting_ttl_s``) and the slot stays taken; the next rewrite carries on from here."""
+        try:
+            return self._rewrite(lease, **changes) or replace(lease, **changes)
+        except StoreError as exc:
+            log.warning("could not record the action on %s's lease: %s", lease.member, exc)
+            new = replace(lease, **changes)
+            self._lease_cache[lease.member] = new
+            return new
 
     def _terminate_after_launch(self, lease: Lease, *, retry: bool = False) -> tuple[Lease, str]:
         """TerminateInstances after a launch, fenced; on failure it stays pending (9)."""
@@ -899,7 +925,7 @@ class HealController:
             state = self.cloud.terminate(m)
         except CloudError as exc:
             return lease, f"; terminating {m} failed (retried later): {exc}"
-        done = self._rewrite(lease, pending_terminate="") or replace(lease, pending_terminate="")
+        done = self._write_acted(lease, pending_terminate="")
         return done, f"; terminated {m}: {state}"
 
     def _retry_terminate(self, lease: Lease) -> Lease:

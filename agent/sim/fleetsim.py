@@ -18,7 +18,9 @@ up, stopped or dead, who can reach the store, which zone is dark. Invariants are
 checked when each mutating cloud call lands and at the end of the run:
 
 * ``false-action``: no terminate/mark/replace of an instance whose agent was up
-  and able to heartbeat within ``dead_after_s`` of the call;
+  and able to heartbeat within ``dead_after_s`` of the call being sent (after the
+  actor's fence; a target that comes back while the request is in transit, which no
+  client can fence, is noted ``landed-late`` in the timeline);
 * ``zone``: nothing done to a member of a zone that is dark (network) at the time;
 * ``double-replacement``: at most one replacement per death;
 * ``rate-limit``: at most ``2 × max_per_window`` actions in any ``window_s``
@@ -32,7 +34,8 @@ checked when each mutating cloud call lands and at the end of the run:
 * ``unjustified-freeze``: a ``failed-replacements`` freeze needs that many
   replacements that really never heartbeated;
 * ``liveness``: a death in a quiet stretch (no other fault, budget left) is
-  replaced within ``bound_s``, or some observer recorded a freeze;
+  replaced within ``bound_s``, or some observer recorded a freeze, or judged the
+  member's zone disrupted (the zone rule, docs/safety.md 15);
 * ``freeze-stuck``: a freeze whose every reason is transient (API failing, own
   writes failing, paused, fresh) has lifted 600 s after the last fault cleared.
 """
@@ -233,6 +236,9 @@ class Simulation:
         self.failed_replacements = 0
         self.freeze_seen: set[tuple[str, str]] = set()
         self.freeze_times: list[float] = []  # every group-scope freeze decision (liveness)
+        # every decision that judged zones disrupted: (t, zones) (liveness, the zone rule)
+        self.zone_holds: list[tuple[float, tuple[str, ...]]] = []
+        self.zone_seen: set[tuple[str, tuple[str, ...]]] = set()
         self.fault_spans: list[tuple[float, float, str]] = []
         self._ips = 0
         self._admin_store: Any = None
@@ -442,6 +448,12 @@ class Simulation:
         if decision.frozen and acted:
             self.violate("frozen", acted[0], f"acted in a step whose decision was frozen: "
                          f"{decision.freeze.reason}", h.iid)
+        zones = tuple(decision.disrupted_zones)
+        if zones:
+            self.zone_holds.append((self.t, zones))
+            if (h.iid, zones) not in self.zone_seen:
+                self.zone_seen.add((h.iid, zones))
+                self.note("zone-disrupted", h.iid, ", ".join(zones))
         if decision.freeze is not None and decision.freeze.scope == "group":
             key = (h.iid, decision.freeze.reason.split(":")[0])
             self.freeze_times.append(self.t)
@@ -554,6 +566,14 @@ class Simulation:
             code = r.choice(("Throttling", "RequestLimitExceeded", "InternalError"))
             raise ClientError({"Error": {"Code": code, "Message": "injected"},
                                "ResponseMetadata": {"HTTPStatusCode": 400}}, op)
+        # Ground truth as it was when the call was sent, i.e. right after the actor's fence
+        # (docs/safety.md 12): an action-stall below holds the request in transit, past the
+        # last point where any client can check anything. EC2 has no conditional terminate
+        # (no fencing token), so a member that comes back while the request is in flight is
+        # beyond the controller's reach; false-action judges the state the actor sent into.
+        sent_t = self.t
+        sent = ({k: x.unable_since for k, x in self.hosts.items()} if op in MUTATING
+                else {})
         if op in MUTATING and p.action_stall and r.random() < p.action_stall:
             self._fault("action-stall")
             self.park(r.uniform(20.0, 120.0))
@@ -570,11 +590,15 @@ class Simulation:
                                "ResponseMetadata": {"HTTPStatusCode": 400}}, op)
         if op not in MUTATING:
             return self.cloud.call(op, kw)
-        # Ground truth as it was when the call landed, before its own effects (a terminate
-        # kills the target's agent inside the call).
-        before = {k: x.unable_since for k, x in self.hosts.items()}
+        # ...and before its own effects (a terminate kills the target's agent inside the
+        # call). A target that came back while the call was in transit is noted, not judged.
+        landed = {k: x.unable_since for k, x in self.hosts.items()}
+        for k, u in sent.items():
+            if u is not None and landed.get(k) is None:
+                self.note("landed-late", k, f"{op} by {h.iid}: sent while it was unable, "
+                          "landed after it came back")
         resp = self.cloud.call(op, kw)
-        self._on_action(h, op, kw, before)
+        self._on_action(h, op, kw, sent, sent_t)
         return resp
 
     def probe(self, endpoint: str) -> bool | None:
@@ -606,7 +630,7 @@ class Simulation:
         self.note("VIOLATION", member, f"{kind}: {detail}")
 
     def _on_action(self, actor: Host, op: str, kw: dict[str, Any],
-                   before: dict[str, float | None]) -> None:
+                   before: dict[str, float | None], sent_t: float) -> None:
         if op == "run_instances":
             tags = {t["Key"]: t["Value"] for s in kw.get("TagSpecifications") or []
                     for t in s.get("Tags", [])}
@@ -620,9 +644,10 @@ class Simulation:
         else:
             targets = [kw["InstanceId"]]
         for m in targets:
-            self._check_action(actor, op, m, before.get(m))
+            self._check_action(actor, op, m, before.get(m), sent_t)
 
-    def _check_action(self, actor: Host, op: str, m: str, unable_since: float | None) -> None:
+    def _check_action(self, actor: Host, op: str, m: str, unable_since: float | None,
+                      sent_t: float) -> None:
         t = self.t
         self.res.actions += 1
         self.res.checks += 6
@@ -634,14 +659,19 @@ class Simulation:
         if h is None:
             return
         h.acted_on = True
-        if unable_since is None or t - unable_since < self.dead_after:
-            since = ("at that moment" if unable_since is None
-                     else f"until {t - unable_since:.1f}s before")
+        if unable_since is None or sent_t - unable_since < self.dead_after:
+            since = ("when the call was sent" if unable_since is None
+                     else f"until {sent_t - unable_since:.1f}s before the call was sent")
             self.violate("false-action", m, f"{op}: its agent was alive and able to heartbeat "
                          f"{since} (dead_after {self.dead_after:g}s)", actor.iid)
         dark = max(self.zone_dark_until.get(h.zone, 0.0), 0.0)
         since_dark = self.zone_dark_since.get(h.zone)
-        if since_dark is not None and since_dark <= t < dark + self.dead_after:
+        # While dark, nothing; for dead_after after the lights come back, nothing whose agent
+        # is up (its heartbeat may not have landed yet). A target whose agent is dead is an
+        # ordinary death once the zone is lit and its other members answer again: the zone
+        # rule heals it (docs/safety.md 15), the controller cannot and need not wait longer.
+        lit_grace = t >= dark and h.proc == "dead"
+        if since_dark is not None and since_dark <= t < dark + self.dead_after and not lit_grace:
             self.violate("zone", m, f"{op} against a member of {h.zone}, which is dark "
                          f"(network outage since {since_dark - T0:.0f}s)", actor.iid)
         start = self.step_start.get(actor.iid, t)
@@ -992,6 +1022,13 @@ class Simulation:
             if noisy or deaths_near > self.policy.max_per_window:
                 continue
             if any(t0 <= t <= t1 for t in self.freeze_times):
+                continue
+            # The zone rule (docs/safety.md 15, issue #10): most of a zone, and at least two,
+            # silent at once is a disrupted zone and nothing in it is acted on, by design;
+            # the decision names it (event heal-zone-disrupted), as a freeze names its
+            # reason. Two of the three members of one zone dying together (pair-death) is,
+            # from the outside, a zone going dark. This check predates the rule.
+            if any(t0 <= t <= t1 and h.zone in z for t, z in self.zone_holds):
                 continue
             self.violate("liveness", h.iid, f"died at {h.death_t - T0:.0f}s ({h.death_kind}), "
                          f"not replaced within {bound:.0f}s in a quiet stretch and no freeze "
