@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -213,15 +213,17 @@ def count_suspicions(entries: Iterable[Any], group: str, store_now: float,
 
 # -- store operations others use too -----------------------------------------------------------
 
-def take_budget(store: StoreAPI, group: str, *, window_s: float, max_per_window: int,
-                store_now: float, retry: Retry = CAS_RETRY) -> tuple[bool, str]:
-    """Spend one replacement from the group's counter with compare-and-swap.
+def _cas_json(store: StoreAPI, key: str, what: str, *, store_now: float,
+              update: Callable[[dict[str, Any] | None, float], tuple[dict[str, Any] | None, str]],
+              retry: Retry) -> tuple[dict[str, Any] | None, str, bool]:
+    """Read a JSON record, apply the pure ``update``, write it back by compare-and-swap.
 
-    ``(True, detail)`` when spent; ``(False, reason)`` when the window is full or the
-    race could not be won within ``retry``. ``store_now`` is used only when the
-    counter does not exist yet (a 404 carries no body to read a clock from).
+    ``update(record, store_time)`` returns ``(new record, "")`` or ``(None, refusal)``.
+    Returns ``(new, "", False)`` once written, ``(None, refusal, False)`` when refused, or
+    ``(None, reason, True)`` when the race could not be won within ``retry``.
+    ``store_now`` is the clock used only when the record does not exist yet (a 404
+    carries no body to read a clock from).
     """
-    key = budget_key(group)
     while True:
         obj = store.get_or_none(key)
         rec = None
@@ -231,24 +233,43 @@ def take_budget(store: StoreAPI, group: str, *, window_s: float, max_per_window:
             try:
                 rec = json.loads(obj.body)
             except ValueError as exc:
-                raise MalformedRecord(f"budget counter is not JSON: {exc}") from exc
-        new = budget_take(rec, now, window_s, max_per_window)
+                raise MalformedRecord(f"{what} is not JSON: {exc}") from exc
+        new, refusal = update(rec, now)
         if new is None:
-            _, used = budget_after(rec, now, window_s)
-            return False, f"rate-limit: {used}/{max_per_window} used in this {window_s:g}s window"
+            return None, refusal, False
         body = json.dumps(new, sort_keys=True).encode()
         try:
             if obj is None:
                 store.create(key, body, content_type="application/json")
             else:
                 store.put(key, body, if_match=obj.etag, content_type="application/json")
-            return True, f"budget {new['used']}/{max_per_window}"
+            return new, "", False
         except (PreconditionFailed, NotFound) as exc:
             retry = retry.increment(type(exc).__name__)
             if retry.exhausted:
-                return False, (f"budget-contention: lost {len(retry.history)} "
-                               f"compare-and-swap races")
+                return None, f"lost {len(retry.history)} compare-and-swap races", True
             retry.sleep()
+
+
+def take_budget(store: StoreAPI, group: str, *, window_s: float, max_per_window: int,
+                store_now: float, retry: Retry = CAS_RETRY) -> tuple[bool, str]:
+    """Spend one replacement from the group's counter with compare-and-swap.
+
+    ``(True, detail)`` when spent; ``(False, reason)`` when the window is full or the
+    race could not be won within ``retry``.
+    """
+    def update(rec: dict[str, Any] | None, now: float) -> tuple[dict[str, Any] | None, str]:
+        new = budget_take(rec, now, window_s, max_per_window)
+        if new is None:
+            _, used = budget_after(rec, now, window_s)
+            return None, f"rate-limit: {used}/{max_per_window} used in this {window_s:g}s window"
+        return new, ""
+
+    new, why, lost = _cas_json(store, budget_key(group), "budget counter",
+                               store_now=store_now, update=update, retry=retry)
+    if new is None:
+        return False, f"budget-contention: {why}" if lost else why
+    return True, f"budget {new['used']}/{max_per_window}"
 
 
 def inflight_take(record: Mapping[str, Any] | None, member: str, now: float, cap: int,
@@ -277,35 +298,20 @@ def take_inflight(store: StoreAPI, group: str, member: str, *, cap: int,
                   open_members: Iterable[str], expiry_s: float, store_now: float,
                   retry: Retry = CAS_RETRY) -> tuple[bool, str]:
     """Claim one of the group's ``cap`` in-flight slots by compare-and-swap (invariant 5)."""
-    key = inflight_key(group)
     opened = set(open_members)
-    while True:
-        obj = store.get_or_none(key)
-        rec = None
-        now = store_now
-        if obj is not None:
-            now = obj.store_now
-            try:
-                rec = json.loads(obj.body)
-            except ValueError as exc:
-                raise MalformedRecord(f"in-flight record is not JSON: {exc}") from exc
+
+    def update(rec: dict[str, Any] | None, now: float) -> tuple[dict[str, Any] | None, str]:
         new = inflight_take(rec, member, now, cap, opened, expiry_s)
         if new is None:
-            return False, (f"in-flight: {len((rec or {}).get('members') or {})}/{cap} "
-                           "replacements in flight group-wide")
-        body = json.dumps(new, sort_keys=True).encode()
-        try:
-            if obj is None:
-                store.create(key, body, content_type="application/json")
-            else:
-                store.put(key, body, if_match=obj.etag, content_type="application/json")
-            return True, f"in-flight {len(new['members'])}/{cap}"
-        except (PreconditionFailed, NotFound) as exc:
-            retry = retry.increment(type(exc).__name__)
-            if retry.exhausted:
-                return False, (f"in-flight-contention: lost {len(retry.history)} "
-                               "compare-and-swap races")
-            retry.sleep()
+            return None, (f"in-flight: {len((rec or {}).get('members') or {})}/{cap} "
+                          "replacements in flight group-wide")
+        return new, ""
+
+    new, why, lost = _cas_json(store, inflight_key(group), "in-flight record",
+                               store_now=store_now, update=update, retry=retry)
+    if new is None:
+        return False, f"in-flight-contention: {why}" if lost else why
+    return True, f"in-flight {len(new['members'])}/{cap}"
 
 
 def release_inflight(store: StoreAPI, group: str, member: str,
