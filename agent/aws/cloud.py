@@ -91,30 +91,12 @@ class Cloud:
     def states(self, instance_ids: Iterable[str]) -> dict[str, str]:
         """EC2 state name per id; raises ``CloudError`` when the API fails.
 
-        Ids EC2 does not know (long terminated) read as ``terminated``.
+        Ids EC2 does not know (long terminated) read as ``terminated``: the heal
+        controller uses ``instances`` instead, which leaves them out.
         """
         ids = sorted(set(instance_ids))
-        out: dict[str, str] = {}
-        for i in range(0, len(ids), _DESCRIBE_CHUNK):
-            chunk = ids[i:i + _DESCRIBE_CHUNK]
-            try:
-                resp = self.ec2.describe_instances(InstanceIds=chunk)
-            except awserrors.AWS_ERRORS as exc:
-                if awserrors.error_code(exc) in _NOT_FOUND and len(chunk) > 1:
-                    # One unknown id fails the whole call: ask one by one.
-                    for iid in chunk:
-                        out.update(self.states([iid]))
-                    continue
-                if awserrors.error_code(exc) in _NOT_FOUND:
-                    out[chunk[0]] = "terminated"
-                    continue
-                raise _fail("describe instances", exc) from exc
-            for r in resp.get("Reservations", []):
-                for inst in r.get("Instances", []):
-                    out[inst["InstanceId"]] = inst["State"]["Name"]
-            for iid in chunk:
-                out.setdefault(iid, "terminated")
-        return out
+        known = self.instances(ids)
+        return {iid: known[iid].state if iid in known else "terminated" for iid in ids}
 
     def instances(self, instance_ids: Iterable[str]) -> dict[str, InstanceInfo]:
         """What EC2 says about each id it knows; ids it does not know are left out.
@@ -130,6 +112,7 @@ class Cloud:
                 resp = self.ec2.describe_instances(InstanceIds=chunk)
             except awserrors.AWS_ERRORS as exc:
                 if awserrors.error_code(exc) in _NOT_FOUND and len(chunk) > 1:
+                    # One unknown id fails the whole call: ask one by one.
                     for iid in chunk:
                         out.update(self.instances([iid]))
                     continue
