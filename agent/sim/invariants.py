@@ -1,0 +1,231 @@
+"""The ground-truth checker: invariants at every mutating call, after every step, at the end.
+
+Ground truth is kept beside the agents, never read by them: which processes are
+up, stopped or dead, who can reach the store, which zone is dark. Invariants are
+checked when each mutating cloud call lands and at the end of the run:
+
+* ``false-action``: no terminate/mark/replace of an instance whose agent was up
+  and able to heartbeat within ``dead_after_s`` of the call being sent (after the
+  actor's fence; a target that comes back while the request is in transit, which no
+  client can fence, is noted ``landed-late`` in the timeline);
+* ``zone``: nothing done to a member of a zone that is dark (network) at the time;
+* ``double-replacement``: at most one replacement per death;
+* ``rate-limit``: at most ``2 × max_per_window`` actions in any ``window_s``
+  (the budget is fixed windows: two can touch), group-wide;
+* ``in-flight``: actions whose replacement has not heartbeated yet stay within
+  ``in_flight_cap(group)`` group-wide;
+* ``paused`` / ``frozen``: nothing done in a step that started while the kill
+  switch was present, nor in a step whose decision was frozen;
+* ``exiled``: a member whose instance still runs and that nobody acted on never
+  steps down as superseded;
+* ``unjustified-freeze``: a ``failed-replacements`` freeze needs that many
+  replacements that really never heartbeated;
+* ``liveness``: a death in a quiet stretch (no other fault, budget left) is
+  replaced within ``bound_s``, or some observer recorded a freeze, or judged the
+  member's zone disrupted (the zone rule, docs/safety.md 15);
+* ``freeze-stuck``: a freeze whose every reason is transient (API failing, own
+  writes failing, paused, fresh) has lifted 600 s after the last fault cleared.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from agent.sim.vtime import Scheduler
+from agent.sim.world import T0, Host, Violation
+
+
+class Checker(Scheduler):
+    """Invariants against ground truth (a mixin of ``Simulation``)."""
+
+    def violate(self, kind: str, member: str, detail: str, actor: str = "") -> None:
+        key = (kind, member, actor)
+        if key in self._violated:  # once per kind, member and actor: the first is the finding
+            return
+        self._violated.add(key)
+        v = Violation(self.t, kind, detail, member, actor)
+        self.res.violations.append(v)
+        if kind == "false-action":
+            self.res.false_replacements += 1
+        self.note("VIOLATION", member, f"{kind}: {detail}")
+
+    def _after_step(self, h: Host, decision: Any, acted: list[str]) -> None:
+        self.res.checks += 1
+        h.freeze_reasons = tuple(decision.freeze.reasons) if decision.frozen else ()
+        if decision.frozen and acted:
+            self.violate("frozen", acted[0], f"acted in a step whose decision was frozen: "
+                         f"{decision.freeze.reason}", h.iid)
+        zones = tuple(decision.disrupted_zones)
+        if zones:
+            self.zone_holds.append((self.t, zones))
+            if (h.iid, zones) not in self.zone_seen:
+                self.zone_seen.add((h.iid, zones))
+                self.note("zone-disrupted", h.iid, ", ".join(zones))
+        if decision.freeze is not None and decision.freeze.scope == "group":
+            key = (h.iid, decision.freeze.reason.split(":")[0])
+            self.freeze_times.append(self.t)
+            if key not in self.freeze_seen:
+                self.freeze_seen.add(key)
+                self.res.freezes += 1
+                self.note("freeze", h.iid, decision.freeze.reason)
+            for r in decision.freeze.reasons:
+                if r.startswith("failed-replacements"):
+                    self.res.checks += 1
+                    if self.failed_replacements < self.policy.failed_before_freeze:
+                        self.violate(
+                            "unjustified-freeze", "", f"{r} but only {self.failed_replacements} "
+                            f"replacement(s) really failed to heartbeat", h.iid)
+
+    def _exiled(self, h: Host) -> None:
+        self.res.checks += 1
+        inst = self.cloud.instances.get(h.iid)
+        self.note("superseded", h.iid)
+        if not h.acted_on and inst is not None and inst.state == "running":
+            self.violate("exiled", h.iid, "stepped down as superseded, but nobody acted on it "
+                         "and its instance still runs")
+        h.left = True
+        self._able(h)
+
+    def _on_action(self, actor: Host, op: str, kw: dict[str, Any],
+                   before: dict[str, float | None], sent_t: float) -> None:
+        if op == "run_instances":
+            tags = {t["Key"]: t["Value"] for s in kw.get("TagSpecifications") or []
+                    for t in s.get("Tags", [])}
+            targets = [tags.get("ec2-agent:replaces", "")]
+        elif op == "terminate_instances":
+            targets = list(kw.get("InstanceIds") or [])
+        elif op == "set_instance_health":
+            if kw.get("HealthStatus") != "Unhealthy":
+                return
+            targets = [kw["InstanceId"]]
+        else:
+            targets = [kw["InstanceId"]]
+        for m in targets:
+            self._check_action(actor, op, m, before.get(m), sent_t)
+
+    def _check_action(self, actor: Host, op: str, m: str, unable_since: float | None,
+                      sent_t: float) -> None:
+        t = self.t
+        self.res.actions += 1
+        self.res.checks += 6
+        self.actions.append((t, actor.iid, op, m))
+        self.note("action", m, f"{op} by {actor.iid}")
+        if actor.iid in self.stepping:
+            self.stepping[actor.iid].append(m)
+        h = self.hosts.get(m)
+        if h is None:
+            return
+        h.acted_on = True
+        if unable_since is None or sent_t - unable_since < self.dead_after:
+            since = ("when the call was sent" if unable_since is None
+                     else f"until {sent_t - unable_since:.1f}s before the call was sent")
+            self.violate("false-action", m, f"{op}: its agent was alive and able to heartbeat "
+                         f"{since} (dead_after {self.dead_after:g}s)", actor.iid)
+        dark = max(self.zone_dark_until.get(h.zone, 0.0), 0.0)
+        since_dark = self.zone_dark_since.get(h.zone)
+        # While dark, nothing; for dead_after after the lights come back, nothing whose agent
+        # is up (its heartbeat may not have landed yet). A target whose agent is dead is an
+        # ordinary death once the zone is lit and its other members answer again: the zone
+        # rule heals it (docs/safety.md 15), the controller cannot and need not wait longer.
+        lit_grace = t >= dark and h.proc == "dead"
+        if since_dark is not None and since_dark <= t < dark + self.dead_after and not lit_grace:
+            self.violate("zone", m, f"{op} against a member of {h.zone}, which is dark "
+                         f"(network outage since {since_dark - T0:.0f}s)", actor.iid)
+        start = self.step_start.get(actor.iid, t)
+        if self.pause_set_at is not None and self.pause_set_at < start - 1.0:
+            self.violate("paused", m, f"{op} in a step that began after the kill switch was "
+                         f"set ({self.pause_set_at - T0:.0f}s)", actor.iid)
+        window = [a for a in self.actions if a[0] > t - self.policy.window_s]
+        if len(window) > 2 * self.policy.max_per_window:
+            self.violate("rate-limit", m, f"{len(window)} actions within {self.policy.window_s:g}s"
+                         f" (max_per_window {self.policy.max_per_window})", actor.iid)
+        group = sum(1 for x in self.hosts.values() if x.proc != "dead" and not x.left)
+        cap = self.policy.in_flight_cap(max(group, 1))
+        in_flight = self._in_flight(t) - 1
+        if in_flight + 1 > max(cap, 1):
+            self.violate("in-flight", m, f"{in_flight + 1} replacements in flight, cap {cap} for "
+                         f"{group} members", actor.iid)
+
+    def _in_flight(self, t: float) -> int:
+        """Actions whose target's replacement has not heartbeated yet (and is not overdue)."""
+        n = 0
+        seen: set[str] = set()
+        for at, _, _, m in reversed(self.actions):
+            if t - at > self.replace_deadline:
+                break
+            if m in seen:
+                continue
+            seen.add(m)
+            arrived = any(x.replaces == m and x.first_beat is not None
+                          for x in self.hosts.values())
+            if not arrived:
+                n += 1
+        return n
+
+    def _track_failures(self) -> None:
+        """Ground truth for the failure streak: replacements that never heartbeated in time."""
+        if self.replace_deadline:
+            d = self.replace_deadline
+            self.failed_replacements = sum(
+                1 for h in self.hosts.values() if h.replaces and (
+                    (h.first_beat is None and self.t - h.launched >= d)
+                    or (h.first_beat is not None and h.first_beat - h.launched >= d)))
+        self.at(self.t + 30.0, self._track_failures)
+
+    def _check_freezes_lift(self) -> None:
+        """A freeze whose causes are transient (API, store, pause) lifts once they clear."""
+        transient = ("api-failing", "observer-sick", "paused", "observer-fresh")
+        p = self.profile
+        if any((p.store_error, p.store_latency, p.lost_response, p.call_stall, p.cloud_error,
+                p.action_stall, p.wrong_describe)):
+            return  # per-call faults never stop: there is no quiet stretch to judge
+        quiet_since = max((e for _, e, _ in self.fault_spans), default=T0)
+        deaths = [h.death_t for h in self.hosts.values() if h.death_t is not None]
+        last_death = max(deaths, default=T0)
+        if (self.end - max(quiet_since, last_death) < 600.0 or self.pause_set_at is not None
+                or self.t < self.api_down_until):
+            return
+        for h in sorted(self.hosts.values(), key=lambda h: h.iid):
+            if h.proc != "up" or h.left or not h.freeze_reasons:
+                continue
+            self.res.checks += 1
+            if all(r.startswith(transient) for r in h.freeze_reasons):
+                self.violate("freeze-stuck", "", f"still frozen ({'; '.join(h.freeze_reasons)})"
+                             f" {self.end - quiet_since:.0f}s after the last fault cleared",
+                             h.iid)
+
+    def bound_s(self) -> float:
+        """How long a death may wait for its replacement in a quiet stretch."""
+        p = self.policy
+        return (p.silent_after_s + p.dead_after_s + 6 * self.interval + self.cloud.boot_s
+                + 10.0 + 60.0)
+
+    def _final_checks(self) -> None:
+        self._check_freezes_lift()
+        bound = self.bound_s()
+        for h in sorted(self.hosts.values(), key=lambda h: h.iid):
+            if h.death_t is None or h.death_t + bound > self.end:
+                continue
+            self.res.checks += 1
+            if self.replaced_count[h.iid]:
+                continue
+            t0, t1 = h.death_t - self.dead_after, h.death_t + bound
+            noisy = any(s < t1 and e >= t0 and not (abs(s - h.death_t) < 1e-9)
+                        for s, e, _ in self.fault_spans)
+            deaths_near = sum(1 for x in self.hosts.values()
+                              if x.death_t is not None and t0 - self.policy.window_s
+                              <= x.death_t <= t1)
+            if noisy or deaths_near > self.policy.max_per_window:
+                continue
+            if any(t0 <= t <= t1 for t in self.freeze_times):
+                continue
+            # The zone rule (docs/safety.md 15, issue #10): most of a zone, and at least two,
+            # silent at once is a disrupted zone and nothing in it is acted on, by design;
+            # the decision names it (event heal-zone-disrupted), as a freeze names its
+            # reason. Two of the three members of one zone dying together (pair-death) is,
+            # from the outside, a zone going dark. This check predates the rule.
+            if any(t0 <= t <= t1 and h.zone in z for t, z in self.zone_holds):
+                continue
+            self.violate("liveness", h.iid, f"died at {h.death_t - T0:.0f}s ({h.death_kind}), "
+                         f"not replaced within {bound:.0f}s in a quiet stretch and no freeze "
+                         f"recorded")
