@@ -503,7 +503,8 @@ class HealController:
                 self._lease_cache[member] = lease
             if self._clear_if_alive(lease, now, peers, sick):
                 continue
-            if not sick and lease.state == "acting" and lease.acted_at is None:
+            if (not sick and lease.state == "acting" and lease.acted_at is None
+                    and member != self.me):  # a member never resolves its own lease
                 lease = self._resolve_acting(lease, now, peers)
             lease, hb = self._maintain(lease, now, peers)
             g.leases[member] = lease
