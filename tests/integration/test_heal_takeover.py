@@ -250,3 +250,36 @@ def test_standalone_member_whose_tagged_replacement_died_too_is_replaced(
     b.step(view(ids, dead), ObserverHealth())
     d = a.step(view(ids, dead), ObserverHealth())
     assert [x.member_id for x in executable(d)] == [dead] and not d.forget
+
+
+class AsgTerminateFault(Cloud):
+    """The real adapter; the observer stops right after TerminateInstanceInAutoScalingGroup."""
+
+    def asg_terminate(self, instance_id: str) -> str:
+        super().asg_terminate(instance_id)
+        raise Frozen("frozen right after TerminateInstanceInAutoScalingGroup")
+
+
+def test_acting_asg_terminate_whose_call_happened_is_resolved_and_the_asg_replacement_found(
+        cloud: EmbeddedCloud, tmp_path: Any) -> None:
+    ids = cloud.create_asg(GROUP, 4)
+    dead = ids[0]
+    cloud.client("ec2").stop_instances(InstanceIds=[dead])
+    cfg = config(action="asg-terminate", max_per_window=3)
+    a = ctl(cloud, ids[1], cfg, tmp_path, adapter=AsgTerminateFault("us-east-1"))
+    b = ctl(cloud, ids[2], cfg, tmp_path, lease_expiry_s=0, replace_deadline_s=3600)
+    b.step(view(ids, dead), ObserverHealth())
+    with pytest.raises(Frozen):
+        a.step(view(ids, dead), ObserverHealth())
+    stuck = read_lease(store_for(cloud), GROUP, dead)
+    assert stuck is not None and stuck.state == "acting" and stuck.asg == GROUP
+    assert sorted(stuck.asg_before) == sorted(ids)
+    new = sorted(set(cloud.asg_instance_ids(GROUP)) - set(ids))
+    assert len(new) == 1  # the ASG launched its replacement
+    b.step(view(ids, dead), ObserverHealth())
+    lease = read_lease(store_for(cloud), GROUP, dead)
+    assert lease is not None and lease.state == "acted" and lease.replacement == new[0], lease
+    for _ in range(2):
+        b.step(view(ids, dead), ObserverHealth())
+    assert sorted(set(cloud.asg_instance_ids(GROUP)) - set(ids)) == new  # acted once
+    assert "heal-action-failed" not in kinds(cloud)
