@@ -28,8 +28,9 @@ from typing import Any, Protocol, runtime_checkable
 
 MAX_TOKEN = 64
 REPLACES_TAG = "ec2-agent:replaces"
-# The launch's ClientToken, also as a tag: EC2 reports ``ClientToken`` on the instance,
-# emulators (moto) do not; either identifies the death a replacement was launched for.
+# The launch's ClientToken, also as a tag: it identifies the death a replacement was
+# launched for with one tag filter, whatever a DescribeInstances answer says of
+# ``ClientToken`` (EC2 and moto report it; moto does not honour it).
 TOKEN_TAG = "ec2-agent:token"
 # AWS owns the aws: tag namespace: RunInstances refuses tags that start with it.
 _RESERVED_TAG_PREFIX = "aws:"
@@ -194,7 +195,7 @@ class Replacement:
     """An instance launched as a replacement: it carries ``REPLACES_TAG`` naming a member.
 
     ``token``: the ClientToken it was launched with (EC2's ``ClientToken``, else the
-    ``TOKEN_TAG``), which names the death (``agent.heal.decide.lease_token``).
+    ``TOKEN_TAG``), which names the death (``agent.heal.resolve.death_token``).
     """
 
     instance_id: str

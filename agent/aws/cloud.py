@@ -12,7 +12,10 @@ persists (``agent.heal.decide.not_found_belief``, invariant 14); a malformed id 
 Launch is *before* terminate, and idempotent: ``launch`` sends a ``ClientToken``
 (``agent.heal.decide.lease_token``, ≤ 64 ASCII) and the dead instance's own subnet, so a
 retry with the same lease asks EC2 for the same thing and gets the same instance
-(real EC2; moto does not honour ClientToken, see tests/integration/test_cloud.py).
+(real EC2; moto does not honour ClientToken, see tests/integration/test_cloud.py). The
+token is also a tag (``TOKEN_TAG``, beside ``REPLACES_TAG``): ``replacements`` finds what
+was launched for a member, so an observer that takes over a death adopts the instance
+instead of asking again (agent.heal.resolve).
 The launch spec is the instance's (or its ASG's) launch template when there is
 one, else a clone of the dead instance: image, type, subnet, security groups,
 user-data (``DescribeInstanceAttribute userData``), key, instance profile, tags.
