@@ -28,6 +28,10 @@ from typing import Any, Protocol, runtime_checkable
 
 MAX_TOKEN = 64
 REPLACES_TAG = "ec2-agent:replaces"
+# The launch's ClientToken, also as a tag: it identifies the death a replacement was
+# launched for with one tag filter, whatever a DescribeInstances answer says of
+# ``ClientToken`` (EC2 and moto report it; moto does not honour it).
+TOKEN_TAG = "ec2-agent:token"
 # AWS owns the aws: tag namespace: RunInstances refuses tags that start with it.
 _RESERVED_TAG_PREFIX = "aws:"
 
@@ -187,6 +191,20 @@ class InstanceInfo:
 
 
 @dataclass(frozen=True)
+class Replacement:
+    """An instance launched as a replacement: it carries ``REPLACES_TAG`` naming a member.
+
+    ``token``: the ClientToken it was launched with (EC2's ``ClientToken``, else the
+    ``TOKEN_TAG``), which names the death (``agent.heal.resolve.death_token``).
+    """
+
+    instance_id: str
+    replaces: str
+    state: str
+    token: str = ""
+
+
+@dataclass(frozen=True)
 class LaunchSpec:
     """What ``launch`` sends: a launch template (+ subnet) or a clone's parameters."""
 
@@ -212,7 +230,8 @@ class LaunchSpec:
             kw["SubnetId"] = self.subnet_id
         tags = [(k, v) for k, v in self.tags if not k.startswith(_RESERVED_TAG_PREFIX)]
         if replaces:
-            tags = [(k, v) for k, v in tags if k != REPLACES_TAG] + [(REPLACES_TAG, replaces)]
+            tags = [(k, v) for k, v in tags if k not in (REPLACES_TAG, TOKEN_TAG)]
+            tags += [(REPLACES_TAG, replaces), (TOKEN_TAG, client_token)]
         if self.source == "launch-template":
             assert self.launch_template is not None
             kw["LaunchTemplate"] = dict(self.launch_template)
@@ -293,6 +312,10 @@ class CloudAPI(Protocol):
 
     def launch(self, spec: LaunchSpec, client_token: str, *, replaces: str = "") -> str:
         """RunInstances once with ``client_token`` (idempotent): the new instance id."""
+        ...
+
+    def replacements(self, member_ids: Iterable[str]) -> list[Replacement]:
+        """Instances EC2 still describes whose ``REPLACES_TAG`` names one of ``member_ids``."""
         ...
 
     def complete_lifecycle_action(self, asg_name: str, hook_name: str, instance_id: str,

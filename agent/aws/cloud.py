@@ -12,7 +12,10 @@ persists (``agent.heal.decide.not_found_belief``, invariant 14); a malformed id 
 Launch is *before* terminate, and idempotent: ``launch`` sends a ``ClientToken``
 (``agent.heal.decide.lease_token``, ≤ 64 ASCII) and the dead instance's own subnet, so a
 retry with the same lease asks EC2 for the same thing and gets the same instance
-(real EC2; moto does not honour ClientToken, see tests/integration/test_cloud.py).
+(real EC2; moto does not honour ClientToken, see tests/integration/test_cloud.py). The
+token is also a tag (``TOKEN_TAG``, beside ``REPLACES_TAG``): ``replacements`` finds what
+was launched for a member, so an observer that takes over a death adopts the instance
+instead of asking again (agent.heal.resolve).
 The launch spec is the instance's (or its ASG's) launch template when there is
 one, else a clone of the dead instance: image, type, subnet, security groups,
 user-data (``DescribeInstanceAttribute userData``), key, instance profile, tags.
@@ -30,13 +33,16 @@ from agent.errors import CloudError
 from agent.interfaces import (
     MAX_TOKEN,
     REPLACES_TAG,
+    TOKEN_TAG,
     AsgInstance,
     CloudAPI,
     InstanceInfo,
     LaunchSpec,
+    Replacement,
 )
 
-__all__ = ["MAX_TOKEN", "REPLACES_TAG", "AsgInstance", "Cloud", "CloudAPI", "LaunchSpec"]
+__all__ = ["MAX_TOKEN", "REPLACES_TAG", "TOKEN_TAG", "AsgInstance", "Cloud", "CloudAPI",
+           "LaunchSpec", "Replacement"]
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +134,33 @@ class Cloud:
                         str((inst.get("Placement") or {}).get("AvailabilityZone", "")),
                         tags.get("aws:autoscaling:groupName", ""),
                         lt.timestamp() if hasattr(lt, "timestamp") else None)
+        return out
+
+    def replacements(self, member_ids: Iterable[str]) -> list[Replacement]:
+        """Instances whose ``REPLACES_TAG`` names one of ``member_ids`` (a tag filter).
+
+        The token is EC2's ``ClientToken`` for the instance, else its ``TOKEN_TAG``.
+        Raises ``CloudError`` when the API fails.
+        """
+        ids = sorted(set(member_ids))
+        out: list[Replacement] = []
+        for i in range(0, len(ids), 200):  # the API's limit of values per filter
+            kw: dict[str, Any] = {"Filters": [{"Name": f"tag:{REPLACES_TAG}",
+                                               "Values": ids[i:i + 200]}]}
+            while True:
+                try:
+                    resp = self.ec2.describe_instances(**kw)
+                except awserrors.AWS_ERRORS as exc:
+                    raise _fail("describe replacement instances", exc) from exc
+                for r in resp.get("Reservations", []):
+                    for inst in r.get("Instances", []):
+                        tags = {t["Key"]: t["Value"] for t in inst.get("Tags", []) or []}
+                        out.append(Replacement(
+                            inst["InstanceId"], tags.get(REPLACES_TAG, ""), inst["State"]["Name"],
+                            str(inst.get("ClientToken") or tags.get(TOKEN_TAG, ""))))
+                if not resp.get("NextToken"):
+                    break
+                kw["NextToken"] = resp["NextToken"]
         return out
 
     def states_or_none(self, instance_ids: Iterable[str]) -> tuple[dict[str, str | None], str]:

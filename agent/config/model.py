@@ -143,10 +143,16 @@ class MembershipConfig:
 DepartureConfig = Policy
 
 
+# The endpoint peers probe (invariant 14): one fixed port, so a security group opens
+# one port between members. Not a default of any common software (Prometheus
+# exporters hold 9100-9999; Neo4j 7473/7474, Cassandra 7000/7199, Serf 7946).
+DEFAULT_HTTP_PORT = 7467
+
+
 @dataclass(frozen=True)
 class HttpConfig:
     enabled: bool = True
-    port: int = 0  # 0: ephemeral; the real address goes into the member record
+    port: int = DEFAULT_HTTP_PORT  # fixed, for one security-group rule; 0: ephemeral
     bind: str = "0.0.0.0"
 
 

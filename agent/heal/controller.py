@@ -72,7 +72,6 @@ from agent.heal.decide import (
     PolicyError,
     budget_after,
     decide,
-    lease_token,
     not_found_belief,
 )
 from agent.heal.leases import (
@@ -95,6 +94,13 @@ from agent.heal.leases import (
     take_budget,
     take_inflight,
     write_event,
+)
+from agent.heal.resolve import (
+    CloudSays,
+    death_token,
+    launched_for,
+    newer_member,
+    resolve_acting,
 )
 from agent.interfaces import CloudAPI, StoreAPI
 
@@ -314,6 +320,7 @@ class HealController:
         self._recorded: dict[str, tuple[str, ...]] = {}
         self._freeze_recorded: tuple[str, ...] = ()
         self._lease_cache: dict[str, Lease] = {}
+        self._stuck: dict[str, str] = {}  # member -> etag of the acting lease reported stuck
 
     @classmethod
     def for_daemon(cls, ctx: BootContext, watcher: Any, *,
@@ -496,6 +503,9 @@ class HealController:
                 self._lease_cache[member] = lease
             if self._clear_if_alive(lease, now, peers, sick):
                 continue
+            if (not sick and lease.state == "acting" and lease.acted_at is None
+                    and member != self.me):  # a member never resolves its own lease
+                lease = self._resolve_acting(lease, now, peers)
             lease, hb = self._maintain(lease, now, peers)
             g.leases[member] = lease
             g.outcomes[member] = lease_outcome(lease, now, self.replace_deadline_s, bool(hb),
@@ -507,6 +517,8 @@ class HealController:
         # for members that are neither leased nor in this observer's view any more.
         for m in set(self._lease_cache) - set(g.leases):
             del self._lease_cache[m]
+        for m in set(self._stuck) - set(g.leases):
+            del self._stuck[m]
         for m in set(self._recorded) - set(g.leases) - set(peers.verdicts) - set(peers.members):
             del self._recorded[m]
 
@@ -531,6 +543,53 @@ class HealController:
                     [f"{m} heartbeats again; its {lease.state} lease (holder {lease.holder}) "
                      "did nothing"])
         return True
+
+    def _resolve_acting(self, lease: Lease, now: float, peers: PeersView) -> Lease:
+        """An ``acting`` lease whose holder vanished mid-call, resolved from what the
+        cloud says (``agent.heal.resolve.resolve_acting``): record the action that
+        happened, or hand the death back for a takeover with the same token."""
+        m = lease.member
+        r = resolve_acting(lease.action, lease.age(now), self.lease_expiry_s, None)
+        if r.verdict == "observe":
+            r = resolve_acting(lease.action, lease.age(now), self.lease_expiry_s,
+                               self._cloud_says(lease, peers))
+        if r.verdict == "wait":
+            return lease
+        if r.verdict == "operator":
+            if self._stuck.get(m) != lease.etag:  # once per lease version
+                self._event("heal-lease-stuck", m, r.reasons, {"lease": lease.holder})
+                self._stuck[m] = lease.etag
+            return lease
+        detail = f"resolved by {self.me}: {'; '.join(r.reasons)}"[:500]
+        if r.verdict == "acted":
+            new = self._rewrite(lease, holder=self.me, state="acted", acted_at=now,
+                                replacement=r.replacement or lease.replacement,
+                                pending_terminate=m if r.terminate else "", detail=detail)
+        else:  # retry: nothing happened; taken over (same nonce, same token) like a refusal
+            new = self._rewrite(lease, state="refused", detail=detail)
+            if new is not None:
+                release_inflight(self.store, self.group, m)
+        if new is None:
+            return lease  # another observer resolved it first
+        self._event("heal-lease-resolved", m, r.reasons,
+                    {"lease": lease.holder, "state": new.state, "token": lease.token,
+                     "replacement": new.replacement})
+        return new
+
+    def _cloud_says(self, lease: Lease, peers: PeersView) -> CloudSays:
+        m = lease.member
+        verdict = peers.verdicts.get(m)
+        alive = getattr(verdict, "status", verdict) == "alive"
+        try:
+            launched = (launched_for(lease.token, self.cloud.replacements([m]))
+                        if lease.action == "launch" else None)
+            info = self.cloud.instances([m]).get(m)
+            a = self.cloud.asg_instances([m]).get(m) if lease.asg else None
+        except CloudError as exc:
+            return CloudSays(api_error=str(exc), member_alive=alive)
+        return CloudSays(launched=launched, member_ec2=info.state if info else None,
+                         in_asg=(a is not None) if lease.asg else None,
+                         asg_health=a.health if a else None, member_alive=alive)
 
     def _heartbeated(self, rid: str, peers: PeersView) -> bool | None:
         if not rid:
@@ -609,6 +668,7 @@ class HealController:
         asg: dict[str, str | None] = {}
         asg_of: dict[str, str] = {}
         probe: dict[str, bool | None] = {}
+        replaced_by: dict[str, str] = {}
         api_error = ""
         candidates = [m for m in dead if m not in leased]
         # Every stale member is looked up (one call): one the ASG already replaced is
@@ -622,6 +682,16 @@ class HealController:
                     asg = {m: a.health for m, a in self.cloud.asg_instances(asked).items()}
                 except CloudError as exc:
                     api_error = str(exc)
+            gone = sorted(m for m in asked if ec2.get(m) in ("terminated", "shutting-down")
+                          and not (asg_of.get(m) and m not in asg))
+            if gone and not api_error:
+                # A standalone group's replacement names its member in a tag (15).
+                try:
+                    found = self.cloud.replacements(gone)
+                except CloudError as exc:
+                    api_error = str(exc)
+                else:
+                    replaced_by = {m: r for m in gone if (r := newer_member(m, found))}
             for m in candidates:
                 # Whatever EC2 says: an answer from the member itself vetoes (14).
                 probe[m] = self.probe(peers.endpoints.get(m, ""))
@@ -644,7 +714,7 @@ class HealController:
             observer_sick=sick, observer_fresh=peers.observer_fresh, paused=g.paused,
             api_healthy=not api_error, now=g.store_now,
             confirmations=g.confirmations, peer_probes=g.peer_probes, zones=zones,
-            asg_of=asg_of, in_asg=frozenset(asg))
+            asg_of=asg_of, in_asg=frozenset(asg), replaced_by=replaced_by)
         return view, api_error
 
     def _ec2_view(self, ids: list[str]) -> tuple[dict[str, str | None], dict[str, str], str]:
@@ -757,7 +827,10 @@ class HealController:
     def _take_lease(self, action: Action, g: _Gathered) -> Lease | None:
         m = action.member_id
         nonce = secrets.token_hex(8)
-        lease = Lease(m, self.me, action.kind, "held", reasons=action.reasons, nonce=nonce)
+        # The token names the death, not this generation of the lease: a takeover keeps
+        # it (below), so one death never gets two RunInstances tokens (invariant 1).
+        lease = Lease(m, self.me, action.kind, "held", reasons=action.reasons, nonce=nonce,
+                      token=death_token(self.group, m, nonce))
         key = lease_key(self.group, m)
         try:
             etag = self.store.create(key, lease.body(), content_type="application/json")
@@ -771,6 +844,9 @@ class HealController:
                 self._lost(m, f"lease held by {cur.holder if cur else '?'} "
                               f"({cur.state if cur else 'gone'})")
                 return None
+            if cur.nonce:  # the same death: its first generation's nonce and token
+                lease = replace(lease, nonce=cur.nonce,
+                                token=cur.token or death_token(self.group, m, cur.nonce))
             try:  # nothing happened through it: take it over, by compare-and-swap
                 etag = self.store.put(key, lease.body(), if_match=cur.etag,
                                       content_type="application/json")
@@ -782,9 +858,7 @@ class HealController:
         except StoreError as exc:
             self._lost(m, f"cannot create the lease: {exc}", kind="heal-refuse")
             return None
-        lease = replace(lease, etag=etag)
-        token = lease_token(self.group, m, etag)
-        return self._rewrite(lease, token=token) or replace(lease, token=token)
+        return replace(lease, etag=etag)
 
     def _fence(self, lease: Lease, what: str, *, check_age: bool = True) -> Lease:
         """Invariant 12, right before a mutating cloud call; raises ``_Fenced`` to abort.
@@ -854,6 +928,9 @@ class HealController:
             if a is None:
                 raise CloudError(f"{m} is not in an Auto Scaling group: {kind} cannot replace it")
             changes.update(asg=a.group, asg_before=tuple(self.cloud.asg_member_ids(a.group)))
+            # Written with the fence's ``acting``, so whoever resolves a lease its
+            # holder left acting knows the action and can find the ASG's replacement.
+            lease = replace(lease, action=kind, asg=a.group, asg_before=changes["asg_before"])
             if kind == "asg-mark":
                 left = self.cloud.asg_grace_left(a.group, getattr(info, "launch_time", None),
                                                  now)
@@ -876,15 +953,23 @@ class HealController:
             if changes.get("detail"):
                 detail = f"{changes['detail']}; {detail}"
         elif kind == "launch":
-            spec = self.cloud.launch_spec(m)
-            lease = self._fence(lease, "RunInstances")
-            new = self.cloud.launch(spec, lease.token, replaces=m)
+            # An earlier generation of this lease may have launched already (its
+            # response lost, its holder gone): the same token finds that instance.
+            found = launched_for(lease.token, self.cloud.replacements([m]))
+            if found:
+                lease = self._fence(lease, f"adopting {found}")
+                new = found
+                detail = f"adopted {new}: launched earlier for this death (same token)"
+            else:
+                spec = self.cloud.launch_spec(m)
+                lease = self._fence(lease, "RunInstances")
+                new = self.cloud.launch(spec, lease.token, replaces=m)
+                detail = f"launched {new} ({spec.source}, subnet {spec.subnet_id})"
             changes["replacement"] = new
             if ec2_state != "terminated":
                 changes["pending_terminate"] = m
             # Persist the launch before terminating, so a crash here still shows it.
             lease = self._write_acted(lease, **changes)
-            detail = f"launched {new} ({spec.source}, subnet {spec.subnet_id})"
             if lease.pending_terminate:
                 lease, more = self._terminate_after_launch(lease)
                 detail += more

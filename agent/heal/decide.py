@@ -33,8 +33,9 @@ Every rule is from DESIGN.md "Safe replacement: the invariants":
   failed (14);
 * EC2 "no such instance" is believed only once it persists (``not_found_belief``) (14);
 * terminated or shutting-down and no longer listed by the Auto Scaling group whose
-  tag it carries → the ASG already replaced it: forget its record, act on nothing,
-  count no failure (15);
+  tag it carries, or a newer pending/running instance whose ``ec2-agent:replaces``
+  tag names it (``replaced_by``) → already replaced: forget its record, act on
+  nothing, count no failure (15);
 * zones are judged as well as the group (``disrupted_zones``): a zone where most
   members fell silent at once is disrupted, nothing in it is acted on, and it is
   left out of the group's mass-death fraction so the rest of the group still heals;
@@ -189,6 +190,7 @@ class HealView:
     zones: Mapping[str, str] = field(default_factory=dict)
     asg_of: Mapping[str, str] = field(default_factory=dict)
     in_asg: frozenset[str] = frozenset()
+    replaced_by: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         statuses = {m: getattr(v, "status", v) for m, v in self.verdicts.items()}
@@ -210,7 +212,7 @@ class HealView:
             {m: frozenset(obs) for m, obs in conf.items()}))
         object.__setattr__(self, "peer_probes", MappingProxyType(
             {m: _frozen_map(p) for m, p in self.peer_probes.items()}))
-        for name in ("zones", "asg_of"):
+        for name in ("zones", "asg_of", "replaced_by"):
             object.__setattr__(self, name, _frozen_map(getattr(self, name)))
         object.__setattr__(self, "in_asg", frozenset(self.in_asg))
 
@@ -270,16 +272,23 @@ class Decision:
 
 
 def already_replaced(m: str, view: HealView) -> str | None:
-    """Why ``m`` was already replaced by its Auto Scaling group, or None.
+    """Why ``m`` was already replaced, or None (invariant 15).
 
-    Terminated or shutting-down, carrying an ``aws:autoscaling:groupName`` tag, and no
-    longer listed by that group: the ASG's own health check took it and launched
-    another (invariant 15). Not a new death, not a failed replacement.
+    Terminated or shutting-down, and either: it carries an ``aws:autoscaling:groupName``
+    tag and that group no longer lists it (the ASG's own health check took it and
+    launched another); or a newer instance, pending or running, carries the
+    ``ec2-agent:replaces`` tag naming it (``replaced_by``: a standalone group's
+    replacement already took its place). Not a new death, not a failed replacement.
     """
     ec2 = view.ec2_state.get(m)
+    if ec2 not in ("terminated", "shutting-down"):
+        return None
     asg = view.asg_of.get(m)
-    if ec2 in ("terminated", "shutting-down") and asg and m not in view.in_asg:
+    if asg and m not in view.in_asg:
         return f"already-replaced: ec2 says {ec2} and {asg} no longer lists it"
+    newer = view.replaced_by.get(m)
+    if newer:
+        return f"already-replaced: ec2 says {ec2} and {newer} took its place (replaces tag)"
     return None
 
 
@@ -494,8 +503,10 @@ def lease_clearable(state: str, acted: bool, age_s: float | None, acting_ttl_s: 
 def lease_token(group: str, member_id: str, lease_etag_or_id: str) -> str:
     """An idempotency token (RunInstances ClientToken: ≤ 64 ASCII) from the lease.
 
-    Every retry by the lease holder sends the same token, so EC2 launches at most one
-    replacement per lease (invariant 1). Quotes and a weak ``W/`` prefix are
+    The controller passes the nonce of the first lease generation for the death
+    (``agent.heal.resolve.death_token``): every retry, by the holder or by an observer
+    that took the lease over, sends the same token, so EC2 launches at most one
+    replacement per death (invariant 1). Quotes and a weak ``W/`` prefix are
     stripped so the same ETag read from different responses gives the same token.
     """
     lease = lease_etag_or_id.strip()

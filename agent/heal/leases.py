@@ -70,8 +70,11 @@ class Lease:
     member heartbeats again. ``asg_before``: the ASG's instances just before an ASG
     action, so the holder can find the replacement the ASG launched.
     ``pending_terminate``: a launch happened, the old instance's terminate did not
-    yet (retried by the holder, fenced). ``etag``/``last_modified`` come from the
-    store, not the body.
+    yet (retried by the holder, fenced). ``token``: the death's RunInstances
+    ClientToken, from the ``nonce`` of the first lease written for this death
+    (``agent.heal.resolve.death_token``): a takeover keeps both. An ``acting`` lease
+    older than the expiry is resolved from what the cloud says (``resolve_acting``).
+    ``etag``/``last_modified`` come from the store, not the body.
     """
 
     member: str
@@ -166,7 +169,8 @@ def lease_outcome(lease: Lease, now: float, deadline_s: float, heartbeated: bool
         age = lease.age(now)
         # An acting lease is given twice as long (its call may take a while); past that
         # its holder died mid-call. It stops counting as in flight, so the group is not
-        # blocked, but it is never taken over: the call may have happened.
+        # blocked; it is never taken over blindly (the call may have happened): the
+        # controller resolves it from what the cloud says (agent.heal.resolve).
         limit = None if expiry_s is None else expiry_s * (1 if lease.state == "held" else 2)
         if limit is not None and age is not None and age >= limit:
             return "expired"

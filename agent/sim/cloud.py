@@ -212,6 +212,8 @@ class EmbeddedCloud:
         cfg: dict[str, Any] = {
             "group": group,
             "store": {"bucket": self.bucket, "prefix": self.prefix},
+            # Many agents on one host: each takes an ephemeral port, not the fixed default.
+            "http": {"port": 0},
         }
         cfg.update(extra)
         return cfg

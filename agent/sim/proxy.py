@@ -8,6 +8,13 @@ replacement, without root and without touching the moto server itself:
                which is what a sick control plane looks like from an instance
     refuse     close every connection at once (a fast, loud failure)
 
+A scenario may also watch the traffic (``watch``, test-only): called with the first
+bytes of every request, it may return a callable that runs right before the answer
+to that request is passed back, when the request has reached the upstream and its
+client has not seen the answer yet. The fleet scenarios use it as a deterministic
+stall point (SIGSTOP an agent the moment its lease is in the store), so the product
+needs no fault knob of its own.
+
 Switching mode applies to connections already open too (boto3 keeps a pool), so a
 blackhole starts at the switch, not at the next new connection; leaving blackhole
 closes the held connections, so clients retry on fresh ones instead of waiting out
@@ -19,6 +26,7 @@ from __future__ import annotations
 import select
 import socket
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from agent.sim.netutil import LOOPBACK
@@ -55,6 +63,8 @@ class TcpProxy:
         self._listener: socket.socket | None = None
         self._thread: threading.Thread | None = None
         self.port = 0
+        # Test-only (module docstring): request head -> what to run before its answer.
+        self.watch: Callable[[bytes], Callable[[], None] | None] | None = None
 
     @classmethod
     def to_url(cls, url: str, mode: str = "pass", name: str = "proxy") -> TcpProxy:
@@ -166,6 +176,7 @@ class TcpProxy:
     def _pump(self, client: socket.socket, upstream: socket.socket) -> str:
         """Forward until either side closes or the mode changes; returns why it stopped."""
         peers = {client: upstream, upstream: client}
+        before_answer: Callable[[], None] | None = None
         while not self._stop.is_set():
             if self._mode != "pass":
                 return self._mode
@@ -182,6 +193,13 @@ class TcpProxy:
                     return "closed"
                 if not data:
                     return "closed"
+                watch = self.watch
+                if s is client and watch is not None and before_answer is None:
+                    before_answer = watch(data)
+                elif (s is upstream and before_answer is not None
+                      and not data.startswith(b"HTTP/1.1 100")):
+                    before_answer, run = None, before_answer
+                    run()
                 try:
                     peers[s].sendall(data)
                 except OSError:

@@ -274,7 +274,8 @@ class TwinInstance:
                 "State": {"Name": self.state, "Code": _STATE_CODES[self.state]},
                 "LaunchTime": datetime.fromtimestamp(int(self.launched), _UTC),
                 "SecurityGroups": [{"GroupId": g, "GroupName": g} for g in self.security_groups],
-                "Tags": [{"Key": k, "Value": v} for k, v in self.tags.items()]}
+                "Tags": [{"Key": k, "Value": v} for k, v in self.tags.items()],
+                **({"ClientToken": self.client_token} if self.client_token else {})}
 
 
 @dataclass
@@ -419,6 +420,7 @@ class CloudTwin:
 
     # -- EC2 ------------------------------------------------------------------------------------
     def _describe_instances(self, InstanceIds: list[str] | None = None,
+                            Filters: list[dict[str, Any]] | None = None,
                             **_: Any) -> dict[str, Any]:
         ids = list(InstanceIds or self.instances)
         missing = [i for i in ids if i not in self.instances]
@@ -426,6 +428,12 @@ class CloudTwin:
             raise _error("InvalidInstanceID.NotFound", 400,
                          f"The instance ID '{', '.join(missing)}' does not exist",
                          "DescribeInstances")
+        for f in Filters or ():  # only tag filters: what the agent sends
+            name, values = str(f["Name"]), set(f["Values"])
+            if not name.startswith("tag:"):
+                raise _error("InvalidParameterValue", 400, f"twin: filter {name!r}",
+                             "DescribeInstances")
+            ids = [i for i in ids if self.instances[i].tags.get(name[4:]) in values]
         insts = [self.instances[i].describe() for i in ids]
         return {"Reservations": [{"ReservationId": "r-twin", "Instances": insts}] if insts else [],
                 "ResponseMetadata": {"HTTPStatusCode": 200, "HTTPHeaders": {}}}

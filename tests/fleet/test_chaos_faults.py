@@ -8,6 +8,9 @@ plus a margin in heartbeat intervals, never a fixed number of seconds.
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -170,3 +173,80 @@ def test_transient_action_failure_does_not_exile_and_a_later_death_is_replaced_o
     assert len(f.actions()) == 1 and f.actions()[0]["member"] == victim
     report(kill_to_action_s=round(f.actions()[0]["t"] - t_kill, 2),
            events=f.event_kinds())
+
+
+def test_observer_stalled_between_lease_and_action_while_the_member_recovers_acts_not(
+        make_fleet: Callable[..., Fleet], fleet_cloud: FleetCloud,
+        report: Callable[..., None]) -> None:
+    """SIGSTOP the observer the moment its lease is in the store; the member recovers.
+
+    Every agent reaches moto through a proxy of its own, which watches for the lease's
+    create-only PUT (``TcpProxy.watch``): the agent that sent it is stopped before the
+    answer reaches it, so the lease is in the store and nothing after it has run. The
+    member is then let go (SIGCONT) until its heartbeat is fresh, and only then the
+    observer. Before the fence (#10 item 3) it launched a clone and terminated the
+    member; now its fence reads the fresh heartbeat (or its decision is too old) and
+    nothing happens.
+    """
+    f = make_fleet(config=config(fleet_cloud, action="launch"))
+    ids = f.start(5, own_proxy=5)
+    f.calm()
+    victim, observers = ids[0], ids[1:]
+    stalled: list[tuple[str, float]] = []
+    lock = threading.Lock()
+
+    def watcher(iid: str) -> Callable[[bytes], Callable[[], None] | None]:
+        def watch(head: bytes) -> Callable[[], None] | None:
+            first = head.split(b"\r\n", 1)[0]
+            if not (first.startswith(b"PUT ") and b"/leases/" in first
+                    and b"if-none-match: *" in head.lower()):
+                return None
+
+            def stop() -> None:
+                with lock:
+                    if stalled:
+                        return
+                    os.kill(f.pid(iid), signal.SIGSTOP)  # before it sees the answer
+                    stalled.append((iid, f.now()))
+            return stop
+        return watch
+
+    for iid in observers:
+        f.own_proxies[iid].watch = watcher(iid)
+    f.sigstop(victim)  # hung: silent, its probe times out; EC2 says running
+    t_stop = f.now()
+    observer = ""
+    try:
+        f.wait(lambda: stalled, ACT_WINDOW + 30, "an observer's lease, and its stall")
+        observer, t_stall = stalled[0]
+        f.mark("SIGSTOP", observer, "right after its lease reached the store")
+        lease = f.leases().get(victim) or {}
+        assert lease.get("holder") == observer and lease.get("state") == "held", lease
+        f.sigcont(victim)
+        f.wait(lambda: f.members().get(victim, DEAD) < INTERVAL, 10 * INTERVAL,
+               "the member's fresh heartbeat")
+        stall_s = f.now() - t_stall
+    finally:
+        for iid in observers:
+            f.own_proxies[iid].watch = None
+        if observer:
+            f.sigcont(observer)
+
+    def gave_up() -> list[dict[str, Any]]:
+        # Its fence (heal-fenced); on a loaded machine its second look at EC2 may refuse
+        # first (heal-refuse): either way the stalled step ended without acting.
+        f.actions()  # polls the events
+        return [e for e in f.events if e["kind"] in ("heal-fenced", "heal-refuse")
+                and e["member"] == victim and e.get("actor") == observer
+                and e["t"] >= t_stall]
+
+    ev = f.wait(gave_up, 10 * INTERVAL, "the stalled observer's fence")
+    f.hold(3 * DEAD)
+    r = f.replacements()
+    assert r["actions"] == 0 and r["launched"] == 0 and r["terminated"] == 0, (
+        r, f.timeline_text())
+    assert not f.terminated_in_ec2()
+    assert victim in f.ready() and observer in f.ready(), f.timeline_text()
+    assert not f.heal_state(victim).get("superseded")
+    report(stop_to_lease_s=round(t_stall - t_stop, 2), stall_s=round(stall_s, 2),
+           fence=f"{ev[0]['kind']}: {ev[0]['reasons'][0][:120]}", replacements=r)

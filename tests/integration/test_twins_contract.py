@@ -262,6 +262,20 @@ def test_launch_tags_and_subnet(backend: Backend) -> None:
     assert c.states([new])[new] in ("pending", "running")
 
 
+def test_replacements_are_found_by_their_tag_with_their_token(backend: Backend) -> None:
+    src, other = backend.run_standalone(2)
+    c = backend.cloud()
+    inst = c.describe(src)
+    spec = LaunchSpec("clone", inst["SubnetId"], image_id=inst["ImageId"],
+                      instance_type="t3.micro")
+    new = c.launch(spec, "tok-" + src, replaces=src)
+    c.launch(spec, "tok-" + other, replaces=other)
+    found = c.replacements([src])
+    assert [(r.instance_id, r.replaces, r.token) for r in found] == [(new, src, "tok-" + src)]
+    assert found[0].state in ("pending", "running")
+    assert c.replacements(["i-0123456789abcdef0"]) == []
+
+
 def test_twin_client_token_is_idempotent_like_ec2() -> None:
     """Real EC2 honours ClientToken; moto does not (tests/integration/test_cloud.py says so)."""
     b = _twin_backend()

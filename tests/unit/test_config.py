@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.config.model import (
+    DEFAULT_HTTP_PORT,
     LAYER_BAKED,
     LAYER_BUNDLE,
     LAYER_MERGED,
@@ -42,6 +43,8 @@ from agent.config.model import (
     validate_file,
 )
 from agent.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[2]
 
 BAKED = {"group": "web", "store": {"bucket": "my-fleet", "prefix": "prod"}}
 
@@ -116,7 +119,9 @@ def test_defaults_are_the_design_example_values() -> None:
     assert cfg.heal.mode == "armed" and cfg.heal.freeze_fraction == 0.34
     assert cfg.heal.replace_silent is True and cfg.heal.failed_before_freeze == 3
     assert (cfg.membership.quiescence_min_s, cfg.membership.quiescence_max_s) == (5, 30)
-    assert cfg.http.port == 0 and cfg.http.enabled
+    # A fixed probe port (one security-group rule), documented where operators look.
+    assert cfg.http.port == DEFAULT_HTTP_PORT == 7467 and cfg.http.enabled
+    assert f"TCP {DEFAULT_HTTP_PORT}" in (ROOT / "docs" / "operations.md").read_text()
     assert cfg.templates == () and cfg.data == () and cfg.health == () and cfg.vars == {}
     assert cfg.store.prefix == "" and cfg.store.region is None
     # The example's values are exactly the defaults: applying defaults to it changes nothing
