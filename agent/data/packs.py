@@ -30,10 +30,10 @@ MIB = 1024 * 1024
 PACK_TARGET = 4 * MIB  # a pack is sealed once it holds this much
 MAX_RANGE = 8 * MIB  # a ranged GET never asks for more (bounded memory per fetch thread)
 MAX_GAP = 256 * 1024  # read through a gap this small rather than issue another request
-PIECE = 1 * MIB  # a range is read, checked and written a piece at a time, not held whole
+PIECE = 512 * 1024  # a range is read, checked and written a piece at a time, not held whole
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # one per blob of a snapshot: no __dict__
 class Loc:
     """Where a blob lives: the object (``packs/<id>``, or format 1's ``chunks/<sha>``),
     offset and length."""
