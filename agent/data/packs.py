@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 MIB = 1024 * 1024
 PACK_TARGET = 4 * MIB  # a pack is sealed once it holds this much
-MAX_RANGE = 8 * MIB  # a ranged GET never asks for more (bounded memory per fetch thread)
+MAX_RANGE = 8 * MIB  # a ranged GET never asks for more (memory: ``PIECE``)
 MAX_GAP = 256 * 1024  # read through a gap this small rather than issue another request
 PIECE = 512 * 1024  # a range is read, checked and written a piece at a time, not held whole
 

@@ -159,7 +159,7 @@ class FileEntry:
     ino: int | None = None
 
 
-@dataclass(frozen=True, slots=True)  # one per file of a snapshot: no __dict__
+@dataclass(frozen=True, slots=True)
 class DirEntry:
     path: str
     mode: int
@@ -168,7 +168,7 @@ class DirEntry:
     gid: int | None = None
 
 
-@dataclass(frozen=True, slots=True)  # one per file of a snapshot: no __dict__
+@dataclass(frozen=True, slots=True)
 class LinkEntry:
     path: str
     target: str

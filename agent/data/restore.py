@@ -1,8 +1,9 @@
 """Data snapshots, the restore half: rebuild a snapshot beside the target and swap it in.
 
 Build the snapshot in a hidden staging dir beside the target (same filesystem): fetch
-each needed blob once with ranged GETs of its pack, many requests in parallel, verify its
-sha256 and length, write it where it belongs from the fetching thread; check that every
+each needed blob once with ranged GETs of its pack, many requests in parallel, each read
+a piece (``packs.PIECE``) at a time as it arrives; verify each blob's sha256 and length,
+write it where it belongs from the fetching thread and start its writeback; check that every
 file received exactly its size in verified bytes; make it all durable (one ``syncfs``, or
 an fsync per file where there is none), then swap it in with one
 ``renameat2(RENAME_EXCHANGE)`` (two renames where that is not available). A restore
@@ -160,6 +161,7 @@ _SYNC_FILE_RANGE_WRITE = 2
 
 
 def _libc_fn(name: str, argtypes: list[type]) -> Callable[..., int] | None:
+    """A libc function (errno kept for ``ctypes.get_errno``), or None where there is none."""
     try:
         fn = getattr(ctypes.CDLL(None, use_errno=True), name)
     except (OSError, AttributeError):
@@ -177,18 +179,18 @@ def _start_writeback(fd: int, offset: int, n: int) -> None:
     (``sync_file_range(SYNC_FILE_RANGE_WRITE)``): the disk works while the restore still
     fetches, and the one ``syncfs`` before the swap, which is what makes the tree durable,
     has little left to wait for. Best effort: where there is none, ``syncfs`` does it all."""
-    if _SYNC_FILE_RANGE is not None:
+    if _SYNC_FILE_RANGE is not None:  # its errors only mean syncfs has more to do
         _SYNC_FILE_RANGE(fd, offset, n, _SYNC_FILE_RANGE_WRITE)
+
+
+_SYNCFS = _libc_fn("syncfs", [ctypes.c_int])
 
 
 def _syncfs(fd: int) -> bool:
     """One ``syncfs(2)`` of the filesystem holding ``fd``; False where unavailable."""
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).syncfs
-    except (OSError, AttributeError):
+    if _SYNCFS is None:
         return False
-    fn.argtypes = [ctypes.c_int]
-    if fn(fd) != 0:
+    if _SYNCFS(fd) != 0:
         err = ctypes.get_errno()
         if err in (38, 95):  # ENOSYS, EOPNOTSUPP
             return False
@@ -409,14 +411,15 @@ _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
 
 
+_RENAMEAT2 = _libc_fn("renameat2", [ctypes.c_int, ctypes.c_char_p, ctypes.c_int,
+                                     ctypes.c_char_p, ctypes.c_uint])
+
+
 def _exchange(a: Path, b: Path) -> bool:
     """Atomically swap two paths (Linux renameat2); False where unsupported."""
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).renameat2
-    except (OSError, AttributeError):
+    if _RENAMEAT2 is None:
         return False
-    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    rc = fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
+    rc = _RENAMEAT2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
     if rc == 0:
         return True
     err = ctypes.get_errno()
