@@ -21,7 +21,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -111,8 +111,10 @@ class StoreAPI(Protocol):
         """The object; ``NotModified`` when ``if_none_match`` is its ETag. NotFound if none."""
         ...
 
-    def get_range(self, rel: str, start: int, end: int) -> bytes:
-        """Bytes [start, end) of an object; fewer if it is shorter. NotFound if missing."""
+    def read_range(self, rel: str, start: int, end: int,
+                   sizes: Sequence[int]) -> Iterator[bytes]:
+        """Bytes [start, end) of an object in consecutive pieces of ``sizes``, as they arrive;
+        a short piece ends it (the object is shorter). NotFound if missing."""
         ...
 
     def get_or_none(self, rel: str) -> Obj | None:

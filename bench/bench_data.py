@@ -41,7 +41,8 @@ KIB = 1024
 BUCKET = "bench-data"
 TOOLS = ("agent", "restic", "rclone", "aws")
 LABEL = {"agent": "agent", "restic": "restic", "rclone": "rclone", "aws": "aws s3 sync"}
-TINY = {"small_files": 4, "small_size": 64 * KIB, "big": 2 * MIB, "tiny_files": 50, "reps": 1}
+TINY = {"small_files": 4, "small_size": 64 * KIB, "big": 2 * MIB, "tiny_files": 50, "reps": 1,
+        "rival_phases": ("a-backup", "a-restore")}
 TIME = "/usr/bin/time"  # GNU time (Debian package time)
 REQ_LINE = re.compile(rb'"(GET|PUT|POST|HEAD|DELETE) ')
 
@@ -136,6 +137,7 @@ class Bench:
         for k in ("AWS_PROFILE", "AWS_CA_BUNDLE"):  # plain http on loopback; rclone chokes on it
             self.env.pop(k, None)
         self.url = url
+        self.settled: int | None = None  # the request count once the last run's were logged
 
     def available(self) -> dict[str, str]:
         """tool -> "" if usable, else why not."""
@@ -154,13 +156,14 @@ class Bench:
             n = self._requests()
             stable = stable + 1 if n == last else 0
             last = n
-            time.sleep(0.05)
+            time.sleep(0.02)
+        self.settled = last
         return last
 
     def run(self, argv: list[str], cwd: Path | None = None) -> Run:
         """Run one tool; GNU time measures it (``wait4`` in our own process would count
         the forked copy of this Python process in the child's peak RSS)."""
-        req0 = self._settled_requests()
+        req0 = self.settled if self.settled is not None else self._settled_requests()
         up0 = self.proxy.counters.bytes_up
         err = self.work / "stderr.txt"
         tfile = self.work / "time.txt"
@@ -176,40 +179,39 @@ class Bench:
                    self._settled_requests() - req0, self.proxy.counters.bytes_up - up0)
 
     # one repository per (tool, repetition, data set)
+    def _restic(self, repo: str, *args: str) -> list[str]:
+        return ["restic", "-q", "-r", f"s3:{self.url}/{BUCKET}/{repo}",
+                "--cache-dir", str(self.work / f"cache-{repo}"), *args]
+
+    def _aws_sync(self, src: str, dst: str) -> list[str]:
+        return [str(Path(sys.executable).with_name("aws")), "--endpoint-url", self.url,
+                "--only-show-errors", "s3", "sync", src, dst]
+
     def backup(self, tool: str, src: Path, repo: str) -> Run:
         if tool == "agent":
             return self.run([sys.executable, "-m", "bench.bench_data", "--agent", "backup",
                              str(src), repo])
         if tool == "restic":
-            return self.run(["restic", "-q", "-r", f"s3:{self.url}/{BUCKET}/{repo}",
-                             "--cache-dir", str(self.work / f"cache-{repo}"), "backup", "."],
-                            cwd=src)
+            return self.run(self._restic(repo, "backup", "."), cwd=src)
         if tool == "rclone":
             return self.run(["rclone", "sync", str(src), f"moto:{BUCKET}/{repo}"])
-        return self.run([str(Path(sys.executable).with_name("aws")), "--endpoint-url",
-                         self.url, "--only-show-errors", "s3", "sync", str(src),
-                         f"s3://{BUCKET}/{repo}/"])
+        return self.run(self._aws_sync(str(src), f"s3://{BUCKET}/{repo}/"))
 
     def restore(self, tool: str, repo: str, dst: Path) -> Run:
         if tool == "agent":
             return self.run([sys.executable, "-m", "bench.bench_data", "--agent", "restore",
                              str(dst), repo])
         if tool == "restic":
-            return self.run(["restic", "-q", "-r", f"s3:{self.url}/{BUCKET}/{repo}",
-                             "--cache-dir", str(self.work / f"cache-{repo}"), "restore",
-                             "latest", "--target", str(dst)])
+            return self.run(self._restic(repo, "restore", "latest", "--target", str(dst)))
         if tool == "rclone":
             return self.run(["rclone", "sync", f"moto:{BUCKET}/{repo}", str(dst)])
-        return self.run([str(Path(sys.executable).with_name("aws")), "--endpoint-url",
-                         self.url, "--only-show-errors", "s3", "sync",
-                         f"s3://{BUCKET}/{repo}/", str(dst)])
+        return self.run(self._aws_sync(f"s3://{BUCKET}/{repo}/", str(dst)))
 
     def prepare(self, tool: str, repo: str) -> None:
         if tool == "restic":
-            subprocess.run(["restic", "-q", "-r", f"s3:{self.url}/{BUCKET}/{repo}",
-                            "--cache-dir", str(self.work / f"cache-{repo}"), "init"],
-                           env=self.env, check=True, stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL)
+            subprocess.run(self._restic(repo, "init"), env=self.env, check=True,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            self.settled = None  # its requests are no tool's measurement
 
 
 def _agent_main(op: str, path: str, repo: str) -> int:
@@ -236,7 +238,10 @@ def _agent_main(op: str, path: str, repo: str) -> int:
 # -- the run -------------------------------------------------------------------------------------
 
 def run(small_files: int = 200, small_size: int = MIB, big: int = 200 * MIB,
-        tiny_files: int = 10_000, reps: int = 3, only: tuple[str, ...] = TOOLS) -> dict:
+        tiny_files: int = 10_000, reps: int = 3, only: tuple[str, ...] = TOOLS,
+        rival_phases: tuple[str, ...] | None = None) -> dict:
+    """The bench; ``rival_phases`` limits the other tools to those phases (all by default:
+    the tiny run gives them (a) only: every command of every tool still runs)."""
     from agent.aws.store import Store
     from agent.sim.moto import MotoServer
     from agent.sim.proxy import TcpProxy
@@ -264,46 +269,47 @@ def run(small_files: int = 200, small_size: int = MIB, big: int = 200 * MIB,
                 def new_bucket() -> None:
                     server.reset()
                     Store(BUCKET, "", region="us-east-1").ensure_bucket()
+                    b.settled = None
+
+                def runs(phase: str, order: list[str]) -> list[str]:
+                    return [t for t in order if t == "agent" or rival_phases is None
+                            or phase in rival_phases]
+
+                def first_and_restore(name: str, src: Path, rep: int, order: list[str]) -> None:
+                    """First backup of ``src`` by each tool, then its restore, checked."""
+                    want = content(src)
+                    for tool in runs(f"{name}-backup", order):
+                        repo = f"{tool}-{name}-{rep}"
+                        b.prepare(tool, repo)
+                        results.setdefault((f"{name}-backup", tool), []).append(
+                            b.backup(tool, src, repo))
+                        dst = work / f"restore-{tool}" / "data"
+                        results.setdefault((f"{name}-restore", tool), []).append(
+                            b.restore(tool, repo, dst))
+                        assert content(dst) == want, f"{tool}: restore differs"
+                        shutil.rmtree(dst.parent)
+
+                def again(phase: str, src: Path, rep: int, order: list[str]) -> None:
+                    """Another backup of (a), changed, into each tool's repository of (a)."""
+                    for tool in runs(phase, order):
+                        results.setdefault((phase, tool), []).append(
+                            b.backup(tool, src, f"{tool}-a-{rep}"))
 
                 for rep in range(reps):
                     order = tools[rep % len(tools):] + tools[:rep % len(tools)]
                     new_bucket()
                     src = work / "a"
                     make_a(src, small_files, small_size, big)
-                    want = content(src)
-                    for tool in order:
-                        repo = f"{tool}-a-{rep}"
-                        b.prepare(tool, repo)
-                        results.setdefault(("a-backup", tool), []).append(b.backup(tool, src,
-                                                                                  repo))
-                        dst = work / f"restore-{tool}" / "data"
-                        results.setdefault(("a-restore", tool), []).append(
-                            b.restore(tool, repo, dst))
-                        assert content(dst) == want, f"{tool}: restore differs"
-                        shutil.rmtree(dst.parent)
+                    first_and_restore("a", src, rep, order)
                     changed = change_in_place(src, small_size, big)
-                    for tool in order:
-                        results.setdefault(("c-incremental", tool), []).append(
-                            b.backup(tool, src, f"{tool}-a-{rep}"))
+                    again("c-incremental", src, rep, order)
                     insert_near_start(src)
-                    for tool in order:
-                        results.setdefault(("d-insert", tool), []).append(
-                            b.backup(tool, src, f"{tool}-a-{rep}"))
+                    again("d-insert", src, rep, order)
                     shutil.rmtree(src)
                     new_bucket()  # moto keeps every object in memory
                     src = work / "b"
                     make_b(src, tiny_files)
-                    want = content(src)
-                    for tool in order:
-                        repo = f"{tool}-b-{rep}"
-                        b.prepare(tool, repo)
-                        results.setdefault(("b-backup", tool), []).append(b.backup(tool, src,
-                                                                                  repo))
-                        dst = work / f"restore-{tool}" / "data"
-                        results.setdefault(("b-restore", tool), []).append(
-                            b.restore(tool, repo, dst))
-                        assert content(dst) == want, f"{tool}: restore differs"
-                        shutil.rmtree(dst.parent)
+                    first_and_restore("b", src, rep, order)
                     shutil.rmtree(src)
                     for cache in work.glob("cache-*"):
                         shutil.rmtree(cache)
@@ -342,7 +348,6 @@ def _report(results: dict[tuple[str, str], list[Run]], tools: list[str], notes: 
             took: float) -> dict:
     names = {k: v.format(sf=sf, ss=_size(ss), big=_size(big), tf=f"{tf:,}",
                          changed=_size(changed)) for k, v in PHASES}
-    rivals = [t for t in ("restic", "rclone") if t in tools]
     lines = [
         "## Data snapshots against restic, rclone and `aws s3 sync` (`bench/bench_data.py`)",
         "",
@@ -367,6 +372,7 @@ def _report(results: dict[tuple[str, str], list[Run]], tools: list[str], notes: 
                 cell += f", {_med(runs, 'sent') / 1e6:.1f} MB"
             cells.append(cell)
         ratio = ""
+        rivals = [t for t in ("restic", "rclone") if t in tools and results.get((key, t))]
         if rivals and results.get((key, "agent")):
             agent = results[(key, "agent")]
             if key in ("c-incremental", "d-insert") and "restic" in rivals:
@@ -389,9 +395,10 @@ def _report(results: dict[tuple[str, str], list[Run]], tools: list[str], notes: 
                 lines.append(f"| {names[key]} | {LABEL[t]} | {_med(runs, 'wall'):.1f} | "
                              f"{_med(runs, 'cpu'):.1f} | {_med(runs, 'rss') / 1e6:.0f} | "
                              f"{_med(runs, 'requests'):,.0f} | {_med(runs, 'sent') / 1e6:.1f} |")
-    if "restic" in tools:
+    both = [k for k, _ in PHASES if results.get((k, "agent")) and results.get((k, "restic"))]
+    if both:
         rss = max(_med(results[(k, "agent")], "rss") / _med(results[(k, "restic")], "rss")
-                  for k, _ in PHASES)
+                  for k in both)
         lines += ["", f"Peak RSS, agent / restic, worst data set: **{rss:.2f}x** (goal <= 1.0)."]
     lines += ["", f"{os.cpu_count()} CPUs; bench wall time {took:.0f} s."]
     lines += [f"{n}." if not n.endswith(".") else n for n in notes]

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import io
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -94,19 +94,34 @@ class Store:
             store_now=_http_date(resp.get("ResponseMetadata")),
         )
 
-    def get_range(self, rel: str, start: int, end: int) -> bytes:
-        """Bytes [start, end) of an object (a ranged GET); fewer if the object is shorter."""
+    def read_range(self, rel: str, start: int, end: int,
+                   sizes: Sequence[int]) -> Iterator[bytes]:
+        """Bytes [start, end) of an object (one ranged GET), handed over in consecutive pieces
+        of ``sizes`` as they arrive: the caller holds one piece at a time, never the range.
+        A piece is short (and the last) where the object is; a range past its end is none."""
         try:
             resp = self.client.get_object(Bucket=self.bucket, Key=self.key(rel),
                                           Range=f"bytes={start}-{end - 1}")
-            body = resp["Body"].read()
         except awserrors.AWS_ERRORS as exc:
             self.usage.add("get")
             if awserrors.error_code(exc) == "InvalidRange" or awserrors.http_status(exc) == 416:
-                return b""
+                return
             raise self._fail("get", rel, exc) from exc
-        self.usage.add("get", bytes_in=len(body))
-        return body
+        body = resp["Body"]
+        got = 0
+        try:
+            for size in sizes:
+                try:
+                    piece = body.read(size)
+                except awserrors.AWS_ERRORS as exc:
+                    raise self._fail("get", rel, exc) from exc
+                got += len(piece)
+                yield piece
+                if len(piece) < size:
+                    return
+        finally:
+            body.close()  # a body not read to its end closes the connection, never reused
+            self.usage.add("get", bytes_in=got)
 
     def get_or_none(self, rel: str) -> Obj | None:
         try:

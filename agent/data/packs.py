@@ -28,11 +28,12 @@ from dataclasses import dataclass
 
 MIB = 1024 * 1024
 PACK_TARGET = 4 * MIB  # a pack is sealed once it holds this much
-MAX_RANGE = 8 * MIB  # a ranged GET never asks for more (bounded memory per fetch thread)
+MAX_RANGE = 8 * MIB  # a ranged GET never asks for more (memory: ``PIECE``)
 MAX_GAP = 256 * 1024  # read through a gap this small rather than issue another request
+PIECE = 512 * 1024  # a range is read, checked and written a piece at a time, not held whole
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # one per blob of a snapshot: no __dict__
 class Loc:
     """Where a blob lives: the object (``packs/<id>``, or format 1's ``chunks/<sha>``),
     offset and length."""
@@ -81,6 +82,9 @@ class PackBuilder:
         return pid, body, locs
 
 
+Blob = tuple[str, int, int]  # (sha, offset in the object, length)
+
+
 @dataclass(frozen=True)
 class Fetch:
     """One GET: ``obj`` bytes [start, end) and the blobs in it (sha, offset in the object)."""
@@ -88,7 +92,7 @@ class Fetch:
     obj: str
     start: int
     end: int
-    blobs: tuple[tuple[str, int, int], ...]  # (sha, offset, length)
+    blobs: tuple[Blob, ...]  # in offset order
     whole: bool = False  # a format-1 chunk object: plain GET, its length is the blob's
 
 
@@ -111,7 +115,7 @@ def plan_fetches(needed: Iterable[str], locs: dict[str, Loc], *, max_gap: int = 
             for off, ln, sha in items:
                 out.append(Fetch(obj, off, off + ln, ((sha, off, ln),), whole=True))
             continue
-        cur: list[tuple[str, int, int]] = []
+        cur: list[Blob] = []
         start = end = 0
         for off, ln, sha in items:
             if cur and (off - end > max_gap or max(end, off + ln) - start > max_range):
@@ -126,6 +130,25 @@ def plan_fetches(needed: Iterable[str], locs: dict[str, Loc], *, max_gap: int = 
             out.append(Fetch(obj, start, end, tuple(cur)))
     # the largest first: the tail of a restore is then many small requests in parallel
     out.sort(key=lambda f: -(f.end - f.start))
+    return out
+
+
+def pieces(fx: Fetch, max_piece: int = PIECE) -> list[tuple[int, tuple[Blob, ...]]]:
+    """A range cut into consecutive reads that each hold whole blobs: (bytes to read, the
+    blobs that end within them). A piece ends at the end of its last blob and grows to at
+    most ``max_piece`` (one larger blob is a piece of its own); a gap the range reads
+    through belongs to the piece after it. The sizes add up to ``end - start``."""
+    out: list[tuple[int, tuple[Blob, ...]]] = []
+    start = end = fx.start
+    cur: list[Blob] = []
+    for sha, off, ln in fx.blobs:
+        if cur and max(end, off + ln) - start > max_piece:
+            out.append((end - start, tuple(cur)))
+            start, cur = end, []
+        cur.append((sha, off, ln))
+        end = max(end, off + ln)
+    if cur:
+        out.append((end - start, tuple(cur)))
     return out
 
 

@@ -43,8 +43,9 @@ import hashlib
 import json
 import re
 import secrets
+import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -142,7 +143,7 @@ def safe_rel(path: object) -> str:
 # -- manifest model -------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # one per file of a snapshot: no __dict__
 class FileEntry:
     path: str
     mode: int
@@ -158,7 +159,7 @@ class FileEntry:
     ino: int | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class DirEntry:
     path: str
     mode: int
@@ -167,7 +168,7 @@ class DirEntry:
     gid: int | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class LinkEntry:
     path: str
     target: str
@@ -293,26 +294,22 @@ def _blob_table(d: dict[str, Any], what: str) -> dict[str, Loc]:
     if not isinstance(packs, dict):
         raise IntegrityError(f"{what}: no pack table")
     blobs: dict[str, Loc] = {}
-    for pid, entries in packs.items():
+    while packs:  # each entry goes once it is read: the raw table and ours are never both whole
+        pid, entries = packs.popitem()
         if not is_sha(pid) or not isinstance(entries, list):
             raise IntegrityError(f"{what}: bad pack entry {pid!r}")
+        obj = f"packs/{pid}"  # one string per pack, shared by its blobs
         for e in entries:
             if (not isinstance(e, list) or len(e) != 3 or not is_sha(e[0])
                     or not all(isinstance(x, int) and not isinstance(x, bool) for x in e[1:])
                     or e[1] < 0 or e[2] < 1):
                 raise IntegrityError(f"{what}: bad blob entry in pack {pid}: {e!r}")
-            blobs[e[0]] = Loc(f"packs/{pid}", e[1], e[2])
+            blobs[sys.intern(e[0])] = Loc(obj, e[1], e[2])
     return blobs
 
 
-def parse_manifest(raw: bytes, *, what: str = "manifest") -> Manifest:
-    """Untrusted bytes from the store -> a checked ``Manifest``, or ``IntegrityError``.
-
-    Refuses unsafe paths, duplicates, and any entry below a file or a symlink (a
-    symlink in the tree must never let a later write land outside the staging dir),
-    and chunk lists that do not add up to the file size (format 1: on the snapshot's
-    chunk grid; format 2: by the blob lengths of the pack table, where every chunk must be).
-    """
+def _decode(raw: bytes, what: str) -> dict[str, Any]:
+    """Manifest bytes (gzip or plain JSON) -> the top-level object of a known format."""
     if raw[:2] == b"\x1f\x8b":
         try:
             raw = gzip.decompress(raw)
@@ -325,13 +322,36 @@ def parse_manifest(raw: bytes, *, what: str = "manifest") -> Manifest:
     if not isinstance(d, dict) or d.get("format") not in (FORMAT_V1, FORMAT):
         raise IntegrityError(f"{what}: not a format-{FORMAT_V1} or format-{FORMAT} "
                              "snapshot manifest")
+    return d
+
+
+def _drain(d: dict[str, Any], key: str, what: str) -> Iterator[Any]:
+    """The items of the list ``d[key]`` in order, each let go once the next is asked for:
+    a large manifest's raw entries and its checked ones are never all in memory at once."""
+    items = d.pop(key, None) or []
+    if not isinstance(items, list):
+        raise IntegrityError(f"{what}: bad {key} list")
+    items.reverse()
+    while items:
+        yield items.pop()
+
+
+def parse_manifest(raw: bytes, *, what: str = "manifest") -> Manifest:
+    """Untrusted bytes from the store -> a checked ``Manifest``, or ``IntegrityError``.
+
+    Refuses unsafe paths, duplicates, and any entry below a file or a symlink (a
+    symlink in the tree must never let a later write land outside the staging dir),
+    and chunk lists that do not add up to the file size (format 1: on the snapshot's
+    chunk grid; format 2: by the blob lengths of the pack table, where every chunk must be).
+    """
+    d = _decode(raw, what)
     fmt = d["format"]
     chunk_size = _int(d, "chunk_size", what)
     if chunk_size < 1:
         raise IntegrityError(f"{what}: bad chunk_size {chunk_size}")
     blobs = _blob_table(d, what) if fmt == FORMAT else {}
     files: list[FileEntry] = []
-    for f in d.get("files") or []:
+    for f in _drain(d, "files", what):
         if not isinstance(f, dict):
             raise IntegrityError(f"{what}: file entry is not an object")
         path = safe_rel(f.get("path"))
@@ -339,6 +359,7 @@ def parse_manifest(raw: bytes, *, what: str = "manifest") -> Manifest:
         chunks = f.get("chunks")
         if not isinstance(chunks, list) or not all(is_sha(c) for c in chunks):
             raise IntegrityError(f"{what} {path}: bad chunk list")
+        chunks = [sys.intern(c) for c in chunks]  # one string per blob, not one per use
         if fmt == FORMAT_V1:
             lengths = chunk_lengths(size, chunk_size)
             if len(chunks) != len(lengths):
@@ -418,17 +439,7 @@ def referenced_objects(raw: bytes, *, what: str = "manifest") -> set[str]:
     """The store objects a manifest needs, without checking the rest of it: what collection
     must keep. Anything unreadable raises ``IntegrityError``, so collection stops rather
     than deleting what an unreadable snapshot may need."""
-    if raw[:2] == b"\x1f\x8b":
-        try:
-            raw = gzip.decompress(raw)
-        except (OSError, EOFError) as exc:
-            raise IntegrityError(f"{what}: not a readable gzip stream: {exc}") from exc
-    try:
-        d = json.loads(raw)
-    except ValueError as exc:
-        raise IntegrityError(f"{what}: not valid JSON: {exc}") from exc
-    if not isinstance(d, dict) or d.get("format") not in (FORMAT_V1, FORMAT):
-        raise IntegrityError(f"{what}: not a snapshot manifest")
+    d = _decode(raw, what)
     if d["format"] == FORMAT:
         packs = d.get("packs")
         if not isinstance(packs, dict):

@@ -1,8 +1,9 @@
 """Data snapshots, the restore half: rebuild a snapshot beside the target and swap it in.
 
 Build the snapshot in a hidden staging dir beside the target (same filesystem): fetch
-each needed blob once with ranged GETs of its pack, many requests in parallel, verify its
-sha256 and length, write it where it belongs from the fetching thread; check that every
+each needed blob once with ranged GETs of its pack, many requests in parallel, each read
+a piece (``packs.PIECE``) at a time as it arrives; verify each blob's sha256 and length,
+write it where it belongs from the fetching thread and start its writeback; check that every
 file received exactly its size in verified bytes; make it all durable (one ``syncfs``, or
 an fsync per file where there is none), then swap it in with one
 ``renameat2(RENAME_EXCHANGE)`` (two renames where that is not available). A restore
@@ -23,7 +24,7 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
@@ -156,14 +157,40 @@ def _restore_lock(path: Path) -> Iterator[None]:
         os.close(fd)
 
 
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def _libc_fn(name: str, argtypes: list[type]) -> Callable[..., int] | None:
+    """A libc function (errno kept for ``ctypes.get_errno``), or None where there is none."""
+    try:
+        fn = getattr(ctypes.CDLL(None, use_errno=True), name)
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = argtypes
+    return fn  # type: ignore[no-any-return]
+
+
+_SYNC_FILE_RANGE = _libc_fn("sync_file_range",
+                            [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint])
+
+
+def _start_writeback(fd: int, offset: int, n: int) -> None:
+    """Start writing ``n`` bytes at ``offset`` to disk now, without waiting
+    (``sync_file_range(SYNC_FILE_RANGE_WRITE)``): the disk works while the restore still
+    fetches, and the one ``syncfs`` before the swap, which is what makes the tree durable,
+    has little left to wait for. Best effort: where there is none, ``syncfs`` does it all."""
+    if _SYNC_FILE_RANGE is not None:  # its errors only mean syncfs has more to do
+        _SYNC_FILE_RANGE(fd, offset, n, _SYNC_FILE_RANGE_WRITE)
+
+
+_SYNCFS = _libc_fn("syncfs", [ctypes.c_int])
+
+
 def _syncfs(fd: int) -> bool:
     """One ``syncfs(2)`` of the filesystem holding ``fd``; False where unavailable."""
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).syncfs
-    except (OSError, AttributeError):
+    if _SYNCFS is None:
         return False
-    fn.argtypes = [ctypes.c_int]
-    if fn(fd) != 0:
+    if _SYNCFS(fd) != 0:
         err = ctypes.get_errno()
         if err in (38, 95):  # ENOSYS, EOPNOTSUPP
             return False
@@ -177,7 +204,7 @@ class _Writer:
     Every blob is fetched once (a ranged GET of its pack, shared with its neighbours),
     checked (length, sha256: the one checksum pass over each byte), then written with
     ``pwrite`` into every file and offset that holds it, by the thread that fetched it:
-    writers run in parallel, and memory is one range per thread."""
+    writers run in parallel, and memory is one piece (``packs.PIECE``) per thread."""
 
     def __init__(self, store: StoreAPI, m: D.Manifest, root_fd: int) -> None:
         self.store = store
@@ -199,26 +226,49 @@ class _Writer:
         return f"{self.m.files[i].path}: chunk at offset {off} ({sha})"
 
     def fetch(self, fx: P.Fetch) -> tuple[int, int]:
-        """(bytes written, files completed) for one request."""
+        """(bytes written, files completed) for one request, read a piece at a time."""
         if self.stop.is_set():
             return 0, 0
         rel = f"{self.base}/{fx.obj}"
-        try:
-            if fx.whole:
+        written = done = 0
+        if fx.whole:  # format 1: a chunk object, fetched whole (at most one chunk)
+            try:
                 obj = self.store.get(rel)
-                body = obj.body
-                if len(body) != fx.end - fx.start:
-                    raise IntegrityError(f"{self.who(fx.blobs[0][0])} is truncated or wrong "
-                                         f"size: {len(body)} bytes, expected {fx.end - fx.start}")
-            else:
-                body = self.store.get_range(rel, fx.start, fx.end)
-        except NotFound as exc:
-            raise IntegrityError(f"{self.who(fx.blobs[0][0])} is missing from the store "
-                                 f"({fx.obj} not found)") from exc
+            except NotFound as exc:
+                raise self._missing(fx) from exc
+            body = obj.body
+            if len(body) != fx.end - fx.start:
+                raise IntegrityError(f"{self.who(fx.blobs[0][0])} is truncated or wrong "
+                                     f"size: {len(body)} bytes, expected {fx.end - fx.start}")
+            return self._put(fx.start, body, fx.blobs)
+        cuts = P.pieces(fx)
+        stream = self.store.read_range(rel, fx.start, fx.end, [n for n, _ in cuts])
+        with contextlib.closing(stream):
+            start = fx.start
+            for n, blobs in cuts:
+                try:
+                    piece = next(stream, b"")
+                except NotFound as exc:
+                    raise self._missing(fx) from exc
+                w, d = self._put(start, piece, blobs)
+                written += w
+                done += d
+                if self.stop.is_set():
+                    break
+                start += n
+        return written, done
+
+    def _missing(self, fx: P.Fetch) -> IntegrityError:
+        return IntegrityError(f"{self.who(fx.blobs[0][0])} is missing from the store "
+                              f"({fx.obj} not found)")
+
+    def _put(self, start: int, body: bytes, blobs: tuple[P.Blob, ...]) -> tuple[int, int]:
+        """Check each blob of ``body`` (bytes from object offset ``start``) and write it
+        wherever it belongs: (bytes written, files completed)."""
         view = memoryview(body)
         written = done = 0
-        for sha, off, ln in fx.blobs:
-            blob = view[off - fx.start:off - fx.start + ln]
+        for sha, off, ln in blobs:
+            blob = view[off - start:off - start + ln]
             if len(blob) != ln:
                 raise IntegrityError(f"{self.who(sha)} is truncated or wrong size: "
                                      f"{len(blob)} bytes, expected {ln}")
@@ -239,10 +289,12 @@ class _Writer:
         fd = os.open(f.path, os.O_WRONLY | os.O_NOFOLLOW, dir_fd=self.root_fd)
         try:
             n = len(data)
+            start = offset
             while data:
                 k = os.pwrite(fd, data, offset)
                 data = data[k:]
                 offset += k
+            _start_writeback(fd, start, n)
             with self.lock:
                 self.written[i] += n
                 complete = self.written[i] == f.size
@@ -273,7 +325,7 @@ def _build(store: StoreAPI, m: D.Manifest, staging: Path, concurrency: int, cloc
         w = _Writer(store, m, root_fd)
         plan = P.plan_fetches(w.place, m.blobs)
         # every request is queued at once: the fetch threads never wait for the writer
-        # (they are the writers), and memory stays one range per thread
+        # (they are the writers), and memory stays one piece per thread
         with ThreadPoolExecutor(concurrency, thread_name_prefix="restore") as pool:
             pending = {pool.submit(w.fetch, fx) for fx in plan}
             try:
@@ -359,14 +411,15 @@ _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
 
 
+_RENAMEAT2 = _libc_fn("renameat2", [ctypes.c_int, ctypes.c_char_p, ctypes.c_int,
+                                     ctypes.c_char_p, ctypes.c_uint])
+
+
 def _exchange(a: Path, b: Path) -> bool:
     """Atomically swap two paths (Linux renameat2); False where unsupported."""
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).renameat2
-    except (OSError, AttributeError):
+    if _RENAMEAT2 is None:
         return False
-    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    rc = fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
+    rc = _RENAMEAT2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
     if rc == 0:
         return True
     err = ctypes.get_errno()

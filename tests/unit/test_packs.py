@@ -51,6 +51,38 @@ def test_plan_reads_every_blob_once_within_bounds(spec: list, gap: int, max_rang
         assert f.end - f.start <= max_range or len(f.blobs) == 1
 
 
+@given(st.lists(st.tuples(st.integers(0, 2), st.integers(1, 3000), st.integers(0, 900)),
+                min_size=1, max_size=40),
+       st.integers(0, 2000), st.integers(1, 12000), st.integers(1, 6000))
+def test_pieces_hand_each_blob_its_own_bytes(spec: list, gap: int, max_range: int,
+                                             max_piece: int) -> None:
+    """Ground truth: packs of random bytes; every blob read piece by piece, as the restore
+    reads a range, is the blob's bytes, and no piece holds more than it must."""
+    packs = [bytearray(), bytearray(), bytearray()]
+    locs: dict[str, P.Loc] = {}
+    want: dict[str, bytes] = {}
+    for i, (pack, ln, hole) in enumerate(spec):
+        packs[pack] += random.Random(i).randbytes(hole)  # bytes of blobs not needed
+        data = random.Random(-i - 1).randbytes(ln)
+        locs[f"{i:064x}"] = P.Loc(f"packs/{pack}", len(packs[pack]), ln)
+        want[f"{i:064x}"] = data
+        packs[pack] += data
+    got: dict[str, bytes] = {}
+    for f in P.plan_fetches(locs, locs, max_gap=gap, max_range=max_range):
+        body = bytes(packs[int(f.obj.split("/")[1])][f.start:f.end])
+        cuts = P.pieces(f, max_piece)
+        assert sum(n for n, _ in cuts) == f.end - f.start
+        assert [b for _, blobs in cuts for b in blobs] == list(f.blobs)
+        start = f.start
+        for n, blobs in cuts:
+            assert n <= max_piece or len(blobs) == 1
+            piece = body[start - f.start:start - f.start + n]
+            for s, off, ln in blobs:
+                got[s] = piece[off - start:off - start + ln]
+            start += n
+    assert got == want
+
+
 def test_plan_merges_neighbours_and_fetches_v1_chunks_whole() -> None:
     a, b, c, d = (f"{i:064x}" for i in range(4))
     locs = {a: P.Loc("packs/p", 0, 100), b: P.Loc("packs/p", 100, 50),
