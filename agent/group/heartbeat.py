@@ -83,9 +83,10 @@ def departure_reason(spot_action: Mapping[str, Any] | None,
     state alone (the daemon uses ``agent.daemon.notices``, which reads every signal).
     """
     from agent import departure as D
+    from agent.config.model import defaults
 
     obs = D.observations_from_imds(spot=spot_action, lifecycle_state=lifecycle_state)
-    d = D.decide(obs, D.Policy(), "member", 0.0)
+    d = D.decide(obs, D.Policy.from_raw(defaults("departure")), "member", 0.0)
     return d.reason if d.action in ("leave", "suspend") else None
 
 
