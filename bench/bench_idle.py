@@ -26,8 +26,12 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import psutil
+
+if TYPE_CHECKING:
+    from agent.sim.cloud import EmbeddedCloud
 
 RSS_GOAL_MB = 50.0
 CPU_GOAL = 0.005
@@ -73,63 +77,73 @@ def _measure(pid: int, window_s: float, step: float = 1.0) -> tuple[float, float
 
 
 def _group(members: int, *, tls: bool, warmup_s: float, window_s: float,
-           update_window_s: float | None) -> Idle:
-    """``members`` idle agents in one group; the first is measured (then after an update)."""
+           update_window_s: float | None) -> tuple[Idle, float | None]:
+    """``members`` idle agents in one group; the first is measured (then after an update).
+
+    Over TLS, the baseline's RSS is measured against the same cloud too (else None).
+    """
     from agent.sim.cloud import EmbeddedCloud
     from agent.sim.simulate import SIM_BUNDLE
 
     group = f"idle{members}"
+    floor = None
     with EmbeddedCloud(tls=tls) as cloud:
-        cfg = cloud.agent_config(group, heal={"mode": "armed"})
-        cloud.ensure_bucket()
-        first = cloud.push_bundle(group, SIM_BUNDLE)
-        ids = cloud.run_standalone(group, members, cfg)
-        codes = cloud.boot_all(ids, timeout=300)
-        procs = {iid: cloud.spawn(iid, "run") for iid in ids}
-        time.sleep(warmup_s)
-        measured = ids[0]
-        rss_mb, cpu = _measure(procs[measured].pid, window_s)
-        st = cloud.instances[measured].state() or {}
-        seen = len([p for p in st.get("peers", []) if p.get("state") == "ready"])
-        if update_window_s is None:
-            alive = sum(1 for p in procs.values() if p.poll() is None)
-            return Idle(members, tls, frozenset(codes.values()), alive, seen, rss_mb, cpu)
-        update = dict(SIM_BUNDLE)
-        update["agent.yaml"] = update["agent.yaml"].replace("port: 8080", "port: 8081")
-        second = cloud.push_bundle(group, update)
-        end = time.monotonic() + 120
-        applied = False
-        while time.monotonic() < end and not applied:
-            st = cloud.instances[measured].state() or {}
-            applied = (st.get("daemon", {}).get("refresh") or {}).get("version") == second
-            time.sleep(1.0)
-        rss2_mb, cpu2 = _measure(procs[measured].pid, update_window_s)
+        try:
+            cfg = cloud.agent_config(group, heal={"mode": "armed"})
+            cloud.ensure_bucket()
+            floor = _start_floor(cloud) if tls else None  # measured at the end, as idle
+            idle = _run_group(cloud, group, cfg, members, tls, SIM_BUNDLE, warmup_s, window_s,
+                              update_window_s)
+            if floor is None:
+                return idle, None
+            if floor.poll() is not None:
+                raise RuntimeError(f"the baseline process exited ({floor.returncode})")
+            return idle, psutil.Process(floor.pid).memory_info().rss / 2**20
+        finally:
+            if floor is not None:
+                floor.kill()
+                floor.wait()
+
+
+def _run_group(cloud: EmbeddedCloud, group: str, cfg: dict, members: int, tls: bool,
+               bundle: dict[str, str], warmup_s: float, window_s: float,
+               update_window_s: float | None) -> Idle:
+    first = cloud.push_bundle(group, bundle)
+    ids = cloud.run_standalone(group, members, cfg)
+    codes = cloud.boot_all(ids, timeout=300)
+    procs = {iid: cloud.spawn(iid, "run") for iid in ids}
+    time.sleep(warmup_s)
+    measured = ids[0]
+    rss_mb, cpu = _measure(procs[measured].pid, window_s)
+    st = cloud.instances[measured].state() or {}
+    seen = len([p for p in st.get("peers", []) if p.get("state") == "ready"])
+    if update_window_s is None:
         alive = sum(1 for p in procs.values() if p.poll() is None)
-        return Idle(members, tls, frozenset(codes.values()), alive, seen, rss_mb, cpu,
-                    first, second, applied, rss2_mb, cpu2)
+        return Idle(members, tls, frozenset(codes.values()), alive, seen, rss_mb, cpu)
+    update = dict(bundle)
+    update["agent.yaml"] = update["agent.yaml"].replace("port: 8080", "port: 8081")
+    second = cloud.push_bundle(group, update)
+    end = time.monotonic() + 120
+    applied = False
+    while time.monotonic() < end and not applied:
+        st = cloud.instances[measured].state() or {}
+        applied = (st.get("daemon", {}).get("refresh") or {}).get("version") == second
+        time.sleep(1.0)
+    rss2_mb, cpu2 = _measure(procs[measured].pid, update_window_s)
+    alive = sum(1 for p in procs.values() if p.poll() is None)
+    return Idle(members, tls, frozenset(codes.values()), alive, seen, rss_mb, cpu,
+                first, second, applied, rss2_mb, cpu2)
 
 
-def _floor_rss_mb() -> float:
-    """RSS of python + boto3 + one S3 client + one TLS request, idle (MiB)."""
-    from agent.sim.cloud import EmbeddedCloud
+def _start_floor(cloud: EmbeddedCloud) -> subprocess.Popen:
+    """The baseline: python + boto3 + one S3 client + one TLS request to ``cloud``, then idle."""
     from agent.sim.moto import FAKE_CREDENTIALS
 
-    with EmbeddedCloud(tls=True) as cloud:
-        cloud.ensure_bucket()
-        env = {**os.environ, **FAKE_CREDENTIALS, "AWS_ENDPOINT_URL": cloud.endpoint_url,
-               "AWS_CA_BUNDLE": cloud.front.ca_bundle if cloud.front else ""}
-        floor = subprocess.Popen([sys.executable, "-c", (
-            "import boto3, sys, time; c = boto3.client('s3', region_name='us-east-1');"
-            " c.list_buckets(); print('ok', flush=True); time.sleep(3600)")], env=env,
-            stdout=subprocess.PIPE, text=True)
-        try:
-            if floor.stdout is None or floor.stdout.readline().strip() != "ok":
-                raise RuntimeError(f"the baseline process failed ({floor.wait()})")
-            time.sleep(1.0)
-            return psutil.Process(floor.pid).memory_info().rss / 2**20
-        finally:
-            floor.kill()
-            floor.wait()
+    env = {**os.environ, **FAKE_CREDENTIALS, "AWS_ENDPOINT_URL": cloud.endpoint_url,
+           "AWS_CA_BUNDLE": cloud.front.ca_bundle if cloud.front else ""}
+    return subprocess.Popen([sys.executable, "-c", (
+        "import boto3, time; c = boto3.client('s3', region_name='us-east-1');"
+        " c.list_buckets(); time.sleep(3600)")], env=env)
 
 
 def _row(what: str, rss_mb: float, cpu: float, floor_mb: float) -> str:
@@ -139,13 +153,14 @@ def _row(what: str, rss_mb: float, cpu: float, floor_mb: float) -> str:
 
 def run(peers: int = 10, small: int = 4, warmup_s: float = 25.0, window_s: float = 60.0,
         update_window_s: float = 30.0) -> dict:
-    floor_mb = _floor_rss_mb()
     groups = []
     if small:
         groups.append(_group(small, tls=False, warmup_s=warmup_s, window_s=window_s,
-                             update_window_s=None))
-    large = _group(peers + 1, tls=True, warmup_s=warmup_s, window_s=window_s,
-                   update_window_s=update_window_s)
+                             update_window_s=None)[0])
+    large, floor = _group(peers + 1, tls=True, warmup_s=warmup_s, window_s=window_s,
+                          update_window_s=update_window_s)
+    assert floor is not None  # over TLS
+    floor_mb = floor
     groups.append(large)
     met = all(g.met for g in groups)
     md = (
