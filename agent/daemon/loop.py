@@ -128,7 +128,7 @@ class Daemon:
         self.checker = HealthChecker.from_config(cfg.health)
         http = cfg.http
         endpoint_url = ""
-        if getattr(http, "enabled", True):
+        if http.enabled:
             self.endpoint = Endpoint(http.bind, http.port, health_fn=self._health_doc,
                                      private_ip=ctx.identity.local_ipv4 or "").start()
             endpoint_url = self.endpoint.url
@@ -573,7 +573,7 @@ class Daemon:
             code = 1 if failed else 0
         if self.endpoint is not None:
             self.endpoint.stop()
-        if getattr(self, "checker", None) is not None:
+        if self.checker is not None:
             self.checker.close()
         return code
 
