@@ -157,10 +157,9 @@ def run(peers: int = 10, small: int = 4, warmup_s: float = 25.0, window_s: float
     if small:
         groups.append(_group(small, tls=False, warmup_s=warmup_s, window_s=window_s,
                              update_window_s=None)[0])
-    large, floor = _group(peers + 1, tls=True, warmup_s=warmup_s, window_s=window_s,
-                          update_window_s=update_window_s)
-    assert floor is not None  # over TLS
-    floor_mb = floor
+    large, floor_mb = _group(peers + 1, tls=True, warmup_s=warmup_s, window_s=window_s,
+                             update_window_s=update_window_s)
+    assert floor_mb is not None  # measured over TLS
     groups.append(large)
     met = all(g.met for g in groups)
     md = (
