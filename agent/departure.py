@@ -164,22 +164,22 @@ class Observations:
 
 # -- policy -----------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Policy:
-    """The ``departure`` config section (schema: agent/config/schema/config.schema.json)."""
+    """The ``departure`` config section; its defaults are the schema's
+    (agent/config/schema/config.schema.json; ``agent.config.model.defaults("departure")``).
+    """
 
-    on_rebalance: str = "report"          # report | leave
-    on_maintenance: str = "leave"         # report | leave
-    maintenance_codes: tuple[str, ...] = ("instance-stop", "instance-retirement")
-    maintenance_lead_s: float = 600.0
-    final_backup: bool = True
+    on_rebalance: str          # report | leave
+    on_maintenance: str        # report | leave
+    maintenance_codes: tuple[str, ...]
+    maintenance_lead_s: float
+    final_backup: bool
 
     @classmethod
-    def from_raw(cls, raw: Mapping[str, Any] | None) -> Policy:
-        d = dict(raw or {})
-        if "maintenance_codes" in d:
-            d["maintenance_codes"] = tuple(d["maintenance_codes"])
-        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+    def from_raw(cls, raw: Mapping[str, Any]) -> Policy:
+        """From the section as validated and completed by the schema (lists as tuples)."""
+        return cls(**{**raw, "maintenance_codes": tuple(raw["maintenance_codes"])})
 
 
 # Scheduled event codes whose instance comes back with the same id (a stop).

@@ -8,6 +8,7 @@ that way so that none can silently break (``tests/integration/test_bench_tiny.py
 from __future__ import annotations
 
 import importlib
+import os
 import pkgutil
 import re
 import sys
@@ -53,16 +54,18 @@ def main(argv: list[str]) -> int:
         if tiny and getattr(mod, "TINY_SKIP", None):
             print(f"[bench {name} (tiny): skipped: {mod.TINY_SKIP}]")
             continue
-        t0 = time.monotonic()
+        t0, load0 = time.monotonic(), os.getloadavg()[0]
         result = mod.run(**(getattr(mod, "TINY", {}) if tiny else {}))
         took = time.monotonic() - t0
+        load = (f"\n\nMachine load while it ran (1-minute load average, start -> end): "
+                f"{load0:.1f} -> {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores.\n")
         print(result.get("summary") or result["markdown"])
         print(f"[bench {name}{' (tiny)' if tiny else ''}: {took:.0f}s]")
         if tiny:
             continue
         text = DOC.read_text() if DOC.exists() else HEADER
         DOC.parent.mkdir(parents=True, exist_ok=True)
-        DOC.write_text(update_section(text, name, result["markdown"]))
+        DOC.write_text(update_section(text, name, result["markdown"].rstrip("\n") + load))
     return 0
 
 

@@ -22,7 +22,6 @@ A missing tool is skipped, and the section says so.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import random
 import re
@@ -105,11 +104,13 @@ def make_b(root: Path, n: int) -> None:
 def content(root: Path) -> list[tuple[int, str]]:
     """The multiset of (size, sha256) of the files below ``root`` (tools nest paths
     differently, the bytes must be the same)."""
+    from agent.host.files import sha256_file
+
     out = []
     for dirpath, _, names in os.walk(root):
         for n in names:
-            data = (Path(dirpath) / n).read_bytes()
-            out.append((len(data), hashlib.sha256(data).hexdigest()))
+            sha, size = sha256_file(Path(dirpath) / n)
+            out.append((size, sha))
     return sorted(out)
 
 

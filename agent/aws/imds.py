@@ -281,14 +281,7 @@ class ImdsClient:
 
     def spot_action(self) -> dict[str, Any] | None:
         """The spot interruption notice ({"action": ..., "time": ...}) or None."""
-        path = "spot/instance-action"
-        raw = self.get(path, optional=True)
-        if raw is None:
-            return None
-        value = self._json(path, raw)
-        if not isinstance(value, dict):
-            raise ImdsError(f"IMDS {path} is not a JSON object")
-        return value
+        return self._optional_object("spot/instance-action")
 
     def target_lifecycle_state(self) -> str | None:
         """The Auto Scaling target lifecycle state (InService, Terminated...) or None."""
@@ -302,14 +295,7 @@ class ImdsClient:
 
     def rebalance(self) -> dict[str, Any] | None:
         """The rebalance recommendation ({"noticeTime": ...}) or None."""
-        path = "events/recommendations/rebalance"
-        raw = self.get(path, optional=True)
-        if raw is None:
-            return None
-        value = self._json(path, raw)
-        if not isinstance(value, dict):
-            raise ImdsError(f"IMDS {path} is not a JSON object")
-        return value
+        return self._optional_object("events/recommendations/rebalance")
 
     def maintenance_events(self) -> list[dict[str, Any]]:
         """Scheduled maintenance events (a JSON list; [] when none or the path is absent)."""
@@ -320,6 +306,16 @@ class ImdsClient:
         value = self._json(path, raw)
         if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
             raise ImdsError(f"IMDS {path} is not a JSON list of objects")
+        return value
+
+    def _optional_object(self, path: str) -> dict[str, Any] | None:
+        """The JSON object at ``path``; None when absent (404)."""
+        raw = self.get(path, optional=True)
+        if raw is None:
+            return None
+        value = self._json(path, raw)
+        if not isinstance(value, dict):
+            raise ImdsError(f"IMDS {path} is not a JSON object")
         return value
 
     # -- token -----------------------------------------------------------------------

@@ -285,21 +285,13 @@ def _assemble(staging: Path, remote: Remote, objects: Path) -> None:
     for f in remote.manifest.files:
         parent = _safe_parent(staging, f.path)
         dest = parent / f.path.rsplit("/", 1)[-1]
-        h = hashlib.sha256()
-        n = 0
         fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-        with os.fdopen(fd, "wb") as out, open(objects / f.sha256, "rb") as src:
-            while True:
-                b = src.read(_CHUNK)
-                if not b:
-                    break
-                h.update(b)
-                n += len(b)
-                out.write(b)
+        with os.fdopen(fd, "wb") as out:
+            got = sha256_file(objects / f.sha256, _CHUNK, copy_to=out)
             out.flush()
             os.fchmod(out.fileno(), f.mode)
             os.fsync(out.fileno())
-        if (h.hexdigest(), n) != (f.sha256, f.size):
+        if got != (f.sha256, f.size):
             with contextlib.suppress(FileNotFoundError):
                 (objects / f.sha256).unlink()
             raise IntegrityError(f"bundle object {f.path}: local cache entry changed while "

@@ -53,32 +53,37 @@ if TYPE_CHECKING:  # jsonschema is imported only to validate (~3.6 MiB resident)
 
 
 # --- records ----------------------------------------------------------------
+# Defaults live in the schema only: ``load_layers`` fills every one in (``apply_defaults``)
+# before ``_build`` makes these records, so a field the schema defaults has none here. A
+# field the schema leaves out when absent (no default there) is ``None`` here: "not given".
+# ``defaults(section)`` gives the schema's defaults of one section, for code and tests that
+# need a record without a config.
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class StoreConfig:
     bucket: str
-    prefix: str = ""
-    region: str | None = None  # None: the instance's region from IMDS
+    prefix: str
+    region: str | None  # None: the instance's region from IMDS
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class BootConfig:
-    deadline_s: float = 120
-    lifecycle_hook: str | None = None  # ASG launch hook completed at the end (agent.boot.lifecycle)
+    deadline_s: float
+    lifecycle_hook: str | None  # ASG launch hook completed at the end (agent.boot.lifecycle)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class BundleConfig:
-    refresh_s: float = 30
-    keep: int = 3
+    refresh_s: float
+    keep: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TemplateSpec:
     src: str
     dest: str
-    mode: str | None = None  # None: keep the existing file's mode, else 0644
+    mode: str | None  # None: keep the existing file's mode, else 0644
     owner: str | int | None = None
     group: str | int | None = None
     check: str | None = None
@@ -90,75 +95,73 @@ class TemplateSpec:
         return parse_mode(self.mode) if self.mode is not None else None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class DataSpec:
     name: str
     path: str
-    backup_interval_s: float = 300
-    keep: int = 10
-    chunk_size: int | None = None
-    required: bool = True
+    backup_interval_s: float
+    keep: int
+    chunk_size: int | None
+    required: bool
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class HeartbeatConfig:
-    interval_s: float = 10
-    dead_after_s: float = 30
+    interval_s: float
+    dead_after_s: float
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class HealthCheckSpec:
     type: str  # http | tcp | process | command
     url: str | None = None
-    host: str = "127.0.0.1"
+    host: str
     port: int | None = None
     name: str | None = None
     command: str | None = None
-    timeout_s: float = 5
-    failures_before_critical: int = 3
+    timeout_s: float
+    failures_before_critical: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class HealConfig:
-    mode: str = "armed"  # armed | dry-run | off
-    action: str = "asg-terminate"  # asg-mark | asg-terminate | launch | hook
-    hook: str | None = None
-    grace_s: float = 300
-    max_per_window: int = 1
-    window_s: float = 300
-    freeze_fraction: float = 0.34
-    confirm_observers: int = 2
-    silent_after_s: float = 120
-    replace_silent: bool = True
-    failed_before_freeze: int = 3
+    mode: str  # armed | dry-run | off
+    action: str  # asg-mark | asg-terminate | launch | hook
+    hook: str | None
+    grace_s: float
+    max_per_window: int
+    window_s: float
+    freeze_fraction: float
+    confirm_observers: int
+    silent_after_s: float
+    replace_silent: bool
+    failed_before_freeze: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class MembershipConfig:
-    quiescence_min_s: float = 5
-    quiescence_max_s: float = 30
+    quiescence_min_s: float
+    quiescence_max_s: float
 
 
 # The ``departure`` section is the pure departure module's own policy value.
 DepartureConfig = Policy
 
 
-# The endpoint peers probe (invariant 14): one fixed port, so a security group opens
-# one port between members. Not a default of any common software (Prometheus
-# exporters hold 9100-9999; Neo4j 7473/7474, Cassandra 7000/7199, Serf 7946).
-DEFAULT_HTTP_PORT = 7467
-
-
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class HttpConfig:
-    enabled: bool = True
-    port: int = DEFAULT_HTTP_PORT  # fixed, for one security-group rule; 0: ephemeral
-    bind: str = "0.0.0.0"
+    enabled: bool
+    # The endpoint peers probe (invariant 14). The schema's default is one fixed port (7467),
+    # so a security group opens one port between members; not a default of any common
+    # software (Prometheus exporters hold 9100-9999; Neo4j 7473/7474, Cassandra 7000/7199,
+    # Serf 7946). 0: ephemeral; the real address goes into the member record.
+    port: int
+    bind: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class LogConfig:
-    level: str = "info"
+    level: str
 
     @property
     def levelno(self) -> int:
@@ -422,6 +425,14 @@ def apply_defaults(doc: Any, node: dict[str, Any] | None = None) -> Any:
     if isinstance(doc, list) and isinstance(node.get("items"), dict):
         return [apply_defaults(item, node["items"]) for item in doc]
     return doc
+
+
+def defaults(section: str) -> dict[str, Any]:
+    """The schema's defaults of one top-level section (``heal``, ``departure``...)."""
+    value = apply_defaults({})[section]
+    if not isinstance(value, dict):
+        raise KeyError(f"config section {section!r} has no defaults of its own")
+    return value
 
 
 def _num(doc: Mapping[str, Any], section: str, key: str) -> float | None:

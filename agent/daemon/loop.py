@@ -39,6 +39,12 @@ from agent.paths import Paths
 
 log = logging.getLogger("ec2-agent.daemon")
 
+# The tasks block of state.json (runs, failures, last error per task) is rewritten when a
+# task's health changes (its first run, a failure, a recovery, another error) and otherwise
+# at most this often: rewriting it on every loop pass was most of an idle daemon's CPU (#12).
+TASKS_RECORD_S = 60.0
+
+
 @dataclass
 class Task:
     name: str
@@ -48,6 +54,25 @@ class Task:
     runs: int = 0
     failures: int = 0
     last_error: str = ""
+
+    def health(self) -> tuple[bool, int, str]:
+        """What makes the tasks block worth rewriting at once: ran yet, failures, error."""
+        return self.runs > 0, self.failures, self.last_error
+
+    def record(self) -> dict[str, Any]:
+        return {"runs": self.runs, "failures": self.failures, "last_error": self.last_error}
+
+
+@dataclass
+class TasksRecord:
+    """When the tasks block was last written to state.json, and the health it showed."""
+
+    health: dict[str, tuple[bool, int, str]] = field(default_factory=dict)
+    at: float | None = None  # monotonic; None: never written
+
+    def due(self, health: dict[str, tuple[bool, int, str]], now: float,
+            every_s: float = TASKS_RECORD_S) -> bool:
+        return health != self.health or self.at is None or now - self.at >= every_s
 
 
 @dataclass
@@ -81,6 +106,7 @@ class Daemon:
         self.member: Any = None  # agent.daemon.tasks.MemberTasks: the steps the simulator runs too
         self.heartbeat_task: Task | None = None
         self._metrics_seen: dict[str, Any] | None = None
+        self.tasks_record = TasksRecord()
 
     # -- set-up ----------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -102,7 +128,7 @@ class Daemon:
         self.checker = HealthChecker.from_config(cfg.health)
         http = cfg.http
         endpoint_url = ""
-        if getattr(http, "enabled", True):
+        if http.enabled:
             self.endpoint = Endpoint(http.bind, http.port, health_fn=self._health_doc,
                                      private_ip=ctx.identity.local_ipv4 or "").start()
             endpoint_url = self.endpoint.url
@@ -418,12 +444,19 @@ class Daemon:
                 break
             if t.next_at <= now:
                 self._run_task(t)
-        self._record("tasks", {t.name: {"runs": t.runs, "failures": t.failures,
-                                        "last_error": t.last_error}
-                               for t in (self.heartbeat_task, *self.tasks)})
+        self.record_tasks()
         self._update_metrics()
         nxt = min((t.next_at for t in self.tasks), default=now + 1.0)
         return max(0.0, nxt - self.clock.monotonic())
+
+    def record_tasks(self, force: bool = False) -> None:
+        """The tasks block of state.json, when a task's health changed or it is due."""
+        every = [t for t in (self.heartbeat_task, *self.tasks) if t is not None]
+        health = {t.name: t.health() for t in every}
+        now = self.clock.monotonic()
+        if force or self.tasks_record.due(health, now):
+            self.tasks_record = TasksRecord(health, now)
+            self._record("tasks", {t.name: t.record() for t in every})
 
     def _update_metrics(self) -> None:
         """Refresh the Prometheus series (``agent.host.metrics``, served on ``/metrics``).
@@ -524,6 +557,7 @@ class Daemon:
         if self.heartbeat_thread is not None:
             # An in-flight beat finishes (bounded by its timeouts) before we leave.
             self.heartbeat_thread.join(timeout=30)
+        self.record_tasks(force=True)  # the final counts, not those of up to a minute ago
         if not self.superseded and not self.departing:
             self.depart(self.stop_reason or "stop")
         code = 0
@@ -539,7 +573,7 @@ class Daemon:
             code = 1 if failed else 0
         if self.endpoint is not None:
             self.endpoint.stop()
-        if getattr(self, "checker", None) is not None:
+        if self.checker is not None:
             self.checker.close()
         return code
 

@@ -58,7 +58,10 @@ def observe(imds: Any) -> D.Observations:
 
 def check_departure(imds: Any) -> str | None:
     """Ask IMDS (every departure signal, default policy); an IMDS failure is not a departure."""
-    d = D.decide(observe(imds), D.Policy(on_maintenance="report"), "member", 0.0)
+    from agent.config.model import defaults
+
+    policy = D.Policy.from_raw({**defaults("departure"), "on_maintenance": "report"})
+    d = D.decide(observe(imds), policy, "member", 0.0)
     return d.reason if d.action in ("leave", "suspend") else None
 
 
@@ -108,10 +111,7 @@ class DepartureWatch:
 
     @property
     def policy(self) -> D.Policy:
-        cfg = self.d.ctx.config
-        pol = getattr(cfg, "departure", None)
-        return pol if isinstance(pol, D.Policy) else D.Policy.from_raw(
-            (getattr(cfg, "raw", None) or {}).get("departure"))
+        return self.d.ctx.config.departure
 
     def step(self) -> D.Decision:
         d = self.d

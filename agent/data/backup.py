@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent.clock import SYSTEM_CLOCK, Clock, Deadline
 from agent.data import chunking
@@ -36,6 +36,11 @@ from agent.data import packs as P
 from agent.data import plan as D
 from agent.errors import AgentError, IntegrityError, NotFound, StoreError
 from agent.interfaces import StoreAPI
+
+if TYPE_CHECKING:
+    from agent.aws.store import Store
+    from agent.config.model import Config, DataSpec
+    from agent.paths import Paths
 
 ProgressFn = Callable[[dict[str, Any]], None]
 DEFAULT_CONCURRENCY = 8
@@ -425,7 +430,7 @@ def _walk(root: Path) -> Iterator[tuple[str, os.stat_result]]:
                 stack.append(rel)
 
 
-def backup(store: StoreAPI, group: str, spec: Any, paths: Any, final: bool = False, *,
+def backup(store: StoreAPI, group: str, spec: DataSpec, paths: Paths, final: bool = False, *,
            instance_id: str = "unknown", clock: Clock = SYSTEM_CLOCK,
            deadline: Deadline | None = None, progress: ProgressFn | None = None,
            policy: D.GcPolicy | None = None, concurrency: int = DEFAULT_CONCURRENCY
@@ -434,8 +439,7 @@ def backup(store: StoreAPI, group: str, spec: Any, paths: Any, final: bool = Fal
     if final and deadline is None:
         deadline = Deadline.after(FINAL_DEADLINE_S, "final backup", clock)
     return Backup(store, group, spec.name, paths.rooted(spec.path), instance_id=instance_id,
-                  keep=int(getattr(spec, "keep", 10) or 10),
-                  chunk_size=int(getattr(spec, "chunk_size", None) or D.DEFAULT_CHUNK_SIZE),
+                  keep=spec.keep, chunk_size=spec.chunk_size or D.DEFAULT_CHUNK_SIZE,
                   concurrency=concurrency, policy=policy or D.GcPolicy(), clock=clock,
                   deadline=deadline, final=final, progress=progress).run()
 
@@ -447,7 +451,8 @@ class EntryOutcome:
     error: str = ""
 
 
-def run_backups(store: StoreAPI, config: Any, paths: Any, *, instance_id: str, final: bool = False,
+def run_backups(store: StoreAPI, config: Config, paths: Paths, *, instance_id: str,
+                final: bool = False,
                 only: str | None = None, clock: Clock = SYSTEM_CLOCK,
                 deadline: Deadline | None = None, progress: ProgressFn | None = None
                 ) -> list[EntryOutcome]:
@@ -459,11 +464,11 @@ def run_backups(store: StoreAPI, config: Any, paths: Any, *, instance_id: str, f
         # would put a dead instance's data back as "latest".
         return [EntryOutcome(spec.name, error=f"superseded: {instance_id} was replaced; "
                              "no backup over its replacement's data")
-                for spec in getattr(config, "data", None) or () if not only or spec.name == only]
+                for spec in config.data if not only or spec.name == only]
     if final and deadline is None:
         deadline = Deadline.after(FINAL_DEADLINE_S, "final backup", clock)
     out: list[EntryOutcome] = []
-    for spec in getattr(config, "data", None) or ():
+    for spec in config.data:
         if only and spec.name != only:
             continue
         try:
@@ -475,10 +480,9 @@ def run_backups(store: StoreAPI, config: Any, paths: Any, *, instance_id: str, f
     return out
 
 
-def backup_due(config: Any, last: dict[str, float], now: float) -> list[Any]:
+def backup_due(config: Config, last: dict[str, float], now: float) -> list[DataSpec]:
     """The data entries whose ``backup_interval_s`` has passed since ``last[name]``."""
-    return [s for s in getattr(config, "data", None) or ()
-            if D.due(last.get(s.name), float(getattr(s, "backup_interval_s", 300) or 300), now)]
+    return [s for s in config.data if D.due(last.get(s.name), float(s.backup_interval_s), now)]
 
 
 # -- command line helpers -------------------------------------------------------------------------
@@ -539,7 +543,7 @@ def _human(n: int) -> str:
     return f"{n} B"
 
 
-def load_runtime(paths: Any) -> tuple[Any, str]:
+def load_runtime(paths: Paths) -> tuple[Config, str]:
     """(merged config, instance id) for ``backup``/``restore`` run by hand or at shutdown."""
     from agent.aws.imds import ImdsClient, ImdsMetadata
     from agent.config.memo import config_on_host
@@ -552,7 +556,7 @@ def load_runtime(paths: Any) -> tuple[Any, str]:
     return cfg, str(instance_id)
 
 
-def use_lean_aws_data(paths: Any) -> None:
+def use_lean_aws_data(paths: Paths) -> None:
     """``backup``/``restore`` run by hand: load the lean botocore model copies the daemon
     built (``agent.aws.botodata``), as boot does: ~12 MB less RSS and a faster first client.
     Nothing built yet: botocore's own data, as before."""
@@ -562,8 +566,8 @@ def use_lean_aws_data(paths: Any) -> None:
     aws.use_data(awsdata.find(paths.aws_data_dir))
 
 
-def store_for(cfg: Any, concurrency: int = DEFAULT_CONCURRENCY,
-              region: str | None = None) -> Any:
+def store_for(cfg: Config, concurrency: int = DEFAULT_CONCURRENCY,
+              region: str | None = None) -> Store:
     """A store for moving data: a longer read timeout, a connection per transfer thread.
 
     ``region`` is the fallback (the instance's) when the config does not pin one.
@@ -571,7 +575,7 @@ def store_for(cfg: Any, concurrency: int = DEFAULT_CONCURRENCY,
     from agent.aws import session as aws
     from agent.aws.store import Store
 
-    region = getattr(cfg.store, "region", None) or region
+    region = cfg.store.region or region
     # one client for every thread: its pool keeps a connection per thread alive; sha256 per
     # blob checks every byte, so botocore's CRC32 would be a second pass over each
     client = aws.client("s3", region, max_pool_connections=max(10, concurrency + 2),

@@ -83,9 +83,10 @@ def departure_reason(spot_action: Mapping[str, Any] | None,
     state alone (the daemon uses ``agent.daemon.notices``, which reads every signal).
     """
     from agent import departure as D
+    from agent.config.model import defaults
 
     obs = D.observations_from_imds(spot=spot_action, lifecycle_state=lifecycle_state)
-    d = D.decide(obs, D.Policy(), "member", 0.0)
+    d = D.decide(obs, D.Policy.from_raw(defaults("departure")), "member", 0.0)
     return d.reason if d.action in ("leave", "suspend") else None
 
 
@@ -357,13 +358,19 @@ def _known_seq(ctx: BootContext, store: StoreAPI, key: str) -> int:
             seqs.append(int(doc.get("seq", 0) or 0))
     except (StateError, ValueError, TypeError):
         pass
+    rec = stored_record(store, key)
+    if rec is not None:
+        seqs.append(rec.seq)
+    return max(seqs)
+
+
+def stored_record(store: StoreAPI, key: str) -> MemberRecord | None:
+    """The member record at ``key``; None when absent, unreadable or not a record."""
     try:
         obj = store.get_or_none(key)
-        if obj is not None:
-            seqs.append(MemberRecord.loads(obj.body).seq)
+        return MemberRecord.loads(obj.body) if obj is not None else None
     except (StoreError, ValueError):
-        pass
-    return max(seqs)
+        return None
 
 
 def phase_register(ctx: BootContext) -> Done:
@@ -472,13 +479,7 @@ def leave_group(paths: Any, reason: str = "ec2-agent leave", *,
             write_member_file(paths, dict(doc, final=True))
         return True
     key = member_key(doc["group"], doc["instance_id"])
-    rec: MemberRecord | None = None
-    try:
-        obj = store.get_or_none(key)
-        if obj is not None:
-            rec = MemberRecord.loads(obj.body)
-    except (StoreError, ValueError):
-        rec = None
+    rec = stored_record(store, key)
     if rec is None:
         rec = MemberRecord(instance_id=doc["instance_id"], group=doc["group"],
                            seq=int(doc.get("seq", 0) or 0))

@@ -129,6 +129,12 @@ class PeerInfo:
             etag=etag,
         )
 
+    @classmethod
+    def from_read(cls, r: Read) -> PeerInfo:
+        """The peer a changed read shows (raises MalformedRecord for a body that is not one)."""
+        return cls.from_record(MemberRecord.loads(r.body), etag=r.etag,
+                               last_modified=r.last_modified, store_now=r.store_now)
+
 
 def template_peers(view: Iterable[PeerInfo]) -> list[dict[str, str]]:
     """The template context's ``peers``: ready members (self included), sorted by id."""
@@ -300,18 +306,10 @@ def read_group(store: StoreAPI, group: str, *, workers: int = 16) -> tuple[list[
                 mid, state="gone", last_modified=e.last_modified, store_now=listing.store_now
             )
         try:
-            rec = MemberRecord.loads(r.body)
+            return PeerInfo.from_read(r)
         except MalformedRecord:
-            return PeerInfo(
-                mid,
-                state="unknown",
-                last_modified=r.last_modified,
-                store_now=r.store_now,
-                etag=r.etag,
-            )
-        return PeerInfo.from_record(
-            rec, etag=r.etag, last_modified=r.last_modified, store_now=r.store_now
-        )
+            return PeerInfo(mid, state="unknown", last_modified=r.last_modified,
+                            store_now=r.store_now, etag=r.etag)
 
     if not entries:
         return [], listing.store_now
@@ -522,16 +520,14 @@ class PeerWatcher:
                 )
             return True
         try:
-            rec = MemberRecord.loads(r.body)
+            peer = PeerInfo.from_read(r)
         except MalformedRecord as exc:
             rep.errors.append(f"{mid}: {exc}")
             return False
         assert r.last_modified is not None
-        self.view[mid] = PeerInfo.from_record(
-            rec, etag=r.etag, last_modified=r.last_modified, store_now=r.store_now
-        )
+        self.view[mid] = peer
         self.liveness = self.liveness.update(
-            [Observation(mid, r.etag, r.last_modified, r.store_now, mono, rec.state)], mono
+            [Observation(mid, r.etag, r.last_modified, r.store_now, mono, peer.state)], mono
         )
         return True
 

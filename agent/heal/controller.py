@@ -105,7 +105,9 @@ from agent.heal.resolve import (
 from agent.interfaces import CloudAPI, StoreAPI
 
 if TYPE_CHECKING:
+    from agent.aws.imds import Identity
     from agent.bootctx import BootContext
+    from agent.config.model import Config
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +140,7 @@ def ec2_still_agrees(decided: str | None, fresh: str | None, asg_health: str | N
     return f"ec2 state {decided!r} is not one the decision acts on"
 
 
-def policy_from_config(config: Any) -> HealPolicy:
+def policy_from_config(config: Config) -> HealPolicy:
     """The pure policy from the agent config (``heal`` plus ``heartbeat.dead_after_s``)."""
     h = config.heal
     return HealPolicy(
@@ -147,7 +149,7 @@ def policy_from_config(config: Any) -> HealPolicy:
         freeze_fraction=float(h.freeze_fraction), confirm_observers=int(h.confirm_observers),
         dead_after_s=float(config.heartbeat.dead_after_s),
         silent_after_s=float(h.silent_after_s), replace_silent=bool(h.replace_silent),
-        failed_before_freeze=int(getattr(h, "failed_before_freeze", 3)),
+        failed_before_freeze=int(h.failed_before_freeze),
     )
 
 
@@ -270,7 +272,7 @@ class _Gathered:
 class HealController:
     """One observer's replacement controller. Not thread-safe: one per observer."""
 
-    def __init__(self, store: StoreAPI, cloud: CloudAPI, config: Any, identity: Any,
+    def __init__(self, store: StoreAPI, cloud: CloudAPI, config: Config, identity: str | Identity,
                  clock: Clock = SYSTEM_CLOCK, *, policy: HealPolicy | None = None,
                  state_path: Path | None = None, watcher: Any = None,
                  probe: Any = probe_health, hook: Any = run_hook,
@@ -291,7 +293,7 @@ class HealController:
         self.watcher = watcher
         self.probe = probe
         self.hook = hook
-        boot_s = float(getattr(getattr(config, "boot", None), "deadline_s", 120) or 120)
+        boot_s = float(config.boot.deadline_s)
         self.replace_deadline_s = (replace_deadline_s if replace_deadline_s is not None
                                    else 2 * boot_s + 2 * self.policy.dead_after_s)
         self.suspicion_ttl_s = suspicion_ttl_s or 2 * self.policy.dead_after_s
@@ -309,7 +311,7 @@ class HealController:
                 f"must be <= the {watchers_k} observers that watch each member, got "
                 f"{self.policy.confirm_observers}: no death could ever be confirmed",
                 path="heal.confirm_observers")
-        self.hook_command: str | None = getattr(config.heal, "hook", None)
+        self.hook_command: str | None = config.heal.hook
         self.superseded = False
         self._missing: dict[str, tuple[float, int]] = {}
         self._my_probes: dict[str, bool | None] = {}

@@ -15,6 +15,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 
 @dataclass(frozen=True)
@@ -24,8 +25,13 @@ class WriteResult:
     written: bool  # False in dry-run or when unchanged
 
 
-def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> tuple[str, int]:
-    """The sha256 (hex) and size of a file, read in chunks: the one file-hashing loop."""
+def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20,
+                copy_to: BinaryIO | None = None) -> tuple[str, int]:
+    """The sha256 (hex) and size of a file, read in chunks: the one file-hashing loop.
+
+    With ``copy_to``, each chunk is also written there: a copy hashed as it is made
+    (the bytes hashed are the bytes written, read once).
+    """
     import hashlib
 
     h = hashlib.sha256()
@@ -34,6 +40,8 @@ def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> tuple[str
         while b := f.read(chunk):
             h.update(b)
             n += len(b)
+            if copy_to is not None:
+                copy_to.write(b)
     return h.hexdigest(), n
 
 

@@ -123,11 +123,13 @@ def test_warm_pool_instance_boots_but_joins_only_in_service(cloud: EmbeddedCloud
     assert [ph["status"] for ph in st["phases"]] == ["ok"] * len(st["phases"])
     assert st["membership"]["state"] == "held" and "Warmed:Running" in st["membership"]["reason"]
     assert iid not in _members(cloud)
+    asked = cloud.imds.host(iid).faults.count
+    lifecycle = "latest/meta-data/autoscaling/target-lifecycle-state"
+    booted = asked("GET", lifecycle)
     p = cloud.spawn(iid, "run")
     try:
-        # the daemon runs its departure check several times and still does not join
-        wait_for(lambda: _state(cloud, iid).get("daemon", {}).get("tasks", {})
-                 .get("depart", {}).get("runs", 0) >= 3, timeout=90)
+        # the daemon asks IMDS for the lifecycle state several times and still does not join
+        wait_for(lambda: asked("GET", lifecycle) >= booted + 3, timeout=90)
         assert iid not in _members(cloud)
         assert _state(cloud, iid)["notices"] == {"lifecycle": {"target_state": "Warmed:Running"}}
         # and it backs nothing up: its copy of the data is not the group's

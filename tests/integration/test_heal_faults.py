@@ -525,8 +525,7 @@ def test_zone_disrupted_no_action_zone_named_rest_still_healed(cloud: EmbeddedCl
 
 def test_item9_superseded_member_writes_no_backup_over_its_replacement(
         cloud: EmbeddedCloud, safe_env: Any) -> None:
-    from types import SimpleNamespace
-
+    from agent.config.model import load_layers
     from agent.data import backup as B
     from agent.paths import Paths
 
@@ -534,9 +533,8 @@ def test_item9_superseded_member_writes_no_backup_over_its_replacement(
     target = safe_env / "var" / "lib" / "app"
     target.mkdir(parents=True)
     (target / "f").write_text("old data")
-    spec = SimpleNamespace(name="app", path="/var/lib/app", keep=10, chunk_size=1 << 20,
-                           backup_interval_s=300)
-    cfg = SimpleNamespace(group=GROUP, data=[spec])
+    cfg = load_layers({"group": GROUP, "store": {"bucket": cloud.bucket, "prefix": cloud.prefix}},
+                      {"data": [{"name": "app", "path": "/var/lib/app", "chunk_size": 1 << 20}]})
     store.create(lease_key(GROUP, "i-old"),
                  Lease("i-old", "i-peer", "launch", "acted", acted_at=1.0).body())
     out = B.run_backups(store, cfg, Paths.from_env(), instance_id="i-old", final=True)

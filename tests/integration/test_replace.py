@@ -24,7 +24,7 @@ import pytest
 
 from agent.aws.cloud import REPLACES_TAG, Cloud
 from agent.aws.store import Store
-from agent.config.model import BootConfig, HealConfig, HeartbeatConfig
+from agent.config.model import Config, load_layers
 from agent.group.events import list_events
 from agent.heal.controller import HealController, ObserverHealth, PeersView
 from agent.heal.leases import Lease, lease_key, pause, read_lease, resume, superseded
@@ -36,14 +36,14 @@ from tests.conftest import CLOSED
 GROUP = "web"
 
 
-def config(**heal: Any) -> SimpleNamespace:
+def config(**heal: Any) -> Config:
     base = {"mode": "armed", "action": "launch", "grace_s": 0, "max_per_window": 1,
             "window_s": 300, "freeze_fraction": 0.34, "confirm_observers": 2,
             "silent_after_s": 60, "replace_silent": True}
     base.update(heal)
-    return SimpleNamespace(group=GROUP, heal=HealConfig(**base),
-                           heartbeat=HeartbeatConfig(interval_s=5, dead_after_s=15),
-                           boot=BootConfig(deadline_s=60), store=SimpleNamespace(region=None))
+    return load_layers({"group": GROUP, "store": {"bucket": "replace-tests"}},
+                       {"heal": base, "heartbeat": {"interval_s": 5, "dead_after_s": 15},
+                        "boot": {"deadline_s": 60}})
 
 
 def view(ids: list[str], dead: str, *, silent: float = 1000.0,
@@ -59,7 +59,7 @@ def store_for(cloud: EmbeddedCloud) -> Store:
     return Store(cloud.bucket, cloud.prefix)
 
 
-def ctl(cloud: EmbeddedCloud, me: str, cfg: SimpleNamespace, tmp_path: Any = None,
+def ctl(cloud: EmbeddedCloud, me: str, cfg: Config, tmp_path: Any = None,
         adapter: Cloud | None = None, **kw: Any) -> HealController:
     state = tmp_path / f"{me}.state.json" if tmp_path is not None else None
     return HealController(store_for(cloud), adapter or Cloud("us-east-1"), cfg, me,
@@ -80,7 +80,7 @@ def kinds(cloud: EmbeddedCloud) -> list[str]:
     return [e.kind for e in list_events(store_for(cloud), GROUP, 500)]
 
 
-def confirm_then_act(cloud: EmbeddedCloud, ids: list[str], dead: str, cfg: SimpleNamespace,
+def confirm_then_act(cloud: EmbeddedCloud, ids: list[str], dead: str, cfg: Config,
                      tmp_path: Any, **kw: Any) -> tuple[HealController, Any]:
     """Observer B suspects first (1/2 observers: refused), then A confirms and acts."""
     others = [i for i in ids if i != dead]

@@ -14,25 +14,19 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.config.model import (
-    DEFAULT_HTTP_PORT,
     LAYER_BAKED,
     LAYER_BUNDLE,
     LAYER_MERGED,
     LAYER_USER_DATA,
     REDACTED,
-    BootConfig,
-    BundleConfig,
     Config,
     ConfigInvalid,
     DepartureConfig,
     HealConfig,
-    HeartbeatConfig,
-    HttpConfig,
-    LogConfig,
-    MembershipConfig,
     StoreConfig,
     TemplateSpec,
     apply_defaults,
+    defaults,
     is_secret_key,
     layers_digest,
     load_layers,
@@ -115,13 +109,13 @@ def test_defaults_are_the_design_example_values() -> None:
     assert cfg.boot.deadline_s == 120
     assert cfg.bundle.refresh_s == 30 and cfg.bundle.keep == 3
     assert (cfg.heartbeat.interval_s, cfg.heartbeat.dead_after_s) == (10, 30)
-    assert cfg.heal == HealConfig()
+    assert cfg.heal == HealConfig(**defaults("heal"))
     assert cfg.heal.mode == "armed" and cfg.heal.freeze_fraction == 0.34
     assert cfg.heal.replace_silent is True and cfg.heal.failed_before_freeze == 3
     assert (cfg.membership.quiescence_min_s, cfg.membership.quiescence_max_s) == (5, 30)
     # A fixed probe port (one security-group rule), documented where operators look.
-    assert cfg.http.port == DEFAULT_HTTP_PORT == 7467 and cfg.http.enabled
-    assert f"TCP {DEFAULT_HTTP_PORT}" in (ROOT / "docs" / "operations.md").read_text()
+    assert cfg.http.port == defaults("http")["port"] == 7467 and cfg.http.enabled
+    assert "TCP 7467" in (ROOT / "docs" / "operations.md").read_text()
     assert cfg.templates == () and cfg.data == () and cfg.health == () and cfg.vars == {}
     assert cfg.store.prefix == "" and cfg.store.region is None
     # The example's values are exactly the defaults: applying defaults to it changes nothing
@@ -131,23 +125,12 @@ def test_defaults_are_the_design_example_values() -> None:
 
 
 def test_record_defaults_match_schema_defaults() -> None:
-    """The dataclass defaults and the schema defaults are one set of numbers."""
+    """A config built from the minimal layers carries exactly the schema's defaults."""
     raw = load_layers(BAKED, None).raw
-    records = {
-        "boot": BootConfig,
-        "bundle": BundleConfig,
-        "heartbeat": HeartbeatConfig,
-        "heal": HealConfig,
-        "membership": MembershipConfig,
-        "departure": DepartureConfig,
-        "http": HttpConfig,
-        "log": LogConfig,
-    }
-    for section, record in records.items():
-        assert set(raw[section]) == {f.name for f in dataclasses.fields(record)}, section
-        for field in dataclasses.fields(record):
-            default = list(field.default) if isinstance(field.default, tuple) else field.default
-            assert raw[section][field.name] == default, (section, field.name)
+    for section in ("boot", "bundle", "heartbeat", "heal", "membership", "departure", "http",
+                    "log"):
+        assert raw[section] == defaults(section), section
+    assert load_layers(BAKED, None).departure == DepartureConfig.from_raw(defaults("departure"))
 
 
 def test_config_is_frozen_and_raw_has_defaults() -> None:
@@ -214,7 +197,7 @@ def test_group_and_store_from_user_data() -> None:
     cfg = load_layers(None, {"group": "api", "store": {"bucket": "b-1"}})
     assert cfg.group == "api" and cfg.store.bucket == "b-1"
     cfg = load_layers(BAKED, {"store": {"prefix": "staging"}})
-    assert cfg.store == StoreConfig("my-fleet", "staging", None)
+    assert cfg.store == StoreConfig(bucket="my-fleet", prefix="staging", region=None)
 
 
 @pytest.mark.parametrize("key", ["group", "store"])
@@ -249,14 +232,14 @@ def test_group_or_store_from_bundle_rejected(key: str) -> None:
 )
 def test_property_highest_layer_wins(baked_heal: dict, ud_heal: dict, bundle_heal: dict) -> None:
     cfg = load_layers({**BAKED, "heal": baked_heal}, {"heal": ud_heal}, {"heal": bundle_heal})
-    defaults = HealConfig()
+    heal = defaults("heal")
     for key in ("grace_s", "window_s", "max_per_window", "mode"):
         for layer in (bundle_heal, ud_heal, baked_heal):
             if key in layer:
                 expected = layer[key]
                 break
         else:
-            expected = getattr(defaults, key)
+            expected = heal[key]
         assert getattr(cfg.heal, key) == expected
 
 
@@ -819,23 +802,34 @@ def test_log_level_has_a_logging_number(level: str, number: int) -> None:
 
 
 def test_the_schema_is_where_defaults_live() -> None:
-    """Every default a config dataclass carries is the schema's own, so they cannot drift:
-    the schema fills them in (``load_layers``); the dataclasses only mirror them."""
+    """No config record carries a default of its own: a field the schema defaults has none
+    (``load_layers`` fills it in), and a field the schema leaves absent is ``None`` ("not
+    given"). So the numbers live in one place and cannot drift."""
     import dataclasses
     import json
 
     from agent.config import model as C
 
-    schema = json.loads(C._SCHEMA_PATH.read_text())["properties"]
-    sections = {"store": C.StoreConfig, "boot": C.BootConfig, "bundle": C.BundleConfig,
-                "heartbeat": C.HeartbeatConfig, "heal": C.HealConfig,
-                "membership": C.MembershipConfig, "http": C.HttpConfig, "log": C.LogConfig}
+    schema = json.loads(C._SCHEMA_PATH.read_text())
+    props = schema["properties"]
+    items = {k: schema["$defs"][v["items"]["$ref"].rsplit("/", 1)[1]]
+             if "$ref" in v["items"] else v["items"]
+             for k, v in props.items() if isinstance(v.get("items"), dict)}
+    records = {"store": C.StoreConfig, "boot": C.BootConfig, "bundle": C.BundleConfig,
+               "heartbeat": C.HeartbeatConfig, "heal": C.HealConfig,
+               "membership": C.MembershipConfig, "http": C.HttpConfig, "log": C.LogConfig,
+               "departure": C.DepartureConfig}
+    lists = {"templates": C.TemplateSpec, "data": C.DataSpec, "health": C.HealthCheckSpec}
     checked = 0
-    for name, cls in sections.items():
-        props = schema[name]["properties"]
-        for f in dataclasses.fields(cls):
-            if f.default is dataclasses.MISSING:
-                continue
-            assert props[f.name].get("default", "<no default>") == f.default, (name, f.name)
+    for name, cls in [*((n, (c, props[n])) for n, c in records.items()),
+                      *((n, (c, items[n])) for n, c in lists.items())]:
+        record, node = cls
+        fields = {f.name: f for f in dataclasses.fields(record)}
+        assert set(fields) == set(node["properties"]), name
+        for f in fields.values():
+            in_schema = "default" in node["properties"][f.name]
+            has_own = f.default is not dataclasses.MISSING
+            assert not (in_schema and has_own), f"{name}.{f.name}: a default beside the schema's"
+            assert not has_own or f.default is None, f"{name}.{f.name}: a default of its own"
             checked += 1
-    assert checked > 20
+    assert checked > 50

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import calendar
 import dataclasses
+from dataclasses import replace
 from typing import Any
 
 import pytest
 
 from agent import departure as D
+from agent.config.model import defaults
 from agent.daemon.notices import initial_membership
 from agent.status import notice_lines, translate
 
 NOW = float(calendar.timegm((2026, 12, 1, 12, 0, 0, 0, 0, 0)))  # 1 Dec 2026 12:00:00 GMT
-POLICY = D.Policy()
+POLICY = D.Policy.from_raw(defaults("departure"))  # the schema's defaults
 
 
 def obs(**kw: Any) -> D.Observations:
@@ -109,10 +111,11 @@ def test_rebalance_is_reported_by_default_and_leaves_when_configured() -> None:
     d = D.decide(o, POLICY, "member", NOW)
     assert d.action == "stay"
     assert d.notices == {"rebalance": {"notice_time": "2026-12-01T11:58:00Z"}}
-    leave = D.decide(o, D.Policy(on_rebalance="leave"), "member", NOW)
+    leave = D.decide(o, replace(POLICY, on_rebalance="leave"), "member", NOW)
     assert leave.action == "leave" and leave.final_backup
     assert "rebalance recommendation at 2026-12-01T11:58:00Z" in leave.reason
-    no_backup = D.decide(o, D.Policy(on_rebalance="leave", final_backup=False), "member", NOW)
+    no_backup = D.decide(o, replace(POLICY, on_rebalance="leave", final_backup=False),
+                         "member", NOW)
     assert no_backup.final_backup is False
 
 
@@ -142,14 +145,14 @@ def test_maintenance_table(code: str, start: str, state: str, expect: str) -> No
 
 def test_maintenance_policy_report_and_codes() -> None:
     o = obs(maintenance=[event("instance-retirement", "1 Dec 2026 12:00:00 GMT")])
-    assert D.decide(o, D.Policy(on_maintenance="report"), "member", NOW).action == "stay"
-    assert D.decide(o, D.Policy(maintenance_codes=("instance-stop",)), "member",
+    assert D.decide(o, replace(POLICY, on_maintenance="report"), "member", NOW).action == "stay"
+    assert D.decide(o, replace(POLICY, maintenance_codes=("instance-stop",)), "member",
                     NOW).action == "stay"
     reboot = obs(maintenance=[event("system-reboot", "1 Dec 2026 12:00:00 GMT")])
-    assert D.decide(reboot, D.Policy(maintenance_codes=("system-reboot",)), "member",
+    assert D.decide(reboot, replace(POLICY, maintenance_codes=("system-reboot",)), "member",
                     NOW).action == "leave"
-    assert D.decide(o, D.Policy(maintenance_lead_s=0), "member", NOW - 1).action == "stay"
-    assert D.decide(o, D.Policy(maintenance_lead_s=0), "member", NOW).action == "leave"
+    assert D.decide(o, replace(POLICY, maintenance_lead_s=0), "member", NOW - 1).action == "stay"
+    assert D.decide(o, replace(POLICY, maintenance_lead_s=0), "member", NOW).action == "leave"
 
 
 def test_maintenance_time_format() -> None:
@@ -167,9 +170,10 @@ def test_policy_is_the_config_section() -> None:
     cfg = load_layers({"group": "g", "store": {"bucket": "my-fleet"}},
                       {"departure": {"on_rebalance": "leave",
                                      "maintenance_codes": ["instance-stop"]}})
-    assert cfg.departure == D.Policy(on_rebalance="leave", maintenance_codes=("instance-stop",))
+    assert cfg.departure == replace(POLICY, on_rebalance="leave",
+                                    maintenance_codes=("instance-stop",))
     base = {"group": "g", "store": {"bucket": "my-fleet"}}
-    assert load_layers(base, None).departure == D.Policy()
+    assert load_layers(base, None).departure == POLICY
 
 
 def test_policy_rejects_bad_values() -> None:
