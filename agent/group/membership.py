@@ -25,6 +25,7 @@ so requests per instance-hour stay flat as the group grows.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -558,8 +559,11 @@ def liveness(
 # --------------------------------------------------------------------------- watch sets
 
 
+@functools.lru_cache(maxsize=1 << 14)
 def ring_position(instance_id: str) -> int:
-    """Place on the hash ring: stable across processes and Python versions (not ``hash()``)."""
+    """Place on the hash ring: stable across processes and Python versions (not ``hash()``).
+
+    Remembered (a pure function of the id): every membership change re-sorts the ring."""
     d = hashlib.blake2b(instance_id.encode(), digest_size=8, person=b"ec2a-ring").digest()
     return int.from_bytes(d, "big")
 

@@ -190,10 +190,9 @@ def changes_since(marker: Mapping[str, Any], version: int | None) -> list[dict[s
     current = int(marker.get("version", 0))
     if version is not None and version >= current:
         return []
-    changes = [dict(c) for c in marker.get("changes", [])]
     if version is None:
         return None
-    newer = [c for c in changes if int(c.get("v", 0)) > version]
+    newer = [dict(c) for c in marker.get("changes", []) if int(c.get("v", 0)) > version]
     if not newer or int(newer[0].get("v", 0)) != version + 1:
         return None
     return newer
