@@ -19,15 +19,24 @@ import resource
 import time
 from typing import Any
 
-# (members, simulated hours). Short spans: at N = 1,000 the first simulated minute (every
-# member's first full LIST of the group) costs ~75 CPU-s on its own (measured 2026-12-01).
-SIZES = ((100, 0.25), (1000, 0.02))
+# (members, simulated hours). Short spans: every run starts cold (each member's first full
+# LIST, then up to 100 GETs a tick until it has read every record once: N^2 GETs in all),
+# which dominates a short run; at N = 10,000 only the first seconds fit (measured 2026-12-01).
+SIZES = ((100, 0.25), (1000, 0.05), (10000, 0.001))
 TINY = {"sizes": ((20, 0.01),), "profile_hours": 0.01}  # python -m bench --tiny: runs only
+BEFORE = (
+    "Before issue #11's speed work (main at beab8c0, same spans, same machine, 2026-12-01): "
+    "N = 100, 0.25 h: 4.18 member-h per CPU-s; N = 1,000, 0.05 h: 0.35 member-h per CPU-s "
+    "(141.8 CPU-s, max RSS 1,152 MiB).")
+BASELINE_MAX_N = 1000  # the bare loop is as cold as the simulator: not run above this
 NOT_MEASURED = (
-    "N = 10,000 is not in the table: at N = 1,000 the first 72 simulated seconds already "
-    "took 76 CPU-s (0.26 member-h per CPU-s), so a 10,000-member run did not fit the time "
-    "box. Per-member cost grows with N in the agent's own steps; profiling which step "
-    "(first full LIST per member, the O(N) copy of the view in every heal step) is open.")
+    "N = 10,000: only a cold start fits (the row above); a warm 10,000-member hour was not "
+    "run. It is bounded by the product's own O(N) reads: each member LISTs the whole group "
+    "(10 pages) every 600 s and, once after starting, GETs every record (N^2 GETs for a "
+    "fleet that starts together), so it stays far above five minutes on one core. Memory "
+    "is not linear in N either: every simulated member keeps its own view of the whole "
+    "group (one PeerInfo and one liveness track per member it knows), N^2 in all; the "
+    "max RSS column grows accordingly.")
 
 
 def _sim(n: int, hours: float) -> tuple[float, float, Any]:
@@ -96,7 +105,9 @@ def _profile_split(n: int, hours: float) -> dict[str, float]:
         total += tt
         if fname.endswith("agent/sim/twins.py"):
             buckets["twins (S3, EC2, ASG)"] += tt
-        elif fname.endswith(("agent/sim/fleetsim.py", "agent/sim/faults.py")) or (
+        elif fname.endswith(tuple(f"agent/sim/{m}.py" for m in (
+                "fleetsim", "faults", "world", "vtime", "members", "calls", "faultplan",
+                "invariants"))) or (
                 "greenlet" in func or "heap" in func):
             buckets["simulator (event queue, greenlets, fault layer, checks)"] += tt
         else:
@@ -113,12 +124,14 @@ def run(sizes: tuple[tuple[int, float], ...] = SIZES,
         rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         wall, cpu, res = _sim(n, hours)
         rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        base = _baseline(n, hours)
+        steps = int(hours * 3600 / 10.0)
+        base = _baseline(n, hours) if n <= BASELINE_MAX_N and steps else 0.0
         mh = n * hours
+        b_rate, b_ratio = (f"{mh / base:.1f}", f"{base / cpu:.2f}x") if base else ("-", "-")
         rows.append(f"| {n:,} | {hours:g} h | {mh:g} | {wall:.1f} s | {cpu:.1f} s | "
-                    f"**{mh / cpu:.1f}** | {mh / base:.1f} | {base / cpu:.2f}x | {res.steps:,} | "
-                    f"{max(rss0, rss1) / 1024:.0f} MiB |")
-        summary.append(f"N={n}: {mh / cpu:.1f} member-h per CPU-s (baseline {mh / base:.1f}); "
+                    f"**{mh / cpu:.2f}** | {b_rate} | {b_ratio} | {res.steps:,} | "
+                    f"{res.calls:,} | {max(rss0, rss1) / 1024:.0f} MiB |")
+        summary.append(f"N={n}: {mh / cpu:.2f} member-h per CPU-s (baseline {b_rate}); "
                        f"wall {wall:.0f}s")
     split = _profile_split(100, profile_hours)
     logging.disable(logging.NOTSET)
@@ -128,11 +141,11 @@ def run(sizes: tuple[tuple[int, float], ...] = SIZES,
           "Baseline: the same agents' same steps (heartbeat, watch, heal) in a bare loop on "
           "one fake clock against the bare twins, no simulator around them (same run).", "",
           "| N | simulated | member-hours | wall | CPU | member-h per CPU-s | baseline | "
-          "sim / baseline speed | agent steps | max RSS so far |",
-          "|---|---|---|---|---|---|---|---|---|---|", *rows, "",
+          "sim / baseline speed | agent steps | agent calls | max RSS so far |",
+          "|---|---|---|---|---|---|---|---|---|---|---|", *rows, "",
           "Where the time goes (cProfile, N = 100, self time):", "",
           *[f"- {k}: {v * 100:.0f} %" for k, v in split.items()], "",
-          NOT_MEASURED, "",
+          NOT_MEASURED, "", BEFORE, "",
           "Goals (issue #11): >= 80 member-h/s at N = 1,000; a 10,000-member hour in under "
           "five minutes. The agent's own code per member-interval (a heartbeat PUT, a marker "
           "GET and k GETs, a heal step of LISTs and GETs, JSON and record validation) is what "

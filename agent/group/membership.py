@@ -25,11 +25,12 @@ so requests per instance-hour stay flat as the group grows.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
 from bisect import bisect_right
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, fields, replace
 from types import MappingProxyType
 from typing import Any, Literal
@@ -245,6 +246,139 @@ class Verdict:
     evidence_mono: float | None = field(default=None, compare=False)
 
 
+_ABSENT: Any = object()
+
+
+class FrozenMap(Mapping[str, Any]):
+    """A mapping nobody can change once built, so nobody needs to copy it again.
+
+    ``agent.heal.decide`` keeps one as it is where it would copy any other mapping, and
+    ``counts()`` (how many entries hold each non-empty value: members per zone) is computed
+    once. The peer watcher builds its zones and endpoints as these, once per change of its
+    view, instead of every heal step copying O(N) entries (issue #11).
+    """
+
+    __slots__ = ("_d", "_counts")
+
+    def __init__(self, items: Mapping[str, Any] | Iterable[tuple[str, Any]] = ()) -> None:
+        self._d: dict[str, Any] = dict(items)
+        self._counts: Mapping[Any, int] | None = None
+
+    def __getitem__(self, key: str) -> Any:
+        return self._d[key]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self._d.get(key, default)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._d
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._d)
+
+    def __len__(self) -> int:
+        return len(self._d)
+
+    def keys(self) -> Any:
+        return self._d.keys()
+
+    def items(self) -> Any:
+        return self._d.items()
+
+    def values(self) -> Any:
+        return self._d.values()
+
+    def __repr__(self) -> str:
+        return f"FrozenMap({self._d!r})"
+
+    def counts(self) -> Mapping[Any, int]:
+        """How many entries hold each non-empty value, in first-seen order (cached)."""
+        if self._counts is None:
+            c: dict[Any, int] = {}
+            for v in self._d.values():
+                if v:
+                    c[v] = c.get(v, 0) + 1
+            self._counts = MappingProxyType(c)
+        return self._counts
+
+
+class TrackMap(Mapping[str, "MemberTrack"]):
+    """An immutable id -> ``MemberTrack`` map whose versions share structure.
+
+    ``LivenessState.update`` makes a new version per read; copying N tracks each time made a
+    watcher's every read O(N) (issue #11). A version is a frozen ``base`` dict shared with
+    its ancestors plus a small ``over`` dict of what changed since (``None``: removed);
+    ``evolve`` copies only ``over`` and folds it into a new base once it outgrows about
+    sqrt(N), so a change costs O(sqrt N) and a lookup O(1). No version is ever mutated.
+    """
+
+    __slots__ = ("_base", "_over", "_len")
+
+    def __init__(self, base: Mapping[str, MemberTrack] | None = None) -> None:
+        self._base: dict[str, MemberTrack] = dict(base or {})
+        self._over: dict[str, MemberTrack | None] = {}
+        self._len = len(self._base)
+
+    def __getitem__(self, key: str) -> MemberTrack:
+        v = self._over.get(key, _ABSENT)
+        if v is _ABSENT:
+            return self._base[key]
+        if v is None:
+            raise KeyError(key)
+        return v
+
+    def get(self, key: str, default: Any = None) -> Any:
+        v = self._over.get(key, _ABSENT)
+        if v is _ABSENT:
+            return self._base.get(key, default)
+        return default if v is None else v
+
+    def __contains__(self, key: object) -> bool:
+        v = self._over.get(key, _ABSENT)  # type: ignore[call-overload]
+        return key in self._base if v is _ABSENT else v is not None
+
+    def __iter__(self) -> Iterator[str]:
+        over = self._over
+        if not over:
+            yield from self._base
+            return
+        for k in self._base:
+            if over.get(k, _ABSENT) is not None:
+                yield k
+        for k, v in over.items():
+            if v is not None and k not in self._base:
+                yield k
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __repr__(self) -> str:
+        return f"TrackMap({dict(self)!r})"
+
+    def evolve(self, changes: Mapping[str, MemberTrack | None]) -> TrackMap:
+        """A new version with ``changes`` applied (``None`` removes); this one is unchanged."""
+        if not changes:
+            return self
+        n = self._len
+        for k, v in changes.items():
+            was = k in self
+            n += (v is not None) - was
+        out = TrackMap.__new__(TrackMap)
+        over = {**self._over, **changes}
+        if len(over) * len(over) > 4 * max(64, len(self._base)):
+            base = dict(self._base)
+            for k, v in over.items():
+                if v is None:
+                    base.pop(k, None)
+                else:
+                    base[k] = v
+            out._base, out._over = base, {}
+        else:
+            out._base, out._over = self._base, over
+        out._len = n
+        return out
+
+
 @dataclass(frozen=True)
 class LivenessState:
     """An observer's memory of its peers' records: an immutable value.
@@ -258,6 +392,9 @@ class LivenessState:
     members: Mapping[str, MemberTrack] = field(default_factory=lambda: MappingProxyType({}))
     started_mono: float | None = None
     last_mono: float | None = None
+    # Ids whose track says gone (an index kept by ``update``, so ``prune_gone`` need not scan
+    # every member each tick); None when unknown (a state built by hand): then it scans.
+    gone_ids: frozenset[str] | None = field(default=None, compare=False, repr=False)
 
     def update(
         self,
@@ -277,16 +414,17 @@ class LivenessState:
         succeeded: a failed LIST is not an empty group.
         """
         _finite("mono_now", mono_now)
-        tracks = dict(self.members)
+        members = self.members
+        changes: dict[str, MemberTrack | None] = {}
         seen: set[str] = set()
         for ob in observations:
             seen.add(ob.instance_id)
-            prev = tracks.get(ob.instance_id)
+            prev = changes.get(ob.instance_id) or members.get(ob.instance_id)
             if prev is not None and prev.gone_mono is None:
                 if ob.observed_mono < prev.observed_mono:
                     continue  # an older response overtaken by a newer one
                 changed = ob.etag != prev.etag
-                tracks[ob.instance_id] = MemberTrack(
+                changes[ob.instance_id] = MemberTrack(
                     etag=ob.etag,
                     etag_since_mono=ob.observed_mono if changed else prev.etag_since_mono,
                     first_appearance=min(prev.first_appearance, ob.last_modified),
@@ -297,7 +435,7 @@ class LivenessState:
                 )
             else:
                 # New, or back after leaving: a new life, a new grace period.
-                tracks[ob.instance_id] = MemberTrack(
+                changes[ob.instance_id] = MemberTrack(
                     etag=ob.etag,
                     etag_since_mono=ob.observed_mono,
                     first_appearance=ob.last_modified,
@@ -308,22 +446,45 @@ class LivenessState:
                 )
         departed = set(gone)
         if listing:
-            departed |= {mid for mid in tracks if mid not in seen}
+            departed |= {mid for mid in members if mid not in seen}
+        gone_ids = self._gone_ids()
         for mid in departed:
-            prev = tracks.get(mid)
+            prev = changes.get(mid) or members.get(mid)
             if prev is not None and prev.gone_mono is None:
-                tracks[mid] = replace(prev, gone_mono=mono_now)
+                changes[mid] = replace(prev, gone_mono=mono_now)
+        if gone_ids is not None:
+            gone_ids = gone_ids.union(m for m, t in changes.items()
+                                      if t is not None and t.gone_mono is not None)
+            gone_ids = gone_ids.difference(m for m, t in changes.items()
+                                           if t is not None and t.gone_mono is None)
+        tracks = members.evolve(changes) if isinstance(members, TrackMap) else \
+            TrackMap({**members, **changes})
         started = mono_now if self.started_mono is None else min(self.started_mono, mono_now)
         last = mono_now if self.last_mono is None else max(self.last_mono, mono_now)
-        return LivenessState(MappingProxyType(tracks), started, last)
+        return LivenessState(tracks, started, last, gone_ids)
+
+    def _gone_ids(self) -> frozenset[str] | None:
+        """The ids whose track says gone, when known without a scan (see ``gone_ids``)."""
+        if self.gone_ids is not None:
+            return self.gone_ids
+        if not self.members:
+            return frozenset()
+        return None
 
     def prune_gone(self, before_mono: float) -> LivenessState:
         """Forget members seen gone before ``before_mono`` (bounded memory)."""
-        keep = {
-            mid: t for mid, t in self.members.items()
-            if t.gone_mono is None or t.gone_mono >= before_mono
-        }
-        return replace(self, members=MappingProxyType(keep))
+        gone_ids = self._gone_ids()
+        if gone_ids is None:  # built by hand: scan
+            gone_ids = frozenset(m for m, t in self.members.items() if t.gone_mono is not None)
+        drop = {m: None for m in gone_ids
+                if (t := self.members.get(m)) is not None and t.gone_mono is not None
+                and t.gone_mono < before_mono}
+        if not drop:
+            return self if self.gone_ids is not None else replace(self, gone_ids=gone_ids)
+        members = self.members
+        tracks = members.evolve(drop) if isinstance(members, TrackMap) else TrackMap(
+            {m: t for m, t in members.items() if m not in drop})
+        return replace(self, members=tracks, gone_ids=gone_ids.difference(drop))
 
     def watched_for(self) -> float:
         """How long (own monotonic clock) this observer has been watching."""
@@ -398,8 +559,11 @@ def liveness(
 # --------------------------------------------------------------------------- watch sets
 
 
+@functools.lru_cache(maxsize=1 << 14)
 def ring_position(instance_id: str) -> int:
-    """Place on the hash ring: stable across processes and Python versions (not ``hash()``)."""
+    """Place on the hash ring: stable across processes and Python versions (not ``hash()``).
+
+    Remembered (a pure function of the id): every membership change re-sorts the ring."""
     d = hashlib.blake2b(instance_id.encode(), digest_size=8, person=b"ec2a-ring").digest()
     return int.from_bytes(d, "big")
 

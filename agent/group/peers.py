@@ -30,6 +30,7 @@ changes nothing here.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -41,6 +42,8 @@ from typing import Any
 from agent.clock import SYSTEM_CLOCK, Clock
 from agent.errors import NotFound, PreconditionFailed, StoreError
 from agent.group.membership import (
+    DEPARTING_STATES,
+    FrozenMap,
     LivenessState,
     MalformedRecord,
     MemberRecord,
@@ -132,7 +135,7 @@ class PeerInfo:
     @classmethod
     def from_read(cls, r: Read) -> PeerInfo:
         """The peer a changed read shows (raises MalformedRecord for a body that is not one)."""
-        return cls.from_record(MemberRecord.loads(r.body), etag=r.etag,
+        return cls.from_record(_record_of(r.body), etag=r.etag,
                                last_modified=r.last_modified, store_now=r.store_now)
 
 
@@ -187,10 +190,9 @@ def changes_since(marker: Mapping[str, Any], version: int | None) -> list[dict[s
     current = int(marker.get("version", 0))
     if version is not None and version >= current:
         return []
-    changes = [dict(c) for c in marker.get("changes", [])]
     if version is None:
         return None
-    newer = [c for c in changes if int(c.get("v", 0)) > version]
+    newer = [dict(c) for c in marker.get("changes", []) if int(c.get("v", 0)) > version]
     if not newer or int(newer[0].get("v", 0)) != version + 1:
         return None
     return newer
@@ -329,6 +331,38 @@ def format_peers(peers: Iterable[PeerInfo]) -> str:
     return "\n".join(lines)
 
 
+@dataclass(frozen=True)
+class Roster:
+    """The group as one view says: ``members`` (self included, departing ones not),
+    ``zones`` and ``endpoints`` by id, ``departing`` (records that say leaving or
+    superseded, self excluded). Built once per change of the view, shared read-only."""
+
+    members: frozenset[str]
+    zones: Mapping[str, str]
+    endpoints: Mapping[str, str]
+    departing: frozenset[str]
+
+    @classmethod
+    def of(cls, view: Mapping[str, PeerInfo], self_id: str) -> Roster:
+        departing = frozenset(m for m, p in view.items()
+                              if p.state in DEPARTING_STATES and m != self_id)
+        members = (frozenset(view) - departing) | {self_id}
+        return cls(
+            members=members,
+            zones=FrozenMap((m, p.az) for m, p in view.items() if m in members and p.az),
+            endpoints=FrozenMap((m, p.endpoint) for m, p in view.items() if p.endpoint),
+            departing=departing,
+        )
+
+
+@functools.lru_cache(maxsize=256)
+def _record_of(body: bytes) -> MemberRecord:
+    """``MemberRecord.loads``, remembered for the last few bodies: a record is immutable,
+    and the k watchers of a member (thousands of members in one simulator process) read
+    the same bytes. Used only to build a ``PeerInfo``; a malformed body is never cached."""
+    return MemberRecord.loads(body)
+
+
 # -- I/O: the watcher the daemon ticks ---------------------------------------------------------
 
 
@@ -383,6 +417,12 @@ class PeerWatcher:
         self.need_fetch: set[str] = set()
         self.store_now: float | None = None
         self._ids_for_ring: frozenset[str] = frozenset()
+        self._ring: list[str] = []
+        # Per-tick work stays O(watched), not O(N) (issue #11): the ring is recomputed only
+        # after the view's ids may have changed, the roster (members, zones, endpoints, who
+        # is departing) only after an id, a state, a zone or an endpoint may have changed.
+        self._ring_dirty = True
+        self._roster: Roster | None = None
         self.last_store_errors: list[str] = []  # the last tick's failed reads (heal abstains)
 
     # -- one interval ----------------------------------------------------------------------------
@@ -419,6 +459,7 @@ class PeerWatcher:
                 self.need_list = True  # first sight, or fell behind the log
             else:
                 self.view = apply_changes(self.view, deltas)
+                self._view_changed()
                 gone = [str(c.get("id")) for c in deltas if c.get("state") in ("gone", "leaving")]
                 if gone:
                     self.liveness = self.liveness.update([], self.clock.monotonic(), gone=gone)
@@ -474,6 +515,7 @@ class PeerWatcher:
                 )
             )
         self.view = view
+        self._view_changed()
         self.need_fetch &= set(view)
         self.liveness = self.liveness.update(obs, mono, listing=True)
 
@@ -503,7 +545,8 @@ class PeerWatcher:
         rep.requests += 1
         mono = self.clock.monotonic()
         if r.status == "gone":
-            self.view.pop(mid, None)
+            if self.view.pop(mid, None) is not None:
+                self._view_changed()
             self.liveness = self.liveness.update([], mono, gone=[mid])
             return True
         if r.status == "unchanged":
@@ -525,6 +568,9 @@ class PeerWatcher:
             rep.errors.append(f"{mid}: {exc}")
             return False
         assert r.last_modified is not None
+        if prev is None or (prev.state, prev.az, prev.endpoint) != (
+                peer.state, peer.az, peer.endpoint):
+            self._view_changed()
         self.view[mid] = peer
         self.liveness = self.liveness.update(
             [Observation(mid, r.etag, r.last_modified, r.store_now, mono, peer.state)], mono
@@ -532,12 +578,25 @@ class PeerWatcher:
         return True
 
     # -- views -----------------------------------------------------------------------------------
+    def _view_changed(self) -> None:
+        self._ring_dirty = True
+        self._roster = None
+
     def watch_set(self) -> list[str]:
-        ids = frozenset(self.view)
-        if ids != self._ids_for_ring:
-            self._ids_for_ring = ids
-            self._ring = watch_set(self.self_id, ids, self.k)
-        return list(self._ring) if ids else []
+        if self._ring_dirty:
+            self._ring_dirty = False
+            ids = frozenset(self.view)
+            if ids != self._ids_for_ring:
+                self._ids_for_ring = ids
+                self._ring = watch_set(self.self_id, ids, self.k)
+        return list(self._ring) if self._ids_for_ring else []
+
+    def roster(self) -> Roster:
+        """Who is in the group as this view says (cached until the view's ids, states,
+        zones or endpoints change; the mappings are never changed once built)."""
+        if self._roster is None:
+            self._roster = Roster.of(self.view, self.self_id)
+        return self._roster
 
     def peers(self) -> list[PeerInfo]:
         return sorted(self.view.values(), key=lambda p: p.id)

@@ -178,11 +178,25 @@ class PeersView:
         (id → store age) for cleaning. Failing peer reads make the observer abstain.
         """
         verdicts = watcher.verdicts(dead_after_s=dead_after_s, grace_s=grace_s)
+        errors = list(getattr(watcher, "last_store_errors", ()) or ())
+        roster = getattr(watcher, "roster", None)
+        if roster is not None:  # agent.group.peers.PeerWatcher: built once per view change
+            r = roster()
+            return cls(
+                verdicts=verdicts,
+                group_size=len(r.members),
+                endpoints=r.endpoints,
+                silent_for={m: getattr(v, "store_age_s", None) for m, v in verdicts.items()},
+                observer_fresh=watcher.liveness.observer_fresh(dead_after_s),
+                members=r.members,
+                zones=r.zones,
+                departed={m: float(watcher.view[m].age_s or 0.0) for m in sorted(r.departing)},
+                read_failing="; ".join(errors)[:300],
+            )
         view = dict(watcher.view)
         departed = {m: float(p.age_s or 0.0) for m, p in view.items()
                     if getattr(p, "state", "") in DEPARTING_STATES and m != watcher.self_id}
         members = (frozenset(view) - set(departed)) | {watcher.self_id}
-        errors = list(getattr(watcher, "last_store_errors", ()) or ())
         return cls(
             verdicts=verdicts,
             group_size=len(members),
@@ -521,7 +535,8 @@ class HealController:
             del self._lease_cache[m]
         for m in set(self._stuck) - set(g.leases):
             del self._stuck[m]
-        for m in set(self._recorded) - set(g.leases) - set(peers.verdicts) - set(peers.members):
+        for m in [m for m in self._recorded  # not set(peers.members): O(N) a step (#11)
+                  if m not in g.leases and m not in peers.verdicts and m not in peers.members]:
             del self._recorded[m]
 
     def _clear_if_alive(self, lease: Lease, now: float, peers: PeersView, sick: bool) -> bool:
@@ -706,7 +721,7 @@ class HealController:
             if m not in candidates:
                 self._my_probes.pop(m, None)
         in_flight = sum(1 for o in g.outcomes.values() if o == "in-flight")
-        zones = dict(peers.zones)
+        zones = peers.zones  # HealView keeps its own frozen copy (none for a FrozenMap)
         view = HealView(
             observer_id=self.me, group_size=max(peers.group_size, 1), verdicts=verdicts,
             suspicions=g.suspicions, ec2_state=ec2, asg_health=asg, probe_ok=probe,

@@ -59,7 +59,7 @@ from types import MappingProxyType
 from typing import Any, Literal
 
 from agent.errors import ConfigError
-from agent.group.membership import LIVENESS, MalformedRecord
+from agent.group.membership import LIVENESS, FrozenMap, MalformedRecord
 
 Mode = Literal["armed", "dry-run", "off"]
 ActionKind = Literal["asg-mark", "asg-terminate", "launch", "hook"]
@@ -150,7 +150,7 @@ class HealPolicy:
 
 
 def _frozen_map(m: Mapping[str, Any]) -> Mapping[str, Any]:
-    return MappingProxyType(dict(m))
+    return m if isinstance(m, FrozenMap) else MappingProxyType(dict(m))
 
 
 @dataclass(frozen=True)
@@ -301,9 +301,12 @@ def disrupted_zones(stale: Mapping[str, int], sizes: Mapping[str, int]) -> tuple
 
 def _zone_counts(view: HealView, stale_members: set[str]) -> tuple[dict[str, int], dict[str, int]]:
     sizes: dict[str, int] = {}
-    for z in view.zones.values():
-        if z:
-            sizes[z] = sizes.get(z, 0) + 1
+    if isinstance(view.zones, FrozenMap):  # built once per change of the view (issue #11)
+        sizes.update(view.zones.counts())
+    else:
+        for z in view.zones.values():
+            if z:
+                sizes[z] = sizes.get(z, 0) + 1
     stale: dict[str, int] = {}
     for m in stale_members:
         z = view.zones.get(m, "")

@@ -33,6 +33,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import itertools
+import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -320,6 +321,12 @@ class CloudTwin:
         self._ids = itertools.count(1)
         self._activities = itertools.count(1)
         self.requests = 0
+        # Instances in a timed state (pending, shutting-down, terminated), by creation order,
+        # and the earliest time one of them is due: ``advance`` costs O(1) per call until then,
+        # not a walk over every instance (issue #11).
+        self._born: dict[str, int] = {}
+        self._timed: set[str] = set()
+        self._due = math.inf
 
     def ec2_client(self) -> ClientProxy:
         return ClientProxy(self.call, self.EC2_OPS)
@@ -338,19 +345,53 @@ class CloudTwin:
             return
         inst.state = state
         inst.state_since = self.now()
+        self._watch_timed(inst)
         if self.on_state is not None:
             self.on_state(inst, state)
 
+    def _delay(self, state: str) -> float | None:
+        if state == "pending":
+            return self.boot_s
+        if state == "shutting-down":
+            return self.shutdown_s
+        if state == "terminated":
+            return self.forget_s
+        return None
+
+    def _watch_timed(self, inst: TwinInstance) -> None:
+        delay = self._delay(inst.state)
+        if delay is not None:
+            self._timed.add(inst.instance_id)
+            # a little early: the pass below compares exactly as before (now - since >= delay)
+            self._due = min(self._due, inst.state_since + delay - 1e-3)
+
     def advance(self) -> None:
-        """Move timed state changes along (pending → running, shutting-down → terminated)."""
+        """Move timed state changes along (pending → running, shutting-down → terminated).
+
+        Visits only instances in a timed state, in creation order (the order of
+        ``instances``), and only once one of them is due."""
         now = self.now()
-        for inst in list(self.instances.values()):
+        if now < self._due:
+            return
+        for iid in sorted(self._timed, key=self._born.__getitem__):
+            inst = self.instances.get(iid)
+            if inst is None:
+                continue
             if inst.state == "pending" and now - inst.state_since >= self.boot_s:
                 self._set_state(inst, "running")
             elif inst.state == "shutting-down" and now - inst.state_since >= self.shutdown_s:
                 self._set_state(inst, "terminated")
             elif inst.state == "terminated" and now - inst.state_since >= self.forget_s:
                 del self.instances[inst.instance_id]
+        due = math.inf
+        for iid in list(self._timed):
+            inst = self.instances.get(iid)
+            delay = None if inst is None else self._delay(inst.state)
+            if delay is None:
+                self._timed.discard(iid)
+            else:
+                due = min(due, inst.state_since + delay - 1e-3)  # type: ignore[union-attr]
+        self._due = due
 
     def reconcile(self) -> list[tuple[str, str]]:
         """What the Auto Scaling service does on its own; ``[(replaced, new)]`` launched."""
@@ -387,6 +428,8 @@ class CloudTwin:
                             self.zones.get(subnet_id, "us-east-1a"), state, now, now,
                             dict(tags or {}), user_data, ("sg-twin",), client_token)
         self.instances[inst.instance_id] = inst
+        self._born[inst.instance_id] = len(self._born)
+        self._watch_timed(inst)
         if self.on_launch is not None:
             self.on_launch(inst, replaces)
         return inst
