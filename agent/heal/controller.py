@@ -73,6 +73,7 @@ from agent.heal.decide import (
     budget_after,
     decide,
     not_found_belief,
+    stale_records,
 )
 from agent.heal.leases import (
     OPEN_STATES,
@@ -103,6 +104,7 @@ from agent.heal.resolve import (
     resolve_acting,
 )
 from agent.interfaces import CloudAPI, StoreAPI
+from agent.layout import id_from_key, members_prefix
 
 if TYPE_CHECKING:
     from agent.aws.imds import Identity
@@ -353,6 +355,8 @@ class HealController:
             sick, sick_reason = True, "store failing: " + "; ".join(g.errors)[:300]
         view, api_error = self._view(peers, g, sick)
         decision = decide(view, self.policy)
+        if decision.actions and not g.errors:
+            view, decision, sick_reason = self._zone_look(view, sick_reason)
         self._decided_mono = self.clock.monotonic()
         self._record_decision(decision, peers, sick_reason, api_error)
         if not g.errors and not sick:
@@ -379,6 +383,23 @@ class HealController:
             self.superseded = mine is not None and mine.supersedes
         self._write_state(decision, g, api_error)
         return decision
+
+    def _zone_look(self, view: HealView, reason: str) -> tuple[HealView, Decision, str]:
+        """Before any action, every record's age from one fresh LIST, and decide again.
+
+        Zones are judged over the whole group, not only over the ``k`` members this
+        observer watches (invariant 15, ``decide.zone_stale``). Only when an action is
+        decided: one LIST per action, not per step. A LIST that fails: abstain (8).
+        """
+        try:
+            listing = self.store.list(members_prefix(self.group))
+        except StoreError as exc:
+            view = replace(view, observer_sick=True)
+            return view, decide(view, self.policy), f"store failing at the zone look: {exc}"
+        ages = {mid: listing.store_now - e.last_modified for e in listing.entries
+                if (mid := id_from_key(e.key))}
+        view = replace(view, record_stale=stale_records(ages, self.policy.dead_after_s))
+        return view, decide(view, self.policy), reason
 
     def _sickness(self, health: Any, sick: bool | None) -> tuple[bool, str]:
         if sick is not None:

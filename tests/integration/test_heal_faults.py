@@ -9,6 +9,7 @@ are injected by wrapping one call of the real adapter (never by mocking boto3).
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 from typing import Any
 
@@ -19,6 +20,7 @@ import agent.heal.controller as replace_mod
 from agent.aws.cloud import Cloud
 from agent.aws.store import Store
 from agent.clock import FakeClock
+from agent.config.model import HeartbeatConfig
 from agent.errors import CloudError
 from agent.group.events import list_events
 from agent.group.membership import MemberRecord
@@ -521,6 +523,37 @@ def test_zone_disrupted_no_action_zone_named_rest_still_healed(cloud: EmbeddedCl
     assert ev and zones[0] in ev[0].reasons[0]
     st = statefile.read(tmp_path / f"{a.me}.state.json")
     assert st["heal"]["disrupted_zones"] == [zones[0]]
+
+
+
+def test_zone_half_watched_by_this_observer_is_judged_on_every_record(
+        cloud: EmbeddedCloud, tmp_path: Any) -> None:
+    """zone-outage seed 129: with two zones dark, the only watchers of two members of the
+    second dark zone sat in the first, so no suspicion of them reached the store. The
+    observer judged its two watched members of that zone (2/4 stale: not disrupted) and
+    terminated a dark, running member. Its record ages, from one LIST, cover every member."""
+    ids = cloud.run_standalone(GROUP, 12)
+    zone = {i: f"us-east-1{'abc'[n % 3]}" for n, i in enumerate(ids)}
+    dark = [i for i in ids if zone[i] == "us-east-1c"]
+    lit = [i for i in ids if i not in dark]
+    store = records(cloud, dark)  # zone c's last heartbeats...
+    time.sleep(3.2)  # ...older than dead_after (2 s) on the store's clock,
+    records(cloud, lit)  # while every other member has just heartbeated
+    cfg = config(action="launch", max_per_window=5)
+    cfg.heartbeat = HeartbeatConfig(interval_s=1, dead_after_s=2)
+    a, b = ctl(cloud, lit[0], cfg, tmp_path), ctl(cloud, lit[1], cfg, tmp_path)
+    # This observer watches dark[0] (dead) and dark[1] (suspect), not dark[2:].
+    v = PeersView(verdicts={dark[0]: "dead", dark[1]: "suspect", lit[2]: "alive"},
+                  group_size=12, silent_for={dark[0]: 1000.0}, members=frozenset(ids),
+                  zones=zone, endpoints={m: CLOSED for m in dark})
+    n = len(all_instances(cloud))
+    d = both_step(a, b, v)
+    assert d.disrupted_zones == ("us-east-1c",) and not executable(d), d.actions
+    assert any("zone-disrupted: us-east-1c" in r for x in d.refusals for r in x.reasons)
+    assert all(instance(cloud, m)["State"]["Name"] == "running" for m in dark)
+    assert len(all_instances(cloud)) == n and read_lease(store, GROUP, dark[0]) is None
+    ev = [e for e in list_events(store, GROUP, 200) if e.kind == "heal-zone-disrupted"]
+    assert ev and "us-east-1c" in ev[0].reasons[0]
 
 
 def test_item9_superseded_member_writes_no_backup_over_its_replacement(
