@@ -13,7 +13,7 @@ checked when each mutating cloud call lands and at the end of the run:
 * ``rate-limit``: at most ``2 × max_per_window`` actions in any ``window_s``
   (the budget is fixed windows: two can touch), group-wide;
 * ``in-flight``: actions whose replacement has not heartbeated yet stay within
-  ``in_flight_cap(group)`` group-wide;
+  ``in_flight_cap(group)`` group-wide, the group being the ASG's desired capacity;
 * ``paused`` / ``frozen``: nothing done in a step that started while the kill
   switch was present, nor in a step whose decision was frozen;
 * ``exiled``: a member whose instance still runs and that nobody acted on never
@@ -139,7 +139,11 @@ class Checker(Scheduler):
         if len(window) > 2 * self.policy.max_per_window:
             self.violate("rate-limit", m, f"{len(window)} actions within {self.policy.window_s:g}s"
                          f" (max_per_window {self.policy.max_per_window})", actor.iid)
-        group = sum(1 for x in self.hosts.values() if x.proc != "dead" and not x.left)
+        # The group is what it is meant to be (the ASG's desired capacity), dead members
+        # included, as in the freeze fraction and DESIGN invariant 5: not its live agents,
+        # or a pair death would shrink the cap it is healed under (zone-outage seed 101).
+        group = (sum(g.desired for g in self.cloud.groups.values()) if self.cloud.groups else
+                 sum(1 for x in self.hosts.values() if x.proc != "dead" and not x.left))
         cap = self.policy.in_flight_cap(max(group, 1))
         in_flight = self._in_flight(t) - 1
         if in_flight + 1 > max(cap, 1):
