@@ -122,6 +122,9 @@ SWARM = [
     ("control-plane-2007", 1, 9, 1.5),
     ("control-plane-2007", 11, 9, 1.5),
     ("everything", 5, 9, 1.0),
+    # an observer stalls 87 s between taking the lease and acting while its paused target
+    # comes back: the fence aborts (catches bench_mutants' no-fencing: false-action)
+    ("stalls", 5, 12, 0.2),
 ]
 
 
