@@ -340,6 +340,9 @@ class HealController:
     def step(self, peers: Any = None, observer_health: Any = None, *,
              observer_sick: bool | None = None) -> Decision:
         """Gather, decide, act, record. See the module docstring for the contract."""
+        # A decision is as old as its evidence: the verdicts are taken now, and a stall
+        # anywhere before the action ages the decision (fence, invariant 12; stalls seed 9).
+        started = self.clock.monotonic()
         peers = peers if peers is not None else self.watcher
         if peers is None:
             raise ValueError("step needs a peers view (or a watcher given at construction)")
@@ -357,7 +360,7 @@ class HealController:
         decision = decide(view, self.policy)
         if decision.actions and not g.errors:
             view, decision, sick_reason = self._zone_look(view, sick_reason)
-        self._decided_mono = self.clock.monotonic()
+        self._decided_mono = started
         self._record_decision(decision, peers, sick_reason, api_error)
         if not g.errors and not sick:
             for f in decision.forget:

@@ -247,6 +247,30 @@ def test_item3_decision_older_than_the_bound_is_not_acted_on(cloud: EmbeddedClou
     assert "stale-decision" in a.outcomes[-1].detail
 
 
+def test_item3_decision_is_as_old_as_its_evidence(cloud: EmbeddedCloud, tmp_path: Any) -> None:
+    """stalls seed 9 (found by the simulator): the observer's verdicts were taken, then it
+    stalled 103 s in its first store read of the heal step, then decided on them; the
+    decision's age was counted from decide(), so the fence let it act on a member that
+    had heartbeated again meanwhile. The age counts from the start of the step."""
+    clock = FakeClock()
+    ids, hung, store, a, b, v = hung_asg(cloud, tmp_path, decision_max_age_s=5)
+    a.clock = clock
+    real = a.store.list
+    stalled: list[str] = []
+
+    def slow_list(prefix: str, *args: Any, **kw: Any) -> Any:  # a 30 s stall, before deciding
+        if not stalled:
+            stalled.append(prefix)
+            clock.advance(30)
+        return real(prefix, *args, **kw)
+
+    a.store.list = slow_list  # type: ignore[method-assign]
+    b.step(v, ObserverHealth())
+    a.step(v, ObserverHealth())
+    assert stalled and instance(cloud, hung)["State"]["Name"] == "running"
+    assert "stale-decision" in a.outcomes[-1].detail
+
+
 def test_item3_and_9_pause_between_launch_and_terminate_then_terminate_is_retried(
         cloud: EmbeddedCloud, tmp_path: Any) -> None:
     ids = cloud.run_standalone(GROUP, 4)

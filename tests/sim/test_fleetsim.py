@@ -178,6 +178,9 @@ REGRESSION = [
     # zone: with two zones dark, an observer watching only half of the second (its other
     #    members' watchers were all dark) saw 2/4 stale and terminated a dark member
     pytest.param("zone", "zone", "zone-outage", 129, 12, 0.62),
+    # 3: an observer stalled 103 s in the heal step's first store read, then decided on
+    #    the verdicts it took before the stall; the decision's age counted from decide()
+    pytest.param("3", "false-action", "stalls", 9, 12, 0.91),
 ]
 
 
@@ -187,7 +190,7 @@ REGRESSION = [
                               "10.7-partitions-6", "10.7-calm-11", "10.zone-zone-outage-1",
                               "store-flaky-store-100", "zone-zone-outage-109",
                               "acted-everything-121", "checker-zone-outage-101",
-                              "zone-zone-outage-129"])
+                              "zone-zone-outage-129", "10.3-stalls-9"])
 def test_regression_seed(item: str, kind: str, profile: str, seed: int, members: int,
                          hours: float) -> None:
     res = fleetsim.run(seed, members, hours, profile)
