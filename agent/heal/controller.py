@@ -665,6 +665,23 @@ class HealController:
                 return updated, hb
         return lease, hb
 
+    def _rewrite_mine(self, lease: Lease, **changes: Any) -> Lease | None:
+        """``_rewrite`` a lease through which nothing happened; if its ETag is stale because
+        my own last write landed with its answer lost (flaky-store seed 147: the fence's
+        ``acting`` write), once more on the store's copy, if that is still my lease life
+        (same holder and nonce) and nothing acted. Else it would stay ``acting`` for ever,
+        never taken over, and the member's real death never replaced."""
+        done = self._rewrite(lease, **changes)
+        if done is not None:
+            return done
+        try:
+            cur = read_lease(self.store, self.group, lease.member)
+        except (StoreError, MalformedRecord):
+            return None
+        if cur is None or cur.holder != self.me or cur.nonce != lease.nonce or cur.acted:
+            return None
+        return self._rewrite(cur, **changes)
+
     def _rewrite(self, lease: Lease, **changes: Any) -> Lease | None:
         new = replace(lease, **changes)
         try:
@@ -836,7 +853,7 @@ class HealController:
             # Nothing happened (acted_at stays None): not "you were replaced", and the
             # lease may be taken over once it expires (invariant 13).
             lease = self._lease_cache.get(m, lease)  # as the fence last wrote it
-            self._rewrite(lease, state="failed", detail=str(exc)[:500])
+            self._rewrite_mine(lease, state="failed", detail=str(exc)[:500])
             release_inflight(self.store, self.group, m)
             self._event("heal-action-failed", m, [*action.reasons, str(exc)],
                         {"action": action.kind})
@@ -929,7 +946,7 @@ class HealController:
 
     def _refuse_lease(self, lease: Lease, why: str, kind: str = "heal-refuse") -> None:
         if lease.etag:
-            self._rewrite(lease, state="refused", detail=why)
+            self._rewrite_mine(lease, state="refused", detail=why)
         release_inflight(self.store, self.group, lease.member)
         self._event(kind, lease.member, [why], {"lease": "refused (may be taken over)"})
         self._outcome(Outcome(lease.member, "refused", why))

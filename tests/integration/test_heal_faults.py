@@ -21,7 +21,7 @@ from agent.aws.cloud import Cloud
 from agent.aws.store import Store
 from agent.clock import FakeClock
 from agent.config.model import HeartbeatConfig
-from agent.errors import CloudError
+from agent.errors import CloudError, StoreError
 from agent.group.events import list_events
 from agent.group.membership import MemberRecord
 from agent.group.peers import PeerWatcher, member_key
@@ -269,6 +269,33 @@ def test_item3_decision_is_as_old_as_its_evidence(cloud: EmbeddedCloud, tmp_path
     a.step(v, ObserverHealth())
     assert stalled and instance(cloud, hung)["State"]["Name"] == "running"
     assert "stale-decision" in a.outcomes[-1].detail
+
+
+def test_item2_fence_write_landed_but_its_answer_lost_leaves_no_acting_lease(
+        cloud: EmbeddedCloud, tmp_path: Any) -> None:
+    """flaky-store seed 147 (found by the simulator): the fence's ``acting`` write landed,
+    its answer was lost (read timeout). Nothing was called; the 'failed' rewrite carried
+    the old ETag and lost to my own write, so the lease stayed ``acting`` for ever: never
+    taken over, the member's real death never replaced."""
+    ids, hung, store, a, b, v = hung_asg(cloud, tmp_path, lease_expiry_s=0)
+    real = a.store.put
+    lost: list[str] = []
+
+    def put(rel: str, body: bytes, **kw: Any) -> str:
+        etag = real(rel, body, **kw)
+        if rel == lease_key(GROUP, hung) and b'"state":"acting"' in body and not lost:
+            lost.append(rel)
+            raise StoreError(f"put {rel}: ReadTimeoutError: Read timeout")
+        return etag
+
+    a.store.put = put  # type: ignore[method-assign]
+    b.step(v, ObserverHealth())
+    a.step(v, ObserverHealth())
+    assert lost and instance(cloud, hung)["State"]["Name"] == "running"
+    assert a.outcomes[-1].result == "failed"
+    cur = read_lease(store, GROUP, hung)
+    assert cur is not None and cur.state == "failed" and not cur.acted
+    assert cur.takeover_allowed(cur.last_modified or 0.0, 0.0)
 
 
 def test_item3_and_9_pause_between_launch_and_terminate_then_terminate_is_retried(
