@@ -82,6 +82,36 @@ def _no_zone_rule() -> contextlib.AbstractContextManager[None]:
     return _setattr(D, "disrupted_zones", lambda *_a, **_k: ())
 
 
+def _age_from_decide() -> contextlib.AbstractContextManager[None]:
+    """The fence's decision age counts from after decide(), not from the step's start
+    (this session's stalls seed 9)."""
+    from agent.heal import controller as C
+
+    real = C.HealController._record_decision
+
+    def record(self: Any, *args: Any, **kw: Any) -> Any:
+        self._decided_mono = self.clock.monotonic()
+        return real(self, *args, **kw)
+
+    return _setattr(C.HealController, "_record_decision", record)
+
+
+def _lost_answer_leaves_acting() -> contextlib.AbstractContextManager[None]:
+    """A rewrite that loses to the holder's own landed write gives up: the lease stays
+    ``acting`` with nothing done (this session's flaky-store seed 147)."""
+    from agent.heal import controller as C
+
+    return _setattr(C.HealController, "_rewrite_mine", C.HealController._rewrite)
+
+
+def _zone_on_watched_only() -> contextlib.AbstractContextManager[None]:
+    """Zones judged on this observer's watched members only, not on every record's age
+    (this session's zone-outage seed 129)."""
+    from agent.heal import decide as D
+
+    return _setattr(D, "zone_stale", lambda _view, stale: stale)
+
+
 MUTANTS = (
     Mutant("no-fencing", "no fence between the decision and the mutating call (#10.3)",
            _no_fencing),
@@ -92,6 +122,12 @@ MUTANTS = (
            _uncapped_in_flight),
     Mutant("no-zone-rule", "a dark zone judged under the group fraction (#10 zone rule)",
            _no_zone_rule),
+    Mutant("age-from-decide", "decision age counted from decide(), not from its evidence "
+           "(stalls seed 9)", _age_from_decide),
+    Mutant("lost-answer-acting", "a landed write whose answer was lost leaves the lease "
+           "acting for ever (flaky-store seed 147)", _lost_answer_leaves_acting),
+    Mutant("zone-watched-only", "zones judged on the watched members only (zone-outage seed "
+           "129)", _zone_on_watched_only),
 )
 
 

@@ -275,8 +275,9 @@ def test_item2_fence_write_landed_but_its_answer_lost_leaves_no_acting_lease(
         cloud: EmbeddedCloud, tmp_path: Any) -> None:
     """flaky-store seed 147 (found by the simulator): the fence's ``acting`` write landed,
     its answer was lost (read timeout). Nothing was called; the 'failed' rewrite carried
-    the old ETag and lost to my own write, so the lease stayed ``acting`` for ever: never
-    taken over, the member's real death never replaced."""
+    the old ETag and lost to my own write, so the lease stayed ``acting``: not taken over
+    until another observer resolved it from the cloud after ``lease_expiry_s`` (before that
+    resolution existed, never: the member's real death was never replaced)."""
     ids, hung, store, a, b, v = hung_asg(cloud, tmp_path, lease_expiry_s=0)
     real = a.store.put
     lost: list[str] = []

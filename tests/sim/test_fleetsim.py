@@ -180,9 +180,11 @@ REGRESSION = [
     pytest.param("zone", "zone", "zone-outage", 129, 12, 0.62),
     # 3: an observer stalled 103 s in the heal step's first store read, then decided on
     #    the verdicts it took before the stall; the decision's age counted from decide()
+    #    (trajectories moved with the safety merge: bench_mutants says which seed catches it)
     pytest.param("3", "false-action", "stalls", 9, 12, 0.91),
     # 2: the fence's "acting" write landed with its answer lost; the "failed" rewrite lost
-    #    to that write and the lease stayed acting for ever: the death never replaced
+    #    to that write and the lease stayed acting: the death never replaced (found before
+    #    the acting-lease resolution was merged; with it, this seed no longer fails there)
     pytest.param("2", "liveness", "flaky-store", 147, 18, 0.9),
 ]
 
