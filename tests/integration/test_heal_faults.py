@@ -591,8 +591,8 @@ def test_zone_half_watched_by_this_observer_is_judged_on_every_record(
     store = records(cloud, dark)  # zone c's last heartbeats...
     time.sleep(3.2)  # ...older than dead_after (2 s) on the store's clock,
     records(cloud, lit)  # while every other member has just heartbeated
-    cfg = config(action="launch", max_per_window=5)
-    cfg.heartbeat = HeartbeatConfig(interval_s=1, dead_after_s=2)
+    cfg = replace(config(action="launch", max_per_window=5),
+                  heartbeat=HeartbeatConfig(interval_s=1, dead_after_s=2))
     a, b = ctl(cloud, lit[0], cfg, tmp_path), ctl(cloud, lit[1], cfg, tmp_path)
     # This observer watches dark[0] (dead) and dark[1] (suspect), not dark[2:].
     v = PeersView(verdicts={dark[0]: "dead", dark[1]: "suspect", lit[2]: "alive"},
