@@ -64,3 +64,9 @@ soak-userdata: venv
 # SIM_SOAK_MINUTES; prints a replay command for every run with a violation.
 soak-sim: venv
 	$(BIN)/python -m agent.sim.soak --minutes $${SIM_SOAK_MINUTES:-30}
+
+# Re-introduced bugs (issue #11): each mutant of bench/bench_mutants.py against the CI seed set
+# of tests/sim/test_fleetsim.py; exit 1 if one is not caught. Minutes; not in `make test`.
+.PHONY: mutants
+mutants: venv
+	$(NETNS) sh -c 'ip link set lo up && exec $(BIN)/python -m bench.bench_mutants'

@@ -73,6 +73,7 @@ from agent.heal.decide import (
     budget_after,
     decide,
     not_found_belief,
+    stale_records,
 )
 from agent.heal.leases import (
     OPEN_STATES,
@@ -103,6 +104,7 @@ from agent.heal.resolve import (
     resolve_acting,
 )
 from agent.interfaces import CloudAPI, StoreAPI
+from agent.layout import id_from_key, members_prefix
 
 if TYPE_CHECKING:
     from agent.aws.imds import Identity
@@ -352,6 +354,9 @@ class HealController:
     def step(self, peers: Any = None, observer_health: Any = None, *,
              observer_sick: bool | None = None) -> Decision:
         """Gather, decide, act, record. See the module docstring for the contract."""
+        # A decision is as old as its evidence: the verdicts are taken now, and a stall
+        # anywhere before the action ages the decision (fence, invariant 12; stalls seed 9).
+        started = self.clock.monotonic()
         peers = peers if peers is not None else self.watcher
         if peers is None:
             raise ValueError("step needs a peers view (or a watcher given at construction)")
@@ -367,7 +372,9 @@ class HealController:
             sick, sick_reason = True, "store failing: " + "; ".join(g.errors)[:300]
         view, api_error = self._view(peers, g, sick)
         decision = decide(view, self.policy)
-        self._decided_mono = self.clock.monotonic()
+        if decision.actions and not g.errors:
+            view, decision, sick_reason = self._zone_look(view, sick_reason)
+        self._decided_mono = started
         self._record_decision(decision, peers, sick_reason, api_error)
         if not g.errors and not sick:
             for f in decision.forget:
@@ -393,6 +400,23 @@ class HealController:
             self.superseded = mine is not None and mine.supersedes
         self._write_state(decision, g, api_error)
         return decision
+
+    def _zone_look(self, view: HealView, reason: str) -> tuple[HealView, Decision, str]:
+        """Before any action, every record's age from one fresh LIST, and decide again.
+
+        Zones are judged over the whole group, not only over the ``k`` members this
+        observer watches (invariant 15, ``decide.zone_stale``). Only when an action is
+        decided: one LIST per action, not per step. A LIST that fails: abstain (8).
+        """
+        try:
+            listing = self.store.list(members_prefix(self.group))
+        except StoreError as exc:
+            view = replace(view, observer_sick=True)
+            return view, decide(view, self.policy), f"store failing at the zone look: {exc}"
+        ages = {mid: listing.store_now - e.last_modified for e in listing.entries
+                if (mid := id_from_key(e.key))}
+        view = replace(view, record_stale=stale_records(ages, self.policy.dead_after_s))
+        return view, decide(view, self.policy), reason
 
     def _sickness(self, health: Any, sick: bool | None) -> tuple[bool, str]:
         if sick is not None:
@@ -656,6 +680,23 @@ class HealController:
                 return updated, hb
         return lease, hb
 
+    def _rewrite_mine(self, lease: Lease, **changes: Any) -> Lease | None:
+        """``_rewrite`` a lease through which nothing happened; if its ETag is stale because
+        my own last write landed with its answer lost (flaky-store seed 147: the fence's
+        ``acting`` write), once more on the store's copy, if that is still my lease life
+        (same holder and nonce) and nothing acted. Else it would stay ``acting`` for ever,
+        never taken over, and the member's real death never replaced."""
+        done = self._rewrite(lease, **changes)
+        if done is not None:
+            return done
+        try:
+            cur = read_lease(self.store, self.group, lease.member)
+        except (StoreError, MalformedRecord):
+            return None
+        if cur is None or cur.holder != self.me or cur.nonce != lease.nonce or cur.acted:
+            return None
+        return self._rewrite(cur, **changes)
+
     def _rewrite(self, lease: Lease, **changes: Any) -> Lease | None:
         new = replace(lease, **changes)
         try:
@@ -827,7 +868,7 @@ class HealController:
             # Nothing happened (acted_at stays None): not "you were replaced", and the
             # lease may be taken over once it expires (invariant 13).
             lease = self._lease_cache.get(m, lease)  # as the fence last wrote it
-            self._rewrite(lease, state="failed", detail=str(exc)[:500])
+            self._rewrite_mine(lease, state="failed", detail=str(exc)[:500])
             release_inflight(self.store, self.group, m)
             self._event("heal-action-failed", m, [*action.reasons, str(exc)],
                         {"action": action.kind})
@@ -920,7 +961,7 @@ class HealController:
 
     def _refuse_lease(self, lease: Lease, why: str, kind: str = "heal-refuse") -> None:
         if lease.etag:
-            self._rewrite(lease, state="refused", detail=why)
+            self._rewrite_mine(lease, state="refused", detail=why)
         release_inflight(self.store, self.group, lease.member)
         self._event(kind, lease.member, [why], {"lease": "refused (may be taken over)"})
         self._outcome(Outcome(lease.member, "refused", why))

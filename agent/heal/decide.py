@@ -39,7 +39,9 @@ Every rule is from DESIGN.md "Safe replacement: the invariants":
 * zones are judged as well as the group (``disrupted_zones``): a zone where most
   members fell silent at once is disrupted, nothing in it is acted on, and it is
   left out of the group's mass-death fraction so the rest of the group still heals;
-  every zone disrupted means the observer side is sick (15);
+  every zone disrupted means the observer side is sick (15); zones are judged on
+  every member, the stale records of a fresh LIST counted with this observer's own
+  verdicts (``zone_stale``: abstain-only evidence) (15);
 * a view whose counts cannot be true (more stale members than members) is refused:
   the observer abstains with ``inconsistent-view`` (6).
 
@@ -166,6 +168,9 @@ class HealView:
     heartbeat. ``leases``: members with a lease, whoever holds it. ``in_flight``:
     replacements launched and not yet heartbeating. ``budget``: replacements used in
     the current window (the store's counter). ``now``: the store's clock.
+    ``record_stale``: members whose record, in one LIST of every record taken just
+    before acting, is older than ``dead_after_s`` on the store's clock. One clock only:
+    it may make a zone disrupted (abstain), never a member dead (``zone_stale``).
     """
 
     observer_id: str
@@ -191,6 +196,7 @@ class HealView:
     asg_of: Mapping[str, str] = field(default_factory=dict)
     in_asg: frozenset[str] = frozenset()
     replaced_by: Mapping[str, str] = field(default_factory=dict)
+    record_stale: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
         statuses = {m: getattr(v, "status", v) for m, v in self.verdicts.items()}
@@ -215,6 +221,7 @@ class HealView:
         for name in ("zones", "asg_of", "replaced_by"):
             object.__setattr__(self, name, _frozen_map(getattr(self, name)))
         object.__setattr__(self, "in_asg", frozenset(self.in_asg))
+        object.__setattr__(self, "record_stale", frozenset(self.record_stale))
 
 
 @dataclass(frozen=True)
@@ -313,6 +320,27 @@ def _zone_counts(view: HealView, stale_members: set[str]) -> tuple[dict[str, int
         if z:
             stale[z] = stale.get(z, 0) + 1
     return stale, sizes
+
+
+def zone_stale(view: HealView, stale_members: set[str]) -> set[str]:
+    """The members counted stale when zones are judged: this observer's own stale
+    verdicts and others' suspicions (``stale_members``), plus every member whose record a
+    fresh LIST shows stale (``record_stale``), unless this observer itself sees it alive.
+
+    An observer watches only ``k`` peers: when two zones go dark, the only watchers of
+    some members of one dark zone may sit in the other, so no suspicion of them ever
+    reaches the store and the zone looks half lit (zone-outage seed 129). The store's
+    record ages cover every member; as evidence for abstaining, one clock is enough.
+    """
+    seen_alive = {m for m, s in view.verdicts.items() if s in ("alive", "grace", "leaving")}
+    return stale_members | {m for m in view.record_stale if m in view.zones
+                            and m not in seen_alive and m != view.observer_id}
+
+
+def stale_records(ages: Mapping[str, float], dead_after_s: float) -> frozenset[str]:
+    """Members whose record age (``store_now - LastModified`` of one LIST) is at least
+    ``dead_after_s``: ``HealView.record_stale``."""
+    return frozenset(m for m, age in ages.items() if age >= dead_after_s)
 
 
 def _freeze(view: HealView, policy: HealPolicy,
@@ -438,7 +466,7 @@ def decide(view: HealView, policy: HealPolicy) -> Decision:
                 and view.verdicts[m] in STALE and (why := already_replaced(m, view))}
     gone = {m: why for m, why in replaced.items() if view.verdicts[m] == "dead"}
     stale_members = {m for m, s in view.verdicts.items() if s in STALE and m not in replaced}
-    stale_z, sizes = _zone_counts(view, stale_members)
+    stale_z, sizes = _zone_counts(view, zone_stale(view, stale_members) - set(replaced))
     zones = disrupted_zones(stale_z, sizes)
     freeze = _freeze(view, policy, stale_members, zones)
     if freeze is not None:

@@ -113,6 +113,8 @@ class CallFaults(Scheduler):
         sent_t = self.t
         sent = ({k: x.unable_since for k, x in self.hosts.items()} if op in MUTATING
                 else {})
+        sent_ec2 = ({k: x.state for k, x in self.cloud.instances.items()}
+                    if op in MUTATING else {})
         if op in MUTATING and p.action_stall and r.random() < p.action_stall:
             self._fault("action-stall")
             self.park(r.uniform(20.0, 120.0))
@@ -137,7 +139,7 @@ class CallFaults(Scheduler):
                 self.note("landed-late", k, f"{op} by {h.iid}: sent while it was unable, "
                           "landed after it came back")
         resp = self.cloud.call(op, kw)
-        self._on_action(h, op, kw, sent, sent_t)
+        self._on_action(h, op, kw, sent, sent_t, sent_ec2)
         return resp
 
     def probe(self, endpoint: str) -> bool | None:

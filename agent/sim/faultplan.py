@@ -193,6 +193,7 @@ class FaultPlan(Members):
         ids = sorted(i for i, x in self.cloud.instances.items() if x.state == "running")
         self.lost = set(self.rng.sample(ids, len(ids) * 3 // 10))
         self.lost_until = self.t + d
+        self.lost_since = self.t
         return d
 
     def _f_api(self) -> float:

@@ -59,6 +59,10 @@ PROFILES: dict[str, Profile] = {
     "control-plane-2007": replace(CALM, name="control-plane-2007", wrong_describe=0.01,
                                   cloud_error=0.05, terminated=0.02, asg_replace=0.05,
                                   api_outage_ph=0.5, pause=0.05, control_plane_ph=1.0),
+    # Observers that stall between deciding and acting while their target comes back: what
+    # fencing (docs/safety.md 12) exists for. Process pauses (10..240 s) and main-loop call
+    # stalls (20..120 s) are frequent; calls take time, so a pause can land mid-step.
+    "stalls": replace(CALM, name="stalls", pause=0.6, call_stall=0.03, store_latency=0.05),
     "everything": replace(CALM, name="everything", store_error=0.01, store_latency=0.02,
                           lost_response=0.005, call_stall=0.001, cloud_error=0.03,
                           action_stall=0.03, wrong_describe=0.02, pause=0.03,

@@ -122,6 +122,7 @@ class Simulation(FaultPlan, CallFaults, Checker):
         self._violated: set[tuple[str, str, str]] = set()
         self.lost: set[str] = set()  # instances EC2 describes as NotFound (control-plane fault)
         self.lost_until = 0.0
+        self.lost_since = 0.0
         self.errors: Counter = Counter()
 
     # -- the run --------------------------------------------------------------------------------

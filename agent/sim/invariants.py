@@ -9,11 +9,14 @@ checked when each mutating cloud call lands and at the end of the run:
   actor's fence; a target that comes back while the request is in transit, which no
   client can fence, is noted ``landed-late`` in the timeline);
 * ``zone``: nothing done to a member of a zone that is dark (network) at the time;
+* ``single-answer``: nothing done to an instance EC2 truly described as running whose
+  agent was silent well under ``silent_after_s``, unless EC2 had been answering wrongly
+  about it (a control-plane loss) for ``dead_after`` already (invariant 14);
 * ``double-replacement``: at most one replacement per death;
 * ``rate-limit``: at most ``2 × max_per_window`` actions in any ``window_s``
   (the budget is fixed windows: two can touch), group-wide;
 * ``in-flight``: actions whose replacement has not heartbeated yet stay within
-  ``in_flight_cap(group)`` group-wide;
+  ``in_flight_cap(group)`` group-wide, the group being the ASG's desired capacity;
 * ``paused`` / ``frozen``: nothing done in a step that started while the kill
   switch was present, nor in a step whose decision was frozen;
 * ``exiled``: a member whose instance still runs and that nobody acted on never
@@ -87,7 +90,8 @@ class Checker(Scheduler):
         self._able(h)
 
     def _on_action(self, actor: Host, op: str, kw: dict[str, Any],
-                   before: dict[str, float | None], sent_t: float) -> None:
+                   before: dict[str, float | None], sent_t: float,
+                   ec2_before: dict[str, str]) -> None:
         if op == "run_instances":
             tags = {t["Key"]: t["Value"] for s in kw.get("TagSpecifications") or []
                     for t in s.get("Tags", [])}
@@ -101,10 +105,10 @@ class Checker(Scheduler):
         else:
             targets = [kw["InstanceId"]]
         for m in targets:
-            self._check_action(actor, op, m, before.get(m), sent_t)
+            self._check_action(actor, op, m, before.get(m), sent_t, ec2_before.get(m, ""))
 
     def _check_action(self, actor: Host, op: str, m: str, unable_since: float | None,
-                      sent_t: float) -> None:
+                      sent_t: float, ec2_state: str = "") -> None:
         t = self.t
         self.res.actions += 1
         self.res.checks += 6
@@ -116,6 +120,7 @@ class Checker(Scheduler):
         if h is None:
             return
         h.acted_on = True
+        self._check_answer(actor, op, m, unable_since, sent_t, ec2_state)
         if unable_since is None or sent_t - unable_since < self.dead_after:
             since = ("when the call was sent" if unable_since is None
                      else f"until {sent_t - unable_since:.1f}s before the call was sent")
@@ -139,12 +144,35 @@ class Checker(Scheduler):
         if len(window) > 2 * self.policy.max_per_window:
             self.violate("rate-limit", m, f"{len(window)} actions within {self.policy.window_s:g}s"
                          f" (max_per_window {self.policy.max_per_window})", actor.iid)
-        group = sum(1 for x in self.hosts.values() if x.proc != "dead" and not x.left)
+        # The group is what it is meant to be (the ASG's desired capacity), dead members
+        # included, as in the freeze fraction and DESIGN invariant 5: not its live agents,
+        # or a pair death would shrink the cap it is healed under (zone-outage seed 101).
+        group = (sum(g.desired for g in self.cloud.groups.values()) if self.cloud.groups else
+                 sum(1 for x in self.hosts.values() if x.proc != "dead" and not x.left))
         cap = self.policy.in_flight_cap(max(group, 1))
         in_flight = self._in_flight(t) - 1
         if in_flight + 1 > max(cap, 1):
             self.violate("in-flight", m, f"{in_flight + 1} replacements in flight, cap {cap} for "
                          f"{group} members", actor.iid)
+
+    def _check_answer(self, actor: Host, op: str, m: str, unable_since: float | None,
+                      sent_t: float, ec2_state: str) -> None:
+        """Invariant 14 against ground truth: EC2 truly said ``running`` and the agent had
+        been silent far less than ``silent_after_s`` (less three intervals: a record may be
+        older than the agent's last ability), so only a wrong EC2 answer can have justified
+        the action; a wrong answer justifies nothing until it has persisted
+        ``not_found_persist_s`` (= ``dead_after``: a control-plane loss that old)."""
+        silent_after = self.policy.silent_after_s
+        if (ec2_state != "running" or unable_since is None
+                or sent_t - unable_since >= silent_after - 3 * self.interval):
+            return
+        if m in self.lost and sent_t < self.lost_until and sent_t - self.lost_since >= \
+                self.dead_after:
+            return
+        self.violate("single-answer", m, f"{op}: EC2 truly said running and its agent was "
+                     f"silent only {sent_t - unable_since:.0f}s < silent_after_s "
+                     f"{silent_after:g}s; no wrong answer had persisted {self.dead_after:g}s",
+                     actor.iid)
 
     def _in_flight(self, t: float) -> int:
         """Actions whose target's replacement has not heartbeated yet (and is not overdue)."""

@@ -19,11 +19,20 @@ from agent.sim.faults import PROFILES
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m agent.sim.soak")
     p.add_argument("--minutes", type=float, default=30.0)
-    p.add_argument("--members", type=int, default=30)
+    p.add_argument("--members", default="30",
+                   help="N, or LO-HI: seed S runs LO + (7 S mod (HI-LO+1)) members "
+                        "(session 3's sweep: --members 9-20 --hours 1 --first 100)")
     p.add_argument("--hours", type=float, default=2.0)
     p.add_argument("--first", type=int, default=1000)
     p.add_argument("--faults", default=",".join(PROFILES))
     a = p.parse_args(argv)
+    lo, _, hi = a.members.partition("-")
+    try:
+        low, high = int(lo), int(hi or lo)
+    except ValueError:
+        p.error(f"--members {a.members!r}: N or LO-HI")
+    if not 1 <= low <= high:
+        p.error(f"--members {a.members!r}: need 1 <= LO <= HI")
     profiles = a.faults.split(",")
     logging.disable(logging.WARNING)
     deadline = time.monotonic() + a.minutes * 60.0
@@ -32,15 +41,16 @@ def main(argv: list[str] | None = None) -> int:
     while time.monotonic() < deadline:
         for prof in profiles:
             t0 = time.monotonic()
-            res = fleetsim.run(seed, a.members, a.hours, prof, timeline=False)
+            members = low + (7 * seed) % (high - low + 1)
+            res = fleetsim.run(seed, members, a.hours, prof, timeline=False)
             runs += 1
             kinds = sorted({v.kind for v in res.violations})
-            print(f"seed {seed} {prof:<19} deaths {res.deaths:3d} replacements "
+            print(f"seed {seed} {prof:<19} n {members:3d} deaths {res.deaths:3d} replacements "
                   f"{res.replacements:3d} violations {len(res.violations):3d} {','.join(kinds)} "
                   f"({time.monotonic() - t0:.1f}s)", flush=True)
             if kinds:
                 bad += 1
-                print(f"  replay: ec2-agent simulate --seed {seed} --members {a.members} "
+                print(f"  replay: ec2-agent simulate --seed {seed} --members {members} "
                       f"--hours {a.hours:g} --faults {prof}", flush=True)
             if time.monotonic() >= deadline:
                 break

@@ -26,6 +26,18 @@ Faithful where it matters to replacement safety:
   ``HealthCheckGracePeriod`` when asked); ``TerminateInstanceInAutoScalingGroup``;
   ``reconcile()`` — what the service does on its own — removes terminated and
   Unhealthy instances and launches replacements up to the desired capacity.
+* Lifecycle hooks (``PutLifecycleHook``, ``DescribeLifecycleHooks``,
+  ``DeleteLifecycleHook``, ``CompleteLifecycleAction``,
+  ``RecordLifecycleActionHeartbeat``), as AWS documents them: with a launch hook a
+  new instance waits in ``Pending:Wait`` (EC2 runs it) until CONTINUE (``InService``)
+  or ABANDON (terminated, the group launches another); with a terminate hook an
+  instance the group terminates waits in ``Terminating:Wait``, still running, until
+  either result; an action not completed within ``HeartbeatTimeout`` takes the hook's
+  ``DefaultResult``; a completion that matches no waiting action is a
+  ``ValidationError``. moto 5 stores and describes hooks but never waits on them and
+  answers CompleteLifecycleAction with HTTP 500 (test_twins_contract.py says which
+  cases both run). Simplified: hooks given at CreateAutoScalingGroup, notification
+  targets, and the terminate hooks of an instance whose launch was abandoned.
 """
 
 from __future__ import annotations
@@ -279,6 +291,36 @@ class TwinInstance:
                 **({"ClientToken": self.client_token} if self.client_token else {})}
 
 
+LAUNCHING = "autoscaling:EC2_INSTANCE_LAUNCHING"
+TERMINATING = "autoscaling:EC2_INSTANCE_TERMINATING"
+HOOK_GLOBAL_TIMEOUT_S = 172800  # AWS: min(48 h, 100 x HeartbeatTimeout)
+
+
+@dataclass
+class TwinHook:
+    name: str
+    transition: str
+    heartbeat_timeout: int = 3600
+    default_result: str = "ABANDON"
+
+    def describe(self, group: str) -> dict[str, Any]:
+        return {"LifecycleHookName": self.name, "AutoScalingGroupName": group,
+                "LifecycleTransition": self.transition,
+                "HeartbeatTimeout": self.heartbeat_timeout,
+                "GlobalTimeout": min(HOOK_GLOBAL_TIMEOUT_S, 100 * self.heartbeat_timeout),
+                "DefaultResult": self.default_result}
+
+
+@dataclass
+class TwinAction:
+    """An instance waiting on a lifecycle hook (``Pending:Wait`` / ``Terminating:Wait``)."""
+
+    hook: TwinHook
+    token: str
+    deadline: float  # the hook's heartbeat timeout, from the start or the last heartbeat
+    give_up: float  # the global timeout
+
+
 @dataclass
 class TwinGroup:
     name: str
@@ -290,6 +332,8 @@ class TwinGroup:
     health: dict[str, str] = field(default_factory=dict)  # instance -> Healthy | Unhealthy
     lifecycle: dict[str, str] = field(default_factory=dict)  # instance -> InService | ...
     launch_template: Mapping[str, str] | None = None
+    hooks: dict[str, TwinHook] = field(default_factory=dict)
+    waiting: dict[str, TwinAction] = field(default_factory=dict)  # instance -> its action
 
 
 class CloudTwin:
@@ -299,7 +343,9 @@ class CloudTwin:
                "describe_instance_attribute", "describe_subnets")
     ASG_OPS = ("describe_auto_scaling_instances", "describe_auto_scaling_groups",
                "set_instance_health", "terminate_instance_in_auto_scaling_group",
-               "complete_lifecycle_action", "create_auto_scaling_group")
+               "complete_lifecycle_action", "create_auto_scaling_group", "put_lifecycle_hook",
+               "describe_lifecycle_hooks", "delete_lifecycle_hook",
+               "record_lifecycle_action_heartbeat")
 
     def __init__(self, now: Callable[[], float], *, boot_s: float = 30.0,
                  shutdown_s: float = 20.0, forget_s: float = 3600.0,
@@ -320,6 +366,7 @@ class CloudTwin:
         self.on_state = on_state
         self._ids = itertools.count(1)
         self._activities = itertools.count(1)
+        self._tokens = itertools.count(1)
         self.requests = 0
         # Instances in a timed state (pending, shutting-down, terminated), by creation order,
         # and the earliest time one of them is due: ``advance`` costs O(1) per call until then,
@@ -371,8 +418,14 @@ class CloudTwin:
         Visits only instances in a timed state, in creation order (the order of
         ``instances``), and only once one of them is due."""
         now = self.now()
-        if now < self._due:
-            return
+        if now >= self._due:
+            self._advance_timed(now)
+        for g in self.groups.values():
+            for iid, act in list(g.waiting.items()):
+                if now >= min(act.deadline, act.give_up):  # nobody answered: the default
+                    self._finish(g, iid, act.hook.default_result)
+
+    def _advance_timed(self, now: float) -> None:
         for iid in sorted(self._timed, key=self._born.__getitem__):
             inst = self.instances.get(iid)
             if inst is None:
@@ -401,14 +454,13 @@ class CloudTwin:
             gone: list[str] = []
             for iid in list(g.health):
                 inst = self.instances.get(iid)
-                if inst is None or inst.state in ("terminated", "shutting-down", "stopped"):
-                    gone.append(iid)
-                elif g.health[iid] == "Unhealthy":
-                    self._set_state(inst, "shutting-down")
+                over = inst is None or inst.state in ("terminated", "shutting-down", "stopped")
+                if over or (g.health[iid] == "Unhealthy" and self._terminate_member(g, iid)):
                     gone.append(iid)
             for iid in gone:
                 g.health.pop(iid, None)
                 g.lifecycle.pop(iid, None)
+                g.waiting.pop(iid, None)
                 self.member_of.pop(iid, None)
             while len(g.health) < g.desired:
                 replaced = gone.pop(0) if gone else ""
@@ -448,7 +500,47 @@ class CloudTwin:
         g.health[inst.instance_id] = "Healthy"
         g.lifecycle[inst.instance_id] = "InService"
         self.member_of[inst.instance_id] = g.name
+        self._wait_on(g, inst.instance_id, LAUNCHING, "Pending:Wait")
         return inst.instance_id
+
+    def _wait_on(self, g: TwinGroup, iid: str, transition: str, state: str) -> bool:
+        """Put ``iid`` in ``state`` on the group's first hook for ``transition`` (by name)."""
+        hooks = sorted((h for h in g.hooks.values() if h.transition == transition),
+                       key=lambda h: h.name)
+        if not hooks:
+            return False
+        now = self.now()
+        token = f"{next(self._tokens):08d}-twin-lifecycle-token"
+        g.waiting[iid] = TwinAction(hooks[0], token, now + hooks[0].heartbeat_timeout,
+                                    now + hooks[0].describe(g.name)["GlobalTimeout"])
+        g.lifecycle[iid] = state
+        return True
+
+    def _finish(self, g: TwinGroup, iid: str, result: str) -> None:
+        """A waiting action ends with ``result`` (CONTINUE | ABANDON)."""
+        act = g.waiting.pop(iid)
+        inst = self.instances.get(iid)
+        if act.hook.transition == LAUNCHING and result == "CONTINUE":
+            g.lifecycle[iid] = "InService"
+            return
+        # A terminate hook ends in termination whatever the result; an abandoned launch too.
+        g.lifecycle[iid] = "Terminating:Proceed"
+        if inst is not None and inst.state not in ("terminated", "shutting-down"):
+            self._set_state(inst, "shutting-down")
+
+    def _terminate_member(self, g: TwinGroup, iid: str) -> bool:
+        """The group terminates ``iid``: through its terminate hook if it has one.
+        True if the instance is now shutting down, False if it waits on a hook."""
+        if iid in g.waiting and g.lifecycle.get(iid) == "Terminating:Wait":
+            return False
+        g.waiting.pop(iid, None)  # a launch still waiting is overtaken
+        if self._wait_on(g, iid, TERMINATING, "Terminating:Wait"):
+            return False
+        inst = self.instances.get(iid)
+        if inst is not None and inst.state not in ("terminated", "shutting-down"):
+            self._set_state(inst, "shutting-down")
+        g.lifecycle[iid] = "Terminating"
+        return True
 
     def create_group(self, name: str, desired: int, subnets: Iterable[str], *,
                      grace_s: float = 300.0, state: str = "pending") -> list[str]:
@@ -596,10 +688,7 @@ class CloudTwin:
             raise _error("ValidationError", 400, f"Instance Id not found - {InstanceId}",
                          "TerminateInstanceInAutoScalingGroup")
         g = self.groups[name]
-        inst = self.instances.get(InstanceId)
-        if inst is not None and inst.state not in ("terminated", "shutting-down"):
-            self._set_state(inst, "shutting-down")
-        g.lifecycle[InstanceId] = "Terminating"
+        self._terminate_member(g, InstanceId)
         if ShouldDecrementDesiredCapacity:
             g.desired -= 1
         activity = f"act-{next(self._activities):08d}"
@@ -607,8 +696,87 @@ class CloudTwin:
                              "StatusCode": "InProgress",
                              "Description": f"Terminating EC2 instance: {InstanceId}"}}
 
-    def _complete_lifecycle_action(self, **_: Any) -> dict[str, Any]:
+    def _hook_group(self, name: str, op: str) -> TwinGroup:
+        g = self.groups.get(name)
+        if g is None:
+            raise _error("ValidationError", 400, f"Group {name} not found", op)
+        return g
+
+    def _put_lifecycle_hook(self, AutoScalingGroupName: str, LifecycleHookName: str,
+                            LifecycleTransition: str | None = None,
+                            HeartbeatTimeout: int | None = None,
+                            DefaultResult: str | None = None, **_: Any) -> dict[str, Any]:
+        g = self._hook_group(AutoScalingGroupName, "PutLifecycleHook")
+        old = g.hooks.get(LifecycleHookName)
+        transition = LifecycleTransition or (old.transition if old else "")
+        if transition not in (LAUNCHING, TERMINATING):
+            raise _error("ValidationError", 400, f"Invalid Lifecycle Transition: {transition!r}",
+                         "PutLifecycleHook")
+        result = DefaultResult or (old.default_result if old else "ABANDON")
+        if result not in ("CONTINUE", "ABANDON"):
+            raise _error("ValidationError", 400, f"Invalid DefaultResult: {result!r}",
+                         "PutLifecycleHook")
+        timeout = HeartbeatTimeout or (old.heartbeat_timeout if old else 3600)
+        if not 30 <= int(timeout) <= 7200:
+            raise _error("ValidationError", 400, "HeartbeatTimeout must be between 30 and "
+                         f"7200 seconds, got {timeout}", "PutLifecycleHook")
+        g.hooks[LifecycleHookName] = TwinHook(LifecycleHookName, transition, int(timeout),
+                                              result)
         return {}
+
+    def _describe_lifecycle_hooks(self, AutoScalingGroupName: str,
+                                  LifecycleHookNames: list[str] | None = None,
+                                  **_: Any) -> dict[str, Any]:
+        g = self._hook_group(AutoScalingGroupName, "DescribeLifecycleHooks")
+        return {"LifecycleHooks": [h.describe(g.name) for n, h in sorted(g.hooks.items())
+                                   if not LifecycleHookNames or n in LifecycleHookNames]}
+
+    def _delete_lifecycle_hook(self, AutoScalingGroupName: str, LifecycleHookName: str,
+                               **_: Any) -> dict[str, Any]:
+        g = self._hook_group(AutoScalingGroupName, "DeleteLifecycleHook")
+        if g.hooks.pop(LifecycleHookName, None) is None:
+            raise _error("ValidationError", 400,
+                         f"No Lifecycle Hook found with name {LifecycleHookName}",
+                         "DeleteLifecycleHook")
+        return {}
+
+    def _waiting_action(self, op: str, group: str, hook: str, iid: str | None,
+                        token: str | None) -> tuple[TwinGroup, str]:
+        g = self._hook_group(group, op)
+        for w, act in g.waiting.items():
+            if act.hook.name == hook and (w == iid if iid else act.token == token) and (
+                    not token or act.token == token):
+                return g, w
+        what = f"instance ID {iid}" if iid else f"token {token}"
+        raise _error("ValidationError", 400, f"No active Lifecycle Action found with {what}", op)
+
+    def _complete_lifecycle_action(self, AutoScalingGroupName: str, LifecycleHookName: str,
+                                   LifecycleActionResult: str, InstanceId: str | None = None,
+                                   LifecycleActionToken: str | None = None,
+                                   **_: Any) -> dict[str, Any]:
+        if LifecycleActionResult not in ("CONTINUE", "ABANDON"):
+            raise _error("ValidationError", 400, "LifecycleActionResult must be CONTINUE or "
+                         f"ABANDON, got {LifecycleActionResult!r}", "CompleteLifecycleAction")
+        g, iid = self._waiting_action("CompleteLifecycleAction", AutoScalingGroupName,
+                                      LifecycleHookName, InstanceId, LifecycleActionToken)
+        self._finish(g, iid, LifecycleActionResult)
+        return {}
+
+    def _record_lifecycle_action_heartbeat(self, AutoScalingGroupName: str,
+                                           LifecycleHookName: str,
+                                           InstanceId: str | None = None,
+                                           LifecycleActionToken: str | None = None,
+                                           **_: Any) -> dict[str, Any]:
+        g, iid = self._waiting_action("RecordLifecycleActionHeartbeat", AutoScalingGroupName,
+                                      LifecycleHookName, InstanceId, LifecycleActionToken)
+        act = g.waiting[iid]
+        act.deadline = self.now() + act.hook.heartbeat_timeout
+        return {}
+
+    def lifecycle_token(self, group: str, iid: str) -> str | None:
+        """The token AWS would send in the hook's notification (None: not waiting)."""
+        act = self.groups[group].waiting.get(iid)
+        return act.token if act is not None else None
 
     def _create_auto_scaling_group(self, **_: Any) -> dict[str, Any]:
         raise _error("ValidationError", 400, "use CloudTwin.create_group", "CreateAutoScalingGroup")

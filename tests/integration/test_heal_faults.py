@@ -9,6 +9,7 @@ are injected by wrapping one call of the real adapter (never by mocking boto3).
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 from typing import Any
 
@@ -19,7 +20,8 @@ import agent.heal.controller as replace_mod
 from agent.aws.cloud import Cloud
 from agent.aws.store import Store
 from agent.clock import FakeClock
-from agent.errors import CloudError
+from agent.config.model import HeartbeatConfig
+from agent.errors import CloudError, StoreError
 from agent.group.events import list_events
 from agent.group.membership import MemberRecord
 from agent.group.peers import PeerWatcher, member_key
@@ -243,6 +245,58 @@ def test_item3_decision_older_than_the_bound_is_not_acted_on(cloud: EmbeddedClou
     a.step(v, ObserverHealth())
     assert instance(cloud, hung)["State"]["Name"] == "running"
     assert "stale-decision" in a.outcomes[-1].detail
+
+
+def test_item3_decision_is_as_old_as_its_evidence(cloud: EmbeddedCloud, tmp_path: Any) -> None:
+    """stalls seed 9 (found by the simulator): the observer's verdicts were taken, then it
+    stalled 103 s in its first store read of the heal step, then decided on them; the
+    decision's age was counted from decide(), so the fence let it act on a member that
+    had heartbeated again meanwhile. The age counts from the start of the step."""
+    clock = FakeClock()
+    ids, hung, store, a, b, v = hung_asg(cloud, tmp_path, decision_max_age_s=5)
+    a.clock = clock
+    real = a.store.list
+    stalled: list[str] = []
+
+    def slow_list(prefix: str, *args: Any, **kw: Any) -> Any:  # a 30 s stall, before deciding
+        if not stalled:
+            stalled.append(prefix)
+            clock.advance(30)
+        return real(prefix, *args, **kw)
+
+    a.store.list = slow_list  # type: ignore[method-assign]
+    b.step(v, ObserverHealth())
+    a.step(v, ObserverHealth())
+    assert stalled and instance(cloud, hung)["State"]["Name"] == "running"
+    assert "stale-decision" in a.outcomes[-1].detail
+
+
+def test_item2_fence_write_landed_but_its_answer_lost_leaves_no_acting_lease(
+        cloud: EmbeddedCloud, tmp_path: Any) -> None:
+    """flaky-store seed 147 (found by the simulator): the fence's ``acting`` write landed,
+    its answer was lost (read timeout). Nothing was called; the 'failed' rewrite carried
+    the old ETag and lost to my own write, so the lease stayed ``acting``: not taken over
+    until another observer resolved it from the cloud after ``lease_expiry_s`` (before that
+    resolution existed, never: the member's real death was never replaced)."""
+    ids, hung, store, a, b, v = hung_asg(cloud, tmp_path, lease_expiry_s=0)
+    real = a.store.put
+    lost: list[str] = []
+
+    def put(rel: str, body: bytes, **kw: Any) -> str:
+        etag = real(rel, body, **kw)
+        if rel == lease_key(GROUP, hung) and b'"state":"acting"' in body and not lost:
+            lost.append(rel)
+            raise StoreError(f"put {rel}: ReadTimeoutError: Read timeout")
+        return etag
+
+    a.store.put = put  # type: ignore[method-assign]
+    b.step(v, ObserverHealth())
+    a.step(v, ObserverHealth())
+    assert lost and instance(cloud, hung)["State"]["Name"] == "running"
+    assert a.outcomes[-1].result == "failed"
+    cur = read_lease(store, GROUP, hung)
+    assert cur is not None and cur.state == "failed" and not cur.acted
+    assert cur.takeover_allowed(cur.last_modified or 0.0, 0.0)
 
 
 def test_item3_and_9_pause_between_launch_and_terminate_then_terminate_is_retried(
@@ -521,6 +575,37 @@ def test_zone_disrupted_no_action_zone_named_rest_still_healed(cloud: EmbeddedCl
     assert ev and zones[0] in ev[0].reasons[0]
     st = statefile.read(tmp_path / f"{a.me}.state.json")
     assert st["heal"]["disrupted_zones"] == [zones[0]]
+
+
+
+def test_zone_half_watched_by_this_observer_is_judged_on_every_record(
+        cloud: EmbeddedCloud, tmp_path: Any) -> None:
+    """zone-outage seed 129: with two zones dark, the only watchers of two members of the
+    second dark zone sat in the first, so no suspicion of them reached the store. The
+    observer judged its two watched members of that zone (2/4 stale: not disrupted) and
+    terminated a dark, running member. Its record ages, from one LIST, cover every member."""
+    ids = cloud.run_standalone(GROUP, 12)
+    zone = {i: f"us-east-1{'abc'[n % 3]}" for n, i in enumerate(ids)}
+    dark = [i for i in ids if zone[i] == "us-east-1c"]
+    lit = [i for i in ids if i not in dark]
+    store = records(cloud, dark)  # zone c's last heartbeats...
+    time.sleep(3.2)  # ...older than dead_after (2 s) on the store's clock,
+    records(cloud, lit)  # while every other member has just heartbeated
+    cfg = replace(config(action="launch", max_per_window=5),
+                  heartbeat=HeartbeatConfig(interval_s=1, dead_after_s=2))
+    a, b = ctl(cloud, lit[0], cfg, tmp_path), ctl(cloud, lit[1], cfg, tmp_path)
+    # This observer watches dark[0] (dead) and dark[1] (suspect), not dark[2:].
+    v = PeersView(verdicts={dark[0]: "dead", dark[1]: "suspect", lit[2]: "alive"},
+                  group_size=12, silent_for={dark[0]: 1000.0}, members=frozenset(ids),
+                  zones=zone, endpoints={m: CLOSED for m in dark})
+    n = len(all_instances(cloud))
+    d = both_step(a, b, v)
+    assert d.disrupted_zones == ("us-east-1c",) and not executable(d), d.actions
+    assert any("zone-disrupted: us-east-1c" in r for x in d.refusals for r in x.reasons)
+    assert all(instance(cloud, m)["State"]["Name"] == "running" for m in dark)
+    assert len(all_instances(cloud)) == n and read_lease(store, GROUP, dark[0]) is None
+    ev = [e for e in list_events(store, GROUP, 200) if e.kind == "heal-zone-disrupted"]
+    assert ev and "us-east-1c" in ev[0].reasons[0]
 
 
 def test_item9_superseded_member_writes_no_backup_over_its_replacement(

@@ -17,6 +17,7 @@ from typing import Any
 
 import boto3
 import pytest
+from botocore.exceptions import ClientError
 
 from agent.aws.cloud import REPLACES_TAG, Cloud, LaunchSpec
 from agent.aws.store import NotModified, Obj, Store
@@ -283,3 +284,163 @@ def test_twin_client_token_is_idempotent_like_ec2() -> None:
     spec = LaunchSpec("clone", "subnet-a", image_id="ami-x", instance_type="t3.micro")
     assert c.launch(spec, "same-token") == c.launch(spec, "same-token")
     assert c.launch(spec, "other-token") != c.launch(spec, "same-token")
+
+
+# -- Auto Scaling lifecycle hooks ----------------------------------------------------------------
+# moto 5 stores, describes and deletes hooks but never holds an instance on one, and answers
+# CompleteLifecycleAction with HTTP 500 (not implemented). The contract is what both do:
+# the hook records, and a completion that matches no waiting action fails. What only AWS
+# (and the twin) does, instances waiting in Pending:Wait / Terminating:Wait, is tested on
+# the twin alone below.
+
+LAUNCH_T = "autoscaling:EC2_INSTANCE_LAUNCHING"
+TERM_T = "autoscaling:EC2_INSTANCE_TERMINATING"
+
+
+def test_lifecycle_hooks_are_put_described_and_deleted(backend: Backend) -> None:
+    backend.make_group("hooked", 1)
+    asg = backend.asg
+    asg.put_lifecycle_hook(AutoScalingGroupName="hooked", LifecycleHookName="boot",
+                           LifecycleTransition=LAUNCH_T)
+    asg.put_lifecycle_hook(AutoScalingGroupName="hooked", LifecycleHookName="drain",
+                           LifecycleTransition=TERM_T, HeartbeatTimeout=120,
+                           DefaultResult="CONTINUE")
+    got = {h["LifecycleHookName"]: h for h in asg.describe_lifecycle_hooks(
+        AutoScalingGroupName="hooked")["LifecycleHooks"]}
+    assert set(got) == {"boot", "drain"}
+    boot, drain = got["boot"], got["drain"]
+    assert (boot["AutoScalingGroupName"], boot["LifecycleTransition"]) == ("hooked", LAUNCH_T)
+    # AWS's defaults: an hour's heartbeat timeout, ABANDON, a 48 h global timeout
+    assert (boot["HeartbeatTimeout"], boot["DefaultResult"], boot["GlobalTimeout"]) == (
+        3600, "ABANDON", 172800)
+    assert (drain["LifecycleTransition"], drain["HeartbeatTimeout"],
+            drain["DefaultResult"]) == (TERM_T, 120, "CONTINUE")
+    only = asg.describe_lifecycle_hooks(AutoScalingGroupName="hooked",
+                                        LifecycleHookNames=["drain"])["LifecycleHooks"]
+    assert [h["LifecycleHookName"] for h in only] == ["drain"]
+    asg.delete_lifecycle_hook(AutoScalingGroupName="hooked", LifecycleHookName="boot")
+    left = asg.describe_lifecycle_hooks(AutoScalingGroupName="hooked")["LifecycleHooks"]
+    assert [h["LifecycleHookName"] for h in left] == ["drain"]
+
+
+def test_completing_an_action_nobody_waits_on_fails(backend: Backend) -> None:
+    ids = backend.make_group("hooked2", 1)
+    backend.asg.put_lifecycle_hook(AutoScalingGroupName="hooked2", LifecycleHookName="boot",
+                                   LifecycleTransition=LAUNCH_T)
+    # AWS (and the twin): ValidationError "No active Lifecycle Action found"; moto: HTTP 500.
+    # The instance is InService: it never waited on the hook (created before it).
+    with pytest.raises(CloudError):
+        _no_retry(backend).complete_lifecycle_action("hooked2", "boot", ids[0], "CONTINUE")
+    a = backend.cloud().asg_instances(ids)[ids[0]]
+    assert a.group == "hooked2"
+
+
+def _no_retry(backend: Backend) -> Cloud:
+    """moto's 500 would be retried by botocore's default policy for seconds: ask once."""
+    if backend.name != "moto":
+        return backend.cloud()
+    from botocore.config import Config
+
+    ep = backend.asg.meta.endpoint_url
+    asg = boto3.client("autoscaling", region_name="us-east-1", endpoint_url=ep,
+                       aws_access_key_id="testing", aws_secret_access_key="testing",
+                       config=Config(retries={"total_max_attempts": 1}))
+    return Cloud("us-east-1", ec2=backend.ec2, autoscaling=asg)
+
+
+def _hooked_twin(transition: str, **hook: Any) -> tuple[CloudTwin, list[float], Any, str]:
+    now = [1_800_000_000.0]
+    cloud = CloudTwin(lambda: now[0], boot_s=0.0, shutdown_s=0.0)
+    ids = cloud.create_group("web", 2, sorted(cloud.zones), grace_s=0.0, state="running")
+    asg = cloud.asg_client()
+    asg.put_lifecycle_hook(AutoScalingGroupName="web", LifecycleHookName="h",
+                           LifecycleTransition=transition, **hook)
+    return cloud, now, asg, ids[0]
+
+
+def _lifecycle(asg: Any, iid: str) -> str | None:
+    got = asg.describe_auto_scaling_instances(InstanceIds=[iid])["AutoScalingInstances"]
+    return got[0]["LifecycleState"] if got else None
+
+
+def test_twin_launch_hook_holds_a_new_instance_until_continue() -> None:
+    cloud, now, asg, old = _hooked_twin(LAUNCH_T)
+    asg.terminate_instance_in_auto_scaling_group(InstanceId=old,
+                                                 ShouldDecrementDesiredCapacity=False)
+    [(_, new)] = cloud.reconcile()
+    assert _lifecycle(asg, new) == "Pending:Wait"
+    assert cloud.instances[new].state == "running"  # EC2 runs it while the group holds it
+    token = cloud.lifecycle_token("web", new)
+    with pytest.raises(ClientError, match="No active Lifecycle Action"):  # wrong token
+        asg.complete_lifecycle_action(AutoScalingGroupName="web", LifecycleHookName="h",
+                                      LifecycleActionResult="CONTINUE", InstanceId=new,
+                                      LifecycleActionToken="nope")
+    Cloud("us-east-1", autoscaling=asg).complete_lifecycle_action("web", "h", new, "CONTINUE",
+                                                                  token=token)
+    assert _lifecycle(asg, new) == "InService"
+    with pytest.raises(ClientError, match="No active Lifecycle Action"):  # answered once
+        asg.complete_lifecycle_action(AutoScalingGroupName="web", LifecycleHookName="h",
+                                      LifecycleActionResult="CONTINUE", InstanceId=new)
+
+
+def test_twin_launch_abandoned_is_terminated_and_replaced() -> None:
+    cloud, now, asg, old = _hooked_twin(LAUNCH_T)
+    asg.terminate_instance_in_auto_scaling_group(InstanceId=old,
+                                                 ShouldDecrementDesiredCapacity=False)
+    [(_, new)] = cloud.reconcile()
+    asg.complete_lifecycle_action(AutoScalingGroupName="web", LifecycleHookName="h",
+                                  LifecycleActionResult="ABANDON", InstanceId=new)
+    assert cloud.instances[new].state == "shutting-down"
+    now[0] += 1.0
+    [(replaced, newer)] = cloud.reconcile()
+    assert replaced == new and _lifecycle(asg, newer) == "Pending:Wait"
+    assert _lifecycle(asg, new) is None
+
+
+def test_twin_terminate_hook_keeps_it_running_until_answered() -> None:
+    cloud, now, asg, old = _hooked_twin(TERM_T)
+    asg.terminate_instance_in_auto_scaling_group(InstanceId=old,
+                                                 ShouldDecrementDesiredCapacity=False)
+    assert _lifecycle(asg, old) == "Terminating:Wait"
+    assert cloud.reconcile() == [] and cloud.instances[old].state == "running"
+    # Either result terminates (ABANDON only skips the other hooks).
+    asg.complete_lifecycle_action(AutoScalingGroupName="web", LifecycleHookName="h",
+                                  LifecycleActionResult="ABANDON", InstanceId=old)
+    assert cloud.instances[old].state == "shutting-down"
+    now[0] += 1.0
+    [(replaced, _)] = cloud.reconcile()
+    assert replaced == old and _lifecycle(asg, old) is None
+
+
+def test_twin_unanswered_hook_takes_its_default_result_and_heartbeats_extend_it() -> None:
+    cloud, now, asg, old = _hooked_twin(TERM_T, HeartbeatTimeout=60, DefaultResult="CONTINUE")
+    cloud.groups["web"].health[old] = "Unhealthy"  # the ASG's own health check
+    assert cloud.reconcile() == [] and _lifecycle(asg, old) == "Terminating:Wait"
+    now[0] += 50.0
+    asg.record_lifecycle_action_heartbeat(AutoScalingGroupName="web", LifecycleHookName="h",
+                                          InstanceId=old)
+    now[0] += 50.0
+    cloud.advance()
+    assert _lifecycle(asg, old) == "Terminating:Wait"  # 100 s in, 50 s since the heartbeat
+    now[0] += 11.0
+    cloud.advance()
+    assert cloud.instances[old].state == "shutting-down"
+    cloud2, now2, asg2, old2 = _hooked_twin(LAUNCH_T, HeartbeatTimeout=30)
+    asg2.terminate_instance_in_auto_scaling_group(InstanceId=old2,
+                                                  ShouldDecrementDesiredCapacity=False)
+    [(_, new)] = cloud2.reconcile()
+    now2[0] += 30.0
+    cloud2.advance()  # the default ABANDON: a launch nobody confirmed is terminated
+    assert cloud2.instances[new].state == "shutting-down"
+
+
+def test_twin_rejects_what_aws_rejects() -> None:
+    cloud, now, asg, old = _hooked_twin(LAUNCH_T)
+    for bad in ({"LifecycleTransition": "autoscaling:EC2_INSTANCE_REBOOTING"},
+                {"LifecycleTransition": LAUNCH_T, "HeartbeatTimeout": 10},
+                {"LifecycleTransition": LAUNCH_T, "DefaultResult": "MAYBE"}):
+        with pytest.raises(ClientError, match="ValidationError"):
+            asg.put_lifecycle_hook(AutoScalingGroupName="web", LifecycleHookName="x", **bad)
+    with pytest.raises(ClientError, match="not found"):
+        asg.put_lifecycle_hook(AutoScalingGroupName="nope", LifecycleHookName="x",
+                               LifecycleTransition=LAUNCH_T)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from agent.heal.decide import (
@@ -11,6 +12,7 @@ from agent.heal.decide import (
     disrupted_zones,
     lease_clearable,
     not_found_belief,
+    stale_records,
 )
 
 OBS = "i-obs"
@@ -121,3 +123,36 @@ def test_only_a_lease_without_an_action_can_be_cleared() -> None:
     assert not lease_clearable("acted", True, 999.0, 60)
     assert not lease_clearable("acting", False, 10.0, 60)
     assert lease_clearable("acting", False, 60.0, 60)
+
+
+def test_a_zone_half_watched_is_judged_on_every_record_s_age() -> None:
+    """zone-outage seed 129: the observer watches two of zone c's four members (one dead,
+    one suspect); the other two are watched only by dark observers, so no suspicion of
+    them exists. 2/4 is no disrupted zone: the observer acted on a dark member. The
+    records' ages from one LIST cover every member: the zone is disrupted, nothing done."""
+    ids = [f"i-{z}{n}" for z in "abc" for n in range(4)]
+    v = HealView(
+        observer_id="i-a0", group_size=12,
+        verdicts={"i-c0": "dead", "i-c1": "suspect", "i-a1": "alive", "i-b1": "alive"},
+        suspicions={"i-c0": {"i-b0"}}, confirmations={"i-c0": {"i-b0"}},
+        ec2_state={"i-c0": "stopped"}, silent_for={"i-c0": 500.0},
+        zones={m: f"us-east-1{m[2]}" for m in ids})
+    assert [a.member_id for a in decide(v, policy()).actions] == ["i-c0"]  # the old picture
+    whole = replace(v, record_stale=stale_records(
+        {**{m: 5.0 for m in ids}, "i-c0": 90.0, "i-c1": 60.0, "i-c2": 31.0, "i-c3": 30.0,
+         "i-a1": 29.0}, 30.0))
+    d = decide(whole, policy())
+    assert not d.actions and d.disrupted_zones == ("us-east-1c",)
+    assert any(r.startswith("zone-disrupted: us-east-1c") for x in d.refusals
+               for r in x.reasons)
+
+
+def test_record_ages_only_ever_add_abstention() -> None:
+    """A stale record is no death: never acted on, and a member this observer itself sees
+    alive (or its own record) is not counted stale by one clock."""
+    v = nine([], record_stale={"i-c0", "i-c1", "i-c2"},
+             verdicts={"i-c0": "alive", "i-c1": "alive", "i-c2": "suspect"})
+    d = decide(v, policy())
+    assert not d.actions and d.disrupted_zones == ()
+    assert stale_records({"a": 29.9, "b": 30.0}, 30.0) == {"b"}
+    assert decide(nine([], record_stale={"i-a0", "i-a1", "i-a2"}), policy()).disrupted_zones == ()
