@@ -28,7 +28,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent.boot.instance import load_context, remember_layers
 from agent.bootctx import BootContext
@@ -36,6 +36,18 @@ from agent.clock import SYSTEM_CLOCK, Clock
 from agent.errors import AgentError, StateError
 from agent.host import state as statefile
 from agent.paths import Paths
+
+if TYPE_CHECKING:
+    from agent.aws.imds import ImdsClient
+    from agent.daemon.notices import DepartureWatch
+    from agent.daemon.tasks import MemberTasks
+    from agent.daemon.watchdog import LoopView
+    from agent.group.heartbeat import Heartbeater
+    from agent.group.peers import PeerWatcher
+    from agent.heal.controller import HealController
+    from agent.host.endpoint import Endpoint
+    from agent.host.health import HealthChecker
+    from agent.interfaces import StoreAPI
 
 log = logging.getLogger("ec2-agent.daemon")
 
@@ -89,21 +101,21 @@ class Daemon:
         self.last_backup: dict[str, float] = {}
         self.membership_changes: list[tuple[float, str]] = []
         self.rendered_peers_hash: str | None = None
-        self.endpoint: Any = None
-        self.heal: Any = None
-        self.bulk_store: Any = None
-        self.imds: Any = None
-        self.departure_watch: Any = None
+        self.endpoint: Endpoint | None = None
+        self.heal: HealController | None = None
+        self.bulk_store: StoreAPI | None = None
+        self.imds: ImdsClient | None = None
+        self.departure_watch: DepartureWatch | None = None
         self.watchdog_s: float | None = None
         from agent.daemon.watchdog import LoopState
 
         self.loops = {"heartbeat": LoopState("heartbeat"), "main": LoopState("main")}
         self.heartbeat_thread: threading.Thread | None = None
         # Made by setup(); None before it (metrics and shutdown may run without them).
-        self.checker: Any = None
-        self.hb: Any = None
-        self.watcher: Any = None
-        self.member: Any = None  # agent.daemon.tasks.MemberTasks: the steps the simulator runs too
+        self.checker: HealthChecker | None = None
+        self.hb: Heartbeater | None = None
+        self.watcher: PeerWatcher | None = None
+        self.member: MemberTasks | None = None  # the steps the simulator runs too
         self.heartbeat_task: Task | None = None
         self._metrics_seen: dict[str, Any] | None = None
         self.tasks_record = TasksRecord()
@@ -194,7 +206,7 @@ class Daemon:
         self._record("aws_data", {"path": str(path) if path else None})
 
     @staticmethod
-    def _make_store(ctx: BootContext) -> Any:
+    def _make_store(ctx: BootContext) -> StoreAPI:
         """Heartbeats and watches need answers within an interval, not botocore's defaults.
 
         A sick store must turn into recorded failures (observer-sick, api-failing)
@@ -213,14 +225,14 @@ class Daemon:
                             max_attempts=1)
         return Store(cfg.store.bucket, cfg.store.prefix, client=client)
 
-    def _make_heal(self, ctx: BootContext) -> Any:
+    def _make_heal(self, ctx: BootContext) -> HealController | None:
         if ctx.config.heal.mode == "off":
             return None
         from agent.heal.controller import HealController
 
         return HealController.for_daemon(ctx, self.watcher, clock=self.clock)
 
-    def _bulk_store(self) -> Any:
+    def _bulk_store(self) -> StoreAPI:
         if self.bulk_store is None:
             from agent.data.backup import store_for
 
@@ -392,7 +404,7 @@ class Daemon:
                 quiet = True
                 log.error("not pinging the systemd watchdog: %s", "; ".join(why))
 
-    def _loop_views(self, period: float) -> list[Any]:
+    def _loop_views(self, period: float) -> list[LoopView]:
         from agent.daemon import watchdog
 
         interval = float(self.ctx.config.heartbeat.interval_s)

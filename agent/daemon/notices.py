@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from agent import departure as D
 from agent.bootctx import BootContext
@@ -24,8 +24,12 @@ from agent.clock import Clock, Deadline
 from agent.errors import AgentError, StateError
 from agent.group.heartbeat import boot_joins_now  # noqa: F401 - re-exported
 from agent.host import state as statefile
-from agent.interfaces import CloudAPI
+from agent.interfaces import CloudAPI, StoreAPI
 from agent.paths import Paths
+
+if TYPE_CHECKING:
+    from agent.aws.imds import ImdsClient
+    from agent.group.heartbeat import Heartbeater
 
 log = logging.getLogger(__name__)
 
@@ -71,12 +75,12 @@ class DaemonLike(Protocol):
     paths: Paths
     clock: Clock
     ctx: BootContext | None
-    hb: Any
+    hb: Heartbeater | None
     departing: str | None
-    imds: Any
+    imds: ImdsClient | None
 
     def depart(self, reason: str) -> None: ...
-    def _bulk_store(self) -> Any: ...
+    def _bulk_store(self) -> StoreAPI: ...
     def _record(self, what: str, doc: dict[str, Any]) -> None: ...
 
 

@@ -36,12 +36,11 @@ peer watcher's ``tick()``)::
     if ctl.superseded or agent.heal.leases.superseded(store, group, my_id):
         ...  # stop claiming membership: heartbeater.leave("superseded"), status says so
 
-``step(peers, observer_health)``: ``peers`` is a ``PeersView`` or anything with
-the ``agent.group.peers.PeerWatcher`` shape (``verdicts()``, ``view``, ``liveness``,
-``self_id``; default: the watcher given to ``for_daemon``); ``observer_health`` is
-an ``ObserverHealth`` or anything with an ``observer_sick`` attribute (the
-``Heartbeater``). ``step`` never raises for store or cloud trouble: it records it
-(observer-sick / api-failing) and returns the ``Decision``. ``ctl.superseded`` is
+``step(peers, observer_health)``: ``peers`` is a ``PeersView`` or the daemon's
+``agent.group.peers.PeerWatcher`` (default: the watcher given to ``for_daemon``);
+``observer_health`` is an ``ObserverHealth`` or anything with ``observer_sick`` and
+``last_error`` (the ``Heartbeater``). ``step`` never raises for store or cloud trouble:
+it records it (observer-sick / api-failing) and returns the ``Decision``. ``ctl.superseded`` is
 refreshed at every step (one GET of our own lease key).
 """
 
@@ -54,10 +53,10 @@ import secrets
 import subprocess
 import urllib.error
 import urllib.request
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from agent.clock import SYSTEM_CLOCK, Clock
 from agent.errors import AgentError, CloudError, NotFound, PreconditionFailed, StoreError
@@ -103,13 +102,15 @@ from agent.heal.resolve import (
     newer_member,
     resolve_acting,
 )
-from agent.interfaces import CloudAPI, StoreAPI
+from agent.interfaces import CloudAPI, Entry, InstanceInfo, Listing, StoreAPI
 from agent.layout import id_from_key, members_prefix
 
 if TYPE_CHECKING:
     from agent.aws.imds import Identity
     from agent.bootctx import BootContext
     from agent.config.model import Config
+    from agent.group.membership import Verdict
+    from agent.group.peers import PeerWatcher
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +162,7 @@ def policy_from_config(config: Config) -> HealPolicy:
 class PeersView:
     """This observer's picture of its group, as the peer watcher built it."""
 
-    verdicts: Mapping[str, Any]
+    verdicts: Mapping[str, Verdict | str]  # a plain status string in hand-built views
     group_size: int
     endpoints: Mapping[str, str] = field(default_factory=dict)
     silent_for: Mapping[str, float | None] = field(default_factory=dict)
@@ -172,43 +173,27 @@ class PeersView:
     read_failing: str = ""
 
     @classmethod
-    def from_watcher(cls, watcher: Any, *, dead_after_s: float, grace_s: float) -> PeersView:
+    def from_watcher(cls, watcher: PeerWatcher, *, dead_after_s: float,
+                     grace_s: float) -> PeersView:
         """The watcher's picture, counted from live evidence (invariant 6).
 
         Records that say leaving/superseded are not members (a leave whose delete
         failed): they are left out of the group's size and listed in ``departed``
         (id → store age) for cleaning. Failing peer reads make the observer abstain.
+        The roster (members, zones, endpoints) is built once per view change.
         """
         verdicts = watcher.verdicts(dead_after_s=dead_after_s, grace_s=grace_s)
-        errors = list(getattr(watcher, "last_store_errors", ()) or ())
-        roster = getattr(watcher, "roster", None)
-        if roster is not None:  # agent.group.peers.PeerWatcher: built once per view change
-            r = roster()
-            return cls(
-                verdicts=verdicts,
-                group_size=len(r.members),
-                endpoints=r.endpoints,
-                silent_for={m: getattr(v, "store_age_s", None) for m, v in verdicts.items()},
-                observer_fresh=watcher.liveness.observer_fresh(dead_after_s),
-                members=r.members,
-                zones=r.zones,
-                departed={m: float(watcher.view[m].age_s or 0.0) for m in sorted(r.departing)},
-                read_failing="; ".join(errors)[:300],
-            )
-        view = dict(watcher.view)
-        departed = {m: float(p.age_s or 0.0) for m, p in view.items()
-                    if getattr(p, "state", "") in DEPARTING_STATES and m != watcher.self_id}
-        members = (frozenset(view) - set(departed)) | {watcher.self_id}
+        r = watcher.roster()
         return cls(
             verdicts=verdicts,
-            group_size=len(members),
-            endpoints={m: p.endpoint for m, p in view.items() if getattr(p, "endpoint", "")},
-            silent_for={m: getattr(v, "store_age_s", None) for m, v in verdicts.items()},
+            group_size=len(r.members),
+            endpoints=r.endpoints,
+            silent_for={m: v.store_age_s for m, v in verdicts.items()},
             observer_fresh=watcher.liveness.observer_fresh(dead_after_s),
-            members=members,
-            zones={m: p.az for m, p in view.items() if m in members and getattr(p, "az", "")},
-            departed=departed,
-            read_failing="; ".join(errors)[:300],
+            members=r.members,
+            zones=r.zones,
+            departed={m: float(watcher.view[m].age_s or 0.0) for m in sorted(r.departing)},
+            read_failing="; ".join(watcher.last_store_errors)[:300],
         )
 
 
@@ -218,6 +203,21 @@ class ObserverHealth:
 
     sick: bool = False
     reason: str = ""
+
+
+class ReportsSickness(Protocol):
+    """What ``step`` reads from the ``Heartbeater`` when it is passed as the health."""
+
+    observer_sick: bool
+    last_error: str
+
+
+def _status(v: Verdict | str | None) -> str:
+    """A verdict's status (a hand-built view may give the status string itself); no
+    verdict at all (a member this observer does not watch) has none."""
+    if v is None:
+        return ""
+    return v if isinstance(v, str) else v.status
 
 
 @dataclass(frozen=True)
@@ -290,8 +290,9 @@ class HealController:
 
     def __init__(self, store: StoreAPI, cloud: CloudAPI, config: Config, identity: str | Identity,
                  clock: Clock = SYSTEM_CLOCK, *, policy: HealPolicy | None = None,
-                 state_path: Path | None = None, watcher: Any = None,
-                 probe: Any = probe_health, hook: Any = run_hook,
+                 state_path: Path | None = None, watcher: PeerWatcher | None = None,
+                 probe: Callable[[str], bool | None] = probe_health,
+                 hook: Callable[[str, str, str], str] = run_hook,
                  replace_deadline_s: float | None = None,
                  suspicion_ttl_s: float | None = None,
                  lease_expiry_s: float | None = None,
@@ -341,17 +342,18 @@ class HealController:
         self._stuck: dict[str, str] = {}  # member -> etag of the acting lease reported stuck
 
     @classmethod
-    def for_daemon(cls, ctx: BootContext, watcher: Any, *,
+    def for_daemon(cls, ctx: BootContext, watcher: PeerWatcher, *,
                    clock: Clock = SYSTEM_CLOCK) -> HealController:
         from agent.aws.cloud import Cloud
 
         region = ctx.cfg.store.region or ctx.ident.region
         return cls(ctx.get_store(), Cloud(region), ctx.cfg, ctx.ident, clock,
                    state_path=ctx.paths.state_file, watcher=watcher,
-                   watchers_k=getattr(watcher, "k", None))
+                   watchers_k=watcher.k)
 
     # -- the step -------------------------------------------------------------------------------
-    def step(self, peers: Any = None, observer_health: Any = None, *,
+    def step(self, peers: PeersView | PeerWatcher | None = None,
+             observer_health: ObserverHealth | ReportsSickness | None = None, *,
              observer_sick: bool | None = None) -> Decision:
         """Gather, decide, act, record. See the module docstring for the contract."""
         # A decision is as old as its evidence: the verdicts are taken now, and a stall
@@ -418,17 +420,15 @@ class HealController:
         view = replace(view, record_stale=stale_records(ages, self.policy.dead_after_s))
         return view, decide(view, self.policy), reason
 
-    def _sickness(self, health: Any, sick: bool | None) -> tuple[bool, str]:
+    def _sickness(self, health: ObserverHealth | ReportsSickness | None,
+                  sick: bool | None) -> tuple[bool, str]:
         if sick is not None:
             return bool(sick), "own heartbeat failing" if sick else ""
         if health is None:
             return False, ""
         if isinstance(health, ObserverHealth):
             return health.sick, health.reason
-        if hasattr(health, "observer_sick"):
-            return bool(health.observer_sick), str(getattr(health, "last_error", "") or "")
-        raise TypeError(f"observer_health must be ObserverHealth or have .observer_sick, "
-                        f"got {type(health).__name__}")
+        return bool(health.observer_sick), health.last_error or ""
 
     # -- gather ---------------------------------------------------------------------------------
     def _gather(self, peers: PeersView, abstain: bool, sick: bool = False) -> _Gathered:
@@ -456,9 +456,9 @@ class HealController:
             g.errors.append(str(exc))
         return g
 
-    def _suspect(self, peers: PeersView, listing: Any, abstain: bool) -> None:
+    def _suspect(self, peers: PeersView, listing: Listing, abstain: bool) -> None:
         """Keep my suspicion objects true: write the stale ones, delete the cleared ones."""
-        mine: dict[str, Any] = {}
+        mine: dict[str, Entry] = {}
         for e in listing.entries:
             mo = parse_suspicion(e.key, self.group)
             if mo is None:
@@ -469,7 +469,7 @@ class HealController:
                 self._delete_quietly(e.key, e.etag)  # left behind by a crashed observer
         stale = set() if abstain else {
             m for m, v in peers.verdicts.items()
-            if getattr(v, "status", v) in STALE_VERDICTS and m != self.me}
+            if _status(v) in STALE_VERDICTS and m != self.me}
         for m in sorted(stale):
             e = mine.get(m)
             if e is None or listing.store_now - e.last_modified > self.suspicion_ttl_s / 2:
@@ -478,23 +478,23 @@ class HealController:
             if m not in stale:
                 self._delete_quietly(e.key, e.etag)
 
-    def _write_suspicion(self, m: str, v: Any) -> None:
+    def _write_suspicion(self, m: str, v: Verdict | str) -> None:
         """My suspicion of ``m``: my verdict (only ``dead`` confirms) and my probe result."""
         body = json.dumps({"observer": self.me, "member": m,
-                           "verdict": getattr(v, "status", v),
-                           "reason": getattr(v, "reason", ""),
+                           "verdict": _status(v),
+                           "reason": "" if isinstance(v, str) else v.reason,
                            "probe": self._my_probes.get(m)}).encode()
         self.store.put(suspicion_key(self.group, m, self.me), body,
                        content_type="application/json")
 
-    def _read_confirmations(self, peers: PeersView, listing: Any, g: _Gathered) -> None:
+    def _read_confirmations(self, peers: PeersView, listing: Listing, g: _Gathered) -> None:
         """For members I call dead: which other observers say *dead*, and their probes.
 
         A ``suspect`` record counts towards a mass death, never as a confirmation; each
         confirming observer's own direct probe result comes with it (invariant 14).
         """
         dead = {m for m, v in peers.verdicts.items()
-                if getattr(v, "status", v) == "dead" and m != self.me}
+                if _status(v) == "dead" and m != self.me}
         conf: dict[str, set[str]] = {}
         for e in listing.entries:
             mo = parse_suspicion(e.key, self.group)
@@ -571,7 +571,7 @@ class HealController:
         """
         m = lease.member
         verdict = peers.verdicts.get(m)
-        alive = (m == self.me and not sick) or getattr(verdict, "status", verdict) == "alive"
+        alive = (m == self.me and not sick) or _status(verdict) == "alive"
         if not alive or not lease.clearable(now, 2 * self.lease_expiry_s):
             return False
         try:
@@ -620,7 +620,7 @@ class HealController:
     def _cloud_says(self, lease: Lease, peers: PeersView) -> CloudSays:
         m = lease.member
         verdict = peers.verdicts.get(m)
-        alive = getattr(verdict, "status", verdict) == "alive"
+        alive = _status(verdict) == "alive"
         try:
             launched = (launched_for(lease.token, self.cloud.replacements([m]))
                         if lease.action == "launch" else None)
@@ -711,7 +711,7 @@ class HealController:
 
     # -- view -----------------------------------------------------------------------------------
     def _view(self, peers: PeersView, g: _Gathered, sick: bool) -> tuple[HealView, str]:
-        verdicts = {m: getattr(v, "status", v) for m, v in peers.verdicts.items()}
+        verdicts = {m: _status(v) for m, v in peers.verdicts.items()}
         for m, obs in g.suspicions.items():
             # Others' fresh suspicions of members I do not watch: I cannot call them dead,
             # but they count towards a mass death.
@@ -971,7 +971,7 @@ class HealController:
         self._outcome(Outcome(m, "lost", why))
 
     def _act(self, kind: str, lease: Lease, ec2_state: str | None, now: float,
-             info: Any = None) -> tuple[Lease, str]:
+             info: InstanceInfo | None = None) -> tuple[Lease, str]:
         m = lease.member
         changes: dict[str, Any] = {"state": "acted", "acted_at": now}
         a = None
@@ -990,7 +990,7 @@ class HealController:
             # holder left acting knows the action and can find the ASG's replacement.
             lease = replace(lease, action=kind, asg=a.group, asg_before=changes["asg_before"])
             if kind == "asg-mark":
-                left = self.cloud.asg_grace_left(a.group, getattr(info, "launch_time", None),
+                left = self.cloud.asg_grace_left(a.group, info.launch_time if info else None,
                                                  now)
                 if left > 0:
                     raise _Fenced(f"asg-grace: {a.group}'s health check grace period has "

@@ -373,7 +373,7 @@ def test_events_carry_reasons_for_refusals_once(cloud: EmbeddedCloud, tmp_path: 
     assert json.loads(json.dumps(refusals[0].to_json()))["member"] == dead
 
 
-@pytest.mark.parametrize("health", [None, SimpleNamespace(observer_sick=False)])
+@pytest.mark.parametrize("health", [None, SimpleNamespace(observer_sick=False, last_error="")])
 def test_step_accepts_a_heartbeater_like_health(cloud: EmbeddedCloud, health: Any) -> None:
     ids = cloud.run_standalone(GROUP, 3)
     a = ctl(cloud, ids[0], config())
@@ -404,7 +404,7 @@ def test_step_takes_the_real_peer_watcher(cloud: EmbeddedCloud, tmp_path: Any) -
     for i in ids:
         store.put(member_key(GROUP, i), MemberRecord(i, GROUP, 2, "ready").dumps())
     watcher.tick()
-    d = a.step(watcher, SimpleNamespace(observer_sick=False))
+    d = a.step(watcher, SimpleNamespace(observer_sick=False, last_error=""))
     assert not d.frozen and not d.actions
     assert not a.superseded
 
