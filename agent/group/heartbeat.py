@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -160,6 +161,11 @@ class Heartbeater:
         self.last_error = ""
         self.etag = ""
         self.left = False
+        # ``left`` changes in the daemon's main thread (leave, rejoin) while its heartbeat
+        # thread checks it: one lock, held only around the flag and member.json (never
+        # around a store call), so a rejoin cannot be undone by a beat that read the old
+        # member.json (found by the suite under load: the member never came back).
+        self._left_lock = threading.Lock()
         self.announced_state: str | None = None  # last state peers were told via the marker
 
     @property
@@ -169,9 +175,10 @@ class Heartbeater:
     def beat(self, *, state: str | None = None, health: Mapping[str, Any] | None = None,
              endpoint: str | None = None, budget_s: float | None = None) -> BeatResult:
         """Write the next record, retrying within ``budget_s`` (default 80 % of the interval)."""
-        if self.left or self._left_elsewhere():
-            self.left = True
-            return BeatResult(False, self.record.seq, 0, error="left the group")
+        with self._left_lock:
+            if self.left or self._left_elsewhere():
+                self.left = True
+                return BeatResult(False, self.record.seq, 0, error="left the group")
         if health is None and self.health_fn is not None:
             health = self.health_fn()
         changes: dict[str, Any] = {"observer_sick": self.observer_sick}
@@ -197,11 +204,14 @@ class Heartbeater:
                 if self.clock.monotonic() - start + delay > budget:
                     return self._failed(rec, attempt, err)
                 self.clock.sleep(delay)
-        if self._left_elsewhere():
+        with self._left_lock:
+            elsewhere = self._left_elsewhere()
+            if elsewhere:
+                self.left = True
+        if elsewhere:
             # `ec2-agent leave` ran while this PUT was in flight and may have deleted the
             # record before it landed: take ours back (only if it is still ours), so a member
             # that left never comes back to life and later looks dead.
-            self.left = True
             try:
                 self.store.delete(self.key, if_match=self.etag)
             except StoreError as exc:  # NotFound / PreconditionFailed: already gone or theirs
@@ -263,8 +273,9 @@ class Heartbeater:
         self.record = rec
         # Say "left" locally before touching the store: a daemon beat racing this leave
         # checks it after its own PUT and withdraws that record (see beat()).
-        self.left = True
-        self._save()
+        with self._left_lock:
+            self.left = True
+            self._save()
         deleted = False
         for _ in range(2):
             try:
@@ -300,9 +311,10 @@ class Heartbeater:
         Only the agent's own departure logic calls this (agent.daemon.notices); the next
         ``beat()`` writes the record and announces it.
         """
-        self.left = False
-        self.announced_state = None
-        self._save()
+        with self._left_lock:
+            self.left = False
+            self.announced_state = None
+            self._save()
 
     def status_doc(self) -> dict[str, Any]:
         return {

@@ -162,3 +162,37 @@ def test_register_with_store_down_degrades(moto: Any, root: Path) -> None:
     s = Store("bucket-that-does-not-exist", "prod", region="us-east-1")
     done = phase_register(Ctx(Paths.from_env(), s, deadline=Deadline.after(3)))
     assert "not registered" in done.detail and done.ctx.degraded
+
+
+def test_a_rejoin_is_not_undone_by_a_beat_that_read_the_old_member_file(
+        store: Store, tmp_path: Path) -> None:
+    """The daemon's main thread rejoins (spot hibernate resumed) while its heartbeat thread
+    beats: the beat saw ``left`` cleared but read member.json before the rejoin rewrote it
+    (``left: true``), set ``left`` again, and the rejoin then saved that: the member never
+    came back (seen once in the suite with two copies running at once:
+    test_spot_hibernate_leaves_keeps_data_and_rejoins_on_resume)."""
+    import threading
+
+    mp = tmp_path / "member.json"
+    mp.write_text(json.dumps({"instance_id": "i-0001", "left": False}))
+    hb = Heartbeater(store, rec(), clock=FakeClock(), state_path=tmp_path / "state.json",
+                     member_path=mp)
+    assert hb.beat().ok
+    assert hb.leave("spot hibernate") and json.loads(mp.read_text())["left"]
+    real_save, go = hb._save, threading.Event()
+
+    def slow_save() -> None:  # the rejoin is slow to write member.json (a busy disk)
+        go.wait(5)
+        real_save()
+
+    hb._save = slow_save  # type: ignore[method-assign]
+    rejoin = threading.Thread(target=hb.rejoin)
+    rejoin.start()
+    while hb.left:  # the rejoin has begun: ``left`` is cleared, member.json not yet
+        threading.Event().wait(0.01)
+    threading.Timer(0.3, go.set).start()
+    hb.beat()  # the heartbeat thread's beat, right then
+    rejoin.join(10)
+    hb._save = real_save  # type: ignore[method-assign]
+    assert not hb.left and not json.loads(mp.read_text())["left"]
+    assert hb.beat().ok and store.exists(member_key("web", "i-0001"))
