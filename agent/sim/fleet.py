@@ -35,7 +35,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -382,6 +382,23 @@ class Fleet:
             if (st.get("membership") or {}).get("state", "ready") == "ready":
                 out.append(m)
         return sorted(out)
+
+    def wait_ready(self, ids: Iterable[str], timeout: float = 30.0, *,
+                   exactly: bool = False) -> None:
+        """Wait until every one of ``ids`` is ready (``exactly``: and nobody else is).
+
+        What a test means by "still a ready member" after a hold: a member that was exiled or
+        left never comes back, while a live one whose record a loaded machine let age past
+        dead_after for a moment is fresh again within an interval or two. One instantaneous
+        look would fail in that moment (every record went stale at once on a busy machine).
+        """
+        want = sorted(set(ids))
+
+        def ok() -> bool:
+            ready = self.ready()
+            return ready == want if exactly else set(want) <= set(ready)
+
+        self.wait(ok, timeout, f"{'exactly ' if exactly else ''}{', '.join(want)} ready")
 
     def leases(self) -> dict[str, dict[str, Any]]:
         """Lease bodies by member (GET only the ones whose ETag changed)."""

@@ -77,7 +77,8 @@ def test_standalone_kill_one_gives_exactly_one_launch(make_fleet: Callable[..., 
     assert acts[0]["member"] == victim and acts[0]["details"]["action"] == "launch"
     assert r["leases"] == 1 and r["launched"] == 1, r
     new = f.launched[0]
-    assert new in f.ready() and victim not in f.members()
+    assert victim not in f.members()
+    f.wait_ready([new])
     report(kill_to_action_s=round(acts[0]["t"] - t_kill, 2),
            kill_to_n_ready_s=round(t_ready - t_kill, 2), replacements=r)
 
@@ -275,7 +276,7 @@ def test_sigstop_shorter_than_dead_after_is_nothing(make_fleet: Callable[..., Fl
     f.sigcont(victim)
     f.hold(4 * DEAD)
     r = no_actions(f)
-    assert victim in f.ready()
+    f.wait_ready([victim])
     report(stopped_s=DEAD - 1.0, dead_after_s=DEAD, replacements=r,
            suspicions=len([m for m in f.marks("suspicion") if m.member == victim]))
 
