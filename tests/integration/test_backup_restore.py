@@ -93,6 +93,30 @@ def test_roundtrip_is_exact(store: Store, tmp_path: Path) -> None:
     assert sorted(p.name for p in dst.parent.iterdir()) == [".app.restore.lock", "app"]
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="restores owners only as root")
+def test_setuid_and_setgid_bits_survive_the_owner_restore(store: Store, tmp_path: Path) -> None:
+    """A chown clears a file's setuid/setgid bits, even as root: the owner goes first."""
+    src = tmp_path / "src"
+    (src / "bin").mkdir(parents=True)
+    tool = src / "bin" / "tool"
+    tool.write_bytes(b"#!/bin/sh\n")
+    os.chown(tool, 1234, 2345)
+    os.chmod(tool, 0o6755)
+    big = src / "bin" / "big"  # more than one chunk: created before its bytes arrive
+    big.write_bytes(random.Random(3).randbytes(3 * CHUNK))
+    os.chown(big, 1234, 2345)
+    os.chmod(big, 0o4750)
+    os.chown(src / "bin", 1234, 2345)
+    os.chmod(src / "bin", 0o2775)
+    do_backup(store, src)
+    dst = tmp_path / "restore" / "app"
+    R.restore(store, G, N, dst)
+    for rel, mode in (("bin/tool", 0o6755), ("bin/big", 0o4750), ("bin", 0o2775)):
+        st = (dst / rel).stat()
+        assert (st.st_mode & 0o7777, st.st_uid, st.st_gid) == (mode, 1234, 2345), rel
+    assert describe(dst) == describe(src)
+
+
 def test_unchanged_data_uploads_no_chunks_and_small_change_one(store: Store,
                                                                tmp_path: Path) -> None:
     src = tmp_path / "src"
