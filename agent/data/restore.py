@@ -170,7 +170,7 @@ def _libc_fn(name: str, argtypes: list[type]) -> Callable[..., int] | None:
     return fn  # type: ignore[no-any-return]
 
 
-# Writes smaller than this are not written back one by one: a writeback started per small
+# Files smaller than this are not written back one by one: a writeback started per small
 # file is one disk request (and one exit to the hypervisor) per file. A ``_Flusher`` sends
 # them with a background ``syncfs`` each ``FLUSH_EVERY`` bytes, in a few merged requests.
 WRITEBACK_MIN = 256 * 1024
@@ -346,7 +346,7 @@ class _Writer:
                 k = os.pwrite(fd, data, offset)
                 data = data[k:]
                 offset += k
-            if n >= WRITEBACK_MIN:
+            if f.size >= WRITEBACK_MIN:
                 _start_writeback(fd, start, n)
             elif self.flusher is not None:
                 self.flusher.add(n)
