@@ -3,14 +3,15 @@
 Build the snapshot in a hidden staging dir beside the target (same filesystem): fetch
 each needed blob once with ranged GETs of its pack, many requests in parallel, each read
 a piece (``packs.PIECE``) at a time as it arrives; verify each blob's sha256 and length,
-write it where it belongs from the fetching thread and start its writeback; check that every
-file received exactly its size in verified bytes; make it all durable (one ``syncfs``, or
-an fsync per file where there is none), then swap it in with one
-``renameat2(RENAME_EXCHANGE)`` (two renames where that is not available). A restore
-killed at any moment leaves the target as it was; the next restore removes the leftover
-staging dir. Local content that is replaced is moved aside, never deleted (an empty dir
-is simply removed). Also the boot phase ``restore``: whether to restore is decided by
-``agent.data.plan.decide_restore``.
+write it where it belongs from the fetching thread (a file of one blob is created by that
+write) and start its writeback (a large file's per write, small files' with a background
+``syncfs`` every few MiB); check that every file received exactly its size in verified
+bytes; make it all durable (one ``syncfs``, or an fsync per file where there is none),
+then swap it in with one ``renameat2(RENAME_EXCHANGE)`` (two renames where that is not
+available). A restore killed at any moment leaves the target as it was; the next restore
+removes the leftover staging dir. Local content that is replaced is moved aside, never
+deleted (an empty dir is simply removed). Also the boot phase ``restore``: whether to
+restore is decided by ``agent.data.plan.decide_restore``.
 """
 
 from __future__ import annotations
@@ -207,11 +208,13 @@ def _syncfs(fd: int) -> bool:
 class _Flusher:
     """Writes small files' dirty pages back while the restore goes on: a background thread
     runs one ``syncfs`` whenever ``FLUSH_EVERY`` bytes of small writes have piled up
-    since the last one, so the ``syncfs`` before the swap finds little left. Best effort
-    (its errors only leave more to that last ``syncfs``, which reports them)."""
+    since the last one, so the ``syncfs`` before the swap finds little left. Best effort:
+    it syncs through its own open file of the staging dir, because ``syncfs`` reports a
+    writeback error once per open file (Linux >= 5.8), so an error it swallows is still
+    reported to the last ``syncfs``, made through the restore's own ``root_fd``."""
 
     def __init__(self, root_fd: int) -> None:
-        self.root_fd = root_fd
+        self.fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=root_fd)
         self.pending = 0
         self.lock = threading.Lock()
         self.wake = threading.Event()
@@ -234,13 +237,16 @@ class _Flusher:
             if self.done:
                 return
             with contextlib.suppress(OSError):
-                _syncfs(self.root_fd)
+                _syncfs(self.fd)
 
     def close(self) -> None:
         """Stop (once the ``syncfs`` under way, if any, is over); again: no-op."""
         self.done = True
         self.wake.set()
         self.thread.join()
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 class _Writer:
@@ -371,8 +377,10 @@ def _set_meta(fd: int, f: D.FileEntry) -> None:
 def _build(store: StoreAPI, m: D.Manifest, staging: Path, concurrency: int, clock: Clock,
            deadline: Deadline | None, progress: ProgressFn | None) -> None:
     root_fd = os.open(staging, os.O_RDONLY | os.O_DIRECTORY)
-    flusher = _Flusher(root_fd) if _SYNCFS is not None else None
+    flusher: _Flusher | None = None
     try:
+        if _SYNCFS is not None:
+            flusher = _Flusher(root_fd)
         for d in sorted(m.dirs, key=lambda x: x.path.count("/")):
             os.mkdir(d.path, 0o700, dir_fd=root_fd)
         _create_files(m.files, root_fd, concurrency)
