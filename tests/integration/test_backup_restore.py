@@ -93,6 +93,29 @@ def test_roundtrip_is_exact(store: Store, tmp_path: Path) -> None:
     assert sorted(p.name for p in dst.parent.iterdir()) == [".app.restore.lock", "app"]
 
 
+def test_background_flushes_during_a_restore(store: Store, tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Small files are written back by a background syncfs (here woken by every write) while
+    the fetch threads still create and write: the tree is still exact, the flusher's own
+    handle of the staging dir is closed, and it really ran."""
+    src = tmp_path / "src"
+    src.mkdir()
+    make_tree(src)
+    for i in range(40):
+        (src / f"f{i:02d}").write_bytes(random.Random(i).randbytes(100 + i))
+    do_backup(store, src)
+    ran: list[int] = []
+    real = R._syncfs
+    monkeypatch.setattr(R, "FLUSH_EVERY", 1)
+    monkeypatch.setattr(R, "_syncfs", lambda fd: ran.append(fd) or real(fd))
+    fds = set(os.listdir("/proc/self/fd"))
+    dst = tmp_path / "restore" / "app"
+    R.restore(store, G, N, dst, concurrency=4)
+    assert describe(dst) == describe(src)
+    assert len(set(ran)) == 2  # the flusher's own handle (at least once), then the final one
+    assert set(os.listdir("/proc/self/fd")) == fds
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="restores owners only as root")
 def test_setuid_and_setgid_bits_survive_the_owner_restore(store: Store, tmp_path: Path) -> None:
     """A chown clears a file's setuid/setgid bits, even as root: the owner goes first."""
