@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import random
 import stat
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -105,9 +106,21 @@ def test_background_flushes_during_a_restore(store: Store, tmp_path: Path,
         (src / f"f{i:02d}").write_bytes(random.Random(i).randbytes(100 + i))
     do_backup(store, src)
     ran: list[int] = []
-    real = R._syncfs
+    real, close = R._syncfs, R._Flusher.close
+    flushed = threading.Event()  # before the flusher closes, only it calls syncfs
+
+    def syncfs(fd: int) -> bool:
+        ran.append(fd)
+        flushed.set()
+        return real(fd)
+
+    def wait_then_close(self: Any) -> None:
+        flushed.wait(30)
+        close(self)
+
     monkeypatch.setattr(R, "FLUSH_EVERY", 1)
-    monkeypatch.setattr(R, "_syncfs", lambda fd: ran.append(fd) or real(fd))
+    monkeypatch.setattr(R, "_syncfs", syncfs)
+    monkeypatch.setattr(R._Flusher, "close", wait_then_close)
     fds = set(os.listdir("/proc/self/fd"))
     dst = tmp_path / "restore" / "app"
     R.restore(store, G, N, dst, concurrency=4)
