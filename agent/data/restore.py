@@ -3,14 +3,15 @@
 Build the snapshot in a hidden staging dir beside the target (same filesystem): fetch
 each needed blob once with ranged GETs of its pack, many requests in parallel, each read
 a piece (``packs.PIECE``) at a time as it arrives; verify each blob's sha256 and length,
-write it where it belongs from the fetching thread and start its writeback; check that every
-file received exactly its size in verified bytes; make it all durable (one ``syncfs``, or
-an fsync per file where there is none), then swap it in with one
-``renameat2(RENAME_EXCHANGE)`` (two renames where that is not available). A restore
-killed at any moment leaves the target as it was; the next restore removes the leftover
-staging dir. Local content that is replaced is moved aside, never deleted (an empty dir
-is simply removed). Also the boot phase ``restore``: whether to restore is decided by
-``agent.data.plan.decide_restore``.
+write it where it belongs from the fetching thread (a file of one blob is created by that
+write) and start its writeback (a large file's per write, small files' with a background
+``syncfs`` every few MiB); check that every file received exactly its size in verified
+bytes; make it all durable (one ``syncfs``, or an fsync per file where there is none),
+then swap it in with one ``renameat2(RENAME_EXCHANGE)`` (two renames where that is not
+available). A restore killed at any moment leaves the target as it was; the next restore
+removes the leftover staging dir. Local content that is replaced is moved aside, never
+deleted (an empty dir is simply removed). Also the boot phase ``restore``: whether to
+restore is decided by ``agent.data.plan.decide_restore``.
 """
 
 from __future__ import annotations
@@ -170,6 +171,12 @@ def _libc_fn(name: str, argtypes: list[type]) -> Callable[..., int] | None:
     return fn  # type: ignore[no-any-return]
 
 
+# Files smaller than this are not written back one by one: a writeback started per small
+# file is one disk request (and one exit to the hypervisor) per file. A ``_Flusher`` sends
+# them with a background ``syncfs`` each ``FLUSH_EVERY`` bytes, in a few merged requests.
+WRITEBACK_MIN = 256 * 1024
+FLUSH_EVERY = 8 * 1024 * 1024
+
 _SYNC_FILE_RANGE = _libc_fn("sync_file_range",
                             [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint])
 
@@ -198,6 +205,50 @@ def _syncfs(fd: int) -> bool:
     return True
 
 
+class _Flusher:
+    """Writes small files' dirty pages back while the restore goes on: a background thread
+    runs one ``syncfs`` whenever ``FLUSH_EVERY`` bytes of small writes have piled up
+    since the last one, so the ``syncfs`` before the swap finds little left. Best effort:
+    it syncs through its own open file of the staging dir, because ``syncfs`` reports a
+    writeback error once per open file (Linux >= 5.8), so an error it swallows is still
+    reported to the last ``syncfs``, made through the restore's own ``root_fd``."""
+
+    def __init__(self, root_fd: int) -> None:
+        self.fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=root_fd)
+        self.pending = 0
+        self.lock = threading.Lock()
+        self.wake = threading.Event()
+        self.done = False
+        self.thread = threading.Thread(target=self._run, name="restore-flush", daemon=True)
+        self.thread.start()
+
+    def add(self, n: int) -> None:
+        with self.lock:
+            self.pending += n
+            if self.pending < FLUSH_EVERY:
+                return
+            self.pending = 0
+        self.wake.set()
+
+    def _run(self) -> None:
+        while True:
+            self.wake.wait()
+            self.wake.clear()
+            if self.done:
+                return
+            with contextlib.suppress(OSError):
+                _syncfs(self.fd)
+
+    def close(self) -> None:
+        """Stop (once the ``syncfs`` under way, if any, is over); again: no-op."""
+        self.done = True
+        self.wake.set()
+        self.thread.join()
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
 class _Writer:
     """Fetch threads' shared state: where each blob goes, and how much of each file is in.
 
@@ -206,8 +257,10 @@ class _Writer:
     ``pwrite`` into every file and offset that holds it, by the thread that fetched it:
     writers run in parallel, and memory is one piece (``packs.PIECE``) per thread."""
 
-    def __init__(self, store: StoreAPI, m: D.Manifest, root_fd: int) -> None:
+    def __init__(self, store: StoreAPI, m: D.Manifest, root_fd: int,
+                 flusher: _Flusher | None = None) -> None:
         self.store = store
+        self.flusher = flusher
         self.m = m
         self.root_fd = root_fd
         self.base = D.base(m.group, m.name)
@@ -283,10 +336,15 @@ class _Writer:
 
     def _pwrite(self, i: int, data: memoryview, offset: int) -> bool:
         """Write one blob into file ``i``; the write that completes the file also sets its
-        mode, owner and mtime (no write can follow it). True when it did."""
+        mode, owner and mtime (no write can follow it). True when it did.
+
+        A file of one blob gets exactly one write, so that write creates it (``O_EXCL``):
+        one open per small file, not a create and a reopen, and the creates run in the
+        fetch threads, beside the fetches. Other files exist already (``_create_files``)."""
         f = self.m.files[i]
         # relative to the staging dir, never following a link: cannot land outside it
-        fd = os.open(f.path, os.O_WRONLY | os.O_NOFOLLOW, dir_fd=self.root_fd)
+        flags = _CREATE if len(f.chunks) == 1 else os.O_WRONLY | os.O_NOFOLLOW
+        fd = os.open(f.path, flags, 0o600, dir_fd=self.root_fd)
         try:
             n = len(data)
             start = offset
@@ -294,7 +352,10 @@ class _Writer:
                 k = os.pwrite(fd, data, offset)
                 data = data[k:]
                 offset += k
-            _start_writeback(fd, start, n)
+            if f.size >= WRITEBACK_MIN:
+                _start_writeback(fd, start, n)
+            elif self.flusher is not None:
+                self.flusher.add(n)
             with self.lock:
                 self.written[i] += n
                 complete = self.written[i] == f.size
@@ -306,23 +367,27 @@ class _Writer:
 
 
 def _set_meta(fd: int, f: D.FileEntry) -> None:
-    os.fchmod(fd, f.mode)
+    # owner first: a chown clears a file's setuid and setgid bits, even as root
     if f.uid is not None and os.geteuid() == 0:
         os.fchown(fd, f.uid, f.gid or 0)
+    os.fchmod(fd, f.mode)
     os.utime(fd, (f.mtime, f.mtime))
 
 
 def _build(store: StoreAPI, m: D.Manifest, staging: Path, concurrency: int, clock: Clock,
            deadline: Deadline | None, progress: ProgressFn | None) -> None:
     root_fd = os.open(staging, os.O_RDONLY | os.O_DIRECTORY)
+    flusher: _Flusher | None = None
     try:
+        if _SYNCFS is not None:
+            flusher = _Flusher(root_fd)
         for d in sorted(m.dirs, key=lambda x: x.path.count("/")):
             os.mkdir(d.path, 0o700, dir_fd=root_fd)
         _create_files(m.files, root_fd, concurrency)
         prog = D.Progress(total=m.total_bytes, started=clock.monotonic(),
                           files=sum(1 for f in m.files if f.size == 0),
                           files_total=len(m.files))
-        w = _Writer(store, m, root_fd)
+        w = _Writer(store, m, root_fd, flusher)
         plan = P.plan_fetches(w.place, m.blobs)
         # every request is queued at once: the fetch threads never wait for the writer
         # (they are the writers), and memory stays one piece per thread
@@ -359,15 +424,17 @@ def _build(store: StoreAPI, m: D.Manifest, staging: Path, concurrency: int, cloc
         for s in m.symlinks:
             os.symlink(s.target, s.path, dir_fd=root_fd)
         for d in sorted(m.dirs, key=lambda x: -x.path.count("/")):  # deepest first
-            os.chmod(d.path, d.mode, dir_fd=root_fd)
-            if chown and d.uid is not None:
+            if chown and d.uid is not None:  # owner first, as for files
                 os.chown(d.path, d.uid, d.gid or 0, dir_fd=root_fd)
+            os.chmod(d.path, d.mode, dir_fd=root_fd)
             os.utime(d.path, (d.mtime, d.mtime), dir_fd=root_fd)
-        os.chmod(root_fd, m.root_mode)
         if chown and m.root_uid is not None:
             os.chown(root_fd, m.root_uid, m.root_gid or 0)
+        os.chmod(root_fd, m.root_mode)
         # Durable before the swap: one syncfs for the whole tree instead of an fsync per file
         # (and per dir); where there is none, fsync every file and dir.
+        if flusher is not None:
+            flusher.close()
         if not _syncfs(root_fd):
             for f in m.files:
                 _fsync_at(root_fd, f.path, directory=False)
@@ -375,23 +442,30 @@ def _build(store: StoreAPI, m: D.Manifest, staging: Path, concurrency: int, cloc
                 _fsync_at(root_fd, d.path)
             os.fsync(root_fd)
     finally:
+        if flusher is not None:
+            flusher.close()
         os.close(root_fd)
     if progress is not None:
         progress(prog.info(clock.monotonic()))
 
 
+_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+
+
 def _create_files(files: tuple[D.FileEntry, ...], root_fd: int, concurrency: int) -> None:
-    """Create every file (empty) before any byte arrives, a directory per task, in parallel:
-    a create waits on the filesystem's journal, and creates in different dirs need not
-    wait on each other. O_EXCL|O_NOFOLLOW relative to the staging dir."""
+    """Create the files that more than one write fills (or none: empty files) before any
+    byte arrives, a directory per task, in parallel: a create waits on the filesystem,
+    and creates in different dirs need not wait on each other. A file of one blob is
+    created by its write instead (``_Writer._pwrite``). O_EXCL|O_NOFOLLOW relative to
+    the staging dir."""
     by_dir: dict[str, list[str]] = {}
     for f in files:
-        by_dir.setdefault(f.path.rpartition("/")[0], []).append(f.path)
+        if len(f.chunks) != 1:
+            by_dir.setdefault(f.path.rpartition("/")[0], []).append(f.path)
 
     def create(paths: list[str]) -> None:
         for p in paths:
-            os.close(os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600,
-                             dir_fd=root_fd))
+            os.close(os.open(p, _CREATE, 0o600, dir_fd=root_fd))
 
     with ThreadPoolExecutor(concurrency, thread_name_prefix="restore-create") as pool:
         for fut in [pool.submit(create, paths) for paths in by_dir.values()]:

@@ -184,7 +184,7 @@ def test_agent_session_round_trips_s3_through_moto_on_lean_data(moto, lean: Path
                                                multipart_chunksize=5 * 2**20)) as tm:
             tm.upload(io.BytesIO(big), "lean", "p/big").result()
         assert c.get_object(Bucket="lean", Key="p/big")["Body"].read() == big
-        loader = aws._session()._session.get_component("data_loader")
+        loader = aws._session().get_component("data_loader")
         assert loader.load_data_with_path("endpoints")[1].startswith({str(lean)!r})
         assert "jsonschema" not in sys.modules
         print("ok")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import random
 import stat
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +92,65 @@ def test_roundtrip_is_exact(store: Store, tmp_path: Path) -> None:
     assert dst.stat().st_mode & 0o7777 == 0o710
     assert seen and seen[-1]["bytes"] == seen[-1]["total"] == res.total_bytes
     assert sorted(p.name for p in dst.parent.iterdir()) == [".app.restore.lock", "app"]
+
+
+def test_background_flushes_during_a_restore(store: Store, tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Small files are written back by a background syncfs (here woken by every write) while
+    the fetch threads still create and write: the tree is still exact, the flusher's own
+    handle of the staging dir is closed, and it really ran."""
+    src = tmp_path / "src"
+    src.mkdir()
+    make_tree(src)
+    for i in range(40):
+        (src / f"f{i:02d}").write_bytes(random.Random(i).randbytes(100 + i))
+    do_backup(store, src)
+    ran: list[int] = []
+    real, close = R._syncfs, R._Flusher.close
+    flushed = threading.Event()  # before the flusher closes, only it calls syncfs
+
+    def syncfs(fd: int) -> bool:
+        ran.append(fd)
+        flushed.set()
+        return real(fd)
+
+    def wait_then_close(self: Any) -> None:
+        flushed.wait(30)
+        close(self)
+
+    monkeypatch.setattr(R, "FLUSH_EVERY", 1)
+    monkeypatch.setattr(R, "_syncfs", syncfs)
+    monkeypatch.setattr(R._Flusher, "close", wait_then_close)
+    fds = set(os.listdir("/proc/self/fd"))
+    dst = tmp_path / "restore" / "app"
+    R.restore(store, G, N, dst, concurrency=4)
+    assert describe(dst) == describe(src)
+    assert len(set(ran)) == 2  # the flusher's own handle (at least once), then the final one
+    assert set(os.listdir("/proc/self/fd")) == fds
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="restores owners only as root")
+def test_setuid_and_setgid_bits_survive_the_owner_restore(store: Store, tmp_path: Path) -> None:
+    """A chown clears a file's setuid/setgid bits, even as root: the owner goes first."""
+    src = tmp_path / "src"
+    (src / "bin").mkdir(parents=True)
+    tool = src / "bin" / "tool"
+    tool.write_bytes(b"#!/bin/sh\n")
+    os.chown(tool, 1234, 2345)
+    os.chmod(tool, 0o6755)
+    big = src / "bin" / "big"  # more than one chunk: created before its bytes arrive
+    big.write_bytes(random.Random(3).randbytes(3 * CHUNK))
+    os.chown(big, 1234, 2345)
+    os.chmod(big, 0o4750)
+    os.chown(src / "bin", 1234, 2345)
+    os.chmod(src / "bin", 0o2775)
+    do_backup(store, src)
+    dst = tmp_path / "restore" / "app"
+    R.restore(store, G, N, dst)
+    for rel, mode in (("bin/tool", 0o6755), ("bin/big", 0o4750), ("bin", 0o2775)):
+        st = (dst / rel).stat()
+        assert (st.st_mode & 0o7777, st.st_uid, st.st_gid) == (mode, 1234, 2345), rel
+    assert describe(dst) == describe(src)
 
 
 def test_unchanged_data_uploads_no_chunks_and_small_change_one(store: Store,
