@@ -33,7 +33,7 @@ from bisect import bisect_right
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, fields, replace
 from types import MappingProxyType
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from agent.errors import IntegrityError
 
@@ -47,6 +47,11 @@ Liveness = Literal["alive", "suspect", "dead", "grace", "leaving", "unknown"]
 LIVENESS: tuple[str, ...] = ("alive", "suspect", "dead", "grace", "leaving", "unknown")
 
 RECORD_SCHEMA = 1
+
+# An ``Observation``'s values as a plain tuple: (instance_id, etag, last_modified,
+# store_now, observed_mono, state). ``LivenessState.update_rows`` folds these without
+# building an object per row (a LIST is one row per member; issue #11).
+ObservationRow = tuple[str, str, float, float, float, "str | None"]
 
 
 class MalformedRecord(IntegrityError, ValueError):
@@ -212,14 +217,17 @@ class Observation:
         _finite("observed_mono", self.observed_mono)
 
 
-@dataclass(frozen=True)
-class MemberTrack:
+class MemberTrack(NamedTuple):
     """What one observer remembers about one member between observations.
 
     ``etag_since_mono``: the observer's monotonic time when it first saw the
     current ETag. ``first_appearance``: store-clock ``LastModified`` of the first
     version this observer saw in the member's current life (grace starts there).
     ``gone_mono``: set when the record was seen absent (left, not dead).
+
+    An immutable named tuple, not a dataclass: every observer makes one per member per
+    LIST, so building one must be cheap (a frozen dataclass costs ~10x more to build and
+    ~2x the memory; issue #11). Make changed copies with ``_replace``.
     """
 
     etag: str
@@ -230,6 +238,28 @@ class MemberTrack:
     observed_mono: float
     state: str | None = None
     gone_mono: float | None = None
+
+
+_new_tuple = tuple.__new__  # builds a MemberTrack / PeerInfo from a full tuple, no checks
+_INF = math.inf
+
+
+def _row_ok(mid: object, etag: object, last_modified: object, store_now: object,
+            observed_mono: object) -> bool:
+    """Cheap form of ``Observation``'s checks for the common case (str ids, float times)."""
+    return (type(mid) is str and mid != "" and type(etag) is str and etag != ""
+            and type(last_modified) is float and -_INF < last_modified < _INF
+            and type(store_now) is float and -_INF < store_now < _INF
+            and type(observed_mono) is float and -_INF < observed_mono < _INF)
+
+
+def checked_row(mid: str, etag: str, last_modified: float, store_now: float,
+                observed_mono: float, state: str | None = None) -> ObservationRow:
+    """One observation as a row for ``LivenessState.update_rows``, checked as
+    ``Observation`` checks (the same ``ValueError`` for a bad value)."""
+    if not _row_ok(mid, etag, last_modified, store_now, observed_mono):
+        Observation(mid, etag, last_modified, store_now, observed_mono, state)
+    return (mid, etag, last_modified, store_now, observed_mono, state)
 
 
 @dataclass(frozen=True)
@@ -355,27 +385,32 @@ class TrackMap(Mapping[str, "MemberTrack"]):
     def __repr__(self) -> str:
         return f"TrackMap({dict(self)!r})"
 
+    def getter(self) -> Any:
+        """``self.get``, or the base dict's own ``get`` when nothing is layered over it."""
+        return self.get if self._over else self._base.get
+
+    def ids(self) -> Iterable[str]:
+        """The ids, in iteration order (the base dict's keys when nothing is layered)."""
+        return self if self._over else self._base.keys()
+
     def evolve(self, changes: Mapping[str, MemberTrack | None]) -> TrackMap:
         """A new version with ``changes`` applied (``None`` removes); this one is unchanged."""
         if not changes:
             return self
-        n = self._len
-        for k, v in changes.items():
-            was = k in self
-            n += (v is not None) - was
         out = TrackMap.__new__(TrackMap)
         over = {**self._over, **changes}
         if len(over) * len(over) > 4 * max(64, len(self._base)):
-            base = dict(self._base)
-            for k, v in over.items():
-                if v is None:
-                    base.pop(k, None)
-                else:
-                    base[k] = v
-            out._base, out._over = base, {}
+            base = self._base.copy()
+            base.update(over)  # same order as applying ``over`` one key at a time
+            if None in over.values():
+                for k in [k for k, v in over.items() if v is None]:
+                    del base[k]
+            out._base, out._over, out._len = base, {}, len(base)
         else:
-            out._base, out._over = self._base, over
-        out._len = n
+            n = self._len
+            for k, v in changes.items():
+                n += (v is not None) - (k in self)
+            out._base, out._over, out._len = self._base, over, n
         return out
 
 
@@ -413,50 +448,63 @@ class LivenessState:
         already known (by ``observed_mono``) are ignored. Call only with reads that
         succeeded: a failed LIST is not an empty group.
         """
+        rows = [(ob.instance_id, ob.etag, ob.last_modified, ob.store_now, ob.observed_mono,
+                 ob.state) for ob in observations]
+        return self.update_rows(rows, mono_now, listing=listing, gone=gone)
+
+    def update_rows(
+        self,
+        rows: Iterable[ObservationRow],
+        mono_now: float,
+        *,
+        listing: bool = False,
+        gone: Iterable[str] = (),
+    ) -> LivenessState:
+        """``update`` for observations as rows (``checked_row``): no object per row."""
         _finite("mono_now", mono_now)
         members = self.members
+        get = members.getter() if isinstance(members, TrackMap) else members.get
         changes: dict[str, MemberTrack | None] = {}
         seen: set[str] = set()
-        for ob in observations:
-            seen.add(ob.instance_id)
-            prev = changes.get(ob.instance_id) or members.get(ob.instance_id)
+        new = _new_tuple
+        for mid, etag, lm, store_now, omono, state in rows:
+            seen.add(mid)
+            prev = changes.get(mid) or get(mid)
             if prev is not None and prev.gone_mono is None:
-                if ob.observed_mono < prev.observed_mono:
+                if omono < prev.observed_mono:
                     continue  # an older response overtaken by a newer one
-                changed = ob.etag != prev.etag
-                changes[ob.instance_id] = MemberTrack(
-                    etag=ob.etag,
-                    etag_since_mono=ob.observed_mono if changed else prev.etag_since_mono,
-                    first_appearance=min(prev.first_appearance, ob.last_modified),
-                    last_modified=ob.last_modified,
-                    store_now=ob.store_now,
-                    observed_mono=ob.observed_mono,
-                    state=ob.state if ob.state is not None else prev.state,
-                )
+                fa = prev.first_appearance
+                changes[mid] = new(MemberTrack, (
+                    etag,
+                    prev.etag_since_mono if etag == prev.etag else omono,
+                    fa if fa <= lm else lm,  # min(): the first of equals, as min() keeps
+                    lm, store_now, omono,
+                    state if state is not None else prev.state,
+                    None))
             else:
                 # New, or back after leaving: a new life, a new grace period.
-                changes[ob.instance_id] = MemberTrack(
-                    etag=ob.etag,
-                    etag_since_mono=ob.observed_mono,
-                    first_appearance=ob.last_modified,
-                    last_modified=ob.last_modified,
-                    store_now=ob.store_now,
-                    observed_mono=ob.observed_mono,
-                    state=ob.state,
-                )
+                changes[mid] = new(MemberTrack, (etag, omono, lm, lm, store_now, omono, state,
+                                                 None))
         departed = set(gone)
         if listing:
-            departed |= {mid for mid in members if mid not in seen}
+            ids = members.ids() if isinstance(members, TrackMap) else members
+            departed |= {mid for mid in ids if mid not in seen}
         gone_ids = self._gone_ids()
+        marked: list[str] = []
         for mid in departed:
-            prev = changes.get(mid) or members.get(mid)
+            prev = changes.get(mid) or get(mid)
             if prev is not None and prev.gone_mono is None:
-                changes[mid] = replace(prev, gone_mono=mono_now)
+                changes[mid] = prev._replace(gone_mono=mono_now)
+                marked.append(mid)
         if gone_ids is not None:
-            gone_ids = gone_ids.union(m for m, t in changes.items()
-                                      if t is not None and t.gone_mono is not None)
-            gone_ids = gone_ids.difference(m for m, t in changes.items()
-                                           if t is not None and t.gone_mono is None)
+            # Gone now: the ones just marked; no longer gone: those observed in a new life.
+            if marked:
+                gone_ids = gone_ids.union(marked)
+            if gone_ids:
+                back = [m for m in gone_ids if (t := changes.get(m)) is not None
+                        and t.gone_mono is None]
+                if back:
+                    gone_ids = gone_ids.difference(back)
         tracks = members.evolve(changes) if isinstance(members, TrackMap) else \
             TrackMap({**members, **changes})
         started = mono_now if self.started_mono is None else min(self.started_mono, mono_now)

@@ -36,8 +36,8 @@ import json
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 from agent.clock import SYSTEM_CLOCK, Clock
 from agent.errors import NotFound, PreconditionFailed, StoreError
@@ -47,8 +47,8 @@ from agent.group.membership import (
     LivenessState,
     MalformedRecord,
     MemberRecord,
-    Observation,
     Verdict,
+    checked_row,
     watch_set,
 )
 from agent.interfaces import NotModified, StoreAPI
@@ -76,9 +76,13 @@ GONE_KEEP_S = 600.0  # how long a watcher remembers a member it saw leave (then:
 # -- pure: the peer view -----------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class PeerInfo:
-    """What this observer knows about one member. Ages are on the store's clock."""
+class PeerInfo(NamedTuple):
+    """What this observer knows about one member. Ages are on the store's clock.
+
+    An immutable named tuple, not a dataclass: every observer rebuilds one per member
+    at each LIST (new ``store_now``), and a frozen dataclass costs ~10x more to build
+    and ~2x the memory (issue #11). Make changed copies with ``_replace``.
+    """
 
     id: str
     az: str = ""
@@ -211,8 +215,7 @@ def apply_changes(
             out.pop(mid, None)
             continue
         prev = out.get(mid, PeerInfo(mid))
-        out[mid] = replace(
-            prev,
+        out[mid] = prev._replace(
             state=state or prev.state,
             ip=str(c.get("ip") or prev.ip),
             az=str(c.get("az") or prev.az),
@@ -355,6 +358,16 @@ class Roster:
         )
 
 
+_new_tuple = tuple.__new__  # a PeerInfo from a full tuple of its fields, no checks
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _id_of(key: str) -> str | None:
+    """``id_from_key``, remembered: one string object per id for every observer (memory:
+    each observer keeps every id), parsed once per key instead of once per LIST entry."""
+    return id_from_key(key)
+
+
 @functools.lru_cache(maxsize=256)
 def _record_of(body: bytes) -> MemberRecord:
     """``MemberRecord.loads``, remembered for the last few bodies: a record is immutable,
@@ -489,35 +502,38 @@ class PeerWatcher:
         self.last_pages = listing.pages
         self.need_list = False
         self.store_now = listing.store_now
+        store_now = listing.store_now
         present: dict[str, Any] = {}
         for e in listing.entries:
-            mid = id_from_key(e.key)
+            mid = _id_of(e.key)
             if mid:
                 present[mid] = e
+        # One LIST touches every member: this loop is most of a member's work at large N
+        # (issue #11), so it builds plain tuples, no per-entry dataclass or Observation.
+        old = self.view
+        need = self.need_fetch
         view: dict[str, PeerInfo] = {}
-        obs = []
+        rows = []
+        new = _new_tuple
         for mid, e in present.items():
-            prev = self.view.get(mid)
+            prev = old.get(mid)
             if prev is None or prev.state == "booting" or not prev.ip:
-                self.need_fetch.add(mid)
+                need.add(mid)
                 prev = prev or PeerInfo(mid)
-            view[mid] = replace(
-                prev, last_modified=e.last_modified, store_now=listing.store_now, etag=e.etag
-            )
-            obs.append(
-                Observation(
-                    mid,
-                    e.etag,
-                    e.last_modified,
-                    listing.store_now,
-                    mono,
-                    prev.state if prev.ip else None,
-                )
-            )
+            etag, lm = e.etag, e.last_modified
+            if lm == prev.last_modified:
+                lm = prev.last_modified  # one float object for equal times (memory)
+            view[mid] = new(PeerInfo, prev[:7] + (lm, store_now, etag))
+            rows.append(checked_row(mid, etag, lm, store_now, mono,
+                                    prev.state if prev.ip else None))
         self.view = view
-        self._view_changed()
-        self.need_fetch &= set(view)
-        self.liveness = self.liveness.update(obs, mono, listing=True)
+        if view.keys() != old.keys():
+            # A LIST keeps every known member's state, zone and endpoint: only a changed
+            # set of ids changes the ring or the roster.
+            self._view_changed()
+        if need:
+            need.intersection_update(view)
+        self.liveness = self.liveness.update_rows(rows, mono, listing=True)
 
     def _fetch_unknown(self, rep: TickReport) -> None:
         todo = sorted(self.need_fetch - set(self.watch_set()))[: self.fetch_per_tick]
@@ -551,14 +567,11 @@ class PeerWatcher:
             return True
         if r.status == "unchanged":
             assert prev is not None
-            self.view[mid] = replace(prev, store_now=r.store_now)
+            self.view[mid] = _new_tuple(PeerInfo, prev[:8] + (r.store_now, prev.etag))
             if prev.last_modified is not None:
-                self.liveness = self.liveness.update(
-                    [
-                        Observation(
-                            mid, prev.etag, prev.last_modified, r.store_now, mono, prev.state
-                        )
-                    ],
+                self.liveness = self.liveness.update_rows(
+                    [checked_row(mid, prev.etag, prev.last_modified, r.store_now, mono,
+                                 prev.state)],
                     mono,
                 )
             return True
@@ -572,8 +585,8 @@ class PeerWatcher:
                 peer.state, peer.az, peer.endpoint):
             self._view_changed()
         self.view[mid] = peer
-        self.liveness = self.liveness.update(
-            [Observation(mid, r.etag, r.last_modified, r.store_now, mono, peer.state)], mono
+        self.liveness = self.liveness.update_rows(
+            [checked_row(mid, r.etag, r.last_modified, r.store_now, mono, peer.state)], mono
         )
         return True
 
