@@ -463,6 +463,9 @@ class LivenessState:
         """``update`` for observations as rows (``checked_row``): no object per row."""
         _finite("mono_now", mono_now)
         members = self.members
+        if (not listing and not gone and type(rows) is list and len(rows) == 1
+                and isinstance(members, TrackMap)):
+            return self._observe_one(rows[0], mono_now)
         get = members.getter() if isinstance(members, TrackMap) else members.get
         changes: dict[str, MemberTrack | None] = {}
         seen: set[str] = set()
@@ -507,6 +510,35 @@ class LivenessState:
                     gone_ids = gone_ids.difference(back)
         tracks = members.evolve(changes) if isinstance(members, TrackMap) else \
             TrackMap({**members, **changes})
+        started = mono_now if self.started_mono is None else min(self.started_mono, mono_now)
+        last = mono_now if self.last_mono is None else max(self.last_mono, mono_now)
+        return LivenessState(tracks, started, last, gone_ids)
+
+    def _observe_one(self, row: ObservationRow, mono_now: float) -> LivenessState:
+        """``update_rows`` for one read of one member (a watcher's GET): the same result,
+        without the bookkeeping of a round."""
+        mid, etag, lm, store_now, omono, state = row
+        members = self.members
+        assert isinstance(members, TrackMap)
+        prev = members.get(mid)
+        gone_ids = self._gone_ids()
+        if prev is not None and prev.gone_mono is None:
+            if omono < prev.observed_mono:
+                tracks = members  # an older response overtaken by a newer one
+            else:
+                fa = prev.first_appearance
+                tracks = members.evolve({mid: _new_tuple(MemberTrack, (
+                    etag,
+                    prev.etag_since_mono if etag == prev.etag else omono,
+                    fa if fa <= lm else lm,
+                    lm, store_now, omono,
+                    state if state is not None else prev.state,
+                    None))})
+        else:
+            tracks = members.evolve({mid: _new_tuple(
+                MemberTrack, (etag, omono, lm, lm, store_now, omono, state, None))})
+            if gone_ids and mid in gone_ids:
+                gone_ids = gone_ids.difference((mid,))  # back: a new life
         started = mono_now if self.started_mono is None else min(self.started_mono, mono_now)
         last = mono_now if self.last_mono is None else max(self.last_mono, mono_now)
         return LivenessState(tracks, started, last, gone_ids)

@@ -34,6 +34,7 @@ import functools
 import hashlib
 import json
 import logging
+import threading
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -368,12 +369,48 @@ def _id_of(key: str) -> str | None:
     return id_from_key(key)
 
 
-@functools.lru_cache(maxsize=256)
+class RecordCache:
+    """``MemberRecord.loads`` remembered for the last ``size`` bodies (oldest forgotten
+    first). A record body is immutable bytes, so the same bytes always parse to the same
+    record; a changed body is other bytes and is parsed anew. A malformed body is never
+    cached (it raises every time). Records are shared, never changed.
+
+    One per process (``RECORDS``); every ``PeerWatcher`` grows it by a couple of entries:
+    in the daemon (one watcher) it stays small, in the simulator (thousands of watchers in
+    one process, issue #11) it holds about two intervals of heartbeats, so the ``k``
+    watchers of a member parse its new record once instead of ``k`` times.
+    """
+
+    def __init__(self, size: int = 256) -> None:
+        self.size = size
+        self._d: dict[bytes, MemberRecord] = {}
+        self._lock = threading.Lock()  # ``read_group`` parses from a thread pool
+
+    def grow(self, by: int) -> None:
+        with self._lock:
+            self.size += by
+
+    def __len__(self) -> int:
+        return len(self._d)
+
+    def __call__(self, body: bytes) -> MemberRecord:
+        rec = self._d.get(body)
+        if rec is None:
+            rec = MemberRecord.loads(body)
+            with self._lock:
+                d = self._d
+                d[body] = rec
+                while len(d) > self.size:
+                    del d[next(iter(d))]
+        return rec
+
+
+RECORDS = RecordCache()
+
+
 def _record_of(body: bytes) -> MemberRecord:
-    """``MemberRecord.loads``, remembered for the last few bodies: a record is immutable,
-    and the k watchers of a member (thousands of members in one simulator process) read
-    the same bytes. Used only to build a ``PeerInfo``; a malformed body is never cached."""
-    return MemberRecord.loads(body)
+    """The record of a body, through ``RECORDS``. Used only to build a ``PeerInfo``."""
+    return RECORDS(body)
 
 
 # -- I/O: the watcher the daemon ticks ---------------------------------------------------------
@@ -437,6 +474,7 @@ class PeerWatcher:
         self._ring_dirty = True
         self._roster: Roster | None = None
         self.last_store_errors: list[str] = []  # the last tick's failed reads (heal abstains)
+        RECORDS.grow(2)
 
     # -- one interval ----------------------------------------------------------------------------
     def tick(self) -> TickReport:

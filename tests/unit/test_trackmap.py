@@ -12,6 +12,7 @@ from agent.group.membership import (
     MemberTrack,
     Observation,
     TrackMap,
+    checked_row,
 )
 
 IDS = st.sampled_from([f"i-{n}" for n in range(40)])
@@ -76,3 +77,81 @@ def test_frozen_map_counts_and_is_kept_uncopied_by_heal_view() -> None:
     assert view.zones is zones
     plain = {"a": "z1"}
     assert HealView(observer_id="a", group_size=1, verdicts={}, zones=plain).zones is not plain
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["ob", "old", "gone", "list", "prune"]),
+                          st.lists(IDS, max_size=3)), max_size=30))
+def test_one_read_path_is_the_round_path(ops: list) -> None:
+    """``update`` of one observation takes a short path; a round of the same one observation
+    (a tuple of rows: the general path) is the referee. Same tracks, same gone index."""
+    fast, ref, mono = LivenessState(), LivenessState(), 0.0
+    for op, ids in ops:
+        mono += 10.0
+        if op in ("ob", "old"):
+            for m in ids:
+                when = mono - 15.0 if op == "old" else mono  # "old": overtaken responses
+                ob = Observation(m, f"e{int(mono) % 30}", when, mono, when, "ready")
+                fast = fast.update([ob], mono)
+                ref = ref.update_rows((checked_row(m, ob.etag, when, mono, when, "ready"),),
+                                      mono)
+        elif op == "gone":
+            fast, ref = fast.update([], mono, gone=ids), ref.update([], mono, gone=ids)
+        elif op == "list":
+            obs = [Observation(m, f"e{mono}", mono, mono, mono) for m in set(ids)]
+            fast = fast.update(obs, mono, listing=True)
+            ref = ref.update(obs, mono, listing=True)
+        else:
+            fast, ref = fast.prune_gone(mono - 25.0), ref.prune_gone(mono - 25.0)
+        assert dict(fast.members) == dict(ref.members)
+        assert fast.gone_ids == ref.gone_ids
+        assert (fast.started_mono, fast.last_mono) == (ref.started_mono, ref.last_mono)
+
+
+def test_checked_row_rejects_what_observation_rejects() -> None:
+    import pytest
+
+    assert checked_row("i-1", "e", 1.0, 2.0, 3.0, "ready") == ("i-1", "e", 1.0, 2.0, 3.0,
+                                                               "ready")
+    assert checked_row("i-1", "e", 1, 2, 3) == ("i-1", "e", 1, 2, 3, None)  # ints are numbers
+    for bad in [("", "e", 1.0, 2.0, 3.0), ("i-1", "", 1.0, 2.0, 3.0),
+                ("i-1", "e", float("nan"), 2.0, 3.0), ("i-1", "e", 1.0, float("inf"), 3.0),
+                ("i-1", "e", 1.0, 2.0, True), ("i-1", None, 1.0, 2.0, 3.0)]:
+        with pytest.raises(ValueError):
+            checked_row(*bad)  # type: ignore[arg-type]
+
+
+def test_tracks_and_peers_are_immutable_values() -> None:
+    import pytest
+
+    from agent.group.peers import PeerInfo
+
+    t, p = track(1), PeerInfo("i-1", ip="10.0.0.1", state="ready")
+    for obj, attr in ((t, "etag"), (p, "state")):
+        with pytest.raises(AttributeError):
+            setattr(obj, attr, "x")
+    assert p._replace(state="leaving").state == "leaving" and p.state == "ready"
+
+
+def test_record_cache_parses_each_body_once_and_a_changed_body_again() -> None:
+    import pytest
+
+    from agent.group.membership import MalformedRecord, MemberRecord
+    from agent.group.peers import RecordCache
+
+    cache = RecordCache(size=2)
+    rec = MemberRecord("i-1", "g", 1, "ready", private_ip="10.0.0.1")
+    body = rec.dumps()
+    first = cache(body)
+    assert first == rec
+    assert cache(bytes(bytearray(body))) is first  # equal bytes, another object: cached
+    beat = cache(rec.heartbeat(state="leaving").dumps())  # same key, new body: parsed anew
+    assert (beat.seq, beat.state) == (2, "leaving") and first.state == "ready"
+    for _ in range(2):
+        with pytest.raises(MalformedRecord):
+            cache(b'{"instance_id": "i-1"}')
+    assert len(cache) == 2  # a malformed body is never kept
+    cache(rec.heartbeat().heartbeat().dumps())
+    assert len(cache) == 2 and cache(body) is not first  # the oldest was forgotten
+    with pytest.raises(AttributeError):
+        first.state = "x"  # type: ignore[misc]
