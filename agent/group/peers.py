@@ -359,6 +359,7 @@ class Roster:
         )
 
 
+_INF = float("inf")
 _new_tuple = tuple.__new__  # a PeerInfo from a full tuple of its fields, no checks
 
 
@@ -553,6 +554,8 @@ class PeerWatcher:
         view: dict[str, PeerInfo] = {}
         rows = []
         new = _new_tuple
+        times_ok = type(store_now) is float and type(mono) is float and \
+            -_INF < store_now < _INF and -_INF < mono < _INF
         for mid, e in present.items():
             prev = old.get(mid)
             if prev is None or prev.state == "booting" or not prev.ip:
@@ -561,9 +564,12 @@ class PeerWatcher:
             etag, lm = e.etag, e.last_modified
             if lm == prev.last_modified:
                 lm = prev.last_modified  # one float object for equal times (memory)
+            row = (mid, etag, lm, store_now, mono, prev.state if prev.ip else None)
+            if not (times_ok and type(etag) is str and etag and type(lm) is float
+                    and -_INF < lm < _INF):
+                row = checked_row(*row)  # Observation's checks: raises what it raises
             view[mid] = new(PeerInfo, prev[:7] + (lm, store_now, etag))
-            rows.append(checked_row(mid, etag, lm, store_now, mono,
-                                    prev.state if prev.ip else None))
+            rows.append(row)
         self.view = view
         if view.keys() != old.keys():
             # A LIST keeps every known member's state, zone and endpoint: only a changed
