@@ -29,7 +29,7 @@ import functools
 import hashlib
 import json
 import math
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right, insort
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, fields, replace
 from types import MappingProxyType
@@ -320,6 +320,27 @@ class FrozenMap(Mapping[str, Any]):
 
     def __repr__(self) -> str:
         return f"FrozenMap({self._d!r})"
+
+    def updated(self, changes: Mapping[str, Any]) -> FrozenMap:
+        """A new map with ``changes`` applied (``None`` removes the key); this one unchanged.
+        O(N) at C speed plus O(len(changes)); ``counts()`` carried over when known."""
+        d = self._d.copy()
+        counts = None if self._counts is None else dict(self._counts)
+        for k, v in changes.items():
+            was = d.pop(k, None) if v is None else d.get(k)
+            if v is not None:
+                d[k] = v
+            if counts is not None and was != v:
+                if was:
+                    counts[was] -= 1
+                    if not counts[was]:
+                        del counts[was]
+                if v:
+                    counts[v] = counts.get(v, 0) + 1
+        out = FrozenMap.__new__(FrozenMap)
+        out._d = d
+        out._counts = None if counts is None else MappingProxyType(counts)
+        return out
 
     def counts(self) -> Mapping[Any, int]:
         """How many entries hold each non-empty value, in first-seen order (cached)."""
@@ -664,6 +685,48 @@ def watch_set(observer_id: str, member_ids: Iterable[str], k: int) -> list[str]:
         return ids
     start = bisect_right([ring_position(m) for m in ids], ring_position(observer_id))
     return [ids[(start + i) % len(ids)] for i in range(k)]
+
+
+class Ring:
+    """``watch_set(observer, ids, k)`` for a set of ids that changes a little at a time.
+
+    Keeps the ring (``(ring_position, id)`` sorted, the observer left out) between calls
+    and applies only what was added or removed: O(changes · log N) plus an O(N) set
+    difference at C speed, instead of sorting N ids per membership change in every
+    observer (issue #11). The answer is ``watch_set``'s, always.
+    """
+
+    __slots__ = ("observer", "k", "_ids", "_keys")
+
+    def __init__(self, observer: str, k: int) -> None:
+        if k < 0:
+            raise ValueError(f"k must be >= 0, got {k}")
+        self.observer, self.k = observer, k
+        self._ids: frozenset[str] = frozenset()
+        self._keys: list[tuple[int, str]] = []
+
+    def watch_set(self, member_ids: frozenset[str]) -> list[str]:
+        if member_ids != self._ids:
+            added, removed = member_ids - self._ids, self._ids - member_ids
+            keys = self._keys
+            if len(added) + len(removed) > 8 + len(keys) // 16:
+                keys[:] = sorted((ring_position(m), m) for m in member_ids
+                                 if m != self.observer)
+            else:
+                for m in removed:
+                    if m != self.observer:
+                        del keys[bisect_left(keys, (ring_position(m), m))]
+                for m in added:
+                    if m != self.observer:
+                        insort(keys, (ring_position(m), m))
+            self._ids = member_ids
+        keys, k = self._keys, self.k
+        if k == 0 or not keys:
+            return []
+        if len(keys) <= k:
+            return [m for _, m in keys]
+        start = bisect_left(keys, (ring_position(self.observer) + 1,))
+        return [keys[(start + i) % len(keys)][1] for i in range(k)]
 
 
 def watchers(member_id: str, member_ids: Iterable[str], k: int) -> list[str]:

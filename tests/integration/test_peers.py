@@ -14,6 +14,7 @@ from agent.group.heartbeat import Heartbeater
 from agent.group.membership import MemberRecord, watch_set, watchers
 from agent.group.peers import (
     PeerWatcher,
+    Roster,
     bump_marker,
     changes_since,
     marker_apply,
@@ -238,3 +239,9 @@ def test_a_list_with_the_same_ids_keeps_the_roster_and_refreshes_every_age(store
     clock.advance(400.0)
     assert w.tick().listed
     assert w.roster() is not roster and "i-9" in w.roster().members
+    hbs[2].leave()  # through the marker: the roster is patched, not rebuilt
+    w.tick()
+    want, got = Roster.of(w.view, "i-0"), w.roster()
+    assert "i-2" not in got.members and len(got.members) == 5
+    assert (got.members, got.departing, dict(got.zones), dict(got.endpoints)) == (
+        want.members, want.departing, dict(want.zones), dict(want.endpoints))

@@ -155,3 +155,56 @@ def test_record_cache_parses_each_body_once_and_a_changed_body_again() -> None:
     assert len(cache) == 2 and cache(body) is not first  # the oldest was forgotten
     with pytest.raises(AttributeError):
         first.state = "x"  # type: ignore[misc]
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.sampled_from([f"i-{n}" for n in range(40)]), st.integers(0, 4),
+       st.lists(st.sets(IDS, max_size=40), min_size=1, max_size=25))
+def test_ring_kept_between_calls_is_watch_set(observer: str, k: int, rounds: list) -> None:
+    """The ring a watcher keeps (only changes applied) answers what a fresh sort answers."""
+    from agent.group.membership import Ring, watch_set
+
+    ring = Ring(observer, k)
+    for ids in rounds:
+        assert ring.watch_set(frozenset(ids)) == watch_set(observer, ids, k)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.dictionaries(IDS, st.one_of(st.none(), st.tuples(
+    st.sampled_from(["booting", "ready", "leaving", "superseded"]),
+    st.sampled_from(["", "az-a", "az-b"]), st.sampled_from(["", "http://e"]))), max_size=12),
+    min_size=1, max_size=20), st.sampled_from(["i-0", "i-1", "i-99"]))
+def test_patched_roster_is_the_roster_of_the_view(edits: list, self_id: str) -> None:
+    """Patching the roster with the changed ids gives ``Roster.of`` of the whole view; every
+    older roster (and its zones, endpoints, counts) is left as it was."""
+    from agent.group.peers import PeerInfo, Roster
+
+    view: dict = {}
+    roster = Roster.of(view, self_id)
+    history = []
+    for changes in edits:
+        for m, v in changes.items():
+            if v is None:
+                view.pop(m, None)
+            else:
+                view[m] = PeerInfo(m, az=v[1], state=v[0], endpoint=v[2])
+        roster.zones.counts()  # known counts are carried over by the patch
+        roster = roster.patched(view, self_id, changes)
+        want = Roster.of(view, self_id)
+        assert (roster.members, roster.departing) == (want.members, want.departing)
+        assert dict(roster.zones) == dict(want.zones)
+        assert dict(roster.endpoints) == dict(want.endpoints)
+        assert dict(roster.zones.counts()) == dict(want.zones.counts())
+        history.append((roster, dict(roster.zones), dict(roster.endpoints)))
+    for r, zones, endpoints in history:
+        assert dict(r.zones) == zones and dict(r.endpoints) == endpoints
+
+
+def test_frozen_map_updated_leaves_the_original() -> None:
+    zones = FrozenMap({"a": "z1", "b": "z1", "c": "z2"})
+    assert dict(zones.counts()) == {"z1": 2, "z2": 1}
+    new = zones.updated({"a": None, "c": "z1", "d": "z3", "e": None})
+    assert dict(new) == {"b": "z1", "c": "z1", "d": "z3"}
+    assert dict(new.counts()) == {"z1": 2, "z3": 1}
+    assert dict(zones) == {"a": "z1", "b": "z1", "c": "z2"}
+    assert dict(zones.counts()) == {"z1": 2, "z2": 1}
