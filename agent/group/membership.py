@@ -103,13 +103,14 @@ class MemberRecord:
 
     def heartbeat(self, **changes: Any) -> MemberRecord:
         """The next record this member writes: ``seq + 1`` plus any changes."""
-        return replace(self, seq=self.seq + 1, **changes)
+        # ``replace`` without its per-field bookkeeping: every field is an init field.
+        return type(self)(**{**self.__dict__, "seq": self.seq + 1, **changes})
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict (fresh copy; mutating it does not touch the record)."""
         out: dict[str, Any] = {"schema": RECORD_SCHEMA}
-        for f in fields(self):
-            out[f.name] = getattr(self, f.name)
+        for name in _RECORD_FIELDS:
+            out[name] = getattr(self, name)
         out["health"] = json.loads(json.dumps(dict(self.health)))
         return out
 
@@ -123,16 +124,17 @@ class MemberRecord:
 
         Raises ``MalformedRecord`` naming the offending key.
         """
+        return cls._from_obj(obj, copy_health=True)
+
+    @classmethod
+    def _from_obj(cls, obj: object, *, copy_health: bool) -> MemberRecord:
         if not isinstance(obj, Mapping):
             raise MalformedRecord(f"member record must be a JSON object, got {type(obj).__name__}")
         missing = [k for k in ("instance_id", "group", "seq", "state") if k not in obj]
         if missing:
             raise MalformedRecord(f"member record missing {', '.join(missing)}")
-        kwargs: dict[str, Any] = {}
-        for f in fields(cls):
-            if f.name in obj:
-                kwargs[f.name] = obj[f.name]
-        if "health" in kwargs and isinstance(kwargs["health"], Mapping):
+        kwargs: dict[str, Any] = {name: obj[name] for name in _RECORD_FIELDS if name in obj}
+        if copy_health and "health" in kwargs and isinstance(kwargs["health"], Mapping):
             try:
                 kwargs["health"] = json.loads(json.dumps(dict(kwargs["health"])))
             except (TypeError, ValueError) as exc:
@@ -146,7 +148,11 @@ class MemberRecord:
             obj = json.loads(raw)
         except (UnicodeDecodeError, ValueError) as exc:
             raise MalformedRecord(f"member record is not valid JSON: {exc}") from exc
-        return cls.from_json(obj)
+        # What json.loads made is already a fresh JSON value: no copy of health needed.
+        return cls._from_obj(obj, copy_health=False)
+
+
+_RECORD_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(MemberRecord))
 
 
 def _validate_record(r: MemberRecord) -> None:
