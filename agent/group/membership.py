@@ -693,6 +693,12 @@ def watch_set(observer_id: str, member_ids: Iterable[str], k: int) -> list[str]:
     return [ids[(start + i) % len(ids)] for i in range(k)]
 
 
+@functools.lru_cache(maxsize=1 << 16)
+def _ring_key(instance_id: str) -> tuple[int, str]:
+    """``(ring_position, id)``: one tuple per id, shared by every observer's ring (memory)."""
+    return ring_position(instance_id), instance_id
+
+
 class Ring:
     """``watch_set(observer, ids, k)`` for a set of ids that changes a little at a time.
 
@@ -716,15 +722,14 @@ class Ring:
             added, removed = member_ids - self._ids, self._ids - member_ids
             keys = self._keys
             if len(added) + len(removed) > 8 + len(keys) // 16:
-                keys[:] = sorted((ring_position(m), m) for m in member_ids
-                                 if m != self.observer)
+                keys[:] = sorted(_ring_key(m) for m in member_ids if m != self.observer)
             else:
                 for m in removed:
                     if m != self.observer:
-                        del keys[bisect_left(keys, (ring_position(m), m))]
+                        del keys[bisect_left(keys, _ring_key(m))]
                 for m in added:
                     if m != self.observer:
-                        insort(keys, (ring_position(m), m))
+                        insort(keys, _ring_key(m))
             self._ids = member_ids
         keys, k = self._keys, self.k
         if k == 0 or not keys:
