@@ -51,6 +51,7 @@ from agent.group.membership import (
     Ring,
     Verdict,
     checked_row,
+    liveness,
 )
 from agent.interfaces import NotModified, StoreAPI
 from agent.layout import id_from_key, marker_key, member_key, members_prefix  # noqa: F401
@@ -227,9 +228,9 @@ def apply_changes(
 # -- I/O: reads that keep the store's clock ----------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Read:
-    """A conditional GET: ``changed`` (body), ``unchanged`` (304) or ``gone`` (404)."""
+class Read(NamedTuple):
+    """A conditional GET: ``changed`` (body), ``unchanged`` (304) or ``gone`` (404).
+    (An immutable named tuple: one per read, built cheaply; issue #11.)"""
 
     status: str
     etag: str = ""
@@ -627,6 +628,8 @@ class PeerWatcher:
         self.liveness = self.liveness.update_rows(rows, mono, listing=True)
 
     def _fetch_unknown(self, rep: TickReport) -> None:
+        if not self.need_fetch:
+            return
         todo = sorted(self.need_fetch - set(self.watch_set()))[: self.fetch_per_tick]
         for mid in todo:
             if self._read_member(mid, rep):
@@ -719,8 +722,6 @@ class PeerWatcher:
 
     def verdicts(self, *, dead_after_s: float, grace_s: float) -> dict[str, Verdict]:
         """Verdicts for the members this observer watches (the only ones it judges)."""
-        from agent.group.membership import liveness
-
         mono = self.clock.monotonic()
         return {
             m: liveness(self.liveness, m, dead_after_s=dead_after_s, grace_s=grace_s,
