@@ -34,6 +34,7 @@ import functools
 import hashlib
 import json
 import logging
+import sys
 import threading
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -141,8 +142,13 @@ class PeerInfo(NamedTuple):
     @classmethod
     def from_read(cls, r: Read) -> PeerInfo:
         """The peer a changed read shows (raises MalformedRecord for a body that is not one)."""
-        return cls.from_record(_record_of(r.body), etag=r.etag,
-                               last_modified=r.last_modified, store_now=r.store_now)
+        if cls is not PeerInfo:
+            return cls.from_record(_record_of(r.body), etag=r.etag,
+                                   last_modified=r.last_modified, store_now=r.store_now)
+        # The record's part, parsed (and its strings interned) once per body for every
+        # observer: equal to from_record's (issue #11: memory and time).
+        return _new_tuple(PeerInfo, RECORDS.peer_part(r.body) + (
+            r.last_modified, r.store_now, r.etag))
 
 
 def template_peers(view: Iterable[PeerInfo]) -> list[dict[str, str]]:
@@ -432,7 +438,7 @@ class RecordCache:
 
     def __init__(self, size: int = 256) -> None:
         self.size = size
-        self._d: dict[bytes, MemberRecord] = {}
+        self._d: dict[bytes, tuple[MemberRecord, tuple[Any, ...]]] = {}
         self._lock = threading.Lock()  # ``read_group`` parses from a thread pool
 
     def grow(self, by: int) -> None:
@@ -443,15 +449,28 @@ class RecordCache:
         return len(self._d)
 
     def __call__(self, body: bytes) -> MemberRecord:
-        rec = self._d.get(body)
-        if rec is None:
+        return self._get(body)[0]
+
+    def peer_part(self, body: bytes) -> tuple[Any, ...]:
+        """The first seven fields of the ``PeerInfo`` the record says (``from_record``'s),
+        strings interned: every observer's view shares them instead of holding its own."""
+        return self._get(body)[1]
+
+    def _get(self, body: bytes) -> tuple[MemberRecord, tuple[Any, ...]]:
+        got = self._d.get(body)
+        if got is None:
             rec = MemberRecord.loads(body)
+            got = rec, tuple(_interned(v) for v in PeerInfo.from_record(rec)[:7])
             with self._lock:
                 d = self._d
-                d[body] = rec
+                d[body] = got
                 while len(d) > self.size:
                     del d[next(iter(d))]
-        return rec
+        return got
+
+
+def _interned(v: Any) -> Any:
+    return sys.intern(v) if type(v) is str else v
 
 
 RECORDS = RecordCache()

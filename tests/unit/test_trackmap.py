@@ -157,6 +157,23 @@ def test_record_cache_parses_each_body_once_and_a_changed_body_again() -> None:
         first.state = "x"  # type: ignore[misc]
 
 
+def test_peer_from_a_read_is_the_peer_from_its_record() -> None:
+    """``PeerInfo.from_read`` takes the record's part from the cache (strings shared by
+    every observer); ``from_record`` of the parsed body is the referee."""
+    from agent.group.membership import MemberRecord
+    from agent.group.peers import PeerInfo, Read
+
+    rec = MemberRecord("i-1", "g", 7, "degraded", az="az-b", private_ip="10.0.0.7",
+                       endpoint="http://10.0.0.7:7467",
+                       health={"status": "warning", "checks": {}})
+    for body in (rec.dumps(), bytes(bytearray(rec.dumps()))):
+        r = Read("changed", '"e7"', 1000.0, 1004.0, body)
+        got = PeerInfo.from_read(r)
+        assert got == PeerInfo.from_record(MemberRecord.loads(body), etag='"e7"',
+                                           last_modified=1000.0, store_now=1004.0)
+        assert (got.health, got.state, got.seq) == ("warning", "degraded", 7)
+
+
 @settings(max_examples=150, deadline=None)
 @given(st.sampled_from([f"i-{n}" for n in range(40)]), st.integers(0, 4),
        st.lists(st.sets(IDS, max_size=40), min_size=1, max_size=25))
