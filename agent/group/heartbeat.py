@@ -328,6 +328,8 @@ class Heartbeater:
         }
 
     def _save(self) -> None:
+        if self.state_path is None and self.member_path is None:
+            return  # nowhere to save (the simulator's members): no document to build
         doc = self.status_doc()
         if self.state_path is not None:
             try:

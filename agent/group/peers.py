@@ -34,10 +34,12 @@ import functools
 import hashlib
 import json
 import logging
+import sys
+import threading
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 from agent.clock import SYSTEM_CLOCK, Clock
 from agent.errors import NotFound, PreconditionFailed, StoreError
@@ -47,9 +49,10 @@ from agent.group.membership import (
     LivenessState,
     MalformedRecord,
     MemberRecord,
-    Observation,
+    Ring,
     Verdict,
-    watch_set,
+    checked_row,
+    liveness,
 )
 from agent.interfaces import NotModified, StoreAPI
 from agent.layout import id_from_key, marker_key, member_key, members_prefix  # noqa: F401
@@ -76,9 +79,13 @@ GONE_KEEP_S = 600.0  # how long a watcher remembers a member it saw leave (then:
 # -- pure: the peer view -----------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class PeerInfo:
-    """What this observer knows about one member. Ages are on the store's clock."""
+class PeerInfo(NamedTuple):
+    """What this observer knows about one member. Ages are on the store's clock.
+
+    An immutable named tuple, not a dataclass: every observer rebuilds one per member
+    at each LIST (new ``store_now``), and a frozen dataclass costs ~10x more to build
+    and ~2x the memory (issue #11). Make changed copies with ``_replace``.
+    """
 
     id: str
     az: str = ""
@@ -135,8 +142,13 @@ class PeerInfo:
     @classmethod
     def from_read(cls, r: Read) -> PeerInfo:
         """The peer a changed read shows (raises MalformedRecord for a body that is not one)."""
-        return cls.from_record(_record_of(r.body), etag=r.etag,
-                               last_modified=r.last_modified, store_now=r.store_now)
+        if cls is not PeerInfo:
+            return cls.from_record(_record_of(r.body), etag=r.etag,
+                                   last_modified=r.last_modified, store_now=r.store_now)
+        # The record's part, parsed (and its strings interned) once per body for every
+        # observer: equal to from_record's (issue #11: memory and time).
+        return _new_tuple(PeerInfo, RECORDS.peer_part(r.body) + (
+            r.last_modified, r.store_now, r.etag))
 
 
 def template_peers(view: Iterable[PeerInfo]) -> list[dict[str, str]]:
@@ -211,8 +223,7 @@ def apply_changes(
             out.pop(mid, None)
             continue
         prev = out.get(mid, PeerInfo(mid))
-        out[mid] = replace(
-            prev,
+        out[mid] = prev._replace(
             state=state or prev.state,
             ip=str(c.get("ip") or prev.ip),
             az=str(c.get("az") or prev.az),
@@ -223,9 +234,9 @@ def apply_changes(
 # -- I/O: reads that keep the store's clock ----------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Read:
-    """A conditional GET: ``changed`` (body), ``unchanged`` (304) or ``gone`` (404)."""
+class Read(NamedTuple):
+    """A conditional GET: ``changed`` (body), ``unchanged`` (304) or ``gone`` (404).
+    (An immutable named tuple: one per read, built cheaply; issue #11.)"""
 
     status: str
     etag: str = ""
@@ -355,12 +366,119 @@ class Roster:
         )
 
 
-@functools.lru_cache(maxsize=256)
+    def patched(self, view: Mapping[str, PeerInfo], self_id: str,
+                ids: Iterable[str]) -> Roster:
+        """``Roster.of(view, self_id)`` when only the entries of ``ids`` changed since this
+        roster was built from the view: O(N) copies at C speed, O(len(ids)) work (#11)."""
+        members, departing = set(self.members), set(self.departing)
+        zones: dict[str, str | None] = {}
+        endpoints: dict[str, str | None] = {}
+        for m in ids:
+            p = view.get(m)
+            leaving = p is not None and p.state in DEPARTING_STATES and m != self_id
+            if leaving:
+                departing.add(m)
+            else:
+                departing.discard(m)
+            member = m == self_id or (p is not None and not leaving)
+            if member:
+                members.add(m)
+            else:
+                members.discard(m)
+            zones[m] = p.az if p is not None and member and p.az else None
+            endpoints[m] = p.endpoint if p is not None and p.endpoint else None
+        return Roster(members=frozenset(members), zones=_frozen(self.zones).updated(zones),
+                      endpoints=_frozen(self.endpoints).updated(endpoints),
+                      departing=frozenset(departing))
+
+
+_INF = float("inf")
+_new_tuple = tuple.__new__  # a PeerInfo from a full tuple of its fields, no checks
+
+
+def _frozen(m: Mapping[str, str]) -> FrozenMap:
+    return m if isinstance(m, FrozenMap) else FrozenMap(m)
+
+
+def _marker_of(body: bytes) -> dict[str, Any]:
+    """The marker a body says (``{}`` for one that is not JSON), parsed once for every
+    watcher that reads the same bytes (the last body is remembered; never changed)."""
+    last_body, last = _MARKER_LAST[0]
+    if last_body == body:
+        return last
+    try:
+        marker = json.loads(body)
+    except ValueError:
+        marker = {}
+    _MARKER_LAST[0] = (body, marker)  # one store: a thread never sees half a pair
+    return marker
+
+
+_MARKER_LAST: list[tuple[bytes | None, dict[str, Any]]] = [(None, {})]
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _id_of(key: str) -> str | None:
+    """``id_from_key``, remembered: one string object per id for every observer (memory:
+    each observer keeps every id), parsed once per key instead of once per LIST entry."""
+    return id_from_key(key)
+
+
+class RecordCache:
+    """``MemberRecord.loads`` remembered for the last ``size`` bodies (oldest forgotten
+    first). A record body is immutable bytes, so the same bytes always parse to the same
+    record; a changed body is other bytes and is parsed anew. A malformed body is never
+    cached (it raises every time). Records are shared, never changed.
+
+    One per process (``RECORDS``); every ``PeerWatcher`` grows it by a couple of entries:
+    in the daemon (one watcher) it stays small, in the simulator (thousands of watchers in
+    one process, issue #11) it holds about two intervals of heartbeats, so the ``k``
+    watchers of a member parse its new record once instead of ``k`` times.
+    """
+
+    def __init__(self, size: int = 256) -> None:
+        self.size = size
+        self._d: dict[bytes, tuple[MemberRecord, tuple[Any, ...]]] = {}
+        self._lock = threading.Lock()  # ``read_group`` parses from a thread pool
+
+    def grow(self, by: int) -> None:
+        with self._lock:
+            self.size += by
+
+    def __len__(self) -> int:
+        return len(self._d)
+
+    def __call__(self, body: bytes) -> MemberRecord:
+        return self._get(body)[0]
+
+    def peer_part(self, body: bytes) -> tuple[Any, ...]:
+        """The first seven fields of the ``PeerInfo`` the record says (``from_record``'s),
+        strings interned: every observer's view shares them instead of holding its own."""
+        return self._get(body)[1]
+
+    def _get(self, body: bytes) -> tuple[MemberRecord, tuple[Any, ...]]:
+        got = self._d.get(body)
+        if got is None:
+            rec = MemberRecord.loads(body)
+            got = rec, tuple(_interned(v) for v in PeerInfo.from_record(rec)[:7])
+            with self._lock:
+                d = self._d
+                d[body] = got
+                while len(d) > self.size:
+                    del d[next(iter(d))]
+        return got
+
+
+def _interned(v: Any) -> Any:
+    return sys.intern(v) if type(v) is str else v
+
+
+RECORDS = RecordCache()
+
+
 def _record_of(body: bytes) -> MemberRecord:
-    """``MemberRecord.loads``, remembered for the last few bodies: a record is immutable,
-    and the k watchers of a member (thousands of members in one simulator process) read
-    the same bytes. Used only to build a ``PeerInfo``; a malformed body is never cached."""
-    return MemberRecord.loads(body)
+    """The record of a body, through ``RECORDS``. Used only to build a ``PeerInfo``."""
+    return RECORDS(body)
 
 
 # -- I/O: the watcher the daemon ticks ---------------------------------------------------------
@@ -418,12 +536,16 @@ class PeerWatcher:
         self.store_now: float | None = None
         self._ids_for_ring: frozenset[str] = frozenset()
         self._ring: list[str] = []
+        self._ringer = Ring(self_id, k)
         # Per-tick work stays O(watched), not O(N) (issue #11): the ring is recomputed only
         # after the view's ids may have changed, the roster (members, zones, endpoints, who
         # is departing) only after an id, a state, a zone or an endpoint may have changed.
         self._ring_dirty = True
         self._roster: Roster | None = None
+        # ids whose entry changed since the roster was built (None: rebuild it whole)
+        self._roster_dirty: set[str] | None = None
         self.last_store_errors: list[str] = []  # the last tick's failed reads (heal abstains)
+        RECORDS.grow(2)
 
     # -- one interval ----------------------------------------------------------------------------
     def tick(self) -> TickReport:
@@ -450,16 +572,13 @@ class PeerWatcher:
         rep.requests += 1
         if r.status == "changed":
             rep.marker_changed = True
-            try:
-                marker = json.loads(r.body)
-            except ValueError:
-                marker = {}
+            marker = _marker_of(r.body)
             deltas = changes_since(marker, self.marker_version)
             if deltas is None:
                 self.need_list = True  # first sight, or fell behind the log
             else:
                 self.view = apply_changes(self.view, deltas)
-                self._view_changed()
+                self._view_changed(str(c.get("id", "")) for c in deltas)
                 gone = [str(c.get("id")) for c in deltas if c.get("state") in ("gone", "leaving")]
                 if gone:
                     self.liveness = self.liveness.update([], self.clock.monotonic(), gone=gone)
@@ -489,37 +608,47 @@ class PeerWatcher:
         self.last_pages = listing.pages
         self.need_list = False
         self.store_now = listing.store_now
+        store_now = listing.store_now
         present: dict[str, Any] = {}
         for e in listing.entries:
-            mid = id_from_key(e.key)
+            mid = _id_of(e.key)
             if mid:
                 present[mid] = e
+        # One LIST touches every member: this loop is most of a member's work at large N
+        # (issue #11), so it builds plain tuples, no per-entry dataclass or Observation.
+        old = self.view
+        need = self.need_fetch
         view: dict[str, PeerInfo] = {}
-        obs = []
+        rows = []
+        new = _new_tuple
+        times_ok = type(store_now) is float and type(mono) is float and \
+            -_INF < store_now < _INF and -_INF < mono < _INF
         for mid, e in present.items():
-            prev = self.view.get(mid)
+            prev = old.get(mid)
             if prev is None or prev.state == "booting" or not prev.ip:
-                self.need_fetch.add(mid)
+                need.add(mid)
                 prev = prev or PeerInfo(mid)
-            view[mid] = replace(
-                prev, last_modified=e.last_modified, store_now=listing.store_now, etag=e.etag
-            )
-            obs.append(
-                Observation(
-                    mid,
-                    e.etag,
-                    e.last_modified,
-                    listing.store_now,
-                    mono,
-                    prev.state if prev.ip else None,
-                )
-            )
+            etag, lm = e.etag, e.last_modified
+            if lm == prev.last_modified:
+                lm = prev.last_modified  # one float object for equal times (memory)
+            row = (mid, etag, lm, store_now, mono, prev.state if prev.ip else None)
+            if not (times_ok and type(etag) is str and etag and type(lm) is float
+                    and -_INF < lm < _INF):
+                row = checked_row(*row)  # Observation's checks: raises what it raises
+            view[mid] = new(PeerInfo, prev[:7] + (lm, store_now, etag))
+            rows.append(row)
         self.view = view
-        self._view_changed()
-        self.need_fetch &= set(view)
-        self.liveness = self.liveness.update(obs, mono, listing=True)
+        if view.keys() != old.keys():
+            # A LIST keeps every known member's state, zone and endpoint: only a changed
+            # set of ids changes the ring or the roster.
+            self._view_changed(view.keys() ^ old.keys())
+        if need:
+            need.intersection_update(view)
+        self.liveness = self.liveness.update_rows(rows, mono, listing=True)
 
     def _fetch_unknown(self, rep: TickReport) -> None:
+        if not self.need_fetch:
+            return
         todo = sorted(self.need_fetch - set(self.watch_set()))[: self.fetch_per_tick]
         for mid in todo:
             if self._read_member(mid, rep):
@@ -546,19 +675,16 @@ class PeerWatcher:
         mono = self.clock.monotonic()
         if r.status == "gone":
             if self.view.pop(mid, None) is not None:
-                self._view_changed()
+                self._view_changed((mid,))
             self.liveness = self.liveness.update([], mono, gone=[mid])
             return True
         if r.status == "unchanged":
             assert prev is not None
-            self.view[mid] = replace(prev, store_now=r.store_now)
+            self.view[mid] = _new_tuple(PeerInfo, prev[:8] + (r.store_now, prev.etag))
             if prev.last_modified is not None:
-                self.liveness = self.liveness.update(
-                    [
-                        Observation(
-                            mid, prev.etag, prev.last_modified, r.store_now, mono, prev.state
-                        )
-                    ],
+                self.liveness = self.liveness.update_rows(
+                    [checked_row(mid, prev.etag, prev.last_modified, r.store_now, mono,
+                                 prev.state)],
                     mono,
                 )
             return True
@@ -570,17 +696,22 @@ class PeerWatcher:
         assert r.last_modified is not None
         if prev is None or (prev.state, prev.az, prev.endpoint) != (
                 peer.state, peer.az, peer.endpoint):
-            self._view_changed()
+            self._view_changed((mid,))
         self.view[mid] = peer
-        self.liveness = self.liveness.update(
-            [Observation(mid, r.etag, r.last_modified, r.store_now, mono, peer.state)], mono
+        self.liveness = self.liveness.update_rows(
+            [checked_row(mid, r.etag, r.last_modified, r.store_now, mono, peer.state)], mono
         )
         return True
 
     # -- views -----------------------------------------------------------------------------------
-    def _view_changed(self) -> None:
+    def _view_changed(self, ids: Iterable[str] | None = None) -> None:
+        """The view's entries for ``ids`` (None: any) may have a new id, state, zone or
+        endpoint: the ring and the roster are brought up to date when next asked."""
         self._ring_dirty = True
-        self._roster = None
+        if ids is None or self._roster is None:
+            self._roster_dirty = None
+        elif self._roster_dirty is not None:
+            self._roster_dirty.update(ids)
 
     def watch_set(self) -> list[str]:
         if self._ring_dirty:
@@ -588,14 +719,18 @@ class PeerWatcher:
             ids = frozenset(self.view)
             if ids != self._ids_for_ring:
                 self._ids_for_ring = ids
-                self._ring = watch_set(self.self_id, ids, self.k)
+                self._ring = self._ringer.watch_set(ids)
         return list(self._ring) if self._ids_for_ring else []
 
     def roster(self) -> Roster:
         """Who is in the group as this view says (cached until the view's ids, states,
         zones or endpoints change; the mappings are never changed once built)."""
-        if self._roster is None:
+        dirty = self._roster_dirty
+        if self._roster is None or dirty is None or 8 * len(dirty) > len(self.view) + 64:
             self._roster = Roster.of(self.view, self.self_id)
+        elif dirty:
+            self._roster = self._roster.patched(self.view, self.self_id, dirty)
+        self._roster_dirty = set()
         return self._roster
 
     def peers(self) -> list[PeerInfo]:
@@ -606,8 +741,6 @@ class PeerWatcher:
 
     def verdicts(self, *, dead_after_s: float, grace_s: float) -> dict[str, Verdict]:
         """Verdicts for the members this observer watches (the only ones it judges)."""
-        from agent.group.membership import liveness
-
         mono = self.clock.monotonic()
         return {
             m: liveness(self.liveness, m, dead_after_s=dead_after_s, grace_s=grace_s,

@@ -14,6 +14,7 @@ from agent.group.heartbeat import Heartbeater
 from agent.group.membership import MemberRecord, watch_set, watchers
 from agent.group.peers import (
     PeerWatcher,
+    Roster,
     bump_marker,
     changes_since,
     marker_apply,
@@ -208,3 +209,39 @@ def test_example_upstream_template_over_peers(store: Store) -> None:
         group="web", instance={"id": "i-me", "az": "az-a"}, vars={}, peers=w.template_peers())
     assert "server 10.0.0.1:8080" in out and "server 10.0.0.2:8080" in out
     assert "10.0.0.3" not in out and "backup" not in out
+
+
+def test_a_list_with_the_same_ids_keeps_the_roster_and_refreshes_every_age(store: Store) -> None:
+    """A LIST rebuilds each PeerInfo (new store clock) but keeps the roster (and the ring)
+    while the set of ids is unchanged; a new id rebuilds it (issue #11)."""
+    clock = FakeClock()
+    hbs = [join(store, f"i-{n}", f"10.0.0.{n}") for n in range(5)]
+    w = PeerWatcher(store, "web", "i-0", clock=clock, k=2)
+    w.tick()
+    w.tick()  # the first LIST's unknown records fetched
+    roster = w.roster()
+    assert roster.members == {f"i-{n}" for n in range(5)}
+    before = dict(w.view)
+    for hb in hbs[1:]:
+        assert hb.beat().ok  # new ETags, so the LIST has news for every record
+    clock.advance(400.0)
+    rep = w.tick()
+    assert rep.listed
+    assert w.roster() is roster
+    for m, p in w.view.items():
+        if m == "i-0":
+            continue
+        t = w.liveness.members[m]
+        assert (p.etag, p.last_modified, p.store_now) == (t.etag, t.last_modified, t.store_now)
+        assert p.etag != before[m].etag and (p.state, p.ip, p.az) == (
+            before[m].state, before[m].ip, before[m].az)
+    join(store, "i-9", "10.0.0.9")
+    clock.advance(400.0)
+    assert w.tick().listed
+    assert w.roster() is not roster and "i-9" in w.roster().members
+    hbs[2].leave()  # through the marker: the roster is patched, not rebuilt
+    w.tick()
+    want, got = Roster.of(w.view, "i-0"), w.roster()
+    assert "i-2" not in got.members and len(got.members) == 5
+    assert (got.members, got.departing, dict(got.zones), dict(got.endpoints)) == (
+        want.members, want.departing, dict(want.zones), dict(want.endpoints))
