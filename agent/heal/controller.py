@@ -83,6 +83,7 @@ from agent.heal.leases import (
     lease_key,
     lease_outcome,
     leases_prefix,
+    parse_lease,
     parse_suspicion,
     pause_key,
     read_lease,
@@ -523,20 +524,22 @@ class HealController:
             pass
 
     def _read_leases(self, g: _Gathered, peers: PeersView, sick: bool = False) -> None:
-        listing = self.store.list(leases_prefix(self.group))
+        prefix = leases_prefix(self.group)
+        listing = self.store.list(prefix)
         now = listing.store_now
         g.store_now = max(g.store_now, now)
         for e in listing.entries:
-            member = e.key[len(leases_prefix(self.group)):]
+            member = e.key[len(prefix):]
             cached = self._lease_cache.get(member)
             if cached is not None and cached.etag == e.etag:
-                lease = replace(cached, last_modified=e.last_modified)
+                lease = (cached if cached.last_modified == e.last_modified
+                         else replace(cached, last_modified=e.last_modified))
             else:
                 obj = self.store.get_or_none(e.key)
                 if obj is None:
                     continue
                 try:
-                    lease = Lease.parse(obj.body, etag=obj.etag, last_modified=obj.last_modified)
+                    lease = parse_lease(obj.body, obj.etag, obj.last_modified)
                 except MalformedRecord as exc:
                     log.warning("ignoring %s: %s", e.key, exc)
                     continue

@@ -15,6 +15,7 @@ here so that they do not need the controller (``agent.heal.controller``).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from collections.abc import Callable, Iterable, Mapping
@@ -344,11 +345,19 @@ def release_inflight(store: StoreAPI, group: str, member: str,
                 retry.sleep()
 
 
+@functools.lru_cache(maxsize=1024)
+def parse_lease(raw: bytes, etag: str, last_modified: float | None) -> Lease:
+    """``Lease.parse``, remembered for the last few versions: a lease is immutable, and
+    every observer of a group (thousands in one simulator process, issue #11) reads the
+    same version. A malformed body raises each time (never cached)."""
+    return Lease.parse(raw, etag=etag, last_modified=last_modified)
+
+
 def read_lease(store: StoreAPI, group: str, member: str) -> Lease | None:
     obj = store.get_or_none(lease_key(group, member))
     if obj is None:
         return None
-    return Lease.parse(obj.body, etag=obj.etag, last_modified=obj.last_modified)
+    return parse_lease(obj.body, obj.etag, obj.last_modified)
 
 
 def superseded(store: StoreAPI, group: str, my_id: str) -> bool:

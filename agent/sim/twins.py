@@ -86,6 +86,16 @@ class _S3Object:
     etag: str
     modified: int  # whole seconds, store clock
     content_type: str = "application/octet-stream"
+    # Built once per version, not per read (issue #11): an object is replaced, never changed.
+    last_modified: datetime = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self.last_modified = datetime.fromtimestamp(self.modified, _UTC)
+
+    def list_entry(self, key: str) -> dict[str, Any]:
+        """Its ListObjectsV2 ``Contents`` item (a fresh dict: callers may keep or change it)."""
+        return {"Key": key, "ETag": self.etag, "Size": len(self.body),
+                "LastModified": self.last_modified, "StorageClass": "STANDARD"}
 
 
 class ClientProxy:
@@ -121,6 +131,7 @@ class S3Twin:
         self._keys: dict[str, list[str]] = {}  # sorted keys per bucket (UTF-8 order == str order)
         self._date_cache: tuple[int, str] = (-1, "")
         self.requests = 0
+        self._dispatch: dict[str, Callable[..., dict[str, Any]]] = {}
 
     # -- plumbing ---------------------------------------------------------------------------
     def client(self) -> ClientProxy:
@@ -134,7 +145,10 @@ class S3Twin:
 
     def call(self, op: str, kw: dict[str, Any]) -> dict[str, Any]:
         self.requests += 1
-        return getattr(self, "_" + op)(**kw)
+        fn = self._dispatch.get(op)
+        if fn is None:
+            fn = self._dispatch[op] = getattr(self, "_" + op)
+        return fn(**kw)
 
     def _meta(self, status: int, date: str) -> dict[str, Any]:
         return {"HTTPStatusCode": status, "HTTPHeaders": {"date": date}}
@@ -170,8 +184,7 @@ class S3Twin:
         if IfNoneMatch is not None and (IfNoneMatch == "*" or IfNoneMatch == o.etag):
             raise _error("304", 304, "Not Modified", "GetObject", date)
         return {"Body": _Body(o.body), "ETag": o.etag, "ContentLength": len(o.body),
-                "ContentType": o.content_type,
-                "LastModified": datetime.fromtimestamp(o.modified, _UTC),
+                "ContentType": o.content_type, "LastModified": o.last_modified,
                 "ResponseMetadata": self._meta(200, date)}
 
     def _head_object(self, Bucket: str, Key: str, **_: Any) -> dict[str, Any]:
@@ -180,7 +193,7 @@ class S3Twin:
         if o is None:
             raise _error("404", 404, "Not Found", "HeadObject", date)
         return {"ETag": o.etag, "ContentLength": len(o.body), "ContentType": o.content_type,
-                "LastModified": datetime.fromtimestamp(o.modified, _UTC),
+                "LastModified": o.last_modified,
                 "ResponseMetadata": self._meta(200, date)}
 
     def _put_object(self, Bucket: str, Key: str, Body: bytes | str = b"",
@@ -244,10 +257,7 @@ class S3Twin:
             if len(contents) >= MaxKeys:
                 truncated = True
                 break
-            o = b[k]
-            contents.append({"Key": k, "ETag": o.etag, "Size": len(o.body),
-                             "LastModified": datetime.fromtimestamp(o.modified, _UTC),
-                             "StorageClass": "STANDARD"})
+            contents.append(b[k].list_entry(k))
             i += 1
         resp: dict[str, Any] = {"IsTruncated": truncated, "KeyCount": len(contents),
                                 "Name": Bucket, "Prefix": Prefix, "MaxKeys": MaxKeys,
