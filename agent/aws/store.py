@@ -211,9 +211,9 @@ class Store:
             # ~100 bytes of XML per entry besides the key: a model, for the cost measurements
             self.usage.add("list", bytes_in=sum(len(o["Key"]) + 100 for o in contents))
             store_now = _http_date(resp.get("ResponseMetadata"))
-            for o in contents:
-                entries.append(Entry(self.rel(o["Key"]), o["ETag"], o["LastModified"].timestamp(),
-                                     o["Size"]))
+            rel = self.rel if self.prefix else str  # str: the key as it is (no prefix)
+            entries.extend([Entry(rel(o["Key"]), o["ETag"], o["LastModified"].timestamp(),
+                                  o["Size"]) for o in contents])
             token = resp.get("NextContinuationToken")
             if not resp.get("IsTruncated") or not token or (max_pages and pages >= max_pages):
                 break

@@ -80,17 +80,22 @@ class _Body:
         return b
 
 
-@dataclass
+@dataclass(slots=True)
 class _S3Object:
     body: bytes
     etag: str
     modified: int  # whole seconds, store clock
     content_type: str = "application/octet-stream"
-    # Built once per version, not per read (issue #11): an object is replaced, never changed.
-    last_modified: datetime = field(init=False, repr=False, compare=False)
+    _last_modified: datetime | None = field(default=None, repr=False, compare=False)
 
-    def __post_init__(self) -> None:
-        self.last_modified = datetime.fromtimestamp(self.modified, _UTC)
+    @property
+    def last_modified(self) -> datetime:
+        """``LastModified``, built once per version on its first read, not per read (issue
+        #11): a version never changes (a PUT makes a new one), and most are never read."""
+        lm = self._last_modified
+        if lm is None:
+            lm = self._last_modified = datetime.fromtimestamp(self.modified, _UTC)
+        return lm
 
     def list_entry(self, key: str) -> dict[str, Any]:
         """Its ListObjectsV2 ``Contents`` item (a fresh dict: callers may keep or change it)."""
@@ -248,17 +253,18 @@ class S3Twin:
         after = ContinuationToken or StartAfter
         i = bisect.bisect_right(keys, after) if after else 0
         i = max(i, bisect.bisect_left(keys, Prefix))
-        contents = []
-        truncated = False
-        while i < len(keys):
-            k = keys[i]
-            if not k.startswith(Prefix):
-                break
-            if len(contents) >= MaxKeys:
-                truncated = True
-                break
-            contents.append(b[k].list_entry(k))
-            i += 1
+        # The keys under Prefix are one run of the sorted list: [i, end).
+        if Prefix and Prefix[-1] < "\U0010ffff":
+            end = bisect.bisect_left(keys, Prefix[:-1] + chr(ord(Prefix[-1]) + 1), i)
+        elif Prefix:
+            end = i
+            while end < len(keys) and keys[end].startswith(Prefix):
+                end += 1
+        else:
+            end = len(keys)
+        stop = min(end, i + max(MaxKeys, 0))
+        truncated = stop < end
+        contents = [b[k].list_entry(k) for k in keys[i:stop]]
         resp: dict[str, Any] = {"IsTruncated": truncated, "KeyCount": len(contents),
                                 "Name": Bucket, "Prefix": Prefix, "MaxKeys": MaxKeys,
                                 "ResponseMetadata": self._meta(200, date)}
