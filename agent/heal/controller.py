@@ -769,7 +769,7 @@ class HealController:
         view = HealView(
             observer_id=self.me, group_size=max(peers.group_size, 1), verdicts=verdicts,
             suspicions=g.suspicions, ec2_state=ec2, asg_health=asg, probe_ok=probe,
-            silent_for=dict(peers.silent_for), leases=leased, in_flight=in_flight,
+            silent_for=peers.silent_for, leases=leased, in_flight=in_flight,
             budget=g.budget_used,
             consecutive_failures=streak(g.leases.values(), g.outcomes, g.resumed_at),
             observer_sick=sick, observer_fresh=peers.observer_fresh, paused=g.paused,

@@ -199,9 +199,11 @@ def streak(leases: Iterable[Lease], outcomes: Mapping[str, str], since: float | 
 
 
 def parse_suspicion(rel: str, group: str) -> tuple[str, str] | None:
-    rest = rel[len(suspicions_prefix(group)):] if rel.startswith(suspicions_prefix(group)) else ""
-    parts = rest.split("/")
-    return (parts[0], parts[1]) if len(parts) == 2 and all(parts) else None
+    prefix = suspicions_prefix(group)
+    if not rel.startswith(prefix):
+        return None
+    parts = rel[len(prefix):].split("/")
+    return (parts[0], parts[1]) if len(parts) == 2 and parts[0] and parts[1] else None
 
 
 def count_suspicions(entries: Iterable[Any], group: str, store_now: float,

@@ -87,6 +87,7 @@ class _S3Object:
     modified: int  # whole seconds, store clock
     content_type: str = "application/octet-stream"
     _last_modified: datetime | None = field(default=None, repr=False, compare=False)
+    _listed: dict[str, Any] | None = field(default=None, repr=False, compare=False)
 
     @property
     def last_modified(self) -> datetime:
@@ -98,9 +99,14 @@ class _S3Object:
         return lm
 
     def list_entry(self, key: str) -> dict[str, Any]:
-        """Its ListObjectsV2 ``Contents`` item (a fresh dict: callers may keep or change it)."""
-        return {"Key": key, "ETag": self.etag, "Size": len(self.body),
-                "LastModified": self.last_modified, "StorageClass": "STANDARD"}
+        """Its ListObjectsV2 ``Contents`` item, built once per version and shared by every
+        LIST that shows it (read-only, as the adapters treat a response)."""
+        item = self._listed
+        if item is None:
+            item = self._listed = {"Key": key, "ETag": self.etag, "Size": len(self.body),
+                                   "LastModified": self.last_modified,
+                                   "StorageClass": "STANDARD"}
+        return item
 
 
 class ClientProxy:
