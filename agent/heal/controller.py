@@ -55,6 +55,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
+from operator import countOf
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -544,6 +545,14 @@ class HealController:
                     log.warning("ignoring %s: %s", e.key, exc)
                     continue
                 self._lease_cache[member] = lease
+            if lease.state == "done":
+                # Inert, and most of a long run's leases (one per death, kept): never
+                # cleared, resolved or maintained, its outcome is "done" (issue #11).
+                g.leases[member] = lease
+                g.outcomes[member] = "done"
+                if lease.acted and member in peers.members and member != self.me:
+                    self._forget(member)
+                continue
             if self._clear_if_alive(lease, now, peers, sick):
                 continue
             if (not sick and lease.state == "acting" and lease.acted_at is None
@@ -558,9 +567,9 @@ class HealController:
                 self._forget(member)
         # Bounded memory: forget leases that are gone from the store, and refusals recorded
         # for members that are neither leased nor in this observer's view any more.
-        for m in set(self._lease_cache) - set(g.leases):
+        for m in [m for m in self._lease_cache if m not in g.leases]:
             del self._lease_cache[m]
-        for m in set(self._stuck) - set(g.leases):
+        for m in [m for m in self._stuck if m not in g.leases]:
             del self._stuck[m]
         for m in [m for m in self._recorded  # not set(peers.members): O(N) a step (#11)
                   if m not in g.leases and m not in peers.verdicts and m not in peers.members]:
@@ -723,8 +732,9 @@ class HealController:
         dead = sorted(m for m, s in verdicts.items() if s == "dead" and m != self.me)
         # Leased: a lease nobody may take over yet (refused, expired held, and failed-
         # before-acting ones may be: the member is a candidate again, invariant 13).
-        leased = frozenset(m for m, lease in g.leases.items()
-                           if not lease.takeover_allowed(g.store_now, self.lease_expiry_s))
+        leased = frozenset(m for m, lease in g.leases.items()  # a done lease never is
+                           if lease.state == "done"
+                           or not lease.takeover_allowed(g.store_now, self.lease_expiry_s))
         ec2: dict[str, str | None] = {}
         asg: dict[str, str | None] = {}
         asg_of: dict[str, str] = {}
@@ -764,7 +774,7 @@ class HealController:
         for m in list(self._my_probes):
             if m not in candidates:
                 self._my_probes.pop(m, None)
-        in_flight = sum(1 for o in g.outcomes.values() if o == "in-flight")
+        in_flight = countOf(g.outcomes.values(), "in-flight")
         zones = peers.zones  # HealView keeps its own frozen copy (none for a FrozenMap)
         view = HealView(
             observer_id=self.me, group_size=max(peers.group_size, 1), verdicts=verdicts,
@@ -1169,7 +1179,7 @@ class HealController:
             "reasons": list(d.freeze.reasons) if d.freeze else [],
             "scope": d.freeze.scope if d.freeze else "",
             "budget_left": max(0, self.policy.max_per_window - g.budget_used),
-            "in_flight": sum(1 for o in g.outcomes.values() if o == "in-flight"),
+            "in_flight": countOf(g.outcomes.values(), "in-flight"),
             "paused": g.paused, "superseded": self.superseded,
             "disrupted_zones": list(d.disrupted_zones),
             "api_error": api_error[:300], "store_errors": g.errors[:3],

@@ -28,7 +28,6 @@ from agent.group.membership import MalformedRecord
 from agent.heal.decide import (
     budget_after,
     budget_take,
-    failure_streak,
     is_failed_replacement,
     lease_clearable,
 )
@@ -185,17 +184,28 @@ def lease_outcome(lease: Lease, now: float, deadline_s: float, heartbeated: bool
 
 
 def streak(leases: Iterable[Lease], outcomes: Mapping[str, str], since: float | None) -> int:
-    """Consecutive failed replacements, oldest first by act time, after ``since``."""
-    closed = []
+    """Consecutive failed replacements, oldest first by act time, after ``since``.
+
+    ``failure_streak`` of the closed leases sorted by ``(time, member)``: the failures
+    that sort after the last success. Counted in one pass, without sorting every lease
+    a long-lived group ever had at every step (issue #11)."""
+    last_ok: tuple[float, str] | None = None
+    failed: list[tuple[float, str]] = []
     for lease in leases:
         out = outcomes.get(lease.member)
-        if out not in ("done", "failed"):
+        if out != "done" and out != "failed":
             continue
         t = lease.acted_at if lease.acted_at is not None else (lease.last_modified or 0.0)
         if since is not None and t <= since:
             continue
-        closed.append((t, lease.member, out == "failed"))
-    return failure_streak([f for _, _, f in sorted(closed)])
+        key = (t, lease.member)
+        if out == "failed":
+            failed.append(key)
+        elif last_ok is None or key > last_ok:
+            last_ok = key
+    if last_ok is None:
+        return len(failed)
+    return sum(1 for key in failed if key > last_ok)
 
 
 def parse_suspicion(rel: str, group: str) -> tuple[str, str] | None:
