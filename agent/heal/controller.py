@@ -550,7 +550,7 @@ class HealController:
                 # cleared, resolved or maintained, its outcome is "done" (issue #11).
                 g.leases[member] = lease
                 g.outcomes[member] = "done"
-                if lease.acted and member in peers.members and member != self.me:
+                if member in peers.members and lease.acted and member != self.me:
                     self._forget(member)
                 continue
             if self._clear_if_alive(lease, now, peers, sick):
@@ -562,7 +562,7 @@ class HealController:
             g.leases[member] = lease
             g.outcomes[member] = lease_outcome(lease, now, self.replace_deadline_s, bool(hb),
                                                self.lease_expiry_s)
-            if lease.acted and member in peers.members and member != self.me:
+            if member in peers.members and lease.acted and member != self.me:
                 # Replaced, but its record survived (the delete after the action failed).
                 self._forget(member)
         # Bounded memory: forget leases that are gone from the store, and refusals recorded
