@@ -35,6 +35,22 @@ def _http_date(meta: Mapping[str, Any] | None) -> float:
     return date
 
 
+def _entries(contents: Sequence[Mapping[str, Any]],
+             rel: Callable[[str], str] | None) -> Iterator[Entry]:
+    """A LIST page's ``Contents`` as entries (keys through ``rel``, if any).
+
+    ``Entry`` is a frozen dataclass: its ``__init__`` sets each field through
+    ``object.__setattr__``, which was half the cost of a long listing (a member's
+    every step lists the group's leases, one per death ever; issue #11). The fields
+    are written to the new instance's ``__dict__`` instead: the same value."""
+    new = object.__new__
+    for o in contents:
+        e = new(Entry)
+        e.__dict__.update(key=rel(o["Key"]) if rel else o["Key"], etag=o["ETag"],
+                          last_modified=o["LastModified"].timestamp(), size=o["Size"])
+        yield e
+
+
 class Store:
     """One deployment's bucket and prefix. Keys passed in are relative to the prefix."""
 
@@ -211,9 +227,7 @@ class Store:
             # ~100 bytes of XML per entry besides the key: a model, for the cost measurements
             self.usage.add("list", bytes_in=sum(len(o["Key"]) + 100 for o in contents))
             store_now = _http_date(resp.get("ResponseMetadata"))
-            for o in contents:
-                entries.append(Entry(self.rel(o["Key"]), o["ETag"], o["LastModified"].timestamp(),
-                                     o["Size"]))
+            entries.extend(_entries(contents, self.rel if self.prefix else None))
             token = resp.get("NextContinuationToken")
             if not resp.get("IsTruncated") or not token or (max_pages and pages >= max_pages):
                 break

@@ -55,6 +55,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
+from operator import countOf
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -83,6 +84,7 @@ from agent.heal.leases import (
     lease_key,
     lease_outcome,
     leases_prefix,
+    parse_lease,
     parse_suspicion,
     pause_key,
     read_lease,
@@ -523,24 +525,34 @@ class HealController:
             pass
 
     def _read_leases(self, g: _Gathered, peers: PeersView, sick: bool = False) -> None:
-        listing = self.store.list(leases_prefix(self.group))
+        prefix = leases_prefix(self.group)
+        listing = self.store.list(prefix)
         now = listing.store_now
         g.store_now = max(g.store_now, now)
         for e in listing.entries:
-            member = e.key[len(leases_prefix(self.group)):]
+            member = e.key[len(prefix):]
             cached = self._lease_cache.get(member)
             if cached is not None and cached.etag == e.etag:
-                lease = replace(cached, last_modified=e.last_modified)
+                lease = (cached if cached.last_modified == e.last_modified
+                         else replace(cached, last_modified=e.last_modified))
             else:
                 obj = self.store.get_or_none(e.key)
                 if obj is None:
                     continue
                 try:
-                    lease = Lease.parse(obj.body, etag=obj.etag, last_modified=obj.last_modified)
+                    lease = parse_lease(obj.body, obj.etag, obj.last_modified)
                 except MalformedRecord as exc:
                     log.warning("ignoring %s: %s", e.key, exc)
                     continue
                 self._lease_cache[member] = lease
+            if lease.state == "done":
+                # Inert, and most of a long run's leases (one per death, kept): never
+                # cleared, resolved or maintained, its outcome is "done" (issue #11).
+                g.leases[member] = lease
+                g.outcomes[member] = "done"
+                if member in peers.members and lease.acted and member != self.me:
+                    self._forget(member)
+                continue
             if self._clear_if_alive(lease, now, peers, sick):
                 continue
             if (not sick and lease.state == "acting" and lease.acted_at is None
@@ -550,14 +562,14 @@ class HealController:
             g.leases[member] = lease
             g.outcomes[member] = lease_outcome(lease, now, self.replace_deadline_s, bool(hb),
                                                self.lease_expiry_s)
-            if lease.acted and member in peers.members and member != self.me:
+            if member in peers.members and lease.acted and member != self.me:
                 # Replaced, but its record survived (the delete after the action failed).
                 self._forget(member)
         # Bounded memory: forget leases that are gone from the store, and refusals recorded
         # for members that are neither leased nor in this observer's view any more.
-        for m in set(self._lease_cache) - set(g.leases):
+        for m in [m for m in self._lease_cache if m not in g.leases]:
             del self._lease_cache[m]
-        for m in set(self._stuck) - set(g.leases):
+        for m in [m for m in self._stuck if m not in g.leases]:
             del self._stuck[m]
         for m in [m for m in self._recorded  # not set(peers.members): O(N) a step (#11)
                   if m not in g.leases and m not in peers.verdicts and m not in peers.members]:
@@ -720,8 +732,9 @@ class HealController:
         dead = sorted(m for m, s in verdicts.items() if s == "dead" and m != self.me)
         # Leased: a lease nobody may take over yet (refused, expired held, and failed-
         # before-acting ones may be: the member is a candidate again, invariant 13).
-        leased = frozenset(m for m, lease in g.leases.items()
-                           if not lease.takeover_allowed(g.store_now, self.lease_expiry_s))
+        leased = frozenset(m for m, lease in g.leases.items()  # a done lease never is
+                           if lease.state == "done"
+                           or not lease.takeover_allowed(g.store_now, self.lease_expiry_s))
         ec2: dict[str, str | None] = {}
         asg: dict[str, str | None] = {}
         asg_of: dict[str, str] = {}
@@ -761,12 +774,12 @@ class HealController:
         for m in list(self._my_probes):
             if m not in candidates:
                 self._my_probes.pop(m, None)
-        in_flight = sum(1 for o in g.outcomes.values() if o == "in-flight")
+        in_flight = countOf(g.outcomes.values(), "in-flight")
         zones = peers.zones  # HealView keeps its own frozen copy (none for a FrozenMap)
         view = HealView(
             observer_id=self.me, group_size=max(peers.group_size, 1), verdicts=verdicts,
             suspicions=g.suspicions, ec2_state=ec2, asg_health=asg, probe_ok=probe,
-            silent_for=dict(peers.silent_for), leases=leased, in_flight=in_flight,
+            silent_for=peers.silent_for, leases=leased, in_flight=in_flight,
             budget=g.budget_used,
             consecutive_failures=streak(g.leases.values(), g.outcomes, g.resumed_at),
             observer_sick=sick, observer_fresh=peers.observer_fresh, paused=g.paused,
@@ -1166,7 +1179,7 @@ class HealController:
             "reasons": list(d.freeze.reasons) if d.freeze else [],
             "scope": d.freeze.scope if d.freeze else "",
             "budget_left": max(0, self.policy.max_per_window - g.budget_used),
-            "in_flight": sum(1 for o in g.outcomes.values() if o == "in-flight"),
+            "in_flight": countOf(g.outcomes.values(), "in-flight"),
             "paused": g.paused, "superseded": self.superseded,
             "disrupted_zones": list(d.disrupted_zones),
             "api_error": api_error[:300], "store_errors": g.errors[:3],

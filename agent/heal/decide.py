@@ -306,7 +306,7 @@ def disrupted_zones(stale: Mapping[str, int], sizes: Mapping[str, int]) -> tuple
         if z and n >= ZONE_MIN_STALE and n > ZONE_DISRUPTED_FRACTION * max(sizes.get(z, 0), n)))
 
 
-def _zone_counts(view: HealView, stale_members: set[str]) -> tuple[dict[str, int], dict[str, int]]:
+def _zone_sizes(view: HealView) -> dict[str, int]:
     sizes: dict[str, int] = {}
     if isinstance(view.zones, FrozenMap):  # built once per change of the view (issue #11)
         sizes.update(view.zones.counts())
@@ -314,12 +314,17 @@ def _zone_counts(view: HealView, stale_members: set[str]) -> tuple[dict[str, int
         for z in view.zones.values():
             if z:
                 sizes[z] = sizes.get(z, 0) + 1
+    return sizes
+
+
+def _zone_counts(view: HealView, stale_members: set[str]) -> tuple[dict[str, int], dict[str, int]]:
     stale: dict[str, int] = {}
+    zone_of = view.zones.get
     for m in stale_members:
-        z = view.zones.get(m, "")
+        z = zone_of(m, "")
         if z:
             stale[z] = stale.get(z, 0) + 1
-    return stale, sizes
+    return stale, _zone_sizes(view)
 
 
 def zone_stale(view: HealView, stale_members: set[str]) -> set[str]:
@@ -353,7 +358,7 @@ def _freeze(view: HealView, policy: HealPolicy,
     if len(stale_members) > view.group_size:
         reasons.append(f"inconsistent-view: {len(stale_members)} stale members in a group "
                        f"of {view.group_size}")
-    _, sizes = _zone_counts(view, stale_members)
+    sizes = _zone_sizes(view)
     if sum(sizes.values()) > view.group_size:
         reasons.append(f"inconsistent-view: {sum(sizes.values())} members in zones, group of "
                        f"{view.group_size}")
@@ -367,7 +372,8 @@ def _freeze(view: HealView, policy: HealPolicy,
         reasons.append(f"failed-replacements: {view.consecutive_failures}")
     # A disrupted zone is one correlated fault, handled by the zone rule: the rest of
     # the group is judged as a group of its own.
-    outside = {m for m in stale_members if view.zones.get(m, "") not in zones}
+    outside = ({m for m in stale_members if view.zones.get(m, "") not in zones} if zones
+               else stale_members)
     size = view.group_size - sum(sizes.get(z, 0) for z in zones)
     if outside and len(outside) / max(size, 1) > policy.freeze_fraction:
         where = f" outside {', '.join(zones)}" if zones else ""

@@ -15,6 +15,7 @@ here so that they do not need the controller (``agent.heal.controller``).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from collections.abc import Callable, Iterable, Mapping
@@ -27,7 +28,6 @@ from agent.group.membership import MalformedRecord
 from agent.heal.decide import (
     budget_after,
     budget_take,
-    failure_streak,
     is_failed_replacement,
     lease_clearable,
 )
@@ -184,23 +184,36 @@ def lease_outcome(lease: Lease, now: float, deadline_s: float, heartbeated: bool
 
 
 def streak(leases: Iterable[Lease], outcomes: Mapping[str, str], since: float | None) -> int:
-    """Consecutive failed replacements, oldest first by act time, after ``since``."""
-    closed = []
+    """Consecutive failed replacements, oldest first by act time, after ``since``.
+
+    ``failure_streak`` of the closed leases sorted by ``(time, member)``: the failures
+    that sort after the last success. Counted in one pass, without sorting every lease
+    a long-lived group ever had at every step (issue #11)."""
+    last_ok: tuple[float, str] | None = None
+    failed: list[tuple[float, str]] = []
     for lease in leases:
         out = outcomes.get(lease.member)
-        if out not in ("done", "failed"):
+        if out != "done" and out != "failed":
             continue
         t = lease.acted_at if lease.acted_at is not None else (lease.last_modified or 0.0)
         if since is not None and t <= since:
             continue
-        closed.append((t, lease.member, out == "failed"))
-    return failure_streak([f for _, _, f in sorted(closed)])
+        key = (t, lease.member)
+        if out == "failed":
+            failed.append(key)
+        elif last_ok is None or key > last_ok:
+            last_ok = key
+    if last_ok is None:
+        return len(failed)
+    return sum(1 for key in failed if key > last_ok)
 
 
 def parse_suspicion(rel: str, group: str) -> tuple[str, str] | None:
-    rest = rel[len(suspicions_prefix(group)):] if rel.startswith(suspicions_prefix(group)) else ""
-    parts = rest.split("/")
-    return (parts[0], parts[1]) if len(parts) == 2 and all(parts) else None
+    prefix = suspicions_prefix(group)
+    if not rel.startswith(prefix):
+        return None
+    parts = rel[len(prefix):].split("/")
+    return (parts[0], parts[1]) if len(parts) == 2 and parts[0] and parts[1] else None
 
 
 def count_suspicions(entries: Iterable[Any], group: str, store_now: float,
@@ -344,11 +357,19 @@ def release_inflight(store: StoreAPI, group: str, member: str,
                 retry.sleep()
 
 
+@functools.lru_cache(maxsize=1024)
+def parse_lease(raw: bytes, etag: str, last_modified: float | None) -> Lease:
+    """``Lease.parse``, remembered for the last few versions: a lease is immutable, and
+    every observer of a group (thousands in one simulator process, issue #11) reads the
+    same version. A malformed body raises each time (never cached)."""
+    return Lease.parse(raw, etag=etag, last_modified=last_modified)
+
+
 def read_lease(store: StoreAPI, group: str, member: str) -> Lease | None:
     obj = store.get_or_none(lease_key(group, member))
     if obj is None:
         return None
-    return Lease.parse(obj.body, etag=obj.etag, last_modified=obj.last_modified)
+    return parse_lease(obj.body, obj.etag, obj.last_modified)
 
 
 def superseded(store: StoreAPI, group: str, my_id: str) -> bool:

@@ -31,10 +31,7 @@ class CallFaults(Scheduler):
     def store_for(self, h: Host) -> Any:
         from agent.aws.store import Store
 
-        def call(op: str, kw: dict[str, Any]) -> dict[str, Any]:
-            return self._s3_call(op, kw)
-
-        return Store(BUCKET, "", client=ClientProxy(call, S3Twin.OPS))
+        return Store(BUCKET, "", client=ClientProxy(self._s3_call, S3Twin.OPS))
 
     def _s3_call(self, op: str, kw: dict[str, Any]) -> dict[str, Any]:
         g = self._caller()
@@ -84,11 +81,8 @@ class CallFaults(Scheduler):
     def cloud_for(self, h: Host) -> Any:
         from agent.aws.cloud import Cloud
 
-        def ec2(op: str, kw: dict[str, Any]) -> dict[str, Any]:
-            return self._cloud_call(op, kw)
-
-        return Cloud("us-east-1", ec2=ClientProxy(ec2, CloudTwin.EC2_OPS),
-                     autoscaling=ClientProxy(ec2, CloudTwin.ASG_OPS))
+        return Cloud("us-east-1", ec2=ClientProxy(self._cloud_call, CloudTwin.EC2_OPS),
+                     autoscaling=ClientProxy(self._cloud_call, CloudTwin.ASG_OPS))
 
     def _cloud_call(self, op: str, kw: dict[str, Any]) -> dict[str, Any]:
         g = self._caller()

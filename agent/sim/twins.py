@@ -80,12 +80,33 @@ class _Body:
         return b
 
 
-@dataclass
+@dataclass(slots=True)
 class _S3Object:
     body: bytes
     etag: str
     modified: int  # whole seconds, store clock
     content_type: str = "application/octet-stream"
+    _last_modified: datetime | None = field(default=None, repr=False, compare=False)
+    _listed: dict[str, Any] | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def last_modified(self) -> datetime:
+        """``LastModified``, built once per version on its first read, not per read (issue
+        #11): a version never changes (a PUT makes a new one), and most are never read."""
+        lm = self._last_modified
+        if lm is None:
+            lm = self._last_modified = datetime.fromtimestamp(self.modified, _UTC)
+        return lm
+
+    def list_entry(self, key: str) -> dict[str, Any]:
+        """Its ListObjectsV2 ``Contents`` item, built once per version and shared by every
+        LIST that shows it (read-only, as the adapters treat a response)."""
+        item = self._listed
+        if item is None:
+            item = self._listed = {"Key": key, "ETag": self.etag, "Size": len(self.body),
+                                   "LastModified": self.last_modified,
+                                   "StorageClass": "STANDARD"}
+        return item
 
 
 class ClientProxy:
@@ -121,6 +142,7 @@ class S3Twin:
         self._keys: dict[str, list[str]] = {}  # sorted keys per bucket (UTF-8 order == str order)
         self._date_cache: tuple[int, str] = (-1, "")
         self.requests = 0
+        self._dispatch: dict[str, Callable[..., dict[str, Any]]] = {}
 
     # -- plumbing ---------------------------------------------------------------------------
     def client(self) -> ClientProxy:
@@ -134,7 +156,10 @@ class S3Twin:
 
     def call(self, op: str, kw: dict[str, Any]) -> dict[str, Any]:
         self.requests += 1
-        return getattr(self, "_" + op)(**kw)
+        fn = self._dispatch.get(op)
+        if fn is None:
+            fn = self._dispatch[op] = getattr(self, "_" + op)
+        return fn(**kw)
 
     def _meta(self, status: int, date: str) -> dict[str, Any]:
         return {"HTTPStatusCode": status, "HTTPHeaders": {"date": date}}
@@ -170,8 +195,7 @@ class S3Twin:
         if IfNoneMatch is not None and (IfNoneMatch == "*" or IfNoneMatch == o.etag):
             raise _error("304", 304, "Not Modified", "GetObject", date)
         return {"Body": _Body(o.body), "ETag": o.etag, "ContentLength": len(o.body),
-                "ContentType": o.content_type,
-                "LastModified": datetime.fromtimestamp(o.modified, _UTC),
+                "ContentType": o.content_type, "LastModified": o.last_modified,
                 "ResponseMetadata": self._meta(200, date)}
 
     def _head_object(self, Bucket: str, Key: str, **_: Any) -> dict[str, Any]:
@@ -180,7 +204,7 @@ class S3Twin:
         if o is None:
             raise _error("404", 404, "Not Found", "HeadObject", date)
         return {"ETag": o.etag, "ContentLength": len(o.body), "ContentType": o.content_type,
-                "LastModified": datetime.fromtimestamp(o.modified, _UTC),
+                "LastModified": o.last_modified,
                 "ResponseMetadata": self._meta(200, date)}
 
     def _put_object(self, Bucket: str, Key: str, Body: bytes | str = b"",
@@ -235,20 +259,18 @@ class S3Twin:
         after = ContinuationToken or StartAfter
         i = bisect.bisect_right(keys, after) if after else 0
         i = max(i, bisect.bisect_left(keys, Prefix))
-        contents = []
-        truncated = False
-        while i < len(keys):
-            k = keys[i]
-            if not k.startswith(Prefix):
-                break
-            if len(contents) >= MaxKeys:
-                truncated = True
-                break
-            o = b[k]
-            contents.append({"Key": k, "ETag": o.etag, "Size": len(o.body),
-                             "LastModified": datetime.fromtimestamp(o.modified, _UTC),
-                             "StorageClass": "STANDARD"})
-            i += 1
+        # The keys under Prefix are one run of the sorted list: [i, end).
+        if Prefix and Prefix[-1] < "\U0010ffff":
+            end = bisect.bisect_left(keys, Prefix[:-1] + chr(ord(Prefix[-1]) + 1), i)
+        elif Prefix:
+            end = i
+            while end < len(keys) and keys[end].startswith(Prefix):
+                end += 1
+        else:
+            end = len(keys)
+        stop = min(end, i + max(MaxKeys, 0))
+        truncated = stop < end
+        contents = [b[k].list_entry(k) for k in keys[i:stop]]
         resp: dict[str, Any] = {"IsTruncated": truncated, "KeyCount": len(contents),
                                 "Name": Bucket, "Prefix": Prefix, "MaxKeys": MaxKeys,
                                 "ResponseMetadata": self._meta(200, date)}

@@ -69,6 +69,28 @@ def test_streak_orders_by_act_time_and_respects_resume() -> None:
     assert streak(leases, {**outcomes, "i-4": "in-flight"}, None) == 1
 
 
+@given(st.lists(st.tuples(st.integers(0, 5), st.sampled_from([None, 1.0, 2.0, 3.0]),
+                          st.sampled_from([None, 1.0, 2.0]),
+                          st.sampled_from(["done", "failed", "in-flight", "refused"])),
+                max_size=8),
+       st.sampled_from([None, 0.0, 1.0, 2.0]))
+def test_streak_is_the_failures_after_the_last_success_in_act_time_order(
+        rows: list[tuple[int, float | None, float | None, str]], since: float | None) -> None:
+    """The one-pass count (issue #11) is ``failure_streak`` of the closed leases sorted by
+    (act time, member), ties and repeated members included, as it was computed before."""
+    from agent.heal.decide import failure_streak
+
+    leases = [Lease(f"i-{m}", "o", "launch", "acted", acted_at=t, last_modified=lm)
+              for m, t, lm, _ in rows]
+    outcomes = {f"i-{m}": out for m, _, _, out in rows}
+    closed = sorted(
+        (t, x.member, outcomes[x.member] == "failed") for x in leases
+        if outcomes[x.member] in ("done", "failed")
+        and (t := x.acted_at if x.acted_at is not None else (x.last_modified or 0.0)) is not None
+        and (since is None or t > since))
+    assert streak(leases, outcomes, since) == failure_streak([f for _, _, f in closed])
+
+
 def test_suspicions_count_distinct_fresh_observers() -> None:
     g = "web"
     entries = [E(suspicion_key(g, "i-1", "a"), 100), E(suspicion_key(g, "i-1", "b"), 95),
