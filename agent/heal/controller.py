@@ -22,7 +22,8 @@ it. Per step it reads, from the store (on the store's clock) and the cloud:
 Then, per non-dry-run action: take the lease (``If-None-Match: *``; losing is fine
 and recorded; a lease left ``refused`` can be taken over by compare-and-swap),
 spend one unit of budget (``If-Match`` CAS, retried on a lost race; a full window
-refuses and gives nothing back), check the pause object again, ask EC2 again, act,
+refuses; an attempt refused before its first mutating call gives its unit back into the
+window it came from), check the pause object again, ask EC2 again, act,
 and record the outcome in the lease. Every decision, taken or refused, becomes an
 event (``agent.group.events``), de-duplicated per member so a standing refusal is
 written once, not every interval. The freeze state goes into ``state.json`` under
@@ -81,6 +82,7 @@ from agent.heal.leases import (
     budget_key,
     control_prefix,
     count_suspicions,
+    give_back_budget,
     lease_key,
     lease_outcome,
     leases_prefix,
@@ -851,6 +853,7 @@ class HealController:
         if not ok:
             return self._refuse_lease(lease, why)
         g.budget_used += 1
+        spent_at = g.store_now
         try:
             fresh_info = self.cloud.instances([m])
             err = ""
@@ -871,11 +874,14 @@ class HealController:
         if not why and m in fresh_info and fresh_info[m].az in disrupted:
             why = f"zone-disrupted: {fresh_info[m].az} at the second look"
         if why:
+            self._give_back(g, spent_at)
             return self._refuse_lease(lease, why)
         try:
             lease, detail = self._act(action.kind, lease, fresh, g.store_now,
                                       fresh_info.get(m))
         except _Fenced as f:
+            # Raised only before the action's first mutating call: nothing happened.
+            self._give_back(g, spent_at)
             return self._refuse_lease(f.lease or lease, f.why, kind="heal-fenced")
         except AgentError as exc:
             # Nothing happened (acted_at stays None): not "you were replaced", and the
@@ -971,6 +977,16 @@ class HealController:
         if moved is None:
             raise _Fenced(f"lost-race: the lease changed before {what}", None)
         return moved
+
+    def _give_back(self, g: _Gathered, spent_at: float) -> None:
+        """Return the budget unit of an attempt refused before it did anything (best effort:
+        a unit not returned stays spent, which only delays a later replacement)."""
+        try:
+            if give_back_budget(self.store, self.group, window_s=self.policy.window_s,
+                                taken_at=spent_at, store_now=g.store_now):
+                g.budget_used -= 1
+        except (StoreError, MalformedRecord) as exc:
+            log.warning("could not give back the budget unit of a refused attempt: %s", exc)
 
     def _refuse_lease(self, lease: Lease, why: str, kind: str = "heal-refuse") -> None:
         if lease.etag:

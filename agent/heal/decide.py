@@ -590,6 +590,23 @@ def budget_take(counter_record: Mapping[str, Any] | None, now: float, window_s: 
     return {"window_start": start, "used": used + 1}
 
 
+def budget_give_back(counter_record: Mapping[str, Any] | None, now: float, window_s: float,
+                     taken_at: float) -> dict[str, Any] | None:
+    """The counter to CAS-write to return one unit spent at store time ``taken_at`` by an
+    attempt that did nothing (refused before its first mutating call), or None.
+
+    Only into the window the unit came from: a window that started after ``taken_at`` (or
+    a counter already at zero) gets nothing back, so a refund can never make room that
+    an action used. Spent units a refund misses stay spent: the limit errs on the safe side.
+    """
+    if counter_record is None:
+        return None
+    start, used = budget_after(counter_record, now, window_s)
+    if used <= 0 or start > taken_at:
+        return None
+    return {"window_start": start, "used": used - 1}
+
+
 def is_failed_replacement(launched_at: float, now: float, deadline_s: float,
                           heartbeated: bool) -> bool:
     """A replacement that has not heartbeated ``deadline_s`` after launch failed (6).

@@ -27,6 +27,7 @@ from agent.errors import NotFound, PreconditionFailed, StoreError
 from agent.group.membership import MalformedRecord
 from agent.heal.decide import (
     budget_after,
+    budget_give_back,
     budget_take,
     is_failed_replacement,
     lease_clearable,
@@ -287,6 +288,25 @@ def take_budget(store: StoreAPI, group: str, *, window_s: float, max_per_window:
     if new is None:
         return False, f"budget-contention: {why}" if lost else why
     return True, f"budget {new['used']}/{max_per_window}"
+
+
+def give_back_budget(store: StoreAPI, group: str, *, window_s: float, taken_at: float,
+                     store_now: float, retry: Retry = CAS_RETRY) -> bool:
+    """Return one unit an attempt spent at ``taken_at`` and then refused before acting.
+
+    Under load every fence may refuse a decision grown too old; without this, those
+    attempts that did nothing used up the window, and a real death waited ``window_s``.
+    True when given back; False when there was nothing to give back into the unit's
+    window or the race was lost (the unit stays spent: the safe side). Raises
+    ``StoreError`` / ``MalformedRecord`` as the other counters do.
+    """
+    def update(rec: dict[str, Any] | None, now: float) -> tuple[dict[str, Any] | None, str]:
+        new = budget_give_back(rec, now, window_s, taken_at)
+        return (new, "") if new is not None else (None, "nothing to give back")
+
+    new, _, _ = _cas_json(store, budget_key(group), "budget counter",
+                          store_now=store_now, update=update, retry=retry)
+    return new is not None
 
 
 def inflight_take(record: Mapping[str, Any] | None, member: str, now: float, cap: int,

@@ -9,6 +9,7 @@ are injected by wrapping one call of the real adapter (never by mocking boto3).
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import replace
 from typing import Any
@@ -26,8 +27,16 @@ from agent.group.events import list_events
 from agent.group.membership import MemberRecord
 from agent.group.peers import PeerWatcher, member_key
 from agent.heal.controller import HealController, ObserverHealth, PeersView
-from agent.heal.decide import Action, Decision, PolicyError
-from agent.heal.leases import Lease, lease_key, pause, read_lease, resume, superseded
+from agent.heal.decide import Action, Decision, PolicyError, budget_after, budget_give_back
+from agent.heal.leases import (
+    Lease,
+    budget_key,
+    lease_key,
+    pause,
+    read_lease,
+    resume,
+    superseded,
+)
 from agent.host import state as statefile
 from agent.host.endpoint import Endpoint
 from agent.sim.cloud import EmbeddedCloud
@@ -245,6 +254,48 @@ def test_item3_decision_older_than_the_bound_is_not_acted_on(cloud: EmbeddedClou
     a.step(v, ObserverHealth())
     assert instance(cloud, hung)["State"]["Name"] == "running"
     assert "stale-decision" in a.outcomes[-1].detail
+
+
+def test_a_fenced_attempt_gives_its_budget_back_so_the_death_is_still_replaced(
+        cloud: EmbeddedCloud, tmp_path: Any) -> None:
+    """#16, found with stress-ng beside the suite: on a loaded machine every attempt was
+    fenced (stale-decision: each step took longer than the bound), and each had spent a
+    unit of the window's budget first: ten attempts that did nothing used the window up,
+    and the member's real death waited ``window_s``. An attempt refused before its first
+    mutating call gives its unit back; the next attempt acts (max_per_window is 1)."""
+    clock = FakeClock()
+    ids, hung, store, a, b, v = hung_asg(cloud, tmp_path, decision_max_age_s=5)
+    a.clock = clock
+    real = a.store.create
+    paused: list[str] = []
+
+    def slow_create(rel: str, body: bytes, **kw: Any) -> str:  # one 30 s stall
+        if not paused:
+            paused.append(rel)
+            clock.advance(30)
+        return real(rel, body, **kw)
+
+    a.store.create = slow_create  # type: ignore[method-assign]
+    b.step(v, ObserverHealth())
+    a.step(v, ObserverHealth())
+    assert paused and "stale-decision" in a.outcomes[-1].detail
+    assert instance(cloud, hung)["State"]["Name"] == "running"
+    counter = store.get(budget_key(GROUP))
+    assert budget_after(json.loads(counter.body), counter.store_now, 300)[1] == 0
+    a.step(v, ObserverHealth())  # no stall now: the same death, the same window
+    assert a.outcomes[-1].result == "acted", a.outcomes[-1]
+    assert hung not in cloud.asg_instance_ids(GROUP)
+
+
+def test_a_unit_is_given_back_only_into_the_window_it_came_from() -> None:
+    taken = {"window_start": 100.0, "used": 2}
+    assert budget_give_back(taken, 150.0, 300, taken_at=120.0) == {
+        "window_start": 100.0, "used": 1}
+    assert budget_give_back(taken, 450.0, 300, taken_at=120.0) is None  # window over
+    later = {"window_start": 420.0, "used": 1}  # a window opened after the unit was spent
+    assert budget_give_back(later, 430.0, 300, taken_at=120.0) is None
+    assert budget_give_back({"window_start": 100.0, "used": 0}, 150.0, 300, 120.0) is None
+    assert budget_give_back(None, 150.0, 300, 120.0) is None
 
 
 def test_item3_decision_is_as_old_as_its_evidence(cloud: EmbeddedCloud, tmp_path: Any) -> None:
