@@ -181,9 +181,17 @@ def test_membership_change_rerenders_peers_after_quiescence(cloud: EmbeddedCloud
         assert cloud.boot_all([newcomer]) == {newcomer: 0}
         procs.append(cloud.spawn(newcomer, "run"))
         wait_for(lambda: newcomer in upstream.read_text(), timeout=40)
-        after = reload_log.read_text().split()[len(reloads_before):]
-        # the peers template changed and was reloaded; the static one was not touched
-        assert "upstream" in after and "static" not in after
+
+        def after() -> list[str]:
+            return reload_log.read_text().split()[len(reloads_before):]
+
+        # The peers template changed and was reloaded: its reload runs after its file is
+        # written, so wait for it (one look right after the file failed with two suites at
+        # once, #16). The static one was not touched: its reload would come in the same
+        # pass, right after the first.
+        wait_for(lambda: "upstream" in after(), timeout=30)
+        time.sleep(1.0)
+        assert "static" not in after()
     finally:
         for p in procs:
             if p.poll() is None:
