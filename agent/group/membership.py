@@ -259,6 +259,22 @@ def _row_ok(mid: object, etag: object, last_modified: object, store_now: object,
             and type(observed_mono) is float and -_INF < observed_mono < _INF)
 
 
+def _next_track(prev: MemberTrack | None, etag: str, lm: float, store_now: float,
+                omono: float, state: str | None) -> MemberTrack:
+    """The track after one observation: of a live ``prev``, or (None) of a new life (new,
+    or back after leaving: a new grace period). The one fold both update paths use."""
+    if prev is None:
+        return _new_tuple(MemberTrack, (etag, omono, lm, lm, store_now, omono, state, None))
+    fa = prev.first_appearance
+    return _new_tuple(MemberTrack, (
+        etag,
+        prev.etag_since_mono if etag == prev.etag else omono,
+        fa if fa <= lm else lm,  # min(): the first of equals, as min() keeps
+        lm, store_now, omono,
+        state if state is not None else prev.state,
+        None))
+
+
 def checked_row(mid: str, etag: str, last_modified: float, store_now: float,
                 observed_mono: float, state: str | None = None) -> ObservationRow:
     """One observation as a row for ``LivenessState.update_rows``, checked as
@@ -496,25 +512,15 @@ class LivenessState:
         get = members.getter() if isinstance(members, TrackMap) else members.get
         changes: dict[str, MemberTrack | None] = {}
         seen: set[str] = set()
-        new = _new_tuple
         for mid, etag, lm, store_now, omono, state in rows:
             seen.add(mid)
             prev = changes.get(mid) or get(mid)
             if prev is not None and prev.gone_mono is None:
                 if omono < prev.observed_mono:
                     continue  # an older response overtaken by a newer one
-                fa = prev.first_appearance
-                changes[mid] = new(MemberTrack, (
-                    etag,
-                    prev.etag_since_mono if etag == prev.etag else omono,
-                    fa if fa <= lm else lm,  # min(): the first of equals, as min() keeps
-                    lm, store_now, omono,
-                    state if state is not None else prev.state,
-                    None))
+                changes[mid] = _next_track(prev, etag, lm, store_now, omono, state)
             else:
-                # New, or back after leaving: a new life, a new grace period.
-                changes[mid] = new(MemberTrack, (etag, omono, lm, lm, store_now, omono, state,
-                                                 None))
+                changes[mid] = _next_track(None, etag, lm, store_now, omono, state)
         departed = set(gone)
         if listing:
             ids = members.ids() if isinstance(members, TrackMap) else members
@@ -553,17 +559,10 @@ class LivenessState:
             if omono < prev.observed_mono:
                 tracks = members  # an older response overtaken by a newer one
             else:
-                fa = prev.first_appearance
-                tracks = members.evolve({mid: _new_tuple(MemberTrack, (
-                    etag,
-                    prev.etag_since_mono if etag == prev.etag else omono,
-                    fa if fa <= lm else lm,
-                    lm, store_now, omono,
-                    state if state is not None else prev.state,
-                    None))})
+                tracks = members.evolve(
+                    {mid: _next_track(prev, etag, lm, store_now, omono, state)})
         else:
-            tracks = members.evolve({mid: _new_tuple(
-                MemberTrack, (etag, omono, lm, lm, store_now, omono, state, None))})
+            tracks = members.evolve({mid: _next_track(None, etag, lm, store_now, omono, state)})
             if gone_ids and mid in gone_ids:
                 gone_ids = gone_ids.difference((mid,))  # back: a new life
         started = mono_now if self.started_mono is None else min(self.started_mono, mono_now)
