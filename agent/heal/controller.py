@@ -553,7 +553,7 @@ class HealController:
                 g.leases[member] = lease
                 g.outcomes[member] = "done"
                 if member in peers.members and lease.acted and member != self.me:
-                    self._forget(member)
+                    self._forget(member, if_present=True)
                 continue
             if self._clear_if_alive(lease, now, peers, sick):
                 continue
@@ -566,7 +566,7 @@ class HealController:
                                                self.lease_expiry_s)
             if member in peers.members and lease.acted and member != self.me:
                 # Replaced, but its record survived (the delete after the action failed).
-                self._forget(member)
+                self._forget(member, if_present=True)
         # Bounded memory: forget leases that are gone from the store, and refusals recorded
         # for members that are neither leased nor in this observer's view any more.
         for m in [m for m in self._lease_cache if m not in g.leases]:
@@ -1107,13 +1107,20 @@ class HealController:
             self._forget(lease.member)
         return lease
 
-    def _forget(self, m: str, kind: str = "", reasons: Iterable[str] = ()) -> None:
-        """Delete a member's record and tell peers: it is gone, not dying."""
+    def _forget(self, m: str, kind: str = "", reasons: Iterable[str] = (), *,
+                if_present: bool = False) -> None:
+        """Delete a member's record and tell peers: it is gone, not dying.
+
+        ``kind`` (an event) or ``if_present``: only if the record is still there. A
+        deleted record's ``gone`` is bumped once, not by every observer whose view still
+        lists the member: S3's delete of a missing key succeeds, and a thousand bumps
+        after one replacement overflow the marker's log, so every watcher falls behind
+        and LISTs the whole group (issue #11)."""
         from agent.group.peers import bump_marker
         from agent.layout import member_key
 
         try:
-            if kind and self.store.head(member_key(self.group, m)) is None:
+            if (kind or if_present) and self.store.head(member_key(self.group, m)) is None:
                 return  # another observer was first
             self.store.delete(member_key(self.group, m))
             bump_marker(self.store, self.group, {"id": m, "state": "gone", "by": self.me})

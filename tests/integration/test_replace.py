@@ -30,6 +30,7 @@ from agent.heal.controller import HealController, ObserverHealth, PeersView
 from agent.heal.leases import Lease, lease_key, pause, read_lease, resume, superseded
 from agent.host import state as statefile
 from agent.host.endpoint import Endpoint
+from agent.layout import marker_key, member_key
 from agent.sim.cloud import EmbeddedCloud
 from tests.conftest import CLOSED
 
@@ -129,6 +130,38 @@ def test_launch_clones_a_dead_standalone_instance(cloud: EmbeddedCloud, tmp_path
     assert superseded(store_for(cloud), GROUP, dead)
     st = statefile.read(tmp_path / f"{a.me}.state.json")
     assert st is not None and st["heal"]["frozen"] is False and st["heal"]["budget_left"] == 0
+
+
+def marker_version(cloud: EmbeddedCloud) -> int:
+    obj = store_for(cloud).get_or_none(marker_key(GROUP))
+    return 0 if obj is None else int(json.loads(obj.body)["version"])
+
+
+def test_a_replaced_member_is_announced_gone_once_not_by_every_observer(
+        cloud: EmbeddedCloud, tmp_path: Any) -> None:
+    """Observers whose view still lists a replaced member do not each bump the marker:
+    a thousand bumps after one replacement overflow the marker's change log and send
+    every watcher to a full LIST (issue #11). A record that really survived the actor's
+    delete is still removed, and announced once."""
+    ids = cloud.run_standalone(GROUP, 5)
+    dead = ids[2]
+    cloud.client("ec2").terminate_instances(InstanceIds=[dead])
+    cfg = config(action="launch")
+    a, decision = confirm_then_act(cloud, ids, dead, cfg, tmp_path)
+    assert [(o.member, o.result) for o in a.outcomes] == [(dead, "acted")]
+    after_act = marker_version(cloud)
+    assert after_act >= 1
+    stale = replace(view(ids, dead), members=frozenset(ids))  # they have not seen it go
+    others = [i for i in ids if i not in (dead, a.me)]
+    for me in others[:2]:
+        ctl(cloud, me, cfg, tmp_path).step(stale, ObserverHealth())
+    assert marker_version(cloud) == after_act
+    # The record survived (say the actor's delete failed): one observer removes it.
+    store_for(cloud).put(member_key(GROUP, dead), b"{}")
+    for me in others:
+        ctl(cloud, me, cfg, tmp_path).step(stale, ObserverHealth())
+    assert store_for(cloud).head(member_key(GROUP, dead)) is None
+    assert marker_version(cloud) == after_act + 1
 
 
 def test_asg_terminate_on_a_hung_instance(cloud: EmbeddedCloud, tmp_path: Any) -> None:
