@@ -89,6 +89,15 @@ def lease_key(group: str, member: str) -> str:
     return f"{leases_prefix(group)}{member}"
 
 
+def closed_leases_prefix(group: str) -> str:
+    """Leases whose replacement is long over, moved out of ``leases/`` (issue #11)."""
+    return f"groups/{group}/closed-leases/"
+
+
+def closed_lease_key(group: str, member: str) -> str:
+    return f"{closed_leases_prefix(group)}{member}"
+
+
 def suspicions_prefix(group: str) -> str:
     return f"groups/{group}/suspicions/"
 

@@ -79,7 +79,9 @@ from agent.heal.decide import (
 from agent.heal.leases import (
     OPEN_STATES,
     Lease,
+    archivable,
     budget_key,
+    close_lease,
     control_prefix,
     count_suspicions,
     give_back_budget,
@@ -89,6 +91,7 @@ from agent.heal.leases import (
     parse_lease,
     parse_suspicion,
     pause_key,
+    read_closed_lease,
     read_lease,
     release_inflight,
     resumed_key,
@@ -119,6 +122,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 STALE_VERDICTS = frozenset({"dead", "suspect"})
+# The least time a closed lease stays in ``leases/`` (``HealController.archive_after_s``).
+ARCHIVE_AFTER_S = 900.0
 # Refusals that only restate a verdict nobody acts on: not worth an event each.
 _QUIET_REFUSALS = ("alive", "grace", "leaving", "unknown")
 
@@ -302,7 +307,8 @@ class HealController:
                  lease_expiry_s: float | None = None,
                  decision_max_age_s: float | None = None,
                  not_found_persist_s: float | None = None,
-                 watchers_k: int | None = None) -> None:
+                 watchers_k: int | None = None,
+                 archive_after_s: float | None = None) -> None:
         self.store = store
         self.cloud = cloud
         self.config = config
@@ -327,6 +333,11 @@ class HealController:
                                    else dead)
         self.not_found_persist_s = (not_found_persist_s if not_found_persist_s is not None
                                     else dead)
+        # A closed lease (its replacement heartbeats, or failed to) leaves ``leases/``
+        # this long after its last write (issue #11); long after any decision about its
+        # member could still be in flight (decision_max_age_s fences older ones).
+        self.archive_after_s = (archive_after_s if archive_after_s is not None
+                                else max(ARCHIVE_AFTER_S, 2 * self.replace_deadline_s))
         if watchers_k is not None and self.policy.confirm_observers > watchers_k:
             raise PolicyError(
                 f"must be <= the {watchers_k} observers that watch each member, got "
@@ -567,6 +578,8 @@ class HealController:
             if member in peers.members and lease.acted and member != self.me:
                 # Replaced, but its record survived (the delete after the action failed).
                 self._forget(member, if_present=True)
+        if not sick:
+            self._close_old_leases(g, peers, now)
         # Bounded memory: forget leases that are gone from the store, and refusals recorded
         # for members that are neither leased nor in this observer's view any more.
         for m in [m for m in self._lease_cache if m not in g.leases]:
@@ -576,6 +589,30 @@ class HealController:
         for m in [m for m in self._recorded  # not set(peers.members): O(N) a step (#11)
                   if m not in g.leases and m not in peers.verdicts and m not in peers.members]:
             del self._recorded[m]
+
+    def _close_old_leases(self, g: _Gathered, peers: PeersView, now: float) -> None:
+        """Move closed leases out of ``leases/`` (``archivable``), so a step stays
+        O(recent deaths). One observer does it: the lease's holder, or, when the holder
+        is no longer a member, the member with the smallest id. Never while the member
+        still has a record: the record must go first (``_forget``)."""
+        todo = [x for x in archivable(g.leases.values(), now, self.archive_after_s)
+                if x.member not in peers.members]
+        if not todo:
+            return
+        first: str | None = None
+        for lease in todo:
+            if lease.holder != self.me:
+                if lease.holder in peers.members:
+                    continue
+                if first is None:
+                    first = min(peers.members | {self.me})  # O(N): only when orphaned
+                if first != self.me:
+                    continue
+            try:
+                close_lease(self.store, self.group, lease)
+            except StoreError as exc:
+                log.warning("could not close the lease of %s: %s", lease.member, exc)
+                return
 
     def _clear_if_alive(self, lease: Lease, now: float, peers: PeersView, sick: bool) -> bool:
         """A member that heartbeats again clears a lease through which nothing happened.
@@ -837,6 +874,17 @@ class HealController:
         m = action.member_id
         lease = self._take_lease(action, g)
         if lease is None:
+            return
+        try:  # taken afresh after an old lease of it was closed: it was replaced then
+            closed = read_closed_lease(self.store, self.group, m)
+        except (StoreError, MalformedRecord) as exc:
+            return self._refuse_lease(lease, f"store-failing at the closed lease: {exc}")
+        if closed is not None and closed.acted:
+            self._delete_quietly(lease_key(self.group, m), lease.etag)
+            self._forget(m, if_present=True)
+            self._event("heal-already-replaced", m,
+                        [f"replaced through a closed lease ({closed.state}, holder "
+                         f"{closed.holder})"])
             return
         open_members = {x for x, o in g.outcomes.items() if o == "in-flight"} | {m}
         try:

@@ -35,6 +35,8 @@ from agent.heal.decide import (
 from agent.interfaces import StoreAPI
 from agent.layout import (  # noqa: F401 - re-exported
     budget_key,
+    closed_lease_key,
+    closed_leases_prefix,
     control_prefix,
     inflight_key,
     lease_key,
@@ -207,6 +209,29 @@ def streak(leases: Iterable[Lease], outcomes: Mapping[str, str], since: float | 
     if last_ok is None:
         return len(failed)
     return sum(1 for key in failed if key > last_ok)
+
+
+def _act_key(lease: Lease) -> tuple[float, str]:
+    return (lease.acted_at if lease.acted_at is not None else (lease.last_modified or 0.0),
+            lease.member)
+
+
+def archivable(leases: Iterable[Lease], store_now: float, after_s: float) -> list[Lease]:
+    """Closed leases that may move to ``closed-leases/`` (issue #11: every observer LISTs
+    ``leases/`` at every step, so one kept lease per death made each step O(deaths)).
+
+    Closed: an action happened and its outcome is final (``done`` or ``failed``, no
+    terminate pending), at least ``after_s`` ago on the store's clock; and it sorts before
+    the newest success (by act time, then member), which itself stays. ``streak`` counts
+    only the failures after the newest success, so moving these never changes it."""
+    closed = [x for x in leases if x.acted and x.state in ("done", "failed")
+              and not x.pending_terminate]
+    ok = [_act_key(x) for x in closed if x.state == "done"]
+    if not ok:
+        return []
+    newest = max(ok)
+    return [x for x in closed if _act_key(x) < newest
+            and (age := x.age(store_now)) is not None and age >= after_s]
 
 
 def parse_suspicion(rel: str, group: str) -> tuple[str, str] | None:
@@ -392,6 +417,27 @@ def read_lease(store: StoreAPI, group: str, member: str) -> Lease | None:
     return parse_lease(obj.body, obj.etag, obj.last_modified)
 
 
+def read_closed_lease(store: StoreAPI, group: str, member: str) -> Lease | None:
+    obj = store.get_or_none(closed_lease_key(group, member))
+    if obj is None:
+        return None
+    return parse_lease(obj.body, obj.etag, obj.last_modified)
+
+
+def close_lease(store: StoreAPI, group: str, lease: Lease) -> bool:
+    """Move a closed lease to ``closed-leases/``: copy first, then delete the original
+    only if it is unchanged (If-Match). So at any moment a replaced member's lease is in
+    one of the two places; an observer that creates ``leases/<m>`` afresh did so after
+    the copy landed, and sees it (``HealController._execute``). Raises ``StoreError``."""
+    store.put(closed_lease_key(group, lease.member), lease.body(),
+              content_type="application/json")
+    try:
+        store.delete(lease_key(group, lease.member), if_match=lease.etag)
+    except (PreconditionFailed, NotFound):
+        return False
+    return True
+
+
 def superseded(store: StoreAPI, group: str, my_id: str) -> bool:
     """Is there a lease against me through which an action really happened?
 
@@ -400,7 +446,7 @@ def superseded(store: StoreAPI, group: str, my_id: str) -> bool:
     knowing is not being replaced); so does a malformed lease.
     """
     try:
-        lease = read_lease(store, group, my_id)
+        lease = read_lease(store, group, my_id) or read_closed_lease(store, group, my_id)
     except (StoreError, MalformedRecord) as exc:
         log.warning("cannot read my own lease key: %s", exc)
         return False

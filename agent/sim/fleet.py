@@ -401,11 +401,13 @@ class Fleet:
         self.wait(ok, timeout, f"{'exactly ' if exactly else ''}{', '.join(want)} ready")
 
     def leases(self) -> dict[str, dict[str, Any]]:
-        """Lease bodies by member (GET only the ones whose ETag changed)."""
-        from agent.heal.leases import leases_prefix
+        """Lease bodies by member, closed ones too (GET only the ones whose ETag changed)."""
+        from agent.heal.leases import closed_leases_prefix, leases_prefix
 
         out = {}
-        for e in self.store.list(leases_prefix(self.group)).entries:
+        entries = [*self.store.list(closed_leases_prefix(self.group)).entries,
+                   *self.store.list(leases_prefix(self.group)).entries]
+        for e in entries:
             m = e.key.rsplit("/", 1)[-1]
             cached = self._lease_bodies.get(m)
             if cached is None or cached[0] != e.etag:

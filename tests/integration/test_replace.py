@@ -373,6 +373,40 @@ def test_three_failed_replacements_freeze_until_resume(
     assert not d.frozen and [x.member_id for x in [a for a in d.actions if not a.dry_run]] == [dead]
 
 
+def test_closed_leases_leave_the_lease_prefix_and_still_mean_replaced(
+        cloud: EmbeddedCloud, tmp_path: Any) -> None:
+    """Issue #11: one lease per death, kept, made every observer's step O(deaths). Old
+    closed leases move to ``closed-leases/``; the member still reads itself superseded,
+    and an observer whose stale view calls it dead again finds the closed lease after
+    taking a fresh one, and acts on nothing."""
+    ids = cloud.run_standalone(GROUP, 5)
+    store = store_for(cloud)
+    old = ids[4]  # replaced long ago; EC2 has it terminated
+    cloud.client("ec2").terminate_instances(InstanceIds=[old])
+    for m, state, t in ((old, "done", 1000.0), ("i-gone2", "failed", 1001.0),
+                        ("i-gone3", "done", 1002.0)):
+        store.create(lease_key(GROUP, m), Lease(m, "i-left", "launch", state, token=m,
+                                                replacement=f"r-{m}", acted_at=t).body())
+    members = sorted(ids[:4])
+    calm = PeersView(verdicts={m: "alive" for m in members}, group_size=4,
+                     members=frozenset(members))
+    cfg = config(action="launch", max_per_window=5)
+    ctl(cloud, members[1], cfg, tmp_path, archive_after_s=0).step(calm, ObserverHealth())
+    assert read_lease(store, GROUP, old) is not None  # only the smallest id closes orphans
+    ctl(cloud, members[0], cfg, tmp_path, archive_after_s=0).step(calm, ObserverHealth())
+    left = [e.key.rsplit("/", 1)[-1] for e in store.list(f"groups/{GROUP}/leases/").entries]
+    assert left == ["i-gone3"]  # the newest success stays: the streak is unchanged
+    closed = store.list(f"groups/{GROUP}/closed-leases/").entries
+    assert sorted(e.key.rsplit("/", 1)[-1] for e in closed) == sorted([old, "i-gone2"])
+    assert superseded(store, GROUP, old)
+    n_before = len(all_instances(cloud))
+    a, decision = confirm_then_act(cloud, ids, old, cfg, tmp_path, archive_after_s=0)
+    assert len(all_instances(cloud)) == n_before  # nothing launched, nothing terminated
+    assert [(o.member, o.result) for o in a.outcomes] == []
+    assert read_lease(store, GROUP, old) is None
+    assert "heal-already-replaced" in kinds(cloud)
+
+
 def test_superseded_reads_the_lease_against_me(cloud: EmbeddedCloud) -> None:
     store = store_for(cloud)
     assert not superseded(store, GROUP, "i-me")

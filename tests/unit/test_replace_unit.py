@@ -13,6 +13,7 @@ from agent.group.membership import MalformedRecord
 from agent.heal.controller import dedupe_key, ec2_still_agrees
 from agent.heal.leases import (
     Lease,
+    archivable,
     count_suspicions,
     lease_outcome,
     parse_suspicion,
@@ -89,6 +90,46 @@ def test_streak_is_the_failures_after_the_last_success_in_act_time_order(
         and (t := x.acted_at if x.acted_at is not None else (x.last_modified or 0.0)) is not None
         and (since is None or t > since))
     assert streak(leases, outcomes, since) == failure_streak([f for _, _, f in closed])
+
+
+@given(st.lists(st.tuples(st.sampled_from([None, 1.0, 2.0, 3.0]), st.sampled_from([0.0, 5.0]),
+                          st.sampled_from(["done", "failed", "acted", "refused"]),
+                          st.booleans()), max_size=8),
+       st.sampled_from([None, 0.0, 1.0, 2.0]), st.sampled_from([0.0, 10.0]))
+def test_closing_leases_never_changes_the_failure_streak(
+        rows: list[tuple[float | None, float, str, bool]], since: float | None,
+        after: float) -> None:
+    """Moving ``archivable`` leases out of ``leases/`` (issue #11) leaves the failure streak
+    of what stays exactly as it was, for any resume time; what moves is closed, old
+    enough, and never the newest success."""
+    leases = [Lease(f"i-{n}", "o", "launch", state, acted_at=t, last_modified=lm,
+                    pending_terminate="i-x" if pending else "")
+              for n, (t, lm, state, pending) in enumerate(rows)]
+
+    def outcomes(xs: list[Lease]) -> dict[str, str]:
+        return {x.member: x.state if x.state in ("done", "failed") else "in-flight"
+                for x in xs}
+
+    moved = archivable(leases, 10.0, after)
+    kept = [x for x in leases if x not in moved]
+    assert streak(kept, outcomes(kept), since) == streak(leases, outcomes(leases), since)
+    for x in moved:
+        assert x.acted and x.state in ("done", "failed") and not x.pending_terminate
+        assert 10.0 - (x.last_modified or 0.0) >= after
+    if moved:
+        assert any(x.state == "done" for x in kept)
+
+
+def test_closing_keeps_the_newest_success_and_young_leases() -> None:
+    def lease(m: str, state: str, t: float, lm: float = 0.0) -> Lease:
+        return Lease(m, "o", "launch", state, acted_at=t, last_modified=lm)
+
+    old_ok, old_fail = lease("i-1", "done", 1.0), lease("i-2", "failed", 2.0)
+    newest, after = lease("i-3", "done", 3.0), lease("i-4", "failed", 4.0)
+    young = lease("i-0", "done", 0.5, lm=95.0)
+    assert archivable([old_ok, old_fail, newest, after, young], 100.0, 10.0) == [old_ok,
+                                                                                  old_fail]
+    assert archivable([old_fail, after], 100.0, 10.0) == []  # no success: all stay
 
 
 def test_suspicions_count_distinct_fresh_observers() -> None:
