@@ -111,6 +111,24 @@ def test_deaths_are_replaced_by_the_real_controller() -> None:
     assert all(a[3] == victim[0] for a in sim.actions)
 
 
+@pytest.mark.parametrize(("profile", "seed", "members", "hours"),
+                         [("everything", 5, 9, 3.0), ("calm", 1, 9, 3.0)])
+def test_closed_leases_leave_the_prefix_in_a_long_run(profile: str, seed: int, members: int,
+                                                      hours: float) -> None:
+    """Issue #11: old closed leases move to ``closed-leases/`` in a long run (more than
+    the 900 s and 2 x replace_deadline_s they wait), with no violation; each member whose
+    lease moved really died and was replaced exactly once (ground truth)."""
+    sim = fleetsim.Simulation(seed, members, hours, profile)
+    res = sim.run()
+    assert not res.violations, res.violations[:3]
+    keys = [k for b in sim.s3.buckets.values() for k in b]
+    closed = [k.rsplit("/", 1)[-1] for k in keys if "/closed-leases/" in k]
+    assert closed, "nothing moved: the run is too short to show it"
+    for m in closed:
+        assert sim.replaced_count[m] == 1, m
+        assert not any(k.endswith(f"/leases/{m}") for k in keys)
+
+
 # -- the swarm: a fixed set of seeds across the profiles, each must run clean ------------------
 
 SWARM = [
