@@ -595,6 +595,8 @@ class HealController:
         O(recent deaths). One observer does it: the lease's holder, or, when the holder
         is no longer a member, the member with the smallest id. Never while the member
         still has a record: the record must go first (``_forget``)."""
+        if not peers.members:  # no view yet: it cannot tell whose record is still there
+            return
         todo = [x for x in archivable(g.leases.values(), now, self.archive_after_s)
                 if x.member not in peers.members]
         if not todo:
