@@ -287,6 +287,7 @@ class _Writer:
         self.unflushed = [0] * len(m.files)  # bytes written since the file's last writeback
         self.fds: dict[int, int] = {}  # file index -> its open fd, until its last write
         self.lock = threading.Lock()
+        self.opening = [threading.Lock() for _ in range(16)]
         self.stop = threading.Event()
 
     def who(self, sha: str) -> str:
@@ -358,16 +359,22 @@ class _Writer:
         return written, done
 
     def _open(self, i: int) -> tuple[int, bool]:
-        """File ``i``'s fd, created by the first open; (fd, kept open for later writes)."""
-        with self.lock:
-            fd = self.fds.get(i)
+        """File ``i``'s fd, created by the first open; (fd, kept open for later writes).
+
+        One open per file: threads that want the same file wait for each other, on one of
+        a few locks (``self.opening``), not on the writer's lock (a create can wait on the
+        filesystem; other files' writes need not)."""
+        with self.opening[i % len(self.opening)]:
+            with self.lock:
+                fd = self.fds.get(i)
             if fd is not None:
                 return fd, True
-            keep = len(self.fds) < MAX_OPEN
             # relative to the staging dir, never following a link: cannot land outside it
             fd = os.open(self.m.files[i].path, _OPEN, 0o600, dir_fd=self.root_fd)
-            if keep:
-                self.fds[i] = fd
+            with self.lock:
+                keep = len(self.fds) < MAX_OPEN
+                if keep:
+                    self.fds[i] = fd
             return fd, keep
 
     def _write(self, i: int, data: memoryview, offset: int) -> bool:
