@@ -339,15 +339,16 @@ class _Writer:
         runs: list[list[int]] = []  # [file, file offset, offset in body, length]
         for sha, off, ln in blobs:
             rel = off - start
-            if len(view[rel:rel + ln]) != ln:
+            blob = view[rel:rel + ln]
+            if len(blob) != ln:
                 raise IntegrityError(f"{self.who(sha)} is truncated or wrong size: "
-                                     f"{len(view[rel:rel + ln])} bytes, expected {ln}")
-            if hashlib.sha256(view[rel:rel + ln]).hexdigest() != sha:
+                                     f"{len(blob)} bytes, expected {ln}")
+            if hashlib.sha256(blob).hexdigest() != sha:
                 raise IntegrityError(f"{self.who(sha)} failed its checksum")
             for i, foff in self.place[sha]:
                 last = runs[-1] if runs else None
                 if last and last[0] == i and last[1] + last[3] == foff and last[2] + last[3] == rel:
-                    last[3] += ln
+                    last[3] += ln  # follows the previous run in the body and in the file
                 else:
                     runs.append([i, foff, rel, ln])
         written = done = 0
@@ -399,14 +400,15 @@ class _Writer:
                 complete = self.written[i] == f.size
                 if complete and kept:
                     del self.fds[i]
-                self.unflushed[i] += n
-                flush = complete or self.unflushed[i] >= WRITEBACK_EVERY
-                if flush:
-                    self.unflushed[i] = 0
-            if f.size >= WRITEBACK_MIN:
-                if flush:
-                    _start_writeback(fd)
-            elif self.flusher is not None:
+                flush = False
+                if f.size >= WRITEBACK_MIN:
+                    self.unflushed[i] += n
+                    flush = complete or self.unflushed[i] >= WRITEBACK_EVERY
+                    if flush:
+                        self.unflushed[i] = 0
+            if flush:
+                _start_writeback(fd)
+            elif f.size < WRITEBACK_MIN and self.flusher is not None:
                 self.flusher.add(n)
             if complete:
                 _set_meta(fd, f)
