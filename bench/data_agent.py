@@ -2,7 +2,8 @@
 
 ``python -m bench.data_agent backup|restore PATH REPO``: what ``ec2-agent backup`` /
 ``restore`` run on an instance (``store_for``'s client, the lean botocore data the daemon
-builds), without the bench harness's own imports in the measured process.
+builds), without the bench harness's own imports in the measured process; it ends as the
+command does (``agent.cli._FAST_EXIT``).
 """
 
 from __future__ import annotations
@@ -35,4 +36,9 @@ def main(op: str, path: str, repo: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(*sys.argv[1:4]))
+    code = main(*sys.argv[1:4])
+    from agent import cli
+
+    if sys.argv[1] in cli._FAST_EXIT:
+        cli.exit_now(code)
+    sys.exit(code)

@@ -13,18 +13,23 @@ from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 from botocore.parsers import ResponseParserError
-from s3transfer.exceptions import (
-    RetriesExceededError,
-    S3DownloadFailedError,
-    S3UploadFailedError,
-)
 
 # What an AWS call may raise when the service or the network fails. ResponseParserError
 # (an HTML 500 page where XML was expected) is not a BotoCoreError.
 AWS_ERRORS: tuple[type[Exception], ...] = (ClientError, BotoCoreError, ResponseParserError)
-# s3transfer's own on top (a download that ran out of attempts, a failed multipart).
-TRANSFER_ERRORS: tuple[type[Exception], ...] = AWS_ERRORS + (
-    RetriesExceededError, S3DownloadFailedError, S3UploadFailedError)
+
+
+def transfer_errors() -> tuple[type[Exception], ...]:
+    """``AWS_ERRORS`` and s3transfer's own (a download that ran out of attempts, a failed
+    multipart). A function: only the callers that use s3transfer import it (~10 ms of CPU,
+    multiprocessing included, that a restore or a heartbeat need not pay)."""
+    from s3transfer.exceptions import (
+        RetriesExceededError,
+        S3DownloadFailedError,
+        S3UploadFailedError,
+    )
+
+    return AWS_ERRORS + (RetriesExceededError, S3DownloadFailedError, S3UploadFailedError)
 
 NOT_FOUND_CODES = frozenset({"NoSuchKey", "404", "NotFound", "NoSuchBucket"})
 PRECONDITION_CODES = frozenset({"PreconditionFailed", "ConditionalRequestConflict"})

@@ -251,7 +251,7 @@ class Store:
             for rel, fut in futures:
                 try:
                     fut.result()
-                except awserrors.TRANSFER_ERRORS as exc:
+                except awserrors.transfer_errors() as exc:
                     self.usage.add("put", bytes_out=len(items[rel]))
                     raise self._fail("upload", rel, exc) from exc
                 self.usage.add("put", bytes_out=len(items[rel]))
@@ -296,7 +296,7 @@ class Store:
                         continue
                     try:
                         fut.result()
-                    except awserrors.TRANSFER_ERRORS as exc:
+                    except awserrors.transfer_errors() as exc:
                         self.usage.add("get")
                         raise self._fail("download", items[i][0], exc) from exc
                     self.usage.add("get", bytes_in=items[i][2])

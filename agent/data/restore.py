@@ -3,15 +3,16 @@
 Build the snapshot in a hidden staging dir beside the target (same filesystem): fetch
 each needed blob once with ranged GETs of its pack, many requests in parallel, each read
 a piece (``packs.PIECE``) at a time as it arrives; verify each blob's sha256 and length,
-write it where it belongs from the fetching thread (a file of one blob is created by that
-write) and start its writeback (a large file's per write, small files' with a background
-``syncfs`` every few MiB); check that every file received exactly its size in verified
-bytes; make it all durable (one ``syncfs``, or an fsync per file where there is none),
-then swap it in with one ``renameat2(RENAME_EXCHANGE)`` (two renames where that is not
-available). A restore killed at any moment leaves the target as it was; the next restore
-removes the leftover staging dir. Local content that is replaced is moved aside, never
-deleted (an empty dir is simply removed). Also the boot phase ``restore``: whether to
-restore is decided by ``agent.data.plan.decide_restore``.
+write it where it belongs from the fetching thread (each file is created by its first
+write and stays open until its last) and start its writeback (a large file's every few
+MiB written to it, small files' with a background ``syncfs`` every few MiB); check that
+every file received exactly its size in verified bytes; make it all durable (one
+``syncfs``, or an fsync per file where there is none), then swap it in with one
+``renameat2(RENAME_EXCHANGE)`` (two renames where that is not available). A restore
+killed at any moment leaves the target as it was; the next restore removes the leftover
+staging dir. Local content that is replaced is moved aside, never deleted (an empty dir
+is simply removed). Also the boot phase ``restore``: whether to restore is decided by
+``agent.data.plan.decide_restore``.
 """
 
 from __future__ import annotations
@@ -174,20 +175,26 @@ def _libc_fn(name: str, argtypes: list[type]) -> Callable[..., int] | None:
 # Files smaller than this are not written back one by one: a writeback started per small
 # file is one disk request (and one exit to the hypervisor) per file. A ``_Flusher`` sends
 # them with a background ``syncfs`` each ``FLUSH_EVERY`` bytes, in a few merged requests.
+# A larger file's writeback starts each ``WRITEBACK_EVERY`` bytes written to it, and once
+# it is complete: a few large requests, not one per write.
 WRITEBACK_MIN = 256 * 1024
+WRITEBACK_EVERY = 4 * 1024 * 1024
 FLUSH_EVERY = 8 * 1024 * 1024
+# Files a restore keeps open between writes (file descriptors: well below any ulimit).
+MAX_OPEN = 64
 
 _SYNC_FILE_RANGE = _libc_fn("sync_file_range",
                             [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint])
 
 
-def _start_writeback(fd: int, offset: int, n: int) -> None:
-    """Start writing ``n`` bytes at ``offset`` to disk now, without waiting
-    (``sync_file_range(SYNC_FILE_RANGE_WRITE)``): the disk works while the restore still
-    fetches, and the one ``syncfs`` before the swap, which is what makes the tree durable,
-    has little left to wait for. Best effort: where there is none, ``syncfs`` does it all."""
+def _start_writeback(fd: int) -> None:
+    """Start writing a file's dirty pages to disk now, without waiting
+    (``sync_file_range(fd, 0, 0, SYNC_FILE_RANGE_WRITE)``: the whole file; pages already
+    on their way are skipped): the disk works while the restore still fetches, and the one
+    ``syncfs`` before the swap, which is what makes the tree durable, has little left to
+    wait for. Best effort: where there is none, ``syncfs`` does it all."""
     if _SYNC_FILE_RANGE is not None:  # its errors only mean syncfs has more to do
-        _SYNC_FILE_RANGE(fd, offset, n, _SYNC_FILE_RANGE_WRITE)
+        _SYNC_FILE_RANGE(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
 
 
 _SYNCFS = _libc_fn("syncfs", [ctypes.c_int])
@@ -255,7 +262,13 @@ class _Writer:
     Every blob is fetched once (a ranged GET of its pack, shared with its neighbours),
     checked (length, sha256: the one checksum pass over each byte), then written with
     ``pwrite`` into every file and offset that holds it, by the thread that fetched it:
-    writers run in parallel, and memory is one piece (``packs.PIECE``) per thread."""
+    writers run in parallel, and memory is one piece (``packs.PIECE``) per thread.
+
+    Blobs that follow each other both in the piece and in one file (a file's chunks are
+    packed in order) go out in one ``pwrite``. Each file is opened once, by its first
+    write, which creates it (the staging dir is the restore's own, and a manifest names
+    each path once), and stays open until its last write (at most ``MAX_OPEN`` at a time;
+    past that, a write opens and closes its file itself)."""
 
     def __init__(self, store: StoreAPI, m: D.Manifest, root_fd: int,
                  flusher: _Flusher | None = None) -> None:
@@ -271,7 +284,10 @@ class _Writer:
                 self.place.setdefault(c, []).append((i, off))
                 off += m.blobs[c].length
         self.written = [0] * len(m.files)
+        self.unflushed = [0] * len(m.files)  # bytes written since the file's last writeback
+        self.fds: dict[int, int] = {}  # file index -> its open fd, until its last write
         self.lock = threading.Lock()
+        self.opening = [threading.Lock() for _ in range(16)]
         self.stop = threading.Event()
 
     def who(self, sha: str) -> str:
@@ -316,53 +332,96 @@ class _Writer:
                               f"({fx.obj} not found)")
 
     def _put(self, start: int, body: bytes, blobs: tuple[P.Blob, ...]) -> tuple[int, int]:
-        """Check each blob of ``body`` (bytes from object offset ``start``) and write it
-        wherever it belongs: (bytes written, files completed)."""
+        """Check each blob of ``body`` (bytes from object offset ``start``), then write the
+        blobs wherever they belong, neighbours in one file in one write: (bytes written,
+        files completed). Nothing is written before every blob of the piece passed."""
         view = memoryview(body)
-        written = done = 0
+        runs: list[list[int]] = []  # [file, file offset, offset in body, length]
         for sha, off, ln in blobs:
-            blob = view[off - start:off - start + ln]
+            rel = off - start
+            blob = view[rel:rel + ln]
             if len(blob) != ln:
                 raise IntegrityError(f"{self.who(sha)} is truncated or wrong size: "
                                      f"{len(blob)} bytes, expected {ln}")
             if hashlib.sha256(blob).hexdigest() != sha:
                 raise IntegrityError(f"{self.who(sha)} failed its checksum")
             for i, foff in self.place[sha]:
-                if self.stop.is_set():
-                    return written, done
-                done += self._pwrite(i, blob, foff)
-                written += ln
+                last = runs[-1] if runs else None
+                if last and last[0] == i and last[1] + last[3] == foff and last[2] + last[3] == rel:
+                    last[3] += ln  # follows the previous run in the body and in the file
+                else:
+                    runs.append([i, foff, rel, ln])
+        written = done = 0
+        for i, foff, rel, ln in runs:
+            if self.stop.is_set():
+                break
+            done += self._write(i, view[rel:rel + ln], foff)
+            written += ln
         return written, done
 
-    def _pwrite(self, i: int, data: memoryview, offset: int) -> bool:
-        """Write one blob into file ``i``; the write that completes the file also sets its
-        mode, owner and mtime (no write can follow it). True when it did.
+    def _open(self, i: int) -> tuple[int, bool]:
+        """File ``i``'s fd, created by the first open; (fd, kept open for later writes).
 
-        A file of one blob gets exactly one write, so that write creates it (``O_EXCL``):
-        one open per small file, not a create and a reopen, and the creates run in the
-        fetch threads, beside the fetches. Other files exist already (``_create_files``)."""
+        One open per file: threads that want the same file wait for each other, on one of
+        a few locks (``self.opening``), not on the writer's lock (a create can wait on the
+        filesystem; other files' writes need not)."""
+        with self.opening[i % len(self.opening)]:
+            with self.lock:
+                fd = self.fds.get(i)
+            if fd is not None:
+                return fd, True
+            # relative to the staging dir, never following a link: cannot land outside it
+            fd = os.open(self.m.files[i].path, _OPEN, 0o600, dir_fd=self.root_fd)
+            with self.lock:
+                keep = len(self.fds) < MAX_OPEN
+                if keep:
+                    self.fds[i] = fd
+            return fd, keep
+
+    def _write(self, i: int, data: memoryview, offset: int) -> bool:
+        """Write verified bytes into file ``i``; the write that completes the file also sets
+        its mode, owner and mtime (no write can follow it), and closes it. True when it did.
+
+        A large file's writeback starts every ``WRITEBACK_EVERY`` bytes written to it and
+        when it is complete (one request for many writes); small files' is the flusher's."""
         f = self.m.files[i]
-        # relative to the staging dir, never following a link: cannot land outside it
-        flags = _CREATE if len(f.chunks) == 1 else os.O_WRONLY | os.O_NOFOLLOW
-        fd = os.open(f.path, flags, 0o600, dir_fd=self.root_fd)
+        fd, kept = self._open(i)
+        complete = False
         try:
             n = len(data)
-            start = offset
             while data:
                 k = os.pwrite(fd, data, offset)
                 data = data[k:]
                 offset += k
-            if f.size >= WRITEBACK_MIN:
-                _start_writeback(fd, start, n)
-            elif self.flusher is not None:
-                self.flusher.add(n)
             with self.lock:
                 self.written[i] += n
+                # every other write into this file has counted its bytes already, so none
+                # can still be using the fd that the completing write closes
                 complete = self.written[i] == f.size
+                if complete and kept:
+                    del self.fds[i]
+                flush = False
+                if f.size >= WRITEBACK_MIN:
+                    self.unflushed[i] += n
+                    flush = complete or self.unflushed[i] >= WRITEBACK_EVERY
+                    if flush:
+                        self.unflushed[i] = 0
+            if flush:
+                _start_writeback(fd)
+            elif f.size < WRITEBACK_MIN and self.flusher is not None:
+                self.flusher.add(n)
             if complete:
                 _set_meta(fd, f)
             return complete
         finally:
+            if complete or not kept:
+                os.close(fd)
+
+    def close(self) -> None:
+        """Close the files a failed or stopped restore left open."""
+        with self.lock:
+            fds, self.fds = list(self.fds.values()), {}
+        for fd in fds:
             os.close(fd)
 
 
@@ -383,7 +442,6 @@ def _build(store: StoreAPI, m: D.Manifest, staging: Path, concurrency: int, cloc
             flusher = _Flusher(root_fd)
         for d in sorted(m.dirs, key=lambda x: x.path.count("/")):
             os.mkdir(d.path, 0o700, dir_fd=root_fd)
-        _create_files(m.files, root_fd, concurrency)
         prog = D.Progress(total=m.total_bytes, started=clock.monotonic(),
                           files=sum(1 for f in m.files if f.size == 0),
                           files_total=len(m.files))
@@ -391,32 +449,36 @@ def _build(store: StoreAPI, m: D.Manifest, staging: Path, concurrency: int, cloc
         plan = P.plan_fetches(w.place, m.blobs)
         # every request is queued at once: the fetch threads never wait for the writer
         # (they are the writers), and memory stays one piece per thread
-        with ThreadPoolExecutor(concurrency, thread_name_prefix="restore") as pool:
-            pending = {pool.submit(w.fetch, fx) for fx in plan}
-            try:
-                while pending:
-                    if deadline is not None:
-                        deadline.check(f"restoring {m.name}")
-                    finished, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
-                    for fut in finished:
-                        n, done = fut.result()
-                        prog.add(n)
-                        prog.files += done
-                    now = clock.monotonic()
-                    if progress is not None and finished and prog.tick(now):
-                        progress(prog.info(now))
-            except BaseException:
-                w.stop.set()
-                for fut in pending:
-                    fut.cancel()
-                raise
+        try:
+            with ThreadPoolExecutor(concurrency, thread_name_prefix="restore") as pool:
+                pending = {pool.submit(w.fetch, fx) for fx in plan}
+                try:
+                    while pending:
+                        if deadline is not None:
+                            deadline.check(f"restoring {m.name}")
+                        finished, pending = wait(pending, timeout=0.5,
+                                                 return_when=FIRST_COMPLETED)
+                        for fut in finished:
+                            n, done = fut.result()
+                            prog.add(n)
+                            prog.files += done
+                        now = clock.monotonic()
+                        if progress is not None and finished and prog.tick(now):
+                            progress(prog.info(now))
+                except BaseException:
+                    w.stop.set()
+                    for fut in pending:
+                        fut.cancel()
+                    raise
+        finally:
+            w.close()
         for f, n in zip(m.files, w.written, strict=True):
             if n != f.size:  # every byte of every file came from a verified blob
                 raise IntegrityError(f"{f.path}: restored {n} of {f.size} bytes")
         chown = os.geteuid() == 0
         for f in m.files:
-            if f.size == 0:  # no write completed it: its metadata is set here
-                fd = os.open(f.path, os.O_WRONLY | os.O_NOFOLLOW, dir_fd=root_fd)
+            if f.size == 0:  # no write created or completed it: both happen here
+                fd = os.open(f.path, _CREATE, 0o600, dir_fd=root_fd)
                 try:
                     _set_meta(fd, f)
                 finally:
@@ -450,26 +512,8 @@ def _build(store: StoreAPI, m: D.Manifest, staging: Path, concurrency: int, cloc
 
 
 _CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-
-
-def _create_files(files: tuple[D.FileEntry, ...], root_fd: int, concurrency: int) -> None:
-    """Create the files that more than one write fills (or none: empty files) before any
-    byte arrives, a directory per task, in parallel: a create waits on the filesystem,
-    and creates in different dirs need not wait on each other. A file of one blob is
-    created by its write instead (``_Writer._pwrite``). O_EXCL|O_NOFOLLOW relative to
-    the staging dir."""
-    by_dir: dict[str, list[str]] = {}
-    for f in files:
-        if len(f.chunks) != 1:
-            by_dir.setdefault(f.path.rpartition("/")[0], []).append(f.path)
-
-    def create(paths: list[str]) -> None:
-        for p in paths:
-            os.close(os.open(p, _CREATE, 0o600, dir_fd=root_fd))
-
-    with ThreadPoolExecutor(concurrency, thread_name_prefix="restore-create") as pool:
-        for fut in [pool.submit(create, paths) for paths in by_dir.values()]:
-            fut.result()
+# A file's first write creates it; later ones (other threads too) open the same file.
+_OPEN = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW
 
 
 def _fsync_at(dir_fd: int, rel: str, directory: bool = True) -> None:

@@ -221,3 +221,29 @@ def test_daemon_builds_the_lean_data_on_first_start(cloud: EmbeddedCloud) -> Non
         assert p.poll() is None
     finally:
         stop_process(p)
+
+
+def test_a_model_loads_without_a_walk_over_every_service(lean: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """botocore checks that a service exists by listing every service's data dir (~12 ms
+    of CPU per S3 client); the agent's loader looks in that one service's dirs. Same
+    answers: a service only botocore's own data has loads, an unknown one is refused by
+    botocore's own walk and error."""
+    from botocore.exceptions import UnknownServiceError
+    from botocore.loaders import Loader
+
+    walks: list[str] = []
+    real = Loader.list_available_services
+
+    def walk(self: Any, type_name: str) -> Any:
+        walks.append(type_name)
+        return real(self, type_name)
+
+    monkeypatch.setattr(Loader, "list_available_services", walk)
+    s = _session(lean)
+    s.create_client("s3", region_name="us-east-1")
+    s.create_client("dynamodb", region_name="us-east-1")  # not in the lean copies
+    assert walks == []
+    with pytest.raises(UnknownServiceError):
+        s.get_component("data_loader").load_service_model("no-such-service", "service-2")
+    assert walks == ["service-2"]

@@ -129,6 +129,81 @@ def test_background_flushes_during_a_restore(store: Store, tmp_path: Path,
     assert set(os.listdir("/proc/self/fd")) == fds
 
 
+def test_each_file_is_opened_once_and_written_back_in_batches(
+        store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file is created by its first write and stays open until its last: one open per
+    file, not one per chunk; chunks that follow each other in a pack and in the file go out
+    in one write; a large file's writeback starts each ``WRITEBACK_EVERY`` bytes and once
+    complete, not per chunk. The tree is exact and no file is left open."""
+    src = tmp_path / "src"
+    src.mkdir()
+    rnd = random.Random(5)
+    for i in range(3):  # above WRITEBACK_MIN, about 20 chunks each
+        (src / f"big{i}.bin").write_bytes(rnd.randbytes(20 * CHUNK + i))
+    (src / "small").write_bytes(b"x" * 10)
+    (src / "empty").write_bytes(b"")
+    do_backup(store, src)
+    m = B.load_manifest(store, G, N, B.latest_snapshot(store, G, N))
+    blobs = {f.path: len(f.chunks) for f in m.files}
+    assert all(blobs[f"big{i}.bin"] >= 10 for i in range(3))
+
+    opens: dict[str, int] = {}
+    writes: dict[str, int] = {}
+    writebacks: dict[str, int] = {}
+    real_open, real_pwrite = os.open, os.pwrite
+
+    def name(fd: int) -> str:
+        return os.readlink(f"/proc/self/fd/{fd}").rsplit("/", 1)[-1]
+
+    def counting_open(path: Any, flags: int, mode: int = 0o777, *,
+                      dir_fd: int | None = None) -> int:
+        if isinstance(path, str) and path in blobs:
+            opens[path] = opens.get(path, 0) + 1
+        return real_open(path, flags, mode, dir_fd=dir_fd)
+
+    def counting_pwrite(fd: int, data: Any, offset: int) -> int:
+        writes[name(fd)] = writes.get(name(fd), 0) + 1
+        return real_pwrite(fd, data, offset)
+
+    def counting_writeback(fd: int) -> None:
+        writebacks[name(fd)] = writebacks.get(name(fd), 0) + 1
+
+    monkeypatch.setattr(os, "open", counting_open)
+    monkeypatch.setattr(os, "pwrite", counting_pwrite)
+    monkeypatch.setattr(R, "_start_writeback", counting_writeback)
+    monkeypatch.setattr(R, "WRITEBACK_EVERY", 8 * CHUNK)
+    fds = set(os.listdir("/proc/self/fd"))
+    dst = tmp_path / "restore" / "app"
+    R.restore(store, G, N, dst, concurrency=4)
+    monkeypatch.undo()
+    assert describe(dst) == describe(src)
+    assert set(os.listdir("/proc/self/fd")) == fds
+    assert opens == dict.fromkeys(blobs, 1)
+    for i in range(3):
+        f = f"big{i}.bin"
+        assert writes[f] <= blobs[f] // 2, (writes, blobs)
+        assert 1 <= writebacks[f] <= 20 * CHUNK // (8 * CHUNK) + 1, writebacks
+    assert "small" not in writebacks  # small files: the background syncfs
+
+
+def test_more_files_in_progress_than_kept_open(store: Store, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past ``MAX_OPEN`` files in progress, a write opens and closes its file itself: the
+    tree is still exact, and nothing is left open."""
+    src = tmp_path / "src"
+    src.mkdir()
+    rnd = random.Random(6)
+    for i in range(8):
+        (src / f"f{i}").write_bytes(rnd.randbytes(5 * CHUNK + i))
+    do_backup(store, src, pack_target=3 * CHUNK)  # files span packs, fetched in parallel
+    monkeypatch.setattr(R, "MAX_OPEN", 1)
+    fds = set(os.listdir("/proc/self/fd"))
+    dst = tmp_path / "restore" / "app"
+    R.restore(store, G, N, dst, concurrency=4)
+    assert describe(dst) == describe(src)
+    assert set(os.listdir("/proc/self/fd")) == fds
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="restores owners only as root")
 def test_setuid_and_setgid_bits_survive_the_owner_restore(store: Store, tmp_path: Path) -> None:
     """A chown clears a file's setuid/setgid bits, even as root: the owner goes first."""
@@ -342,9 +417,11 @@ def test_corruption_is_refused_and_target_untouched(store: Store, tmp_path: Path
     dst.parent.mkdir()
     if existing == "empty":
         dst.mkdir()
+    fds = set(os.listdir("/proc/self/fd"))
     with pytest.raises(IntegrityError, match=message) as err:
         R.restore(store, G, N, dst)
     assert path in str(err.value) and sha in str(err.value)
+    assert set(os.listdir("/proc/self/fd")) == fds  # the files in progress were closed
     assert dst.exists() is (existing == "empty")
     if existing == "empty":
         assert list(dst.iterdir()) == []
@@ -557,3 +634,20 @@ def test_files_swapped_during_the_walk_are_left_out(store: Store, tmp_path: Path
     res = do_backup(store, src)
     m = B.load_manifest(store, G, N, res.snapshot_id)
     assert [f.path for f in m.files] == ["kept"]
+
+
+def test_a_restore_does_not_import_s3transfer() -> None:
+    """Restore and backup use the botocore client only: s3transfer (and the multiprocessing
+    it imports, ~10 ms of CPU at every start) is imported by the callers that use it."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "from agent.data import backup, restore\n"
+            "from agent.aws import session, store\n"
+            "session.client('s3', 'us-east-1')\n"
+            "print(sorted(m for m in ('s3transfer', 'boto3') if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, env={**os.environ, "AWS_EC2_METADATA_DISABLED": "true"})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
