@@ -352,6 +352,7 @@ class HealController:
         self._my_asg: str | None = None
         self.outcomes: list[Outcome] = []  # what execution did, newest last (bounded)
         self._recorded: dict[str, tuple[str, ...]] = {}
+        self._recorded_prune_at = 64
         self._freeze_recorded: tuple[str, ...] = ()
         self._lease_cache: dict[str, Lease] = {}
         self._stuck: dict[str, str] = {}  # member -> etag of the acting lease reported stuck
@@ -586,9 +587,15 @@ class HealController:
             del self._lease_cache[m]
         for m in [m for m in self._stuck if m not in g.leases]:
             del self._stuck[m]
-        for m in [m for m in self._recorded  # not set(peers.members): O(N) a step (#11)
-                  if m not in g.leases and m not in peers.verdicts and m not in peers.members]:
-            del self._recorded[m]
+        if len(self._recorded) > self._recorded_prune_at:
+            # Amortised: a scan each time the map doubles, not each step. Every member that
+            # was ever refused stays in view, so a scan a step grew to O(N) per observer:
+            # O(N^2) a step group-wide, a 24 h run slowing as it went (issue #11).
+            for m in [m for m in self._recorded
+                      if m not in g.leases and m not in peers.verdicts
+                      and m not in peers.members]:
+                del self._recorded[m]
+            self._recorded_prune_at = 2 * len(self._recorded) + 64
 
     def _close_old_leases(self, g: _Gathered, peers: PeersView, now: float) -> None:
         """Move closed leases out of ``leases/`` (``archivable``), so a step stays

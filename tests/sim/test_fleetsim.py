@@ -143,9 +143,10 @@ SWARM = [
     # an observer stalls 87 s between taking the lease and acting while its paused target
     # comes back: the fence aborts (catches bench_mutants' no-fencing: false-action)
     ("stalls", 5, 12, 0.2),
-    # a pair death, two observers deciding within a store round trip of each other: the
-    # group-wide in-flight CAS lets one act (catches bench_mutants' uncapped-in-flight)
-    ("flaky-store", 39, 9, 0.79),
+    # two deaths, two observers deciding within a store round trip of each other: the
+    # group-wide in-flight CAS lets one act (catches bench_mutants' uncapped-in-flight;
+    # flaky-store seed 39 at 0.79 h did until session 6's heal changes moved its timing)
+    ("everything", 39, 9, 1.0),
 ]
 
 
