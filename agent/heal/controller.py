@@ -124,8 +124,12 @@ log = logging.getLogger(__name__)
 STALE_VERDICTS = frozenset({"dead", "suspect"})
 # The least time a closed lease stays in ``leases/`` (``HealController.archive_after_s``).
 ARCHIVE_AFTER_S = 900.0
-# Refusals that only restate a verdict nobody acts on: not worth an event each.
-_QUIET_REFUSALS = ("alive", "grace", "leaving", "unknown")
+# Refusals that only restate a verdict nobody acts on: not worth an event each. A member
+# is decided about once it is dead; before that nothing was proposed. ``suspect`` too: when
+# a zone goes dark every observer sees each of its members suspect for a while, and an
+# event from each observer for each was N^2 writes (~240,000 in six simulated minutes at
+# N = 1,000, issue #11); the zone's own event names them.
+_QUIET_REFUSALS = ("alive", "grace", "leaving", "unknown", "suspect")
 
 
 # -- pure: small judgements ---------------------------------------------------------------

@@ -440,6 +440,22 @@ def test_events_carry_reasons_for_refusals_once(cloud: EmbeddedCloud, tmp_path: 
     assert json.loads(json.dumps(refusals[0].to_json()))["member"] == dead
 
 
+def test_a_suspect_member_is_no_refusal_event_a_dead_one_is(cloud: EmbeddedCloud,
+                                                              tmp_path: Any) -> None:
+    """Only a member judged dead is decided about: a suspect one (stale, not yet on both
+    clocks) writes no heal-refuse, or a dark zone costs an event per observer per member
+    (issue #11). A dead one that is refused (1/2 observers) still does."""
+    ids = cloud.run_standalone(GROUP, 4)
+    a = ctl(cloud, ids[1], config(), tmp_path)
+    suspect = replace(view(ids, ids[0]), verdicts={m: ("suspect" if m == ids[0] else "alive")
+                                                   for m in ids})
+    d = a.step(suspect, ObserverHealth())
+    assert [r.member_id for r in d.refusals] == [ids[0]]
+    assert "heal-refuse" not in kinds(cloud)
+    a.step(view(ids, ids[0]), ObserverHealth())
+    assert kinds(cloud).count("heal-refuse") == 1
+
+
 @pytest.mark.parametrize("health", [None, SimpleNamespace(observer_sick=False, last_error="")])
 def test_step_accepts_a_heartbeater_like_health(cloud: EmbeddedCloud, health: Any) -> None:
     ids = cloud.run_standalone(GROUP, 3)
