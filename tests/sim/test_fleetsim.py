@@ -144,8 +144,9 @@ SWARM = [
     # comes back: the fence aborts (catches bench_mutants' no-fencing: false-action)
     ("stalls", 5, 12, 0.2),
     # two deaths, two observers deciding within a store round trip of each other: the
-    # group-wide in-flight CAS lets one act (catches bench_mutants' uncapped-in-flight;
-    # flaky-store seed 39 at 0.79 h did until session 6's heal changes moved its timing)
+    # group-wide in-flight CAS lets one act. It caught bench_mutants' uncapped-in-flight at
+    # 2b13220 (flaky-store seed 39 at 0.79 h did before session 6's heal changes); since
+    # 007076b the regression seed acted-everything-121 does (`make mutants` says which).
     ("everything", 39, 9, 1.0),
 ]
 
