@@ -439,7 +439,8 @@ def close_lease(store: StoreAPI, group: str, lease: Lease) -> bool:
 
 
 def superseded(store: StoreAPI, group: str, my_id: str) -> bool:
-    """Is there a lease against me through which an action really happened?
+    """Is there a lease against me (in ``leases/``, or moved to ``closed-leases/``) through
+    which an action really happened?
 
     Only then was I replaced (invariant 13): a ``held``, ``acting``, ``refused`` lease,
     or one that failed before acting, exiles nobody. A store error answers False (not
