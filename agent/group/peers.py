@@ -210,17 +210,11 @@ def changes_since(marker: Mapping[str, Any], version: int | None) -> list[dict[s
     return newer
 
 
-def apply_changes(
-    view: Mapping[str, PeerInfo], changes: Iterable[Mapping[str, Any]]
-) -> dict[str, PeerInfo]:
-    return apply_changes_into(dict(view), changes)
-
-
 def apply_changes_into(
     out: dict[str, PeerInfo], changes: Iterable[Mapping[str, Any]]
 ) -> dict[str, PeerInfo]:
-    """``apply_changes`` on a view the caller owns, in place: O(changes), not O(N) per
-    marker change for every watcher (issue #11)."""
+    """The marker's changes applied to a view the caller owns, in place: O(changes), not
+    a copy of all N entries per change for every watcher (issue #11)."""
     for c in changes:
         mid = str(c.get("id", ""))
         if not mid:
