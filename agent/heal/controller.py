@@ -888,17 +888,6 @@ class HealController:
         lease = self._take_lease(action, g)
         if lease is None:
             return
-        try:  # taken afresh after an old lease of it was closed: it was replaced then
-            closed = read_closed_lease(self.store, self.group, m)
-        except (StoreError, MalformedRecord) as exc:
-            return self._refuse_lease(lease, f"store-failing at the closed lease: {exc}")
-        if closed is not None and closed.acted:
-            self._delete_quietly(lease_key(self.group, m), lease.etag)
-            self._forget(m, if_present=True)
-            self._event("heal-already-replaced", m,
-                        [f"replaced through a closed lease ({closed.state}, holder "
-                         f"{closed.holder})"])
-            return
         open_members = {x for x, o in g.outcomes.items() if o == "in-flight"} | {m}
         try:
             ok, why = take_inflight(self.store, self.group, m,
@@ -996,7 +985,20 @@ class HealController:
         except StoreError as exc:
             self._lost(m, f"cannot create the lease: {exc}", kind="heal-refuse")
             return None
-        return replace(lease, etag=etag)
+        lease = replace(lease, etag=etag)
+        try:  # taken after an old lease of it was closed: it was replaced then
+            closed = read_closed_lease(self.store, self.group, m)
+        except (StoreError, MalformedRecord) as exc:
+            self._refuse_lease(lease, f"store-failing at the closed lease: {exc}")
+            return None
+        if closed is not None and closed.acted:
+            self._delete_quietly(key, lease.etag)
+            self._forget(m, if_present=True)
+            self._event("heal-already-replaced", m,
+                        [f"replaced through a closed lease ({closed.state}, holder "
+                         f"{closed.holder})"])
+            return None
+        return lease
 
     def _fence(self, lease: Lease, what: str, *, check_age: bool = True) -> Lease:
         """Invariant 12, right before a mutating cloud call; raises ``_Fenced`` to abort.
