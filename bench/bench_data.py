@@ -10,7 +10,8 @@ Every tool runs as its own process against the same moto server, through a count
 proxy (``agent.sim.proxy``): wall time, CPU seconds and peak RSS of the process (``wait4``),
 requests (the moto server's request log) and bytes sent (the proxy's client-to-server
 bytes, HTTP included). Each repetition starts from an empty store and fresh repositories,
-the tools alternate (the order rotates each repetition), and the tables give medians.
+the tools alternate (the order rotates each repetition), each run starts after a ``sync``
+(no tool pays for the writeback of the one before it), and the tables give medians.
 Every restore is checked against the source (the multiset of file sizes and sha256).
 The trees restored in (b) stay until the bench ends, so no tool's restore comes right
 after 10,000 files were deleted: on ext4 without a journal (this VM's root) every create
@@ -47,6 +48,7 @@ KIB = 1024
 TOOLS = ("agent", "restic", "rclone", "aws")
 LABEL = {"agent": "agent", "restic": "restic", "rclone": "rclone", "aws": "aws s3 sync"}
 TINY = {"small_files": 4, "small_size": 64 * KIB, "big": 2 * MIB, "tiny_files": 50, "reps": 1,
+        "restores": 1,
         "rival_phases": ("a-backup", "a-restore")}
 TIME = "/usr/bin/time"  # GNU time (Debian package time)
 REQ_LINE = re.compile(rb'"(GET|PUT|POST|HEAD|DELETE) ')
@@ -184,6 +186,10 @@ class Bench:
         """Run one tool; GNU time measures it (``wait4`` in our own process would count
         the forked copy of this Python process in the child's peak RSS)."""
         req0 = self.settled if self.settled is not None else self._settled_requests()
+        # No tool pays for the writeback of what came before it (the data set just made, the
+        # previous tool's backup into moto's spool files, the previous restore): a restore
+        # on a replacement instance starts on a settled machine too.
+        os.sync()
         up0 = self.proxy.counters.bytes_up
         err = self.work / "stderr.txt"
         tfile = self.work / "time.txt"
@@ -235,10 +241,15 @@ class Bench:
 # -- the run -------------------------------------------------------------------------------------
 
 def run(small_files: int = 200, small_size: int = MIB, big: int = 200 * MIB,
-        tiny_files: int = 10_000, reps: int = 3, only: tuple[str, ...] = TOOLS,
-        rival_phases: tuple[str, ...] | None = None) -> dict:
+        tiny_files: int = 10_000, reps: int = 3, restores: int = 3,
+        only: tuple[str, ...] = TOOLS, rival_phases: tuple[str, ...] | None = None) -> dict:
     """The bench; ``rival_phases`` limits the other tools to those phases (all by default:
-    the tiny run gives them (a) only: every command of every tool still runs)."""
+    the tiny run gives them (a) only: every command of every tool still runs).
+
+    Each tool restores (a) ``restores`` times per repetition (one sample each): its
+    restores take 1-4 s, and a median of 3 single runs swung with the machine's noise (the
+    same restore took 1.0-1.3 s, and now and then 1.7 s, with moto spending twice its usual
+    CPU). (b)'s rival restores take 35-40 s each, so (b) is restored once per repetition."""
     from agent.aws.store import Store
     from agent.sim.moto import MotoServer
     from agent.sim.proxy import TcpProxy
@@ -281,12 +292,13 @@ def run(small_files: int = 200, small_size: int = MIB, big: int = 200 * MIB,
                         b.prepare(tool, repo)
                         results.setdefault((f"{name}-backup", tool), []).append(
                             b.backup(tool, src, repo))
-                        dst = work / f"restore-{repo}" / "data"
-                        results.setdefault((f"{name}-restore", tool), []).append(
-                            b.restore(tool, repo, dst))
-                        assert content(dst) == want, f"{tool}: restore differs"
-                        if name == "a":  # (b)'s 10,000 files stay (module docstring)
-                            shutil.rmtree(dst.parent)
+                        for k in range(restores if name == "a" else 1):
+                            dst = work / f"restore-{repo}-{k}" / "data"
+                            results.setdefault((f"{name}-restore", tool), []).append(
+                                b.restore(tool, repo, dst))
+                            assert content(dst) == want, f"{tool}: restore differs"
+                            if name == "a":  # (b)'s 10,000 files stay (module docstring)
+                                shutil.rmtree(dst.parent)
 
                 def again(phase: str, src: Path, rep: int, order: list[str]) -> None:
                     """Another backup of (a), changed, into each tool's repository of (a)."""
@@ -321,7 +333,7 @@ def run(small_files: int = 200, small_size: int = MIB, big: int = 200 * MIB,
     notes.append(f"1-minute load average {load0:.1f} at the start, {os.getloadavg()[0]:.1f} at "
                  "the end: on a busy machine wall times are noisy (CPU seconds less so).")
     return _report(results, tools, notes, small_files, small_size, big, tiny_files, reps,
-                   changed, time.monotonic() - started)
+                   restores, changed, time.monotonic() - started)
 
 
 def _med(runs: list[Run], attr: str) -> float:
@@ -343,7 +355,7 @@ def _size(n: int) -> str:
 
 
 def _report(results: dict[tuple[str, str], list[Run]], tools: list[str], notes: list[str],
-            sf: int, ss: int, big: int, tf: int, reps: int, changed: int,
+            sf: int, ss: int, big: int, tf: int, reps: int, restores: int, changed: int,
             took: float) -> dict:
     names = {k: v.format(sf=sf, ss=_size(ss), big=_size(big), tf=f"{tf:,}",
                          changed=_size(changed)) for k, v in PHASES}
@@ -351,7 +363,8 @@ def _report(results: dict[tuple[str, str], list[Run]], tools: list[str], notes: 
         "## Data snapshots against restic, rclone and `aws s3 sync` (`bench/bench_data.py`)",
         "",
         f"One moto_server on loopback behind a counting proxy; every tool its own process; "
-        f"medians of {reps} repetitions, tools alternating. Wall time in seconds; "
+        f"medians of {reps} repetitions ({reps * restores} restores of (a): {restores} per "
+        f"repetition), tools alternating, `sync` before every run. Wall time in seconds; "
         f"**ratio** = the faster of restic and rclone / agent (>= 1.0: the agent is at "
         f"least as fast), and for (c)/(d) agent bytes sent / restic's (<= 1.0).",
         "",
