@@ -24,10 +24,15 @@ use on an instance), from ``bench/data_agent.py``: the harness's imports stay ou
 restic uses its defaults (a local cache in a fresh dir per repetition, as an operator's
 host has), rclone and awscli theirs.
 A missing tool is skipped, and the section says so.
+
+``python -m bench.bench_data restore-a [ROUNDS]`` measures restore (a) alone (agent, restic,
+rclone; one backup each, then ROUNDS rounds of restores), the close call, in ~90 s: short
+enough to run on a machine made quiet for it. It prints and writes nothing.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import re
@@ -37,6 +42,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -240,6 +246,33 @@ class Bench:
 
 # -- the run -------------------------------------------------------------------------------------
 
+@contextlib.contextmanager
+def _harness() -> Iterator[tuple[Path, Any, Bench]]:
+    """A moto server behind the counting proxy, the agent compiled and its lean botocore data
+    built, and this process's ``AWS_*`` pointed at it; all undone on the way out."""
+    from agent.aws import botodata as awsdata
+    from agent.sim.moto import MotoServer
+    from agent.sim.proxy import TcpProxy
+
+    work = Path(tempfile.mkdtemp(prefix="bench-data-"))
+    log = work / "moto.log"
+    server = MotoServer(log_path=str(log))
+    saved = dict(os.environ)
+    try:
+        server.start()
+        with TcpProxy.to_url(server.url, name="bench-count") as proxy:
+            b = Bench(work, server, proxy, log)
+            b.compile_agent()
+            b.env["BENCH_AWS_DATA"] = str(awsdata.build(work / "aws-data"))
+            os.environ.update({k: v for k, v in b.env.items() if k.startswith("AWS_")})
+            yield work, server, b
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+        server.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def run(small_files: int = 200, small_size: int = MIB, big: int = 200 * MIB,
         tiny_files: int = 10_000, reps: int = 3, restores: int = 3,
         only: tuple[str, ...] = TOOLS, rival_phases: tuple[str, ...] | None = None) -> dict:
@@ -251,89 +284,103 @@ def run(small_files: int = 200, small_size: int = MIB, big: int = 200 * MIB,
     same restore took 1.0-1.3 s, and now and then 1.7 s, with moto spending twice its usual
     CPU). (b)'s rival restores take 35-40 s each, so (b) is restored once per repetition."""
     from agent.aws.store import Store
-    from agent.sim.moto import MotoServer
-    from agent.sim.proxy import TcpProxy
 
     started = time.monotonic()
     load0 = os.getloadavg()[0]
-    work = Path(tempfile.mkdtemp(prefix="bench-data-"))
-    log = work / "moto.log"
-    server = MotoServer(log_path=str(log))
     results: dict[tuple[str, str], list[Run]] = {}
     notes: list[str] = []
-    try:
-        server.start()
-        with TcpProxy.to_url(server.url, name="bench-count") as proxy:
-            b = Bench(work, server, proxy, log)
-            b.compile_agent()
-            from agent.aws import botodata as awsdata
+    with _harness() as (work, server, b):
+        avail = b.available()
+        tools = [t for t in TOOLS if not avail[t] and t in only]
+        notes += [f"{LABEL[t]} skipped: {why}" for t, why in avail.items() if why]
 
-            b.env["BENCH_AWS_DATA"] = str(awsdata.build(work / "aws-data"))
-            avail = b.available()
-            tools = [t for t in TOOLS if not avail[t] and t in only]
-            notes += [f"{LABEL[t]} skipped: {why}" for t, why in avail.items() if why]
-            saved = dict(os.environ)
-            os.environ.update({k: v for k, v in b.env.items() if k.startswith("AWS_")})
-            try:
-                def new_bucket() -> None:
-                    server.reset()
-                    Store(BUCKET, "", region="us-east-1").ensure_bucket()
-                    b.settled = None
+        def new_bucket() -> None:
+            server.reset()
+            Store(BUCKET, "", region="us-east-1").ensure_bucket()
+            b.settled = None
 
-                def runs(phase: str, order: list[str]) -> list[str]:
-                    return [t for t in order if t == "agent" or rival_phases is None
-                            or phase in rival_phases]
+        def runs(phase: str, order: list[str]) -> list[str]:
+            return [t for t in order if t == "agent" or rival_phases is None
+                    or phase in rival_phases]
 
-                def first_and_restore(name: str, src: Path, rep: int, order: list[str]) -> None:
-                    """First backup of ``src`` by each tool, then its restore, checked."""
-                    want = content(src)
-                    for tool in runs(f"{name}-backup", order):
-                        repo = f"{tool}-{name}-{rep}"
-                        b.prepare(tool, repo)
-                        results.setdefault((f"{name}-backup", tool), []).append(
-                            b.backup(tool, src, repo))
-                        for k in range(restores if name == "a" else 1):
-                            dst = work / f"restore-{repo}-{k}" / "data"
-                            results.setdefault((f"{name}-restore", tool), []).append(
-                                b.restore(tool, repo, dst))
-                            assert content(dst) == want, f"{tool}: restore differs"
-                            if name == "a":  # (b)'s 10,000 files stay (module docstring)
-                                shutil.rmtree(dst.parent)
+        def first_and_restore(name: str, src: Path, rep: int, order: list[str]) -> None:
+            """First backup of ``src`` by each tool, then its restore, checked."""
+            want = content(src)
+            for tool in runs(f"{name}-backup", order):
+                repo = f"{tool}-{name}-{rep}"
+                b.prepare(tool, repo)
+                results.setdefault((f"{name}-backup", tool), []).append(
+                    b.backup(tool, src, repo))
+                for k in range(restores if name == "a" else 1):
+                    dst = work / f"restore-{repo}-{k}" / "data"
+                    results.setdefault((f"{name}-restore", tool), []).append(
+                        b.restore(tool, repo, dst))
+                    assert content(dst) == want, f"{tool}: restore differs"
+                    if name == "a":  # (b)'s 10,000 files stay (module docstring)
+                        shutil.rmtree(dst.parent)
 
-                def again(phase: str, src: Path, rep: int, order: list[str]) -> None:
-                    """Another backup of (a), changed, into each tool's repository of (a)."""
-                    for tool in runs(phase, order):
-                        results.setdefault((phase, tool), []).append(
-                            b.backup(tool, src, f"{tool}-a-{rep}"))
+        def again(phase: str, src: Path, rep: int, order: list[str]) -> None:
+            """Another backup of (a), changed, into each tool's repository of (a)."""
+            for tool in runs(phase, order):
+                results.setdefault((phase, tool), []).append(
+                    b.backup(tool, src, f"{tool}-a-{rep}"))
 
-                for rep in range(reps):
-                    order = tools[rep % len(tools):] + tools[:rep % len(tools)]
-                    new_bucket()
-                    src = work / "a"
-                    make_a(src, small_files, small_size, big)
-                    first_and_restore("a", src, rep, order)
-                    changed = change_in_place(src, small_size, big)
-                    again("c-incremental", src, rep, order)
-                    insert_near_start(src)
-                    again("d-insert", src, rep, order)
-                    shutil.rmtree(src)
-                    new_bucket()  # moto keeps every object in memory
-                    src = work / "b"
-                    make_b(src, tiny_files)
-                    first_and_restore("b", src, rep, order)
-                    shutil.rmtree(src)
-                    for cache in work.glob("cache-*"):
-                        shutil.rmtree(cache)
-            finally:
-                os.environ.clear()
-                os.environ.update(saved)
-    finally:
-        server.stop()
-        shutil.rmtree(work, ignore_errors=True)
+        for rep in range(reps):
+            order = tools[rep % len(tools):] + tools[:rep % len(tools)]
+            new_bucket()
+            src = work / "a"
+            make_a(src, small_files, small_size, big)
+            first_and_restore("a", src, rep, order)
+            changed = change_in_place(src, small_size, big)
+            again("c-incremental", src, rep, order)
+            insert_near_start(src)
+            again("d-insert", src, rep, order)
+            shutil.rmtree(src)
+            new_bucket()  # moto keeps every object in memory
+            src = work / "b"
+            make_b(src, tiny_files)
+            first_and_restore("b", src, rep, order)
+            shutil.rmtree(src)
+            for cache in work.glob("cache-*"):
+                shutil.rmtree(cache)
     notes.append(f"1-minute load average {load0:.1f} at the start, {os.getloadavg()[0]:.1f} at "
                  "the end: on a busy machine wall times are noisy (CPU seconds less so).")
     return _report(results, tools, notes, small_files, small_size, big, tiny_files, reps,
                    restores, changed, time.monotonic() - started)
+
+
+def restore_a(rounds: int = 9, tools: tuple[str, ...] = ("agent", "restic", "rclone"),
+              small_files: int = 200, small_size: int = MIB, big: int = 200 * MIB) -> str:
+    """Restore (a) alone, the close call: one backup per tool, then ``rounds`` rounds of
+    restores (order rotating, ``sync`` before each, each checked against the source).
+    ``python -m bench.bench_data restore-a [ROUNDS]``; prints, writes nothing."""
+    from agent.aws.store import Store
+
+    with _harness() as (work, _, b):
+        tools = tuple(t for t in tools if not b.available()[t])
+        Store(BUCKET, "", region="us-east-1").ensure_bucket()
+        src = work / "a"
+        make_a(src, small_files, small_size, big)
+        want = content(src)
+        for t in tools:
+            b.prepare(t, f"{t}-a")
+            b.backup(t, src, f"{t}-a")
+        res: dict[str, list[Run]] = {t: [] for t in tools}
+        for r in range(rounds):
+            for t in tools[r % len(tools):] + tools[:r % len(tools)]:
+                dst = work / f"restore-{t}" / "data"
+                res[t].append(b.restore(t, f"{t}-a", dst))
+                assert content(dst) == want, f"{t}: restore differs"
+                shutil.rmtree(dst.parent)
+    lines = [f"{LABEL[t]}: {_med(rs, 'wall'):.2f} s (CPU {_med(rs, 'cpu'):.2f} s, "
+             f"{_med(rs, 'rss') / 1e6:.0f} MB, {rs[0].requests} requests; runs "
+             f"{min(r.wall for r in rs):.2f}-{max(r.wall for r in rs):.2f} s)"
+             for t, rs in res.items()]
+    rivals = [_med(res[t], "wall") for t in ("restic", "rclone") if t in res]
+    if rivals and "agent" in res:
+        ratio = min(rivals) / _med(res["agent"], "wall")
+        lines.append(f"ratio (faster rival / agent): {ratio:.2f}x")
+    return "\n".join(lines)
 
 
 def _med(runs: list[Run], attr: str) -> float:
@@ -426,4 +473,7 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["restore-a"]:
+        print(restore_a(*(int(a) for a in sys.argv[2:3])))
+        sys.exit(0)
     sys.exit(main())

@@ -38,3 +38,16 @@ def test_bench_runs_tiny(name: str) -> None:
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert f"[bench {name} (tiny):" in proc.stdout
     assert doc.read_bytes() == before  # a tiny run records nothing
+
+
+def test_the_restore_a_check_runs_tiny() -> None:
+    """``python -m bench.bench_data restore-a``, the quiet re-check of the close call."""
+    from bench import bench_data
+
+    out = bench_data.restore_a(rounds=2, small_files=3, small_size=32 * 1024, big=1024 * 1024)
+    lines = out.splitlines()
+    assert lines[0].startswith("agent: ") and " requests; runs " in lines[0], out
+    tools = [line.split(":")[0] for line in lines[:-1]]
+    assert set(tools) <= {"agent", "restic", "rclone"} and "agent" in tools, out
+    if len(tools) > 1:
+        assert lines[-1].startswith("ratio (faster rival / agent): "), out
