@@ -371,6 +371,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "everything")
     g.add_argument("--report", default=None, metavar="FILE.html",
                    help="write a self-contained HTML timeline of the run")
+    g.add_argument("--progress", action="store_true",
+                   help="a line on stderr per simulated hour: deaths, replacements, "
+                        "violations so far")
     s.set_defaults(func=cmd_simulate)
     return p
 

@@ -26,6 +26,7 @@ import gc
 import heapq
 import json
 import logging
+import math
 import random
 from collections import Counter
 from collections.abc import Callable
@@ -61,6 +62,7 @@ log = logging.getLogger(__name__)
 
 # The collector's youngest threshold during a run (default 700): see ``Simulation.run``.
 GC_YOUNG = 70_000
+PROGRESS_EVERY_S = 3600.0  # how often a run with ``progress`` reports (simulated seconds)
 
 
 class _Determinism:
@@ -76,7 +78,8 @@ class _Determinism:
 class Simulation(FaultPlan, CallFaults, Checker):
     def __init__(self, seed: int, members: int, hours: float, profile: str | Profile = "calm",
                  *, interval_s: float = 10.0, dead_after_s: float = 30.0,
-                 timeline: bool = True, stop_at_violation: bool = False) -> None:
+                 timeline: bool = True, stop_at_violation: bool = False,
+                 progress: Callable[[float, Result], None] | None = None) -> None:
         from agent.heal.controller import policy_from_config
         from agent.heal.decide import HealPolicy
 
@@ -104,6 +107,9 @@ class Simulation(FaultPlan, CallFaults, Checker):
         self.res = Result(seed, members, hours, self.profile.name)
         self.keep_timeline = timeline
         self.stop_at_violation = stop_at_violation
+        # called with (simulated seconds, results so far) at each whole simulated hour: a long
+        # run says how far it is and what it found so far (it reads the run, changes nothing)
+        self.progress = progress
         self.zone_dark_until: dict[str, float] = {}
         self.zone_dark_since: dict[str, float] = {}
         self.api_down_until = 0.0
@@ -166,10 +172,15 @@ class Simulation(FaultPlan, CallFaults, Checker):
         self.at(T0 + 10.0, self._reconcile)
         self.at(T0 + 30.0, self._track_failures)
         q = self._q
+        report_at = T0 + PROGRESS_EVERY_S if self.progress is not None else math.inf
         while q:
             t, _, fn = heapq.heappop(q)
             if t > self.end:
                 break
+            if t >= report_at:
+                assert self.progress is not None
+                self.progress(report_at - T0, self.res)
+                report_at += PROGRESS_EVERY_S
             self.t = t
             fn()
             if self.stop_at_violation and self.res.violations:

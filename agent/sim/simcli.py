@@ -3,17 +3,33 @@
 Without ``--seed`` the ``simulate`` command runs the embedded-cloud demo
 (``agent.sim.cloud.simulate``, what ``make demo`` runs); with it, this module
 runs ``agent.sim.fleetsim`` and prints a summary (``--json``: one object), writes
-an HTML timeline with ``--report``, and exits 1 on any invariant violation after
-printing the seed, the step and the timeline around it. Same seed, same bytes.
+an HTML timeline with ``--report``, a line on stderr per simulated hour with
+``--progress``, and exits 1 on any invariant violation after printing the seed, the
+step and the timeline around it. Same seed, same bytes.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from agent.sim.world import Result
 
 EXIT_VIOLATION = 1
+
+
+def _progress(args: Any) -> Callable[[float, Result], None]:
+    """One line on stderr per simulated hour: how far, and what was found so far (simulated
+    quantities only: the same seed prints the same lines)."""
+    def report(done_s: float, res: Result) -> None:
+        print(f"simulated {done_s / 3600.0:g} h of {args.hours:g}: deaths {res.deaths}, "
+              f"replacements {res.replacements}, false replacements {res.false_replacements}, "
+              f"freezes {res.freezes}, checks {res.checks}, violations {len(res.violations)}",
+              file=sys.stderr, flush=True)
+    return report
 
 
 def run_cli(args: Any) -> int:
@@ -30,7 +46,7 @@ def run_cli(args: Any) -> int:
     logging.disable(logging.WARNING)  # the agents' own warnings are the timeline's business
     try:
         res = fleetsim.run(args.seed, args.members, args.hours, args.faults,
-                           timeline=True)
+                           timeline=True, progress=_progress(args) if args.progress else None)
     finally:
         logging.disable(logging.NOTSET)
     if args.report:

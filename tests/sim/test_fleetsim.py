@@ -62,6 +62,29 @@ def test_json_has_the_documented_keys(capsys: pytest.CaptureFixture[str]) -> Non
     assert doc["checks"] > 0 and code == (1 if doc["violations"] else 0)
 
 
+def test_progress_reports_each_simulated_hour_and_changes_nothing(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """``--progress``: a line on stderr per whole simulated hour, with what the run found so
+    far; stdout (the run's result) is the same byte for byte as without it."""
+    from agent.cli import main
+
+    argv = ["simulate", "--seed", "3", "--members", "4", "--hours", "2.5", "--faults",
+            "everything", "--json"]
+    code = main(argv)
+    plain = capsys.readouterr()
+    assert main([*argv, "--progress"]) == code
+    watched = capsys.readouterr()
+    assert watched.out == plain.out
+    lines = [x for x in watched.err.splitlines() if x.startswith("simulated ")]
+    assert [x.split(":")[0] for x in lines] == ["simulated 1 h of 2.5", "simulated 2 h of 2.5"]
+    final = json.loads(plain.out)
+    for line in lines:  # counts so far: never more than the whole run's
+        deaths = int(line.split("deaths ")[1].split(",")[0])
+        checks = int(line.split("checks ")[1].split(",")[0])
+        assert 0 <= deaths <= final["deaths"] and 0 < checks < final["checks"]
+    assert not [x for x in plain.err.splitlines() if x.startswith("simulated ")]
+
+
 def test_a_violation_exits_1_with_seed_step_and_timeline(
         monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     from agent.cli import main
