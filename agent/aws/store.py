@@ -203,7 +203,13 @@ class Store:
             err = self._fail("head", rel, exc)
             if isinstance(err, NotFound):
                 return None
-            raise err from exc
+            try:
+                raise err from exc
+            finally:
+                # ``err`` would hold its own traceback, whose frames are this one and every
+                # caller's: a cycle that keeps all their locals (a heal step's listings) until
+                # the cyclic collector runs
+                del err
         self.usage.add("head")
         return Entry(rel, resp["ETag"], resp["LastModified"].timestamp(), resp["ContentLength"])
 
