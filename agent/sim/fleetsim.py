@@ -177,7 +177,7 @@ class Simulation(FaultPlan, CallFaults, Checker):
             t, _, fn = heapq.heappop(q)
             if t > self.end:
                 break
-            if t >= report_at:
+            while t >= report_at:  # every whole hour, even one without an event
                 assert self.progress is not None
                 self.progress(report_at - T0, self.res)
                 report_at += PROGRESS_EVERY_S
