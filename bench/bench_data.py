@@ -357,7 +357,8 @@ def restore_a(rounds: int = 9, tools: tuple[str, ...] = ("agent", "restic", "rcl
     from agent.aws.store import Store
 
     with _harness() as (work, _, b):
-        tools = tuple(t for t in tools if not b.available()[t])
+        avail = b.available()
+        tools = tuple(t for t in tools if not avail[t])
         Store(BUCKET, "", region="us-east-1").ensure_bucket()
         src = work / "a"
         make_a(src, small_files, small_size, big)

@@ -246,9 +246,12 @@ REGRESSION = [
                               "10.2-flaky-store-147"])
 def test_regression_seed(item: str, kind: str, profile: str, seed: int, members: int,
                          hours: float) -> None:
-    res = fleetsim.run(seed, members, hours, profile)
+    _assert_none_of(kind, fleetsim.run(seed, members, hours, profile), f"issue #10 item {item}: ")
+
+
+def _assert_none_of(kind: str, res: Result, label: str = "") -> None:
     found = [v for v in res.violations if v.kind == kind]
-    assert not found, (f"issue #10 item {item}: {found[0].detail}\n"
+    assert not found, (f"{label}{found[0].detail}\n"
                        + fleetsim.timeline_around(res, found[0].t, member=found[0].member))
 
 
@@ -286,8 +289,5 @@ OPEN = [
     "a seed that passes must leave this list for REGRESSION."))
 @pytest.mark.parametrize(("kind", "seed"), OPEN)
 def test_open_seed(kind: str, seed: int) -> None:
-    res = fleetsim.Simulation(seed, 12, 3.0, STALL_ZONE, timeline=True,
-                              stop_at_violation=True).run()
-    found = [v for v in res.violations if v.kind == kind]
-    assert not found, (f"{found[0].detail}\n"
-                       + fleetsim.timeline_around(res, found[0].t, member=found[0].member))
+    _assert_none_of(kind, fleetsim.Simulation(seed, 12, 3.0, STALL_ZONE, timeline=True,
+                                              stop_at_violation=True).run())
