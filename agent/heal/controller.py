@@ -74,6 +74,7 @@ from agent.heal.decide import (
     budget_after,
     decide,
     not_found_belief,
+    silence_since_lit,
     stale_records,
 )
 from agent.heal.leases import (
@@ -352,6 +353,9 @@ class HealController:
         self._missing: dict[str, tuple[float, int]] = {}
         self._my_probes: dict[str, bool | None] = {}
         self._zones_recorded: tuple[str, ...] = ()
+        # zone -> when (my monotonic clock) I last judged it disrupted: its members' silence
+        # counts again only from then (docs/safety.md 15, the recovery grace)
+        self._zone_dark_at: dict[str, float] = {}
         self._decided_mono = 0.0
         self._my_asg: str | None = None
         self.outcomes: list[Outcome] = []  # what execution did, newest last (bounded)
@@ -397,6 +401,13 @@ class HealController:
         if decision.actions and not g.errors:
             view, decision, sick_reason = self._zone_look(view, sick_reason)
         self._decided_mono = started
+        dark = set(decision.disrupted_zones)
+        if sick and peers.zones.get(self.me):
+            # My own way to the store failing: my zone may be dark, and my zone-mates' silence
+            # says nothing until I (and they) have been back for a while (stall-zone seed 44).
+            dark.add(peers.zones[self.me])
+        for z in dark:
+            self._zone_dark_at[z] = self.clock.monotonic()
         self._record_decision(decision, peers, sick_reason, api_error)
         if not g.errors and not sick:
             for f in decision.forget:
@@ -408,7 +419,7 @@ class HealController:
                     self._outcome(Outcome(action.member_id, "dry-run"))
                     continue
                 try:
-                    self._execute(action, view, g, decision.disrupted_zones)
+                    self._execute(action, view, g, decision.disrupted_zones, peers.endpoints)
                 except (StoreError, MalformedRecord) as exc:
                     # Store trouble after the lease was created (the budget or in-flight
                     # record, a lease rewrite) is recorded, never raised: the lease keeps
@@ -776,6 +787,12 @@ class HealController:
     # -- view -----------------------------------------------------------------------------------
     def _view(self, peers: PeersView, g: _Gathered, sick: bool) -> tuple[HealView, str]:
         verdicts = {m: _status(v) for m, v in peers.verdicts.items()}
+        now = self.clock.monotonic()
+        keep = max(self.policy.dead_after_s, self.policy.silent_after_s)
+        dark_for = {z: now - t for z, t in self._zone_dark_at.items() if now - t < keep}
+        self._zone_dark_at = {z: now - d for z, d in dark_for.items()}
+        verdicts, silent_for = silence_since_lit(verdicts, peers.silent_for, peers.zones,
+                                                 dark_for, self.policy.dead_after_s)
         for m, obs in g.suspicions.items():
             # Others' fresh suspicions of members I do not watch: I cannot call them dead,
             # but they count towards a mass death.
@@ -831,7 +848,7 @@ class HealController:
         view = HealView(
             observer_id=self.me, group_size=max(peers.group_size, 1), verdicts=verdicts,
             suspicions=g.suspicions, ec2_state=ec2, asg_health=asg, probe_ok=probe,
-            silent_for=peers.silent_for, leases=leased, in_flight=in_flight,
+            silent_for=silent_for, leases=leased, in_flight=in_flight,
             budget=g.budget_used,
             consecutive_failures=streak(g.leases.values(), g.outcomes, g.resumed_at),
             observer_sick=sick, observer_fresh=peers.observer_fresh, paused=g.paused,
@@ -883,7 +900,8 @@ class HealController:
 
     # -- execute --------------------------------------------------------------------------------
     def _execute(self, action: Action, view: HealView, g: _Gathered,
-                 disrupted: tuple[str, ...] = ()) -> None:
+                 disrupted: tuple[str, ...] = (),
+                 endpoints: Mapping[str, str] | None = None) -> None:
         m = action.member_id
         lease = self._take_lease(action, g)
         if lease is None:
@@ -923,6 +941,8 @@ class HealController:
             view.ec2_state.get(m), fresh, health)
         if not why and m in fresh_info and fresh_info[m].az in disrupted:
             why = f"zone-disrupted: {fresh_info[m].az} at the second look"
+        if not why and endpoints is not None:
+            why = self._zone_unlit(m, view, endpoints)
         if why:
             self._give_back(g, spent_at)
             return self._refuse_lease(lease, why)
@@ -950,6 +970,37 @@ class HealController:
         self._outcome(Outcome(m, "acted", detail, lease.replacement))
         if lease.state == "acted":
             self._forget(m)
+
+    def _zone_unlit(self, m: str, view: HealView, endpoints: Mapping[str, str]) -> str:
+        """Is the target's zone lit right now? "" if so, or if nobody can tell; else why not.
+
+        A zone that went dark seconds ago still looks lit in every record (they age
+        ``dead_after_s`` before the zone rule can see it), and a member that stalled
+        just before is acted on in the dark (session 7's 24 h run, stall-zone seed 10).
+        So, only when about to act: probe up to two other members of the target's zone
+        whose records are fresh; one answer is a lit zone. If none answers, an answer from
+        one of two members elsewhere tells a dark zone from probes that reach nobody
+        (a blocked port, invariant 14: no evidence either way, the records decide). A
+        dark zone is judged disrupted: nothing in it is acted on, and its recovery grace
+        (``silence_since_lit``) starts.
+        """
+        zone = view.zones.get(m, "")
+        if not zone or view.zones.get(self.me) == zone:
+            return ""  # my own zone reaches the store: I just read it
+        lit = [x for x, z in sorted(view.zones.items()) if x not in (m, self.me)
+               and x not in view.record_stale and view.verdicts.get(x) not in STALE_VERDICTS]
+        here = [x for x in lit if view.zones[x] == zone][:2]
+        if not here:
+            return ""  # nobody else there to ask: the zone rule has judged it already
+        if any(self.probe(endpoints.get(x, "")) for x in here):
+            return ""
+        elsewhere = [x for x in lit if view.zones[x] != zone][:2]
+        answered = next((x for x in elsewhere if self.probe(endpoints.get(x, ""))), None)
+        if answered is None:
+            return ""  # probes reach nobody: they tell nothing here
+        self._zone_dark_at[zone] = self.clock.monotonic()
+        return (f"zone-unlit: {zone}: none of {', '.join(here)} answered a probe, "
+                f"{answered} elsewhere did")
 
     def _take_lease(self, action: Action, g: _Gathered) -> Lease | None:
         m = action.member_id

@@ -342,6 +342,32 @@ def zone_stale(view: HealView, stale_members: set[str]) -> set[str]:
                             and m not in seen_alive and m != view.observer_id}
 
 
+def silence_since_lit(verdicts: Mapping[str, str], silent_for: Mapping[str, float | None],
+                      zones: Mapping[str, str], dark_for: Mapping[str, float],
+                      dead_after_s: float) -> tuple[dict[str, str], dict[str, float | None]]:
+    """A zone's silence does not count while the zone could not be heard (invariant 15).
+
+    ``dark_for``: zone -> seconds since this observer last judged it disrupted. A member
+    of such a zone is silent at most that long (a member's record aged while its zone
+    was dark, which says nothing of the member), and is not ``dead`` until the zone has
+    been lit for ``dead_after_s``: long enough for its agent to heartbeat again. After
+    Kubernetes' node lifecycle controller, which restarts its nodes' grace periods when a
+    zone leaves full disruption. Returns the verdicts and silences to decide on.
+    """
+    out_v = dict(verdicts)
+    out_s = dict(silent_for)
+    for m, z in zones.items():
+        since = dark_for.get(z)
+        if since is None:
+            continue
+        s = out_s.get(m)
+        if s is not None and s > since:
+            out_s[m] = since
+        if since < dead_after_s and out_v.get(m) == "dead":
+            out_v[m] = "suspect"
+    return out_v, out_s
+
+
 def stale_records(ages: Mapping[str, float], dead_after_s: float) -> frozenset[str]:
     """Members whose record age (``store_now - LastModified`` of one LIST) is at least
     ``dead_after_s``: ``HealView.record_stale``."""

@@ -662,6 +662,93 @@ def test_zone_half_watched_by_this_observer_is_judged_on_every_record(
     assert ev and "us-east-1c" in ev[0].reasons[0]
 
 
+def _zones_of_nine(cloud: EmbeddedCloud) -> tuple[list[str], dict[str, str], list[str]]:
+    ids = cloud.run_standalone(GROUP, 9)
+    zone = {i: f"us-east-1{'abc'[n % 3]}" for n, i in enumerate(ids)}  # as records say
+    return ids, zone, [i for i in ids if zone[i] == "us-east-1c"]
+
+
+def test_a_zone_gone_dark_seconds_ago_is_seen_by_probes_before_acting(
+        cloud: EmbeddedCloud, tmp_path: Any) -> None:
+    """stall-zone seed 10 and session 7's 24 h run: a member whose agent had stalled is
+    acted on seconds after its zone went dark, while every other record of the zone is
+    still fresh (the zone rule needs them stale for ``dead_after_s``). Before acting, the
+    controller probes the target's zone-mates: none answers, members elsewhere do: the zone
+    is dark, nothing is done; and once it is lit again, its members get ``dead_after_s`` to
+    heartbeat before anything in it is acted on (the recovery grace)."""
+    ids, zone, c = _zones_of_nine(cloud)
+    target = c[0]
+    cloud.client("ec2").terminate_instances(InstanceIds=[target])  # really dead, in zone c
+    # one confirmation: each observer decides on its own, so both reach the action
+    cfg = config(action="launch", max_per_window=5, freeze_fraction=0.5, confirm_observers=1)
+    clock = FakeClock()
+    a, b = ctl(cloud, ids[0], cfg, tmp_path), ctl(cloud, ids[1], cfg, tmp_path)
+    a.clock = b.clock = clock
+    n = len(all_instances(cloud))
+    with Endpoint("127.0.0.1", 0, metrics_fn=None) as ep:
+        lit_eps = {m: ep.url for m in ids if m not in c}
+        dark = dead_view(ids, [target], zones=zone,
+                         endpoints={**lit_eps, **{m: CLOSED for m in c}})
+        d = both_step(a, b, dark)
+        assert [x.member_id for x in executable(d)] == [target]  # decided, then refused
+        assert len(all_instances(cloud)) == n
+        refusals = [e for e in list_events(store_for(cloud), GROUP, 200)
+                    if e.kind == "heal-refuse" and e.member == target]
+        assert refusals and any("zone-unlit: us-east-1c" in r for e in refusals
+                                for r in e.reasons), [e.reasons for e in refusals]
+        # The lights come back: zone c answers. Its silent member is not dead yet...
+        lit = dead_view(ids, [target], zones=zone, endpoints={m: ep.url for m in ids
+                                                              if m != target})
+        d = both_step(a, b, lit)
+        assert not executable(d) and len(all_instances(cloud)) == n
+        assert any(r.startswith("suspect") for x in d.refusals if x.member_id == target
+                   for r in x.reasons), d.refusals
+        clock.advance(16)  # ...until the zone has been lit for dead_after_s (15 s)
+        d = both_step(a, b, lit)
+    assert len(all_instances(cloud)) == n + 1  # then it is replaced, once
+    assert "heal-action" in kinds(cloud)
+
+
+def test_probes_that_reach_nobody_tell_nothing_and_the_records_decide(
+        cloud: EmbeddedCloud, tmp_path: Any) -> None:
+    """A blocked port (no peer answers a probe, in any zone) is no evidence of a dark zone:
+    the dead member is replaced as before (invariant 14: a failed probe is no evidence)."""
+    ids, zone, c = _zones_of_nine(cloud)
+    target = c[0]
+    cloud.client("ec2").terminate_instances(InstanceIds=[target])
+    cfg = config(action="launch", max_per_window=5, freeze_fraction=0.5)
+    a, b = ctl(cloud, ids[0], cfg, tmp_path), ctl(cloud, ids[1], cfg, tmp_path)
+    n = len(all_instances(cloud))
+    both_step(a, b, dead_view(ids, [target], zones=zone, endpoints={m: CLOSED for m in ids}))
+    assert len(all_instances(cloud)) == n + 1
+    assert not any(r.startswith("zone-unlit") for e in list_events(store_for(cloud), GROUP, 200)
+                   for r in e.reasons)
+
+
+def test_an_observer_cut_off_gives_its_zone_mates_time_to_come_back(
+        cloud: EmbeddedCloud, tmp_path: Any) -> None:
+    """stall-zone seed 44: the observer's own zone was dark (its writes failed: sick, it
+    judged nothing); back, it saw a zone-mate's old record and acted at once, 37 s after that
+    member's agent had last been able to heartbeat. Its own zone gets the recovery grace."""
+    ids, zone, c = _zones_of_nine(cloud)
+    target = c[1]
+    cloud.client("ec2").terminate_instances(InstanceIds=[target])
+    cfg = config(action="launch", max_per_window=5, freeze_fraction=0.5)
+    clock = FakeClock()
+    a, b = ctl(cloud, c[0], cfg, tmp_path), ctl(cloud, ids[1], cfg, tmp_path)
+    a.clock = b.clock = clock
+    v = dead_view(ids, [target], zones=zone)
+    b.step(v, ObserverHealth())
+    a.step(v, ObserverHealth(sick=True, reason="own heartbeat writes failing"))
+    n = len(all_instances(cloud))
+    d = a.step(v, ObserverHealth())  # back: my zone-mate is silent, not yet dead
+    assert not executable(d) and len(all_instances(cloud)) == n
+    clock.advance(16)
+    d = a.step(v, ObserverHealth())
+    assert [x.member_id for x in executable(d)] == [target]
+    assert len(all_instances(cloud)) == n + 1
+
+
 def test_item9_superseded_member_writes_no_backup_over_its_replacement(
         cloud: EmbeddedCloud, safe_env: Any) -> None:
     from agent.config.model import load_layers

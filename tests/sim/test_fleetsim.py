@@ -1,9 +1,8 @@
 """The deterministic fleet simulation: determinism, the CLI, the swarm seeds, regression seeds.
 
 The swarm seeds are a fixed set across the fault profiles that must run clean; the
-regression seeds are seeds that FAIL on the controller as it is today, one per
-safety bug of issue #10, kept as ``xfail`` until the safety fix lands (see
-docs and /work/coord/NOTES.md: the lead flips them when merging the safety branch).
+regression seeds each violated an invariant on the controller before a fix (one per
+safety bug of issue #10, then the stall-zone seeds of issue #11) and must run clean now.
 Trajectories depend on every store call the agents make, so any change to the
 agent's code may move a regression seed: re-check the whole list after a merge
 (``ec2-agent simulate --seed S --members N --hours H --faults P`` replays one).
@@ -255,39 +254,38 @@ def _assert_none_of(kind: str, res: Result, label: str = "") -> None:
                        + fleetsim.timeline_around(res, found[0].t, member=found[0].member))
 
 
-# -- open: found in session 7 (the 24 h run, then a search with frequent pauses and zone outages)
-# calm's deaths, hangs and crashes, with frequent pauses and zone outages
+# -- stall-zone: found in session 7 (the 24 h run, then a search with frequent pauses and zone
+# outages), fixed in session 8; calm's deaths, hangs and crashes, with frequent pauses and zone
+# outages
 STALL_ZONE = dataclasses.replace(PROFILES["calm"], name="stall-zone", pause=0.8, zone_outage_ph=3.0)
 
 
-# Each seed reproduces a violation the controller commits today (12 members, 3 h, stall-zone,
-# stopping at the first violation). The search that found them (seeds 1-52 of this profile)
-# found 7 with violations. Analysed so far: zone-10 only.
-OPEN = [
+# Each seed violated an invariant before its fix (12 members, 3 h, stall-zone, stopping at the
+# first violation); seeds 0-51 of this profile found these 7.
+STALL_ZONE_SEEDS = [
     # zone: a member whose agent stalled before its zone went dark (member 5 stops before 142 s,
-    #   us-east-1b dark at 223.7 s) is terminated 2.5 s into the outage, before any other member
-    #   of the zone can look stale, so the zone rule cannot see it yet. Session 7's 24 h run did
-    #   the same at 18.47 h (stalled 94 s before, acted on 20.6 s in). Fix to build: a witness
-    #   that the target's zone is lit (a heartbeat of another member of the zone newer than the
-    #   step's start) before a terminate.
+    #   us-east-1b dark at 223.7 s) was terminated 2.5 s into the outage, before any other member
+    #   of the zone could look stale, so the zone rule could not see it yet (session 7's 24 h run
+    #   did the same at 18.47 h: stalled 94 s before, acted on 20.6 s in). Fix: before acting,
+    #   the controller probes the target's zone-mates; none answering while members elsewhere
+    #   do is a dark zone (``HealController._zone_unlit``).
     pytest.param("zone", 10, id="zone-stall-zone-10"),
     pytest.param("zone", 11, id="zone-stall-zone-11"),
     pytest.param("zone", 18, id="zone-stall-zone-18"),
-    # single-answer (invariant 14): a hung member terminated after 55 s (seed 3) / 32 s (44) of
-    #   silence while EC2 truly says running, before silent_after_s (120 s); not analysed
+    # single-answer (invariant 14) and false-action: a member silent through its zone's outage,
+    #   able for a few seconds once the lights came back, stopped (pause, hang) before its next
+    #   heartbeat, was acted on at once: its record's age counted the outage (silent 55 s and
+    #   32 s while EC2 truly said running; seed 37: able until 11 s before the terminate). Fix:
+    #   silence counts only from the zone's last disrupted judgement (``silence_since_lit``);
+    #   seed 44: the observer itself was in the dark zone (sick), so its own zone counts too.
     pytest.param("single-answer", 3, id="single-answer-stall-zone-3"),
     pytest.param("single-answer", 44, id="single-answer-stall-zone-44"),
-    # false-action: a terminate sent while the target's agent was up and able to heartbeat;
-    #   not analysed
     pytest.param("false-action", 37, id="false-action-stall-zone-37"),
     pytest.param("false-action", 39, id="false-action-stall-zone-39"),
 ]
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "open (issue #11, session 7): found by the stall-zone search, not fixed yet. Strict: "
-    "a seed that passes must leave this list for REGRESSION."))
-@pytest.mark.parametrize(("kind", "seed"), OPEN)
-def test_open_seed(kind: str, seed: int) -> None:
+@pytest.mark.parametrize(("kind", "seed"), STALL_ZONE_SEEDS)
+def test_stall_zone_seed(kind: str, seed: int) -> None:
     _assert_none_of(kind, fleetsim.Simulation(seed, 12, 3.0, STALL_ZONE, timeline=True,
                                               stop_at_violation=True).run())

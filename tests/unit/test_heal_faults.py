@@ -12,6 +12,7 @@ from agent.heal.decide import (
     disrupted_zones,
     lease_clearable,
     not_found_belief,
+    silence_since_lit,
     stale_records,
 )
 
@@ -156,3 +157,24 @@ def test_record_ages_only_ever_add_abstention() -> None:
     assert not d.actions and d.disrupted_zones == ()
     assert stale_records({"a": 29.9, "b": 30.0}, 30.0) == {"b"}
     assert decide(nine([], record_stale={"i-a0", "i-a1", "i-a2"}), policy()).disrupted_zones == ()
+
+
+def test_silence_across_a_dark_zone_counts_only_from_when_it_was_lit() -> None:
+    """stall-zone seeds 3, 37, 39: a member silent through its zone's outage, able for a few
+    seconds after the lights came back, then stopped before its next heartbeat, was acted on
+    at once: its record's age counted the outage. Silence counts from the zone's last
+    disrupted judgement; not dead until the zone has been lit ``dead_after_s``."""
+    zones = {"i-c1": "c", "i-c2": "c", "i-a1": "a"}
+    verdicts = {"i-c1": "dead", "i-c2": "alive", "i-a1": "dead"}
+    silent = {"i-c1": 400.0, "i-a1": 400.0}
+    v, s = silence_since_lit(verdicts, silent, zones, {"c": 10.0}, 30.0)
+    assert v == {"i-c1": "suspect", "i-c2": "alive", "i-a1": "dead"}  # zone a: as it was
+    assert s == {"i-c1": 10.0, "i-a1": 400.0}
+    v, s = silence_since_lit(verdicts, silent, zones, {"c": 45.0}, 30.0)
+    assert v["i-c1"] == "dead" and s["i-c1"] == 45.0  # lit long enough: dead, silent 45 s
+    # ...so a running-but-silent member still needs silent_after_s from then (invariant 14)
+    d = decide(nine(["i-c1"], ec2_state={"i-c1": "running"}, silent_for=s,
+                    probe_ok={"i-c1": False}, peer_probes={"i-c1": {"i-b0": False}}), policy())
+    assert not d.actions
+    assert any(r.startswith("silent 45s < silent_after_s") for x in d.refusals for r in x.reasons)
+    assert silence_since_lit(verdicts, silent, zones, {}, 30.0) == (verdicts, silent)
