@@ -195,12 +195,19 @@ class Heartbeater:
         err = ""
         while True:
             attempt += 1
+            sent = self.clock.monotonic()
             try:
                 self.etag = self.store.put(self.key, rec.dumps(), content_type="application/json")
                 break
             except StoreError as exc:
                 err = str(exc)
                 delay = self.backoff.delay(attempt, self.rng.random())
+                if self.clock.monotonic() - sent > budget:
+                    # This attempt alone outlived the budget: the process was stopped
+                    # (SIGSTOP, a long GC pause) or the call hung. The beat is overdue, not
+                    # early: retry at once with a fresh budget rather than wait an interval
+                    # (stall-zone seeds 85, 106: resumed, silent, acted on seconds later).
+                    start = self.clock.monotonic()
                 if self.clock.monotonic() - start + delay > budget:
                     return self._failed(rec, attempt, err)
                 self.clock.sleep(delay)

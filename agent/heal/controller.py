@@ -390,6 +390,7 @@ class HealController:
             peers = PeersView.from_watcher(peers, dead_after_s=self.policy.dead_after_s,
                                            grace_s=self.policy.grace_s)
         sick, sick_reason = self._sickness(observer_health, observer_sick)
+        cut_off = sick  # my own heartbeats failing: my way to the store, maybe my zone, is cut
         if peers.read_failing and not sick:
             # Invariant 8: verdicts built on reads that fail are not evidence.
             sick, sick_reason = True, f"peer reads failing: {peers.read_failing}"
@@ -402,9 +403,10 @@ class HealController:
             view, decision, sick_reason = self._zone_look(view, sick_reason)
         self._decided_mono = started
         dark = set(decision.disrupted_zones)
-        if sick and peers.zones.get(self.me):
-            # My own way to the store failing: my zone may be dark, and my zone-mates' silence
-            # says nothing until I (and they) have been back for a while (stall-zone seed 44).
+        if cut_off and peers.zones.get(self.me):
+            # My own heartbeats failing: my zone may be dark, and my zone-mates' silence says
+            # nothing until I (and they) have been back for a while (stall-zone seed 44).
+            # Not for failing reads alone (a flaky store would starve my zone's healing).
             dark.add(peers.zones[self.me])
         for z in dark:
             self._zone_dark_at[z] = self.clock.monotonic()
@@ -988,7 +990,8 @@ class HealController:
         if not zone or view.zones.get(self.me) == zone:
             return ""  # my own zone reaches the store: I just read it
         lit = [x for x, z in sorted(view.zones.items()) if x not in (m, self.me)
-               and x not in view.record_stale and view.verdicts.get(x) not in STALE_VERDICTS]
+               and x not in view.record_stale and view.verdicts.get(x) not in STALE_VERDICTS
+               and endpoints.get(x)]
         here = [x for x in lit if view.zones[x] == zone][:2]
         if not here:
             return ""  # nobody else there to ask: the zone rule has judged it already

@@ -85,6 +85,32 @@ def test_retries_within_interval_then_succeeds(store: Store) -> None:
     assert not hb.observer_sick
 
 
+class StalledStore(FlakyStore):
+    """The process is stopped (SIGSTOP) inside a failing PUT: the clock jumps while it fails."""
+
+    def __init__(self, inner: Store, clock: FakeClock, stall_s: float) -> None:
+        super().__init__(inner, 1)
+        self.clock, self.stall_s = clock, stall_s
+
+    def put(self, *a: Any, **kw: Any) -> str:
+        if self.fail > 0:
+            self.clock.advance(self.stall_s)  # stopped mid-call; resumed to a failed call
+        return super().put(*a, **kw)
+
+
+def test_a_beat_that_outlived_a_stall_is_retried_at_once(store: Store) -> None:
+    """stall-zone seeds 85, 106: a member stopped inside a failing PUT was resumed after
+    minutes, gave the beat up (its budget long spent) and waited a whole interval, and was
+    stopped again before its next beat: able, silent, acted on. The beat is overdue, not
+    early: it is retried at once with a fresh budget."""
+    clock = FakeClock()
+    hb = Heartbeater(StalledStore(store, clock, 185.0), rec(), clock=clock, interval_s=10)
+    r = hb.beat(state="ready")
+    assert r.ok and r.attempts == 2
+    assert clock.slept and all(s <= 0.2 for s in clock.slept)
+    assert MemberRecord.loads(store.get(member_key("web", "i-0001")).body).seq == 1
+
+
 def test_repeated_failure_marks_observer_sick_then_recovers(store: Store, tmp_path: Path) -> None:
     clock = FakeClock()
     sp = tmp_path / "state.json"
