@@ -793,8 +793,9 @@ class HealController:
         keep = max(self.policy.dead_after_s, self.policy.silent_after_s)
         dark_for = {z: now - t for z, t in self._zone_dark_at.items() if now - t < keep}
         self._zone_dark_at = {z: now - d for z, d in dark_for.items()}
-        verdicts, silent_for = silence_since_lit(verdicts, peers.silent_for, peers.zones,
-                                                 dark_for, self.policy.dead_after_s)
+        judged, silent_for = silence_since_lit(verdicts, peers.silent_for, peers.zones,
+                                               dark_for, self.policy.dead_after_s)
+        verdicts = dict(judged)
         for m, obs in g.suspicions.items():
             # Others' fresh suspicions of members I do not watch: I cannot call them dead,
             # but they count towards a mass death.

@@ -344,7 +344,8 @@ def zone_stale(view: HealView, stale_members: set[str]) -> set[str]:
 
 def silence_since_lit(verdicts: Mapping[str, str], silent_for: Mapping[str, float | None],
                       zones: Mapping[str, str], dark_for: Mapping[str, float],
-                      dead_after_s: float) -> tuple[dict[str, str], dict[str, float | None]]:
+                      dead_after_s: float
+                      ) -> tuple[Mapping[str, str], Mapping[str, float | None]]:
     """A zone's silence does not count while the zone could not be heard (invariant 15).
 
     ``dark_for``: zone -> seconds since this observer last judged it disrupted. A member
@@ -352,12 +353,17 @@ def silence_since_lit(verdicts: Mapping[str, str], silent_for: Mapping[str, floa
     was dark, which says nothing of the member), and is not ``dead`` until the zone has
     been lit for ``dead_after_s``: long enough for its agent to heartbeat again. After
     Kubernetes' node lifecycle controller, which restarts its nodes' grace periods when a
-    zone leaves full disruption. Returns the verdicts and silences to decide on.
+    zone leaves full disruption. Returns the verdicts and silences to decide on (the
+    ones given when no zone is recovering).
     """
+    if not dark_for:
+        return verdicts, silent_for
     out_v = dict(verdicts)
     out_s = dict(silent_for)
-    for m, z in zones.items():
-        since = dark_for.get(z)
+    # only the members judged (watched or suspected), never the whole roster: this runs
+    # at every step of every member (issue #11: a loop over all zones was 5 % of a run)
+    for m in {*out_v, *out_s}:
+        since = dark_for.get(zones.get(m, ""))
         if since is None:
             continue
         s = out_s.get(m)
