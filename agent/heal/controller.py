@@ -791,8 +791,8 @@ class HealController:
         verdicts = {m: _status(v) for m, v in peers.verdicts.items()}
         now = self.clock.monotonic()
         keep = max(self.policy.dead_after_s, self.policy.silent_after_s)
-        dark_for = {z: now - t for z, t in self._zone_dark_at.items() if now - t < keep}
-        self._zone_dark_at = {z: now - d for z, d in dark_for.items()}
+        self._zone_dark_at = {z: t for z, t in self._zone_dark_at.items() if now - t < keep}
+        dark_for = {z: now - t for z, t in self._zone_dark_at.items()}
         judged, silent_for = silence_since_lit(verdicts, peers.silent_for, peers.zones,
                                                dark_for, self.policy.dead_after_s)
         verdicts = dict(judged)
@@ -990,7 +990,7 @@ class HealController:
         zone = view.zones.get(m, "")
         if not zone or view.zones.get(self.me) == zone:
             return ""  # my own zone reaches the store: I just read it
-        lit = [x for x, z in sorted(view.zones.items()) if x not in (m, self.me)
+        lit = [x for x in sorted(view.zones) if x not in (m, self.me)
                and x not in view.record_stale and view.verdicts.get(x) not in STALE_VERDICTS
                and endpoints.get(x)]
         here = [x for x in lit if view.zones[x] == zone][:2]

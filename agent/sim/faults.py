@@ -63,6 +63,10 @@ PROFILES: dict[str, Profile] = {
     # fencing (docs/safety.md 12) exists for. Process pauses (10..240 s) and main-loop call
     # stalls (20..120 s) are frequent; calls take time, so a pause can land mid-step.
     "stalls": replace(CALM, name="stalls", pause=0.6, call_stall=0.03, store_latency=0.05),
+    # Frequent process pauses (10..240 s) and zone outages (3 an hour): what session 7's 24 h
+    # run found (a member stalled just before its zone went dark, acted on in the dark), and
+    # members silent through an outage, stopped again before their first heartbeat after it.
+    "stall-zone": replace(CALM, name="stall-zone", pause=0.8, zone_outage_ph=3.0),
     "everything": replace(CALM, name="everything", store_error=0.01, store_latency=0.02,
                           lost_response=0.005, call_stall=0.001, cloud_error=0.03,
                           action_stall=0.03, wrong_describe=0.02, pause=0.03,

@@ -10,7 +10,6 @@ agent's code may move a regression seed: re-check the whole list after a merge
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -257,7 +256,7 @@ def _assert_none_of(kind: str, res: Result, label: str = "") -> None:
 # -- stall-zone: found in session 7 (the 24 h run, then a search with frequent pauses and zone
 # outages), fixed in session 8; calm's deaths, hangs and crashes, with frequent pauses and zone
 # outages
-STALL_ZONE = dataclasses.replace(PROFILES["calm"], name="stall-zone", pause=0.8, zone_outage_ph=3.0)
+STALL_ZONE = PROFILES["stall-zone"]
 
 
 # Each seed violated an invariant before its fix (12 members, 3 h, stall-zone, stopping at the
