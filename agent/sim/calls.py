@@ -26,6 +26,8 @@ class CallFaults(Scheduler):
         g = greenlet.getcurrent()
         if g is self.hub:
             raise RuntimeError("agent call outside an agent greenlet")
+        if g.gen != g.host.gen:  # type: ignore[attr-defined]
+            raise Killed()  # a process that is gone calls nothing: it is only unwinding
         return g  # type: ignore[return-value]
 
     def store_for(self, h: Host) -> Any:

@@ -17,7 +17,7 @@ from agent.group.heartbeat import Heartbeater, next_interval
 from agent.group.membership import MemberRecord
 from agent.sim.twins import TwinInstance
 from agent.sim.vtime import Scheduler, SimClock
-from agent.sim.world import BUCKET, GROUP, T0, Host, Let
+from agent.sim.world import BUCKET, GROUP, T0, Host, Killed, Let
 
 
 class Members(Scheduler):
@@ -94,11 +94,33 @@ class Members(Scheduler):
         h.proc = "dead" if for_good else "down"
         h.gen += 1
         h.deferred.clear()
-        # Kept, never resumed: a collected greenlet would unwind the agent's code at GC time.
-        self.graveyard.extend(g for g in h.lets if not g.dead)
+        lets = [g for g in h.lets if not g.dead]
         h.lets = []
+        if lets:
+            self.at(self.t, lambda: self._unwind(lets))
         self._able(h)
         self.note("kill" if for_good else "crash", h.iid, why)
+
+    def _unwind(self, lets: list[Let]) -> None:
+        """Free a gone process's threads now, from the hub: ``Killed`` thrown into each.
+
+        A thread parked for ever still holds its frames, and with them the process's whole
+        state (its peer view has an entry per member); kept alive, every process that ever
+        died in a run stayed in memory and in the collector's work (~60 KB each at
+        N = 1,000: 3.5 MB less after 0.3 simulated hours, same output). A
+        collected greenlet would unwind the agent's code at GC time instead, at no defined
+        point of the run. Unwinding runs no agent call (``_caller`` raises ``Killed`` for a
+        gone generation) and reads no random number: the run is the same event for event.
+        A thread that parks on its way out is kept, never resumed."""
+        for g in lets:
+            if g.dead:
+                continue
+            try:
+                g.throw(Killed())
+            except Killed:
+                pass
+            if not g.dead:
+                self.graveyard.append(g)
 
     def stop(self, h: Host) -> None:
         if h.proc == "up":

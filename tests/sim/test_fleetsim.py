@@ -10,12 +10,15 @@ agent's code may move a regression seed: re-check the whole list after a merge
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
 import subprocess
 import sys
+import weakref
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -46,6 +49,25 @@ def test_same_seed_same_bytes_whatever_the_hash_seed() -> None:
     assert a.stderr == b.stderr
     other = _cli("--seed", "6", *args[2:], hashseed="1")
     assert other.stdout != a.stdout
+
+
+def test_a_gone_process_frees_its_threads() -> None:
+    """A crashed or killed agent process's two threads are unwound and freed, not parked
+    for ever holding the process's view of the whole group (memory: deaths x N)."""
+    sim = fleetsim.Simulation(3, 12, 1.0, "everything", timeline=False)
+    gone: list[weakref.ref[Any]] = []
+    kill = sim.kill
+
+    def watched_kill(h: Any, *, for_good: bool, why: str) -> None:
+        gone.extend(weakref.ref(g) for g in h.lets)
+        kill(h, for_good=for_good, why=why)
+
+    sim.kill = watched_kill  # type: ignore[method-assign]
+    sim.run()
+    assert len(gone) >= 4  # deaths and crashes happened
+    gc.collect()
+    assert all(r() is None or r().dead for r in gone)
+    assert not sim.graveyard
 
 
 def test_json_has_the_documented_keys(capsys: pytest.CaptureFixture[str]) -> None:
