@@ -192,6 +192,7 @@ class Heartbeater:
         budget = self.interval_s * 0.8 if budget_s is None else budget_s
         start = self.clock.monotonic()
         attempt = 0
+        restarted = 0  # the attempt after which the budget and the backoff started again
         err = ""
         while True:
             attempt += 1
@@ -201,16 +202,20 @@ class Heartbeater:
                 break
             except StoreError as exc:
                 err = str(exc)
-                delay = self.backoff.delay(attempt, self.rng.random())
-                if self.clock.monotonic() - sent > budget:
+                delay = self.backoff.delay(attempt - restarted, self.rng.random())
+                if not restarted and self.clock.monotonic() - sent > budget:
                     # This attempt alone outlived the budget: the process was stopped
                     # (SIGSTOP, a long GC pause) or the call hung. The beat is overdue, not
-                    # early: retry at once with a fresh budget rather than wait an interval
-                    # (stall-zone seeds 85, 106: resumed, silent, acted on seconds later).
-                    start = self.clock.monotonic()
+                    # early: retry at once, with a fresh budget and backoff, rather than wait
+                    # an interval (stall-zone seeds 85, 106: resumed, silent, acted on
+                    # seconds later; 160: acted on 0.22 s after resuming, the retry's
+                    # backoff of 0.8-1.6 s still to run). Once per beat: calls that keep
+                    # hanging fail the beat, and count towards observer-sick.
+                    start, restarted, delay = self.clock.monotonic(), attempt, 0.0
                 if self.clock.monotonic() - start + delay > budget:
                     return self._failed(rec, attempt, err)
-                self.clock.sleep(delay)
+                if delay:
+                    self.clock.sleep(delay)
         with self._left_lock:
             elsewhere = self._left_elsewhere()
             if elsewhere:

@@ -101,14 +101,29 @@ class StalledStore(FlakyStore):
 def test_a_beat_that_outlived_a_stall_is_retried_at_once(store: Store) -> None:
     """stall-zone seeds 85, 106: a member stopped inside a failing PUT was resumed after
     minutes, gave the beat up (its budget long spent) and waited a whole interval, and was
-    stopped again before its next beat: able, silent, acted on. The beat is overdue, not
-    early: it is retried at once with a fresh budget."""
+    stopped again before its next beat: able, silent, acted on (seed 160: 0.22 s after
+    resuming, during the retry's backoff). The beat is overdue, not early: it is retried at
+    once, without a backoff, with a fresh budget."""
     clock = FakeClock()
     hb = Heartbeater(StalledStore(store, clock, 185.0), rec(), clock=clock, interval_s=10)
     r = hb.beat(state="ready")
     assert r.ok and r.attempts == 2
-    assert clock.slept and all(s <= 0.2 for s in clock.slept)
+    assert clock.slept == []  # at once: no backoff after the stall
     assert MemberRecord.loads(store.get(member_key("web", "i-0001")).body).seq == 1
+
+
+def test_calls_that_keep_hanging_still_fail_the_beat_and_make_the_observer_sick(
+        store: Store) -> None:
+    """The fresh budget after a stall is given once per beat: PUTs that each hang past the
+    budget fail the beat (so an observer cut off this way still becomes observer-sick)."""
+    clock = FakeClock()
+    stalled = StalledStore(store, clock, 30.0)
+    hb = Heartbeater(stalled, rec(), clock=clock, interval_s=10, sick_after=2)
+    for _ in range(2):
+        stalled.fail = 10_000
+        r = hb.beat(state="ready")
+        assert not r.ok and r.attempts == 2
+    assert hb.observer_sick
 
 
 def test_repeated_failure_marks_observer_sick_then_recovers(store: Store, tmp_path: Path) -> None:
