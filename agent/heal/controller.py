@@ -985,26 +985,48 @@ class HealController:
         one of two members elsewhere tells a dark zone from probes that reach nobody
         (a blocked port, invariant 14: no evidence either way, the records decide). A
         dark zone is judged disrupted: nothing in it is acted on, and its recovery grace
-        (``silence_since_lit``) starts.
+        (``silence_since_lit``) starts. An endpoint the roster lacks (it knows those of
+        the members it watched) is read from the member's record (seeds 86, 342).
         """
         zone = view.zones.get(m, "")
         if not zone or view.zones.get(self.me) == zone:
             return ""  # my own zone reaches the store: I just read it
         lit = [x for x in sorted(view.zones) if x not in (m, self.me)
-               and x not in view.record_stale and view.verdicts.get(x) not in STALE_VERDICTS
-               and endpoints.get(x)]
-        here = [x for x in lit if view.zones[x] == zone][:2]
+               and x not in view.record_stale and view.verdicts.get(x) not in STALE_VERDICTS]
+        here = self._endpoints([x for x in lit if view.zones[x] == zone], endpoints)
         if not here:
             return ""  # nobody else there to ask: the zone rule has judged it already
-        if any(self.probe(endpoints.get(x, "")) for x in here):
+        if any(self.probe(ep) for ep in here.values()):
             return ""
-        elsewhere = [x for x in lit if view.zones[x] != zone][:2]
-        answered = next((x for x in elsewhere if self.probe(endpoints.get(x, ""))), None)
+        elsewhere = self._endpoints([x for x in lit if view.zones[x] != zone], endpoints)
+        answered = next((x for x, ep in elsewhere.items() if self.probe(ep)), None)
         if answered is None:
             return ""  # probes reach nobody: they tell nothing here
         self._zone_dark_at[zone] = self.clock.monotonic()
         return (f"zone-unlit: {zone}: none of {', '.join(here)} answered a probe, "
                 f"{answered} elsewhere did")
+
+    def _endpoints(self, members: list[str], known: Mapping[str, str],
+                   want: int = 2, tries: int = 4) -> dict[str, str]:
+        """Up to ``want`` of ``members`` with their endpoints: the roster's, else their
+        records' (at most ``tries`` records read; a record that fails to read is skipped)."""
+        from agent.layout import member_key
+
+        out: dict[str, str] = {}
+        for x in members:
+            if len(out) == want:
+                break
+            ep = known.get(x, "")
+            if not ep and tries > 0:
+                tries -= 1
+                try:
+                    obj = self.store.get_or_none(member_key(self.group, x))
+                    ep = MemberRecord.loads(obj.body).endpoint if obj is not None else ""
+                except (StoreError, MalformedRecord):
+                    ep = ""
+            if ep:
+                out[x] = ep
+        return out
 
     def _take_lease(self, action: Action, g: _Gathered) -> Lease | None:
         m = action.member_id

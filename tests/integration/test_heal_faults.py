@@ -709,6 +709,31 @@ def test_a_zone_gone_dark_seconds_ago_is_seen_by_probes_before_acting(
     assert "heal-action" in kinds(cloud)
 
 
+def test_zone_mates_the_roster_has_no_endpoint_for_are_found_in_their_records(
+        cloud: EmbeddedCloud, tmp_path: Any) -> None:
+    """stall-zone seeds 86, 342: an observer's roster has the endpoints of the members it
+    watched; the zone-mates it could ask had none there, so nobody was probed and the dark
+    zone went unseen. Their records carry them: read when about to act."""
+    ids, zone, c = _zones_of_nine(cloud)
+    target = c[0]
+    cloud.client("ec2").terminate_instances(InstanceIds=[target])
+    cfg = config(action="launch", max_per_window=5, freeze_fraction=0.5, confirm_observers=1)
+    a = ctl(cloud, ids[0], cfg, tmp_path)
+    store = store_for(cloud)
+    n = len(all_instances(cloud))
+    with Endpoint("127.0.0.1", 0, metrics_fn=None) as ep:
+        for i in ids:
+            if i == target:
+                continue  # its record is old (a fresh one would fence the action)
+            store.put(member_key(GROUP, i), MemberRecord(
+                i, GROUP, 1, "ready", endpoint=CLOSED if i in c else ep.url).dumps())
+        d = a.step(dead_view(ids, [target], zones=zone, endpoints={target: CLOSED}),
+                   ObserverHealth())
+    assert [x.member_id for x in executable(d)] == [target] and len(all_instances(cloud)) == n
+    assert any("zone-unlit: us-east-1c" in r for e in list_events(store, GROUP, 200)
+               if e.kind == "heal-refuse" for r in e.reasons)
+
+
 def test_probes_that_reach_nobody_tell_nothing_and_the_records_decide(
         cloud: EmbeddedCloud, tmp_path: Any) -> None:
     """A blocked port (no peer answers a probe, in any zone) is no evidence of a dark zone:

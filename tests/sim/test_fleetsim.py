@@ -317,6 +317,9 @@ STALL_ZONE_SEEDS = [
     #   resumed, acted on 0.22 s later while the retry waited its backoff (0.8-1.6 s). Fix:
     #   after a stall the retry goes out at once (once per beat: hanging calls still fail it)
     pytest.param("false-action", 160, id="false-action-stall-zone-160"),
+    # zone 342: the target's zone-mates had no endpoint in the observer's roster (it knows
+    #   those of the members it watched): nobody probed. Fix: read them from their records
+    pytest.param("zone", 342, id="zone-stall-zone-342"),
 ]
 
 
