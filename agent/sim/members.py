@@ -107,11 +107,11 @@ class Members(Scheduler):
         A thread parked for ever still holds its frames, and with them the process's whole
         state (its peer view has an entry per member); kept alive, every process that ever
         died in a run stayed in memory and in the collector's work (~60 KB each at
-        N = 1,000: 3.5 MB less after 0.3 simulated hours, same output). A
-        collected greenlet would unwind the agent's code at GC time instead, at no defined
-        point of the run. Unwinding runs no agent call (``_caller`` raises ``Killed`` for a
-        gone generation) and reads no random number: the run is the same event for event.
-        A thread that parks on its way out is kept, never resumed."""
+        N = 1,000: 3.5 MB less after 0.3 simulated hours, same output). A collected
+        greenlet would unwind the agent's code at GC time instead, at no defined point of
+        the run. Unwinding runs no agent call (``_caller`` raises ``Killed`` for a gone
+        generation) and reads no random number: the run is the same event for event. A
+        thread that parks on its way out is kept, never resumed."""
         for g in lets:
             if g.dead:
                 continue
