@@ -306,6 +306,7 @@ STALL_ZONE_SEEDS = [
     # found in session 8 by the next 60 seeds (52-111), after the fixes above:
     # zone 86: the probe witness asked two members elsewhere that have no endpoint in the
     #   observer's roster (no answer, so "probes reach nobody"): now only members with one
+    #   (from the roster, else from their records: seed 342)
     pytest.param("zone", 86, id="zone-stall-zone-86"),
     # single-answer 85, false-action 106: a member stopped inside a failing heartbeat PUT,
     #   resumed minutes later, gave that beat up (its budget long spent) and waited a whole
@@ -313,7 +314,7 @@ STALL_ZONE_SEEDS = [
     #   a beat whose attempt outlived the budget (a stall, a hung call) is retried at once
     pytest.param("single-answer", 85, id="single-answer-stall-zone-85"),
     pytest.param("false-action", 106, id="false-action-stall-zone-106"),
-    # found in session 8 by seeds 98-400: false-action 160: stopped inside a failing beat,
+    # found in session 8 by seeds 98-378: false-action 160: stopped inside a failing beat,
     #   resumed, acted on 0.22 s later while the retry waited its backoff (0.8-1.6 s). Fix:
     #   after a stall the retry goes out at once (once per beat: hanging calls still fail it)
     pytest.param("false-action", 160, id="false-action-stall-zone-160"),
