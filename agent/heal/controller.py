@@ -111,7 +111,7 @@ from agent.heal.resolve import (
     resolve_acting,
 )
 from agent.interfaces import CloudAPI, Entry, InstanceInfo, Listing, StoreAPI
-from agent.layout import id_from_key, members_prefix
+from agent.layout import id_from_key, member_key, members_prefix
 
 if TYPE_CHECKING:
     from agent.aws.imds import Identity
@@ -714,8 +714,6 @@ class HealController:
             return False
         if rid in peers.members:
             return True
-        from agent.layout import member_key
-
         try:
             return self.store.head(member_key(self.group, rid)) is not None
         except StoreError:
@@ -1010,8 +1008,6 @@ class HealController:
                    want: int = 2, tries: int = 4) -> dict[str, str]:
         """Up to ``want`` of ``members`` with their endpoints: the roster's, else their
         records' (at most ``tries`` records read; a record that fails to read is skipped)."""
-        from agent.layout import member_key
-
         out: dict[str, str] = {}
         for x in members:
             if len(out) == want:
@@ -1090,8 +1086,6 @@ class HealController:
         if check_age and age > self.decision_max_age_s:
             raise _Fenced(f"stale-decision: {age:.1f}s old > {self.decision_max_age_s:g}s "
                           f"before {what}", lease)
-        from agent.layout import member_key
-
         try:
             if self.store.head(pause_key(self.group)) is not None:
                 raise _Fenced(f"paused: kill switch present at the last look before {what}",
@@ -1257,8 +1251,6 @@ class HealController:
         after one replacement overflow the marker's log, so every watcher falls behind
         and LISTs the whole group (issue #11)."""
         from agent.group.peers import bump_marker
-        from agent.layout import member_key
-
         try:
             if (kind or if_present) and self.store.head(member_key(self.group, m)) is None:
                 return  # another observer was first
