@@ -288,6 +288,7 @@ class _Fenced(Exception):
 @dataclass
 class _Gathered:
     store_now: float = 0.0
+    store_mono: float = 0.0  # this clock's monotonic time when ``store_now`` was read
     suspicions: dict[str, frozenset[str]] = field(default_factory=dict)
     leases: dict[str, Lease] = field(default_factory=dict)
     outcomes: dict[str, str] = field(default_factory=dict)
@@ -468,7 +469,7 @@ class HealController:
         g = _Gathered()
         try:
             listing = self.store.list(suspicions_prefix(self.group))
-            g.store_now = listing.store_now
+            g.store_now, g.store_mono = listing.store_now, self.clock.monotonic()
             self._suspect(peers, listing, abstain)
             g.suspicions = count_suspicions(listing.entries, self.group, listing.store_now,
                                             self.suspicion_ttl_s)
@@ -559,7 +560,8 @@ class HealController:
         prefix = leases_prefix(self.group)
         listing = self.store.list(prefix)
         now = listing.store_now
-        g.store_now = max(g.store_now, now)
+        if now >= g.store_now:
+            g.store_now, g.store_mono = now, self.clock.monotonic()
         for e in listing.entries:
             member = e.key[len(prefix):]
             cached = self._lease_cache.get(member)
@@ -948,7 +950,7 @@ class HealController:
             self._give_back(g, spent_at)
             return self._refuse_lease(lease, why)
         try:
-            lease, detail = self._act(action.kind, lease, fresh, g.store_now,
+            lease, detail = self._act(action.kind, lease, fresh, g,
                                       fresh_info.get(m))
         except _Fenced as f:
             # Raised only before the action's first mutating call: nothing happened.
@@ -1133,10 +1135,20 @@ class HealController:
         self._event(kind, m, [why])
         self._outcome(Outcome(m, "lost", why))
 
-    def _act(self, kind: str, lease: Lease, ec2_state: str | None, now: float,
+    def _store_clock(self, g: _Gathered) -> float:
+        """The store's clock now, never earlier than it: the step's last reading (a
+        ``Date``, whole seconds, so +1 s) and the monotonic time since."""
+        return g.store_now + 1.0 + max(0.0, self.clock.monotonic() - g.store_mono)
+
+    def _act(self, kind: str, lease: Lease, ec2_state: str | None, g: _Gathered,
              info: InstanceInfo | None = None) -> tuple[Lease, str]:
+        """Do ``kind`` to the lease's member, fenced. ``acted_at`` is the store's clock
+        after the call, not the step's reading before the probes and the call: the
+        replacement's deadline and the in-flight slot count from the action (seed 695:
+        a slot freed 2.6 s early let a second replacement start while one was in flight)."""
         m = lease.member
-        changes: dict[str, Any] = {"state": "acted", "acted_at": now}
+        now = g.store_now
+        changes: dict[str, Any] = {"state": "acted"}
         a = None
         if kind in ("asg-mark", "asg-terminate", "launch"):
             a = self.cloud.asg_instances([m]).get(m)
@@ -1187,6 +1199,7 @@ class HealController:
                 new = self.cloud.launch(spec, lease.token, replaces=m)
                 detail = f"launched {new} ({spec.source}, subnet {spec.subnet_id})"
             changes["replacement"] = new
+            changes["acted_at"] = self._store_clock(g)
             if ec2_state != "terminated":
                 changes["pending_terminate"] = m
             # Persist the launch before terminating, so a crash here still shows it.
@@ -1203,6 +1216,7 @@ class HealController:
         else:
             raise AgentError(f"unknown action {kind!r}")
         changes["detail"] = detail
+        changes["acted_at"] = self._store_clock(g)
         return self._write_acted(lease, **changes), detail
 
     def _write_acted(self, lease: Lease, **changes: Any) -> Lease:

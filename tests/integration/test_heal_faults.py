@@ -509,6 +509,36 @@ def test_item7_two_observers_two_deaths_cap_one_gives_one_action(
     assert sorted(o.result for o in [*a.outcomes, *b.outcomes]) == ["acted", "refused"]
 
 
+def test_a_replacement_is_in_flight_for_its_deadline_from_the_action_not_the_step_start(
+        cloud: EmbeddedCloud, tmp_path: Any) -> None:
+    """Stall-zone seed 695: the lease's ``acted_at`` was the step's store time, read before
+    the probes and the call, so the slot freed early and a second replacement started
+    while the first was in flight. Here a 3 s stall before the call; 2.5 s after the
+    action, with a 4.5 s deadline, the first is still in flight for every observer."""
+    ids = cloud.run_standalone(GROUP, 10)
+    d1, d2 = ids[0], ids[1]
+    cloud.client("ec2").terminate_instances(InstanceIds=[d1, d2])
+    n = len(all_instances(cloud))
+    cfg = config(action="launch", max_per_window=5)
+    a, b, c1, c2 = (ctl(cloud, i, cfg, tmp_path, replace_deadline_s=4.5) for i in ids[2:6])
+    va, vb = dead_view(ids, [d1]), dead_view(ids, [d2])
+    c1.step(va, ObserverHealth())
+    c2.step(vb, ObserverHealth())
+    second_look = a.cloud.instances
+
+    def stalled(members: list[str]) -> Any:  # a GC pause after the gather
+        time.sleep(3.0)
+        return second_look(members)
+
+    a.cloud.instances = stalled  # type: ignore[method-assign]
+    a.step(va, ObserverHealth())
+    assert len(all_instances(cloud)) == n + 1, a.outcomes
+    time.sleep(2.5)
+    d = b.step(vb, ObserverHealth())
+    assert len(all_instances(cloud)) == n + 1, (d, b.outcomes)
+    assert not executable(d) and any("in-flight" in r for x in d.refusals for r in x.reasons), d
+
+
 # -- 8: verdicts age; failing reads abstain --------------------------------------------------------
 
 def test_item8_observer_whose_peer_reads_fail_abstains(cloud: EmbeddedCloud,
