@@ -150,7 +150,8 @@ class Daemon:
                               interval_s=cfg.heartbeat.interval_s,
                               state_path=self.paths.state_file,
                               member_path=member_file(self.paths))
-        self.watcher = PeerWatcher(store, cfg.group, ctx.identity.instance_id, clock=self.clock)
+        self.watcher = PeerWatcher(store, cfg.group, ctx.identity.instance_id, clock=self.clock,
+                                   dead_after_s=float(cfg.heartbeat.dead_after_s))
         self.heal = self._make_heal(ctx)
         from agent.daemon.tasks import MemberTasks
 

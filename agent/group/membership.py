@@ -717,6 +717,22 @@ class Ring:
         self._keys: list[tuple[int, str]] = []
 
     def watch_set(self, member_ids: frozenset[str]) -> list[str]:
+        self._sync(member_ids)
+        keys, k = self._keys, self.k
+        if k == 0 or not keys:
+            return []
+        if len(keys) <= k:
+            return [m for _, m in keys]
+        return self.after(k)
+
+    def after(self, n: int) -> list[str]:
+        """The first ``n`` members after the observer on the ring (fewer if there are
+        fewer), in ring order, as the last ``watch_set`` left it."""
+        keys = self._keys
+        start = bisect_left(keys, (ring_position(self.observer) + 1,))
+        return [keys[(start + i) % len(keys)][1] for i in range(min(n, len(keys)))]
+
+    def _sync(self, member_ids: frozenset[str]) -> None:
         if member_ids != self._ids:
             added, removed = member_ids - self._ids, self._ids - member_ids
             keys = self._keys
@@ -730,13 +746,6 @@ class Ring:
                     if m != self.observer:
                         insort(keys, _ring_key(m))
             self._ids = member_ids
-        keys, k = self._keys, self.k
-        if k == 0 or not keys:
-            return []
-        if len(keys) <= k:
-            return [m for _, m in keys]
-        start = bisect_left(keys, (ring_position(self.observer) + 1,))
-        return [keys[(start + i) % len(keys)][1] for i in range(k)]
 
 
 def watchers(member_id: str, member_ids: Iterable[str], k: int) -> list[str]:

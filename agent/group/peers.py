@@ -515,8 +515,12 @@ class PeerWatcher:
         list_s: float = 300.0,
         list_pages_per_hour: float = 60.0,
         fetch_per_tick: int = 100,
+        dead_after_s: float | None = None,
     ) -> None:
         self.store = store
+        # Members whose record is this old are passed over (still watched) until ``k``
+        # fresh ones are (``watch_set``); None: the plain ring.
+        self.dead_after_s = dead_after_s
         self.group = group
         self.self_id = self_id
         self.clock = clock
@@ -721,7 +725,30 @@ class PeerWatcher:
             if ids != self._ids_for_ring:
                 self._ids_for_ring = ids
                 self._ring = self._ringer.watch_set(ids)
-        return list(self._ring) if self._ids_for_ring else []
+        ring = self._ring if self._ids_for_ring else []
+        if self.dead_after_s is None or not any(map(self._stale, ring)):
+            return list(ring)
+        # A member whose ring predecessors are dead is watched by fewer than ``k`` live
+        # observers, and may never find the ``confirm_observers`` its replacement needs
+        # (stall-zone seed 520: two of a member's three watchers were dead in a zone the
+        # zone rule kept from being replaced, and it stayed hung for an hour and more).
+        # So the walk goes on past the stale, up to ``k`` more: every member keeps up to
+        # ``k`` live watchers while its dead predecessors go unreplaced.
+        out: list[str] = []
+        fresh = 0
+        for m in self._ringer.after(2 * self.k):
+            out.append(m)
+            if not self._stale(m):
+                fresh += 1
+                if fresh == self.k:
+                    break
+        return out
+
+    def _stale(self, mid: str) -> bool:
+        """Its record was at least ``dead_after_s`` old when this observer last read it."""
+        p = self.view.get(mid)
+        age = p.age_s if p is not None else None
+        return age is not None and self.dead_after_s is not None and age >= self.dead_after_s
 
     def roster(self) -> Roster:
         """Who is in the group as this view says (cached until the view's ids, states,

@@ -714,8 +714,12 @@ class HealController:
     def _heartbeated(self, rid: str, peers: PeersView) -> bool | None:
         if not rid:
             return False
-        if rid in peers.members:
-            return True
+        if rid in peers.members and rid != self.me:
+            return True  # its record was listed or read: a heartbeat landed
+        # My own roster always has me, heartbeat or not: a replacement whose first beat
+        # has not landed (a slow PUT, a cut zone) is not yet "done" (everything seed 5,
+        # N = 9: marked done on its first step while that PUT was in flight, so a second
+        # replacement started while the first was in flight).
         try:
             return self.store.head(member_key(self.group, rid)) is not None
         except StoreError:
@@ -1109,7 +1113,14 @@ class HealController:
                 raise _Fenced(f"{m}'s record says {state} at the last look before {what}",
                               lease)
         state = lease.state if lease.acted else "acting"
-        moved = self._rewrite(lease, state=state, detail=f"fenced before {what}")
+        try:
+            moved = self._rewrite(lease, state=state, detail=f"fenced before {what}")
+        except StoreError as exc:
+            # Before the call, so nothing happened: refused (taken over at once), not
+            # failed (which waits lease_expiry_s: flaky-store seed 147 left a death 120 s
+            # longer unreplaced). A write that landed with its answer lost is the refusal's
+            # to handle (``_rewrite_mine``).
+            raise _Fenced(f"store-failing at the fence before {what}: {exc}", lease) from exc
         if moved is None:
             raise _Fenced(f"lost-race: the lease changed before {what}", None)
         return moved

@@ -74,7 +74,8 @@ class Members(Scheduler):
                          rng=random.Random(self.arng.getrandbits(64)))
         from agent.group.peers import PeerWatcher
 
-        watcher = PeerWatcher(store, GROUP, h.iid, clock=clock)
+        watcher = PeerWatcher(store, GROUP, h.iid, clock=clock,
+                              dead_after_s=self.policy.dead_after_s)
         ctl = HealController(store, cloud, self.config, h.iid, clock, policy=self.policy,
                              watcher=watcher, probe=self.probe)
         self.replace_deadline = ctl.replace_deadline_s

@@ -45,6 +45,7 @@ from tests.integration.test_replace import (
     GROUP,
     all_instances,
     config,
+    confirm_then_act,
     ctl,
     instance,
     kinds,
@@ -328,7 +329,9 @@ def test_item2_fence_write_landed_but_its_answer_lost_leaves_no_acting_lease(
     its answer was lost (read timeout). Nothing was called; the 'failed' rewrite carried
     the old ETag and lost to my own write, so the lease stayed ``acting``: not taken over
     until another observer resolved it from the cloud after ``lease_expiry_s`` (before that
-    resolution existed, never: the member's real death was never replaced)."""
+    resolution existed, never: the member's real death was never replaced). Since session
+    9 a store error at the fence refuses the lease (nothing happened: taken over at once);
+    the refusal's rewrite must win over my own landed write the same way."""
     ids, hung, store, a, b, v = hung_asg(cloud, tmp_path, lease_expiry_s=0)
     real = a.store.put
     lost: list[str] = []
@@ -344,9 +347,9 @@ def test_item2_fence_write_landed_but_its_answer_lost_leaves_no_acting_lease(
     b.step(v, ObserverHealth())
     a.step(v, ObserverHealth())
     assert lost and instance(cloud, hung)["State"]["Name"] == "running"
-    assert a.outcomes[-1].result == "failed"
+    assert a.outcomes[-1].result == "refused"
     cur = read_lease(store, GROUP, hung)
-    assert cur is not None and cur.state == "failed" and not cur.acted
+    assert cur is not None and cur.state == "refused" and not cur.acted
     assert cur.takeover_allowed(cur.last_modified or 0.0, 0.0)
 
 
@@ -537,6 +540,60 @@ def test_a_replacement_is_in_flight_for_its_deadline_from_the_action_not_the_ste
     d = b.step(vb, ObserverHealth())
     assert len(all_instances(cloud)) == n + 1, (d, b.outcomes)
     assert not executable(d) and any("in-flight" in r for x in d.refusals for r in x.reasons), d
+
+
+def test_a_replacement_is_not_done_until_its_own_heartbeat_has_landed(
+        cloud: EmbeddedCloud, tmp_path: Any) -> None:
+    """A member's roster always holds itself: the replacement, at its first step, used to
+    read that as "my replacement heartbeats" and close its own lease ``done`` while its
+    first heartbeat PUT was still in flight (everything seed 5, N = 9: the in-flight slot
+    freed, a second replacement started). Done needs its record in the store."""
+    ids = cloud.run_standalone(GROUP, 4)
+    dead = ids[3]
+    cloud.client("ec2").terminate_instances(InstanceIds=[dead])
+    cfg = config(action="launch")
+    a, _ = confirm_then_act(cloud, ids, dead, cfg, tmp_path, replace_deadline_s=3600)
+    store = store_for(cloud)
+    new = read_lease(store, GROUP, dead).replacement
+    assert new and read_lease(store, GROUP, dead).state == "acted", a.outcomes
+    r = ctl(cloud, new, cfg, tmp_path, replace_deadline_s=3600)
+    v = view([*ids, new], dead)
+    r.step(v, ObserverHealth())
+    assert read_lease(store, GROUP, dead).state == "acted"  # still in flight
+    store.put(member_key(GROUP, new), MemberRecord(new, GROUP, 1, "ready").dumps())
+    r.step(v, ObserverHealth())
+    assert read_lease(store, GROUP, dead).state == "done"
+
+
+def test_a_store_error_at_the_fence_refuses_the_lease_so_the_death_is_retried_at_once(
+        cloud: EmbeddedCloud, tmp_path: Any) -> None:
+    """The fence's ``acting`` write failing (SlowDown) is before any mutating call: the
+    lease is refused, taken over at the next step, not ``failed`` and left to expire
+    (flaky-store seed 147: a death waited 120 s more and outlived its bound)."""
+    ids = cloud.run_standalone(GROUP, 6)
+    dead = ids[0]
+    cloud.client("ec2").terminate_instances(InstanceIds=[dead])
+    n = len(all_instances(cloud))
+    cfg = config(action="launch")
+    a, b, c = (ctl(cloud, i, cfg, tmp_path) for i in ids[1:4])
+    v = dead_view(ids, [dead])
+    c.step(v, ObserverHealth())  # the second observer's confirmation
+    real_put = a.store.put
+
+    def put(rel: str, body: bytes, **kw: Any) -> str:
+        if rel == lease_key(GROUP, dead) and b'"acting"' in body:
+            raise StoreError(f"put {rel}: SlowDown: injected")
+        return real_put(rel, body, **kw)
+
+    a.store.put = put  # type: ignore[method-assign]
+    a.step(v, ObserverHealth())
+    assert len(all_instances(cloud)) == n, a.outcomes  # nothing launched
+    lease = read_lease(store_for(cloud), GROUP, dead)
+    assert lease.state == "refused" and not lease.acted, lease
+    assert "store-failing at the fence" in a.outcomes[-1].detail
+    b.step(v, ObserverHealth())  # taken over at once: no lease_expiry_s to wait
+    assert len(all_instances(cloud)) == n + 1, b.outcomes
+    assert read_lease(store_for(cloud), GROUP, dead).acted
 
 
 # -- 8: verdicts age; failing reads abstain --------------------------------------------------------

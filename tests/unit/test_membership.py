@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -18,6 +19,7 @@ from agent.group.membership import (
     watch_set,
     watchers,
 )
+from agent.group.peers import PeerInfo, PeerWatcher
 
 DEAD = 30.0
 GRACE = 60.0
@@ -316,3 +318,43 @@ def test_a_verdict_expires_with_its_evidence() -> None:
     later = liveness(st, "i-1", dead_after_s=30, grace_s=0, mono_now=71.0)
     assert later.status == "unknown" and "reads failing" in later.reason
     assert later.evidence_mono == 40.0
+
+
+class _NoStore:
+    """``watch_set`` reads only the view: any store call is a test failure."""
+
+    def __getattr__(self, name: str) -> Any:
+        raise AssertionError(f"watch_set called the store: {name}")
+
+
+def _watch_sets(ids: set[str], stale: set[str], k: int) -> dict[str, list[str]]:
+    """Every observer's watch set over one view in which ``stale`` records are 100 s old."""
+    view = {m: PeerInfo(m, state="ready", ip="10.0.0.1", last_modified=0.0 if m in stale
+                        else 95.0, store_now=100.0, etag="e") for m in ids}
+    out = {}
+    for o in ids:
+        w = PeerWatcher(_NoStore(), "g", o, k=k, dead_after_s=30.0)  # type: ignore[arg-type]
+        w.view = dict(view)
+        out[o] = w.watch_set()
+    return out
+
+
+@settings(max_examples=150, deadline=None)
+@given(ids=ids_st, k=st.integers(1, 4), data=st.data())
+def test_every_live_member_keeps_k_live_watchers_while_up_to_k_are_dead(
+        ids: set[str], k: int, data: st.DataObject) -> None:
+    """Stall-zone seed 520: two of a member's three watchers were dead in a zone the zone
+    rule kept unreplaced, so it never found the two confirmations its replacement needs.
+    With up to ``k`` members dead anywhere, every live one is still watched by ``k`` live
+    ones (all the others if fewer); the dead are still watched; no set passes ``2k``."""
+    stale = set(data.draw(st.lists(st.sampled_from(sorted(ids)), max_size=k, unique=True)))
+    sets = _watch_sets(ids, stale, k)
+    live = ids - stale
+    for m in live:
+        live_watchers = {o for o in live if m in sets[o]}
+        assert len(live_watchers) >= min(k, len(live) - 1), (m, sets)
+    for o in ids:
+        assert set(watch_set(o, ids, k)) <= set(sets[o])  # the plain ring's, and more
+        assert o not in sets[o] and len(sets[o]) <= 2 * k
+        if not stale:
+            assert sets[o] == watch_set(o, ids, k)
