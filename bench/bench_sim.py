@@ -230,10 +230,14 @@ def run(sizes: tuple[tuple[int, float], ...] = SIZES,
           f"take about {5 * g304:.0f} us of those 35 us. " + (
               f"The warm calm rate above is {1e6 / (warm_rate['calm'] * 360):.0f} us per "
               "member-interval: " if "calm" in warm_rate else "") +
-          "the rest is the heal step (a LIST of the group's leases and one of its "
-          "suspicions, every step), JSON, and liveness bookkeeping. Reaching 80 needs a "
-          "member to do less per interval (a heal step every few intervals, for one), which "
-          "changes the product, not the simulator. Two such product costs are gone: closed "
-          "leases now leave the LISTed prefix (docs/safety.md, 13), and a replacement is "
-          "announced on the marker once, not by every observer."]
+          "the rest is the heal step (LISTs of the group's suspicions, control and leases "
+          "and a budget GET in a full step), JSON, and liveness bookkeeping. Reaching 80 "
+          "needs a member to do less per interval, which changes the product, not the "
+          "simulator. Three such product costs are gone: closed leases leave the LISTed "
+          "prefix (docs/safety.md, 13); a replacement is announced on the marker once, not "
+          "by every observer; and a heal step is idle (one HEAD instead of the full "
+          "step's reads) while every member its observer judges is alive, with a full step "
+          "at least every dead_after_s (docs/cost-model.md, healing's reads). The rest of "
+          "the gap is the agent's per-interval calls themselves: 35 us is about seven store "
+          "calls through the real adapter, before any of the agent's own logic."]
     return {"markdown": "\n".join(md), "summary": "; ".join(summary)}
