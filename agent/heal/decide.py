@@ -336,8 +336,12 @@ def zone_stale(view: HealView, stale_members: set[str]) -> set[str]:
     some members of one dark zone may sit in the other, so no suspicion of them ever
     reaches the store and the zone looks half lit (zone-outage seed 129). The store's
     record ages cover every member; as evidence for abstaining, one clock is enough.
+    ``grace`` is not seen alive: it means not judged yet. A replacement that started
+    during a zone outage has every member in grace for ``grace_s`` after the record it
+    first saw, and acted on the one dark member past that while its zone looked lit
+    (stall-zone seed 143).
     """
-    seen_alive = {m for m, s in view.verdicts.items() if s in ("alive", "grace", "leaving")}
+    seen_alive = {m for m, s in view.verdicts.items() if s in ("alive", "leaving")}
     return stale_members | {m for m in view.record_stale if m in view.zones
                             and m not in seen_alive and m != view.observer_id}
 

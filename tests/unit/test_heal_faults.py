@@ -148,6 +148,27 @@ def test_a_zone_half_watched_is_judged_on_every_record_s_age() -> None:
                for r in x.reasons)
 
 
+def test_members_in_grace_whose_records_are_stale_count_as_silent_for_the_zone() -> None:
+    """stall-zone seeds 143 and 152: the observer had every member of zone c but one (143)
+    or two (152) in ``grace`` (a replacement started during the outage, or members that had
+    just joined), their records stale: grace counted as seen alive, so the zone looked
+    lit and its one dead member was terminated in the dark. Grace is not judged, not alive."""
+    ids = [f"i-{z}{n}" for z in "abc" for n in range(4)]
+    v = HealView(
+        observer_id="i-a0", group_size=12,
+        verdicts={"i-c0": "dead", "i-c1": "grace", "i-c2": "grace", "i-c3": "grace",
+                  "i-a1": "alive"},
+        suspicions={"i-c0": {"i-b0"}}, confirmations={"i-c0": {"i-b0"}},
+        ec2_state={"i-c0": "stopped"}, silent_for={"i-c0": 500.0},
+        zones={m: f"us-east-1{m[2]}" for m in ids},
+        record_stale=frozenset({"i-c0", "i-c1", "i-c2", "i-c3"}))
+    d = decide(v, policy())
+    assert not d.actions and d.disrupted_zones == ("us-east-1c",)
+    # records fresh: grace members are not silent, the one dead member is acted on
+    fresh = replace(v, record_stale=frozenset({"i-c0"}))
+    assert [a.member_id for a in decide(fresh, policy()).actions] == ["i-c0"]
+
+
 def test_record_ages_only_ever_add_abstention() -> None:
     """A stale record is no death: never acted on, and a member this observer itself sees
     alive (or its own record) is not counted stale by one clock."""
