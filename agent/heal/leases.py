@@ -348,10 +348,12 @@ def inflight_take(record: Mapping[str, Any] | None, member: str, now: float, cap
     opened = set(open_members)
     keep = {str(m): float(t) for m, t in raw.items()
             if m in opened or now - float(t) < expiry_s}
-    if member in keep:
-        return {"members": keep}
-    if len(keep) >= cap:
+    if member not in keep and len(keep) >= cap:
         return None
+    # A claim again (a new attempt on a member whose old entry was never given back) is
+    # dated now: kept at its old date, it outlived ``expiry_s`` while its lease was still
+    # too new for another observer's listing, which dropped it and took a second slot
+    # (flaky-store seed 13: an entry 133 s old, re-claimed 4 s before the second take).
     keep[member] = now
     return {"members": keep}
 

@@ -37,6 +37,7 @@ from agent.heal.leases import (
     read_lease,
     resume,
     superseded,
+    take_inflight,
 )
 from agent.host import state as statefile
 from agent.host.endpoint import Endpoint
@@ -642,6 +643,25 @@ def test_an_idle_observer_skips_the_gather_but_not_a_death_or_a_lease_on_it(
     clock.advance(5)
     assert lists(lambda: a.step(v, ObserverHealth()))[0] >= 3
     assert len(all_instances(cloud)) == n + 1, a.outcomes
+
+
+def test_an_in_flight_slot_claimed_again_is_dated_from_the_new_claim(
+        cloud: EmbeddedCloud) -> None:
+    """flaky-store seed 13: an entry for member a, left from an attempt 133 s before, was
+    claimed again by a new action; it kept its old date, so an observer whose lease
+    listing was a second too old to show the new lease dropped it as expired and took
+    a second slot under cap 1. Here the same with ``expiry_s`` 2 s."""
+    store = store_for(cloud)
+
+    def take(m: str, *opened: str) -> bool:
+        ok, _ = take_inflight(store, GROUP, m, cap=1, open_members=opened, expiry_s=2.0,
+                              store_now=time.time())
+        return ok
+
+    assert take("i-a", "i-a")  # the old attempt; its entry is never given back
+    time.sleep(3.5)  # the store's Date has whole seconds: the entry is now >= 2.5 s old
+    assert take("i-a", "i-a")  # a new action on the same member claims it again
+    assert not take("i-b", "i-b")  # this observer's listing does not show a's new lease
 
 
 # -- 8: verdicts age; failing reads abstain --------------------------------------------------------
