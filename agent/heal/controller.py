@@ -1142,36 +1142,19 @@ class HealController:
     def _fence(self, lease: Lease, what: str, *, check_age: bool = True) -> Lease:
         """Invariant 12, right before a mutating cloud call; raises ``_Fenced`` to abort.
 
-        The decision is young enough; the kill switch is absent; the member's record
-        shows no fresh heartbeat (nor a leave); and the lease moves forward with a
-        conditional write (``acting`` before the first call), so an observer that
-        stalled wakes up harmless: another observer or the member itself changed it.
+        The decision is young enough; the lease moves forward with a conditional write
+        (``acting`` before the first call), so an observer that stalled wakes up
+        harmless: another observer or the member itself changed it; then, last, with no
+        write between it and the call, the kill switch is absent and the member's record
+        shows no fresh heartbeat (nor a leave). The look used to come before the lease
+        write: a write that stalled 2.5 s let a member resumed meanwhile be terminated
+        (stalls seed 10).
         """
         m = lease.member
         age = self.clock.monotonic() - self._decided_mono
         if check_age and age > self.decision_max_age_s:
             raise _Fenced(f"stale-decision: {age:.1f}s old > {self.decision_max_age_s:g}s "
                           f"before {what}", lease)
-        try:
-            if self.store.head(pause_key(self.group)) is not None:
-                raise _Fenced(f"paused: kill switch present at the last look before {what}",
-                              lease)
-            rec = self.store.get_or_none(member_key(self.group, m))
-        except StoreError as exc:
-            raise _Fenced(f"store-failing at the last look before {what}: {exc}",
-                          lease) from exc
-        if rec is not None:
-            rec_age = rec.store_now - rec.last_modified
-            if rec_age < self.policy.dead_after_s:
-                raise _Fenced(f"fresh-heartbeat: {m}'s record is {rec_age:.0f}s old at the "
-                              f"last look before {what}", lease)
-            try:
-                state = MemberRecord.loads(rec.body).state
-            except MalformedRecord:
-                state = ""
-            if state in DEPARTING_STATES:
-                raise _Fenced(f"{m}'s record says {state} at the last look before {what}",
-                              lease)
         state = lease.state if lease.acted else "acting"
         try:
             moved = self._rewrite(lease, state=state, detail=f"fenced before {what}")
@@ -1183,6 +1166,30 @@ class HealController:
             raise _Fenced(f"store-failing at the fence before {what}: {exc}", lease) from exc
         if moved is None:
             raise _Fenced(f"lost-race: the lease changed before {what}", None)
+        age = self.clock.monotonic() - self._decided_mono
+        if check_age and age > self.decision_max_age_s:
+            raise _Fenced(f"stale-decision: {age:.1f}s old > {self.decision_max_age_s:g}s "
+                          f"before {what}", moved)
+        try:
+            if self.store.head(pause_key(self.group)) is not None:
+                raise _Fenced(f"paused: kill switch present at the last look before {what}",
+                              moved)
+            rec = self.store.get_or_none(member_key(self.group, m))
+        except StoreError as exc:
+            raise _Fenced(f"store-failing at the last look before {what}: {exc}",
+                          moved) from exc
+        if rec is not None:
+            rec_age = rec.store_now - rec.last_modified
+            if rec_age < self.policy.dead_after_s:
+                raise _Fenced(f"fresh-heartbeat: {m}'s record is {rec_age:.0f}s old at the "
+                              f"last look before {what}", moved)
+            try:
+                rec_state = MemberRecord.loads(rec.body).state
+            except MalformedRecord:
+                rec_state = ""
+            if rec_state in DEPARTING_STATES:
+                raise _Fenced(f"{m}'s record says {rec_state} at the last look before {what}",
+                              moved)
         return moved
 
     def _give_back(self, g: _Gathered, spent_at: float) -> None:

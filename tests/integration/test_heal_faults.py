@@ -224,6 +224,29 @@ def test_item3_observer_stalled_between_lease_and_action_while_member_recovers(
     assert not superseded(store, GROUP, hung)
 
 
+def test_a_member_back_while_the_fence_writes_the_lease_is_not_terminated(
+        cloud: EmbeddedCloud, tmp_path: Any) -> None:
+    """stalls seed 10: the fence looked at the record, then wrote ``acting``; that write
+    stalled 2.5 s, the member resumed and heartbeated meanwhile, and was terminated. The
+    last look now comes after the lease write, with nothing between it and the call."""
+    ids, hung, store, a, b, v = hung_asg(cloud, tmp_path)
+    b.step(v, ObserverHealth())
+    real_put = a.store.put
+
+    def put(rel: str, body: bytes, **kw: Any) -> str:
+        if rel == lease_key(GROUP, hung) and b'"acting"' in body:  # the stall: it is back
+            store.put(member_key(GROUP, hung), MemberRecord(hung, GROUP, 9, "ready").dumps())
+        return real_put(rel, body, **kw)
+
+    a.store.put = put  # type: ignore[method-assign]
+    a.step(v, ObserverHealth())
+    assert instance(cloud, hung)["State"]["Name"] == "running"
+    assert hung in cloud.asg_instance_ids(GROUP)
+    assert a.outcomes[-1].result == "refused" and "fresh-heartbeat" in a.outcomes[-1].detail
+    lease = read_lease(store, GROUP, hung)
+    assert lease is not None and lease.state == "refused" and not lease.acted
+
+
 def test_item3_lease_changed_by_another_observer_during_the_stall_aborts(
         cloud: EmbeddedCloud, tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     ids, hung, store, a, b, v = hung_asg(cloud, tmp_path)

@@ -259,6 +259,10 @@ REGRESSION = [
     #    again by a new action but kept its old date; another observer, whose lease listing
     #    was a second too old to show the new lease, dropped it as expired: two in flight
     pytest.param("7", "in-flight", "flaky-store", 13, 12, 2.1),
+    # false-action (session 9): the fence read the record, then its "acting" write stalled
+    #    2.5 s; the member resumed and heartbeated meanwhile and was terminated. The last look
+    #    now comes after the lease write
+    pytest.param("3", "false-action", "stalls", 10, 12, 0.1),
 ]
 
 
@@ -269,7 +273,8 @@ REGRESSION = [
                               "store-flaky-store-100", "zone-zone-outage-109",
                               "acted-everything-121", "checker-zone-outage-101",
                               "zone-zone-outage-129", "10.3-stalls-9",
-                              "10.2-flaky-store-147", "inflight-flaky-store-13"])
+                              "10.2-flaky-store-147", "inflight-flaky-store-13",
+                              "fence-stalls-10"])
 def test_regression_seed(item: str, kind: str, profile: str, seed: int, members: int,
                          hours: float) -> None:
     _assert_none_of(kind, fleetsim.run(seed, members, hours, profile), f"issue #10 item {item}: ")
