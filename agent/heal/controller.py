@@ -135,6 +135,11 @@ _QUIET_REFUSALS = ("alive", "grace", "leaving", "unknown", "suspect")
 _IDLE_VERDICTS = frozenset({"alive", "grace", "leaving"})
 
 
+def _all_alive(peers: PeersView) -> bool:
+    """Every member this observer judges is alive, in grace or leaving: nothing to act on."""
+    return all(_status(v) in _IDLE_VERDICTS for v in peers.verdicts.values())
+
+
 # -- pure: small judgements ---------------------------------------------------------------
 
 def dedupe_key(kind: str, reasons: Iterable[str]) -> tuple[str, ...]:
@@ -402,8 +407,9 @@ class HealController:
             peers = PeersView.from_watcher(peers, dead_after_s=self.policy.dead_after_s,
                                            grace_s=self.policy.grace_s)
         sick, sick_reason = self._sickness(observer_health, observer_sick)
-        if self._idle(peers, sick, started):
-            decision, g = self._idle_after  # type: ignore[misc]
+        idle = self._idle(peers, sick, started)
+        if idle is not None:
+            decision, g = idle
             self.idle_steps += 1
             self._write_state(decision, g, "")
             return decision
@@ -456,8 +462,10 @@ class HealController:
         self._write_state(decision, g, api_error)
         return decision
 
-    def _idle(self, peers: PeersView, sick: bool, now: float) -> bool:
-        """May this step skip the gather (three LISTs and a GET) and decide nothing?
+    def _idle(self, peers: PeersView, sick: bool,
+              now: float) -> tuple[Decision, _Gathered] | None:
+        """The last full step's decision and gather, if this step may skip the gather
+        (three LISTs and a GET) and decide nothing; else None.
 
         Only when nothing could be acted on: every member this observer judges is alive
         (or in grace, or leaving), it is not sick, and its last full step, less than
@@ -468,18 +476,19 @@ class HealController:
         of a simulated member's CPU, and its 3 LISTs per member per interval the largest
         S3 bill of a group (issue #11).
         """
-        if self._idle_after is None or sick or now - self._gathered_mono >= self.idle_gather_s:
-            return False
+        last = self._idle_after
+        if last is None or sick or now - self._gathered_mono >= self.idle_gather_s:
+            return None
         if peers.read_failing or peers.observer_fresh or peers.departed:
-            return False
-        if not all(_status(v) in _IDLE_VERDICTS for v in peers.verdicts.values()):
-            return False
+            return None
+        if not _all_alive(peers):
+            return None
         # A lease on me (one HEAD, a GET's price): an observer is about to act on me, or
         # did. A full step clears it if nothing happened, or steps down (superseded).
         try:
-            return self.store.head(lease_key(self.group, self.me)) is None
+            return last if self.store.head(lease_key(self.group, self.me)) is None else None
         except StoreError:
-            return False
+            return None
 
     def _found_nothing(self, d: Decision, g: _Gathered, peers: PeersView, sick: bool) -> bool:
         """A full step after which idle steps may follow: every member judged alive (so
@@ -495,7 +504,7 @@ class HealController:
         if any(m == self.me or (x.holder == self.me and x.state in OPEN_STATES)
                for m, x in g.leases.items() if x.state != "done"):
             return False
-        return all(_status(v) in _IDLE_VERDICTS for v in peers.verdicts.values())
+        return _all_alive(peers)
 
     def _zone_look(self, view: HealView, reason: str) -> tuple[HealView, Decision, str]:
         """Before any action, every record's age from one fresh LIST, and decide again.
@@ -1151,10 +1160,8 @@ class HealController:
         (stalls seed 10).
         """
         m = lease.member
-        age = self.clock.monotonic() - self._decided_mono
-        if check_age and age > self.decision_max_age_s:
-            raise _Fenced(f"stale-decision: {age:.1f}s old > {self.decision_max_age_s:g}s "
-                          f"before {what}", lease)
+        if check_age:
+            self._check_decision_age(what, lease)
         state = lease.state if lease.acted else "acting"
         try:
             moved = self._rewrite(lease, state=state, detail=f"fenced before {what}")
@@ -1166,10 +1173,8 @@ class HealController:
             raise _Fenced(f"store-failing at the fence before {what}: {exc}", lease) from exc
         if moved is None:
             raise _Fenced(f"lost-race: the lease changed before {what}", None)
-        age = self.clock.monotonic() - self._decided_mono
-        if check_age and age > self.decision_max_age_s:
-            raise _Fenced(f"stale-decision: {age:.1f}s old > {self.decision_max_age_s:g}s "
-                          f"before {what}", moved)
+        if check_age:  # again: the lease write may have stalled
+            self._check_decision_age(what, moved)
         try:
             if self.store.head(pause_key(self.group)) is not None:
                 raise _Fenced(f"paused: kill switch present at the last look before {what}",
@@ -1191,6 +1196,12 @@ class HealController:
                 raise _Fenced(f"{m}'s record says {rec_state} at the last look before {what}",
                               moved)
         return moved
+
+    def _check_decision_age(self, what: str, lease: Lease) -> None:
+        age = self.clock.monotonic() - self._decided_mono
+        if age > self.decision_max_age_s:
+            raise _Fenced(f"stale-decision: {age:.1f}s old > {self.decision_max_age_s:g}s "
+                          f"before {what}", lease)
 
     def _give_back(self, g: _Gathered, spent_at: float) -> None:
         """Return the budget unit of an attempt refused before it did anything (best effort:
