@@ -12,6 +12,7 @@
     groups/<group>/suspicions/<member>/<obs>     who suspects whom
     groups/<group>/budget.json                   the replacement budget (compare-and-swap)
     groups/<group>/control/pause | resumed       the kill switch and its resume mark
+    groups/<group>/control/zone-dark/<zone>      a zone last judged disrupted (LastModified)
     groups/<group>/events/<stamp>-<actor>-<rand>.json   the audit log
 
 Pure: strings in, strings out.
@@ -125,6 +126,15 @@ def pause_key(group: str) -> str:
 
 def resumed_key(group: str) -> str:
     return f"{control_prefix(group)}resumed"
+
+
+def zone_dark_prefix(group: str) -> str:
+    return f"{control_prefix(group)}zone-dark/"
+
+
+def zone_dark_key(group: str, zone: str) -> str:
+    """A zone some observer judged disrupted; its LastModified is the last such judgement."""
+    return f"{zone_dark_prefix(group)}{zone}"
 
 
 def events_prefix(group: str) -> str:

@@ -111,7 +111,7 @@ from agent.heal.resolve import (
     resolve_acting,
 )
 from agent.interfaces import CloudAPI, Entry, InstanceInfo, Listing, StoreAPI
-from agent.layout import id_from_key, member_key, members_prefix
+from agent.layout import id_from_key, member_key, members_prefix, zone_dark_key, zone_dark_prefix
 
 if TYPE_CHECKING:
     from agent.aws.imds import Identity
@@ -305,6 +305,8 @@ class _Gathered:
     errors: list[str] = field(default_factory=list)
     confirmations: dict[str, frozenset[str]] = field(default_factory=dict)
     peer_probes: dict[str, dict[str, bool | None]] = field(default_factory=dict)
+    # zone -> store age of the last judgement, by any observer, that it was disrupted
+    zones_dark: dict[str, float] = field(default_factory=dict)
 
 
 class HealController:
@@ -433,6 +435,9 @@ class HealController:
             dark.add(peers.zones[self.me])
         for z in dark:
             self._zone_dark_at[z] = self.clock.monotonic()
+        if not g.errors:
+            for z in decision.disrupted_zones:
+                self._share_dark(z, g.zones_dark.get(z))
         self._record_decision(decision, peers, sick_reason, api_error)
         if not g.errors and not sick:
             for f in decision.forget:
@@ -497,7 +502,7 @@ class HealController:
         paused; none of my suspicions out; no lease on me, none of mine still open. A
         freeze it found stays reported until the next full step (``idle_gather_s``)."""
         if (sick or g.errors or g.paused or d.actions or d.disrupted_zones
-                or d.forget or self._zone_dark_at):
+                or d.forget or self._zone_dark_at or self._recovering(g)):
             return False
         if any(self.me in obs for obs in g.suspicions.values()):
             return False
@@ -505,6 +510,15 @@ class HealController:
                for m, x in g.leases.items() if x.state != "done"):
             return False
         return _all_alive(peers)
+
+    @property
+    def _recovery_s(self) -> float:
+        """How long a zone's disrupted judgement is remembered (its recovery grace)."""
+        return max(self.policy.dead_after_s, self.policy.silent_after_s)
+
+    def _recovering(self, g: _Gathered) -> bool:
+        """Has another observer judged a zone disrupted within the recovery grace?"""
+        return any(age < self._recovery_s for age in g.zones_dark.values())
 
     def _zone_look(self, view: HealView, reason: str) -> tuple[HealView, Decision, str]:
         """Before any action, every record's age from one fresh LIST, and decide again.
@@ -545,11 +559,15 @@ class HealController:
             if not abstain:
                 self._read_confirmations(peers, listing, g)
             control = self.store.list(control_prefix(self.group))
+            dark = zone_dark_prefix(self.group)
             for e in control.entries:
                 if e.key == pause_key(self.group):
                     g.paused = True
                 elif e.key == resumed_key(self.group):
                     g.resumed_at = e.last_modified
+                elif e.key.startswith(dark):
+                    g.zones_dark[e.key[len(dark):]] = max(control.store_now - e.last_modified,
+                                                          0.0)
             obj = self.store.get_or_none(budget_key(self.group))
             if obj is not None:
                 _, g.budget_used = budget_after(json.loads(obj.body), obj.store_now,
@@ -863,9 +881,13 @@ class HealController:
     def _view(self, peers: PeersView, g: _Gathered, sick: bool) -> tuple[HealView, str]:
         verdicts = {m: _status(v) for m, v in peers.verdicts.items()}
         now = self.clock.monotonic()
-        keep = max(self.policy.dead_after_s, self.policy.silent_after_s)
+        keep = self._recovery_s
         self._zone_dark_at = {z: t for z, t in self._zone_dark_at.items() if now - t < keep}
         dark_for = {z: now - t for z, t in self._zone_dark_at.items()}
+        for z, age in g.zones_dark.items():  # others' judgements (``_share_dark``)
+            since = age + max(now - g.store_mono, 0.0)
+            if since < keep:
+                dark_for[z] = min(dark_for.get(z, since), since)
         judged, silent_for = silence_since_lit(verdicts, peers.silent_for, peers.zones,
                                                dark_for, self.policy.dead_after_s)
         verdicts = dict(judged)
@@ -1076,8 +1098,32 @@ class HealController:
         if answered is None:
             return ""  # probes reach nobody: they tell nothing here
         self._zone_dark_at[zone] = self.clock.monotonic()
+        self._share_dark(zone, None)
         return (f"zone-unlit: {zone}: none of {', '.join(here)} answered a probe, "
                 f"{answered} elsewhere did")
+
+    def _share_dark(self, zone: str, age: float | None) -> None:
+        """Tell the group that ``zone`` is disrupted now (``control/zone-dark/<zone>``):
+        its LastModified is the last such judgement by anyone, so every observer counts the
+        zone's silence from it (``_view``), not only the observers that judged it.
+
+        The recovery grace used to be each observer's own memory. An observer whose own zone
+        was dark at the same time (or that started later) never judged the other zone;
+        back, it saw a member silent through that outage, able for 0.3 s once the lights
+        came back and stopped, its record ~490 s old and its zone-mates fresh, and
+        terminated it 81 s after it was last up (stall-zone seed 332). Rewritten at most
+        every ``dead_after_s / 3`` (``age``: the marker's store age at this step's LIST,
+        None to write at once); a failed write is only logged: this observer's own memory
+        holds the zone anyway.
+        """
+        if age is not None and age < self.policy.dead_after_s / 3:
+            return
+        body = json.dumps({"zone": zone, "by": self.me}).encode()
+        try:
+            self.store.put(zone_dark_key(self.group, zone), body,
+                           content_type="application/json")
+        except StoreError as exc:
+            log.warning("could not share that zone %s is disrupted: %s", zone, exc)
 
     def _endpoints(self, members: list[str], known: Mapping[str, str],
                    want: int = 2, tries: int = 4) -> dict[str, str]:

@@ -41,6 +41,7 @@ from agent.heal.leases import (
 )
 from agent.host import state as statefile
 from agent.host.endpoint import Endpoint
+from agent.layout import zone_dark_key
 from agent.sim.cloud import EmbeddedCloud
 from tests.conftest import CLOSED
 from tests.integration.test_replace import (
@@ -867,13 +868,19 @@ def test_a_zone_gone_dark_seconds_ago_is_seen_by_probes_before_acting(
         lit_eps = {m: ep.url for m in ids if m not in c}
         dark = dead_view(ids, [target], zones=zone,
                          endpoints={**lit_eps, **{m: CLOSED for m in c}})
-        d = both_step(a, b, dark)
+        d = b.step(dark, ObserverHealth())
         assert [x.member_id for x in executable(d)] == [target]  # decided, then refused
         assert len(all_instances(cloud)) == n
         refusals = [e for e in list_events(store_for(cloud), GROUP, 200)
                     if e.kind == "heal-refuse" and e.member == target]
         assert refusals and any("zone-unlit: us-east-1c" in r for e in refusals
                                 for r in e.reasons), [e.reasons for e in refusals]
+        # b's finding is shared: a does not even decide on the member of the dark zone
+        assert store_for(cloud).head(zone_dark_key(GROUP, "us-east-1c")) is not None
+        d = a.step(dark, ObserverHealth())
+        assert not executable(d) and len(all_instances(cloud)) == n
+        assert any(r.startswith("suspect") for x in d.refusals if x.member_id == target
+                   for r in x.reasons), d.refusals
         # The lights come back: zone c answers. Its silent member is not dead yet...
         lit = dead_view(ids, [target], zones=zone, endpoints={m: ep.url for m in ids
                                                               if m != target})
@@ -882,6 +889,10 @@ def test_a_zone_gone_dark_seconds_ago_is_seen_by_probes_before_acting(
         assert any(r.startswith("suspect") for x in d.refusals if x.member_id == target
                    for r in x.reasons), d.refusals
         clock.advance(16)  # ...until the zone has been lit for dead_after_s (15 s)
+        # The probes' verdict was shared (control/zone-dark/<zone>) and ages on the store's
+        # clock, which the FakeClock cannot advance: without it, the observers' own memory
+        # of the probes is what this part tests (the shared one has a test of its own).
+        store_for(cloud).delete(zone_dark_key(GROUP, "us-east-1c"))
         d = both_step(a, b, lit)
     assert len(all_instances(cloud)) == n + 1  # then it is replaced, once
     assert "heal-action" in kinds(cloud)
@@ -949,6 +960,46 @@ def test_an_observer_cut_off_gives_its_zone_mates_time_to_come_back(
     clock.advance(16)
     d = a.step(v, ObserverHealth())
     assert [x.member_id for x in executable(d)] == [target]
+    assert len(all_instances(cloud)) == n + 1
+
+
+def test_a_zone_judged_disrupted_by_one_observer_holds_every_observer(
+        cloud: EmbeddedCloud, tmp_path: Any) -> None:
+    """stall-zone seed 332: observer b judged zone c disrupted; observer a never did (its
+    own zone was dark at the time, or it started later). Once zone c was lit again, a saw a
+    member of c silent for minutes (its record aged through the outage; EC2 said running,
+    its agent was stopped), its zone-mates fresh, and terminated it 81 s after it was last
+    up. b's judgement is shared (``control/zone-dark/<zone>``): a counts the member's
+    silence from it too, and acts only once the marker is gone (or has aged)."""
+    ids, zone, c = _zones_of_nine(cloud)
+    hung = c[0]  # EC2 says running; its agent is stopped (its endpoint does not answer)
+    cfg = config(action="launch", max_per_window=5, freeze_fraction=0.5, confirm_observers=1,
+                 silent_after_s=60)
+    a, b = ctl(cloud, ids[0], cfg, tmp_path), ctl(cloud, ids[1], cfg, tmp_path)
+    store = store_for(cloud)
+    n = len(all_instances(cloud))
+    # The outage: every member of zone c is silent; b judges the zone disrupted.
+    d = b.step(dead_view(ids, c, zones=zone, endpoints={m: CLOSED for m in c}),
+               ObserverHealth())
+    assert d.disrupted_zones == ("us-east-1c",) and not executable(d)
+    marker = zone_dark_key(GROUP, "us-east-1c")
+    assert store.head(marker) is not None
+    # The lights come back: c's other members heartbeat again; hung stays silent.
+    with Endpoint("127.0.0.1", 0, metrics_fn=None) as ep:
+        for i in ids:
+            if i != hung:
+                store.put(member_key(GROUP, i), MemberRecord(
+                    i, GROUP, 1, "ready", endpoint=ep.url).dumps())
+        lit = dead_view(ids, [hung], zones=zone,
+                        endpoints={**{m: ep.url for m in ids}, hung: CLOSED})
+        d = a.step(lit, ObserverHealth())  # a never judged zone c: b's judgement holds it
+        assert not executable(d) and len(all_instances(cloud)) == n
+        why = [r for x in d.refusals if x.member_id == hung for r in x.reasons]
+        assert any(r.startswith("suspect") for r in why), why  # not dead until c was lit 15 s
+        assert instance(cloud, hung)["State"]["Name"] == "running"
+        store.delete(marker)  # the same step without b's judgement: the silence is old
+        d = a.step(lit, ObserverHealth())
+    assert [x.member_id for x in executable(d)] == [hung]
     assert len(all_instances(cloud)) == n + 1
 
 
