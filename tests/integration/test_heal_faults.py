@@ -984,6 +984,20 @@ def test_a_zone_judged_disrupted_by_one_observer_holds_every_observer(
     assert d.disrupted_zones == ("us-east-1c",) and not executable(d)
     marker = zone_dark_key(GROUP, "us-east-1c")
     assert store.head(marker) is not None
+    written = time.monotonic()
+    puts: list[str] = []
+    real_put = b.store.put
+
+    def counted(rel: str, body: bytes, **kw: Any) -> str:
+        puts.append(rel)
+        return real_put(rel, body, **kw)
+
+    b.store.put = counted  # type: ignore[method-assign]
+    d = b.step(dead_view(ids, c, zones=zone, endpoints={m: CLOSED for m in c}),
+               ObserverHealth())
+    assert d.disrupted_zones == ("us-east-1c",)
+    if time.monotonic() - written < 4.0:  # rewritten at most every dead_after_s / 3 (5 s)
+        assert marker not in puts, puts
     # The lights come back: c's other members heartbeat again; hung stays silent.
     with Endpoint("127.0.0.1", 0, metrics_fn=None) as ep:
         for i in ids:
