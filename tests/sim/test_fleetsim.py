@@ -354,8 +354,9 @@ STALL_ZONE_SEEDS = [
     #   own zone (us-east-1b) was dark until 7956.8 s; meanwhile us-east-1a, dark since 7476 s,
     #   lit again at 7889.3 s, unseen by it. Member 15 (1a) was able for 0.3 s, then stopped;
     #   back, 02 saw its record ~490 s old, its zone-mates fresh, EC2 running, and terminated
-    #   it 81 s after it was last up. Fix: a step that reads the store after more than
-    #   dead_after_s without one treats every zone as just lit (``_regain_sight``)
+    #   it 81 s after it was last up. Fix: a zone's disrupted judgement is shared in the store
+    #   (``control/zone-dark/<zone>``, ``HealController._share_dark``), so 02 counted the
+    #   silence from the other observers' judgement, as they did
     pytest.param("single-answer", 332, id="single-answer-stall-zone-332"),
 ]
 
