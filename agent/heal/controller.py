@@ -435,7 +435,11 @@ class HealController:
             dark.add(peers.zones[self.me])
         for z in dark:
             self._zone_dark_at[z] = self.clock.monotonic()
-        if not g.errors:
+        if not g.errors and not (decision.freeze is not None
+                                 and decision.freeze.scope == "observer"):
+            # Only a view this observer may act on is shared: a sick or fresh observer, or
+            # one that sees every zone dark (an observer-scope freeze), would hold every
+            # observer's healing with it, and no freeze would say so.
             for z in decision.disrupted_zones:
                 self._share_dark(z, g.zones_dark.get(z))
         self._record_decision(decision, peers, sick_reason, api_error)

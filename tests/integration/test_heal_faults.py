@@ -41,7 +41,7 @@ from agent.heal.leases import (
 )
 from agent.host import state as statefile
 from agent.host.endpoint import Endpoint
-from agent.layout import zone_dark_key
+from agent.layout import zone_dark_key, zone_dark_prefix
 from agent.sim.cloud import EmbeddedCloud
 from tests.conftest import CLOSED
 from tests.integration.test_replace import (
@@ -1015,6 +1015,27 @@ def test_a_zone_judged_disrupted_by_one_observer_holds_every_observer(
         d = a.step(lit, ObserverHealth())
     assert [x.member_id for x in executable(d)] == [hung]
     assert len(all_instances(cloud)) == n + 1
+
+
+def test_an_observer_that_sees_every_zone_dark_shares_no_judgement(
+        cloud: EmbeddedCloud, tmp_path: Any) -> None:
+    """Every zone disrupted means this observer's side is sick (an observer-scope freeze):
+    its judgement is not shared, or one broken observer would hold every zone, so every
+    member, for all observers, with no freeze recorded anywhere. A sick observer shares
+    nothing either. An observer that sees one zone dark does (the test above)."""
+    ids, zone, c = _zones_of_nine(cloud)
+    cfg = config(action="launch", max_per_window=5, freeze_fraction=0.5)
+    a = ctl(cloud, ids[0], cfg, tmp_path)
+    store = store_for(cloud)
+    others = [m for m in ids if m != ids[0]]
+    d = a.step(dead_view(ids, others, zones=zone), ObserverHealth())
+    assert d.frozen and d.freeze is not None and d.freeze.scope == "observer", d.freeze
+    assert any(r.startswith("all-zones-disrupted") for r in d.freeze.reasons), d.freeze
+    assert [e.key for e in store.list(zone_dark_prefix(GROUP)).entries] == []
+    d = a.step(dead_view(ids, c, zones=zone, endpoints={m: CLOSED for m in c}),
+               ObserverHealth(sick=True, reason="own heartbeat writes failing"))
+    assert "us-east-1c" in d.disrupted_zones
+    assert [e.key for e in store.list(zone_dark_prefix(GROUP)).entries] == []
 
 
 def test_item9_superseded_member_writes_no_backup_over_its_replacement(

@@ -155,8 +155,10 @@ def test_deaths_are_replaced_by_the_real_controller() -> None:
     assert all(a[3] == victim[0] for a in sim.actions)
 
 
+# everything seed 5 until session 10: the shared zone judgement moved its second death to
+# 10,484 s, too late for its first lease to move within 3 h (it stays ``done``, as it must)
 @pytest.mark.parametrize(("profile", "seed", "members", "hours"),
-                         [("everything", 5, 9, 3.0), ("calm", 1, 9, 3.0)])
+                         [("everything", 2, 9, 3.0), ("calm", 1, 9, 3.0)])
 def test_closed_leases_leave_the_prefix_in_a_long_run(profile: str, seed: int, members: int,
                                                       hours: float) -> None:
     """Issue #11: old closed leases move to ``closed-leases/`` in a long run (more than
