@@ -979,8 +979,8 @@ def test_a_zone_judged_disrupted_by_one_observer_holds_every_observer(
     store = store_for(cloud)
     n = len(all_instances(cloud))
     # The outage: every member of zone c is silent; b judges the zone disrupted.
-    d = b.step(dead_view(ids, c, zones=zone, endpoints={m: CLOSED for m in c}),
-               ObserverHealth())
+    outage = dead_view(ids, c, zones=zone, endpoints={m: CLOSED for m in c})
+    d = b.step(outage, ObserverHealth())
     assert d.disrupted_zones == ("us-east-1c",) and not executable(d)
     marker = zone_dark_key(GROUP, "us-east-1c")
     assert store.head(marker) is not None
@@ -993,8 +993,7 @@ def test_a_zone_judged_disrupted_by_one_observer_holds_every_observer(
         return real_put(rel, body, **kw)
 
     b.store.put = counted  # type: ignore[method-assign]
-    d = b.step(dead_view(ids, c, zones=zone, endpoints={m: CLOSED for m in c}),
-               ObserverHealth())
+    d = b.step(outage, ObserverHealth())
     assert d.disrupted_zones == ("us-east-1c",)
     if time.monotonic() - written < 4.0:  # rewritten at most every dead_after_s / 3 (5 s)
         assert marker not in puts, puts
