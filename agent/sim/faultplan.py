@@ -160,9 +160,12 @@ class FaultPlan(Members):
     def _f_zone(self) -> float:
         zone = self.rng.choice(sorted(set(ZONES.values())))
         d = self.rng.uniform(120.0, 900.0)
+        spans = self.zone_dark_spans.setdefault(zone, [])
         if self.zone_dark_until.get(zone, 0.0) < self.t:
             self.zone_dark_since[zone] = self.t
+            spans.append((self.t, self.t))
         self.zone_dark_until[zone] = max(self.zone_dark_until.get(zone, 0.0), self.t + d)
+        spans[-1] = (spans[-1][0], self.zone_dark_until[zone])
         for h in self.hosts.values():
             if h.zone == zone:
                 self._able(h)

@@ -112,6 +112,9 @@ class Simulation(FaultPlan, CallFaults, Checker):
         self.progress = progress
         self.zone_dark_until: dict[str, float] = {}
         self.zone_dark_since: dict[str, float] = {}
+        # every outage of each zone, (dark from, lit again at): the checker judges a call by
+        # the darkness when it was sent as well as when it landed
+        self.zone_dark_spans: dict[str, list[tuple[float, float]]] = {}
         self.api_down_until = 0.0
         self.pause_set_at: float | None = None
         self.actions: list[tuple[float, str, str, str]] = []  # (t, actor, op, target)

@@ -8,7 +8,9 @@ checked when each mutating cloud call lands and at the end of the run:
   and able to heartbeat within ``dead_after_s`` of the call being sent (after the
   actor's fence; a target that comes back while the request is in transit, which no
   client can fence, is noted ``landed-late`` in the timeline);
-* ``zone``: nothing done to a member of a zone that is dark (network) at the time;
+* ``zone``: nothing done to a member of a zone that is dark (network) at the time,
+  sent or landed: a call sent while the zone was lit that lands after it went dark (in
+  transit, past any fence) is noted ``landed-dark``;
 * ``single-answer``: nothing done to an instance EC2 truly described as running whose
   agent was silent well under ``silent_after_s``, unless EC2 had been answering wrongly
   about it (a control-plane loss) for ``dead_after`` already (invariant 14);
@@ -25,7 +27,8 @@ checked when each mutating cloud call lands and at the end of the run:
   replacements that really never heartbeated;
 * ``liveness``: a death in a quiet stretch (no other fault, budget left) is
   replaced within ``bound_s``, or some observer recorded a freeze, or judged the
-  member's zone disrupted (the zone rule, docs/safety.md 15);
+  member's zone disrupted (the zone rule, docs/safety.md 15), or no other member's
+  agent was up and able through the whole stretch (nobody left to heal it);
 * ``freeze-stuck``: a freeze whose every reason is transient (API failing, own
   writes failing, paused, fresh) has lifted 600 s after the last fault cleared.
 """
@@ -134,8 +137,15 @@ class Checker(Scheduler):
         # rule heals it (docs/safety.md 15), the controller cannot and need not wait longer.
         lit_grace = t >= dark and h.proc == "dead"
         if since_dark is not None and since_dark <= t < dark + self.dead_after and not lit_grace:
-            self.violate("zone", m, f"{op} against a member of {h.zone}, which is dark "
-                         f"(network outage since {since_dark - T0:.0f}s)", actor.iid)
+            # ...and as when it was sent: a call in transit when the zone went dark (an
+            # action-stall) is past every check a client can make, as landed-late is
+            if self._dark_at(h.zone, sent_t):
+                self.violate("zone", m, f"{op} against a member of {h.zone}, which is dark "
+                             f"(network outage since {since_dark - T0:.0f}s)", actor.iid)
+            else:
+                self.note("landed-dark", m, f"{op} by {actor.iid}: sent at "
+                          f"{sent_t - T0:.1f}s, lit then; {h.zone} dark since "
+                          f"{since_dark - T0:.0f}s")
         start = self.step_start.get(actor.iid, t)
         if self.pause_set_at is not None and self.pause_set_at < start - 1.0:
             self.violate("paused", m, f"{op} in a step that began after the kill switch was "
@@ -154,6 +164,10 @@ class Checker(Scheduler):
         if in_flight + 1 > max(cap, 1):
             self.violate("in-flight", m, f"{in_flight + 1} replacements in flight, cap {cap} for "
                          f"{group} members", actor.iid)
+
+    def _dark_at(self, zone: str, t: float) -> bool:
+        """Was ``zone`` dark at ``t``, or lit again less than ``dead_after`` before?"""
+        return any(s <= t < u + self.dead_after for s, u in self.zone_dark_spans.get(zone, ()))
 
     def _check_answer(self, actor: Host, op: str, m: str, unable_since: float | None,
                       sent_t: float, ec2_state: str) -> None:
@@ -254,6 +268,18 @@ class Checker(Scheduler):
             # from the outside, a zone going dark. This check predates the rule.
             if any(t0 <= t <= t1 and h.zone in z for t, z in self.zone_holds):
                 continue
+            # Healing is done by peers: with no other agent up and able through the whole
+            # stretch (the last of the group died, the rest long dead), nobody can heal it.
+            if not any(x is not h and _able_through(x, h.death_t, t1)
+                       for x in self.hosts.values()):
+                continue
             self.violate("liveness", h.iid, f"died at {h.death_t - T0:.0f}s ({h.death_kind}), "
                          f"not replaced within {bound:.0f}s in a quiet stretch and no freeze "
                          f"recorded")
+
+
+def _able_through(h: Host, t0: float, t1: float) -> bool:
+    """Ground truth: was ``h``'s agent up and able to heartbeat from ``t0`` to ``t1``?"""
+    if h.unable_since is None and h.able_since <= t0:
+        return True
+    return any(a <= t0 and t1 <= b for a, b in h.able_spans)

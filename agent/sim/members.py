@@ -146,8 +146,10 @@ class Members(Scheduler):
         able = h.proc == "up" and not h.left and self.store_reachable(h)
         if able and h.unable_since is not None:
             h.unable_since = None
+            h.able_since = self.t
         elif not able and h.unable_since is None:
             h.unable_since = self.t
+            h.able_spans.append((h.able_since, self.t))
 
     def _recheck_later(self, h: Host, t: float) -> None:
         self.at(t, lambda: self._able(h))

@@ -51,6 +51,8 @@ class Host:
     store_cut_until: float = 0.0
     peer_cut_until: float = 0.0
     unable_since: float | None = 0.0  # ground truth: None while up and able to heartbeat
+    able_since: float = 0.0  # ground truth: since when, while able
+    able_spans: list[tuple[float, float]] = field(default_factory=list)  # (from, to), ended
     tasks: Any = None
     lets: list[Let] = field(default_factory=list)
     deferred: list[Let] = field(default_factory=list)
@@ -137,6 +139,7 @@ class SimBase:
     keep_timeline: bool
     zone_dark_until: dict[str, float]
     zone_dark_since: dict[str, float]
+    zone_dark_spans: dict[str, list[tuple[float, float]]]
     api_down_until: float
     pause_set_at: float | None
     hub: greenlet
