@@ -368,7 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--hours", type=float, default=1.0)
     g.add_argument("--faults", default="calm",
                    help="calm | flaky-store | partitions | zone-outage | control-plane-2007 | "
-                        "everything")
+                        "stalls | stall-zone | part-zone | chaos | everything")
     g.add_argument("--report", default=None, metavar="FILE.html",
                    help="write a self-contained HTML timeline of the run")
     g.add_argument("--progress", action="store_true",

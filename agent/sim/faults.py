@@ -75,3 +75,16 @@ PROFILES: dict[str, Profile] = {
                           mass_kill_ph=0.1, api_outage_ph=0.25, operator_pause_ph=0.25,
                           control_plane_ph=0.25),
 }
+
+
+def _scaled(p: Profile, k: float, name: str) -> Profile:
+    return replace(p, name=name, **{f.name: getattr(p, f.name) * k for f in fields(p)
+                                    if f.name != "name"})
+
+
+# Mixes (session 11's search found the checker's two false alarms with them, each kept as a
+# seed in tests/sim): partitions with a zone outage an hour, so a mutating call stalled in
+# transit lands in a zone that went dark meanwhile; and every fault of ``everything`` at four
+# times its rate, where a dozen members dwindle under mass-death freezes to the last agent.
+PROFILES["part-zone"] = replace(PROFILES["partitions"], name="part-zone", zone_outage_ph=1.0)
+PROFILES["chaos"] = _scaled(PROFILES["everything"], 4.0, "chaos")
