@@ -8,9 +8,9 @@ checked when each mutating cloud call lands and at the end of the run:
   and able to heartbeat within ``dead_after_s`` of the call being sent (after the
   actor's fence; a target that comes back while the request is in transit, which no
   client can fence, is noted ``landed-late`` in the timeline);
-* ``zone``: nothing done to a member of a zone that is dark (network) at the time,
-  sent or landed: a call sent while the zone was lit that lands after it went dark (in
-  transit, past any fence) is noted ``landed-dark``;
+* ``zone``: nothing done to a member of a zone that is dark (network) when the call
+  lands and already was when it was sent: a call sent while the zone was lit that lands
+  after it went dark (in transit, past any fence) is noted ``landed-dark``;
 * ``single-answer``: nothing done to an instance EC2 truly described as running whose
   agent was silent well under ``silent_after_s``, unless EC2 had been answering wrongly
   about it (a control-plane loss) for ``dead_after`` already (invariant 14);
