@@ -14,9 +14,10 @@ from typing import Any
 from botocore.exceptions import ClientError, EndpointConnectionError, ReadTimeoutError
 from greenlet import greenlet
 
+from agent.layout import member_key
 from agent.sim.twins import ClientProxy, CloudTwin, S3Twin
 from agent.sim.vtime import Scheduler
-from agent.sim.world import BUCKET, MUTATING, S3_WRITES, Host, Killed, Let
+from agent.sim.world import BUCKET, GROUP, MUTATING, S3_WRITES, Host, Killed, Let
 
 
 class CallFaults(Scheduler):
@@ -60,8 +61,12 @@ class CallFaults(Scheduler):
         if g.gen != h.gen:
             raise Killed()
         resp = self.s3.call(op, kw)
-        if op == "put_object" and self.keep_timeline:
-            self._note_write(h, kw)
+        if op == "put_object":
+            if h.beat_landed is None and g.role == "beat" and kw["Key"] == member_key(GROUP,
+                                                                                      h.iid):
+                h.beat_landed = self.t
+            if self.keep_timeline:
+                self._note_write(h, kw)
         if p.lost_response and op in S3_WRITES and r.random() < p.lost_response:
             self._fault("lost-response")
             self.park(1.0)

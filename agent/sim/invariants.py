@@ -189,7 +189,12 @@ class Checker(Scheduler):
                      actor.iid)
 
     def _in_flight(self, t: float) -> int:
-        """Actions whose target's replacement has not heartbeated yet (and is not overdue)."""
+        """Actions whose target's replacement has not heartbeated yet (and is not overdue).
+
+        Heartbeated: its first record landed in the store, which is when peers can see it
+        and a lease may be closed ``done`` (chaos seed 20, N = 30: a replacement's record
+        landed, an observer closed its lease, and its agent was still inside the beat,
+        announcing itself on the marker, when another observer acted)."""
         n = 0
         seen: set[str] = set()
         for at, _, _, m in reversed(self.actions):
@@ -198,7 +203,7 @@ class Checker(Scheduler):
             if m in seen:
                 continue
             seen.add(m)
-            arrived = any(x.replaces == m and x.first_beat is not None
+            arrived = any(x.replaces == m and x.beat_landed is not None
                           for x in self.hosts.values())
             if not arrived:
                 n += 1

@@ -60,6 +60,9 @@ class Host:
     replaces: str = ""
     launched: float = 0.0
     first_beat: float | None = None
+    # ground truth: when its first heartbeat landed in the store (the agent may learn later,
+    # or never: a slow marker announce after it, a lost answer); peers can see it from then
+    beat_landed: float | None = None
     acted_on: bool = False
     death_t: float | None = None
     death_kind: str = ""
