@@ -162,7 +162,6 @@ class FaultPlan(Members):
         d = self.rng.uniform(120.0, 900.0)
         spans = self.zone_dark_spans.setdefault(zone, [])
         if self.zone_dark_until.get(zone, 0.0) < self.t:
-            self.zone_dark_since[zone] = self.t
             spans.append((self.t, self.t))
         self.zone_dark_until[zone] = max(self.zone_dark_until.get(zone, 0.0), self.t + d)
         spans[-1] = (spans[-1][0], self.zone_dark_until[zone])

@@ -111,9 +111,8 @@ class Simulation(FaultPlan, CallFaults, Checker):
         # run says how far it is and what it found so far (it reads the run, changes nothing)
         self.progress = progress
         self.zone_dark_until: dict[str, float] = {}
-        self.zone_dark_since: dict[str, float] = {}
-        # every outage of each zone, (dark from, lit again at): the checker judges a call by
-        # the darkness when it was sent as well as when it landed
+        # every outage of each zone, (dark from, lit again at), the last one ongoing or the
+        # latest: the checker judges a call by the darkness when it was sent and landed
         self.zone_dark_spans: dict[str, list[tuple[float, float]]] = {}
         self.api_down_until = 0.0
         self.pause_set_at: float | None = None

@@ -130,7 +130,8 @@ class Checker(Scheduler):
             self.violate("false-action", m, f"{op}: its agent was alive and able to heartbeat "
                          f"{since} (dead_after {self.dead_after:g}s)", actor.iid)
         dark = max(self.zone_dark_until.get(h.zone, 0.0), 0.0)
-        since_dark = self.zone_dark_since.get(h.zone)
+        spans = self.zone_dark_spans.get(h.zone)
+        since_dark = spans[-1][0] if spans else None
         # While dark, nothing; for dead_after after the lights come back, nothing whose agent
         # is up (its heartbeat may not have landed yet). A target whose agent is dead is an
         # ordinary death once the zone is lit and its other members answer again: the zone

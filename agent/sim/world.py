@@ -141,7 +141,6 @@ class SimBase:
     res: Result
     keep_timeline: bool
     zone_dark_until: dict[str, float]
-    zone_dark_since: dict[str, float]
     zone_dark_spans: dict[str, list[tuple[float, float]]]
     api_down_until: float
     pause_set_at: float | None

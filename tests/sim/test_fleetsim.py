@@ -363,15 +363,16 @@ STALL_ZONE_SEEDS = [
 ]
 
 
-def _stall_zone(seed: int) -> Result:
-    """One stall-zone seed as the search ran it: 12 members, 3 h, up to the first violation."""
-    return fleetsim.Simulation(seed, 12, 3.0, STALL_ZONE, timeline=True,
+def _searched(profile: str | Profile, seed: int, members: int = 12,
+              hours: float = 3.0) -> Result:
+    """One seed as the searches ran it (12 members, 3 h unless said), up to its first violation."""
+    return fleetsim.Simulation(seed, members, hours, profile, timeline=True,
                                stop_at_violation=True).run()
 
 
 @pytest.mark.parametrize(("kind", "seed"), STALL_ZONE_SEEDS)
 def test_stall_zone_seed(kind: str, seed: int) -> None:
-    _assert_none_of(kind, _stall_zone(seed))
+    _assert_none_of(kind, _searched(STALL_ZONE, seed))
 
 
 # -- mixed profiles (``part-zone``, ``chaos``; session 11's search, up to the first violation):
@@ -400,8 +401,7 @@ CHECKER_SEEDS = [
                          CHECKER_SEEDS)
 def test_checker_seed(kind: str, profile: str, seed: int, members: int, hours: float,
                       noted: str) -> None:
-    res = fleetsim.Simulation(seed, members, hours, profile, timeline=True,
-                              stop_at_violation=True).run()
+    res = _searched(profile, seed, members, hours)
     _assert_none_of(kind, res)
     if noted:  # the case the checker now tells apart did happen in this run
         assert any(k == noted for _, k, _, _ in res.timeline)
@@ -436,5 +436,4 @@ OPEN = [
 
 @pytest.mark.parametrize(("kind", "profile", "seed", "members", "hours"), OPEN)
 def test_open_seed(kind: str, profile: str, seed: int, members: int, hours: float) -> None:
-    _assert_none_of(kind, fleetsim.Simulation(seed, members, hours, profile, timeline=True,
-                                              stop_at_violation=True).run())
+    _assert_none_of(kind, _searched(profile, seed, members, hours))
