@@ -133,6 +133,10 @@ ARCHIVE_AFTER_S = 900.0
 _QUIET_REFUSALS = ("alive", "grace", "leaving", "unknown", "suspect")
 # Verdicts an idle step may skip the gather on (``HealController._idle``)
 _IDLE_VERDICTS = frozenset({"alive", "grace", "leaving"})
+# An ASG's replacement is adopted when launched no earlier than the action's ``acted_at``
+# less this (``HealController._launched_after``): ``acted_at`` is read after the call
+# returned, and the ASG may launch before the answer arrives.
+ADOPT_SLACK_S = 5.0
 
 
 def _all_alive(peers: PeersView) -> bool:
@@ -773,7 +777,12 @@ class HealController:
             return lease
         detail = f"resolved by {self.me}: {'; '.join(r.reasons)}"[:500]
         if r.verdict == "acted":
+            # The action landed after the ``acting`` write that fenced it: the ASG's
+            # replacement is no older than that (``_launched_after``).
+            since = lease.adopt_since if lease.adopt_since is not None else (
+                lease.last_modified if lease.asg else None)
             new = self._rewrite(lease, holder=self.me, state="acted", acted_at=now,
+                                adopt_since=since,
                                 replacement=r.replacement or lease.replacement,
                                 pending_terminate=m if r.terminate else "", detail=detail)
         else:  # retry: nothing happened; taken over (same nonce, same token) like a refusal
@@ -801,6 +810,26 @@ class HealController:
         return CloudSays(launched=launched, member_ec2=info.state if info else None,
                          in_asg=(a is not None) if lease.asg else None,
                          asg_health=a.health if a else None, member_alive=alive)
+
+    def _launched_after(self, ids: set[str], lease: Lease) -> str:
+        """The ASG's replacement for this lease's action among ``ids`` (in the group now,
+        not before the action, no other lease's): the earliest launched no earlier than
+        the action landed, give or take ``ADOPT_SLACK_S``; "" when there is none or EC2
+        cannot tell. Not merely "new since ``asg_before``": a terminate stalled in transit
+        (95-106 s, chaos seed 17 at N = 30 and seed 113 at N = 12) let the ASG launch an
+        instance for another member meanwhile; adopted, it closed this lease ``done`` and
+        freed its in-flight slot early, and the group went over its in-flight cap."""
+        if not ids or lease.acted_at is None:
+            return ""
+        try:
+            infos = self.cloud.instances(ids)
+        except CloudError:
+            return ""
+        since = (lease.adopt_since if lease.adopt_since is not None
+                 else lease.acted_at - ADOPT_SLACK_S)  # a lease an older agent wrote
+        fresh = sorted((i.launch_time, i.instance_id) for i in infos.values()
+                       if i.launch_time is not None and i.launch_time >= since)
+        return fresh[0][1] if fresh else ""
 
     def _heartbeated(self, rid: str, peers: PeersView) -> bool | None:
         if not rid:
@@ -832,9 +861,10 @@ class HealController:
             except CloudError:
                 current = set()
             taken = {x.replacement for x in self._lease_cache.values() if x.replacement}
-            new = sorted(current - set(lease.asg_before) - taken - {lease.member})
+            new = self._launched_after(current - set(lease.asg_before) - taken
+                                       - {lease.member}, lease)
             if new:
-                lease = self._rewrite(lease, replacement=new[0]) or lease
+                lease = self._rewrite(lease, replacement=new) or lease
         hb = self._heartbeated(lease.replacement, peers)
         if hb is None:
             return lease, None
@@ -1356,6 +1386,8 @@ class HealController:
             raise AgentError(f"unknown action {kind!r}")
         changes["detail"] = detail
         changes["acted_at"] = self._store_clock(g)
+        if lease.asg:
+            changes["adopt_since"] = changes["acted_at"] - ADOPT_SLACK_S
         return self._write_acted(lease, **changes), detail
 
     def _write_acted(self, lease: Lease, **changes: Any) -> Lease:

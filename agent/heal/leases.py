@@ -71,7 +71,10 @@ class Lease:
     (holder died before acting), a ``refused`` one, and one that ``failed`` before
     acting may be taken over by CAS; any lease without an action is removed when its
     member heartbeats again. ``asg_before``: the ASG's instances just before an ASG
-    action, so the holder can find the replacement the ASG launched.
+    action, so the holder can find the replacement the ASG launched; ``adopt_since``:
+    the store's clock no later than the action landed (the holder: ``acted_at`` less a
+    slack; a resolver: the ``acting`` write before the call), so an instance the ASG
+    launched before, for another member, is not taken for this one's replacement.
     ``pending_terminate``: a launch happened, the old instance's terminate did not
     yet (retried by the holder, fenced). ``token``: the death's RunInstances
     ClientToken, from the ``nonce`` of the first lease written for this death
@@ -89,6 +92,7 @@ class Lease:
     acted_at: float | None = None
     asg: str = ""
     asg_before: tuple[str, ...] = ()
+    adopt_since: float | None = None
     reasons: tuple[str, ...] = ()
     detail: str = ""
     nonce: str = ""
@@ -100,7 +104,8 @@ class Lease:
         doc = {"schema": LEASE_SCHEMA, "member": self.member, "holder": self.holder,
                "action": self.action, "state": self.state, "token": self.token,
                "replacement": self.replacement, "acted_at": self.acted_at, "asg": self.asg,
-               "asg_before": list(self.asg_before), "reasons": list(self.reasons),
+               "asg_before": list(self.asg_before), "adopt_since": self.adopt_since,
+               "reasons": list(self.reasons),
                "detail": self.detail, "nonce": self.nonce,
                "pending_terminate": self.pending_terminate}
         return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
@@ -118,6 +123,8 @@ class Lease:
                 acted_at=None if d.get("acted_at") is None else float(d["acted_at"]),
                 asg=str(d.get("asg") or ""),
                 asg_before=tuple(str(x) for x in d.get("asg_before") or ()),
+                adopt_since=(None if d.get("adopt_since") is None
+                             else float(d["adopt_since"])),
                 reasons=tuple(str(x) for x in d.get("reasons") or ()),
                 detail=str(d.get("detail") or ""), nonce=str(d.get("nonce") or ""),
                 pending_terminate=str(d.get("pending_terminate") or ""),

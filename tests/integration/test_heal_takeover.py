@@ -11,6 +11,7 @@ then its response is lost (``CloudError``) or the observer freezes (``Frozen``, 
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
@@ -276,6 +277,9 @@ def test_acting_asg_terminate_whose_call_happened_is_resolved_and_the_asg_replac
     assert sorted(stuck.asg_before) == sorted(ids)
     new = sorted(set(cloud.asg_instance_ids(GROUP)) - set(ids))
     assert len(new) == 1  # the ASG launched its replacement
+    # Resolved well after the call: the replacement is still adopted (launched after the
+    # ``acting`` write), not lost for being older than the resolution (``adopt_since``).
+    time.sleep(6.0)
     b.step(view(ids, dead), ObserverHealth())
     lease = read_lease(store_for(cloud), GROUP, dead)
     assert lease is not None and lease.state == "acted" and lease.replacement == new[0], lease

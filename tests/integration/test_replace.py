@@ -15,6 +15,7 @@ Known moto gaps met here, said plainly:
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import replace
 from types import SimpleNamespace
 from typing import Any
@@ -238,6 +239,37 @@ def test_asg_mark_with_a_test_side_reconciler(cloud: EmbeddedCloud, tmp_path: An
     a.step(view(ids, dead), ObserverHealth())
     assert read_lease(store_for(cloud), GROUP, dead).state == "done"
     assert "heal-replaced" in kinds(cloud)
+
+
+def test_an_asg_member_launched_before_the_action_landed_is_not_its_replacement(
+        cloud: EmbeddedCloud, tmp_path: Any) -> None:
+    """The call went out before the ASG launched an instance for another member and landed
+    after it (a stalled SetInstanceHealth; chaos seeds 17 and 113, issue #11): that
+    instance is new since ``asg_before`` but not this action's. Adopted, it closed the lease
+    ``done`` and freed the in-flight slot while the real replacement was still to come."""
+    ids = cloud.create_asg(GROUP, 4)
+    dead, other = ids[3], ids[2]
+    cloud.client("ec2").stop_instances(InstanceIds=[dead])
+    cloud.client("autoscaling").terminate_instance_in_auto_scaling_group(
+        InstanceId=other, ShouldDecrementDesiredCapacity=False)
+    (early,) = sorted(set(cloud.asg_instance_ids(GROUP)) - set(ids))
+    time.sleep(7.0)  # LaunchTime has one-second resolution; the slack is 5 s
+    cfg = config(action="asg-mark")
+    a, d = confirm_then_act(cloud, ids, dead, cfg, tmp_path, replace_deadline_s=3600)
+    assert [x.kind for x in d.actions if not x.dry_run] == ["asg-mark"], a.outcomes
+    store = store_for(cloud)
+    lease = read_lease(store, GROUP, dead)
+    # The group as the call found it when it was sent, before ``early`` was launched.
+    store.put(lease_key(GROUP, dead), replace(lease, asg_before=tuple(ids)).body(),
+              if_match=lease.etag, content_type="application/json")
+    a._lease_cache.clear()
+    a.step(view(ids, dead), ObserverHealth())
+    assert read_lease(store, GROUP, dead).replacement == ""  # not ``early``
+    assert reconcile_asg(cloud, GROUP) == [dead]
+    (new,) = sorted(set(cloud.asg_instance_ids(GROUP)) - set(ids) - {early})
+    a.step(view(ids, dead), ObserverHealth())
+    lease = read_lease(store, GROUP, dead)
+    assert lease.replacement == new and lease.state == "acted"
 
 
 def test_pause_means_zero_actions_and_resume_lets_it_act(

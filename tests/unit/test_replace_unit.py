@@ -30,7 +30,8 @@ class E:
 
 def test_lease_round_trip_and_malformed() -> None:
     lease = Lease("i-1", "i-2", "launch", "acted", token="ec2a-x", replacement="i-3",
-                  acted_at=12.5, asg="web", asg_before=("i-1", "i-4"), reasons=("dead",))
+                  acted_at=12.5, asg="web", asg_before=("i-1", "i-4"), adopt_since=7.5,
+                  reasons=("dead",))
     back = Lease.parse(lease.body(), etag='"e"', last_modified=13.0)
     assert back == lease and back.etag == '"e"' and back.last_modified == 13.0
     for raw in (b"nope", b"[]", b'{"member": "i-1"}', b'{"member":"a","holder":"b",'
