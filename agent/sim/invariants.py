@@ -129,24 +129,23 @@ class Checker(Scheduler):
                      else f"until {sent_t - unable_since:.1f}s before the call was sent")
             self.violate("false-action", m, f"{op}: its agent was alive and able to heartbeat "
                          f"{since} (dead_after {self.dead_after:g}s)", actor.iid)
-        dark = max(self.zone_dark_until.get(h.zone, 0.0), 0.0)
-        spans = self.zone_dark_spans.get(h.zone)
-        since_dark = spans[-1][0] if spans else None
         # While dark, nothing; for dead_after after the lights come back, nothing whose agent
         # is up (its heartbeat may not have landed yet). A target whose agent is dead is an
         # ordinary death once the zone is lit and its other members answer again: the zone
         # rule heals it (docs/safety.md 15), the controller cannot and need not wait longer.
-        lit_grace = t >= dark and h.proc == "dead"
-        if since_dark is not None and since_dark <= t < dark + self.dead_after and not lit_grace:
+        # Any outage of the zone counts, not only its latest: a call landing in one outage's
+        # tail after the next one was scheduled is judged by the outage it landed in.
+        span = self._dark_span(h.zone, t)
+        if span is not None and not (t >= span[1] and h.proc == "dead"):
             # ...and as when it was sent: a call in transit when the zone went dark (an
             # action-stall) is past every check a client can make, as landed-late is
-            if self._dark_at(h.zone, sent_t):
+            if self._dark_span(h.zone, sent_t) is not None:
                 self.violate("zone", m, f"{op} against a member of {h.zone}, which is dark "
-                             f"(network outage since {since_dark - T0:.0f}s)", actor.iid)
+                             f"(network outage since {span[0] - T0:.0f}s)", actor.iid)
             else:
                 self.note("landed-dark", m, f"{op} by {actor.iid}: sent at "
                           f"{sent_t - T0:.1f}s, lit then; {h.zone} dark since "
-                          f"{since_dark - T0:.0f}s")
+                          f"{span[0] - T0:.0f}s")
         start = self.step_start.get(actor.iid, t)
         if self.pause_set_at is not None and self.pause_set_at < start - 1.0:
             self.violate("paused", m, f"{op} in a step that began after the kill switch was "
@@ -166,9 +165,13 @@ class Checker(Scheduler):
             self.violate("in-flight", m, f"{in_flight + 1} replacements in flight, cap {cap} for "
                          f"{group} members", actor.iid)
 
-    def _dark_at(self, zone: str, t: float) -> bool:
-        """Was ``zone`` dark at ``t``, or lit again less than ``dead_after`` before?"""
-        return any(s <= t < u + self.dead_after for s, u in self.zone_dark_spans.get(zone, ()))
+    def _dark_span(self, zone: str, t: float) -> tuple[float, float] | None:
+        """The outage ``(start, end)`` of ``zone`` that ``t`` falls in, or whose lights came
+        back less than ``dead_after`` before ``t``; the latest if several; else None."""
+        for s, u in reversed(self.zone_dark_spans.get(zone, ())):
+            if s <= t < u + self.dead_after:
+                return s, u
+        return None
 
     def _check_answer(self, actor: Host, op: str, m: str, unable_since: float | None,
                       sent_t: float, ec2_state: str) -> None:

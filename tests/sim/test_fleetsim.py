@@ -407,6 +407,33 @@ def test_checker_seed(kind: str, profile: str, seed: int, members: int, hours: f
         assert any(k == noted for _, k, _, _ in res.timeline)
 
 
+def _zone_kinds(spans: list[tuple[float, float]], landed: float, sent: float) -> list[str]:
+    """The checker's verdict on one terminate of an up member of a zone with these outages
+    (seconds from T0), sent at ``sent`` and landed at ``landed``; its agent unable long
+    before, so only the zone rule can object."""
+    sim = fleetsim.Simulation(1, 3, 0.01, "calm", timeline=True)
+    sim.run()
+    actor, target = (sim.hosts[i] for i in sorted(sim.hosts)[:2])
+    assert target.proc == "up"
+    sim.zone_dark_spans = {target.zone: [(T0 + a, T0 + b) for a, b in spans]}
+    sim.zone_dark_until = {target.zone: T0 + spans[-1][1]}
+    sim.res.violations.clear()
+    sim.t = T0 + landed
+    sim._check_action(actor, "terminate", target.iid, T0 + sent - 1000.0, T0 + sent)
+    return [v.kind for v in sim.res.violations]
+
+
+def test_the_zone_rule_judges_a_call_by_the_outage_it_landed_in_not_only_the_latest() -> None:
+    """Lights back at 1200 s, dark again from 1205 s: a terminate of an up member at
+    1204 s is inside the first outage's ``dead_after`` (its heartbeat may not have landed).
+    The checker used to look at the latest outage only and let it pass."""
+    two = [(1000.0, 1200.0), (1205.0, 1400.0)]
+    assert _zone_kinds(two, landed=1204.0, sent=1203.0) == ["zone"]
+    assert _zone_kinds(two, landed=1300.0, sent=1250.0) == ["zone"]
+    # lit and past dead_after (30 s) when sent and when landed: nothing to say
+    assert _zone_kinds([(1000.0, 1200.0), (1300.0, 1400.0)], landed=1250.0, sent=1240.0) == []
+
+
 # -- product bugs found by the mixed profiles (session 11's search), fixed in session 12; each
 # failed before its fix. Seeds found failing and not yet fixed go in a list of their own as
 # strict xfails (``raises=AssertionError``), so ``make test`` passes and a seed that starts
