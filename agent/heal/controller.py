@@ -977,8 +977,14 @@ class HealController:
                 self._my_probes.pop(m, None)
         in_flight = countOf(g.outcomes.values(), "in-flight")
         zones = peers.zones  # HealView keeps its own frozen copy (none for a FrozenMap)
+        # A member replaced through a lease, with its replacement in the roster too, is one
+        # member until this watcher sees its record go: counted twice, it raised the group's
+        # in-flight cap (chaos seed 4 at N = 30: 30 records for 29 members, cap 3 for 2).
+        doubled = sum(1 for x, lease in g.leases.items() if lease.supersedes
+                      and x in peers.members and lease.replacement in peers.members)
         view = HealView(
-            observer_id=self.me, group_size=max(peers.group_size, 1), verdicts=verdicts,
+            observer_id=self.me, group_size=max(peers.group_size - doubled, 1),
+            verdicts=verdicts,
             suspicions=g.suspicions, ec2_state=ec2, asg_health=asg, probe_ok=probe,
             silent_for=silent_for, leases=leased, in_flight=in_flight,
             budget=g.budget_used,
@@ -1275,6 +1281,8 @@ class HealController:
             if rec_state in DEPARTING_STATES:
                 raise _Fenced(f"{m}'s record says {rec_state} at the last look before {what}",
                               moved)
+        if check_age:  # and last: the look's own reads may have stalled (chaos seed 29)
+            self._check_decision_age(what, moved)
         return moved
 
     def _check_decision_age(self, what: str, lease: Lease) -> None:

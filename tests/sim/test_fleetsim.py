@@ -455,6 +455,18 @@ MIXED_SEEDS = [
     #   lease adopted 1b (heartbeating since 9711 s) and closed done at 9721.8 s while 1c
     #   (launched 9700 s for 11) booted; 07 then acted on 19: 2 in flight, cap 1
     pytest.param("in-flight", "chaos", 113, 12, 3.0, id="inflight-chaos-113"),
+    # found in session 12 (chaos, 30 members, 2 h, seeds 0-39 after the adoption fix):
+    # in-flight 4: 11 was replaced through a lease (done at 2291.8 s, its replacement 23
+    #   heartbeating); observer 19's roster still had 11's record beside 23's: 30 records for a
+    #   group of 29 (after a scale-in), so its cap was 3 where every other observer's was 2, and
+    #   it took a third slot at 2305.3 s (08 and 03 in flight). Fix: a member replaced through a
+    #   lease whose replacement is in the roster counts once (``HealController._view``)
+    pytest.param("in-flight", "chaos", 4, 30, 2.0, id="inflight-chaos-4"),
+    # zone 29: observer 13 decided on 0f at 1297.1 s (us-east-1c lit) and fenced; its last
+    #   look's reads stalled (the kill-switch HEAD 75 s, the record GET 21 s) and the
+    #   terminate went out at 1393.3 s, a 96 s old decision, into a zone dark since 1316.6 s.
+    #   The decision's age was checked before the last look only. Fix: checked again after it
+    pytest.param("zone", "chaos", 29, 30, 2.0, id="zone-chaos-29"),
 ]
 
 
