@@ -283,6 +283,38 @@ def test_item3_decision_older_than_the_bound_is_not_acted_on(cloud: EmbeddedClou
     assert "stale-decision" in a.outcomes[-1].detail
 
 
+def test_a_decision_that_aged_during_the_last_look_is_not_acted_on(cloud: EmbeddedCloud,
+                                                                    tmp_path: Any) -> None:
+    """chaos seed 29 (N = 30): the fence's last look stalled 96 s (its kill-switch HEAD and
+    record GET) and the terminate went out on a decision that old, into a zone that had gone
+    dark meanwhile. The age was checked before the look only; it is checked after it too."""
+    clock = FakeClock()
+    ids, hung, store, a, b, v = hung_asg(cloud, tmp_path, decision_max_age_s=5)
+    a.clock = clock
+    real_put, real_get = a.store.put, a.store.get_or_none
+    fenced: list[bool] = []
+
+    def put(rel: str, body: bytes, **kw: Any) -> str:
+        if rel == lease_key(GROUP, hung) and b'"acting"' in body:
+            fenced.append(True)
+        return real_put(rel, body, **kw)
+
+    def get_or_none(rel: str, *args: Any, **kw: Any) -> Any:
+        if rel == member_key(GROUP, hung) and fenced:  # the last look's read: 30 s
+            clock.advance(30)
+        return real_get(rel, *args, **kw)
+
+    a.store.put = put  # type: ignore[method-assign]
+    a.store.get_or_none = get_or_none  # type: ignore[method-assign]
+    b.step(v, ObserverHealth())
+    a.step(v, ObserverHealth())
+    assert fenced, a.outcomes
+    assert instance(cloud, hung)["State"]["Name"] == "running"
+    assert hung in cloud.asg_instance_ids(GROUP)
+    assert "stale-decision" in a.outcomes[-1].detail, a.outcomes
+    assert not superseded(store, GROUP, hung)
+
+
 def test_a_fenced_attempt_gives_its_budget_back_so_the_death_is_still_replaced(
         cloud: EmbeddedCloud, tmp_path: Any) -> None:
     """#16, found with stress-ng beside the suite: on a loaded machine every attempt was
@@ -536,6 +568,35 @@ def test_item7_two_observers_two_deaths_cap_one_gives_one_action(
     a.step(va, ObserverHealth())
     assert len(all_instances(cloud)) == n + 1, (a.outcomes, b.outcomes)
     assert sorted(o.result for o in [*a.outcomes, *b.outcomes]) == ["acted", "refused"]
+
+
+def test_a_replaced_member_beside_its_replacement_counts_once_for_the_in_flight_cap(
+        cloud: EmbeddedCloud, tmp_path: Any) -> None:
+    """chaos seed 4 (N = 30): a member replaced through a lease still had its record beside
+    its replacement's in one observer's roster: 30 records for 29 members, so that observer's
+    cap was 3 (every other observer's 2) and it took a third slot."""
+    ids = cloud.create_asg(GROUP, 30)
+    old, new = ids[0], ids[29]  # ``new`` joined as ``old``'s replacement; old's record stays
+    flying, dead = ids[1:3], ids[3]
+    cloud.client("ec2").stop_instances(InstanceIds=[dead])
+    store = records(cloud, [m for m in ids if m != dead])
+    now = time.time()
+    store.put(lease_key(GROUP, old), Lease(old, ids[5], "asg-terminate", "done", token="t0",
+                                           replacement=new, acted_at=now - 120,
+                                           asg=GROUP).body())
+    for i, m in enumerate(flying):  # two replacements in flight: cap 2 of 29 is reached
+        store.put(lease_key(GROUP, m), Lease(m, ids[5], "asg-terminate", "acted",
+                                             token=f"t{i + 1}", acted_at=now - 30,
+                                             asg=GROUP).body())
+    cfg = config(action="asg-terminate", max_per_window=10)
+    a, b = ctl(cloud, ids[6], cfg, tmp_path), ctl(cloud, ids[7], cfg, tmp_path)
+    v = dead_view(ids, [old, *flying, dead])
+    assert v.group_size == 30  # the roster: old and new both
+    d = both_step(a, b, v)
+    assert not executable(d), a.outcomes
+    assert instance(cloud, dead)["State"]["Name"] == "stopped"
+    assert any("in-flight" in r for x in d.refusals if x.member_id == dead for r in x.reasons), (
+        d.refusals)
 
 
 def test_a_replacement_is_in_flight_for_its_deadline_from_the_action_not_the_step_start(
