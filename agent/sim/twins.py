@@ -356,6 +356,9 @@ class TwinGroup:
     launch_template: Mapping[str, str] | None = None
     hooks: dict[str, TwinHook] = field(default_factory=dict)
     waiting: dict[str, TwinAction] = field(default_factory=dict)  # instance -> its action
+    # Terminated with ShouldDecrementDesiredCapacity (a scale-in): nothing replaces them, so a
+    # launch is never labelled as theirs (ground truth for the checker, not an AWS field)
+    decremented: set[str] = field(default_factory=set)
 
 
 class CloudTwin:
@@ -484,8 +487,14 @@ class CloudTwin:
                 g.lifecycle.pop(iid, None)
                 g.waiting.pop(iid, None)
                 self.member_of.pop(iid, None)
+            # A scale-in's instance is not what a launch replaces: with one member scaled in
+            # and another terminated without decrement, the one launch is the second's
+            # (chaos seed 1, N = 30: labelled the first's, the checker saw the second's
+            # replacement never arrive and counted it in flight for its whole deadline).
+            owed = [i for i in gone if i not in g.decremented]
+            g.decremented.difference_update(gone)
             while len(g.health) < g.desired:
-                replaced = gone.pop(0) if gone else ""
+                replaced = owed.pop(0) if owed else ""
                 new = self._launch_into(g, replaced)
                 out.append((replaced, new))
         return out
@@ -713,6 +722,7 @@ class CloudTwin:
         self._terminate_member(g, InstanceId)
         if ShouldDecrementDesiredCapacity:
             g.desired -= 1
+            g.decremented.add(InstanceId)
         activity = f"act-{next(self._activities):08d}"
         return {"Activity": {"ActivityId": activity, "AutoScalingGroupName": name,
                              "StatusCode": "InProgress",

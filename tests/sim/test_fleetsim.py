@@ -394,6 +394,13 @@ CHECKER_SEEDS = [
     #   3d as not heartbeated until the beat returned and saw 3 in flight when 2b acted at
     #   5192.5 s. A replacement has heartbeated when its record lands
     pytest.param("in-flight", "chaos", 20, 30, 2.0, "", id="inflight-chaos-20"),
+    # in-flight (30 members, 2 h; session 12): 05 was scaled in (desired capacity down one) and
+    #   30 terminated 27 without decrement at 5844.4 s; the ASG twin's next pass launched one
+    #   instance, 37, and labelled it 05's replacement (the first gone), so the checker saw
+    #   27's replacement never arrive and counted it in flight for its 300 s deadline while
+    #   27's lease had adopted 37 and closed ``done``. A scale-in's instance is replaced by
+    #   nothing (``TwinGroup.decremented``); the agents' run is the same, call for call
+    pytest.param("in-flight", "chaos", 1, 30, 2.0, "", id="inflight-chaos-1"),
 ]
 
 
