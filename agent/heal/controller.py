@@ -375,6 +375,7 @@ class HealController:
         # counts again only from then (docs/safety.md 15, the recovery grace)
         self._zone_dark_at: dict[str, float] = {}
         self._decided_mono = 0.0
+        self._fence_probe: dict[str, str] = {}  # the target's endpoint, for _fence's probe
         self._my_asg: str | None = None
         self.outcomes: list[Outcome] = []  # what execution did, newest last (bounded)
         self._recorded: dict[str, tuple[str, ...]] = {}
@@ -1084,6 +1085,7 @@ class HealController:
         if why:
             self._give_back(g, spent_at)
             return self._refuse_lease(lease, why)
+        self._fence_probe = {m: (endpoints or {}).get(m, "")}
         try:
             lease, detail = self._act(action.kind, lease, fresh, g,
                                       fresh_info.get(m))
@@ -1261,6 +1263,12 @@ class HealController:
             raise _Fenced(f"lost-race: the lease changed before {what}", None)
         if check_age:  # again: the lease write may have stalled
             self._check_decision_age(what, moved)
+        # The member's own endpoint, asked again: an agent that resumed since the decision
+        # (a SIGSTOP, a long GC pause) answers at once, before its first heartbeat can land
+        # (the 24 h run of session 12, N = 1,000, at 20,460.6 s: back 0.6 s, terminated).
+        ep = self._fence_probe.get(m, "")
+        if ep and self.probe(ep):
+            raise _Fenced(f"probe-ok: {m} answers at the last look before {what}", moved)
         try:
             if self.store.head(pause_key(self.group)) is not None:
                 raise _Fenced(f"paused: kill switch present at the last look before {what}",

@@ -283,6 +283,38 @@ def test_item3_decision_older_than_the_bound_is_not_acted_on(cloud: EmbeddedClou
     assert "stale-decision" in a.outcomes[-1].detail
 
 
+def test_a_member_that_answers_at_the_last_look_is_not_terminated(cloud: EmbeddedCloud,
+                                                                   tmp_path: Any) -> None:
+    """Session 12's 24 h run (N = 1,000, seed 1, at 20,460.6 s): a member SIGSTOPped for
+    128 s was SIGCONTed 0.6 s before the terminate, its first heartbeat not yet landed, so
+    the record at the last look was stale. Its endpoint answered: the fence asks it too."""
+    ids, hung, store, a, b, _ = hung_asg(cloud, tmp_path)
+    with Endpoint("127.0.0.1", 0, metrics_fn=None) as gone:
+        port = gone.port  # closed again: nothing answers there while the member is stopped
+    v = view(ids, hung, silent=1000, endpoints={hung: f"http://127.0.0.1:{port}"})
+    real_put = a.store.put
+    resumed: list[Endpoint] = []
+
+    def put(rel: str, body: bytes, **kw: Any) -> str:
+        etag = real_put(rel, body, **kw)
+        if rel == lease_key(GROUP, hung) and b'"acting"' in body and not resumed:
+            resumed.append(Endpoint("127.0.0.1", port, metrics_fn=None).start())  # SIGCONT
+        return etag
+
+    a.store.put = put  # type: ignore[method-assign]
+    try:
+        b.step(v, ObserverHealth())
+        d = a.step(v, ObserverHealth())
+    finally:
+        for ep in resumed:
+            ep.stop()
+    assert resumed and [x.member_id for x in executable(d)] == [hung]  # decided while stopped
+    assert instance(cloud, hung)["State"]["Name"] == "running"
+    assert hung in cloud.asg_instance_ids(GROUP)
+    assert a.outcomes[-1].result == "refused" and "probe-ok" in a.outcomes[-1].detail
+    assert not superseded(store, GROUP, hung)
+
+
 def test_a_decision_that_aged_during_the_last_look_is_not_acted_on(cloud: EmbeddedCloud,
                                                                     tmp_path: Any) -> None:
     """chaos seed 29 (N = 30): the fence's last look stalled 96 s (its kill-switch HEAD and
