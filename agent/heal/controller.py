@@ -1241,9 +1241,10 @@ class HealController:
 
         The decision is young enough; the lease moves forward with a conditional write
         (``acting`` before the first call), so an observer that stalled wakes up
-        harmless: another observer or the member itself changed it; then, last, with no
-        write between it and the call, the kill switch is absent and the member's record
-        shows no fresh heartbeat (nor a leave). The look used to come before the lease
+        harmless: another observer or the member itself changed it; the member's own
+        endpoint does not answer; then, last, with no write between it and the call, the
+        kill switch is absent, the member's record shows no fresh heartbeat (nor a leave)
+        and the decision is still young enough. The look used to come before the lease
         write: a write that stalled 2.5 s let a member resumed meanwhile be terminated
         (stalls seed 10).
         """
