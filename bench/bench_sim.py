@@ -128,7 +128,7 @@ def _baseline(n: int, hours: float) -> float:
         w = PeerWatcher(store, GROUP, iid, clock=clock)
         ctl = HealController(store, Cloud("us-east-1", ec2=cloud.ec2_client(),
                                           autoscaling=cloud.asg_client()),
-                             config, iid, clock, watcher=w, probe=lambda _e: True)
+                             config, iid, clock, watcher=w, probe=lambda _e, timeout_s=2.0: True)
         members.append(MemberTasks(hb, w, ctl))
     steps = int(hours * 3600 / 10.0)
     c0 = time.process_time()

@@ -72,9 +72,10 @@ class Lease:
     acting may be taken over by CAS; any lease without an action is removed when its
     member heartbeats again. ``asg_before``: the ASG's instances just before an ASG
     action, so the holder can find the replacement the ASG launched; ``adopt_since``:
-    the store's clock no later than the action landed (the holder: ``acted_at`` less a
-    slack; a resolver: the ``acting`` write before the call), so an instance the ASG
-    launched before, for another member, is not taken for this one's replacement.
+    the store's clock no later than the action landed (written by a resolver: the
+    ``acting`` write before the call; unset, the holder's ``acted_at`` less a slack is
+    meant), so an instance the ASG launched before, for another member, is not taken
+    for this one's replacement.
     ``pending_terminate``: a launch happened, the old instance's terminate did not
     yet (retried by the holder, fenced). ``token``: the death's RunInstances
     ClientToken, from the ``nonce`` of the first lease written for this death

@@ -14,6 +14,7 @@ from typing import Any
 from botocore.exceptions import ClientError, EndpointConnectionError, ReadTimeoutError
 from greenlet import greenlet
 
+from agent.heal.controller import PROBE_TIMEOUT_S
 from agent.layout import member_key
 from agent.sim.twins import ClientProxy, CloudTwin, S3Twin
 from agent.sim.vtime import Scheduler
@@ -143,18 +144,28 @@ class CallFaults(Scheduler):
         self._on_action(h, op, kw, sent, sent_t, sent_ec2)
         return resp
 
-    def probe(self, endpoint: str) -> bool | None:
-        """The real controller's probe seam: does the member's agent answer over the network?"""
+    def probe(self, endpoint: str, timeout_s: float = PROBE_TIMEOUT_S) -> bool | None:
+        """The real controller's probe seam: does the member's agent answer over the network?
+        An answer takes 0.01 s; silence, the whole timeout. A network cut is judged when the
+        probe is sent (its packets are lost); a stopped agent answers if resumed in time
+        (reported at the timeout's end, not the moment it resumed)."""
         g = self._caller()
         src = g.host
         ip = endpoint.split("//", 1)[-1].split(":", 1)[0] if endpoint else ""
         dst = self.by_ip.get(ip)
         if dst is None:
             return None
-        ok = (dst.proc == "up" and self.t >= dst.peer_cut_until and self.t >= src.peer_cut_until
-              and self.t >= self.zone_dark_until.get(dst.zone, 0.0)
-              and self.t >= self.zone_dark_until.get(src.zone, 0.0))
+        reach = (self.t >= dst.peer_cut_until and self.t >= src.peer_cut_until
+                 and self.t >= self.zone_dark_until.get(dst.zone, 0.0)
+                 and self.t >= self.zone_dark_until.get(src.zone, 0.0))
         inst = self.cloud.instances.get(dst.iid)
-        ok = ok and inst is not None and inst.state == "running"
-        self.park(0.01 if ok else 2.0)
-        return ok
+        reach = reach and inst is not None and inst.state == "running"
+        if reach and dst.proc == "up":
+            self.park(0.01)
+            return True
+        held = reach and dst.proc == "stopped"
+        self.park(timeout_s)
+        # A stopped agent's kernel still takes the connection; it answers once resumed.
+        inst = self.cloud.instances.get(dst.iid)
+        return (held and dst.proc == "up" and inst is not None and inst.state == "running"
+                and self.t >= self.zone_dark_until.get(dst.zone, 0.0))
