@@ -315,6 +315,32 @@ def test_a_member_that_answers_at_the_last_look_is_not_terminated(cloud: Embedde
     assert not superseded(store, GROUP, hung)
 
 
+def test_a_silent_member_at_the_last_look_leaves_the_decision_young_enough_to_act(
+        cloud: EmbeddedCloud, tmp_path: Any) -> None:
+    """The fence's probe of a member that does not answer waits at most 80 % of what is
+    left of the decision's age: the decision-time probe took 2 s of a 3 s bound, and a
+    full 2 s wait at the fence (2f5c077) aged every decision past it, so nothing was ever
+    acted on (tests/fleet/test_chaos_faults.py). The dead member is terminated."""
+    clock = FakeClock()
+    waits: list[float] = []
+
+    def probe(ep: str, timeout_s: float = 2.0) -> bool:
+        if ep != CLOSED:
+            return True  # its zone-mates answer at once: the zone is lit
+        waits.append(timeout_s)
+        clock.advance(timeout_s)  # silence: the whole timeout
+        return False
+
+    ids, hung, store, a, b, v = hung_asg(cloud, tmp_path, decision_max_age_s=3, probe=probe)
+    a.clock = clock
+    b.step(v, ObserverHealth())
+    waits.clear()
+    a.step(v, ObserverHealth())
+    assert waits == [2.0, pytest.approx(0.8 * (3 - 2.0))]  # at the decision, at the fence
+    assert a.outcomes[-1].result == "acted", a.outcomes
+    assert instance(cloud, hung)["State"]["Name"] in ("shutting-down", "terminated")
+
+
 def test_a_decision_that_aged_during_the_last_look_is_not_acted_on(cloud: EmbeddedCloud,
                                                                     tmp_path: Any) -> None:
     """chaos seed 29 (N = 30): the fence's last look stalled 96 s (its kill-switch HEAD and
