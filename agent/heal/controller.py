@@ -105,6 +105,7 @@ from agent.heal.leases import (
 )
 from agent.heal.resolve import (
     CloudSays,
+    asg_replacement,
     death_token,
     launched_for,
     newer_member,
@@ -825,14 +826,18 @@ class HealController:
                          in_asg=(a is not None) if lease.asg else None,
                          asg_health=a.health if a else None, member_alive=alive)
 
-    def _launched_after(self, ids: set[str], lease: Lease) -> str:
+    def _launched_after(self, ids: set[str], lease: Lease, others: int, peers: PeersView,
+                        now: float) -> str:
         """The ASG's replacement for this lease's action among ``ids`` (in the group now,
-        not before the action, no other lease's): the earliest launched no earlier than
-        the action landed, give or take ``ADOPT_SLACK_S``; "" when there is none or EC2
-        cannot tell. Not merely "new since ``asg_before``": a terminate stalled in transit
-        (95-106 s, chaos seed 17 at N = 30 and seed 113 at N = 12) let the ASG launch an
-        instance for another member meanwhile; adopted, it closed this lease ``done`` and
-        freed its in-flight slot early, and the group went over its in-flight cap."""
+        not before the action, no other lease's), ``resolve.asg_replacement``: the
+        earliest launched no earlier than the action landed, give or take
+        ``ADOPT_SLACK_S``; with launches owed to ``others`` too (members gone from the
+        group since), one that heartbeats once enough do (stall-zone seed 85); "" when
+        there is none yet or EC2 cannot tell. Not merely "new since ``asg_before``": a
+        terminate stalled in transit (95-106 s, chaos seed 17 at N = 30 and seed 113 at
+        N = 12) let the ASG launch an instance for another member meanwhile; adopted, it
+        closed this lease ``done`` and freed its in-flight slot early, and the group went
+        over its in-flight cap."""
         if not ids or lease.acted_at is None:
             return ""
         try:
@@ -841,9 +846,12 @@ class HealController:
             return ""
         since = (lease.adopt_since if lease.adopt_since is not None  # a resolver's
                  else lease.acted_at - ADOPT_SLACK_S)  # the holder's
-        fresh = sorted((i.launch_time, i.instance_id) for i in infos.values()
-                       if i.launch_time is not None and i.launch_time >= since)
-        return fresh[0][1] if fresh else ""
+        launched = [(i.launch_time, i.instance_id) for i in infos.values()
+                    if i.launch_time is not None]
+        beating = ({iid for _, iid in launched if self._heartbeated(iid, peers)}
+                   if others else set())
+        settle = now - lease.acted_at > self.replace_deadline_s
+        return asg_replacement(launched, since, others, beating, settle)
 
     def _heartbeated(self, rid: str, peers: PeersView) -> bool | None:
         if not rid:
@@ -875,8 +883,11 @@ class HealController:
             except CloudError:
                 current = set()
             taken = {x.replacement for x in self._lease_cache.values() if x.replacement}
+            claimed = {x.member for x in self._lease_cache.values() if x.replacement}
+            others = set(lease.asg_before) - current - claimed - {lease.member}
             new = self._launched_after(current - set(lease.asg_before) - taken
-                                       - {lease.member}, lease)
+                                       - {lease.member}, lease, len(others) if current else 0,
+                                       peers, now)
             if new:
                 lease = self._rewrite(lease, replacement=new) or lease
         hb = self._heartbeated(lease.replacement, peers)

@@ -23,7 +23,7 @@ operator (``operator``: a hook, which the cloud cannot see).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 
 from agent.heal.decide import lease_token
@@ -57,6 +57,31 @@ def newer_member(member_id: str, found: Iterable[Replacement]) -> str | None:
                    if r.replaces == member_id and r.state in ALIVE_STATES
                    and r.instance_id != member_id)
     return alive[0] if alive else None
+
+
+def asg_replacement(launched: Iterable[tuple[float, str]], since: float, others: int,
+                    beating: Collection[str], settle: bool) -> str:
+    """The ASG's replacement for an action, among the instances new to its group since
+    the action's snapshot and no other lease's, each ``(LaunchTime, id)``; "" for now.
+
+    ``others``: members that left the group since that snapshot, no lease's: the group
+    owes each of them a launch too, in an order AWS does not keep (it launches soon after
+    TerminateInstanceInAutoScalingGroup, but notices an instance EC2 ended at a later
+    health check). With none owed, the earliest launched at or after ``since``. With
+    some (less those launched before ``since``), the launches since cannot be told apart:
+    one is adopted, the latest launched of those that heartbeat (``beating``), once
+    more heartbeat than the others are owed, or once ``settle`` (the deadline passed) and
+    any does. Stall-zone seed 85: the control plane ended 0f, its replacement came 1 s
+    before the action's terminate landed; adopted as the action's, it closed the lease
+    while the real one still booted and the group went over its in-flight cap.
+    """
+    ordered = sorted(launched)
+    fresh = [iid for t, iid in ordered if t >= since]
+    owed = max(0, others - (len(ordered) - len(fresh)))
+    if owed == 0:
+        return fresh[0] if fresh else ""
+    up = [iid for iid in fresh if iid in beating]
+    return up[-1] if len(up) > owed or (settle and up) else ""
 
 
 @dataclass(frozen=True)

@@ -272,6 +272,37 @@ def test_an_asg_member_launched_before_the_action_landed_is_not_its_replacement(
     assert lease.replacement == new and lease.state == "acted"
 
 
+def test_a_launch_owed_to_a_member_that_left_the_group_is_not_taken_for_the_actions(
+        cloud: EmbeddedCloud, tmp_path: Any) -> None:
+    """Stall-zone seed 85 (issue #11): another member left the group around the action
+    (the control plane ended it, the ASG replaced it on its own), and its launch came
+    first, inside the adoption slack. Adopted, it closed the lease ``done`` on its own
+    heartbeat while the action's replacement still booted, and one more action went over
+    the in-flight cap. Which launch is whose AWS does not say: the lease closes only once
+    as many launches heartbeat as the group owed (two here), not on the first."""
+    ids = cloud.create_asg(GROUP, 4)
+    dead, other = ids[3], ids[2]
+    cloud.client("ec2").stop_instances(InstanceIds=[dead])
+    a, d = confirm_then_act(cloud, ids, dead, config(action="asg-mark"), tmp_path,
+                            replace_deadline_s=3600)
+    assert [x.kind for x in d.actions if not x.dry_run] == ["asg-mark"], a.outcomes
+    cloud.client("autoscaling").terminate_instance_in_auto_scaling_group(
+        InstanceId=other, ShouldDecrementDesiredCapacity=False)  # the ASG, on its own
+    (first,) = sorted(set(cloud.asg_instance_ids(GROUP)) - set(ids))
+    time.sleep(1.1)  # LaunchTime has one-second resolution: ``first`` is the earlier
+    assert reconcile_asg(cloud, GROUP) == [dead]
+    (second,) = sorted(set(cloud.asg_instance_ids(GROUP)) - set(ids) - {first})
+    store = store_for(cloud)
+    store.put(member_key(GROUP, first), b"{}")  # the other's replacement booted first
+    a.step(view(ids, dead), ObserverHealth())
+    lease = read_lease(store, GROUP, dead)
+    assert lease.state == "acted" and lease.replacement == "", lease  # not done on it
+    store.put(member_key(GROUP, second), b"{}")
+    a.step(view(ids, dead), ObserverHealth())
+    lease = read_lease(store, GROUP, dead)
+    assert lease.state == "done" and lease.replacement in (first, second), lease
+
+
 def test_pause_means_zero_actions_and_resume_lets_it_act(
         cloud: EmbeddedCloud, tmp_path: Any) -> None:
     ids = cloud.run_standalone(GROUP, 4)

@@ -367,19 +367,18 @@ STALL_ZONE_SEEDS = [
     #   sent only: it was resumed during the probe's wait, silent for the probe, terminated
     #   1.5 s after it was back. The twin's probe now answers for an agent resumed in time,
     #   as a real kernel that took the connection would (``CallFaults.probe``).
-    # OPEN, found in session 13 by seeds 0-149 at 84239f9: in-flight 85: the control plane
-    #   shut 0f down at 4205.4 s; observer 09's fence for 02 took 2 s (its probe of the
-    #   stopped 02), the ASG launched 0f's replacement 13 at 4210.0 s, 09's terminate of 02
-    #   landed at 4211.0 s; 13 was adopted as 02's replacement (launched within the 5 s
-    #   adoption slack), the lease closed done when 13 heartbeated while 02's own (14) was
-    #   still booting, and 0e was terminated over the cap of 1. Clean at 6cf630b (no fence
-    #   probe: the window was shorter). Launch order does not tell which launch is whose
-    #   in real AWS (the ASG launches soon after TerminateInstanceInAutoScalingGroup, but
-    #   notices an instance EC2 ended at a later health check), so skipping the launches
-    #   owed before the action (tried, not kept) is no fix; it needs a causal link.
-    pytest.param("in-flight", 85, id="in-flight-stall-zone-85", marks=pytest.mark.xfail(
-        strict=True, raises=AssertionError, reason="open: an ASG launch for a member the "
-        "control plane ended is adopted as the action's replacement")),
+    # found in session 13 by seeds 0-149 at 84239f9: in-flight 85: the control plane shut
+    #   0f down at 4205.4 s; observer 09's fence for 02 took 2 s (its probe of the stopped
+    #   02), the ASG launched 0f's replacement 13 at 4210.0 s, 09's terminate of 02 landed
+    #   at 4211.0 s; 13 was adopted as 02's replacement (launched within the 5 s adoption
+    #   slack), the lease closed done when 13 heartbeated while 02's own (14) still booted,
+    #   and 0e was terminated over the cap of 1. Launch order does not say whose launch is
+    #   whose in AWS (it launches soon after TerminateInstanceInAutoScalingGroup, but
+    #   notices an instance EC2 ended at a later health check). Fix: with members gone from
+    #   the group since the action's snapshot, no lease's, the lease adopts only once more
+    #   of the launches since heartbeat than those members are owed
+    #   (``resolve.asg_replacement``)
+    pytest.param("in-flight", 85, id="in-flight-stall-zone-85"),
 ]
 
 

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from agent.heal.resolve import (
     CloudSays,
+    asg_replacement,
     death_token,
     launched_for,
     newer_member,
@@ -62,3 +65,49 @@ def test_resolved_launch_terminates_the_member_unless_ec2_says_it_is_gone() -> N
     assert (r.replacement, r.terminate) == ("i-9", True)
     r = resolve_acting("launch", 60, 30, CloudSays(launched="i-9", member_ec2="terminated"))
     assert (r.replacement, r.terminate) == ("i-9", False)
+
+
+# -- the ASG's replacement among launches it owed others too (stall-zone seed 85) -------------
+
+_launches = st.lists(st.integers(100, 200), min_size=1, max_size=6)  # LaunchTimes, all since
+
+
+@given(times=_launches, mine=st.integers(0, 5), beating=st.sets(st.integers(0, 5)))
+def test_a_lease_never_adopts_while_its_own_replacement_has_not_heartbeated(
+        times: list[int], mine: int, beating: set[int]) -> None:
+    """Ground truth the function is not told: which launch is the action's. The others
+    are owed to members that left the group, in any launch order. Before the deadline,
+    whatever heartbeats, while the action's own launch is silent no other launch is
+    adopted (the lease would close ``done`` on its heartbeat, its slot freed early)."""
+    mine %= len(times)
+    ids = [f"i-{k}" for k in range(len(times))]
+    up = {ids[k] for k in beating if k < len(times)} - {ids[mine]}
+    launched = list(zip(times, ids, strict=True))
+    got = asg_replacement(launched, 100.0, len(times) - 1, up, settle=False)
+    assert got in ("", ids[mine])
+
+
+@given(times=_launches)
+def test_once_every_launch_heartbeats_one_is_adopted(times: list[int]) -> None:
+    ids = [f"i-{k}" for k in range(len(times))]
+    launched = list(zip(times, ids, strict=True))
+    got = asg_replacement(launched, 100.0, len(times) - 1, set(ids), settle=False)
+    assert got in ids
+
+
+def test_with_nothing_owed_the_earliest_launch_since_the_action_is_adopted_at_once() -> None:
+    launched = [(99.0, "i-early"), (105.0, "i-b"), (101.0, "i-a")]
+    assert asg_replacement(launched, 100.0, 0, set(), settle=False) == "i-a"
+    assert asg_replacement([(99.0, "i-early")], 100.0, 0, set(), settle=False) == ""
+
+
+def test_a_launch_owed_before_the_slack_counts_as_the_others_and_past_the_deadline_any_beat_does(
+) -> None:
+    # The other's launch came before ``since``: the one after it is the action's.
+    assert asg_replacement([(95.0, "i-other"), (110.0, "i-mine")], 100.0, 1, set(),
+                           settle=False) == "i-mine"
+    # Two since, one beats: not before the deadline; after it, that one closes the lease.
+    two = [(101.0, "i-a"), (102.0, "i-b")]
+    assert asg_replacement(two, 100.0, 1, {"i-a"}, settle=False) == ""
+    assert asg_replacement(two, 100.0, 1, {"i-a"}, settle=True) == "i-a"
+    assert asg_replacement(two, 100.0, 1, set(), settle=True) == ""
