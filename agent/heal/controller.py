@@ -73,6 +73,7 @@ from agent.heal.decide import (
     PolicyError,
     budget_after,
     decide,
+    is_failed_replacement,
     not_found_belief,
     silence_since_lit,
     stale_records,
@@ -850,7 +851,7 @@ class HealController:
                     if i.launch_time is not None]
         beating = ({iid for _, iid in launched if self._heartbeated(iid, peers)}
                    if others else set())
-        settle = now - lease.acted_at > self.replace_deadline_s
+        settle = is_failed_replacement(lease.acted_at, now, self.replace_deadline_s, False)
         return asg_replacement(launched, since, others, beating, settle)
 
     def _heartbeated(self, rid: str, peers: PeersView) -> bool | None:
