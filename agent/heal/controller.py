@@ -390,7 +390,6 @@ class HealController:
         # counts again only from then (docs/safety.md 15, the recovery grace)
         self._zone_dark_at: dict[str, float] = {}
         self._decided_mono = 0.0
-        self._fence_probe: dict[str, str] = {}  # the target's endpoint in the roster (_fence)
         self._my_asg: str | None = None
         self.outcomes: list[Outcome] = []  # what execution did, newest last (bounded)
         self._recorded: dict[str, tuple[str, ...]] = {}
@@ -876,7 +875,7 @@ class HealController:
         if lease.state not in OPEN_STATES:
             return lease, False
         if lease.state == "acted" and lease.pending_terminate and lease.holder == self.me:
-            lease = self._retry_terminate(lease)
+            lease = self._retry_terminate(lease, peers.endpoints.get(lease.member, ""))
         if (lease.state == "acted" and not lease.replacement and lease.asg
                 and lease.holder == self.me):
             try:
@@ -1110,10 +1109,9 @@ class HealController:
         if why:
             self._give_back(g, spent_at)
             return self._refuse_lease(lease, why)
-        self._fence_probe = {m: (endpoints or {}).get(m, "")}
         try:
-            lease, detail = self._act(action.kind, lease, fresh, g,
-                                      fresh_info.get(m))
+            lease, detail = self._act(action.kind, lease, fresh, g, fresh_info.get(m),
+                                      roster_endpoint=(endpoints or {}).get(m, ""))
         except _Fenced as f:
             # Raised only before the action's first mutating call: nothing happened.
             self._give_back(g, spent_at)
@@ -1261,7 +1259,8 @@ class HealController:
             return None
         return lease
 
-    def _fence(self, lease: Lease, what: str, *, check_age: bool = True) -> Lease:
+    def _fence(self, lease: Lease, what: str, *, roster_endpoint: str = "",
+               check_age: bool = True) -> Lease:
         """Invariant 12, right before a mutating cloud call; raises ``_Fenced`` to abort.
 
         The decision is young enough; the lease moves forward with a conditional write
@@ -1311,7 +1310,7 @@ class HealController:
                 raise _Fenced(f"{m}'s record says {record.state} at the last look before "
                               f"{what}", moved)
         # The record's endpoint, else the roster's (a member whose record is gone)
-        endpoint = (record.endpoint if record is not None else "") or self._fence_probe.get(m, "")
+        endpoint = (record.endpoint if record is not None else "") or roster_endpoint
         if endpoint:
             self._probe_at_fence(m, endpoint, what, moved, check_age)
         if check_age:  # and last: the look's own reads may have stalled (chaos seed 29)
@@ -1366,7 +1365,7 @@ class HealController:
         return g.store_now + 1.0 + max(0.0, self.clock.monotonic() - g.store_mono)
 
     def _act(self, kind: str, lease: Lease, ec2_state: str | None, g: _Gathered,
-             info: InstanceInfo | None = None) -> tuple[Lease, str]:
+             info: InstanceInfo | None = None, *, roster_endpoint: str = "") -> tuple[Lease, str]:
         """Do ``kind`` to the lease's member, fenced. ``acted_at`` is the store's clock
         after the call, not the step's reading before the probes and the call: the
         replacement's deadline and the in-flight slot count from the action (seed 695:
@@ -1395,7 +1394,7 @@ class HealController:
                 if left > 0:
                     raise _Fenced(f"asg-grace: {a.group}'s health check grace period has "
                                   f"{left:.0f}s left; AWS would ignore the mark", lease)
-                lease = self._fence(lease, "SetInstanceHealth")
+                lease = self._fence(lease, "SetInstanceHealth", roster_endpoint=roster_endpoint)
                 self.cloud.set_unhealthy(m, respect_grace=True)
                 detail = f"marked Unhealthy in {a.group}"
             elif ec2_state == "terminated" and info is not None:
@@ -1405,7 +1404,8 @@ class HealController:
                 # member EC2 merely lost track of (item 2), so it is terminated, fenced.
                 detail = f"already terminated: {a.group} replaces it"
             else:
-                lease = self._fence(lease, "TerminateInstanceInAutoScalingGroup")
+                lease = self._fence(lease, "TerminateInstanceInAutoScalingGroup",
+                                    roster_endpoint=roster_endpoint)
                 activity = self.cloud.asg_terminate(m)
                 detail = f"terminated in {a.group} without decrement (activity {activity})"
             if changes.get("detail"):
@@ -1415,12 +1415,12 @@ class HealController:
             # response lost, its holder gone): the same token finds that instance.
             found = launched_for(lease.token, self.cloud.replacements([m]))
             if found:
-                lease = self._fence(lease, f"adopting {found}")
+                lease = self._fence(lease, f"adopting {found}", roster_endpoint=roster_endpoint)
                 new = found
                 detail = f"adopted {new}: launched earlier for this death (same token)"
             else:
                 spec = self.cloud.launch_spec(m)
-                lease = self._fence(lease, "RunInstances")
+                lease = self._fence(lease, "RunInstances", roster_endpoint=roster_endpoint)
                 new = self.cloud.launch(spec, lease.token, replaces=m)
                 detail = f"launched {new} ({spec.source}, subnet {spec.subnet_id})"
             changes["replacement"] = new
@@ -1430,13 +1430,13 @@ class HealController:
             # Persist the launch before terminating, so a crash here still shows it.
             lease = self._write_acted(lease, **changes)
             if lease.pending_terminate:
-                lease, more = self._terminate_after_launch(lease)
+                lease, more = self._terminate_after_launch(lease, roster_endpoint=roster_endpoint)
                 detail += more
             return self._write_acted(lease, detail=detail), detail
         elif kind == "hook":
             if not self.hook_command:
                 raise AgentError("heal.action is hook but heal.hook is not set")
-            lease = self._fence(lease, "the hook")
+            lease = self._fence(lease, "the hook", roster_endpoint=roster_endpoint)
             detail = f"hook ran: {self.hook(self.hook_command, m, self.group)}"
         else:
             raise AgentError(f"unknown action {kind!r}")
@@ -1457,11 +1457,13 @@ class HealController:
             self._lease_cache[lease.member] = new
             return new
 
-    def _terminate_after_launch(self, lease: Lease, *, retry: bool = False) -> tuple[Lease, str]:
+    def _terminate_after_launch(self, lease: Lease, *, retry: bool = False,
+                                roster_endpoint: str = "") -> tuple[Lease, str]:
         """TerminateInstances after a launch, fenced; on failure it stays pending (9)."""
         m = lease.member
         try:
-            lease = self._fence(lease, "TerminateInstances", check_age=not retry)
+            lease = self._fence(lease, "TerminateInstances", roster_endpoint=roster_endpoint,
+                                check_age=not retry)
         except _Fenced as f:
             if f.lease is None:
                 return lease, f"; terminate of {m} not done: {f.why}"
@@ -1473,8 +1475,9 @@ class HealController:
         done = self._write_acted(lease, pending_terminate="")
         return done, f"; terminated {m}: {state}"
 
-    def _retry_terminate(self, lease: Lease) -> Lease:
-        lease, detail = self._terminate_after_launch(lease, retry=True)
+    def _retry_terminate(self, lease: Lease, roster_endpoint: str) -> Lease:
+        lease, detail = self._terminate_after_launch(lease, retry=True,
+                                                     roster_endpoint=roster_endpoint)
         if not lease.pending_terminate:
             self._event("heal-terminate-retried", lease.member, [detail.lstrip("; ")])
             self._forget(lease.member)

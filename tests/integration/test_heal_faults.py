@@ -501,6 +501,36 @@ def test_item3_and_9_pause_between_launch_and_terminate_then_terminate_is_retrie
     assert len(all_instances(cloud)) == n + 1
 
 
+def test_a_retried_terminate_probes_the_member_at_the_rosters_endpoint(
+        cloud: EmbeddedCloud, tmp_path: Any) -> None:
+    """The terminate after a launch, retried at a later step, asks the member at the
+    endpoint the roster has then: a member with no record that came back during the pause
+    answers there and is not terminated. (The probe used the endpoint remembered from the
+    step that launched, and none at all after a restart or another member's action.)"""
+    ids = cloud.run_standalone(GROUP, 4)
+    hung = ids[0]
+    store = store_for(cloud)
+
+    class PausingCloud(Cloud):
+        def launch(self, *args: Any, **kw: Any) -> str:
+            new = super().launch(*args, **kw)
+            pause(store, GROUP, "ops@test", "stop everything")
+            return new
+
+    cfg = config(action="launch", silent_after_s=60)
+    a = ctl(cloud, ids[1], cfg, tmp_path, adapter=PausingCloud("us-east-1"))
+    b = ctl(cloud, ids[2], cfg, tmp_path)
+    both_step(a, b, view(ids, hung, endpoints={hung: CLOSED}))
+    assert read_lease(store, GROUP, hung).pending_terminate == hung  # launched, then paused
+    assert not has_record(store, hung)
+    with Endpoint("127.0.0.1", 0, metrics_fn=None) as back:  # it answers at a new address
+        resume(store, GROUP, "ops@test", "go")
+        a.step(view(ids, hung, endpoints={hung: f"http://127.0.0.1:{back.port}"}),
+               ObserverHealth())
+    assert instance(cloud, hung)["State"]["Name"] == "running"
+    assert read_lease(store, GROUP, hung).pending_terminate == hung  # deferred, not dropped
+
+
 def test_item9_terminate_failing_after_launch_is_retried(cloud: EmbeddedCloud,
                                                           tmp_path: Any) -> None:
     ids = cloud.run_standalone(GROUP, 4)
