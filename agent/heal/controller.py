@@ -363,6 +363,7 @@ class HealController:
         # A held lease older than this lost its holder (it acts within one step): another
         # observer may take it over; an acting one older than twice this ended its call.
         self.lease_expiry_s = lease_expiry_s if lease_expiry_s is not None else 4 * dead
+        self.acting_ttl_s = 2 * self.lease_expiry_s
         # A decision older than this is stale: the world it judged may have changed.
         self.decision_max_age_s = (decision_max_age_s if decision_max_age_s is not None
                                    else dead)
@@ -761,7 +762,7 @@ class HealController:
         m = lease.member
         verdict = peers.verdicts.get(m)
         alive = (m == self.me and not sick) or _status(verdict) == "alive"
-        if not alive or not lease.clearable(now, 2 * self.lease_expiry_s):
+        if not alive or not lease.clearable(now, self.acting_ttl_s):
             return False
         try:
             self.store.delete(lease_key(self.group, m), if_match=lease.etag)
@@ -779,10 +780,11 @@ class HealController:
         cloud says (``agent.heal.resolve.resolve_acting``): record the action that
         happened, or hand the death back for a takeover with the same token."""
         m = lease.member
-        r = resolve_acting(lease.action, lease.age(now), self.lease_expiry_s, None)
+        r = resolve_acting(lease.action, lease.age(now), self.lease_expiry_s, None,
+                           call_over_s=self.acting_ttl_s)
         if r.verdict == "observe":
             r = resolve_acting(lease.action, lease.age(now), self.lease_expiry_s,
-                               self._cloud_says(lease, peers))
+                               self._cloud_says(lease, peers), call_over_s=self.acting_ttl_s)
         if r.verdict == "wait":
             return lease
         if r.verdict == "operator":

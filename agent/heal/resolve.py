@@ -118,7 +118,7 @@ class Resolution:
 
 
 def resolve_acting(action: str, age_s: float | None, bound_s: float,
-                   says: CloudSays | None) -> Resolution:
+                   says: CloudSays | None, *, call_over_s: float) -> Resolution:
     """The rule for an ``acting`` lease (its holder fenced and was about to call the cloud).
 
     Younger than ``bound_s`` (store clock): ``wait`` (the holder may still be
@@ -131,6 +131,13 @@ def resolve_acting(action: str, age_s: float | None, bound_s: float,
     the first instance if the lost call lands after all); ASG actions: the member is
     terminated/shutting-down or no longer listed by its ASG (or ``asg-mark`` and the
     ASG says Unhealthy) → ``acted`` (its ASG replaces it); otherwise ``retry``.
+
+    ``retry`` (nothing happened: the in-flight slot is given back) waits until the lease
+    is ``call_over_s`` old, past which no call sent under it can still land (the age an
+    ``acting`` lease is cleared at, invariant 13); until then what is not seen yet may be
+    in transit. Partitions seed 5014 (N = 19): a terminate sent 2 s after the ``acting``
+    write spent 120 s in transit; resolved ``refused`` at 120.5 s, its slot went to
+    another death, and the terminate landed 1 s later: two replacements in flight, cap 1.
     """
     if age_s is None or age_s < bound_s:
         shown = "unknown" if age_s is None else f"{age_s:.0f}s"
@@ -155,6 +162,8 @@ def resolve_acting(action: str, age_s: float | None, bound_s: float,
                 "acted", (f"launched: {says.launched} carries this death's token: the "
                           "lost launch happened",),
                 replacement=says.launched, terminate=says.member_ec2 not in GONE)
+        if age_s < call_over_s:
+            return _in_transit(age_s, call_over_s, "no instance carries this death's token")
         return Resolution("retry", ("nothing-launched: no instance carries this death's "
                                     "token; taken over with the same token",))
     if action in ("asg-terminate", "asg-mark"):
@@ -165,6 +174,14 @@ def resolve_acting(action: str, age_s: float | None, bound_s: float,
         if action == "asg-mark" and says.asg_health == "Unhealthy":
             return Resolution("acted", ("asg-replaces: the ASG says Unhealthy: the mark "
                                         "happened",))
-        return Resolution("retry", (f"not-done: ec2 says {says.member_ec2 or 'unknown'} and "
-                                    "its ASG still lists it; taken over",))
+        seen = f"ec2 says {says.member_ec2 or 'unknown'} and its ASG still lists it"
+        if age_s < call_over_s:
+            return _in_transit(age_s, call_over_s, seen)
+        return Resolution("retry", (f"not-done: {seen}; taken over",))
     return Resolution("operator", (f"stuck-acting: unknown action {action!r}",))
+
+
+def _in_transit(age_s: float, call_over_s: float, seen: str) -> Resolution:
+    return Resolution("wait", (f"in-transit: {seen} after {age_s:.0f}s, but a call sent "
+                               f"under this lease may land until {call_over_s:g}s: its "
+                               "in-flight slot stays taken",))

@@ -56,14 +56,32 @@ def test_newer_member_needs_a_live_instance_naming_it() -> None:
 ])
 def test_resolve_acting(action: str, age: float | None, says: CloudSays | None,
                         verdict: str) -> None:
-    r = resolve_acting(action, age, 30.0, says)
+    r = resolve_acting(action, age, 30.0, says, call_over_s=60.0)
     assert r.verdict == verdict and r.reasons
 
 
+@pytest.mark.parametrize(("action", "says"), [
+    ("launch", CloudSays(member_ec2="stopped")),
+    ("asg-terminate", CloudSays(member_ec2="running", in_asg=True)),
+    ("asg-mark", CloudSays(member_ec2="running", in_asg=True, asg_health="Healthy")),
+])
+def test_nothing_seen_is_not_nothing_done_while_a_call_may_still_land(
+        action: str, says: CloudSays) -> None:
+    """Partitions seed 5014: a terminate 120 s in transit landed 1 s after the lease was
+    resolved "not done" and its in-flight slot given to another death."""
+    assert resolve_acting(action, 119.0, 30.0, says, call_over_s=120.0).verdict == "wait"
+    assert resolve_acting(action, 120.0, 30.0, says, call_over_s=120.0).verdict == "retry"
+    # what is seen is seen at once: the action happened
+    gone = CloudSays(launched="i-9", member_ec2="terminated", in_asg=False)
+    assert resolve_acting(action, 31.0, 30.0, gone, call_over_s=120.0).verdict == "acted"
+
+
 def test_resolved_launch_terminates_the_member_unless_ec2_says_it_is_gone() -> None:
-    r = resolve_acting("launch", 60, 30, CloudSays(launched="i-9", member_ec2="stopped"))
+    r = resolve_acting("launch", 60, 30, CloudSays(launched="i-9", member_ec2="stopped"),
+                       call_over_s=60)
     assert (r.replacement, r.terminate) == ("i-9", True)
-    r = resolve_acting("launch", 60, 30, CloudSays(launched="i-9", member_ec2="terminated"))
+    r = resolve_acting("launch", 60, 30, CloudSays(launched="i-9", member_ec2="terminated"),
+                       call_over_s=60)
     assert (r.replacement, r.terminate) == ("i-9", False)
 
 
