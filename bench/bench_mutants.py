@@ -124,6 +124,29 @@ def _zone_on_watched_only() -> contextlib.AbstractContextManager[None]:
     return _setattr(D, "zone_stale", lambda _view, stale: stale)
 
 
+def _retry_while_in_transit() -> contextlib.AbstractContextManager[None]:
+    """An acting lease resolved "not done" (its slot given back) at ``lease_expiry_s``,
+    while its call may still be in transit (session 14: partitions seed 5014)."""
+    from agent.heal import controller as C
+
+    real = C.resolve_acting
+
+    def early(action: str, age_s: float | None, bound_s: float, says: Any, *,
+              call_over_s: float) -> Any:
+        return real(action, age_s, bound_s, says, call_over_s=bound_s)
+
+    return _setattr(C, "resolve_acting", early)
+
+
+def _lost_action_failed() -> contextlib.AbstractContextManager[None]:
+    """An error from the action's mutating call read as "nothing happened": the lease
+    failed and its slot given back (session 14: control-plane-2007 seed 13)."""
+    from agent.heal import controller as C
+
+    return _setattr(C.HealController, "_landing",
+                    staticmethod(lambda call, *a, **kw: call(*a, **kw)))
+
+
 MUTANTS = (
     Mutant("no-fencing", "no fence between the decision and the mutating call (#10.3)",
            _no_fencing),
@@ -146,6 +169,12 @@ MUTANTS = (
     Mutant("no-fence-probe", "the fence does not probe the member at the last look (session "
            "12's 24 h run, 20,460.6 s)", _no_fence_probe, False,
            "test_a_member_that_answers_at_the_last_look_is_not_terminated"),
+    Mutant("retry-while-in-transit", "an acting lease handed back while its call may still "
+           "land (partitions seed 5014)", _retry_while_in_transit, False,
+           "test_regression_seed[acting-partitions-5014]"),
+    Mutant("lost-action-failed", "a mutating call's error read as nothing done "
+           "(control-plane-2007 seed 13)", _lost_action_failed, False,
+           "test_a_launch_whose_answer_was_lost_keeps_its_in_flight_slot_until_resolved"),
 )
 
 
@@ -199,9 +228,8 @@ def run(mutants: tuple[str, ...] = (), seeds: tuple[str, ...] = (),
         "(`tests/sim/test_fleetsim.py`: swarm + regression) are run against it. Caught: a seed "
         "that runs clean on the real code reports a violation (kinds in brackets). "
         f"{len(rows)} mutants, {sum(1 for _, c in rows if c)} caught; {took:.0f} s "
-        "(`make mutants`). The last four are later sessions' own fixes (not required: "
-        "their seeds moved with later merges; the named controller test against moto "
-        "fails on each).",
+        "(`make mutants`). The last six are later sessions' own fixes (not required: "
+        "their seeds may move with later merges; the named test fails on each).",
         "",
         "| mutant | bug put back | caught by (violation kinds) |",
         "|---|---|---|",

@@ -58,7 +58,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from operator import countOf
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from agent.clock import SYSTEM_CLOCK, Clock
 from agent.errors import AgentError, CloudError, NotFound, PreconditionFailed, StoreError
@@ -123,6 +123,7 @@ if TYPE_CHECKING:
     from agent.group.peers import PeerWatcher
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 STALE_VERDICTS = frozenset({"dead", "suspect"})
 # The least time a closed lease stays in ``leases/`` (``HealController.archive_after_s``).
@@ -252,7 +253,8 @@ def _status(v: Verdict | str | None) -> str:
 
 @dataclass(frozen=True)
 class Outcome:
-    """What execution did with one action: acted | lost | refused | failed | dry-run."""
+    """What execution did with one action: acted | lost | refused | failed | dry-run
+    (``failed`` with detail "outcome unknown: ...": the call may have landed)."""
 
     member: str
     result: str
@@ -309,6 +311,12 @@ class _Fenced(Exception):
         super().__init__(why)
         self.why = why
         self.lease = lease
+
+
+class _Unsure(Exception):
+    """A mutating cloud call failed without saying whether it happened: a read timeout
+    after the request went out, a dropped connection, a 5xx, or any error after botocore
+    retried one of those. The lease stays ``acting`` for a resolver to read the cloud."""
 
 
 @dataclass
@@ -1118,6 +1126,16 @@ class HealController:
             # Raised only before the action's first mutating call: nothing happened.
             self._give_back(g, spent_at)
             return self._refuse_lease(f.lease or lease, f.why, kind="heal-fenced")
+        except _Unsure as exc:
+            # It may have happened: the lease stays ``acting`` (the fence's write) and its
+            # in-flight slot stays taken until a resolver sees what the cloud did
+            # (``_resolve_acting``: acted once seen, retried once no call can still land).
+            # Marked failed, the slot went to the next death while the lost call's
+            # replacement booted: two in flight, cap 1 (control-plane-2007 seed 13).
+            self._event("heal-action-failed", m, [*action.reasons, str(exc)],
+                        {"action": action.kind, "outcome": "unknown"})
+            self._outcome(Outcome(m, "failed", f"outcome unknown: {exc}"))
+            return
         except AgentError as exc:
             # Nothing happened (acted_at stays None): not "you were replaced", and the
             # lease may be taken over once it expires (invariant 13).
@@ -1397,7 +1415,7 @@ class HealController:
                     raise _Fenced(f"asg-grace: {a.group}'s health check grace period has "
                                   f"{left:.0f}s left; AWS would ignore the mark", lease)
                 lease = self._fence(lease, "SetInstanceHealth", roster_endpoint=roster_endpoint)
-                self.cloud.set_unhealthy(m, respect_grace=True)
+                self._landing(self.cloud.set_unhealthy, m, respect_grace=True)
                 detail = f"marked Unhealthy in {a.group}"
             elif ec2_state == "terminated" and info is not None:
                 # EC2 itself answered "terminated": its ASG replaces it, nothing to do. A
@@ -1408,7 +1426,7 @@ class HealController:
             else:
                 lease = self._fence(lease, "TerminateInstanceInAutoScalingGroup",
                                     roster_endpoint=roster_endpoint)
-                activity = self.cloud.asg_terminate(m)
+                activity = self._landing(self.cloud.asg_terminate, m)
                 detail = f"terminated in {a.group} without decrement (activity {activity})"
             if changes.get("detail"):
                 detail = f"{changes['detail']}; {detail}"
@@ -1423,7 +1441,7 @@ class HealController:
             else:
                 spec = self.cloud.launch_spec(m)
                 lease = self._fence(lease, "RunInstances", roster_endpoint=roster_endpoint)
-                new = self.cloud.launch(spec, lease.token, replaces=m)
+                new = self._landing(self.cloud.launch, spec, lease.token, replaces=m)
                 detail = f"launched {new} ({spec.source}, subnet {spec.subnet_id})"
             changes["replacement"] = new
             changes["acted_at"] = self._store_clock(g)
@@ -1445,6 +1463,14 @@ class HealController:
         changes["detail"] = detail
         changes["acted_at"] = self._store_clock(g)  # adopt_since: acted_at less the slack
         return self._write_acted(lease, **changes), detail
+
+    @staticmethod
+    def _landing(call: Callable[..., _T], *args: Any, **kw: Any) -> _T:
+        """The action's mutating call; its CloudError as ``_Unsure`` (it may have landed)."""
+        try:
+            return call(*args, **kw)
+        except CloudError as exc:
+            raise _Unsure(str(exc)) from exc
 
     def _write_acted(self, lease: Lease, **changes: Any) -> Lease:
         """Write down what a mutating call already did. A store failure here must not read

@@ -123,9 +123,12 @@ class CallFaults(Scheduler):
         if g.gen != h.gen:
             raise Killed()
         ids = kw.get("InstanceIds") or []
+        lost = (self.lost.intersection(ids) if op == "describe_instances"
+                and self.t < self.lost_until else set())
+        for m in lost:
+            self.lost_looks[(h.iid, m)] = (self.t, self.lost_since)
         if op == "describe_instances" and (
-                (self.t < self.lost_until and self.lost.intersection(ids))
-                or (p.wrong_describe and r.random() < p.wrong_describe)):
+                lost or (p.wrong_describe and r.random() < p.wrong_describe)):
             self._fault("wrong-describe")
             raise ClientError({"Error": {"Code": "InvalidInstanceID.NotFound",
                                          "Message": f"The instance ID '{','.join(ids)}' "
@@ -142,6 +145,10 @@ class CallFaults(Scheduler):
                           "landed after it came back")
         resp = self.cloud.call(op, kw)
         self._on_action(h, op, kw, sent, sent_t, sent_ec2)
+        if p.action_lost and r.random() < p.action_lost:
+            self._fault("action-lost")  # it happened; the caller cannot tell
+            self.park(10.0)  # the client's read timeout
+            raise ReadTimeoutError(endpoint_url="https://ec2.sim")
         return resp
 
     def probe(self, endpoint: str, timeout_s: float = PROBE_TIMEOUT_S) -> bool | None:

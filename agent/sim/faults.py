@@ -21,6 +21,7 @@ class Profile:
     call_stall: float = 0.0        # the calling thread stalls 20..120 s before the call lands
     cloud_error: float = 0.0       # Throttling / RequestLimitExceeded / 500
     action_stall: float = 0.0      # a mutating cloud call stalls 20..120 s before it lands
+    action_lost: float = 0.0       # a mutating cloud call lands, its answer lost (read timeout)
     wrong_describe: float = 0.0    # DescribeInstances says NotFound for the ids asked
     # per member-hour
     death: float = 0.0             # the agent dies for good, the instance keeps running
@@ -58,7 +59,8 @@ PROFILES: dict[str, Profile] = {
     "zone-outage": replace(CALM, name="zone-outage", zone_outage_ph=1.0, pause=0.01),
     "control-plane-2007": replace(CALM, name="control-plane-2007", wrong_describe=0.01,
                                   cloud_error=0.05, terminated=0.02, asg_replace=0.05,
-                                  api_outage_ph=0.5, pause=0.05, control_plane_ph=1.0),
+                                  api_outage_ph=0.5, pause=0.05, control_plane_ph=1.0,
+                                  action_lost=0.05),
     # Observers that stall between deciding and acting while their target comes back: what
     # fencing (docs/safety.md 12) exists for. Process pauses (10..240 s) and main-loop call
     # stalls (20..120 s) are frequent; calls take time, so a pause can land mid-step.
@@ -69,7 +71,7 @@ PROFILES: dict[str, Profile] = {
     "stall-zone": replace(CALM, name="stall-zone", pause=0.8, zone_outage_ph=3.0),
     "everything": replace(CALM, name="everything", store_error=0.01, store_latency=0.02,
                           lost_response=0.005, call_stall=0.001, cloud_error=0.03,
-                          action_stall=0.03, wrong_describe=0.02, pause=0.03,
+                          action_stall=0.03, action_lost=0.03, wrong_describe=0.02, pause=0.03,
                           terminated=0.01, asg_replace=0.01, scale_in=0.005, store_cut=0.01,
                           peer_cut=0.02, clock_jump=0.01, zone_outage_ph=0.25,
                           mass_kill_ph=0.1, api_outage_ph=0.25, operator_pause_ph=0.25,

@@ -135,6 +135,9 @@ class Simulation(FaultPlan, CallFaults, Checker):
         self.lost: set[str] = set()  # instances EC2 describes as NotFound (control-plane fault)
         self.lost_until = 0.0
         self.lost_since = 0.0
+        # (actor, instance) -> (when EC2 last answered that actor NotFound for it through a
+        # control-plane loss, when that loss began): what the actor's last look saw
+        self.lost_looks: dict[tuple[str, str], tuple[float, float]] = {}
         self.errors: Counter = Counter()
 
     # -- the run --------------------------------------------------------------------------------

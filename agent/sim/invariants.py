@@ -13,7 +13,8 @@ checked when each mutating cloud call lands and at the end of the run:
   after it went dark (in transit, past any fence) is noted ``landed-dark``;
 * ``single-answer``: nothing done to an instance EC2 truly described as running whose
   agent was silent well under ``silent_after_s``, unless EC2 had been answering wrongly
-  about it (a control-plane loss) for ``dead_after`` already (invariant 14);
+  about it (a control-plane loss) for ``dead_after`` already (invariant 14), when the
+  call was sent or at the actor's last look at it (within ``dead_after`` of sending);
 * ``double-replacement``: at most one replacement per death;
 * ``rate-limit``: at most ``2 × max_per_window`` actions in any ``window_s``
   (the budget is fixed windows: two can touch), group-wide;
@@ -187,6 +188,16 @@ class Checker(Scheduler):
         if m in self.lost and sent_t < self.lost_until and sent_t - self.lost_since >= \
                 self.dead_after:
             return
+        # ...or at the actor's own last look, within a decision's age of sending: the loss
+        # may end between that look and the call (control-plane-2007 seed 5031, N = 10:
+        # the second look at 5366.6 s still NotFound, the loss over at 5367.8 s, the
+        # terminate sent at 5368.6 s after the fence's probe)
+        look = self.lost_looks.get((actor.iid, m))
+        if (look is not None and look[0] - look[1] >= self.dead_after
+                and sent_t - look[0] <= self.dead_after):
+            self.note("landed-found", m, f"{op} by {actor.iid}: sent {sent_t - look[0]:.1f}s "
+                      f"after its last look, NotFound then; EC2 found it again since")
+            return
         self.violate("single-answer", m, f"{op}: EC2 truly said running and its agent was "
                      f"silent only {sent_t - unable_since:.0f}s < silent_after_s "
                      f"{silent_after:g}s; no wrong answer had persisted {self.dead_after:g}s",
@@ -228,7 +239,7 @@ class Checker(Scheduler):
         transient = ("api-failing", "observer-sick", "paused", "observer-fresh")
         p = self.profile
         if any((p.store_error, p.store_latency, p.lost_response, p.call_stall, p.cloud_error,
-                p.action_stall, p.wrong_describe)):
+                p.action_stall, p.action_lost, p.wrong_describe)):
             return  # per-call faults never stop: there is no quiet stretch to judge
         quiet_since = max((e for _, e, _ in self.fault_spans), default=T0)
         deaths = [h.death_t for h in self.hosts.values() if h.death_t is not None]

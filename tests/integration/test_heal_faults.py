@@ -687,6 +687,42 @@ def test_a_replaced_member_beside_its_replacement_counts_once_for_the_in_flight_
         d.refusals)
 
 
+def test_a_launch_whose_answer_was_lost_keeps_its_in_flight_slot_until_resolved(
+        cloud: EmbeddedCloud, tmp_path: Any) -> None:
+    """control-plane-2007 seed 13 (session 14, with lost answers to mutating calls): the
+    terminate landed, its answer was lost (a read timeout), the lease was marked failed
+    and its slot given back, and the next death took it while the first replacement
+    booted: two in flight, cap 1. The lease now stays ``acting``, the slot taken, until a
+    resolver sees the launch (the death's token) and records it."""
+    ids = cloud.run_standalone(GROUP, 10)
+    d1, d2 = ids[0], ids[1]
+    cloud.client("ec2").terminate_instances(InstanceIds=[d1, d2])
+    n = len(all_instances(cloud))
+    cfg = config(action="launch", max_per_window=5)
+    a, b, c1, c2 = (ctl(cloud, i, cfg, tmp_path, lease_expiry_s=1.0) for i in ids[2:6])
+    va, vb = dead_view(ids, [d1]), dead_view(ids, [d2])
+    c1.step(va, ObserverHealth())
+    c2.step(vb, ObserverHealth())
+    launch = a.cloud.launch
+
+    def lost(*args: Any, **kw: Any) -> str:  # it lands; the answer does not come back
+        launch(*args, **kw)
+        raise CloudError("run_instances: ReadTimeoutError: Read timeout on endpoint URL")
+
+    a.cloud.launch = lost  # type: ignore[method-assign]
+    a.step(va, ObserverHealth())
+    assert len(all_instances(cloud)) == n + 1
+    assert a.outcomes[-1].result == "failed" and "outcome unknown" in a.outcomes[-1].detail
+    assert read_lease(store_for(cloud), GROUP, d1).state == "acting"
+    d = b.step(vb, ObserverHealth())
+    assert len(all_instances(cloud)) == n + 1, b.outcomes  # d2 waits: one in flight, cap 1
+    assert any("in-flight" in r for x in d.refusals for r in x.reasons), d
+    time.sleep(1.1)  # past lease_expiry_s: what happened is seen and recorded
+    c1.step(va, ObserverHealth())
+    lease = read_lease(store_for(cloud), GROUP, d1)
+    assert lease.state == "acted" and lease.replacement, lease
+
+
 def test_a_replacement_is_in_flight_for_its_deadline_from_the_action_not_the_step_start(
         cloud: EmbeddedCloud, tmp_path: Any) -> None:
     """Stall-zone seed 695: the lease's ``acted_at`` was the step's store time, read before

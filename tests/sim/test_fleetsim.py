@@ -18,6 +18,7 @@ import subprocess
 import sys
 import weakref
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -273,6 +274,12 @@ REGRESSION = [
     #    1 s later: two in flight, cap 1. What a resolver does not see yet may be in transit
     #    until the lease is acting_ttl_s old (``resolve.resolve_acting``)
     pytest.param("acting", "in-flight", "partitions", 5014, 19, 0.45),
+    # in-flight (session 14, once the simulator lost answers to mutating cloud calls): 09's
+    #    terminate of 11 landed at 4609.3 s, its answer lost; the lease was marked failed and
+    #    its slot given back at 4619.3 s, 0a took it for 0d while 11's replacement booted:
+    #    two in flight, cap 1. A mutating call's error leaves the lease acting, the slot
+    #    taken, for a resolver (``HealController._landing``)
+    pytest.param("lost", "in-flight", "control-plane-2007", 13, 12, 1.3),
 ]
 
 
@@ -284,7 +291,8 @@ REGRESSION = [
                               "acted-everything-121", "checker-zone-outage-101",
                               "zone-zone-outage-129", "10.3-stalls-9",
                               "10.2-flaky-store-147", "inflight-flaky-store-13",
-                              "fence-stalls-10", "acting-partitions-5014"])
+                              "fence-stalls-10", "acting-partitions-5014",
+                              "lost-control-plane-2007-13"])
 def test_regression_seed(item: str, kind: str, profile: str, seed: int, members: int,
                          hours: float) -> None:
     _assert_none_of(kind, fleetsim.run(seed, members, hours, profile), f"issue #10 item {item}: ")
@@ -300,6 +308,7 @@ def _assert_none_of(kind: str, res: Result, label: str = "") -> None:
 # outages), fixed in session 8; calm's deaths, hangs and crashes, with frequent pauses and zone
 # outages
 STALL_ZONE = PROFILES["stall-zone"]
+CONTROL_PLANE_BEFORE_LOST = replace(PROFILES["control-plane-2007"], action_lost=0.0)
 
 
 # Each seed violated an invariant before its fix (12 members, 3 h, stall-zone, stopping at the
@@ -426,12 +435,20 @@ CHECKER_SEEDS = [
     #   27's lease had adopted 37 and closed ``done``. A scale-in's instance is replaced by
     #   nothing (``TwinGroup.decremented``); the agents' run is the same, call for call
     pytest.param("in-flight", "chaos", 1, 30, 2.0, "", id="inflight-chaos-1"),
+    # single-answer (10 members, session 14's soak, control-plane-2007 as it was before lost
+    #   action answers joined it): EC2 had lost 08 since 4491 s; observer 01 decided on that
+    #   persisted NotFound at 5366.6 s, its second look still NotFound, the loss ended at
+    #   5367.8 s and the terminate went out at 5368.6 s after the fence's probe. The checker
+    #   judged the answer only when the call was sent; a loss that persisted at the actor's
+    #   last look, within a decision's age of sending, counts too (noted ``landed-found``)
+    pytest.param("single-answer", CONTROL_PLANE_BEFORE_LOST, 5031, 10, 3.0, "landed-found",
+                 id="single-answer-control-plane-5031"),
 ]
 
 
 @pytest.mark.parametrize(("kind", "profile", "seed", "members", "hours", "noted"),
                          CHECKER_SEEDS)
-def test_checker_seed(kind: str, profile: str, seed: int, members: int, hours: float,
+def test_checker_seed(kind: str, profile: str | Profile, seed: int, members: int, hours: float,
                       noted: str) -> None:
     res = _searched(profile, seed, members, hours)
     _assert_none_of(kind, res)
