@@ -16,6 +16,7 @@ only and prints the table. Not a speed benchmark: the numbers are seeds, not sec
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import sys
 import time
@@ -37,9 +38,34 @@ class Mutant:
     also: str = ""  # the test that fails on it besides the seeds
 
 
+def _accepts_all(old: Any, new: Any) -> bool:
+    """Can ``new`` be called with every parameter ``old`` takes? A mutant that cannot is
+    caught by its own TypeError (``agent-error`` at every seed), not by the simulator:
+    session 14 gave ``_fence`` a parameter and ``no-fencing`` was "caught" that way."""
+    old, new = getattr(old, "__func__", old), getattr(new, "__func__", new)
+    if not callable(old) or not callable(new):
+        return True
+    try:
+        params_old = inspect.signature(old).parameters
+        params_new = inspect.signature(new).parameters
+    except (TypeError, ValueError):
+        return True
+    P = inspect.Parameter
+    positional = sum(1 for p in params_old.values()
+                     if p.kind in (P.POSITIONAL_ONLY, P.POSITIONAL_OR_KEYWORD))
+    named = {n: None for n, p in params_old.items() if p.kind is P.KEYWORD_ONLY}
+    try:  # every parameter of the real one: positional ones by position, the rest by name
+        inspect.Signature(list(params_new.values())).bind(*range(positional), **named)
+    except TypeError:
+        return False
+    return True
+
+
 @contextlib.contextmanager
 def _setattr(obj: Any, name: str, value: Any) -> Iterator[None]:
     old = obj.__dict__[name] if isinstance(obj, type) else getattr(obj, name)
+    if not _accepts_all(old, value):
+        raise TypeError(f"mutant of {name} does not take every parameter the real one does")
     setattr(obj, name, value)
     try:
         yield
@@ -52,7 +78,8 @@ def _no_fencing() -> contextlib.AbstractContextManager[None]:
     and a lost race on the lease does not abort: the lease is only moved to ``acting``."""
     from agent.heal import controller as C
 
-    def fence(self: Any, lease: Any, what: str, *, check_age: bool = True) -> Any:
+    def fence(self: Any, lease: Any, what: str, *, roster_endpoint: str = "",
+              check_age: bool = True) -> Any:
         state = lease.state if lease.acted else "acting"
         return self._rewrite(lease, state=state, detail=f"unfenced before {what}") or lease
 

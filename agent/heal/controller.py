@@ -712,8 +712,8 @@ class HealController:
                 lease = self._resolve_acting(lease, now, peers)
             lease, hb = self._maintain(lease, now, peers)
             g.leases[member] = lease
-            g.outcomes[member] = lease_outcome(lease, now, self.replace_deadline_s, bool(hb),
-                                               self.lease_expiry_s)
+            g.outcomes[member] = lease_outcome(lease, now, self._deadline_for(lease),
+                                               bool(hb), self.lease_expiry_s)
             if member in peers.members and lease.acted and member != self.me:
                 # Replaced, but its record survived (the delete after the action failed).
                 self._forget(member, if_present=True)
@@ -877,6 +877,19 @@ class HealController:
         except StoreError:
             return None
 
+    def _deadline_for(self, lease: Lease) -> float:
+        """The replacement's deadline as this observer applies it. Only the holder adopts
+        an ASG action's replacement, and with launches owed to other members it may adopt
+        only at the deadline (``resolve.asg_replacement``'s ``settle``); another observer
+        stepping first at that instant failed the lease instead, with its replacement
+        heartbeating. At N = 1,000 (``everything``, seed 1) most windows owe launches to
+        others and this failed one ASG action in three: three "failed" replacements that
+        had all heartbeated froze the group (unjustified-freeze at 1,389 s, session 14).
+        Others fail such a lease ``lease_expiry_s`` after the deadline: the holder first."""
+        if lease.asg and not lease.replacement and lease.holder != self.me:
+            return self.replace_deadline_s + self.lease_expiry_s
+        return self.replace_deadline_s
+
     def _maintain(self, lease: Lease, now: float, peers: PeersView) -> tuple[Lease, bool | None]:
         """Move an open lease along: adopt the ASG's replacement, then done or failed.
 
@@ -903,7 +916,7 @@ class HealController:
         hb = self._heartbeated(lease.replacement, peers)
         if hb is None:
             return lease, None
-        out = lease_outcome(lease, now, self.replace_deadline_s, hb)
+        out = lease_outcome(lease, now, self._deadline_for(lease), hb)
         if out in ("done", "failed"):
             updated = self._rewrite(lease, state=out)
             if updated is not None:

@@ -303,6 +303,34 @@ def test_a_launch_owed_to_a_member_that_left_the_group_is_not_taken_for_the_acti
     assert lease.state == "done" and lease.replacement in (first, second), lease
 
 
+def test_at_the_deadline_the_holder_adopts_before_another_observer_fails_the_lease(
+        cloud: EmbeddedCloud, tmp_path: Any) -> None:
+    """With a launch owed to another member, the holder may adopt only at the deadline;
+    another observer stepping first at that instant marked the lease failed while a launch
+    heartbeated (N = 1,000, ``everything``, seed 1: three such "failures" froze a healthy
+    group at 1,389 s). Others now give the holder ``lease_expiry_s`` past the deadline."""
+    ids = cloud.create_asg(GROUP, 4)
+    dead, other = ids[3], ids[2]
+    cloud.client("ec2").stop_instances(InstanceIds=[dead])
+    cfg = config(action="asg-mark")
+    a, d = confirm_then_act(cloud, ids, dead, cfg, tmp_path, replace_deadline_s=4)
+    assert [x.kind for x in d.actions if not x.dry_run] == ["asg-mark"], a.outcomes
+    b = ctl(cloud, ids[1], cfg, tmp_path, replace_deadline_s=4)
+    cloud.client("autoscaling").terminate_instance_in_auto_scaling_group(
+        InstanceId=other, ShouldDecrementDesiredCapacity=False)  # the ASG, on its own
+    assert reconcile_asg(cloud, GROUP) == [dead]
+    store = store_for(cloud)
+    for new in set(cloud.asg_instance_ids(GROUP)) - set(ids):
+        store.put(member_key(GROUP, new), b"{}")  # both launches heartbeat
+    time.sleep(5.5)  # past the deadline on the store's one-second clock
+    b.step(view(ids, dead), ObserverHealth())  # another observer steps first
+    assert read_lease(store, GROUP, dead).state == "acted"
+    a.step(view(ids, dead), ObserverHealth())
+    lease = read_lease(store, GROUP, dead)
+    assert lease.state == "done" and lease.replacement, lease
+    assert "heal-replacement-failed" not in kinds(cloud)
+
+
 def test_pause_means_zero_actions_and_resume_lets_it_act(
         cloud: EmbeddedCloud, tmp_path: Any) -> None:
     ids = cloud.run_standalone(GROUP, 4)
