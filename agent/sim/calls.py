@@ -155,7 +155,10 @@ class CallFaults(Scheduler):
         """The real controller's probe seam: does the member's agent answer over the network?
         An answer takes 0.01 s; silence, the whole timeout. A network cut is judged when the
         probe is sent (its packets are lost); a stopped agent answers if resumed in time
-        (reported at the timeout's end, not the moment it resumed)."""
+        (reported at the timeout's end, not the moment it resumed), even if it went down
+        again before that end (stalls seed 6003, N = 14: resumed 1.2 s into the fence's
+        probe, crashed 0.8 s later; judged at the end, the probe went unanswered and the
+        member, alive 0.4 s before the terminate, was terminated)."""
         g = self._caller()
         src = g.host
         ip = endpoint.split("//", 1)[-1].split(":", 1)[0] if endpoint else ""
@@ -171,8 +174,8 @@ class CallFaults(Scheduler):
             self.park(0.01)
             return True
         held = reach and dst.proc == "stopped"
+        sent = self.t
         self.park(timeout_s)
         # A stopped agent's kernel still takes the connection; it answers once resumed.
-        inst = self.cloud.instances.get(dst.iid)
-        return (held and dst.proc == "up" and inst is not None and inst.state == "running"
-                and self.t >= self.zone_dark_until.get(dst.zone, 0.0))
+        return (held and sent <= dst.resumed_at <= self.t
+                and dst.resumed_at >= self.zone_dark_until.get(dst.zone, 0.0))

@@ -132,6 +132,7 @@ class Members(Scheduler):
     def cont(self, h: Host) -> None:
         if h.proc == "stopped":
             h.proc = "up"
+            h.resumed_at = self.t
             self._able(h)
             self.note("sigcont", h.iid)
             waiting, h.deferred = h.deferred, []
