@@ -630,19 +630,26 @@ def test_item6_leftover_leaving_records_do_not_dilute_the_freeze_and_are_cleaned
 
 # -- 7: the in-flight cap is group-wide ------------------------------------------------------------
 
-def test_item7_two_observers_two_deaths_cap_one_gives_one_action(
-        cloud: EmbeddedCloud, tmp_path: Any) -> None:
+def two_confirmed_deaths(cloud: EmbeddedCloud, tmp_path: Any, **kw: Any) -> tuple[
+        str, int, HealController, HealController, HealController, PeersView, PeersView]:
+    """Ten standalone instances, the first two terminated; launch, cap 1. Observers a and b
+    each watch one death (views ``va``, ``vb``), each death already confirmed by a second
+    observer (c1, c2). Returns (first death, instances before, a, b, c1, va, vb)."""
     ids = cloud.run_standalone(GROUP, 10)
     d1, d2 = ids[0], ids[1]
     cloud.client("ec2").terminate_instances(InstanceIds=[d1, d2])
     n = len(all_instances(cloud))
     cfg = config(action="launch", max_per_window=5)
-    a, b = ctl(cloud, ids[2], cfg, tmp_path), ctl(cloud, ids[3], cfg, tmp_path)
-    c1, c2 = ctl(cloud, ids[4], cfg, tmp_path), ctl(cloud, ids[5], cfg, tmp_path)
-    # Each death confirmed by a second observer; a watches d1 only, b watches d2 only.
+    a, b, c1, c2 = (ctl(cloud, i, cfg, tmp_path, **kw) for i in ids[2:6])
     va, vb = dead_view(ids, [d1]), dead_view(ids, [d2])
     c1.step(va, ObserverHealth())
     c2.step(vb, ObserverHealth())
+    return d1, n, a, b, c1, va, vb
+
+
+def test_item7_two_observers_two_deaths_cap_one_gives_one_action(
+        cloud: EmbeddedCloud, tmp_path: Any) -> None:
+    d1, n, a, b, _, va, vb = two_confirmed_deaths(cloud, tmp_path)
     real_create = a.store.create
     done: list[bool] = []
 
@@ -694,15 +701,7 @@ def test_a_launch_whose_answer_was_lost_keeps_its_in_flight_slot_until_resolved(
     and its slot given back, and the next death took it while the first replacement
     booted: two in flight, cap 1. The lease now stays ``acting``, the slot taken, until a
     resolver sees the launch (the death's token) and records it."""
-    ids = cloud.run_standalone(GROUP, 10)
-    d1, d2 = ids[0], ids[1]
-    cloud.client("ec2").terminate_instances(InstanceIds=[d1, d2])
-    n = len(all_instances(cloud))
-    cfg = config(action="launch", max_per_window=5)
-    a, b, c1, c2 = (ctl(cloud, i, cfg, tmp_path, lease_expiry_s=1.0) for i in ids[2:6])
-    va, vb = dead_view(ids, [d1]), dead_view(ids, [d2])
-    c1.step(va, ObserverHealth())
-    c2.step(vb, ObserverHealth())
+    d1, n, a, b, c1, va, vb = two_confirmed_deaths(cloud, tmp_path, lease_expiry_s=1.0)
     launch = a.cloud.launch
 
     def lost(*args: Any, **kw: Any) -> str:  # it lands; the answer does not come back
@@ -729,15 +728,7 @@ def test_a_replacement_is_in_flight_for_its_deadline_from_the_action_not_the_ste
     the probes and the call, so the slot freed early and a second replacement started
     while the first was in flight. Here a 3 s stall before the call; 2.5 s after the
     action, with a 4.5 s deadline, the first is still in flight for every observer."""
-    ids = cloud.run_standalone(GROUP, 10)
-    d1, d2 = ids[0], ids[1]
-    cloud.client("ec2").terminate_instances(InstanceIds=[d1, d2])
-    n = len(all_instances(cloud))
-    cfg = config(action="launch", max_per_window=5)
-    a, b, c1, c2 = (ctl(cloud, i, cfg, tmp_path, replace_deadline_s=4.5) for i in ids[2:6])
-    va, vb = dead_view(ids, [d1]), dead_view(ids, [d2])
-    c1.step(va, ObserverHealth())
-    c2.step(vb, ObserverHealth())
+    _, n, a, b, _, va, vb = two_confirmed_deaths(cloud, tmp_path, replace_deadline_s=4.5)
     second_look = a.cloud.instances
 
     def stalled(members: list[str]) -> Any:  # a GC pause after the gather
