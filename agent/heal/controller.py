@@ -713,7 +713,8 @@ class HealController:
             lease, hb = self._maintain(lease, now, peers)
             g.leases[member] = lease
             g.outcomes[member] = lease_outcome(lease, now, self._deadline_for(lease),
-                                               bool(hb), self.lease_expiry_s)
+                                               bool(hb), self.lease_expiry_s,
+                                               self.acting_ttl_s)
             if member in peers.members and lease.acted and member != self.me:
                 # Replaced, but its record survived (the delete after the action failed).
                 self._forget(member, if_present=True)

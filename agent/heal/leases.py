@@ -165,12 +165,14 @@ class Lease:
 
 
 def lease_outcome(lease: Lease, now: float, deadline_s: float, heartbeated: bool,
-                  expiry_s: float | None = None) -> str:
+                  expiry_s: float | None = None, acting_ttl_s: float | None = None) -> str:
     """``refused`` | ``done`` | ``failed`` | ``aborted`` | ``expired`` | ``in-flight``.
 
     On the store's clock ``now``. ``aborted``: failed before any action (not a failed
     replacement: it does not count towards the streak). ``expired``: ``held`` longer
-    than ``expiry_s`` (its holder is gone; nothing was done).
+    than ``expiry_s`` (its holder is gone; nothing was done), or ``acting`` without an
+    act time longer than ``acting_ttl_s`` (the controller's age at which the call is
+    over; None: such a lease never expires here).
     """
     if lease.state == "failed" and not lease.acted:
         return "aborted"
@@ -178,11 +180,11 @@ def lease_outcome(lease: Lease, now: float, deadline_s: float, heartbeated: bool
         return lease.state
     if lease.state == "held" or (lease.state == "acting" and lease.acted_at is None):
         age = lease.age(now)
-        # An acting lease is given twice as long (its call may take a while); past that
-        # its holder died mid-call. It stops counting as in flight, so the group is not
+        # An acting lease is given longer (its call may take a while); past that its
+        # holder died mid-call. It stops counting as in flight, so the group is not
         # blocked; it is never taken over blindly (the call may have happened): the
         # controller resolves it from what the cloud says (agent.heal.resolve).
-        limit = None if expiry_s is None else expiry_s * (1 if lease.state == "held" else 2)
+        limit = expiry_s if lease.state == "held" else acting_ttl_s
         if limit is not None and age is not None and age >= limit:
             return "expired"
         return "in-flight"

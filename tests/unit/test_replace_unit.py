@@ -51,14 +51,19 @@ def test_lease_round_trip_and_malformed() -> None:
     # A held lease whose holder vanished did nothing: it expires, it never "failed" (#10).
     ("held", None, 100, 160, False, "expired"),
     ("held", None, 100, 120, True, "in-flight"),   # nothing launched yet: not done
-    ("acting", None, 100, 219, False, "in-flight"),  # a call may be under way
-    ("acting", None, 100, 220, False, "expired"),    # holder died mid-call: not in flight
+    ("acting", None, 100, 189, False, "in-flight"),  # a call may be under way
+    ("acting", None, 100, 190, False, "expired"),    # holder died mid-call: not in flight
     ("failed", None, 100, 999, False, "aborted"),    # failed before acting: not a failure
 ])
 def test_lease_outcome(state: str, acted_at: float | None, lm: float, now: float, hb: bool,
                        expected: str) -> None:
     lease = Lease("i-1", "i-2", "launch", state, acted_at=acted_at, last_modified=lm)
-    assert lease_outcome(lease, now, 60, hb, expiry_s=60) == expected
+    assert lease_outcome(lease, now, 60, hb, expiry_s=60, acting_ttl_s=90) == expected
+
+
+def test_an_acting_lease_without_a_ttl_stays_in_flight() -> None:
+    lease = Lease("i-1", "i-2", "launch", "acting", last_modified=100)
+    assert lease_outcome(lease, 10_000, 60, False, expiry_s=60) == "in-flight"
 
 
 def test_streak_orders_by_act_time_and_respects_resume() -> None:
