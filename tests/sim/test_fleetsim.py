@@ -449,6 +449,13 @@ CHECKER_SEEDS = [
     #   last look, within a decision's age of sending, counts too (noted ``landed-found``)
     pytest.param("single-answer", CONTROL_PLANE_BEFORE_LOST, 5031, 10, 3.0, "landed-found",
                  id="single-answer-control-plane-5031"),
+    # zone (39 members, 2 h; session 15's soak): 26 was stopped at 480 s and never resumed;
+    #   observer 1b's lease went acting at 620.1 s, us-east-1b went dark at 621.3 s, the
+    #   fence's probe of 26 timed out and the terminate went out 0.8 s into the outage,
+    #   stalled in transit and landed at 740.8 s. No observer can tell a zone dark for under
+    #   dead_after from silence, and an agent up when the lights went out is false-action's:
+    #   such a call is noted ``landed-dark``
+    pytest.param("zone", "chaos", 7002, 39, 2.0, "landed-dark", id="zone-chaos-7002"),
 ]
 
 
@@ -487,6 +494,14 @@ def test_the_zone_rule_judges_a_call_by_the_outage_it_landed_in_not_only_the_lat
     assert _zone_kinds(two, landed=1300.0, sent=1250.0) == ["zone"]
     # lit and past dead_after (30 s) when sent and when landed: nothing to say
     assert _zone_kinds([(1000.0, 1200.0), (1300.0, 1400.0)], landed=1250.0, sent=1240.0) == []
+
+
+def test_a_call_sent_before_a_zone_outage_could_be_seen_is_not_the_zone_rules() -> None:
+    """Sent 10 s into an outage (dead_after 30 s), landed in it: no observer could have
+    told the zone from silence yet (the target's agent, unable long before, was dead to
+    everyone); sent 31 s into it, the zone rule had to hold the action."""
+    assert _zone_kinds([(1000.0, 1400.0)], landed=1100.0, sent=1010.0) == []
+    assert _zone_kinds([(1000.0, 1400.0)], landed=1100.0, sent=1031.0) == ["zone"]
 
 
 # -- product bugs found by the mixed profiles (session 11's search), fixed in session 12; each
