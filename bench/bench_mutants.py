@@ -93,6 +93,16 @@ def _no_fence_probe() -> contextlib.AbstractContextManager[None]:
     return _setattr(C.HealController, "_probe_at_fence", lambda *_a, **_k: None)
 
 
+def _blind_probe_trusted() -> contextlib.AbstractContextManager[None]:
+    """The fence's probe has no controls: silence counts even when the observer's probes
+    reach nobody."""
+    from agent.heal import controller as C
+
+    real = C.HealController._probe_at
+    return _setattr(C.HealController, "_probe_at",
+                    lambda self, m, *a, **k: C._ProbeAt(real(self, m, *a, **k).member))
+
+
 def _held_exiles() -> contextlib.AbstractContextManager[None]:
     """Any lease that is not ``refused`` means "you were replaced" (held and failed too)."""
     from agent.heal.leases import Lease
@@ -202,6 +212,9 @@ MUTANTS = (
     Mutant("lost-action-failed", "a mutating call's error read as nothing done "
            "(control-plane-2007 seed 13)", _lost_action_failed, False,
            "test_a_launch_whose_answer_was_lost_keeps_its_in_flight_slot_until_resolved"),
+    Mutant("blind-probe-trusted", "silence at the fence's probe counts from an observer cut "
+           "off from its peers (part-zone seed 7008)", _blind_probe_trusted, False,
+           "test_silence_at_the_fence_counts_only_if_the_observers_probes_reach_a_live_peer"),
 )
 
 

@@ -252,6 +252,16 @@ def _status(v: Verdict | str | None) -> str:
 
 
 @dataclass(frozen=True)
+class _ProbeAt:
+    """Where the fence's last look probes: the member (the roster's endpoint, for a member
+    whose record is gone) and ``controls``, endpoints of peers this observer judges alive,
+    asked when the member is silent: is it, or are my probes reaching nobody?"""
+
+    member: str = ""
+    controls: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class Outcome:
     """What execution did with one action: acted | lost | refused | failed | dry-run
     (``failed`` with detail "outcome unknown: ...": the call may have landed)."""
@@ -899,7 +909,8 @@ class HealController:
         if lease.state not in OPEN_STATES:
             return lease, False
         if lease.state == "acted" and lease.pending_terminate and lease.holder == self.me:
-            lease = self._retry_terminate(lease, peers.endpoints.get(lease.member, ""))
+            lease = self._retry_terminate(lease, self._probe_at(
+                lease.member, peers.verdicts, peers.zones, peers.endpoints))
         if (lease.state == "acted" and not lease.replacement and lease.asg
                 and lease.holder == self.me):
             try:
@@ -1135,7 +1146,8 @@ class HealController:
             return self._refuse_lease(lease, why)
         try:
             lease, detail = self._act(action.kind, lease, fresh, g, fresh_info.get(m),
-                                      roster_endpoint=(endpoints or {}).get(m, ""))
+                                      probe_at=self._probe_at(m, view.verdicts, view.zones,
+                                                              endpoints or {}))
         except _Fenced as f:
             # Raised only before the action's first mutating call: nothing happened.
             self._give_back(g, spent_at)
@@ -1293,7 +1305,7 @@ class HealController:
             return None
         return lease
 
-    def _fence(self, lease: Lease, what: str, *, roster_endpoint: str = "",
+    def _fence(self, lease: Lease, what: str, *, probe_at: _ProbeAt = _ProbeAt(),
                check_age: bool = True) -> Lease:
         """Invariant 12, right before a mutating cloud call; raises ``_Fenced`` to abort.
 
@@ -1344,27 +1356,61 @@ class HealController:
                 raise _Fenced(f"{m}'s record says {record.state} at the last look before "
                               f"{what}", moved)
         # The record's endpoint, else the roster's (a member whose record is gone)
-        endpoint = (record.endpoint if record is not None else "") or roster_endpoint
+        endpoint = (record.endpoint if record is not None else "") or probe_at.member
         if endpoint:
-            self._probe_at_fence(m, endpoint, what, moved, check_age)
+            self._probe_at_fence(m, replace(probe_at, member=endpoint), what, moved, check_age)
         if check_age:  # and last: the look's own reads may have stalled (chaos seed 29)
             self._check_decision_age(what, moved)
         return moved
 
-    def _probe_at_fence(self, m: str, endpoint: str, what: str, lease: Lease,
+    def _probe_at_fence(self, m: str, at: _ProbeAt, what: str, lease: Lease,
                         check_age: bool) -> None:
         """The member's own endpoint, asked once more: an agent that resumed since the
         decision (a SIGSTOP, a long GC pause) answers at once, before its first heartbeat
         lands (session 12's 24 h run, N = 1,000, at 20,460.6 s: back 0.6 s, terminated).
         The probe waits at most 80 % of what is left of the decision's age, so a member
         that does not answer still leaves the decision young enough to act on (a full 2 s
-        wait outlived a 3 s ``decision_max_age_s`` and fenced every attempt)."""
-        timeout = PROBE_TIMEOUT_S
-        if check_age:
-            left = self.decision_max_age_s - (self.clock.monotonic() - self._decided_mono)
-            timeout = min(timeout, FENCE_PROBE_SHARE * left)
-        if timeout > 0 and self.probe(endpoint, timeout_s=timeout):
+        wait outlived a 3 s ``decision_max_age_s`` and fenced every attempt).
+
+        Silence vetoes nothing only if this observer's probes reach anyone: when the
+        member is silent, the controls (peers it judges alive) are asked too, and if none
+        answers the probe was blind, as a prober cut off from its peers is (Lifeguard's
+        lesson: the prober may be the one at fault). Part-zone seed 7008, N = 40: 23, cut
+        off from its peers, probed 17 (stopped 115 s) in vain; 17 resumed 0.5 s into the
+        probe and was terminated 1.5 s later. Without controls (no peer judged alive with
+        a known endpoint) silence tells nothing either way, as before."""
+        timeout = self._fence_probe_timeout(check_age)
+        if timeout <= 0:
+            return
+        if self.probe(at.member, timeout_s=timeout):
             raise _Fenced(f"probe-ok: {m} answers at the last look before {what}", lease)
+        if not at.controls:
+            return
+        for ep in at.controls:
+            timeout = self._fence_probe_timeout(check_age)
+            if timeout > 0 and self.probe(ep, timeout_s=timeout):
+                return
+        raise _Fenced(f"probe-blind: neither {m} nor any of {len(at.controls)} peer(s) judged "
+                      f"alive answered a probe at the last look before {what}: silence from "
+                      "an observer whose probes reach nobody tells nothing", lease)
+
+    def _fence_probe_timeout(self, check_age: bool) -> float:
+        """A fence probe's timeout: ``PROBE_TIMEOUT_S``, at most 80 % of what is left of the
+        decision's age when the age is checked."""
+        if not check_age:
+            return PROBE_TIMEOUT_S
+        left = self.decision_max_age_s - (self.clock.monotonic() - self._decided_mono)
+        return min(PROBE_TIMEOUT_S, FENCE_PROBE_SHARE * left)
+
+    def _probe_at(self, m: str, verdicts: Mapping[str, Verdict | str],
+                  zones: Mapping[str, str], endpoints: Mapping[str, str]) -> _ProbeAt:
+        """The fence's probes of ``m``: its roster endpoint, and up to two controls, peers
+        this observer itself judges alive whose endpoints it knows, ``m``'s zone first
+        (the path most like ``m``'s own)."""
+        zone = zones.get(m, "")
+        alive = sorted((zones.get(x, "") != zone, x) for x, v in verdicts.items()
+                       if x not in (m, self.me) and _status(v) == "alive" and endpoints.get(x))
+        return _ProbeAt(endpoints.get(m, ""), tuple(endpoints[x] for _, x in alive[:2]))
 
     def _check_decision_age(self, what: str, lease: Lease) -> None:
         age = self.clock.monotonic() - self._decided_mono
@@ -1399,7 +1445,8 @@ class HealController:
         return g.store_now + 1.0 + max(0.0, self.clock.monotonic() - g.store_mono)
 
     def _act(self, kind: str, lease: Lease, ec2_state: str | None, g: _Gathered,
-             info: InstanceInfo | None = None, *, roster_endpoint: str = "") -> tuple[Lease, str]:
+             info: InstanceInfo | None = None, *,
+             probe_at: _ProbeAt = _ProbeAt()) -> tuple[Lease, str]:
         """Do ``kind`` to the lease's member, fenced. ``acted_at`` is the store's clock
         after the call, not the step's reading before the probes and the call: the
         replacement's deadline and the in-flight slot count from the action (seed 695:
@@ -1428,7 +1475,7 @@ class HealController:
                 if left > 0:
                     raise _Fenced(f"asg-grace: {a.group}'s health check grace period has "
                                   f"{left:.0f}s left; AWS would ignore the mark", lease)
-                lease = self._fence(lease, "SetInstanceHealth", roster_endpoint=roster_endpoint)
+                lease = self._fence(lease, "SetInstanceHealth", probe_at=probe_at)
                 self._landing(self.cloud.set_unhealthy, m, respect_grace=True)
                 detail = f"marked Unhealthy in {a.group}"
             elif ec2_state == "terminated" and info is not None:
@@ -1439,22 +1486,25 @@ class HealController:
                 detail = f"already terminated: {a.group} replaces it"
             else:
                 lease = self._fence(lease, "TerminateInstanceInAutoScalingGroup",
-                                    roster_endpoint=roster_endpoint)
+                                    probe_at=probe_at)
                 activity = self._landing(self.cloud.asg_terminate, m)
                 detail = f"terminated in {a.group} without decrement (activity {activity})"
             if changes.get("detail"):
                 detail = f"{changes['detail']}; {detail}"
         elif kind == "launch":
+            # A launch beside a member EC2 says is terminated harms no one: its silence
+            # needs no control (a blocked port does not stop replacing the gone).
+            at = probe_at if ec2_state != "terminated" else replace(probe_at, controls=())
             # An earlier generation of this lease may have launched already (its
             # response lost, its holder gone): the same token finds that instance.
             found = launched_for(lease.token, self.cloud.replacements([m]))
             if found:
-                lease = self._fence(lease, f"adopting {found}", roster_endpoint=roster_endpoint)
+                lease = self._fence(lease, f"adopting {found}", probe_at=at)
                 new = found
                 detail = f"adopted {new}: launched earlier for this death (same token)"
             else:
                 spec = self.cloud.launch_spec(m)
-                lease = self._fence(lease, "RunInstances", roster_endpoint=roster_endpoint)
+                lease = self._fence(lease, "RunInstances", probe_at=at)
                 new = self._landing(self.cloud.launch, spec, lease.token, replaces=m)
                 detail = f"launched {new} ({spec.source}, subnet {spec.subnet_id})"
             changes["replacement"] = new
@@ -1464,13 +1514,13 @@ class HealController:
             # Persist the launch before terminating, so a crash here still shows it.
             lease = self._write_acted(lease, **changes)
             if lease.pending_terminate:
-                lease, more = self._terminate_after_launch(lease, roster_endpoint=roster_endpoint)
+                lease, more = self._terminate_after_launch(lease, probe_at=probe_at)
                 detail += more
             return self._write_acted(lease, detail=detail), detail
         elif kind == "hook":
             if not self.hook_command:
                 raise AgentError("heal.action is hook but heal.hook is not set")
-            lease = self._fence(lease, "the hook", roster_endpoint=roster_endpoint)
+            lease = self._fence(lease, "the hook", probe_at=probe_at)
             detail = f"hook ran: {self.hook(self.hook_command, m, self.group)}"
         else:
             raise AgentError(f"unknown action {kind!r}")
@@ -1500,11 +1550,11 @@ class HealController:
             return new
 
     def _terminate_after_launch(self, lease: Lease, *, retry: bool = False,
-                                roster_endpoint: str = "") -> tuple[Lease, str]:
+                                probe_at: _ProbeAt = _ProbeAt()) -> tuple[Lease, str]:
         """TerminateInstances after a launch, fenced; on failure it stays pending (9)."""
         m = lease.member
         try:
-            lease = self._fence(lease, "TerminateInstances", roster_endpoint=roster_endpoint,
+            lease = self._fence(lease, "TerminateInstances", probe_at=probe_at,
                                 check_age=not retry)
         except _Fenced as f:
             if f.lease is None:
@@ -1517,9 +1567,9 @@ class HealController:
         done = self._write_acted(lease, pending_terminate="")
         return done, f"; terminated {m}: {state}"
 
-    def _retry_terminate(self, lease: Lease, roster_endpoint: str) -> Lease:
+    def _retry_terminate(self, lease: Lease, probe_at: _ProbeAt) -> Lease:
         lease, detail = self._terminate_after_launch(lease, retry=True,
-                                                     roster_endpoint=roster_endpoint)
+                                                     probe_at=probe_at)
         if not lease.pending_terminate:
             self._event("heal-terminate-retried", lease.member, [detail.lstrip("; ")])
             self._forget(lease.member)

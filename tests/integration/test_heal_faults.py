@@ -531,6 +531,31 @@ def test_a_retried_terminate_probes_the_member_at_the_rosters_endpoint(
     assert read_lease(store, GROUP, hung).pending_terminate == hung  # deferred, not dropped
 
 
+def test_silence_at_the_fence_counts_only_if_the_observers_probes_reach_a_live_peer(
+        cloud: EmbeddedCloud, tmp_path: Any) -> None:
+    """Part-zone seed 7008: an observer cut off from its peers probed a stopped member in
+    vain, the member resumed meanwhile and was terminated. The fence now asks peers the
+    observer judges alive when the member is silent: none answering, it refuses
+    (probe-blind) and nothing is launched or terminated; one answering, it acts."""
+    ids = cloud.run_standalone(GROUP, 4)
+    hung = ids[0]
+    store = store_for(cloud)
+    cfg = config(action="launch", silent_after_s=60)
+    a, b = ctl(cloud, ids[1], cfg, tmp_path), ctl(cloud, ids[2], cfg, tmp_path)
+    cut_off = {m: CLOSED for m in ids}  # a's probes reach nobody
+    both_step(a, b, view(ids, hung, endpoints=cut_off))
+    assert instance(cloud, hung)["State"]["Name"] == "running"
+    assert len(all_instances(cloud)) == 4
+    assert a.outcomes[-1].result == "refused" and "probe-blind" in a.outcomes[-1].detail
+    assert read_lease(store, GROUP, hung).state == "refused"  # before any call: taken over at once
+    with Endpoint("127.0.0.1", 0, metrics_fn=None) as peer:
+        reach = {**cut_off, ids[3]: f"http://127.0.0.1:{peer.port}"}
+        a.step(view(ids, hung, endpoints=reach), ObserverHealth())
+    assert a.outcomes[-1].result == "acted", a.outcomes[-1]
+    assert instance(cloud, hung)["State"]["Name"] in ("shutting-down", "terminated")
+    assert len(all_instances(cloud)) == 5
+
+
 def test_item9_terminate_failing_after_launch_is_retried(cloud: EmbeddedCloud,
                                                           tmp_path: Any) -> None:
     ids = cloud.run_standalone(GROUP, 4)
