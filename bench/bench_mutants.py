@@ -78,7 +78,7 @@ def _no_fencing() -> contextlib.AbstractContextManager[None]:
     and a lost race on the lease does not abort: the lease is only moved to ``acting``."""
     from agent.heal import controller as C
 
-    def fence(self: Any, lease: Any, what: str, *, roster_endpoint: str = "",
+    def fence(self: Any, lease: Any, what: str, *, probe_at: Any = None,
               check_age: bool = True) -> Any:
         state = lease.state if lease.acted else "acting"
         return self._rewrite(lease, state=state, detail=f"unfenced before {what}") or lease

@@ -51,3 +51,17 @@ def test_the_restore_a_check_runs_tiny() -> None:
     assert set(tools) <= {"agent", "restic", "rclone"} and "agent" in tools, out
     if len(tools) > 1:
         assert lines[-1].startswith("ratio (faster rival / agent): "), out
+
+
+def test_every_mutant_still_fits_the_code_it_patches() -> None:
+    """Each mutant of ``make mutants`` applies to today's code and puts the original back.
+    The tiny run applies one; session 15 changed ``_fence``'s parameters and ``no-fencing``
+    no longer fitted, which only the full ``python -m bench mutants`` found (a TypeError)."""
+    from agent.heal import controller as C
+    from bench import bench_mutants
+
+    before = dict(vars(C.HealController))
+    for m in bench_mutants.MUTANTS:
+        with m.patch():
+            pass
+        assert dict(vars(C.HealController)) == before, f"{m.name} left a patch behind"
