@@ -722,9 +722,11 @@ class HealController:
                 lease = self._resolve_acting(lease, now, peers)
             lease, hb = self._maintain(lease, now, peers)
             g.leases[member] = lease
-            g.outcomes[member] = lease_outcome(lease, now, self._deadline_for(lease),
-                                               bool(hb), self.lease_expiry_s,
-                                               self.acting_ttl_s)
+            out = lease_outcome(lease, now, self._deadline_for(lease), bool(hb),
+                                self.lease_expiry_s, self.acting_ttl_s)
+            # Not known to have failed (its replacement's record or EC2 could not be read):
+            # still in flight, not one more failure towards a freeze.
+            g.outcomes[member] = "in-flight" if out == "failed" and hb is None else out
             if member in peers.members and lease.acted and member != self.me:
                 # Replaced, but its record survived (the delete after the action failed).
                 self._forget(member, if_present=True)
@@ -848,13 +850,13 @@ class HealController:
                          asg_health=a.health if a else None, member_alive=alive)
 
     def _launched_after(self, ids: set[str], lease: Lease, others: int, peers: PeersView,
-                        now: float) -> str:
+                        now: float) -> str | None:
         """The ASG's replacement for this lease's action among ``ids`` (in the group now,
         not before the action, no other lease's), ``resolve.asg_replacement``: the
         earliest launched no earlier than the action landed, give or take
         ``ADOPT_SLACK_S``; with launches owed to ``others`` too (members gone from the
         group since), one that heartbeats once enough do (stall-zone seed 85); "" when
-        there is none yet or EC2 cannot tell. Not merely "new since ``asg_before``": a
+        there is none yet, None when EC2 cannot tell. Not merely "new since ``asg_before``": a
         terminate stalled in transit (95-106 s, chaos seed 17 at N = 30 and seed 113 at
         N = 12) let the ASG launch an instance for another member meanwhile; adopted, it
         closed this lease ``done`` and freed its in-flight slot early, and the group went
@@ -864,7 +866,7 @@ class HealController:
         try:
             infos = self.cloud.instances(ids)
         except CloudError:
-            return ""
+            return None
         since = (lease.adopt_since if lease.adopt_since is not None  # a resolver's
                  else lease.acted_at - ADOPT_SLACK_S)  # the holder's
         launched = [(i.launch_time, i.instance_id) for i in infos.values()
@@ -901,6 +903,29 @@ class HealController:
             return self.replace_deadline_s + self.lease_expiry_s
         return self.replace_deadline_s
 
+    def _holders_turn_over(self, lease: Lease, now: float) -> bool:
+        """Past the holder's grace (``_deadline_for``) another observer adopts the ASG's
+        replacement itself rather than failing the lease unseen: its holder may be gone
+        (a spot interruption) or blind (an API outage) while the replacement heartbeats."""
+        return lease.acted_at is not None and now - lease.acted_at >= self._deadline_for(lease)
+
+    def _asg_replacement_of(self, lease: Lease, peers: PeersView, now: float) -> str | None:
+        """``_launched_after`` among the ASG's instances new since the action's snapshot and
+        no other lease's; None when the group or EC2 cannot be read. A failed read used to
+        count as "nothing launched": an API outage from 7 s after three ASG actions to
+        past their deadline (chaos seed 7009, N = 47, session 15's soak) failed all three
+        leases while each replacement heartbeated, and the group froze on
+        ``failed-replacements: 3`` (42 unjustified freezes)."""
+        try:
+            current = set(self.cloud.asg_member_ids(lease.asg))
+        except CloudError:
+            return None
+        taken = {x.replacement for x in self._lease_cache.values() if x.replacement}
+        claimed = {x.member for x in self._lease_cache.values() if x.replacement}
+        others = set(lease.asg_before) - current - claimed - {lease.member}
+        return self._launched_after(current - set(lease.asg_before) - taken - {lease.member},
+                                    lease, len(others), peers, now)
+
     def _maintain(self, lease: Lease, now: float, peers: PeersView) -> tuple[Lease, bool | None]:
         """Move an open lease along: adopt the ASG's replacement, then done or failed.
 
@@ -912,17 +937,10 @@ class HealController:
             lease = self._retry_terminate(lease, self._probe_at(
                 lease.member, peers.verdicts, peers.zones, peers.endpoints))
         if (lease.state == "acted" and not lease.replacement and lease.asg
-                and lease.holder == self.me):
-            try:
-                current = set(self.cloud.asg_member_ids(lease.asg))
-            except CloudError:
-                current = set()
-            taken = {x.replacement for x in self._lease_cache.values() if x.replacement}
-            claimed = {x.member for x in self._lease_cache.values() if x.replacement}
-            others = set(lease.asg_before) - current - claimed - {lease.member}
-            new = self._launched_after(current - set(lease.asg_before) - taken
-                                       - {lease.member}, lease, len(others) if current else 0,
-                                       peers, now)
+                and (lease.holder == self.me or self._holders_turn_over(lease, now))):
+            new = self._asg_replacement_of(lease, peers, now)
+            if new is None:
+                return lease, None  # neither done nor failed: EC2 cannot tell which it is
             if new:
                 lease = self._rewrite(lease, replacement=new) or lease
         hb = self._heartbeated(lease.replacement, peers)

@@ -331,6 +331,40 @@ def test_at_the_deadline_the_holder_adopts_before_another_observer_fails_the_lea
     assert "heal-replacement-failed" not in kinds(cloud)
 
 
+def test_a_replacement_nobody_could_look_up_is_not_a_failed_one(
+        cloud: EmbeddedCloud, tmp_path: Any) -> None:
+    """Chaos seed 7009 (N = 47, session 15's soak): an EC2/ASG outage began 7 s after
+    three ASG actions and outlasted their deadline. Each holder took "cannot list the
+    group" for "nothing launched" and failed its lease while every replacement heartbeated;
+    three such failures froze the healthy group (failed-replacements: 3). Past the deadline
+    with the API out, the lease stays in flight; another observer, past the holder's grace,
+    looks the replacement up itself instead of failing the lease unseen."""
+    ids = cloud.create_asg(GROUP, 4)
+    dead = ids[3]
+    cloud.client("ec2").stop_instances(InstanceIds=[dead])
+    cfg = config(action="asg-mark")
+    kw: dict[str, Any] = {"replace_deadline_s": 4, "lease_expiry_s": 3}
+    a, d = confirm_then_act(cloud, ids, dead, cfg, tmp_path, **kw)
+    assert [x.kind for x in d.actions if not x.dry_run] == ["asg-mark"], a.outcomes
+    assert reconcile_asg(cloud, GROUP) == [dead]
+    (new,) = set(cloud.asg_instance_ids(GROUP)) - set(ids)
+    store = store_for(cloud)
+    store.put(member_key(GROUP, new), b"{}")  # the replacement heartbeats
+    a.cloud = Cloud(ec2=boto3.client("ec2", region_name="us-east-1", endpoint_url=CLOSED),
+                    autoscaling=boto3.client("autoscaling", region_name="us-east-1",
+                                             endpoint_url=CLOSED))  # the holder: API out
+    time.sleep(5.5)  # past the deadline on the store's one-second clock
+    a.step(view(ids, dead), ObserverHealth())
+    lease = read_lease(store, GROUP, dead)
+    assert lease.state == "acted" and lease.replacement == "", lease  # not failed
+    time.sleep(2.5)  # past the holder's grace (deadline + lease_expiry_s)
+    b = ctl(cloud, ids[1], cfg, tmp_path, **kw)
+    b.step(view(ids, dead), ObserverHealth())
+    lease = read_lease(store, GROUP, dead)
+    assert lease.state == "done" and lease.replacement == new, lease
+    assert "heal-replacement-failed" not in kinds(cloud)
+
+
 def test_pause_means_zero_actions_and_resume_lets_it_act(
         cloud: EmbeddedCloud, tmp_path: Any) -> None:
     ids = cloud.run_standalone(GROUP, 4)
