@@ -58,10 +58,13 @@ def test_every_mutant_still_fits_the_code_it_patches() -> None:
     The tiny run applies one; session 15 changed ``_fence``'s parameters and ``no-fencing``
     no longer fitted, which only the full ``python -m bench mutants`` found (a TypeError)."""
     from agent.heal import controller as C
+    from agent.heal import decide as D
+    from agent.heal import leases as L
     from bench import bench_mutants
 
-    before = dict(vars(C.HealController))
+    patched = (C, C.HealController, D, L.Lease)
+    before = [dict(vars(x)) for x in patched]
     for m in bench_mutants.MUTANTS:
         with m.patch():
-            pass
-        assert dict(vars(C.HealController)) == before, f"{m.name} left a patch behind"
+            assert [dict(vars(x)) for x in patched] != before, f"{m.name} patched nothing here"
+        assert [dict(vars(x)) for x in patched] == before, f"{m.name} left a patch behind"

@@ -357,7 +357,7 @@ def test_a_replacement_nobody_could_look_up_is_not_a_failed_one(
     a.step(view(ids, dead), ObserverHealth())
     lease = read_lease(store, GROUP, dead)
     assert lease.state == "acted" and lease.replacement == "", lease  # not failed
-    time.sleep(2.5)  # past the holder's grace (deadline + lease_expiry_s)
+    time.sleep(3.0)  # past the holder's grace (deadline + lease_expiry_s), 1 s to spare
     b = ctl(cloud, ids[1], cfg, tmp_path, **kw)
     b.step(view(ids, dead), ObserverHealth())
     lease = read_lease(store, GROUP, dead)
