@@ -722,11 +722,8 @@ class HealController:
                 lease = self._resolve_acting(lease, now, peers)
             lease, hb = self._maintain(lease, now, peers)
             g.leases[member] = lease
-            out = lease_outcome(lease, now, self._deadline_for(lease), bool(hb),
-                                self.lease_expiry_s, self.acting_ttl_s)
-            # Not known to have failed (its replacement's record or EC2 could not be read):
-            # still in flight, not one more failure towards a freeze.
-            g.outcomes[member] = "in-flight" if out == "failed" and hb is None else out
+            g.outcomes[member] = lease_outcome(lease, now, self._deadline_for(lease), hb,
+                                               self.lease_expiry_s, self.acting_ttl_s)
             if member in peers.members and lease.acted and member != self.me:
                 # Replaced, but its record survived (the delete after the action failed).
                 self._forget(member, if_present=True)
@@ -907,7 +904,8 @@ class HealController:
         """Past the holder's grace (``_deadline_for``) another observer adopts the ASG's
         replacement itself rather than failing the lease unseen: its holder may be gone
         (a spot interruption) or blind (an API outage) while the replacement heartbeats."""
-        return lease.acted_at is not None and now - lease.acted_at >= self._deadline_for(lease)
+        return lease.acted_at is not None and is_failed_replacement(
+            lease.acted_at, now, self._deadline_for(lease), False)
 
     def _asg_replacement_of(self, lease: Lease, peers: PeersView, now: float) -> str | None:
         """``_launched_after`` among the ASG's instances new since the action's snapshot and

@@ -164,15 +164,17 @@ class Lease:
         return lease_clearable(self.state, self.acted, self.age(store_now), acting_ttl_s)
 
 
-def lease_outcome(lease: Lease, now: float, deadline_s: float, heartbeated: bool,
+def lease_outcome(lease: Lease, now: float, deadline_s: float, heartbeated: bool | None,
                   expiry_s: float | None = None, acting_ttl_s: float | None = None) -> str:
     """``refused`` | ``done`` | ``failed`` | ``aborted`` | ``expired`` | ``in-flight``.
 
-    On the store's clock ``now``. ``aborted``: failed before any action (not a failed
-    replacement: it does not count towards the streak). ``expired``: ``held`` longer
-    than ``expiry_s`` (its holder is gone; nothing was done), or ``acting`` without an
-    act time longer than ``acting_ttl_s`` (the controller's age at which the call is
-    over; None: such a lease never expires here).
+    On the store's clock ``now``. ``heartbeated`` None: nobody could tell (the
+    replacement's record or EC2 could not be read); never ``failed`` then, still in
+    flight (chaos seed 7009: three such "failures" froze a healthy group). ``aborted``:
+    failed before any action (not a failed replacement: it does not count towards the
+    streak). ``expired``: ``held`` longer than ``expiry_s`` (its holder is gone; nothing
+    was done), or ``acting`` without an act time longer than ``acting_ttl_s`` (the
+    controller's age at which the call is over; None: such a lease never expires here).
     """
     if lease.state == "failed" and not lease.acted:
         return "aborted"
@@ -191,7 +193,8 @@ def lease_outcome(lease: Lease, now: float, deadline_s: float, heartbeated: bool
     started = lease.acted_at if lease.acted_at is not None else lease.last_modified
     if heartbeated:
         return "done"
-    if started is not None and is_failed_replacement(started, now, deadline_s, heartbeated):
+    if (heartbeated is not None and started is not None
+            and is_failed_replacement(started, now, deadline_s, heartbeated)):
         return "failed"
     return "in-flight"
 

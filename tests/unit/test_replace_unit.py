@@ -54,8 +54,10 @@ def test_lease_round_trip_and_malformed() -> None:
     ("acting", None, 100, 189, False, "in-flight"),  # a call may be under way
     ("acting", None, 100, 190, False, "expired"),    # holder died mid-call: not in flight
     ("failed", None, 100, 999, False, "aborted"),    # failed before acting: not a failure
+    # Past the deadline, but its replacement or EC2 could not be read: not a failure.
+    ("acted", 100, 100, 999, None, "in-flight"),
 ])
-def test_lease_outcome(state: str, acted_at: float | None, lm: float, now: float, hb: bool,
+def test_lease_outcome(state: str, acted_at: float | None, lm: float, now: float, hb: bool | None,
                        expected: str) -> None:
     lease = Lease("i-1", "i-2", "launch", state, acted_at=acted_at, last_modified=lm)
     assert lease_outcome(lease, now, 60, hb, expiry_s=60, acting_ttl_s=90) == expected
