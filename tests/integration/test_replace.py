@@ -56,6 +56,13 @@ def view(ids: list[str], dead: str, *, silent: float = 1000.0,
                      members=frozenset(ids) - {dead})
 
 
+def unreachable_cloud() -> Cloud:
+    """EC2 and Auto Scaling at a closed port: every call fails (an API outage)."""
+    return Cloud(ec2=boto3.client("ec2", region_name="us-east-1", endpoint_url=CLOSED),
+                 autoscaling=boto3.client("autoscaling", region_name="us-east-1",
+                                          endpoint_url=CLOSED))
+
+
 def store_for(cloud: EmbeddedCloud) -> Store:
     cloud.ensure_bucket()
     return Store(cloud.bucket, cloud.prefix)
@@ -350,9 +357,7 @@ def test_a_replacement_nobody_could_look_up_is_not_a_failed_one(
     (new,) = set(cloud.asg_instance_ids(GROUP)) - set(ids)
     store = store_for(cloud)
     store.put(member_key(GROUP, new), b"{}")  # the replacement heartbeats
-    a.cloud = Cloud(ec2=boto3.client("ec2", region_name="us-east-1", endpoint_url=CLOSED),
-                    autoscaling=boto3.client("autoscaling", region_name="us-east-1",
-                                             endpoint_url=CLOSED))  # the holder: API out
+    a.cloud = unreachable_cloud()  # the holder: the API is out
     time.sleep(5.5)  # past the deadline on the store's one-second clock
     a.step(view(ids, dead), ObserverHealth())
     lease = read_lease(store, GROUP, dead)
@@ -446,9 +451,7 @@ def test_api_failure_freezes_with_api_failing_and_acts_on_nothing(
     dead = ids[0]
     cloud.client("ec2").terminate_instances(InstanceIds=[dead])
     n = len(all_instances(cloud))
-    broken = Cloud(ec2=boto3.client("ec2", region_name="us-east-1", endpoint_url=CLOSED),
-                   autoscaling=boto3.client("autoscaling", region_name="us-east-1",
-                                            endpoint_url=CLOSED))
+    broken = unreachable_cloud()
     cfg = config(action="launch")
     others = [i for i in ids if i != dead]
     a = ctl(cloud, others[0], cfg, tmp_path, adapter=broken)
