@@ -82,17 +82,23 @@ def _warm(n: int, start_h: float, end_h: float, profile: str) -> tuple[float, fl
     return mark[0] - c0, c1 - mark[0], res
 
 
-def _call_floor(calls: int = 20_000) -> tuple[float, float]:
-    """Microseconds of CPU for one conditional GET through the real ``Store`` adapter against
-    the bare S3 twin (no simulator, no faults): (answered 304, answered 200 with a body)."""
+def _bare_store() -> Any:
+    """The real ``Store`` adapter against the bare S3 twin: no simulator, no faults."""
     from agent.aws.store import Store
-    from agent.interfaces import NotModified
     from agent.sim.fleetsim import BUCKET, T0
     from agent.sim.twins import S3Twin
 
     s3 = S3Twin(lambda: T0)
     s3.client().create_bucket(Bucket=BUCKET)
-    store = Store(BUCKET, "", client=s3.client())
+    return Store(BUCKET, "", client=s3.client())
+
+
+def _call_floor(calls: int = 20_000) -> tuple[float, float]:
+    """Microseconds of CPU for one conditional GET through the real ``Store`` adapter against
+    the bare S3 twin (no simulator, no faults): (answered 304, answered 200 with a body)."""
+    from agent.interfaces import NotModified
+
+    store = _bare_store()
     etag = store.put("k.json", b'{"a": 1}')
     assert isinstance(store.get("k.json", if_none_match=etag), NotModified)
     c0 = time.process_time()
@@ -160,7 +166,7 @@ def _steps(n: int, warm_s: float, span_s: float) -> dict[str, float]:
     and read every record), then ``span_s`` measured (every member LISTs in it: the LIST
     is amortized over the intervals). Also one LIST entry's cost (a member's LIST of the
     group, divided by N)."""
-    from agent.group.peers import TickReport
+    from agent.group.peers import TickReport, list_period_s
 
     clock, members = _fleet(n)
 
@@ -205,6 +211,11 @@ def _steps(n: int, warm_s: float, span_s: float) -> dict[str, float]:
     finally:
         gc.enable()
     out["list entry"] = best / n * 1e6
+    # How often the product LISTs, by the watcher's own settings: this group's pages as
+    # LISTed, and a 10,000-member group's 10 pages (S3's pages of 1,000 keys).
+    out["list period n"] = list_period_s(watcher.last_pages, watcher.list_s,
+                                         watcher.list_pages_per_hour)
+    out["list period 10k"] = list_period_s(10, watcher.list_s, watcher.list_pages_per_hour)
     return out
 
 
@@ -215,16 +226,12 @@ def _member_floor(rounds: int = 20_000, k: int = 3) -> tuple[float, float]:
     ``Store`` adapter against the bare S3 twin: (that I/O alone, that I/O plus the record's
     JSON: the heartbeat record encoded, the k watched records decoded). No validation, no
     liveness, no heal step, no simulator."""
-    from agent.aws.store import Store
     from agent.group.membership import MemberRecord
     from agent.interfaces import Obj
     from agent.layout import marker_key, member_key
-    from agent.sim.fleetsim import BUCKET, GROUP, T0
-    from agent.sim.twins import S3Twin
+    from agent.sim.fleetsim import GROUP
 
-    s3 = S3Twin(lambda: T0)
-    s3.client().create_bucket(Bucket=BUCKET)
-    store = Store(BUCKET, "", client=s3.client())
+    store = _bare_store()
     rec = MemberRecord(instance_id="i-0000000000000000", group=GROUP, seq=1, state="ready",
                        az="us-east-1a", private_ip="10.0.0.1", endpoint="http://10.0.0.1:8080")
     body = rec.dumps()
@@ -366,12 +373,9 @@ class Bounds:
 
 
 def _bounds(n: int, warm_s: float, span_s: float, floor_us: tuple[float, float]) -> Bounds:
-    from agent.group.peers import list_period_s
-
     st = _steps(n, warm_s, span_s)
     return Bounds(n, st["heartbeat"], st["watch"], st["heal"], st["total"], st["list entry"],
-                  *floor_us, list_period_s(-(-n // 1000)),
-                  list_period_s(10))  # pages of 1,000 keys: 10,000 keys are 10 pages
+                  *floor_us, st["list period n"], st["list period 10k"])
 
 
 def run(sizes: tuple[tuple[int, float], ...] = SIZES,
