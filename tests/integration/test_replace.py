@@ -634,3 +634,45 @@ def test_hook_action_runs_the_command_once_for_the_dead_member(cloud: EmbeddedCl
     ctl(cloud, ids[3], cfg, tmp_path).step(view(ids, dead), ObserverHealth())
     assert out.read_text().split() == [dead, GROUP]
     assert "heal-action" in kinds(cloud)
+
+
+def test_a_failed_verdict_that_lost_the_race_to_done_is_not_counted(
+        cloud: EmbeddedCloud, tmp_path: Any) -> None:
+    """Everything seed 1 at N = 1,000 (session 18's 24 h run, at 42,254.8 s): an API outage
+    outlasted four ASG actions' deadlines. The instant it ended, two observers adopted the
+    replacements and closed the leases ``done``; a third, 0.04 s behind them, had judged
+    the same leases ``failed``. Its writes lost (the ETags had moved), yet it counted its own
+    verdicts and froze the healthy group: ``failed-replacements: 3`` with 0 replacements
+    really failed (25 unjustified-freeze). A verdict the store refused is not a verdict.
+    Here observer C sees a wrong answer (the group without its new instance: "nothing
+    launched") and the holder closes the lease ``done`` just before C's write lands."""
+    ids = cloud.create_asg(GROUP, 4)
+    dead = ids[3]
+    cloud.client("ec2").stop_instances(InstanceIds=[dead])
+    cfg = config(action="asg-mark", failed_before_freeze=1)
+    kw: dict[str, Any] = {"replace_deadline_s": 2, "lease_expiry_s": 1}
+    a, d = confirm_then_act(cloud, ids, dead, cfg, tmp_path, **kw)
+    assert [x.kind for x in d.actions if not x.dry_run] == ["asg-mark"], a.outcomes
+    assert reconcile_asg(cloud, GROUP) == [dead]
+    (new,) = set(cloud.asg_instance_ids(GROUP)) - set(ids)
+    store = store_for(cloud)
+    store.put(member_key(GROUP, new), b"{}")  # the replacement heartbeats
+    time.sleep(4.5)  # past the deadline and the holder's grace on the store's 1 s clock
+    c = ctl(cloud, ids[2], cfg, tmp_path, **kw)
+    c.cloud.asg_member_ids = lambda name: sorted(ids)  # type: ignore[method-assign]
+    real_put = c.store.put
+
+    def put(rel: str, body: bytes, **kwargs: Any) -> str:
+        if rel == lease_key(GROUP, dead) and b'"failed"' in body:
+            a.step(view(ids, dead), ObserverHealth())  # the holder closes it first
+            assert read_lease(store, GROUP, dead).state == "done"
+        return real_put(rel, body, **kwargs)
+
+    c.store.put = put  # type: ignore[method-assign]
+    d = c.step(view(ids, dead), ObserverHealth())
+    assert not (d.frozen and "failed-replacements" in d.freeze.reason), d.freeze
+    lease = read_lease(store, GROUP, dead)
+    assert lease.state == "done" and lease.replacement == new, lease
+    assert "heal-replacement-failed" not in kinds(cloud)
+    d = c.step(view(ids, dead), ObserverHealth())  # the next step reads the store's copy
+    assert not (d.frozen and "failed-replacements" in d.freeze.reason), d.freeze
