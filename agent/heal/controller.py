@@ -927,7 +927,8 @@ class HealController:
     def _maintain(self, lease: Lease, now: float, peers: PeersView) -> tuple[Lease, bool | None]:
         """Move an open lease along: adopt the ASG's replacement, then done or failed.
 
-        Returns the lease and whether its replacement heartbeats (None: cannot tell).
+        Returns the lease and whether its replacement heartbeats (None: cannot tell, or
+        the store refused a write because the lease moved on since it was read).
         """
         if lease.state not in OPEN_STATES:
             return lease, False
@@ -940,7 +941,11 @@ class HealController:
             if new is None:
                 return lease, None  # neither done nor failed: EC2 cannot tell which it is
             if new:
-                lease = self._rewrite(lease, replacement=new) or lease
+                adopted = self._rewrite(lease, replacement=new)
+                if adopted is None:
+                    # not judged without the replacement another observer may have written
+                    return lease, None
+                lease = adopted
         hb = self._heartbeated(lease.replacement, peers)
         if hb is None:
             return lease, None

@@ -636,16 +636,19 @@ def test_hook_action_runs_the_command_once_for_the_dead_member(cloud: EmbeddedCl
     assert "heal-action" in kinds(cloud)
 
 
+@pytest.mark.parametrize("losing", ["verdict", "adoption"])
 def test_a_failed_verdict_that_lost_the_race_to_done_is_not_counted(
-        cloud: EmbeddedCloud, tmp_path: Any) -> None:
+        cloud: EmbeddedCloud, tmp_path: Any, losing: str) -> None:
     """Everything seed 1 at N = 1,000 (session 18's 24 h run, at 42,254.8 s): an API outage
     outlasted four ASG actions' deadlines. The instant it ended, two observers adopted the
     replacements and closed the leases ``done``; a third, 0.04 s behind them, had judged
     the same leases ``failed``. Its writes lost (the ETags had moved), yet it counted its own
     verdicts and froze the healthy group: ``failed-replacements: 3`` with 0 replacements
     really failed (25 unjustified-freeze). A verdict the store refused is not a verdict.
-    Here observer C sees a wrong answer (the group without its new instance: "nothing
-    launched") and the holder closes the lease ``done`` just before C's write lands."""
+    The holder closes the lease ``done`` just before observer C's write lands: C's
+    ``failed`` (C sees a wrong answer, the group without its new instance: "nothing
+    launched"), or C's adoption of the new instance, after which C judged the lease
+    without a replacement."""
     ids = cloud.create_asg(GROUP, 4)
     dead = ids[3]
     cloud.client("ec2").stop_instances(InstanceIds=[dead])
@@ -659,11 +662,13 @@ def test_a_failed_verdict_that_lost_the_race_to_done_is_not_counted(
     store.put(member_key(GROUP, new), b"{}")  # the replacement heartbeats
     time.sleep(4.5)  # past the deadline and the holder's grace on the store's 1 s clock
     c = ctl(cloud, ids[2], cfg, tmp_path, **kw)
-    c.cloud.asg_member_ids = lambda name: sorted(ids)  # type: ignore[method-assign]
+    if losing == "verdict":
+        c.cloud.asg_member_ids = lambda name: sorted(ids)  # type: ignore[method-assign]
     real_put = c.store.put
+    mark = b'"failed"' if losing == "verdict" else new.encode()
 
     def put(rel: str, body: bytes, **kwargs: Any) -> str:
-        if rel == lease_key(GROUP, dead) and b'"failed"' in body:
+        if rel == lease_key(GROUP, dead) and mark in body:
             a.step(view(ids, dead), ObserverHealth())  # the holder closes it first
             assert read_lease(store, GROUP, dead).state == "done"
         return real_put(rel, body, **kwargs)
