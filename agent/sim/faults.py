@@ -90,3 +90,10 @@ def _scaled(p: Profile, k: float, name: str) -> Profile:
 # times its rate, where a dozen members dwindle under mass-death freezes to the last agent.
 PROFILES["part-zone"] = replace(PROFILES["partitions"], name="part-zone", zone_outage_ph=1.0)
 PROFILES["chaos"] = _scaled(PROFILES["everything"], 4.0, "chaos")
+# EC2/ASG outages three times an hour, with every per-call and per-member fault of
+# ``everything`` and none of its group-wide events: outages that outlast ASG actions'
+# deadlines, then every observer adopting at the instant the API answers again (session 19:
+# the 24 h run's 25 unjustified freezes, found again at N = 107 with this profile).
+PROFILES["api-outage"] = replace(PROFILES["everything"], name="api-outage", api_outage_ph=3.0,
+                                 mass_kill_ph=0.0, operator_pause_ph=0.0, zone_outage_ph=0.0,
+                                 control_plane_ph=0.0)
