@@ -964,8 +964,10 @@ class HealController:
             # The store refused the verdict: the lease moved on since it was read (another
             # observer closed it). Not counted either way until the next step reads it:
             # everything seed 1 at N = 1,000 (42,254.8 s), an observer 0.04 s behind two
-            # others that closed four leases `done` counted its own refused `failed`s and
-            # froze a healthy group (failed-replacements: 3; 25 unjustified-freeze).
+            # others that adopted and closed four leases `done` counted its refused
+            # `failed`s and froze a healthy group (failed-replacements: 3; 25
+            # unjustified-freeze). Those verdicts came after an adoption that lost (seed
+            # refused-api-outage-102): the lease was judged without its replacement.
             return lease, None
         return lease, hb
 

@@ -641,14 +641,15 @@ def test_a_failed_verdict_that_lost_the_race_to_done_is_not_counted(
         cloud: EmbeddedCloud, tmp_path: Any, losing: str) -> None:
     """Everything seed 1 at N = 1,000 (session 18's 24 h run, at 42,254.8 s): an API outage
     outlasted four ASG actions' deadlines. The instant it ended, two observers adopted the
-    replacements and closed the leases ``done``; a third, 0.04 s behind them, had judged
-    the same leases ``failed``. Its writes lost (the ETags had moved), yet it counted its own
-    verdicts and froze the healthy group: ``failed-replacements: 3`` with 0 replacements
-    really failed (25 unjustified-freeze). A verdict the store refused is not a verdict.
+    replacements and closed the leases ``done``; a third, 0.04 s behind them, counted four
+    ``failed`` verdicts whose writes had lost (the ETags had moved) and froze the healthy
+    group: ``failed-replacements: 3`` with 0 replacements really failed (25
+    unjustified-freeze). In regression seed refused-api-outage-102 each such verdict came
+    right after an adoption write that lost: the observer had found the replacement and
+    judged the lease without it. A write the store refused is not a verdict.
     The holder closes the lease ``done`` just before observer C's write lands: C's
-    ``failed`` (C sees a wrong answer, the group without its new instance: "nothing
-    launched"), or C's adoption of the new instance, after which C judged the lease
-    without a replacement."""
+    adoption of the new instance, or C's ``failed`` (C sees a wrong answer, the group
+    without its new instance: "nothing launched")."""
     ids = cloud.create_asg(GROUP, 4)
     dead = ids[3]
     cloud.client("ec2").stop_instances(InstanceIds=[dead])
