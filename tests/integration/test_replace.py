@@ -224,6 +224,23 @@ def reconcile_asg(cloud: EmbeddedCloud, group: str) -> list[str]:
     return replaced
 
 
+def asg_action_replaced(cloud: EmbeddedCloud, cfg: Config, tmp_path: Any, **kw: Any
+                        ) -> tuple[list[str], str, HealController, str, Store]:
+    """An ASG of 4 whose last member is stopped: observer A marks it (``asg-mark``), the
+    ASG (``reconcile_asg``) replaces it and the replacement heartbeats. Returns the group's
+    first ids, the dead member, A (the lease's holder), the replacement and the store."""
+    ids = cloud.create_asg(GROUP, 4)
+    dead = ids[3]
+    cloud.client("ec2").stop_instances(InstanceIds=[dead])
+    a, d = confirm_then_act(cloud, ids, dead, cfg, tmp_path, **kw)
+    assert [x.kind for x in d.actions if not x.dry_run] == ["asg-mark"], a.outcomes
+    assert reconcile_asg(cloud, GROUP) == [dead]
+    (new,) = set(cloud.asg_instance_ids(GROUP)) - set(ids)
+    store = store_for(cloud)
+    store.put(member_key(GROUP, new), b"{}")  # the replacement heartbeats
+    return ids, dead, a, new, store
+
+
 def test_asg_mark_with_a_test_side_reconciler(cloud: EmbeddedCloud, tmp_path: Any) -> None:
     """moto records set_instance_health but never replaces: ``reconcile_asg`` plays the ASG."""
     ids = cloud.create_asg(GROUP, 4)
@@ -346,17 +363,9 @@ def test_a_replacement_nobody_could_look_up_is_not_a_failed_one(
     three such failures froze the healthy group (failed-replacements: 3). Past the deadline
     with the API out, the lease stays in flight; another observer, past the holder's grace,
     looks the replacement up itself instead of failing the lease unseen."""
-    ids = cloud.create_asg(GROUP, 4)
-    dead = ids[3]
-    cloud.client("ec2").stop_instances(InstanceIds=[dead])
     cfg = config(action="asg-mark")
     kw: dict[str, Any] = {"replace_deadline_s": 4, "lease_expiry_s": 3}
-    a, d = confirm_then_act(cloud, ids, dead, cfg, tmp_path, **kw)
-    assert [x.kind for x in d.actions if not x.dry_run] == ["asg-mark"], a.outcomes
-    assert reconcile_asg(cloud, GROUP) == [dead]
-    (new,) = set(cloud.asg_instance_ids(GROUP)) - set(ids)
-    store = store_for(cloud)
-    store.put(member_key(GROUP, new), b"{}")  # the replacement heartbeats
+    ids, dead, a, new, store = asg_action_replaced(cloud, cfg, tmp_path, **kw)
     a.cloud = unreachable_cloud()  # the holder: the API is out
     time.sleep(5.5)  # past the deadline on the store's one-second clock
     a.step(view(ids, dead), ObserverHealth())
@@ -650,17 +659,9 @@ def test_a_failed_verdict_that_lost_the_race_to_done_is_not_counted(
     The holder closes the lease ``done`` just before observer C's write lands: C's
     adoption of the new instance, or C's ``failed`` (C sees a wrong answer, the group
     without its new instance: "nothing launched")."""
-    ids = cloud.create_asg(GROUP, 4)
-    dead = ids[3]
-    cloud.client("ec2").stop_instances(InstanceIds=[dead])
     cfg = config(action="asg-mark", failed_before_freeze=1)
     kw: dict[str, Any] = {"replace_deadline_s": 2, "lease_expiry_s": 1}
-    a, d = confirm_then_act(cloud, ids, dead, cfg, tmp_path, **kw)
-    assert [x.kind for x in d.actions if not x.dry_run] == ["asg-mark"], a.outcomes
-    assert reconcile_asg(cloud, GROUP) == [dead]
-    (new,) = set(cloud.asg_instance_ids(GROUP)) - set(ids)
-    store = store_for(cloud)
-    store.put(member_key(GROUP, new), b"{}")  # the replacement heartbeats
+    ids, dead, a, new, store = asg_action_replaced(cloud, cfg, tmp_path, **kw)
     time.sleep(4.5)  # past the deadline and the holder's grace on the store's 1 s clock
     c = ctl(cloud, ids[2], cfg, tmp_path, **kw)
     if losing == "verdict":
