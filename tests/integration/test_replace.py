@@ -38,6 +38,15 @@ from tests.conftest import CLOSED
 GROUP = "web"
 
 
+def sleep_past(seconds: float) -> None:
+    """Sleep until ``seconds`` have passed since an action on every observer's reading of
+    the store's clock. ``acted_at`` may be up to 1 s late (``_store_clock`` adds 1 s to a
+    whole-second ``Date``) and a later step's ``Date`` up to 1 s early: 2 s, and 0.5 s to
+    spare. 4.5 s for a 3 s deadline failed once in CI: the observer had not yet taken the
+    lease over, and it stayed ``acted``."""
+    time.sleep(seconds + 2.5)
+
+
 def config(**heal: Any) -> Config:
     base = {"mode": "armed", "action": "launch", "grace_s": 0, "max_per_window": 1,
             "window_s": 300, "freeze_fraction": 0.34, "confirm_observers": 2,
@@ -346,7 +355,7 @@ def test_at_the_deadline_the_holder_adopts_before_another_observer_fails_the_lea
     store = store_for(cloud)
     for new in set(cloud.asg_instance_ids(GROUP)) - set(ids):
         store.put(member_key(GROUP, new), b"{}")  # both launches heartbeat
-    time.sleep(5.5)  # past the deadline on the store's one-second clock
+    sleep_past(4)  # the deadline
     b.step(view(ids, dead), ObserverHealth())  # another observer steps first
     assert read_lease(store, GROUP, dead).state == "acted"
     a.step(view(ids, dead), ObserverHealth())
@@ -367,11 +376,11 @@ def test_a_replacement_nobody_could_look_up_is_not_a_failed_one(
     kw: dict[str, Any] = {"replace_deadline_s": 4, "lease_expiry_s": 3}
     ids, dead, a, new, store = asg_action_replaced(cloud, cfg, tmp_path, **kw)
     a.cloud = unreachable_cloud()  # the holder: the API is out
-    time.sleep(5.5)  # past the deadline on the store's one-second clock
+    sleep_past(4)  # the deadline
     a.step(view(ids, dead), ObserverHealth())
     lease = read_lease(store, GROUP, dead)
     assert lease.state == "acted" and lease.replacement == "", lease  # not failed
-    time.sleep(3.0)  # past the holder's grace (deadline + lease_expiry_s), 1 s to spare
+    time.sleep(3.0)  # past the holder's grace (deadline + lease_expiry_s = 7 s)
     b = ctl(cloud, ids[1], cfg, tmp_path, **kw)
     b.step(view(ids, dead), ObserverHealth())
     lease = read_lease(store, GROUP, dead)
@@ -662,7 +671,7 @@ def test_a_failed_verdict_that_lost_the_race_to_done_is_not_counted(
     cfg = config(action="asg-mark", failed_before_freeze=1)
     kw: dict[str, Any] = {"replace_deadline_s": 2, "lease_expiry_s": 1}
     ids, dead, a, new, store = asg_action_replaced(cloud, cfg, tmp_path, **kw)
-    time.sleep(4.5)  # past the deadline and the holder's grace on the store's 1 s clock
+    sleep_past(3)  # the deadline and the holder's grace (deadline + lease_expiry_s)
     c = ctl(cloud, ids[2], cfg, tmp_path, **kw)
     if losing == "verdict":
         c.cloud.asg_member_ids = lambda name: sorted(ids)  # type: ignore[method-assign]
