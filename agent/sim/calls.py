@@ -58,7 +58,9 @@ class CallFaults(Scheduler):
             self.park(r.uniform(0.1, 3.0))
         if p.call_stall and g.role == "main" and r.random() < p.call_stall:
             self._fault("call-stall")
-            self.park(r.uniform(20.0, 120.0))
+            stall = r.uniform(20.0, 120.0)
+            h.stalls.append((self.t, self.t + stall))
+            self.park(stall)
         if g.gen != h.gen:
             raise Killed()
         resp = self.s3.call(op, kw)

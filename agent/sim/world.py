@@ -54,6 +54,7 @@ class Host:
     able_since: float = 0.0  # ground truth: since when, while able
     able_spans: list[tuple[float, float]] = field(default_factory=list)  # (from, to), ended
     resumed_at: float = -1.0  # when its agent was last SIGCONTed (a held probe answers then)
+    stalls: list[tuple[float, float]] = field(default_factory=list)  # main-loop call stalls
     tasks: Any = None
     lets: list[Let] = field(default_factory=list)
     deferred: list[Let] = field(default_factory=list)

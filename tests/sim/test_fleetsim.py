@@ -474,6 +474,12 @@ CHECKER_SEEDS = [
     #   dead_after from silence, and an agent up when the lights went out is false-action's:
     #   such a call is noted ``landed-dark``
     pytest.param("zone", "chaos", 7002, 39, 2.0, "landed-dark", id="zone-chaos-7002"),
+    # liveness (42 members, 0.5 h; session 19's soak): 16's agent died at 1474 s. Its three
+    #   watchers' main loops stalled 13 times in the next 310 s, 22-113 s each; 01 and 13
+    #   confirmed it once, and 01's decision was 44 s old at the fence (a stall) and refused.
+    #   The stretch counted as quiet: call stalls were not faults to the checker. A death's
+    #   bound now runs only while enough of its watchers to confirm it can watch (``_due``)
+    pytest.param("liveness", "stalls", 306, 42, 0.5, "", id="liveness-stalls-306"),
 ]
 
 
@@ -501,6 +507,45 @@ def _zone_kinds(spans: list[tuple[float, float]], landed: float, sent: float) ->
     sim.t = T0 + landed
     sim._check_action(actor, "terminate", target.iid, T0 + sent - 1000.0, T0 + sent)
     return [v.kind for v in sim.res.violations]
+
+
+def test_a_deaths_watchers_are_the_rings_and_its_bound_waits_while_they_stall() -> None:
+    """Ground truth's watchers of a death are the agents whose ``watch_set`` holds it, and
+    its bound (``bound_s``) is counted only while two of them (``confirm_observers``) are
+    neither stalled in a call nor unable."""
+    from agent.group.membership import watch_set
+    from agent.group.peers import DEFAULT_K
+
+    sim = fleetsim.Simulation(1, 9, 0.01, "calm")
+    sim.run()
+    dead = sim.hosts[sorted(sim.hosts)[4]]
+    dead.death_t = T0 + 100.0
+    ids = sorted(sim.hosts)
+    watchers = sim._watchers(dead)
+    assert sorted(w.iid for w in watchers) == sorted(
+        o for o in ids if dead.iid in watch_set(o, ids, DEFAULT_K))
+    assert len(watchers) == DEFAULT_K == 3
+    sim.end = T0 + 10_000.0
+    bound = sim.bound_s()
+
+    def due(*stalls: tuple[int, float, float]) -> float:
+        for h in sim.hosts.values():
+            h.stalls = []
+        for i, a, b in stalls:
+            watchers[i].stalls.append((T0 + a, T0 + b))
+        return round(sim._due(dead, bound) - dead.death_t)
+
+    assert due() == bound
+    assert due((0, 150.0, 250.0)) == bound  # the other two can still confirm it
+    assert due((0, 150.0, 250.0), (1, 200.0, 300.0)) == bound + 50  # two stalled: 200-250 s
+    assert due((0, 150.0, 250.0), (1, 150.0, 250.0), (2, 150.0, 250.0)) == bound + 100
+    assert due((0, 50.0, 250.0), (1, 50.0, 250.0)) == bound + 150  # from its death only
+    assert due() == bound
+    other = next(h for h in sim.hosts.values() if h is not dead and h not in watchers)
+    other.stalls = [(T0 + 100.0, T0 + 500.0)]  # a stall elsewhere is not its watchers'
+    assert round(sim._due(dead, bound) - dead.death_t) == bound
+    sim.end = T0 + 300.0  # stalled past the end of the run: not owed within it
+    assert due((0, 150.0, 250.0), (1, 150.0, 250.0)) > 200.0
 
 
 def test_the_zone_rule_judges_a_call_by_the_outage_it_landed_in_not_only_the_latest() -> None:
