@@ -321,7 +321,7 @@ class Checker(Scheduler):
         walks past the dead): ``dead`` is watched by the ``k`` able agents before it."""
         t = dead.death_t
         assert t is not None
-        able = [x for x in self.hosts.values() if x is not dead and _able_at(x, t)]
+        able = [x for x in self.hosts.values() if x is not dead and _able_through(x, t, t)]
         ring = sorted([*able, dead], key=lambda x: (ring_position(x.iid), x.iid))
         i = ring.index(dead)
         k = min(DEFAULT_K, len(able))
@@ -339,17 +339,11 @@ class Checker(Scheduler):
         need = min(self.policy.confirm_observers, len(watchers))
         t, counted, step = dead.death_t, 0.0, 1.0
         while counted < bound and t < self.end:
-            if sum(1 for w in watchers if _able_at(w, t) and not _stalled_at(w, t)) >= need:
+            if sum(1 for w in watchers
+                   if _able_through(w, t, t) and not _stalled_at(w, t)) >= need:
                 counted += step
             t += step
-        return t if counted >= bound else max(t, self.end) + step
-
-
-def _able_at(h: Host, t: float) -> bool:
-    """Ground truth: was ``h``'s agent up and able to heartbeat at ``t``?"""
-    if h.unable_since is None and h.able_since <= t:
-        return True
-    return any(a <= t <= b for a, b in h.able_spans)
+        return t if counted >= bound else t + step  # past the end: not owed within the run
 
 
 def _stalled_at(h: Host, t: float) -> bool:
