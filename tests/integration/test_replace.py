@@ -692,3 +692,41 @@ def test_a_failed_verdict_that_lost_the_race_to_done_is_not_counted(
     assert "heal-replacement-failed" not in kinds(cloud)
     d = c.step(view(ids, dead), ObserverHealth())  # the next step reads the store's copy
     assert not (d.frozen and "failed-replacements" in d.freeze.reason), d.freeze
+
+
+@pytest.mark.xfail(strict=True, reason="open: the adoption is not claimed (docs/safety.md 13)")
+def test_two_leases_never_adopt_the_same_launch(cloud: EmbeddedCloud, tmp_path: Any) -> None:
+    """Session 19's 24 h run: one launch (a28) was adopted by the leases of two members
+    (4b9 and 36f). The replacements an observer counts as taken came from its own lease
+    cache, and a lease listed before the one it maintains was not yet read: two ASG
+    actions, both launches heartbeat, A adopts one for its member, and B, which lists its
+    own member's lease first, adopted the same one. Closed ``done`` on another member's
+    instance, a lease hides a replacement that failed and frees its in-flight slot early."""
+    ids = cloud.create_asg(GROUP, 6)
+    first, second, *_, y, x = sorted(ids)  # y's lease lists before x's
+    cfg = config(action="asg-mark", max_per_window=2)
+    a = ctl(cloud, first, cfg, tmp_path, replace_deadline_s=3600)
+    b = ctl(cloud, second, cfg, tmp_path, replace_deadline_s=3600)
+    store = store_for(cloud)
+    acted_at = time.time()
+    for member, holder in ((x, a), (y, b)):
+        lease = Lease(member=member, holder=holder.me, action="asg-mark", state="acted",
+                      token=f"t-{member}", acted_at=acted_at, asg=GROUP,
+                      asg_before=tuple(ids), nonce=f"n-{member}")
+        store.put(lease_key(GROUP, member), lease.body(), content_type="application/json")
+    asg = cloud.client("autoscaling")
+    for member in (x, y):
+        asg.terminate_instance_in_auto_scaling_group(
+            InstanceId=member, ShouldDecrementDesiredCapacity=False)
+        time.sleep(1.1)  # LaunchTime has one-second resolution
+    launches = sorted(set(cloud.asg_instance_ids(GROUP)) - set(ids))
+    assert len(launches) == 2, launches
+    for new in launches:
+        store.put(member_key(GROUP, new), b"{}")  # both heartbeat
+    both = PeersView(verdicts={m: ("dead" if m in (x, y) else "alive") for m in ids},
+                     group_size=len(ids), silent_for={x: 1000.0, y: 1000.0},
+                     members=frozenset(ids) - {x, y})
+    a.step(both, ObserverHealth())
+    b.step(both, ObserverHealth())
+    adopted = [read_lease(store, GROUP, m).replacement for m in (x, y)]
+    assert sorted(adopted) == launches, adopted
