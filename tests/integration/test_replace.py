@@ -728,5 +728,6 @@ def test_two_leases_never_adopt_the_same_launch(cloud: EmbeddedCloud, tmp_path: 
                      members=frozenset(ids) - {x, y})
     a.step(both, ObserverHealth())
     b.step(both, ObserverHealth())
+    b.step(both, ObserverHealth())  # a claim lost to another lease waits a step
     adopted = [read_lease(store, GROUP, m).replacement for m in (x, y)]
     assert sorted(adopted) == launches, adopted
