@@ -954,11 +954,18 @@ class HealController:
             owner, etag = held
             if owner == lease.member:
                 return True
-            other = self._lease_cache.get(owner)
-            if not owner or (other is not None and claim_released(other, iid)):
+            # Its lease as the store has it now: a cached copy may be an earlier life of
+            # that lease (refused, no replacement), which let go of nothing (chaos seed
+            # 2100, N = 96: taken over from a lease that had just named the launch).
+            other = (read_lease(self.store, self.group, owner)
+                     or read_closed_lease(self.store, self.group, owner)) if owner else None
+            if other is None or claim_released(other, iid):
                 return claim_launch(self.store, self.group, iid, lease, over=etag) or None
         except StoreError as exc:
             log.warning("cannot claim %s for %s: %s", iid, lease.member, exc)
+            return None
+        except MalformedRecord as exc:
+            log.warning("cannot tell whose launch %s is: %s", iid, exc)
             return None
         self._claims[iid] = owner
         return False
