@@ -99,6 +99,11 @@ def closed_lease_key(group: str, member: str) -> str:
     return f"{closed_leases_prefix(group)}{member}"
 
 
+def adoption_key(group: str, instance_id: str) -> str:
+    """The create-only claim that an Auto Scaling launch is one lease's replacement."""
+    return f"groups/{group}/adoptions/{instance_id}"
+
+
 def suspicions_prefix(group: str) -> str:
     return f"groups/{group}/suspicions/"
 

@@ -83,10 +83,13 @@ from agent.heal.leases import (
     Lease,
     archivable,
     budget_key,
+    claim_launch,
+    claim_released,
     close_lease,
     control_prefix,
     count_suspicions,
     give_back_budget,
+    launch_claimant,
     lease_key,
     lease_outcome,
     leases_prefix,
@@ -415,6 +418,9 @@ class HealController:
         self._recorded_prune_at = 64
         self._freeze_recorded: tuple[str, ...] = ()
         self._lease_cache: dict[str, Lease] = {}
+        # launch -> the member whose lease claimed it, for claims lost to another lease
+        # (``_claim``): passed by when the next step picks a replacement
+        self._claims: dict[str, str] = {}
         self._stuck: dict[str, str] = {}  # member -> etag of the acting lease reported stuck
         # The last full step, when it found nothing to do (``_idle``): its decision and
         # gather are what an idle step reports.
@@ -733,6 +739,9 @@ class HealController:
         # for members that are neither leased nor in this observer's view any more.
         for m in [m for m in self._lease_cache if m not in g.leases]:
             del self._lease_cache[m]
+        for iid, m in list(self._claims.items()):
+            if m not in g.leases or claim_released(g.leases[m], iid):
+                del self._claims[iid]
         for m in [m for m in self._stuck if m not in g.leases]:
             del self._stuck[m]
         if len(self._recorded) > self._recorded_prune_at:
@@ -920,9 +929,46 @@ class HealController:
             return None
         taken = {x.replacement for x in self._lease_cache.values() if x.replacement}
         claimed = {x.member for x in self._lease_cache.values() if x.replacement}
+        for iid, owner in self._claims.items():
+            if owner != lease.member:
+                taken.add(iid)
+                claimed.add(owner)
         others = set(lease.asg_before) - current - claimed - {lease.member}
         return self._launched_after(current - set(lease.asg_before) - taken - {lease.member},
                                     lease, len(others), peers, now)
+
+    def _claim(self, lease: Lease, iid: str) -> bool | None:
+        """Claim the launch ``iid`` for ``lease`` before the lease names it: True when the
+        claim is this member's (made now, or earlier by any observer of this member's
+        lease); False when it is another lease's, remembered so the next pick passes it
+        by; None when the store cannot tell. The launches an observer counted as taken
+        came from its own lease cache alone: a lease listed after the one it maintains is
+        not read yet, and two observers stepping at once see neither adoption, so two
+        leases adopted the same launch (a28 for 4b9 and 36f, session 19's 24 h run)."""
+        try:
+            if claim_launch(self.store, self.group, iid, lease):
+                return True
+            held = launch_claimant(self.store, self.group, iid)
+            if held is None:
+                return None  # deleted since it was refused: claimed afresh next step
+            owner, etag = held
+            if owner == lease.member:
+                return True
+            # Its lease as the store has it now: a cached copy may be an earlier life of
+            # that lease (refused, no replacement), which let go of nothing (chaos seed
+            # 2100, N = 96: taken over from a lease that had just named the launch).
+            other = (read_lease(self.store, self.group, owner)
+                     or read_closed_lease(self.store, self.group, owner)) if owner else None
+            if other is None or claim_released(other, iid):
+                return claim_launch(self.store, self.group, iid, lease, over=etag) or None
+        except StoreError as exc:
+            log.warning("cannot claim %s for %s: %s", iid, lease.member, exc)
+            return None
+        except MalformedRecord as exc:
+            log.warning("cannot tell whose launch %s is: %s", iid, exc)
+            return None
+        self._claims[iid] = owner
+        return False
 
     def _maintain(self, lease: Lease, now: float, peers: PeersView) -> tuple[Lease, bool | None]:
         """Move an open lease along: adopt the ASG's replacement, then done or failed.
@@ -941,6 +987,8 @@ class HealController:
             if new is None:
                 return lease, None  # neither done nor failed: EC2 cannot tell which it is
             if new:
+                if not self._claim(lease, new):
+                    return lease, None  # another lease's launch, or the store cannot tell
                 adopted = self._rewrite(lease, replacement=new)
                 if adopted is None:
                     # not judged without the replacement another observer may have written

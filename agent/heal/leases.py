@@ -34,6 +34,7 @@ from agent.heal.decide import (
 )
 from agent.interfaces import StoreAPI
 from agent.layout import (  # noqa: F401 - re-exported
+    adoption_key,
     budget_key,
     closed_lease_key,
     closed_leases_prefix,
@@ -439,6 +440,42 @@ def read_closed_lease(store: StoreAPI, group: str, member: str) -> Lease | None:
     return parse_lease(obj.body, obj.etag, obj.last_modified)
 
 
+def claim_released(owner: Lease, instance_id: str) -> bool:
+    """Has ``owner``'s lease let go of its claim on ``instance_id``: it names another
+    launch, or it closed without naming one (its adoption's write lost the race)."""
+    return owner.replacement != instance_id and (bool(owner.replacement)
+                                                 or owner.state not in OPEN_STATES)
+
+
+def claim_launch(store: StoreAPI, group: str, instance_id: str, lease: Lease,
+                 *, over: str | None = None) -> bool:
+    """Claim the Auto Scaling launch ``instance_id`` as ``lease``'s replacement before the
+    lease names it (docs/safety.md 13): create-only, or in place of the released claim
+    whose ETag is ``over``. False when another claim is there. Raises ``StoreError``."""
+    body = json.dumps({"member": lease.member, "holder": lease.holder, "nonce": lease.nonce},
+                      sort_keys=True, separators=(",", ":")).encode()
+    try:
+        store.put(adoption_key(group, instance_id), body, if_none_match=over is None,
+                  if_match=over, content_type="application/json")
+    except (PreconditionFailed, NotFound):
+        return False
+    return True
+
+
+def launch_claimant(store: StoreAPI, group: str, instance_id: str) -> tuple[str, str] | None:
+    """Whose claim ``instance_id`` is, and the claim's ETag: ("", etag) for a body that
+    names no member, None for no claim. Raises ``StoreError``."""
+    obj = store.get_or_none(adoption_key(group, instance_id))
+    if obj is None:
+        return None
+    try:
+        doc = json.loads(obj.body)
+        member = str(doc["member"]) if isinstance(doc, dict) else ""
+    except (ValueError, KeyError):
+        member = ""
+    return member, obj.etag
+
+
 def close_lease(store: StoreAPI, group: str, lease: Lease) -> bool:
     """Move a closed lease to ``closed-leases/``: copy first, then delete the original
     only if it is unchanged (If-Match). So at any moment a replaced member's lease is in
@@ -450,6 +487,8 @@ def close_lease(store: StoreAPI, group: str, lease: Lease) -> bool:
         store.delete(lease_key(group, lease.member), if_match=lease.etag)
     except (PreconditionFailed, NotFound):
         return False
+    if lease.asg and lease.replacement:  # its claim, long after any adoption could race
+        store.delete(adoption_key(group, lease.replacement))
     return True
 
 

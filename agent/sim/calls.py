@@ -70,6 +70,8 @@ class CallFaults(Scheduler):
                 h.beat_landed = self.t
             if self.keep_timeline:
                 self._note_write(h, kw)
+            if "/leases/" in kw["Key"]:
+                self._on_lease_write(h, kw["Key"], kw["Body"])
         if p.lost_response and op in S3_WRITES and r.random() < p.lost_response:
             self._fault("lost-response")
             self.park(1.0)

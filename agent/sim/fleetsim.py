@@ -132,6 +132,7 @@ class Simulation(FaultPlan, CallFaults, Checker):
         self._admin_store: Any = None
         self.graveyard: list[Let] = []
         self._violated: set[tuple[str, str, str]] = set()
+        self.adopted: dict[str, str] = {}  # launch -> the first member a lease named it for
         self.lost: set[str] = set()  # instances EC2 describes as NotFound (control-plane fault)
         self.lost_until = 0.0
         self.lost_since = 0.0

@@ -18,6 +18,9 @@ checked when each mutating cloud call lands and at the end of the run:
   about it (a control-plane loss) for ``dead_after`` already (invariant 14), when the
   call was sent or at the actor's last look at it (within ``dead_after`` of sending);
 * ``double-replacement``: at most one replacement per death;
+* ``double-adoption``: no launch is named the replacement in two members' leases (each
+  launch replaces one death; a lease closed ``done`` on another member's launch hides its
+  own replacement's fate and frees its in-flight slot early);
 * ``rate-limit``: at most ``2 × max_per_window`` actions in any ``window_s``
   (the budget is fixed windows: two can touch), group-wide;
 * ``in-flight``: actions whose replacement has not heartbeated yet stay within
@@ -40,6 +43,7 @@ checked when each mutating cloud call lands and at the end of the run:
 
 from __future__ import annotations
 
+import json
 from bisect import bisect_right
 from typing import Any
 
@@ -62,6 +66,21 @@ class Checker(Scheduler):
         if kind == "false-action":
             self.res.false_replacements += 1
         self.note("VIOLATION", member, f"{kind}: {detail}")
+
+    def _on_lease_write(self, h: Host, key: str, body: object) -> None:
+        """``double-adoption``, at every lease write the store took."""
+        try:
+            doc = json.loads(body)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            return
+        r = doc.get("replacement") if isinstance(doc, dict) else None
+        if not r:
+            return
+        m = key.rsplit("/", 1)[-1]
+        first = self.adopted.setdefault(r, m)
+        if first != m:
+            self.violate("double-adoption", m, f"{r} is named the replacement of both {first} "
+                         f"and {m}", h.iid)
 
     def _after_step(self, h: Host, decision: Any, acted: list[str]) -> None:
         self.res.checks += 1

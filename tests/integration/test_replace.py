@@ -31,7 +31,7 @@ from agent.heal.controller import HealController, ObserverHealth, PeersView
 from agent.heal.leases import Lease, lease_key, pause, read_lease, resume, superseded
 from agent.host import state as statefile
 from agent.host.endpoint import Endpoint
-from agent.layout import marker_key, member_key
+from agent.layout import adoption_key, marker_key, member_key
 from agent.sim.cloud import EmbeddedCloud
 from tests.conftest import CLOSED
 
@@ -694,7 +694,6 @@ def test_a_failed_verdict_that_lost_the_race_to_done_is_not_counted(
     assert not (d.frozen and "failed-replacements" in d.freeze.reason), d.freeze
 
 
-@pytest.mark.xfail(strict=True, reason="open: the adoption is not claimed (docs/safety.md 13)")
 def test_two_leases_never_adopt_the_same_launch(cloud: EmbeddedCloud, tmp_path: Any) -> None:
     """Session 19's 24 h run: one launch (a28) was adopted by the leases of two members
     (4b9 and 36f). The replacements an observer counts as taken came from its own lease
@@ -731,3 +730,38 @@ def test_two_leases_never_adopt_the_same_launch(cloud: EmbeddedCloud, tmp_path: 
     b.step(both, ObserverHealth())  # a claim lost to another lease waits a step
     adopted = [read_lease(store, GROUP, m).replacement for m in (x, y)]
     assert sorted(adopted) == launches, adopted
+
+
+@pytest.mark.parametrize("owner_state", ["failed", "acted"])
+def test_a_claim_is_taken_over_only_once_its_lease_let_go(
+        cloud: EmbeddedCloud, tmp_path: Any, owner_state: str) -> None:
+    """A claim whose lease closed without naming the launch (its adoption's write lost,
+    then the lease failed) is no one's: the launch's own lease takes the claim over. A
+    claim whose lease is still open keeps the launch from every other lease."""
+    ids = cloud.create_asg(GROUP, 4)
+    first, *_, x = sorted(ids)
+    owner = "i-0000000000000000f"  # a member gone from the group, leased before x
+    cfg = config(action="asg-mark")
+    a = ctl(cloud, first, cfg, tmp_path, replace_deadline_s=3600)
+    store = store_for(cloud)
+    acted_at = time.time()
+    for member, state in ((x, "acted"), (owner, owner_state)):
+        lease = Lease(member=member, holder=a.me, action="asg-mark", state=state,
+                      token=f"t-{member}", acted_at=acted_at, asg=GROUP,
+                      asg_before=tuple(ids), nonce=f"n-{member}")
+        store.put(lease_key(GROUP, member), lease.body(), content_type="application/json")
+    cloud.client("autoscaling").terminate_instance_in_auto_scaling_group(
+        InstanceId=x, ShouldDecrementDesiredCapacity=False)
+    (new,) = set(cloud.asg_instance_ids(GROUP)) - set(ids)
+    store.put(member_key(GROUP, new), b"{}")
+    store.put(adoption_key(GROUP, new), json.dumps({"member": owner}).encode(),
+              if_none_match=True)
+    peers = view(ids, x)
+    a.step(peers, ObserverHealth())
+    a.step(peers, ObserverHealth())
+    lease = read_lease(store, GROUP, x)
+    if owner_state == "failed":
+        assert lease.replacement == new and lease.state == "done", lease
+        assert json.loads(store.get(adoption_key(GROUP, new)).body)["member"] == x
+    else:
+        assert lease.replacement == "" and lease.state == "acted", lease

@@ -303,6 +303,13 @@ REGRESSION = [
     #    writes too, counted them anyway and froze (14 refused verdicts, all after an adoption
     #    the store refused, before the freeze at 1,782.9 s)
     pytest.param("refused", "unjustified-freeze", "api-outage", 102, 107, 0.5),
+    # double-adoption (session 21, once the checker looked; 7 of the first 19 runs of a soak
+    #    at 60-200 members): 5f adopted launch 70 for 5e at 1,322.3 s; 52, listing 14's lease
+    #    before 5e's, took 70 for 14 at 1,325.8 s. A claim per launch (``_claim``) fixed
+    #    two of the three; the third was taken over from 5e's lease as 52's cache had it,
+    #    an earlier life of that lease (refused, no replacement): the owner's lease is read
+    #    afresh before a claim is judged let go
+    pytest.param("claim", "double-adoption", "chaos", 2100, 96, 0.5),
 ]
 
 
@@ -316,7 +323,8 @@ REGRESSION = [
                               "10.2-flaky-store-147", "inflight-flaky-store-13",
                               "fence-stalls-10", "acting-partitions-5014",
                               "lost-control-plane-2007-13", "probe-stalls-6003",
-                              "probe-blind-part-zone-7008", "refused-api-outage-102"])
+                              "probe-blind-part-zone-7008", "refused-api-outage-102",
+                              "claim-chaos-2100"])
 def test_regression_seed(item: str, kind: str, profile: str, seed: int, members: int,
                          hours: float) -> None:
     _assert_none_of(kind, fleetsim.run(seed, members, hours, profile), f"issue #10 item {item}: ")
@@ -473,7 +481,11 @@ CHECKER_SEEDS = [
     #   stalled in transit and landed at 740.8 s. No observer can tell a zone dark for under
     #   dead_after from silence, and an agent up when the lights went out is false-action's:
     #   such a call is noted ``landed-dark``
-    pytest.param("zone", "chaos", 7002, 39, 2.0, "landed-dark", id="zone-chaos-7002"),
+    #   Seed 7002 no longer has such a call since the adoption claim (session 21) changed
+    #   the runs' draws; in seed 7018, 28's terminate of 3a was sent at 5686.2 s, lit, and
+    #   landed at 5795.8 s, 82 s into us-east-1b's outage (a call sent under ``dead_after``
+    #   into an outage: ``test_a_call_sent_before_a_zone_outage_could_be_seen_is_not_...``)
+    pytest.param("zone", "chaos", 7018, 39, 2.0, "landed-dark", id="zone-chaos-7018"),
     # liveness (42 members, 0.5 h; session 19's soak): 16's agent died at 1474 s. Its three
     #   watchers' main loops stalled 13 times in the next 310 s, 22-113 s each; 01 and 13
     #   confirmed it once, and 01's decision was 44 s old at the fence (a stall) and refused.
