@@ -487,8 +487,6 @@ def close_lease(store: StoreAPI, group: str, lease: Lease) -> bool:
         store.delete(lease_key(group, lease.member), if_match=lease.etag)
     except (PreconditionFailed, NotFound):
         return False
-    if lease.asg and lease.replacement:  # its claim, long after any adoption could race
-        store.delete(adoption_key(group, lease.replacement))
     return True
 
 

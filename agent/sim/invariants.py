@@ -67,11 +67,11 @@ class Checker(Scheduler):
             self.res.false_replacements += 1
         self.note("VIOLATION", member, f"{kind}: {detail}")
 
-    def _on_lease_write(self, h: Host, key: str, body: object) -> None:
+    def _on_lease_write(self, h: Host, key: str, body: bytes) -> None:
         """``double-adoption``, at every lease write the store took."""
         try:
-            doc = json.loads(body)  # type: ignore[arg-type]
-        except (TypeError, ValueError):
+            doc = json.loads(body)
+        except ValueError:
             return
         r = doc.get("replacement") if isinstance(doc, dict) else None
         if not r:

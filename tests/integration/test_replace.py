@@ -28,7 +28,15 @@ from agent.aws.store import Store
 from agent.config.model import Config, load_layers
 from agent.group.events import list_events
 from agent.heal.controller import HealController, ObserverHealth, PeersView
-from agent.heal.leases import Lease, lease_key, pause, read_lease, resume, superseded
+from agent.heal.leases import (
+    Lease,
+    close_lease,
+    lease_key,
+    pause,
+    read_lease,
+    resume,
+    superseded,
+)
 from agent.host import state as statefile
 from agent.host.endpoint import Endpoint
 from agent.layout import adoption_key, marker_key, member_key
@@ -732,12 +740,13 @@ def test_two_leases_never_adopt_the_same_launch(cloud: EmbeddedCloud, tmp_path: 
     assert sorted(adopted) == launches, adopted
 
 
-@pytest.mark.parametrize("owner_state", ["failed", "acted"])
+@pytest.mark.parametrize("owner_state", ["failed", "acted", "archived"])
 def test_a_claim_is_taken_over_only_once_its_lease_let_go(
         cloud: EmbeddedCloud, tmp_path: Any, owner_state: str) -> None:
     """A claim whose lease closed without naming the launch (its adoption's write lost,
     then the lease failed) is no one's: the launch's own lease takes the claim over. A
-    claim whose lease is still open keeps the launch from every other lease."""
+    claim whose lease is still open, or was archived naming the launch, keeps the launch
+    from every other lease (here one kept in flight past the archiving)."""
     ids = cloud.create_asg(GROUP, 4)
     first, *_, x = sorted(ids)
     owner = "i-0000000000000000f"  # a member gone from the group, leased before x
@@ -745,17 +754,21 @@ def test_a_claim_is_taken_over_only_once_its_lease_let_go(
     a = ctl(cloud, first, cfg, tmp_path, replace_deadline_s=3600)
     store = store_for(cloud)
     acted_at = time.time()
-    for member, state in ((x, "acted"), (owner, owner_state)):
-        lease = Lease(member=member, holder=a.me, action="asg-mark", state=state,
-                      token=f"t-{member}", acted_at=acted_at, asg=GROUP,
-                      asg_before=tuple(ids), nonce=f"n-{member}")
-        store.put(lease_key(GROUP, member), lease.body(), content_type="application/json")
     cloud.client("autoscaling").terminate_instance_in_auto_scaling_group(
         InstanceId=x, ShouldDecrementDesiredCapacity=False)
     (new,) = set(cloud.asg_instance_ids(GROUP)) - set(ids)
     store.put(member_key(GROUP, new), b"{}")
     store.put(adoption_key(GROUP, new), json.dumps({"member": owner}).encode(),
               if_none_match=True)
+    for member, state in ((x, "acted"), (owner, owner_state)):
+        lease = Lease(member=member, holder=a.me, action="asg-mark", state=state,
+                      token=f"t-{member}", acted_at=acted_at, asg=GROUP,
+                      asg_before=tuple(ids), nonce=f"n-{member}")
+        if state == "archived":
+            lease = replace(lease, state="done", replacement=new)
+        store.put(lease_key(GROUP, member), lease.body(), content_type="application/json")
+        if state == "archived":  # moved to closed-leases/, its claim kept
+            assert close_lease(store, GROUP, read_lease(store, GROUP, member))
     peers = view(ids, x)
     a.step(peers, ObserverHealth())
     a.step(peers, ObserverHealth())
