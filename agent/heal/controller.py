@@ -278,6 +278,9 @@ class Outcome:
 # -- default probe and hook --------------------------------------------------------------------
 
 PROBE_TIMEOUT_S = 2.0
+# The fence asks the member once more when its controls took longer than this (a silent
+# control's timeout, not an answer's few milliseconds): ``_probe_at_fence``.
+FENCE_REPROBE_AFTER_S = 0.1
 
 
 class AgentProbe(Protocol):
@@ -1455,7 +1458,12 @@ class HealController:
         lesson: the prober may be the one at fault). Part-zone seed 7008, N = 40: 23, cut
         off from its peers, probed 17 (stopped 115 s) in vain; 17 resumed 0.5 s into the
         probe and was terminated 1.5 s later. Without controls (no peer judged alive with
-        a known endpoint) silence tells nothing either way, as before."""
+        a known endpoint) silence tells nothing either way, as before.
+
+        The member is asked last: when a control was silent too (its whole timeout), the
+        member is asked once more, as it may have come back meanwhile. Chaos seed 7066
+        (N = 39): 1f, crashed, did not answer; the first control's probe took 2 s, 1f
+        restarted in it and was terminated 2.9 s after it was up again."""
         timeout = self._fence_probe_timeout(check_age)
         if timeout <= 0:
             return
@@ -1463,13 +1471,22 @@ class HealController:
             raise _Fenced(f"probe-ok: {m} answers at the last look before {what}", lease)
         if not at.controls:
             return
+        asked = self.clock.monotonic()
         for ep in at.controls:
             timeout = self._fence_probe_timeout(check_age)
             if timeout > 0 and self.probe(ep, timeout_s=timeout):
-                return
-        raise _Fenced(f"probe-blind: neither {m} nor any of {len(at.controls)} peer(s) judged "
-                      f"alive answered a probe at the last look before {what}: silence from "
-                      "an observer whose probes reach nobody tells nothing", lease)
+                break
+        else:
+            raise _Fenced(f"probe-blind: neither {m} nor any of {len(at.controls)} peer(s) "
+                          f"judged alive answered a probe at the last look before {what}: "
+                          "silence from an observer whose probes reach nobody tells nothing",
+                          lease)
+        if self.clock.monotonic() - asked < FENCE_REPROBE_AFTER_S:
+            return  # the first control answered at once
+        timeout = self._fence_probe_timeout(check_age)
+        if timeout > 0 and self.probe(at.member, timeout_s=timeout):
+            raise _Fenced(f"probe-ok: {m} answers at the last look before {what} (asked "
+                          "again after a silent control)", lease)
 
     def _fence_probe_timeout(self, check_age: bool) -> float:
         """A fence probe's timeout: ``PROBE_TIMEOUT_S``, at most 80 % of what is left of the

@@ -556,6 +556,46 @@ def test_silence_at_the_fence_counts_only_if_the_observers_probes_reach_a_live_p
     assert len(all_instances(cloud)) == 5
 
 
+@pytest.mark.parametrize("back", [True, False])
+def test_the_member_is_asked_again_after_a_silent_control(
+        cloud: EmbeddedCloud, tmp_path: Any, back: bool) -> None:
+    """Chaos seed 7066 (N = 39): the member, crashed, did not answer the fence's probe; the
+    first control (a peer whose agent had died) was silent for its whole timeout, the member
+    restarted meanwhile, and the second control's answer let the terminate go out 2.9 s
+    after the member was up again. The member is asked last: once more after a silent
+    control. Still silent, the action goes ahead."""
+    ids = cloud.run_standalone(GROUP, 4)
+    hung = ids[0]
+    clock = FakeClock()
+    asked: list[str] = []
+
+    def probe(endpoint: str, timeout_s: float = 2.0) -> bool:
+        asked.append(endpoint.removeprefix("http://"))
+        if endpoint == f"http://{hung}":  # back once a control has been silent
+            return back and len(set(asked) - {hung}) == 2
+        if len(set(asked) - {hung}) == 1:  # the first control asked: silent, whole timeout
+            clock.advance(timeout_s)
+            return False
+        return True
+
+    cfg = config(action="launch", silent_after_s=60)
+    a = ctl(cloud, ids[1], cfg, tmp_path, probe=probe, decision_max_age_s=30)
+    b = ctl(cloud, ids[2], cfg, tmp_path)
+    a.clock = clock
+    endpoints = {m: f"http://{m}" for m in ids}
+    both_step(a, b, view(ids, hung, endpoints=endpoints))
+    i = next(j for j, x in enumerate(asked) if x != hung)  # the fence's first control
+    # the member, a silent control, an answering one, the member again
+    assert asked[i - 1] == asked[i + 2] == hung, asked
+    assert {asked[i], asked[i + 1]} == set(ids[2:]), asked
+    if back:
+        assert a.outcomes[-1].result == "refused" and "probe-ok" in a.outcomes[-1].detail
+        assert instance(cloud, hung)["State"]["Name"] == "running"
+        assert len(all_instances(cloud)) == 4
+    else:
+        assert a.outcomes[-1].result == "acted", a.outcomes[-1]
+
+
 def test_item9_terminate_failing_after_launch_is_retried(cloud: EmbeddedCloud,
                                                           tmp_path: Any) -> None:
     ids = cloud.run_standalone(GROUP, 4)

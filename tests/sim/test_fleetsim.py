@@ -310,6 +310,12 @@ REGRESSION = [
     #    an earlier life of that lease (refused, no replacement): the owner's lease is read
     #    afresh before a claim is judged let go
     pytest.param("claim", "double-adoption", "chaos", 2100, 96, 0.5),
+    # false-action (session 21, found while searching for a checker seed): 1f, crashed at
+    #    2736.7 s, did not answer 31's fence probe (2740.6-2742.6 s); the first control, 04
+    #    (its agent dead), was silent for its whole 2 s, 1f restarted at 2741.7 s, the second
+    #    control answered and the terminate went out at 2744.6 s. The member is asked last:
+    #    once more after a silent control (``_probe_at_fence``)
+    pytest.param("reprobe", "false-action", "chaos", 7066, 39, 2.0),
 ]
 
 
@@ -324,7 +330,7 @@ REGRESSION = [
                               "fence-stalls-10", "acting-partitions-5014",
                               "lost-control-plane-2007-13", "probe-stalls-6003",
                               "probe-blind-part-zone-7008", "refused-api-outage-102",
-                              "claim-chaos-2100"])
+                              "claim-chaos-2100", "reprobe-chaos-7066"])
 def test_regression_seed(item: str, kind: str, profile: str, seed: int, members: int,
                          hours: float) -> None:
     _assert_none_of(kind, fleetsim.run(seed, members, hours, profile), f"issue #10 item {item}: ")
