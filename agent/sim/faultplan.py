@@ -136,8 +136,11 @@ class FaultPlan(Members):
         self._leave(h, "auto scaling target lifecycle state: Terminated")
 
         def go() -> None:
-            self.cloud.call("terminate_instance_in_auto_scaling_group",
-                            {"InstanceId": h.iid, "ShouldDecrementDesiredCapacity": True})
+            # Gone from the group meanwhile (an agent's action, the ASG's own replacement):
+            # the scale-in has nothing left to end (chaos seed 7069, N = 39, crashed here)
+            if self.cloud.member_of.get(h.iid) == name:
+                self.cloud.call("terminate_instance_in_auto_scaling_group",
+                                {"InstanceId": h.iid, "ShouldDecrementDesiredCapacity": True})
         self.at(self.t + 30.0, go)
         return 30.0
 
