@@ -1482,7 +1482,7 @@ class HealController:
                           "silence from an observer whose probes reach nobody tells nothing",
                           lease)
         if self.clock.monotonic() - asked < FENCE_REPROBE_AFTER_S:
-            return  # the first control answered at once
+            return  # a control answered at once: no time for the member to come back
         timeout = self._fence_probe_timeout(check_age)
         if timeout > 0 and self.probe(at.member, timeout_s=timeout):
             raise _Fenced(f"probe-ok: {m} answers at the last look before {what} (asked "
