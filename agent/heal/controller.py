@@ -98,6 +98,7 @@ from agent.heal.leases import (
     pause_key,
     read_closed_lease,
     read_lease,
+    read_lease_anywhere,
     release_inflight,
     resumed_key,
     streak,
@@ -960,8 +961,7 @@ class HealController:
             # Its lease as the store has it now: a cached copy may be an earlier life of
             # that lease (refused, no replacement), which let go of nothing (chaos seed
             # 2100, N = 96: taken over from a lease that had just named the launch).
-            other = (read_lease(self.store, self.group, owner)
-                     or read_closed_lease(self.store, self.group, owner)) if owner else None
+            other = read_lease_anywhere(self.store, self.group, owner) if owner else None
             if other is None or claim_released(other, iid):
                 return claim_launch(self.store, self.group, iid, lease, over=etag) or None
         except StoreError as exc:

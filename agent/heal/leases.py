@@ -476,6 +476,11 @@ def launch_claimant(store: StoreAPI, group: str, instance_id: str) -> tuple[str,
     return member, obj.etag
 
 
+def read_lease_anywhere(store: StoreAPI, group: str, member: str) -> Lease | None:
+    """The member's lease in ``leases/``, else as archived in ``closed-leases/``."""
+    return read_lease(store, group, member) or read_closed_lease(store, group, member)
+
+
 def close_lease(store: StoreAPI, group: str, lease: Lease) -> bool:
     """Move a closed lease to ``closed-leases/``: copy first, then delete the original
     only if it is unchanged (If-Match). So at any moment a replaced member's lease is in
@@ -499,7 +504,7 @@ def superseded(store: StoreAPI, group: str, my_id: str) -> bool:
     knowing is not being replaced); so does a malformed lease.
     """
     try:
-        lease = read_lease(store, group, my_id) or read_closed_lease(store, group, my_id)
+        lease = read_lease_anywhere(store, group, my_id)
     except (StoreError, MalformedRecord) as exc:
         log.warning("cannot read my own lease key: %s", exc)
         return False
