@@ -66,7 +66,8 @@ soak-sim: venv
 	$(BIN)/python -m agent.sim.soak --minutes $${SIM_SOAK_MINUTES:-30}
 
 # Re-introduced bugs (issue #11): each mutant of bench/bench_mutants.py against the CI seed set
-# of tests/sim/test_fleetsim.py; exit 1 if one is not caught. Minutes; not in `make test`.
+# of tests/sim/test_fleetsim.py; writes its table to docs/benchmarks.md and exits 1 if a
+# required one is not caught. Minutes; not in `make test`.
 .PHONY: mutants
 mutants: venv
-	$(NETNS) sh -c 'ip link set lo up && exec $(BIN)/python -m bench.bench_mutants'
+	$(NETNS) sh -c 'ip link set lo up && exec $(BIN)/python -m bench mutants'

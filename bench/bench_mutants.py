@@ -6,7 +6,7 @@ CI seed set (the swarm and regression seeds of ``tests/sim/test_fleetsim.py``, t
 ones ``make test`` runs) is then run against it: a mutant is *caught* when some seed
 that runs clean on the real code reports an invariant violation. Every required mutant
 (the five of issue #11) must be caught, or ``make mutants`` exits 1: one that is not
-needs a new seed in the CI set. The three extra mutants are this session's own fixes.
+needs a new seed in the CI set. The others put back later sessions' own fixes.
 
 ``python -m bench mutants`` (or ``make mutants``) writes the table to
 docs/benchmarks.md; ``python -m bench.bench_mutants NAME ...`` runs the named mutants
@@ -184,6 +184,23 @@ def _lost_action_failed() -> contextlib.AbstractContextManager[None]:
                     staticmethod(lambda call, *a, **kw: call(*a, **kw)))
 
 
+def _no_adoption_claim() -> contextlib.AbstractContextManager[None]:
+    """A lease names the ASG launch it picked without claiming it first: the launches
+    taken come from this observer's own lease cache (session 19's 24 h run: a28 adopted
+    for 4b9 and 36f)."""
+    from agent.heal import controller as C
+
+    return _setattr(C.HealController, "_claim", lambda self, lease, iid: True)
+
+
+def _no_fence_reprobe() -> contextlib.AbstractContextManager[None]:
+    """The member is not asked again after a silent control at the fence (chaos seed
+    7066: back during the control's 2 s timeout, terminated 2.9 s later)."""
+    from agent.heal import controller as C
+
+    return _setattr(C, "FENCE_REPROBE_AFTER_S", float("inf"))
+
+
 MUTANTS = (
     Mutant("no-fencing", "no fence between the decision and the mutating call (#10.3)",
            _no_fencing),
@@ -215,6 +232,12 @@ MUTANTS = (
     Mutant("blind-probe-trusted", "silence at the fence's probe counts from an observer cut "
            "off from its peers (part-zone seed 7008)", _blind_probe_trusted, False,
            "test_silence_at_the_fence_counts_only_if_the_observers_probes_reach_a_live_peer"),
+    Mutant("no-adoption-claim", "two leases adopt the same launch: none is claimed before "
+           "it is named (session 19's 24 h run; chaos seed 2100)", _no_adoption_claim, False,
+           "test_two_leases_never_adopt_the_same_launch"),
+    Mutant("no-fence-reprobe", "the member not asked again after a silent control at the "
+           "fence (chaos seed 7066)", _no_fence_reprobe, False,
+           "test_the_member_is_asked_again_after_a_silent_control"),
 )
 
 
@@ -268,7 +291,9 @@ def run(mutants: tuple[str, ...] = (), seeds: tuple[str, ...] = (),
         "(`tests/sim/test_fleetsim.py`: swarm + regression) are run against it. Caught: a seed "
         "that runs clean on the real code reports a violation (kinds in brackets). "
         f"{len(rows)} mutants, {sum(1 for _, c in rows if c)} caught; {took:.0f} s "
-        "(`make mutants`). The last six are later sessions' own fixes (not required: "
+        f"(`make mutants`). The first {sum(m.required for m, _ in rows)} are issue #11's "
+        f"required ones; the other {sum(not m.required for m, _ in rows)} put back later "
+        "sessions' own fixes (not required: "
         "their seeds may move with later merges; the named test fails on each).",
         "",
         "| mutant | bug put back | caught by (violation kinds) |",
